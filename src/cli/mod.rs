@@ -1,0 +1,264 @@
+//! Command-line interface: argument definitions, the project context every command starts from, and
+//! one module per subcommand. Read commands (`status`, `tasks`, `agents`, `show`) read the SQLite
+//! mirror and the tree and never need a running supervisor.
+
+mod add;
+mod agents;
+mod cancel;
+mod fake_agent;
+mod init;
+mod mirror_cmd;
+mod retry;
+mod show;
+mod start;
+mod status;
+mod tasks;
+mod validate;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::context::Layout;
+use crate::spool::Spool;
+
+#[derive(Debug, Parser)]
+#[command(name = "orchestrate", version, about = "Run AI coding-agent CLIs from a watched folder")]
+pub struct Cli {
+    /// Project root (holds config.yaml, tasks/ and context/); default: the current directory.
+    #[arg(short = 'C', long, global = true, env = "ORCHESTRATE_ROOT")]
+    pub root: Option<PathBuf>,
+    /// Configuration file; default: <root>/config.yaml, else the built-in defaults.
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    /// Machine-readable output (read commands).
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create config.yaml, the tasks/ spool, context/ and .orchestrate/ in the project root.
+    Init,
+    /// Run the supervisor (foreground unless --detach).
+    Start {
+        /// Process everything runnable, then exit (for CI jobs).
+        #[arg(long)]
+        once: bool,
+        /// Run in the background; the pid is written to .orchestrate/supervisor.pid.
+        #[arg(long, conflicts_with = "once")]
+        detach: bool,
+        /// More output (-v: every decision).
+        #[arg(short, long, action = clap::ArgAction::Count)]
+        verbose: u8,
+    },
+    /// Stop running supervisors gracefully (agents get SIGTERM, then SIGKILL after the grace period).
+    Stop {
+        /// Seconds to wait for them to exit.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Write a new task into tasks/pending/ and print its id.
+    Add {
+        description: String,
+        #[arg(long, value_parser = parse_priority)]
+        priority: Option<crate::task::Priority>,
+        #[arg(long)]
+        agent: Option<String>,
+        /// Run only after this task completed (repeatable).
+        #[arg(long = "after", value_name = "ID")]
+        after: Vec<String>,
+        /// A file to include in the prompt (repeatable).
+        #[arg(long = "context", value_name = "FILE")]
+        context: Vec<String>,
+        #[arg(long = "type")]
+        task_type: Option<String>,
+        #[arg(long)]
+        workdir: Option<String>,
+        #[arg(long)]
+        timeout_minutes: Option<f64>,
+        #[arg(long)]
+        max_retries: Option<u32>,
+        /// Use this id instead of the next task_NNN.
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Counts, running tasks and supervisors.
+    Status,
+    /// List tasks.
+    Tasks {
+        /// Only tasks in this state (pending, running, completed, failed).
+        #[arg(long)]
+        status: Option<String>,
+    },
+    /// Configured agents: installed or not, running instances, totals.
+    Agents,
+    /// One task: its file, result, output and diff.
+    Show { id: String },
+    /// Move a failed task back to pending (its attempt history is kept).
+    Retry { id: String },
+    /// Cancel a pending task, or stop a running one; it ends in failed/.
+    Cancel { id: String },
+    /// Check task files (or --config) and report errors with line and column; exit 1 on any error.
+    Validate {
+        files: Vec<PathBuf>,
+        /// Validate the configuration instead (the file given, or the project's).
+        #[arg(long = "config-file", value_name = "FILE", num_args = 0..=1, default_missing_value = "")]
+        config_file: Option<PathBuf>,
+    },
+    /// Mirror maintenance.
+    Mirror {
+        #[command(subcommand)]
+        action: MirrorAction,
+    },
+    /// A misbehaving agent for tests (sleeps, ignores SIGTERM, floods, forks, writes files).
+    #[command(hide = true, name = "fake-agent")]
+    FakeAgent {
+        #[arg(long)]
+        prompt: Option<String>,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        directives: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MirrorAction {
+    /// Drop the SQLite mirror's rows and rebuild them from the tree.
+    Rebuild,
+}
+
+fn parse_priority(s: &str) -> Result<crate::task::Priority, String> {
+    crate::task::Priority::parse_cli(s).ok_or_else(|| format!("`{s}` is not high, normal, low or an integer"))
+}
+
+/// The project a command works on: root, configuration and the paths derived from them.
+pub struct Project {
+    pub root: PathBuf,
+    pub cfg: Config,
+    pub layout: Layout,
+    pub spool: Spool,
+}
+
+impl Project {
+    pub fn load(cli: &Cli) -> Result<Project> {
+        let root = match &cli.root {
+            Some(r) => r.clone(),
+            None => std::env::current_dir().context("cannot read the current directory")?,
+        };
+        let root = root
+            .canonicalize()
+            .map_err(|e| crate::error::UsageError(format!("project root {}: {e}", root.display())))?;
+        let cfg_path = cli.config.clone().unwrap_or_else(|| root.join("config.yaml"));
+        if cli.config.is_some() && !cfg_path.exists() {
+            return Err(crate::error::UsageError(format!("config file {} does not exist", cfg_path.display())).into());
+        }
+        let cfg = Config::load(&cfg_path)?;
+        let layout = Layout::new(&root, &cfg);
+        let spool = Spool::new(&layout.tasks_dir, &layout.state_dir);
+        Ok(Project { root, cfg, layout, spool })
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.layout.state_dir.join("state.db")
+    }
+
+    /// A read connection to the mirror, building the mirror from the tree first if there is none.
+    pub fn mirror_read(&self) -> Result<rusqlite::Connection> {
+        if !self.db_path().exists() {
+            if !self.spool.pending.exists() {
+                return Err(crate::error::UsageError(format!(
+                    "{} has no tasks/ folder: run `orchestrate init` first (or pass -C DIR)",
+                    self.root.display()
+                ))
+                .into());
+            }
+            let mut conn = crate::mirror::open(&self.db_path())?;
+            crate::mirror::reconcile(&mut conn, &self.spool, &crate::fsutil::hostname(), self.cfg.orchestrator.max_task_bytes, false)?;
+        }
+        crate::mirror::open_read(&self.db_path())?.context("mirror database vanished")
+    }
+
+    /// Apply one write to the mirror from a CLI command (add, retry, cancel). The supervisor's writer
+    /// does the same through its thread; version guards make the order irrelevant.
+    pub fn mirror_write(&self, ops: Vec<crate::mirror::Op>) {
+        let r = (|| -> Result<()> {
+            std::fs::create_dir_all(&self.layout.state_dir)?;
+            let mut conn = crate::mirror::open(&self.db_path())?;
+            let mut ops = ops;
+            crate::mirror::apply(&mut conn, &crate::fsutil::hostname(), &mut ops)?;
+            Ok(())
+        })();
+        if let Err(e) = r {
+            // The file operation already happened and the tree is the truth; the next reconcile fixes this.
+            eprintln!("warning: mirror not updated: {e:#}");
+        }
+    }
+
+    pub fn rel(&self, p: &Path) -> String {
+        self.layout.rel(p)
+    }
+}
+
+/// Read commands must not die of SIGPIPE's EPIPE panic when piped into `head`.
+fn default_sigpipe() {
+    // SAFETY: resetting a signal disposition to its default is always sound.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+pub fn run(cli: Cli) -> Result<i32> {
+    match &cli.command {
+        Command::FakeAgent { prompt, directives } => fake_agent::run(prompt.clone(), directives),
+        Command::Init => init::run(&cli),
+        Command::Start { once, detach, verbose } => start::start(&cli, *once, *detach, *verbose),
+        Command::Stop { timeout } => start::stop(&Project::load(&cli)?, *timeout),
+        Command::Validate { files, config_file } => {
+            default_sigpipe();
+            validate::run(&cli, files, config_file.as_deref())
+        }
+        Command::Add { .. } => add::run(&cli, &Project::load(&cli)?),
+        Command::Status => {
+            default_sigpipe();
+            status::run(&cli, &Project::load(&cli)?)
+        }
+        Command::Tasks { status } => {
+            default_sigpipe();
+            tasks::run(&cli, &Project::load(&cli)?, status.as_deref())
+        }
+        Command::Agents => {
+            default_sigpipe();
+            agents::run(&cli, &Project::load(&cli)?)
+        }
+        Command::Show { id } => {
+            default_sigpipe();
+            show::run(&cli, &Project::load(&cli)?, id)
+        }
+        Command::Retry { id } => retry::run(&cli, &Project::load(&cli)?, id),
+        Command::Cancel { id } => cancel::run(&cli, &Project::load(&cli)?, id),
+        Command::Mirror { action: MirrorAction::Rebuild } => mirror_cmd::rebuild(&cli, &Project::load(&cli)?),
+    }
+}
+
+/// Print JSON to stdout.
+pub fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// Shorten to one line of at most `n` characters, for tables.
+pub fn short(s: &str, n: usize) -> String {
+    let line = s.lines().next().unwrap_or_default();
+    if line.chars().count() > n {
+        let cut: String = line.chars().take(n.saturating_sub(1)).collect();
+        format!("{cut}…")
+    } else if s.lines().nth(1).is_some() {
+        format!("{line} …")
+    } else {
+        line.to_string()
+    }
+}

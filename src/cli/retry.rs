@@ -1,0 +1,22 @@
+//! `orchestrate retry ID`: failed → pending, attempt history kept.
+
+use anyhow::Result;
+
+use super::{Cli, Project};
+use crate::mirror::{self, Op};
+use crate::spool::Place;
+
+pub fn run(cli: &Cli, project: &Project, id: &str) -> Result<i32> {
+    let history = project.spool.retry(id)?;
+    let path = project.spool.task_path(Place::Pending, id);
+    if let Ok((task, _)) = crate::task::read_task(&path, u64::MAX) {
+        let row = mirror::pending_row(&project.spool, &task, &path, Some(&history));
+        project.mirror_write(vec![Op::Upsert { row, attempts: history.attempts.clone() }]);
+    }
+    if cli.json {
+        super::print_json(&serde_json::json!({"id": id, "state": "pending", "previous_attempts": history.attempts.len()}))?;
+    } else {
+        println!("{id}: back in pending ({} earlier attempt(s) kept)", history.attempts.len());
+    }
+    Ok(0)
+}

@@ -1,0 +1,119 @@
+//! `orchestrate show ID`: everything about one task, from the tree (the truth) and the mirror.
+
+use anyhow::{Result, bail};
+use serde::Serialize;
+
+use super::{Cli, Project};
+use crate::error::UsageError;
+use crate::mirror;
+use crate::spool::{Place, error_path};
+use crate::task::Terminal;
+
+#[derive(Serialize)]
+struct Shown {
+    id: String,
+    state: String,
+    file: Option<String>,
+    task: Option<String>,
+    note: Option<String>,
+    claim: Option<crate::task::Claim>,
+    result: Option<crate::task::TaskResult>,
+    error: Option<String>,
+    output: Option<String>,
+    diff: Option<String>,
+    attempts: Vec<serde_json::Value>,
+}
+
+pub fn run(cli: &Cli, project: &Project, id: &str) -> Result<i32> {
+    let conn = project.mirror_read()?;
+    let row = mirror::get(&conn, id)?;
+    let spool = &project.spool;
+    let place = spool.settled_place(id).or_else(|| {
+        let pending = row.as_ref().map(|r| spool.tasks_dir.join(&r.payload.file)).filter(|p| p.exists());
+        pending.map(|_| Place::Pending).or_else(|| spool.task_path(Place::Pending, id).exists().then_some(Place::Pending))
+    });
+    let Some(place) = place else {
+        bail!(UsageError(format!("no task {id} in {}", project.rel(&spool.tasks_dir))));
+    };
+    let file = match place {
+        Place::Pending => row
+            .as_ref()
+            .map(|r| spool.tasks_dir.join(&r.payload.file))
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| spool.task_path(Place::Pending, id)),
+        p => spool.task_path(p, id),
+    };
+    let result = match place {
+        Place::Completed => spool.read_result(Terminal::Completed, id),
+        Place::Failed => spool.read_result(Terminal::Failed, id),
+        _ => None,
+    };
+    let read = |p: std::path::PathBuf| std::fs::read_to_string(p).ok();
+    let shown = Shown {
+        id: id.to_string(),
+        state: place.state().to_string(),
+        file: Some(project.rel(&file)),
+        task: read(file.clone()),
+        note: row.as_ref().and_then(|r| r.note.clone()),
+        claim: if place == Place::Assigned { spool.read_claim(id) } else { None },
+        error: result
+            .as_ref()
+            .and_then(|r| r.error.clone())
+            .or_else(|| if place == Place::Failed { read(error_path(&file)) } else { None }),
+        output: read(project.layout.output_path(id)),
+        diff: read(project.layout.diff_path(id)),
+        attempts: mirror::attempts_of(&conn, id)?
+            .into_iter()
+            .map(|(n, agent, started, finished, outcome, code)| {
+                serde_json::json!({"n": n, "agent": agent, "started_at": started, "finished_at": finished, "outcome": outcome, "exit_code": code})
+            })
+            .collect(),
+        result,
+    };
+    if cli.json {
+        super::print_json(&shown)?;
+        return Ok(0);
+    }
+    println!("task {} — {} ({})", shown.id, shown.state, shown.file.as_deref().unwrap_or("-"));
+    if let Some(n) = &shown.note {
+        println!("waiting: {n}");
+    }
+    if let Some(c) = &shown.claim {
+        println!("running on {} since {} (attempt {}, {} pid {})", c.agent, c.started_at, c.attempt, c.host, c.pid);
+    }
+    if let Some(e) = &shown.error {
+        println!("error: {}", e.trim_end());
+    }
+    if let Some(r) = &shown.result {
+        for a in &r.attempts {
+            println!(
+                "  attempt {} on {}: {}{}{}",
+                a.n,
+                a.agent,
+                a.outcome.as_str(),
+                a.exit_code.map(|c| format!(", exit {c}")).unwrap_or_default(),
+                a.error.as_deref().map(|e| format!(" — {}", super::short(e, 100))).unwrap_or_default()
+            );
+        }
+        if r.review_required {
+            println!("REVIEW REQUIRED: touches {}", r.review_files.join(", "));
+        }
+        if let Some(why) = &r.chosen_because {
+            println!("agent chosen: {why}");
+        }
+    }
+    if let Some(t) = &shown.task {
+        println!("\n--- task file ---\n{}", t.trim_end());
+    }
+    if let Some(o) = &shown.output {
+        println!("\n--- output ({}) ---\n{}", project.rel(&project.layout.output_path(id)), o.trim_end());
+    }
+    if let Some(d) = &shown.diff {
+        if d.is_empty() {
+            println!("\n--- diff: no files changed ---");
+        } else {
+            println!("\n--- diff ({}) ---\n{}", project.rel(&project.layout.diff_path(id)), d.trim_end());
+        }
+    }
+    Ok(0)
+}

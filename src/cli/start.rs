@@ -1,0 +1,113 @@
+//! `orchestrate start` (foreground, `--once`, `--detach`) and `orchestrate stop`.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use super::{Cli, Project};
+use crate::supervisor::{Options, Supervisor};
+
+pub fn start(cli: &Cli, once: bool, detach: bool, verbose: u8) -> Result<i32> {
+    let project = Project::load(cli)?;
+    if detach {
+        return detach_start(cli, &project, verbose);
+    }
+    crate::console::set_level(&project.cfg.orchestrator.log_level, verbose);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .worker_threads(2)
+        .build()?;
+    let root = project.root.clone();
+    let sup = Supervisor::new(project.cfg, &root, Options { once })?;
+    rt.block_on(sup.run())?;
+    // Agents' stdin writers may still be parked; do not wait for them.
+    rt.shutdown_timeout(Duration::from_millis(100));
+    Ok(0)
+}
+
+fn detach_start(cli: &Cli, project: &Project, verbose: u8) -> Result<i32> {
+    use std::os::unix::process::CommandExt;
+    let state = &project.layout.state_dir;
+    std::fs::create_dir_all(state)?;
+    let log_path = state.join("supervisor.log");
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.arg("-C").arg(&project.root);
+    if let Some(c) = &cli.config {
+        cmd.arg("--config").arg(c);
+    }
+    cmd.arg("start");
+    for _ in 0..verbose {
+        cmd.arg("-v");
+    }
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe; it detaches the child from our terminal and session.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().context("cannot start the background supervisor")?;
+    let pid = child.id();
+    crate::fsutil::atomic_write(&state.join("supervisor.pid"), format!("{pid}\n").as_bytes())?;
+    // Wait until it holds its instance lock, so "started" means started (bounded).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if crate::spool::live_instances(state).iter().any(|(p, _)| *p == pid) {
+            println!("supervisor started in the background (pid {pid}); log: {}", project.rel(&log_path));
+            return Ok(0);
+        }
+        if !crate::fsutil::pid_alive(pid) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let last: Vec<&str> = tail.lines().rev().take(5).collect();
+    eprintln!(
+        "error: the background supervisor did not start; last lines of {}:\n{}",
+        project.rel(&log_path),
+        last.into_iter().rev().collect::<Vec<_>>().join("\n")
+    );
+    Ok(1)
+}
+
+pub fn stop(project: &Project, timeout: u64) -> Result<i32> {
+    let live = crate::spool::live_instances(&project.layout.state_dir);
+    if live.is_empty() {
+        println!("no supervisor is running");
+        return Ok(0);
+    }
+    for (pid, _) in &live {
+        if *pid > 0 {
+            // SAFETY: sending SIGTERM to a pid read from a lock file that a live process holds.
+            unsafe {
+                libc::kill(*pid as i32, libc::SIGTERM);
+            }
+            println!("sent SIGTERM to supervisor pid {pid}");
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(timeout);
+    loop {
+        let still: Vec<u32> = live
+            .iter()
+            .filter(|(_, path)| crate::spool::instance_lock_held(path))
+            .map(|(p, _)| *p)
+            .collect();
+        if still.is_empty() {
+            let _ = std::fs::remove_file(project.layout.state_dir.join("supervisor.pid"));
+            println!("stopped");
+            return Ok(0);
+        }
+        if Instant::now() >= deadline {
+            eprintln!("error: still running after {timeout} s: pid {still:?}");
+            return Ok(1);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,505 @@
+//! `config.yaml`: schema, defaults and validation.
+//!
+//! The repository's `config.yaml` is embedded as the default, so a bare `orchestrate start` in a folder
+//! without one behaves exactly like the documented file. Errors name the file, the key, and the line
+//! and column; a config error stops the start (exit code 2), it is never half-applied.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+
+/// The documented default configuration (also what `orchestrate init` writes).
+pub const DEFAULT_CONFIG: &str = include_str!("../config.yaml");
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub orchestrator: OrchestratorConfig,
+    pub database: DatabaseConfig,
+    pub agents: BTreeMap<String, AgentConfig>,
+    pub routing: RoutingConfig,
+    pub task_queue: TaskQueueConfig,
+    pub security: SecurityConfig,
+    pub context: ContextConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            orchestrator: OrchestratorConfig::default(),
+            database: DatabaseConfig::default(),
+            agents: BTreeMap::new(),
+            routing: RoutingConfig::default(),
+            task_queue: TaskQueueConfig::default(),
+            security: SecurityConfig::default(),
+            context: ContextConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OrchestratorConfig {
+    pub tasks_dir: PathBuf,
+    pub context_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub max_concurrent: usize,
+    pub settle_ms: u64,
+    pub rescan_seconds: u64,
+    pub log_level: String,
+    /// fsync files and directories at each commit point. Off trades crash safety for speed.
+    pub durable: bool,
+    /// Seconds between SIGTERM and SIGKILL when an agent is stopped.
+    pub kill_grace_seconds: f64,
+    /// Task files larger than this are rejected unread.
+    pub max_task_bytes: u64,
+    /// Cap on each attempt's log in context/logs (head and tail kept).
+    pub max_log_bytes: u64,
+    /// Seconds between heartbeats written into claim records.
+    pub heartbeat_seconds: u64,
+}
+
+impl Default for OrchestratorConfig {
+    fn default() -> Self {
+        OrchestratorConfig {
+            tasks_dir: "./tasks".into(),
+            context_dir: "./context".into(),
+            state_dir: "./.orchestrate".into(),
+            max_concurrent: 4,
+            settle_ms: 500,
+            rescan_seconds: 30,
+            log_level: "info".into(),
+            durable: true,
+            kill_grace_seconds: 5.0,
+            max_task_bytes: 1024 * 1024,
+            max_log_bytes: 8 * 1024 * 1024,
+            heartbeat_seconds: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// PostgreSQL URL; `${VAR}` is expanded from the environment. Empty means SQLite only.
+    pub url: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentKind {
+    Command,
+    Claude,
+    Codex,
+    Gemini,
+    Cursor,
+    Openai,
+}
+
+impl AgentKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentKind::Command => "command",
+            AgentKind::Claude => "claude",
+            AgentKind::Codex => "codex",
+            AgentKind::Gemini => "gemini",
+            AgentKind::Cursor => "cursor",
+            AgentKind::Openai => "openai",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PromptVia {
+    /// `{prompt}` in args when present, else stdin.
+    #[default]
+    Auto,
+    Arg,
+    Stdin,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub kind: AgentKind,
+    #[serde(default)]
+    pub command: Option<String>,
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Extra environment for this agent only (values may use `${VAR}`).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default = "one")]
+    pub max_instances: usize,
+    #[serde(default)]
+    pub timeout_seconds: Option<u64>,
+    #[serde(default)]
+    pub prompt_via: PromptVia,
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub base_url: Option<String>,
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    #[serde(default)]
+    pub cooldown_seconds: Option<u64>,
+}
+
+fn one() -> usize {
+    1
+}
+
+impl AgentConfig {
+    /// The executable this agent runs.
+    pub fn program(&self, name: &str) -> String {
+        self.command.clone().unwrap_or_else(|| match self.kind {
+            AgentKind::Claude => "claude".into(),
+            AgentKind::Codex => "codex".into(),
+            AgentKind::Gemini => "gemini".into(),
+            AgentKind::Cursor => "cursor-agent".into(),
+            AgentKind::Command | AgentKind::Openai => name.into(),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Tried in order when a task names no agent and no rule matches.
+    pub fallback: Vec<String>,
+    pub rules: Vec<RoutingRule>,
+    pub router: Option<RouterConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingRule {
+    #[serde(default, rename = "type")]
+    pub task_type: Option<String>,
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// Regular expression matched against the description.
+    #[serde(default)]
+    pub matches: Option<String>,
+    pub agent: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouterConfig {
+    pub agent: String,
+    #[serde(default)]
+    pub timeout_seconds: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TaskQueueConfig {
+    pub timeout_minutes: f64,
+    pub max_retries: u32,
+    pub retry_delay_seconds: f64,
+    /// A waiting task gains one priority level per this many minutes.
+    pub aging_minutes: f64,
+}
+
+impl Default for TaskQueueConfig {
+    fn default() -> Self {
+        TaskQueueConfig {
+            timeout_minutes: 30.0,
+            max_retries: 3,
+            retry_delay_seconds: 60.0,
+            aging_minutes: 30.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecurityConfig {
+    /// Environment variables passed through to agents; everything else is withheld.
+    pub env_allow: Vec<String>,
+    /// Environment variables whose values are redacted (`***`) from everything written.
+    pub secrets: Vec<String>,
+    /// Roots a task's workdir must resolve inside (relative to the project root).
+    pub workspace_roots: Vec<PathBuf>,
+    /// Globs; a diff touching one marks the result `review_required`.
+    pub review_paths: Vec<String>,
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        SecurityConfig {
+            env_allow: ["PATH", "HOME", "LANG", "TERM"].map(String::from).to_vec(),
+            secrets: vec![],
+            workspace_roots: vec![".".into()],
+            review_paths: vec![],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContextConfig {
+    /// Extra names or globs skipped by diff capture (`.git`, `target`, `node_modules` always are).
+    pub diff_exclude: Vec<String>,
+    /// Files larger than this are summarised in diffs, not diffed line by line.
+    pub max_diff_file_bytes: u64,
+    /// Total bytes of file content remembered before a run to diff against.
+    pub max_snapshot_bytes: u64,
+    /// Each context file (and dependency output) is cut to this many bytes in the prompt.
+    pub max_context_file_bytes: u64,
+}
+
+impl Default for ContextConfig {
+    fn default() -> Self {
+        ContextConfig {
+            diff_exclude: vec![],
+            max_diff_file_bytes: 1024 * 1024,
+            max_snapshot_bytes: 256 * 1024 * 1024,
+            max_context_file_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// Parse options shared by the config and task parsers: duplicate keys are errors and the default
+/// budgets of serde-saphyr (events, aliases, depth) bound what a hostile file can cost.
+pub fn yaml_options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        duplicate_keys: serde_saphyr::options::DuplicateKeyPolicy::Error,
+        budget: serde_saphyr::budget! {
+            max_events: 200_000,
+            max_aliases: 1_000,
+            max_anchors: 1_000,
+            max_depth: 64,
+        },
+    }
+}
+
+impl Config {
+    /// Load `path` if it exists, else the embedded default. `root` anchors relative paths.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let (text, source) = match std::fs::read_to_string(path) {
+            Ok(t) => (t, path.display().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                (DEFAULT_CONFIG.to_string(), "<built-in default config>".into())
+            }
+            Err(e) => {
+                return Err(ConfigError::Read {
+                    path: path.display().to_string(),
+                    source: e,
+                });
+            }
+        };
+        Self::parse(&text, &source)
+    }
+
+    pub fn parse(text: &str, source: &str) -> Result<Config, ConfigError> {
+        let mut cfg: Config = if text.trim().is_empty() {
+            Config::default()
+        } else {
+            serde_saphyr::from_str_with_options(text, yaml_options())
+                .map_err(|e| ConfigError::from_yaml(source, &e))?
+        };
+        cfg.expand_env();
+        cfg.validate().map_err(|(key, message)| ConfigError::Invalid {
+            source_name: source.to_string(),
+            line: find_key_line(text, &key),
+            key,
+            message,
+        })?;
+        Ok(cfg)
+    }
+
+    fn expand_env(&mut self) {
+        if let Some(url) = &self.database.url {
+            let v = expand_vars(url);
+            self.database.url = if v.trim().is_empty() { None } else { Some(v) };
+        }
+        if self.database.url.is_none()
+            && let Ok(v) = std::env::var("DATABASE_URL")
+            && !v.is_empty()
+        {
+            self.database.url = Some(v);
+        }
+        for agent in self.agents.values_mut() {
+            for v in agent.env.values_mut() {
+                *v = expand_vars(v);
+            }
+        }
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        let o = &self.orchestrator;
+        if o.max_concurrent == 0 {
+            return Err(("orchestrator.max_concurrent".into(), "must be at least 1".into()));
+        }
+        if o.rescan_seconds == 0 {
+            return Err(("orchestrator.rescan_seconds".into(), "must be at least 1".into()));
+        }
+        if !(o.kill_grace_seconds >= 0.0 && o.kill_grace_seconds.is_finite()) {
+            return Err((
+                "orchestrator.kill_grace_seconds".into(),
+                "must be a non-negative number".into(),
+            ));
+        }
+        if !["error", "warn", "info", "debug"].contains(&o.log_level.as_str()) {
+            return Err((
+                "orchestrator.log_level".into(),
+                format!("`{}` is not one of error, warn, info, debug", o.log_level),
+            ));
+        }
+        let q = &self.task_queue;
+        for (k, v) in [
+            ("task_queue.timeout_minutes", q.timeout_minutes),
+            ("task_queue.retry_delay_seconds", q.retry_delay_seconds),
+            ("task_queue.aging_minutes", q.aging_minutes),
+        ] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err((k.into(), "must be a non-negative number".into()));
+            }
+        }
+        for (name, a) in &self.agents {
+            if !crate::task::valid_name(name) {
+                return Err((
+                    format!("agents.{name}"),
+                    "agent names may use letters, digits, `.`, `_` and `-` only".into(),
+                ));
+            }
+            if a.max_instances == 0 {
+                return Err((format!("agents.{name}.max_instances"), "must be at least 1".into()));
+            }
+            if a.kind == AgentKind::Command && a.command.is_none() {
+                return Err((
+                    format!("agents.{name}.command"),
+                    "a `command` agent needs the program to run".into(),
+                ));
+            }
+        }
+        let known = |n: &str| self.agents.contains_key(n);
+        for (i, n) in self.routing.fallback.iter().enumerate() {
+            if !known(n) {
+                return Err((
+                    format!("routing.fallback[{i}]"),
+                    format!("unknown agent `{n}` (not under `agents`)"),
+                ));
+            }
+        }
+        for (i, r) in self.routing.rules.iter().enumerate() {
+            if !known(&r.agent) {
+                return Err((
+                    format!("routing.rules[{i}].agent"),
+                    format!("unknown agent `{}`", r.agent),
+                ));
+            }
+            if let Some(re) = &r.matches
+                && let Err(e) = regex::Regex::new(re)
+            {
+                return Err((format!("routing.rules[{i}].matches"), format!("bad regex: {e}")));
+            }
+        }
+        if let Some(r) = &self.routing.router
+            && !known(&r.agent)
+        {
+            return Err(("routing.router.agent".into(), format!("unknown agent `{}`", r.agent)));
+        }
+        for (i, g) in self.security.review_paths.iter().enumerate() {
+            if let Err(e) = glob::Pattern::new(g) {
+                return Err((format!("security.review_paths[{i}]"), format!("bad glob: {e}")));
+            }
+        }
+        for (i, g) in self.context.diff_exclude.iter().enumerate() {
+            if let Err(e) = glob::Pattern::new(g) {
+                return Err((format!("context.diff_exclude[{i}]"), format!("bad glob: {e}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Timeout for one attempt of a task on an agent: the task's own, else the agent's, else the queue's.
+    pub fn attempt_timeout(&self, task_minutes: Option<f64>, agent: &AgentConfig) -> std::time::Duration {
+        let secs = match (task_minutes, agent.timeout_seconds) {
+            (Some(m), _) => m * 60.0,
+            (None, Some(s)) => s as f64,
+            (None, None) => self.task_queue.timeout_minutes * 60.0,
+        };
+        std::time::Duration::from_secs_f64(secs.clamp(0.001, 1e9))
+    }
+}
+
+/// Expand `${VAR}` from the environment; an unset variable expands to nothing.
+pub fn expand_vars(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find("${") {
+        out.push_str(&rest[..i]);
+        match rest[i + 2..].find('}') {
+            Some(j) => {
+                let name = &rest[i + 2..i + 2 + j];
+                out.push_str(&std::env::var(name).unwrap_or_default());
+                rest = &rest[i + 3 + j..];
+            }
+            None => {
+                out.push_str(&rest[i..]);
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Best-effort line number of a dotted key (`a.b[2].c`) in the YAML text, for validation errors
+/// that serde cannot place.
+fn find_key_line(text: &str, key: &str) -> Option<usize> {
+    let last = key.rsplit('.').next()?;
+    let last = last.split('[').next()?;
+    let mut found = None;
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim_start().trim_start_matches("- ");
+        if t.starts_with(&format!("{last}:")) || t.contains(&format!("{{{last}:")) || t.contains(&format!(" {last}:")) {
+            found = Some(i + 1);
+            if t.starts_with(&format!("{last}:")) {
+                break;
+            }
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_parses_and_validates() {
+        let cfg = Config::parse(DEFAULT_CONFIG, "config.yaml").expect("default config is valid");
+        assert!(cfg.agents.contains_key("shell"));
+        assert!(cfg.orchestrator.max_concurrent >= 1);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_line() {
+        let err = Config::parse("orchestrator:\n  max_concurent: 3\n", "c.yaml").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("max_concurent"), "{msg}");
+        assert!(msg.contains("c.yaml:2:"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_fallback_agent_is_an_error() {
+        let err = Config::parse("routing:\n  fallback: [nope]\n", "c.yaml").unwrap_err();
+        assert!(err.to_string().contains("routing.fallback[0]"), "{err}");
+        assert!(err.to_string().contains("c.yaml:2"), "{err}");
+    }
+
+    #[test]
+    fn expands_env_vars() {
+        // SAFETY: test-only; no other thread reads this variable.
+        unsafe { std::env::set_var("ORCH_TEST_VAR", "abc") };
+        assert_eq!(expand_vars("x${ORCH_TEST_VAR}y${ORCH_UNSET_VAR}z"), "xabcyz");
+    }
+}

@@ -1,0 +1,211 @@
+//! Small file-system primitives the spool and the context writer are built from.
+//!
+//! Every write a reader could observe half-done goes through [`atomic_write`]: a temporary file in the
+//! same directory, fsync, rename over the target, fsync of the directory. Durability (the fsyncs) can be
+//! turned off for benchmarks and throwaway trees; atomicity (the rename) never is.
+
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+static DURABLE: AtomicBool = AtomicBool::new(true);
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Turns fsync on or off for the whole process (config `orchestrator.durable`).
+pub fn set_durable(on: bool) {
+    DURABLE.store(on, Ordering::Relaxed);
+}
+
+pub fn durable() -> bool {
+    DURABLE.load(Ordering::Relaxed)
+}
+
+/// fsync a directory so a rename or create inside it survives a power cut.
+pub fn fsync_dir(dir: &Path) -> io::Result<()> {
+    if !durable() {
+        return Ok(());
+    }
+    File::open(dir)?.sync_all()
+}
+
+fn tmp_name(target: &Path) -> PathBuf {
+    let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let name = target
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // A leading dot keeps the spool's name whitelist from ever treating a half-written file as a task.
+    target.with_file_name(format!(".{name}.{}.{n}.tmp", std::process::id()))
+}
+
+/// Write `data` to `target` atomically: readers see the old content or the new one, never a mix.
+pub fn atomic_write(target: &Path, data: &[u8]) -> io::Result<()> {
+    let tmp = tmp_name(target);
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        f.write_all(data)?;
+        if durable() {
+            f.sync_all()?;
+        }
+        drop(f);
+        fs::rename(&tmp, target)?;
+        if let Some(dir) = target.parent() {
+            fsync_dir(dir)?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Write `data` to a temporary file beside `dir/name` and move it into place only if `name` is free.
+/// Returns `Ok(false)` when the name is taken. Used where two writers may race for one name (task ids).
+pub fn atomic_create(dir: &Path, name: &str, data: &[u8]) -> io::Result<bool> {
+    let target = dir.join(name);
+    let tmp = tmp_name(&target);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)?;
+    let written = f.write_all(data).and_then(|_| {
+        if durable() {
+            f.sync_all()
+        } else {
+            Ok(())
+        }
+    });
+    drop(f);
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    match rename_noreplace(&tmp, &target) {
+        Ok(()) => {
+            fsync_dir(dir)?;
+            Ok(true)
+        }
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            if e.kind() == io::ErrorKind::AlreadyExists {
+                Ok(false)
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
+
+fn cstr(p: &Path) -> io::Result<CString> {
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
+
+/// `rename` that fails with `AlreadyExists` instead of replacing the target (Linux `RENAME_NOREPLACE`).
+/// Falls back to link+unlink on file systems without renameat2 support; both are atomic with respect
+/// to the target name.
+pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    let (a, b) = (cstr(from)?, cstr(to)?);
+    // SAFETY: both pointers are valid NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EINVAL) | Some(libc::ENOSYS) => {
+            fs::hard_link(from, to)?;
+            fs::remove_file(from)
+        }
+        _ => Err(err),
+    }
+}
+
+/// Move `from` into `dir` under `name`, or under `name` with a numeric suffix when that is taken.
+/// Used for files whose name we do not control (rejected and quarantined input): nothing is overwritten.
+pub fn move_unique(from: &Path, dir: &Path, name: &str) -> io::Result<PathBuf> {
+    let (stem, ext) = match name.rfind('.') {
+        Some(i) if i > 0 => (&name[..i], &name[i..]),
+        _ => (name, ""),
+    };
+    for n in 0..10_000u32 {
+        let candidate = if n == 0 {
+            dir.join(name)
+        } else {
+            dir.join(format!("{stem}.{n}{ext}"))
+        };
+        match rename_noreplace(from, &candidate) {
+            Ok(()) => return Ok(candidate),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        format!("no free name for {name} in {}", dir.display()),
+    ))
+}
+
+/// Current time as RFC 3339 UTC with millisecond precision.
+pub fn now_rfc3339() -> String {
+    fmt_time(time::OffsetDateTime::now_utc())
+}
+
+pub fn fmt_time(t: time::OffsetDateTime) -> String {
+    let t = t.replace_nanosecond(t.millisecond() as u32 * 1_000_000).unwrap_or(t);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.unix_timestamp().to_string())
+}
+
+pub fn parse_time(s: &str) -> Option<time::OffsetDateTime> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()
+}
+
+/// The kernel's boot id: a pid recorded before a reboot means nothing after it.
+pub fn boot_id() -> String {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its full length; gethostname NUL-terminates within it on success.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "localhost".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// Whether a process with this pid exists (it may belong to someone else: callers also check locks).
+pub fn pid_alive(pid: u32) -> bool {
+    if pid == 0 || pid > i32::MAX as u32 {
+        return false;
+    }
+    // SAFETY: signal 0 only checks for existence and permission.
+    let rc = unsafe { libc::kill(pid as i32, 0) };
+    rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Device id of a path, to check that all spool directories live on one file system.
+pub fn device_of(p: &Path) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(fs::metadata(p)?.dev())
+}

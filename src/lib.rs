@@ -1,0 +1,19 @@
+//! orchestrate: a supervisor for AI coding-agent CLIs, driven by a folder of YAML task files.
+//!
+//! Data flows one way: `watch` → `spool` → `scheduler` → `process`/`agents` → `context` → `spool` →
+//! `mirror`. The files are the truth; the mirror can be rebuilt from them at any time.
+
+pub mod agents;
+pub mod cli;
+pub mod config;
+pub mod console;
+pub mod context;
+pub mod error;
+pub mod fsutil;
+pub mod mirror;
+pub mod process;
+pub mod scheduler;
+pub mod spool;
+pub mod supervisor;
+pub mod task;
+pub mod watch;

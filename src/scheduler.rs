@@ -1,0 +1,390 @@
+//! Which pending task runs next, and on which agent.
+//!
+//! Order: effective priority (the task's priority plus one level per `aging_minutes` waited, so low
+//! priorities are never starved), then FIFO by arrival. A task is runnable when every dependency has
+//! completed, its retry back-off has passed, and an agent can take it within `max_concurrent` and the
+//! agent's `max_instances`. This module keeps no files and spawns nothing: the supervisor asks it for
+//! decisions and carries them out.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::task::{Attempt, History, Task, Terminal};
+
+/// A task waiting in `pending/`.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    pub task: Task,
+    pub path: PathBuf,
+    /// Content hash when parsed; the claim re-checks it to catch files still being written.
+    pub hash: u64,
+    /// (size, mtime ns, inode) when parsed, to notice edits on rescan.
+    pub sig: (u64, i128, u64),
+    pub seq: u64,
+    pub enqueued: Instant,
+    pub history: History,
+    pub not_before: Option<Instant>,
+    /// The reason it is waiting, as last reported to the mirror.
+    pub note: Option<String>,
+}
+
+impl Pending {
+    pub fn attempts(&self) -> &[Attempt] {
+        &self.history.attempts
+    }
+
+    /// The dependencies the scheduler waits for: the declared ones, or the children of a task that
+    /// was expanded into subtasks (it completes when they all have).
+    pub fn waits_for(&self) -> Vec<String> {
+        if self.task.file.subtasks.is_empty() {
+            self.task.file.dependencies.clone()
+        } else {
+            (1..=self.task.file.subtasks.len()).map(|i| subtask_id(&self.task.id, i)).collect()
+        }
+    }
+}
+
+pub fn subtask_id(parent: &str, n: usize) -> String {
+    format!("{parent}.{n}")
+}
+
+/// Where a dependency stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DepState {
+    Completed,
+    Failed,
+    Pending,
+    Running,
+    Missing,
+}
+
+/// What to do with one pending task now.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    Run { agent: String, because: String },
+    /// All children of a subtask parent completed: finish it without an agent.
+    CompleteParent,
+    Fail(String),
+    Wait(String),
+}
+
+pub struct Scheduler {
+    pub pending: HashMap<String, Pending>,
+    next_seq: u64,
+}
+
+impl Default for Scheduler {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Scheduler {
+    pub fn new() -> Self {
+        Scheduler { pending: HashMap::new(), next_seq: 0 }
+    }
+
+    pub fn next_seq(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq
+    }
+
+    /// Pending ids in the order they should be considered.
+    pub fn order(&self, cfg: &Config, now: Instant) -> Vec<String> {
+        let aging = cfg.task_queue.aging_minutes * 60.0;
+        let mut v: Vec<(i64, u64, &String)> = self
+            .pending
+            .iter()
+            .map(|(id, p)| {
+                let waited = now.saturating_duration_since(p.enqueued).as_secs_f64();
+                let boost = if aging > 0.0 { (waited / aging) as i64 } else { 0 };
+                (p.task.priority() + boost, p.seq, id)
+            })
+            .collect();
+        v.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        v.into_iter().map(|(_, _, id)| id.clone()).collect()
+    }
+
+    /// Every pending task that sits on a dependency cycle made of pending tasks, with the cycle
+    /// spelled out.
+    pub fn cycles(&self) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        // Iterative DFS with colours; on a back edge, the stack slice from the target is a cycle.
+        let mut colour: HashMap<&str, u8> = HashMap::new();
+        let mut ids: Vec<&String> = self.pending.keys().collect();
+        ids.sort();
+        for start in ids {
+            if colour.contains_key(start.as_str()) {
+                continue;
+            }
+            let mut stack: Vec<(&str, Vec<String>, usize)> = vec![(start, self.pending[start].waits_for(), 0)];
+            colour.insert(start, 1);
+            while let Some((node, deps, i)) = stack.last_mut() {
+                if *i >= deps.len() {
+                    colour.insert(node, 2);
+                    stack.pop();
+                    continue;
+                }
+                let dep = deps[*i].clone();
+                *i += 1;
+                let Some((dep_key, p)) = self.pending.get_key_value(&dep) else { continue };
+                match colour.get(dep_key.as_str()) {
+                    None => {
+                        colour.insert(dep_key, 1);
+                        stack.push((dep_key, p.waits_for(), 0));
+                    }
+                    Some(1) => {
+                        let from = stack.iter().position(|(n, _, _)| *n == dep_key).unwrap_or(0);
+                        let members: Vec<&str> = stack[from..].iter().map(|(n, _, _)| *n).collect();
+                        let text = format!("{} → {}", members.join(" → "), dep_key);
+                        for m in members {
+                            out.entry(m.to_string()).or_insert_with(|| text.clone());
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Live counts the choice depends on.
+pub struct Capacity<'a> {
+    pub running_total: usize,
+    pub running_per_agent: &'a HashMap<String, usize>,
+    /// Agents that cannot run now, with the reason (not installed, no adapter, cooling down).
+    pub unavailable: &'a HashMap<String, String>,
+}
+
+/// Decide for one pending task. `dep_state` answers where a dependency stands.
+pub fn decide(cfg: &Config, p: &Pending, now: Instant, cap: &Capacity, dep_state: &dyn Fn(&str) -> DepState) -> Decision {
+    let parent = !p.task.file.subtasks.is_empty();
+    let mut waiting_on = Vec::new();
+    for dep in p.waits_for() {
+        match dep_state(&dep) {
+            DepState::Completed => {}
+            DepState::Failed => {
+                return Decision::Fail(if parent {
+                    format!("subtask {dep} failed")
+                } else {
+                    format!("dependency {dep} failed")
+                });
+            }
+            DepState::Pending => waiting_on.push(format!("{dep} (pending)")),
+            DepState::Running => waiting_on.push(format!("{dep} (running)")),
+            DepState::Missing => waiting_on.push(format!("{dep} (not found in the tree)")),
+        }
+    }
+    if !waiting_on.is_empty() {
+        return Decision::Wait(format!("waiting for {}", waiting_on.join(", ")));
+    }
+    if parent {
+        return Decision::CompleteParent;
+    }
+    if let Some(t) = p.not_before
+        && t > now
+    {
+        // A stable note (not a countdown) so the mirror is not rewritten on every pass.
+        let at = p.history.not_before.as_deref().unwrap_or("later");
+        return Decision::Wait(format!("retry back-off until {at}"));
+    }
+    choose_agent(cfg, &p.task, cap)
+}
+
+/// Agent choice: the task's `agent`, else the first matching routing rule, else the fallback chain;
+/// agents that cannot run are skipped in favour of the next in the chain.
+pub fn choose_agent(cfg: &Config, task: &Task, cap: &Capacity) -> Decision {
+    let mut chain: Vec<(String, String)> = Vec::new();
+    if let Some(a) = &task.file.agent {
+        if !cfg.agents.contains_key(a) {
+            return Decision::Fail(format!(
+                "agent `{a}` is not configured (known: {})",
+                cfg.agents.keys().cloned().collect::<Vec<_>>().join(", ")
+            ));
+        }
+        chain.push((a.clone(), "named by the task".into()));
+    } else if let Some((i, rule)) = cfg.routing.rules.iter().enumerate().find(|(_, r)| rule_matches(r, task)) {
+        chain.push((rule.agent.clone(), format!("routing.rules[{i}] matched")));
+    }
+    for f in &cfg.routing.fallback {
+        if !chain.iter().any(|(a, _)| a == f) {
+            chain.push((f.clone(), "routing.fallback".into()));
+        }
+    }
+    if chain.is_empty() {
+        return Decision::Wait(
+            "no agent: name one with `agent:` in the task, or set routing.fallback in config.yaml".into(),
+        );
+    }
+    if cap.running_total >= cfg.orchestrator.max_concurrent {
+        return Decision::Wait(format!("all {} slots busy (max_concurrent)", cfg.orchestrator.max_concurrent));
+    }
+    let mut skipped = Vec::new();
+    for (name, why) in &chain {
+        if let Some(reason) = cap.unavailable.get(name) {
+            skipped.push(reason.clone());
+            continue;
+        }
+        let agent = &cfg.agents[name];
+        let running = cap.running_per_agent.get(name).copied().unwrap_or(0);
+        if running >= agent.max_instances {
+            // Busy is not unavailable: wait for the agent the routing chose rather than spill over.
+            return Decision::Wait(format!("waiting for a free {name} instance ({running}/{})", agent.max_instances));
+        }
+        let because = if skipped.is_empty() {
+            why.clone()
+        } else {
+            format!("{why}; skipped: {}", skipped.join("; "))
+        };
+        return Decision::Run { agent: name.clone(), because };
+    }
+    Decision::Wait(format!("no agent available: {}", skipped.join("; ")))
+}
+
+fn rule_matches(rule: &crate::config::RoutingRule, task: &Task) -> bool {
+    if let Some(t) = &rule.task_type
+        && task.file.task_type.as_ref() != Some(t)
+    {
+        return false;
+    }
+    if !rule.labels.iter().all(|l| task.file.labels.contains(l)) {
+        return false;
+    }
+    if let Some(re) = &rule.matches {
+        match regex::Regex::new(re) {
+            Ok(re) if re.is_match(&task.file.description) => {}
+            _ => return false,
+        }
+    }
+    rule.task_type.is_some() || !rule.labels.is_empty() || rule.matches.is_some()
+}
+
+/// Back-off before retry number `failures` (1-based): `retry_delay_seconds * 2^(failures-1)`, capped at an hour.
+pub fn retry_delay(cfg: &Config, failures: u32) -> Duration {
+    let base = cfg.task_queue.retry_delay_seconds;
+    let secs = base * 2f64.powi(failures.saturating_sub(1).min(20) as i32);
+    Duration::from_secs_f64(secs.min(3600.0))
+}
+
+/// Ids of terminal tasks, as the supervisor knows them.
+pub type Done = HashMap<String, Terminal>;
+
+/// Tasks in `set` that are pending and depend (directly) on `id`: used to wake dependents.
+pub fn dependents<'a>(pending: &'a HashMap<String, Pending>, id: &str) -> HashSet<&'a str> {
+    pending
+        .iter()
+        .filter(|(_, p)| p.waits_for().iter().any(|d| d == id))
+        .map(|(k, _)| k.as_str())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::task::parse_task;
+
+    fn pending(s: &mut Scheduler, yaml: &str, id: &str) {
+        let task = parse_task(yaml, id, "t.yaml").expect("valid task");
+        let seq = s.next_seq();
+        s.pending.insert(
+            id.to_string(),
+            Pending {
+                task,
+                path: PathBuf::from(format!("{id}.yaml")),
+                hash: 0,
+                sig: (0, 0, 0),
+                seq,
+                enqueued: Instant::now(),
+                history: History::default(),
+                not_before: None,
+                note: None,
+            },
+        );
+    }
+
+    fn cfg() -> Config {
+        Config::parse(
+            "agents:\n  a: {kind: command, command: sh, max_instances: 1}\n  b: {kind: command, command: sh}\nrouting:\n  fallback: [a, b]\n  rules: [{type: docs, agent: b}]\n",
+            "c.yaml",
+        )
+        .expect("valid config")
+    }
+
+    #[test]
+    fn priority_then_fifo() {
+        let mut s = Scheduler::new();
+        pending(&mut s, "description: x\npriority: low\n", "l1");
+        pending(&mut s, "description: x\n", "n1");
+        pending(&mut s, "description: x\npriority: high\n", "h1");
+        pending(&mut s, "description: x\n", "n2");
+        assert_eq!(s.order(&cfg(), Instant::now()), vec!["h1", "n1", "n2", "l1"]);
+    }
+
+    #[test]
+    fn aging_promotes_low() {
+        let mut s = Scheduler::new();
+        pending(&mut s, "description: x\npriority: low\n", "l1");
+        pending(&mut s, "description: x\n", "n1");
+        let later = Instant::now() + Duration::from_secs(31 * 60);
+        s.pending.get_mut("n1").expect("n1").enqueued = later;
+        // l1 has waited 31 minutes (aging 30): it now ranks with normal and arrived first.
+        assert_eq!(s.order(&cfg(), later), vec!["l1", "n1"]);
+    }
+
+    #[test]
+    fn finds_cycles_and_only_cycles() {
+        let mut s = Scheduler::new();
+        pending(&mut s, "description: x\ndependencies: [b]\n", "a");
+        pending(&mut s, "description: x\ndependencies: [c]\n", "b");
+        pending(&mut s, "description: x\ndependencies: [a]\n", "c");
+        pending(&mut s, "description: x\ndependencies: [a]\n", "d");
+        let c = s.cycles();
+        assert_eq!(c.keys().cloned().collect::<Vec<_>>(), vec!["a", "b", "c"]);
+        assert!(c["a"].contains("a → b → c → a"), "{}", c["a"]);
+    }
+
+    #[test]
+    fn routing_prefers_task_then_rule_then_fallback() {
+        let cfg = cfg();
+        let per = HashMap::new();
+        let mut unavailable = HashMap::new();
+        let cap = Capacity { running_total: 0, running_per_agent: &per, unavailable: &unavailable };
+        let t = parse_task("description: x\nagent: b\n", "t", "t").expect("task");
+        assert!(matches!(choose_agent(&cfg, &t, &cap), Decision::Run { agent, .. } if agent == "b"));
+        let t = parse_task("description: x\ntype: docs\n", "t", "t").expect("task");
+        assert!(matches!(choose_agent(&cfg, &t, &cap), Decision::Run { agent, .. } if agent == "b"));
+        let t = parse_task("description: x\n", "t", "t").expect("task");
+        assert!(matches!(choose_agent(&cfg, &t, &cap), Decision::Run { agent, .. } if agent == "a"));
+        unavailable.insert("a".to_string(), "a missing".to_string());
+        let cap = Capacity { running_total: 0, running_per_agent: &per, unavailable: &unavailable };
+        match choose_agent(&cfg, &t, &cap) {
+            Decision::Run { agent, because } => {
+                assert_eq!(agent, "b");
+                assert!(because.contains("a missing"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let t = parse_task("description: x\nagent: zz\n", "t", "t").expect("task");
+        assert!(matches!(choose_agent(&cfg, &t, &cap), Decision::Fail(_)));
+    }
+
+    #[test]
+    fn busy_agent_waits_instead_of_spilling() {
+        let cfg = cfg();
+        let per = HashMap::from([("a".to_string(), 1usize)]);
+        let unavailable = HashMap::new();
+        let cap = Capacity { running_total: 1, running_per_agent: &per, unavailable: &unavailable };
+        let t = parse_task("description: x\n", "t", "t").expect("task");
+        assert!(matches!(choose_agent(&cfg, &t, &cap), Decision::Wait(w) if w.contains("free a")));
+    }
+
+    #[test]
+    fn backoff_doubles() {
+        let cfg = cfg();
+        assert_eq!(retry_delay(&cfg, 1), Duration::from_secs(60));
+        assert_eq!(retry_delay(&cfg, 3), Duration::from_secs(240));
+    }
+}

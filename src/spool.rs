@@ -1,0 +1,586 @@
+//! The spool: the directory state machine that is the single source of truth.
+//!
+//! # Theory of operation
+//!
+//! A task is wherever its file is. `pending/` holds work nobody owns; `assigned/X.yaml` with its
+//! `X.claim.yaml` is owned by the instance the claim names; `completed/` and `failed/` are terminal and
+//! hold `X_result.yaml` beside the task. Every transition is one `rename` (atomic on one file system),
+//! preceded by whatever record must already exist when the rename becomes visible:
+//!
+//! * claim:   [lock] rename pending → assigned, write the claim, fsync both dirs [unlock]
+//! * finish:  write the result (temp, fsync, rename), rename the task beside it, remove the claim
+//! * requeue: [lock] write `pending/.X.history.yaml`, rename assigned → pending, remove the claim [unlock]
+//!
+//! The spool lock (`state_dir/spool.lock`) covers only the steps that would otherwise leave a window
+//! where a task sits in `assigned/` without a claim; recovery takes the same lock, so a task without a
+//! claim can only mean a claimer that died. Each running instance holds an exclusive lock on its own
+//! file under `state_dir/instances/`; a claim whose instance lock is free (or whose boot id changed)
+//! belongs to a dead supervisor and is recovered. A live owner is never robbed.
+//!
+//! This module never runs agents and never talks to the mirror; it returns what it did.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+use crate::fsutil::{self, atomic_write, fsync_dir, move_unique, rename_noreplace};
+use crate::task::{self, Attempt, Claim, History, Outcome, TaskResult, Terminal};
+
+#[derive(Debug, Clone)]
+pub struct Spool {
+    pub tasks_dir: PathBuf,
+    pub pending: PathBuf,
+    pub assigned: PathBuf,
+    pub completed: PathBuf,
+    pub failed: PathBuf,
+    pub quarantine: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+/// Where a task id currently lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    Pending,
+    Assigned,
+    Completed,
+    Failed,
+}
+
+impl Place {
+    pub fn state(self) -> &'static str {
+        match self {
+            Place::Pending => "pending",
+            Place::Assigned => "running",
+            Place::Completed => "completed",
+            Place::Failed => "failed",
+        }
+    }
+}
+
+/// Held while the spool lock is taken; dropping it unlocks.
+pub struct SpoolLock(#[allow(dead_code)] File);
+
+impl Spool {
+    pub fn new(tasks_dir: &Path, state_dir: &Path) -> Spool {
+        Spool {
+            tasks_dir: tasks_dir.to_path_buf(),
+            pending: tasks_dir.join("pending"),
+            assigned: tasks_dir.join("assigned"),
+            completed: tasks_dir.join("completed"),
+            failed: tasks_dir.join("failed"),
+            quarantine: tasks_dir.join("quarantine"),
+            state_dir: state_dir.to_path_buf(),
+        }
+    }
+
+    pub fn dirs(&self) -> [&Path; 5] {
+        [&self.pending, &self.assigned, &self.completed, &self.failed, &self.quarantine]
+    }
+
+    pub fn ensure_dirs(&self) -> Result<()> {
+        for d in self.dirs() {
+            fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+        }
+        fs::create_dir_all(self.state_dir.join("instances"))
+            .with_context(|| format!("cannot create {}", self.state_dir.display()))?;
+        Ok(())
+    }
+
+    /// Rename is atomic only within one file system; a spool split across mounts could lose tasks.
+    pub fn check_same_fs(&self) -> Result<()> {
+        let first = fsutil::device_of(&self.pending)?;
+        for d in self.dirs().into_iter().skip(1).chain([self.state_dir.as_path()]) {
+            if fsutil::device_of(d)? != first {
+                bail!(
+                    "{} is on a different file system from {}: renames between them would not be atomic; \
+                     keep tasks/ and the state directory on one file system",
+                    d.display(),
+                    self.pending.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub fn lock(&self) -> io::Result<SpoolLock> {
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.state_dir.join("spool.lock"))?;
+        f.lock()?;
+        Ok(SpoolLock(f))
+    }
+
+    pub fn dir(&self, place: Place) -> &Path {
+        match place {
+            Place::Pending => &self.pending,
+            Place::Assigned => &self.assigned,
+            Place::Completed => &self.completed,
+            Place::Failed => &self.failed,
+        }
+    }
+
+    pub fn task_path(&self, place: Place, id: &str) -> PathBuf {
+        self.dir(place).join(format!("{id}.yaml"))
+    }
+
+    pub fn claim_path(&self, id: &str) -> PathBuf {
+        self.assigned.join(format!("{id}.claim.yaml"))
+    }
+
+    pub fn result_path(&self, t: Terminal, id: &str) -> PathBuf {
+        self.dir(terminal_place(t)).join(format!("{id}_result.yaml"))
+    }
+
+    pub fn history_path(&self, id: &str) -> PathBuf {
+        self.pending.join(format!(".{id}.history.yaml"))
+    }
+
+    /// Where the task with this id is outside `pending/` (pending files may have any name; the
+    /// scheduler knows those). Checks the tree itself, so it sees other supervisors' work too.
+    pub fn settled_place(&self, id: &str) -> Option<Place> {
+        [Place::Assigned, Place::Completed, Place::Failed]
+            .into_iter()
+            .find(|&p| self.task_path(p, id).exists())
+    }
+
+    pub fn read_claim(&self, id: &str) -> Option<Claim> {
+        task::from_yaml(&fs::read_to_string(self.claim_path(id)).ok()?).ok()
+    }
+
+    pub fn read_result(&self, t: Terminal, id: &str) -> Option<TaskResult> {
+        task::from_yaml(&fs::read_to_string(self.result_path(t, id)).ok()?).ok()
+    }
+
+    pub fn read_history(&self, id: &str) -> Option<History> {
+        task::from_yaml(&fs::read_to_string(self.history_path(id)).ok()?).ok()
+    }
+
+    /// Claim `src` (a file in `pending/`) as task `id`. Returns `false` when someone else took it first.
+    pub fn claim(&self, src: &Path, claim: &Claim) -> Result<bool> {
+        let id = &claim.task_id;
+        let _lock = self.lock()?;
+        let dst = self.task_path(Place::Assigned, id);
+        match rename_noreplace(src, &dst) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e).with_context(|| format!("cannot claim {}", src.display())),
+        }
+        atomic_write(&self.claim_path(id), task::to_yaml(claim).as_bytes())
+            .with_context(|| format!("cannot write claim for {id}"))?;
+        fsync_dir(&self.pending)?;
+        let _ = fs::remove_file(self.history_path(id));
+        Ok(true)
+    }
+
+    /// Put a just-claimed file back under its original name (it changed after we read it).
+    pub fn unclaim(&self, id: &str, original: &Path) -> Result<()> {
+        let _lock = self.lock()?;
+        rename_noreplace(&self.task_path(Place::Assigned, id), original)
+            .with_context(|| format!("cannot return {id} to pending"))?;
+        let _ = fs::remove_file(self.claim_path(id));
+        fsync_dir(&self.assigned)?;
+        fsync_dir(&self.pending)?;
+        Ok(())
+    }
+
+    pub fn heartbeat(&self, claim: &Claim) -> Result<()> {
+        // The claim may be gone already if the task just finished; then there is nothing to refresh.
+        if self.claim_path(&claim.task_id).exists() {
+            let mut c = claim.clone();
+            c.heartbeat_at = fsutil::now_rfc3339();
+            atomic_write(&self.claim_path(&c.task_id), task::to_yaml(&c).as_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Write the result, then move the task beside it: the task's rename is the commit point.
+    pub fn finish(&self, result: &TaskResult) -> Result<()> {
+        let id = &result.task_id;
+        let place = terminal_place(result.status);
+        atomic_write(&self.result_path(result.status, id), task::to_yaml(result).as_bytes())
+            .with_context(|| format!("cannot write result for {id}"))?;
+        self.move_beside_result(id, place)
+    }
+
+    fn move_beside_result(&self, id: &str, place: Place) -> Result<()> {
+        let from = self.task_path(Place::Assigned, id);
+        let to = self.task_path(place, id);
+        match rename_noreplace(&from, &to) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                // A task with this id already finished (it was resurrected and slipped past the
+                // duplicate check on another host): keep both, never overwrite.
+                let q = move_unique(&from, &self.quarantine, &format!("{id}.yaml"))?;
+                write_reason(&q, &format!("task {id} finished twice; the earlier copy is in {}", to.display()))?;
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot move {id} to {}", place.state())),
+        }
+        fsync_dir(self.dir(place))?;
+        fsync_dir(&self.assigned)?;
+        let _ = fs::remove_file(self.claim_path(id));
+        Ok(())
+    }
+
+    /// Move a running task back to `pending/` carrying its history (retry, interrupted, recovered).
+    pub fn requeue(&self, history: &History) -> Result<()> {
+        let id = &history.task_id;
+        let _lock = self.lock()?;
+        atomic_write(&self.history_path(id), task::to_yaml(history).as_bytes())?;
+        let from = self.task_path(Place::Assigned, id);
+        let to = self.task_path(Place::Pending, id);
+        match rename_noreplace(&from, &to) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                // Someone dropped a new file with this name meanwhile; theirs is the duplicate.
+                let q = move_unique(&to, &self.quarantine, &format!("{id}.yaml"))?;
+                write_reason(&q, &format!("task id {id} was already taken by a task in assigned/"))?;
+                rename_noreplace(&from, &to)?;
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot requeue {id}")),
+        }
+        fsync_dir(&self.pending)?;
+        fsync_dir(&self.assigned)?;
+        let _ = fs::remove_file(self.claim_path(id));
+        Ok(())
+    }
+
+    /// Fail a task that never ran from `pending/` (failed dependency, cycle, cancel).
+    pub fn fail_pending(&self, src: &Path, result: &TaskResult) -> Result<bool> {
+        let id = &result.task_id;
+        atomic_write(&self.result_path(Terminal::Failed, id), task::to_yaml(result).as_bytes())?;
+        match rename_noreplace(src, &self.task_path(Place::Failed, id)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // Claimed by someone else in between: their run wins, our result is void.
+                let _ = fs::remove_file(self.result_path(Terminal::Failed, id));
+                return Ok(false);
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot move {id} to failed")),
+        }
+        fsync_dir(&self.failed)?;
+        fsync_dir(&self.pending)?;
+        let _ = fs::remove_file(self.history_path(id));
+        Ok(true)
+    }
+
+    /// Move a file that is not a valid task to `failed/` with `X.error.txt` beside it.
+    pub fn reject(&self, src: &Path, name: &str, explanation: &str) -> Result<PathBuf> {
+        let dst = move_unique(src, &self.failed, name)
+            .with_context(|| format!("cannot move {} to failed/", src.display()))?;
+        fsync_dir(&self.pending)?;
+        let err = error_path(&dst);
+        atomic_write(&err, explanation.as_bytes())?;
+        Ok(dst)
+    }
+
+    pub fn quarantine(&self, src: &Path, name: &str, reason: &str) -> Result<PathBuf> {
+        let dst = move_unique(src, &self.quarantine, name)
+            .with_context(|| format!("cannot move {} to quarantine/", src.display()))?;
+        fsync_dir(&self.pending)?;
+        write_reason(&dst, reason)?;
+        Ok(dst)
+    }
+
+    /// `retry`: move a failed task back to `pending/`, keeping its attempts in the history sidecar.
+    pub fn retry(&self, id: &str) -> Result<History> {
+        let _lock = self.lock()?;
+        let src = self.task_path(Place::Failed, id);
+        if !src.exists() {
+            bail!(crate::error::UsageError(format!("task {id} is not in failed/")));
+        }
+        let result = self.read_result(Terminal::Failed, id);
+        let history = History {
+            task_id: id.to_string(),
+            version: result.as_ref().map(|r| r.version + 1).unwrap_or(2),
+            attempts: result.map(|r| r.attempts).unwrap_or_default(),
+            not_before: None,
+            reason: Some("retried by user".into()),
+        };
+        atomic_write(&self.history_path(id), task::to_yaml(&history).as_bytes())?;
+        rename_noreplace(&src, &self.task_path(Place::Pending, id))
+            .with_context(|| format!("cannot move {id} back to pending"))?;
+        fsync_dir(&self.pending)?;
+        fsync_dir(&self.failed)?;
+        let _ = fs::remove_file(self.result_path(Terminal::Failed, id));
+        let _ = fs::remove_file(error_path(&src));
+        Ok(history)
+    }
+
+    /// Find claims left by dead supervisors on this host and put their tasks back in a terminal place
+    /// or in `pending/`. `max_retries` gives the retry budget of a task (from its file and the config).
+    pub fn recover(&self, me: &Instance, max_retries: &dyn Fn(&Path) -> u32) -> Result<Vec<Recovered>> {
+        let _lock = self.lock()?;
+        let mut out = Vec::new();
+        let mut claims = Vec::new();
+        let mut tasks = Vec::new();
+        for entry in fs::read_dir(&self.assigned)? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name.strip_suffix(".claim.yaml") {
+                claims.push(id.to_string());
+            } else if let Some(id) = name.strip_suffix(".yaml")
+                && !name.starts_with('.')
+            {
+                tasks.push(id.to_string());
+            }
+        }
+        for id in &tasks {
+            let claim = self.read_claim(id);
+            let owner_dead = match &claim {
+                Some(c) => !me.owner_alive(c, &self.state_dir),
+                // No claim although we hold the spool lock: the claimer died between rename and write.
+                None => true,
+            };
+            if !owner_dead {
+                continue;
+            }
+            // Finished but not yet moved: complete the move, never run it again.
+            let mut done = false;
+            for t in [Terminal::Completed, Terminal::Failed] {
+                if self.result_path(t, id).exists() {
+                    self.move_beside_result(id, terminal_place(t))?;
+                    out.push(Recovered::Finished(id.clone(), t));
+                    done = true;
+                    break;
+                }
+            }
+            if done {
+                continue;
+            }
+            let (mut attempts, version) = match &claim {
+                Some(c) => (c.history.clone(), c.version + 1),
+                None => {
+                    let h = self.read_history(id).unwrap_or_default();
+                    (h.attempts, h.version.max(1) + 1)
+                }
+            };
+            if let Some(c) = &claim {
+                attempts.push(Attempt {
+                    n: c.attempt,
+                    agent: c.agent.clone(),
+                    started_at: c.started_at.clone(),
+                    finished_at: Some(fsutil::now_rfc3339()),
+                    duration_ms: None,
+                    exit_code: None,
+                    signal: None,
+                    outcome: Outcome::Lost,
+                    error: Some(format!(
+                        "supervisor {} (pid {}) stopped while this attempt ran",
+                        c.instance, c.pid
+                    )),
+                    cost_usd: None,
+                    input_tokens: None,
+                    output_tokens: None,
+                    session_id: None,
+                    log_file: None,
+                });
+            }
+            let failures = attempts.iter().filter(|a| a.outcome.counts_as_failure()).count() as u32;
+            let task_path = self.task_path(Place::Assigned, id);
+            if failures > max_retries(&task_path) {
+                let description = task::read_task(&task_path, u64::MAX)
+                    .map(|(t, _)| t.file.description)
+                    .unwrap_or_default();
+                let result = TaskResult {
+                    task_id: id.clone(),
+                    status: Terminal::Failed,
+                    version,
+                    agent: attempts.last().map(|a| a.agent.clone()),
+                    description,
+                    finished_at: fsutil::now_rfc3339(),
+                    attempts,
+                    output_file: None,
+                    diff_file: None,
+                    files_modified: vec![],
+                    review_required: false,
+                    review_files: vec![],
+                    error: Some("the supervisor stopped during every allowed attempt (max_retries reached)".into()),
+                    chosen_because: None,
+                };
+                atomic_write(&self.result_path(Terminal::Failed, id), task::to_yaml(&result).as_bytes())?;
+                self.move_beside_result(id, Place::Failed)?;
+                out.push(Recovered::Finished(id.clone(), Terminal::Failed));
+            } else {
+                let history = History {
+                    task_id: id.clone(),
+                    version,
+                    attempts,
+                    not_before: None,
+                    reason: Some("recovered from a stopped supervisor".into()),
+                };
+                atomic_write(&self.history_path(id), task::to_yaml(&history).as_bytes())?;
+                rename_noreplace(&task_path, &self.task_path(Place::Pending, id))?;
+                fsync_dir(&self.pending)?;
+                fsync_dir(&self.assigned)?;
+                let _ = fs::remove_file(self.claim_path(id));
+                out.push(Recovered::Requeued(id.clone()));
+            }
+        }
+        // Claims whose task is gone: the owner died after moving the task but before removing them.
+        for id in claims.iter().filter(|c| !tasks.contains(c)) {
+            if let Some(c) = self.read_claim(id)
+                && me.owner_alive(&c, &self.state_dir)
+            {
+                continue;
+            }
+            let _ = fs::remove_file(self.claim_path(id));
+        }
+        // History sidecars whose task left pending/ (claimed by an instance that died before removing it).
+        for entry in fs::read_dir(&self.pending)? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".history.yaml"))
+                && !self.task_path(Place::Pending, id).exists()
+                && self.settled_place(id).is_some()
+            {
+                let _ = fs::remove_file(self.pending.join(&name));
+            }
+        }
+        // Rejected files whose explanation was lost to a crash between the move and the write.
+        for entry in fs::read_dir(&self.failed)? {
+            let path = entry?.path();
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            if !task::is_task_file_name(&name) || name.ends_with("_result.yaml") {
+                continue;
+            }
+            let stem = task::file_stem(&name);
+            if !self.failed.join(format!("{stem}_result.yaml")).exists() && !error_path(&path).exists() {
+                let msg = match task::read_task(&path, u64::MAX) {
+                    Err(e) => e.render(&name),
+                    Ok(_) => format!("{name}: rejected, but the reason was lost in a crash; run `orchestrate retry {stem}` to run it"),
+                };
+                atomic_write(&error_path(&path), msg.as_bytes())?;
+            }
+        }
+        Ok(out)
+    }
+}
+
+pub fn terminal_place(t: Terminal) -> Place {
+    match t {
+        Terminal::Completed => Place::Completed,
+        Terminal::Failed => Place::Failed,
+    }
+}
+
+/// `failed/X.yaml` → `failed/X.error.txt`.
+pub fn error_path(task_file: &Path) -> PathBuf {
+    let name = task_file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    task_file.with_file_name(format!("{}.error.txt", task::file_stem(&name)))
+}
+
+fn write_reason(file: &Path, reason: &str) -> Result<()> {
+    let name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    atomic_write(&file.with_file_name(format!("{name}.reason.txt")), format!("{reason}\n").as_bytes())?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recovered {
+    Requeued(String),
+    Finished(String, Terminal),
+}
+
+/// This supervisor's identity and the lock that proves it is alive.
+pub struct Instance {
+    pub id: String,
+    pub host: String,
+    pub pid: u32,
+    pub boot_id: String,
+    pub started_at: String,
+    lock_file: Option<File>,
+}
+
+impl Instance {
+    /// Identity for a process that does not run tasks (CLI commands): it holds no lock.
+    pub fn observer() -> Instance {
+        Instance {
+            id: String::new(),
+            host: fsutil::hostname(),
+            pid: std::process::id(),
+            boot_id: fsutil::boot_id(),
+            started_at: fsutil::now_rfc3339(),
+            lock_file: None,
+        }
+    }
+
+    /// Create and lock `state_dir/instances/<id>.lock`, held until the process exits.
+    pub fn register(state_dir: &Path) -> Result<Instance> {
+        let mut me = Instance::observer();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or_default();
+        me.id = format!("{}-{}-{:08x}", me.host, me.pid, nanos);
+        let dir = state_dir.join("instances");
+        fs::create_dir_all(&dir)?;
+        let path = dir.join(format!("{}.lock", me.id));
+        let mut f = OpenOptions::new().create_new(true).write(true).open(&path)?;
+        f.try_lock()
+            .map_err(|e| anyhow::anyhow!("cannot lock {}: {e:?}", path.display()))?;
+        writeln!(f, "pid: {}\nhost: {}\nboot_id: {}\nstarted_at: {}", me.pid, me.host, me.boot_id, me.started_at)?;
+        f.sync_all()?;
+        me.lock_file = Some(f);
+        Ok(me)
+    }
+
+    pub fn lock_path(&self, state_dir: &Path) -> PathBuf {
+        state_dir.join("instances").join(format!("{}.lock", self.id))
+    }
+
+    /// Whether the owner of a claim is alive. Claims from other hosts are assumed alive: we cannot
+    /// check them, and robbing a live owner would run the task twice.
+    pub fn owner_alive(&self, claim: &Claim, state_dir: &Path) -> bool {
+        if claim.instance == self.id && self.lock_file.is_some() {
+            return true;
+        }
+        if claim.host != self.host {
+            return true;
+        }
+        if claim.boot_id != self.boot_id {
+            return false;
+        }
+        instance_lock_held(&state_dir.join("instances").join(format!("{}.lock", claim.instance)))
+    }
+}
+
+/// Whether some live process holds this instance lock file. A free lock file is removed.
+pub fn instance_lock_held(path: &Path) -> bool {
+    let Ok(f) = OpenOptions::new().write(true).open(path) else {
+        return false;
+    };
+    match f.try_lock() {
+        Ok(()) => {
+            let _ = fs::remove_file(path);
+            false
+        }
+        Err(_) => true,
+    }
+}
+
+/// Live supervisors on this tree: (pid, lock path), from the held instance locks.
+pub fn live_instances(state_dir: &Path) -> Vec<(u32, PathBuf)> {
+    let mut out = Vec::new();
+    let Ok(rd) = fs::read_dir(state_dir.join("instances")) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let path = e.path();
+        if path.extension().is_some_and(|x| x == "lock") && instance_lock_held(&path) {
+            let pid = fs::read_to_string(&path)
+                .ok()
+                .and_then(|s| s.lines().next().and_then(|l| l.strip_prefix("pid: ")).and_then(|p| p.trim().parse().ok()))
+                .unwrap_or(0);
+            out.push((pid, path));
+        }
+    }
+    out
+}

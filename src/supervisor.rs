@@ -1,0 +1,1106 @@
+//! The supervisor: the loop that turns files into runs and runs into files.
+//!
+//! # Theory of operation
+//!
+//! One tokio task owns all state. It reacts to: watcher hints (a file in `pending/` may be ready),
+//! finished attempts, the settle ticker (files seen only by scans or modify events must stay unchanged
+//! for `settle_ms`), retry back-off timers, the heartbeat/rescan ticker, and signals. After each reaction
+//! it asks the scheduler which pending tasks can run and claims them through the spool.
+//!
+//! An attempt runs as its own tokio task: it assembles the prompt, snapshots the workdir, runs the agent
+//! through `process`, diffs the workdir and writes the output. It reports back; only the main loop moves
+//! files, so every transition of a task happens in one place and in order. Each transition is mirrored
+//! (after the file moved: the mirror may lag the tree, never lead it).
+//!
+//! Shutdown (SIGINT/SIGTERM): stop claiming, SIGTERM every running agent group, wait for the grace
+//! period, SIGKILL; interrupted tasks go back to `pending/` without using up a retry. A second signal
+//! kills at once.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use crate::agents::{self, RunRequest};
+use crate::config::Config;
+use crate::console;
+use crate::context::{self, CompletedEntry, Layout, Redactor};
+use crate::fsutil;
+use crate::mirror::{self, Op, Writer};
+use crate::process::{self, Stop, StopKind};
+use crate::scheduler::{self, Capacity, Decision, DepState, Pending, Scheduler};
+use crate::spool::{self, Instance, Place, Spool};
+use crate::task::{self, Attempt, Claim, History, Outcome, Task, TaskResult, Terminal};
+use crate::watch::{self as watcher, Hint};
+
+pub struct Options {
+    pub once: bool,
+}
+
+struct Running {
+    task: Task,
+    claim: Claim,
+    stop: watch::Sender<Option<Stop>>,
+}
+
+/// A file in `pending/` that must stay unchanged for the settle period before it is read.
+struct Settling {
+    sig: (u64, i128, u64),
+    since: Instant,
+}
+
+/// What an attempt task reports back.
+struct Report {
+    id: String,
+    attempt: Attempt,
+    text_file: Option<PathBuf>,
+    diff_file: Option<PathBuf>,
+    files_modified: Vec<String>,
+    /// The task itself is at fault (bad workdir, missing context file): retrying cannot help.
+    permanent: bool,
+    stopped: Option<StopKind>,
+}
+
+pub struct Supervisor {
+    cfg: Arc<Config>,
+    layout: Layout,
+    spool: Spool,
+    me: Instance,
+    writer: Writer,
+    redactor: Arc<Redactor>,
+    sched: Scheduler,
+    by_path: HashMap<PathBuf, String>,
+    settling: HashMap<PathBuf, Settling>,
+    running: HashMap<String, Running>,
+    per_agent: HashMap<String, usize>,
+    done: scheduler::Done,
+    completed: Vec<CompletedEntry>,
+    attempts: JoinSet<Report>,
+    state_dirty: bool,
+    cycles_dirty: bool,
+    shutting_down: bool,
+    opts: Options,
+}
+
+fn sig_of(m: &std::fs::Metadata) -> (u64, i128, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (m.len(), m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128, m.ino())
+}
+
+fn hash_bytes(b: &[u8]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    b.hash(&mut h);
+    h.finish()
+}
+
+impl Supervisor {
+    pub fn new(cfg: Config, root: &Path, opts: Options) -> Result<Supervisor> {
+        let layout = Layout::new(root, &cfg);
+        let spool = Spool::new(&layout.tasks_dir, &layout.state_dir);
+        spool.ensure_dirs()?;
+        std::fs::create_dir_all(&layout.context_dir)?;
+        spool.check_same_fs()?;
+        fsutil::set_durable(cfg.orchestrator.durable);
+        let me = Instance::register(&layout.state_dir)?;
+        let (writer, _handle) = Writer::start(layout.state_dir.join("state.db"), me.host.clone())?;
+        let redactor = Arc::new(Redactor::from_env(&cfg.security.secrets));
+        Ok(Supervisor {
+            cfg: Arc::new(cfg),
+            layout,
+            spool,
+            me,
+            writer,
+            redactor,
+            sched: Scheduler::new(),
+            by_path: HashMap::new(),
+            settling: HashMap::new(),
+            running: HashMap::new(),
+            per_agent: HashMap::new(),
+            done: HashMap::new(),
+            completed: Vec::new(),
+            attempts: JoinSet::new(),
+            state_dirty: true,
+            cycles_dirty: true,
+            shutting_down: false,
+            opts,
+        })
+    }
+
+    pub fn instance_id(&self) -> &str {
+        &self.me.id
+    }
+
+    fn max_retries_of(&self, task: &Task) -> u32 {
+        task.file.max_retries.unwrap_or(self.cfg.task_queue.max_retries)
+    }
+
+    /// Recover dead claims, bring the mirror in line, load what is already finished.
+    fn startup(&mut self) -> Result<()> {
+        self.recover();
+        let report = self
+            .writer
+            .reconcile(&self.spool, self.cfg.orchestrator.max_task_bytes, false)
+            .map_err(|e| anyhow::anyhow!("mirror reconcile failed: {e}"))?;
+        console::debug(&format!("mirror reconciled: {} rows updated, {} removed", report.upserted, report.deleted));
+        let conn = mirror::open(&self.layout.state_dir.join("state.db"))?;
+        for row in mirror::list(&conn, Some("completed"))? {
+            self.done.insert(row.id.clone(), Terminal::Completed);
+            self.completed.push(CompletedEntry {
+                id: row.id,
+                description: row.payload.description,
+                agent: row.agent,
+                finished_at: row.payload.finished_at.unwrap_or(row.updated_at),
+                output_file: None,
+                diff_file: None,
+                files_modified: row.payload.files_modified,
+            });
+        }
+        self.completed.sort_by(|a, b| a.finished_at.cmp(&b.finished_at));
+        for row in mirror::list(&conn, Some("failed"))? {
+            self.done.insert(row.id, Terminal::Failed);
+        }
+        self.writer.send(Op::Supervisor {
+            instance: self.me.id.clone(),
+            pid: self.me.pid,
+            started_at: self.me.started_at.clone(),
+            heartbeat_at: fsutil::now_rfc3339(),
+            alive: true,
+        });
+        Ok(())
+    }
+
+    fn recover(&mut self) {
+        let cfg = self.cfg.clone();
+        let max = move |p: &Path| {
+            task::read_task(p, u64::MAX)
+                .ok()
+                .and_then(|(t, _)| t.file.max_retries)
+                .unwrap_or(cfg.task_queue.max_retries)
+        };
+        match self.spool.recover(&self.me, &max) {
+            Ok(list) => {
+                for r in list {
+                    match r {
+                        spool::Recovered::Requeued(id) => {
+                            console::info(&format!("recovered  {id}: its supervisor stopped mid-run; back to pending"));
+                            self.ingest_path(&self.spool.task_path(Place::Pending, &id), true);
+                        }
+                        spool::Recovered::Finished(id, t) => {
+                            console::info(&format!("recovered  {id}: finished before its supervisor stopped → {}", t.dir_name()));
+                            if let Some(r) = self.spool.read_result(t, &id) {
+                                self.writer.send(Op::Upsert { row: mirror::terminal_row(&self.spool, &r, None), attempts: r.attempts.clone() });
+                            }
+                            self.done.insert(id, t);
+                        }
+                    }
+                }
+            }
+            Err(e) => console::warn(&format!("recovery failed: {e:#}")),
+        }
+    }
+
+    pub async fn run(mut self) -> Result<()> {
+        self.startup()?;
+        let (hint_tx, mut hints) = mpsc::unbounded_channel();
+        let _watch = watcher::start(
+            &self.spool.pending,
+            Duration::from_secs(self.cfg.orchestrator.rescan_seconds),
+            hint_tx,
+        );
+        console::info(&format!(
+            "orchestrate {} watching {} (instance {}, max_concurrent {})",
+            env!("CARGO_PKG_VERSION"),
+            self.layout.rel(&self.spool.pending),
+            self.me.id,
+            self.cfg.orchestrator.max_concurrent
+        ));
+        self.rescan();
+        self.schedule();
+
+        let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut sigusr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
+        let mut heartbeat = tokio::time::interval(Duration::from_secs(self.cfg.orchestrator.heartbeat_seconds.max(1)));
+        heartbeat.tick().await;
+        let settle_tick = Duration::from_millis((self.cfg.orchestrator.settle_ms / 4).clamp(10, 250));
+        let mut state_tick = tokio::time::interval(Duration::from_millis(250));
+        let mut signals = 0;
+        loop {
+            if self.opts.once && self.nothing_left() {
+                console::info("nothing left to run (--once)");
+                break;
+            }
+            if self.shutting_down && self.running.is_empty() {
+                break;
+            }
+            let wake = self.next_wakeup();
+            tokio::select! {
+                Some(h) = hints.recv() => {
+                    self.on_hint(h);
+                    // Take whatever else is queued before scheduling: a burst is handled in one pass.
+                    while let Ok(h) = hints.try_recv() {
+                        self.on_hint(h);
+                    }
+                }
+                Some(done) = self.attempts.join_next(), if !self.attempts.is_empty() => {
+                    match done {
+                        Ok(report) => self.on_report(report),
+                        Err(e) => console::error(&format!("attempt task failed: {e}")),
+                    }
+                }
+                _ = tokio::time::sleep(settle_tick), if !self.settling.is_empty() => self.check_settling(),
+                _ = tokio::time::sleep_until(wake.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)).into()), if wake.is_some() => {}
+                _ = heartbeat.tick() => self.heartbeat(),
+                _ = state_tick.tick(), if self.state_dirty => self.write_state_files(),
+                _ = sigusr1.recv() => self.check_cancels(),
+                _ = sigint.recv() => { signals += 1; self.shutdown(signals); }
+                _ = sigterm.recv() => { signals += 1; self.shutdown(signals); }
+            }
+            if !self.shutting_down {
+                self.schedule();
+            }
+        }
+        self.write_state_files();
+        self.writer.send(Op::Supervisor {
+            instance: self.me.id.clone(),
+            pid: self.me.pid,
+            started_at: self.me.started_at.clone(),
+            heartbeat_at: fsutil::now_rfc3339(),
+            alive: false,
+        });
+        self.writer.flush();
+        let _ = std::fs::remove_file(self.me.lock_path(&self.layout.state_dir));
+        console::info("supervisor stopped");
+        Ok(())
+    }
+
+    fn nothing_left(&self) -> bool {
+        if !self.running.is_empty() || !self.settling.is_empty() {
+            return false;
+        }
+        // Pending tasks that can still make progress without new input: waiting on a retry back-off,
+        // or on a dependency that itself can run.
+        let now = Instant::now();
+        !self.sched.pending.values().any(|p| {
+            p.not_before.is_some_and(|t| t > now)
+                || p.waits_for().iter().any(|d| self.sched.pending.get(d).is_some_and(|dp| dp.not_before.is_some_and(|t| t > now)))
+        })
+    }
+
+    fn next_wakeup(&self) -> Option<Instant> {
+        let now = Instant::now();
+        self.sched.pending.values().filter_map(|p| p.not_before).filter(|&t| t > now).min()
+    }
+
+    fn shutdown(&mut self, n: u32) {
+        if n == 1 {
+            console::info(&format!(
+                "stopping: no new claims; {} running agent(s) get SIGTERM, then SIGKILL after {} s (signal again to kill now)",
+                self.running.len(),
+                self.cfg.orchestrator.kill_grace_seconds
+            ));
+            self.shutting_down = true;
+            for r in self.running.values() {
+                let _ = r.stop.send(Some(Stop::Shutdown));
+            }
+        } else {
+            console::info("second signal: killing running agents now");
+            for r in self.running.values() {
+                let _ = r.stop.send(Some(Stop::KillNow));
+            }
+        }
+    }
+
+    // ---- intake ----------------------------------------------------------------------------------
+
+    fn on_hint(&mut self, h: Hint) {
+        match h {
+            Hint::Rescan => {
+                self.rescan();
+                self.recover();
+                self.writer.reconcile_later(&self.spool, self.cfg.orchestrator.max_task_bytes);
+            }
+            Hint::Complete(p) => self.ingest_path(&p, true),
+            Hint::Changed(p) => self.ingest_path(&p, false),
+        }
+    }
+
+    /// The scan is the truth: look at every file in `pending/`, forget tasks whose file is gone.
+    fn rescan(&mut self) {
+        let mut seen = HashSet::new();
+        let rd = match std::fs::read_dir(&self.spool.pending) {
+            Ok(rd) => rd,
+            Err(e) => {
+                console::warn(&format!("cannot list {}: {e}; recreating it", self.spool.pending.display()));
+                let _ = self.spool.ensure_dirs();
+                return;
+            }
+        };
+        let mut paths: Vec<(PathBuf, std::fs::Metadata)> = rd
+            .flatten()
+            .filter_map(|e| {
+                let m = e.metadata().ok()?;
+                Some((e.path(), m))
+            })
+            .collect();
+        // FIFO for files found by a scan: oldest first, then by name.
+        paths.sort_by(|a, b| a.1.modified().ok().cmp(&b.1.modified().ok()).then(a.0.cmp(&b.0)));
+        for (p, m) in paths {
+            seen.insert(p.clone());
+            // Unchanged known files need no second look.
+            if let Some(id) = self.by_path.get(&p)
+                && self.sched.pending.get(id).is_some_and(|pd| pd.sig == sig_of(&m))
+            {
+                continue;
+            }
+            // A file nobody has written to for the settle period is as good as closed by its writer.
+            let quiet = m
+                .modified()
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age >= Duration::from_millis(self.cfg.orchestrator.settle_ms));
+            self.ingest_path(&p, quiet);
+        }
+        let gone: Vec<PathBuf> = self.by_path.keys().filter(|p| !seen.contains(*p)).cloned().collect();
+        for p in gone {
+            self.forget_path(&p);
+        }
+        self.settling.retain(|p, _| seen.contains(p));
+    }
+
+    fn forget_path(&mut self, p: &Path) {
+        if let Some(id) = self.by_path.remove(p) {
+            // The file may have been claimed (by us, then it is in `running`) or removed by the user.
+            if self.sched.pending.get(&id).is_some_and(|pd| pd.path == p) {
+                self.sched.pending.remove(&id);
+                self.cycles_dirty = true;
+                if !self.running.contains_key(&id) && self.spool.settled_place(&id).is_none() {
+                    console::info(&format!("removed    {id}: its file left pending/"));
+                    self.writer.send(Op::Delete(id));
+                }
+            }
+        }
+    }
+
+    fn ingest_path(&mut self, path: &Path, complete: bool) {
+        if self.shutting_down {
+            return;
+        }
+        let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else { return };
+        if path.parent() != Some(self.spool.pending.as_path()) {
+            return;
+        }
+        let meta = match std::fs::symlink_metadata(path) {
+            Ok(m) => m,
+            Err(_) => {
+                self.settling.remove(path);
+                self.forget_path(path);
+                return;
+            }
+        };
+        if task::is_conflict_copy(&name) && !name.starts_with('.') {
+            match self.spool.quarantine(path, &name, "a sync client's conflict copy: never run automatically; merge it by hand and drop the result into pending/") {
+                Ok(dst) => console::info(&format!("quarantine {name}: conflict copy → {}", self.layout.rel(&dst))),
+                Err(e) => console::warn(&format!("cannot quarantine {name}: {e:#}")),
+            }
+            return;
+        }
+        if !task::is_task_file_name(&name) {
+            return;
+        }
+        let sig = sig_of(&meta);
+        if let Some(id) = self.by_path.get(path)
+            && self.sched.pending.get(id).is_some_and(|p| p.sig == sig)
+        {
+            return;
+        }
+        if !meta.file_type().is_file() {
+            // Directories, FIFOs and symlinks named like tasks: reject without opening them.
+            self.reject(path, &name, "not a regular file (directory, symlink, FIFO or device); task files must be plain files");
+            return;
+        }
+        if !complete {
+            match self.settling.get_mut(path) {
+                Some(s) if s.sig == sig => {
+                    if s.since.elapsed() < Duration::from_millis(self.cfg.orchestrator.settle_ms) {
+                        return;
+                    }
+                }
+                Some(s) => {
+                    s.sig = sig;
+                    s.since = Instant::now();
+                    return;
+                }
+                None => {
+                    self.settling.insert(path.to_path_buf(), Settling { sig, since: Instant::now() });
+                    return;
+                }
+            }
+        }
+        self.settling.remove(path);
+        self.ingest_ready(path, &name, sig);
+    }
+
+    fn check_settling(&mut self) {
+        let settle = Duration::from_millis(self.cfg.orchestrator.settle_ms);
+        let ready: Vec<PathBuf> = self
+            .settling
+            .iter()
+            .filter(|(_, s)| s.since.elapsed() >= settle)
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in ready {
+            // Re-stat: ingest_path restarts the clock if the file changed since it was last seen.
+            self.ingest_path(&p, false);
+        }
+    }
+
+    fn reject(&mut self, path: &Path, name: &str, explanation: &str) {
+        match self.spool.reject(path, name, &format!("{explanation}\n")) {
+            Ok(dst) => {
+                console::info(&format!("rejected   {name}: {} → {}", explanation.lines().next().unwrap_or_default(), self.layout.rel(&dst)));
+                self.writer.send(Op::Upsert { row: mirror::rejected_row(&self.spool, &dst, explanation), attempts: vec![] });
+                let id = task::file_stem(&dst.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()).to_string();
+                self.done.insert(id, Terminal::Failed);
+            }
+            Err(e) => console::warn(&format!("cannot reject {name}: {e:#}")),
+        }
+        self.forget_path(path);
+    }
+
+    fn ingest_ready(&mut self, path: &Path, name: &str, sig: (u64, i128, u64)) {
+        let (task, bytes) = match task::read_task(path, self.cfg.orchestrator.max_task_bytes) {
+            Ok(t) => t,
+            Err(e) => {
+                if !path.exists() {
+                    return;
+                }
+                self.reject(path, name, &e.render(name));
+                return;
+            }
+        };
+        let id = task.id.clone();
+        // One id, one task: a second file with a known id is a resurrection or a copy, never run.
+        if let Some(other) = self.sched.pending.get(&id).map(|p| p.path.clone())
+            && other != path
+        {
+            self.quarantine(path, name, &format!("task id {id} is already pending as {}", self.layout.rel(&other)));
+            return;
+        }
+        if self.running.contains_key(&id) || self.spool.settled_place(&id).is_some() || self.done.contains_key(&id) {
+            let place = self.spool.settled_place(&id).map(|p| self.layout.rel(self.spool.dir(p))).unwrap_or_else(|| "the tree".into());
+            self.quarantine(path, name, &format!("task id {id} already exists in {place} (re-created by a sync client, git or a re-save?)"));
+            return;
+        }
+        let history = self.spool.read_history(&id).unwrap_or_else(|| History { task_id: id.clone(), version: 1, ..Default::default() });
+        let not_before = history.not_before.as_deref().and_then(fsutil::parse_time).map(|t| {
+            let left = (t - time::OffsetDateTime::now_utc()).as_seconds_f64().max(0.0);
+            Instant::now() + Duration::from_secs_f64(left.min(86400.0 * 30.0))
+        });
+        if !task.file.subtasks.is_empty() {
+            self.expand_subtasks(&task);
+        }
+        let is_new = !self.sched.pending.contains_key(&id);
+        let seq = match self.sched.pending.get(&id) {
+            Some(p) => p.seq,
+            None => self.sched.next_seq(),
+        };
+        let row = mirror::pending_row(&self.spool, &task, path, Some(&history));
+        if is_new {
+            console::info(&format!("queued     {id}{}", if history.attempts.is_empty() { String::new() } else { format!(" (after {} attempt(s))", history.attempts.len()) }));
+        } else {
+            console::debug(&format!("updated    {id}: file changed while pending"));
+        }
+        self.writer.send(Op::Upsert { row, attempts: history.attempts.clone() });
+        self.by_path.insert(path.to_path_buf(), id.clone());
+        self.sched.pending.insert(
+            id,
+            Pending {
+                task,
+                path: path.to_path_buf(),
+                hash: hash_bytes(&bytes),
+                sig,
+                seq,
+                enqueued: Instant::now(),
+                history,
+                not_before,
+                note: None,
+            },
+        );
+        self.cycles_dirty = true;
+    }
+
+    fn quarantine(&mut self, path: &Path, name: &str, reason: &str) {
+        match self.spool.quarantine(path, name, reason) {
+            Ok(dst) => console::info(&format!("quarantine {name}: {reason} → {}", self.layout.rel(&dst))),
+            Err(e) => console::warn(&format!("cannot quarantine {name}: {e:#}")),
+        }
+        self.forget_path(path);
+    }
+
+    /// Write a child task per subtask, each depending on the one before. Idempotent: a child that
+    /// exists anywhere in the tree is left alone, so a crash mid-way is finished on the next pass.
+    fn expand_subtasks(&mut self, parent: &Task) {
+        let n = parent.file.subtasks.len();
+        for (i, text) in parent.file.subtasks.iter().enumerate() {
+            let id = scheduler::subtask_id(&parent.id, i + 1);
+            if self.sched.pending.contains_key(&id) || self.spool.settled_place(&id).is_some() || self.done.contains_key(&id) {
+                continue;
+            }
+            let child = task::TaskFile {
+                id: Some(id.clone()),
+                description: format!(
+                    "{text}\n\n(Step {} of {n} of task {}: {})",
+                    i + 1,
+                    parent.id,
+                    parent.file.description.trim()
+                ),
+                priority: parent.file.priority,
+                agent: parent.file.agent.clone(),
+                task_type: parent.file.task_type.clone(),
+                labels: parent.file.labels.clone(),
+                dependencies: if i == 0 {
+                    parent.file.dependencies.clone()
+                } else {
+                    vec![scheduler::subtask_id(&parent.id, i)]
+                },
+                context_files: parent.file.context_files.clone(),
+                workdir: parent.file.workdir.clone(),
+                timeout_minutes: parent.file.timeout_minutes,
+                max_retries: parent.file.max_retries,
+                subtasks: vec![],
+                parent: Some(parent.id.clone()),
+            };
+            let name = format!("{id}.yaml");
+            match fsutil::atomic_create(&self.spool.pending, &name, task::to_yaml(&child).as_bytes()) {
+                Ok(true) => {
+                    let p = self.spool.pending.join(&name);
+                    let sig = std::fs::metadata(&p).map(|m| sig_of(&m)).unwrap_or_default();
+                    self.ingest_ready(&p, &name, sig);
+                }
+                Ok(false) => {}
+                Err(e) => console::warn(&format!("cannot write subtask {id}: {e}")),
+            }
+        }
+    }
+
+    // ---- scheduling ------------------------------------------------------------------------------
+
+    fn dep_state(&self, id: &str) -> DepState {
+        if let Some(t) = self.done.get(id) {
+            return match t {
+                Terminal::Completed => DepState::Completed,
+                Terminal::Failed => DepState::Failed,
+            };
+        }
+        if self.running.contains_key(id) {
+            return DepState::Running;
+        }
+        if self.sched.pending.contains_key(id) {
+            return DepState::Pending;
+        }
+        // Finished or claimed by another supervisor sharing the tree.
+        match self.spool.settled_place(id) {
+            Some(Place::Completed) => DepState::Completed,
+            Some(Place::Failed) => DepState::Failed,
+            Some(Place::Assigned) => DepState::Running,
+            Some(Place::Pending) => DepState::Pending,
+            None => DepState::Missing,
+        }
+    }
+
+    fn schedule(&mut self) {
+        if self.shutting_down {
+            return;
+        }
+        if self.cycles_dirty {
+            self.cycles_dirty = false;
+            for (id, cycle) in self.sched.cycles() {
+                self.fail_pending(&id, &format!("dependency cycle: {cycle}"));
+            }
+        }
+        let mut unavailable = HashMap::new();
+        for (name, a) in &self.cfg.agents {
+            if let Some(r) = agents::unavailable_reason(name, a) {
+                unavailable.insert(name.clone(), r);
+            }
+        }
+        let now = Instant::now();
+        let cfg = self.cfg.clone();
+        for id in self.sched.order(&cfg, now) {
+            let Some(p) = self.sched.pending.get(&id) else { continue };
+            let cap = Capacity { running_total: self.running.len(), running_per_agent: &self.per_agent, unavailable: &unavailable };
+            let decision = scheduler::decide(&cfg, p, now, &cap, &|d| self.dep_state(d));
+            match decision {
+                Decision::Run { agent, because } => self.start(&id, &agent, &because),
+                Decision::CompleteParent => self.complete_parent(&id),
+                Decision::Fail(reason) => self.fail_pending(&id, &reason),
+                Decision::Wait(reason) => {
+                    let p = self.sched.pending.get_mut(&id).expect("present: looked up above");
+                    if p.note.as_deref() != Some(reason.as_str()) {
+                        console::debug(&format!("waiting    {id}: {reason}"));
+                        p.note = Some(reason.clone());
+                        self.writer.send(Op::Note { id: id.clone(), note: Some(reason) });
+                    }
+                }
+            }
+        }
+    }
+
+    fn claim_record(&self, p: &Pending, agent: &str, because: &str) -> Claim {
+        let now = fsutil::now_rfc3339();
+        Claim {
+            task_id: p.task.id.clone(),
+            version: p.history.version + 1,
+            host: self.me.host.clone(),
+            pid: self.me.pid,
+            boot_id: self.me.boot_id.clone(),
+            instance: self.me.id.clone(),
+            attempt: p.history.attempts.len() as u32 + 1,
+            agent: agent.to_string(),
+            started_at: now.clone(),
+            heartbeat_at: now,
+            history: p.history.attempts.clone(),
+            chosen_because: Some(because.to_string()),
+        }
+    }
+
+    /// Claim a pending task; on success it is ours and in `assigned/`.
+    fn claim(&mut self, id: &str, agent: &str, because: &str) -> Option<(Pending, Claim)> {
+        let p = self.sched.pending.remove(id)?;
+        self.by_path.remove(&p.path);
+        self.cycles_dirty = true;
+        let claim = self.claim_record(&p, agent, because);
+        match self.spool.claim(&p.path, &claim) {
+            Ok(true) => {}
+            Ok(false) => {
+                console::debug(&format!("lost race  {id}: claimed by another supervisor"));
+                return None;
+            }
+            Err(e) => {
+                console::error(&format!("claim of {id} failed: {e:#}"));
+                return None;
+            }
+        }
+        // The file must be what we parsed: a writer still appending would run a half task.
+        let now_bytes = std::fs::read(self.spool.task_path(Place::Assigned, id)).unwrap_or_default();
+        if hash_bytes(&now_bytes) != p.hash {
+            console::info(&format!("changed    {id}: file changed while being claimed; back to pending to settle"));
+            if let Err(e) = self.spool.unclaim(id, &p.path) {
+                console::error(&format!("cannot return {id} to pending: {e:#}"));
+            }
+            self.settling.insert(p.path.clone(), Settling { sig: (0, 0, 0), since: Instant::now() });
+            return None;
+        }
+        Some((p, claim))
+    }
+
+    fn start(&mut self, id: &str, agent: &str, because: &str) {
+        let Some((p, claim)) = self.claim(id, agent, because) else { return };
+        self.writer.send(Op::Upsert {
+            row: mirror::running_row(&self.spool, &p.task, &claim),
+            attempts: {
+                let mut a = claim.history.clone();
+                a.push(mirror::running_attempt(&claim));
+                a
+            },
+        });
+        console::info(&format!("started    {id} on {agent} (attempt {}; {because})", claim.attempt));
+        let (stop_tx, stop_rx) = watch::channel(None);
+        *self.per_agent.entry(agent.to_string()).or_default() += 1;
+        let ctx = AttemptCtx {
+            cfg: self.cfg.clone(),
+            layout: self.layout.clone(),
+            redactor: self.redactor.clone(),
+        };
+        let task = p.task.clone();
+        let c = claim.clone();
+        self.attempts.spawn(async move { run_attempt(ctx, task, c, stop_rx).await });
+        self.running.insert(id.to_string(), Running { task: p.task, claim, stop: stop_tx });
+        self.state_dirty = true;
+    }
+
+    fn complete_parent(&mut self, id: &str) {
+        let Some((p, claim)) = self.claim(id, "-", "all subtasks completed") else { return };
+        let mut text = String::new();
+        for i in 1..=p.task.file.subtasks.len() {
+            let child = scheduler::subtask_id(id, i);
+            if let Ok(t) = std::fs::read_to_string(self.layout.output_path(&child)) {
+                text.push_str(&t);
+                text.push('\n');
+            }
+        }
+        let header = context::OutputHeader { task: &p.task, agent: "-", attempt: claim.attempt, duration: Duration::ZERO, exit: "all subtasks completed".into() };
+        let output = context::write_output(&self.layout, &header, &text, &self.redactor).ok();
+        let result = TaskResult {
+            task_id: id.to_string(),
+            status: Terminal::Completed,
+            version: claim.version + 1,
+            agent: None,
+            description: p.task.file.description.clone(),
+            finished_at: fsutil::now_rfc3339(),
+            attempts: claim.history.clone(),
+            output_file: output.map(|o| self.layout.rel(&o)),
+            diff_file: None,
+            files_modified: vec![],
+            review_required: false,
+            review_files: vec![],
+            error: None,
+            chosen_because: Some("all subtasks completed".into()),
+        };
+        self.commit_terminal(&p.task, result);
+    }
+
+    /// Fail a pending task without running it.
+    fn fail_pending(&mut self, id: &str, reason: &str) {
+        let Some(p) = self.sched.pending.remove(id) else { return };
+        self.by_path.remove(&p.path);
+        self.cycles_dirty = true;
+        let result = TaskResult {
+            task_id: id.to_string(),
+            status: Terminal::Failed,
+            version: p.history.version + 1,
+            agent: None,
+            description: p.task.file.description.clone(),
+            finished_at: fsutil::now_rfc3339(),
+            attempts: p.history.attempts.clone(),
+            output_file: None,
+            diff_file: None,
+            files_modified: vec![],
+            review_required: false,
+            review_files: vec![],
+            error: Some(reason.to_string()),
+            chosen_because: None,
+        };
+        match self.spool.fail_pending(&p.path, &result) {
+            Ok(true) => {
+                console::info(&format!("failed     {id}: {reason}"));
+                self.writer.send(Op::Upsert { row: mirror::terminal_row(&self.spool, &result, Some(&p.task)), attempts: result.attempts.clone() });
+                self.done.insert(id.to_string(), Terminal::Failed);
+                self.state_dirty = true;
+            }
+            Ok(false) => {}
+            Err(e) => console::error(&format!("cannot fail {id}: {e:#}")),
+        }
+    }
+
+    // ---- completion ------------------------------------------------------------------------------
+
+    fn on_report(&mut self, r: Report) {
+        let Some(run) = self.running.remove(&r.id) else { return };
+        if let Some(n) = self.per_agent.get_mut(&run.claim.agent) {
+            *n = n.saturating_sub(1);
+        }
+        self.state_dirty = true;
+        let mut attempts = run.claim.history.clone();
+        attempts.push(r.attempt.clone());
+        let outcome = r.attempt.outcome;
+        let rel = |p: &Option<PathBuf>| p.as_ref().map(|p| self.layout.rel(p));
+        if r.stopped == Some(StopKind::Shutdown) && outcome != Outcome::Completed {
+            let history = History {
+                task_id: r.id.clone(),
+                version: run.claim.version + 1,
+                attempts,
+                not_before: None,
+                reason: Some("interrupted by a supervisor shutdown".into()),
+            };
+            self.requeue(&run.task, history, "interrupted by shutdown");
+            return;
+        }
+        let failures = attempts.iter().filter(|a| a.outcome.counts_as_failure()).count() as u32;
+        let max_retries = self.max_retries_of(&run.task);
+        let retryable = outcome != Outcome::Completed && outcome != Outcome::Cancelled && !r.permanent && failures <= max_retries;
+        if retryable {
+            let delay = scheduler::retry_delay(&self.cfg, failures);
+            let at = time::OffsetDateTime::now_utc() + delay;
+            let history = History {
+                task_id: r.id.clone(),
+                version: run.claim.version + 1,
+                attempts,
+                not_before: Some(fsutil::fmt_time(at)),
+                reason: r.attempt.error.clone(),
+            };
+            let why = format!(
+                "{}: {}; retry {failures} of {max_retries} in {:.0} s",
+                outcome.as_str(),
+                r.attempt.error.as_deref().unwrap_or("-"),
+                delay.as_secs_f64()
+            );
+            self.requeue(&run.task, history, &why);
+            return;
+        }
+        let review = context::review_matches(&self.cfg, &r.files_modified);
+        let status = if outcome == Outcome::Completed { Terminal::Completed } else { Terminal::Failed };
+        let result = TaskResult {
+            task_id: r.id.clone(),
+            status,
+            version: run.claim.version + 1,
+            agent: Some(run.claim.agent.clone()),
+            description: run.task.file.description.clone(),
+            finished_at: r.attempt.finished_at.clone().unwrap_or_else(fsutil::now_rfc3339),
+            attempts,
+            output_file: rel(&r.text_file),
+            diff_file: rel(&r.diff_file),
+            files_modified: r.files_modified.clone(),
+            review_required: !review.is_empty(),
+            review_files: review,
+            error: match outcome {
+                Outcome::Completed => None,
+                Outcome::Cancelled => Some("cancelled by user".into()),
+                _ if r.permanent => r.attempt.error.clone(),
+                _ => Some(format!(
+                    "{} (after {failures} failed attempt(s); max_retries {max_retries})",
+                    r.attempt.error.as_deref().unwrap_or(outcome.as_str())
+                )),
+            },
+            chosen_because: run.claim.chosen_because.clone(),
+        };
+        self.commit_terminal(&run.task, result);
+    }
+
+    fn commit_terminal(&mut self, task: &Task, result: TaskResult) {
+        let id = result.task_id.clone();
+        if let Err(e) = self.spool.finish(&result) {
+            // The claim stays; recovery at the next start finishes the move from the result file.
+            console::error(&format!("cannot finish {id}: {e:#}"));
+            return;
+        }
+        let secs: u64 = result.attempts.last().and_then(|a| a.duration_ms).unwrap_or(0);
+        match result.status {
+            Terminal::Completed => console::info(&format!(
+                "completed  {id} on {} in {:.2} s{}{}",
+                result.agent.as_deref().unwrap_or("-"),
+                secs as f64 / 1000.0,
+                if result.files_modified.is_empty() { String::new() } else { format!(", changed {}", result.files_modified.len()) },
+                if result.review_required { format!(" — REVIEW REQUIRED: {}", result.review_files.join(", ")) } else { String::new() }
+            )),
+            Terminal::Failed => console::info(&format!("failed     {id}: {}", result.error.as_deref().unwrap_or("-"))),
+        }
+        self.writer.send(Op::Upsert { row: mirror::terminal_row(&self.spool, &result, Some(task)), attempts: result.attempts.clone() });
+        if result.status == Terminal::Completed {
+            self.completed.push(CompletedEntry {
+                id: id.clone(),
+                description: result.description.clone(),
+                agent: result.agent.clone(),
+                finished_at: result.finished_at.clone(),
+                output_file: result.output_file.clone(),
+                diff_file: result.diff_file.clone(),
+                files_modified: result.files_modified.clone(),
+            });
+        }
+        self.done.insert(id, result.status);
+        self.state_dirty = true;
+    }
+
+    fn requeue(&mut self, task: &Task, history: History, why: &str) {
+        let id = task.id.clone();
+        if let Err(e) = self.spool.requeue(&history) {
+            console::error(&format!("cannot requeue {id}: {e:#}"));
+            return;
+        }
+        console::info(&format!("requeued   {id}: {why}"));
+        let path = self.spool.task_path(Place::Pending, &id);
+        let sig = std::fs::metadata(&path).map(|m| sig_of(&m)).unwrap_or_default();
+        self.ingest_ready(&path, &format!("{id}.yaml"), sig);
+    }
+
+    // ---- housekeeping ----------------------------------------------------------------------------
+
+    fn heartbeat(&mut self) {
+        for r in self.running.values() {
+            if let Err(e) = self.spool.heartbeat(&r.claim) {
+                console::warn(&format!("heartbeat for {} failed: {e:#}", r.claim.task_id));
+            }
+        }
+        self.writer.send(Op::Supervisor {
+            instance: self.me.id.clone(),
+            pid: self.me.pid,
+            started_at: self.me.started_at.clone(),
+            heartbeat_at: fsutil::now_rfc3339(),
+            alive: true,
+        });
+    }
+
+    /// `orchestrate cancel` leaves `state_dir/cancel/<id>` and sends SIGUSR1.
+    fn check_cancels(&mut self) {
+        let dir = self.layout.state_dir.join("cancel");
+        let Ok(rd) = std::fs::read_dir(&dir) else { return };
+        for e in rd.flatten() {
+            let id = e.file_name().to_string_lossy().into_owned();
+            if let Some(r) = self.running.get(&id) {
+                console::info(&format!("cancelling {id}"));
+                let _ = r.stop.send(Some(Stop::Cancel));
+                let _ = std::fs::remove_file(e.path());
+            } else if self.sched.pending.contains_key(&id) {
+                self.fail_pending(&id, "cancelled by user");
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+
+    fn write_state_files(&mut self) {
+        self.state_dirty = false;
+        let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
+        counts.insert("pending", self.sched.pending.len());
+        counts.insert("running", self.running.len());
+        let (mut c, mut f) = (0, 0);
+        for t in self.done.values() {
+            match t {
+                Terminal::Completed => c += 1,
+                Terminal::Failed => f += 1,
+            }
+        }
+        counts.insert("completed", c);
+        counts.insert("failed", f);
+        let running: Vec<(String, String, String)> = self
+            .running
+            .values()
+            .map(|r| (r.claim.task_id.clone(), r.claim.agent.clone(), r.claim.started_at.clone()))
+            .collect();
+        if let Err(e) = context::write_state_files(&self.layout, &self.completed, &counts, &running) {
+            console::warn(&format!("cannot write context state files: {e:#}"));
+        }
+    }
+}
+
+struct AttemptCtx {
+    cfg: Arc<Config>,
+    layout: Layout,
+    redactor: Arc<Redactor>,
+}
+
+/// One attempt, start to end: prompt, snapshot, run, diff, output. Never touches the spool.
+async fn run_attempt(ctx: AttemptCtx, task: Task, claim: Claim, stop: watch::Receiver<Option<Stop>>) -> Report {
+    let started_at = fsutil::now_rfc3339();
+    let t0 = Instant::now();
+    let log_path = ctx.layout.log_path(&task.id, claim.attempt);
+    let mut attempt = Attempt {
+        n: claim.attempt,
+        agent: claim.agent.clone(),
+        started_at,
+        finished_at: None,
+        duration_ms: None,
+        exit_code: None,
+        signal: None,
+        outcome: Outcome::AgentError,
+        error: None,
+        cost_usd: None,
+        input_tokens: None,
+        output_tokens: None,
+        session_id: None,
+        log_file: Some(ctx.layout.rel(&log_path)),
+    };
+    let mut report = Report {
+        id: task.id.clone(),
+        attempt: attempt.clone(),
+        text_file: None,
+        diff_file: None,
+        files_modified: vec![],
+        permanent: false,
+        stopped: None,
+    };
+    let prepared = prepare(&ctx, &task, &claim);
+    let (workdir, prompt, prompt_file) = match prepared {
+        Ok(v) => v,
+        Err(e) => {
+            attempt.error = Some(ctx.redactor.redact(&format!("{e:#}")));
+            attempt.finished_at = Some(fsutil::now_rfc3339());
+            attempt.duration_ms = Some(t0.elapsed().as_millis() as u64);
+            report.attempt = attempt;
+            report.permanent = true;
+            return report;
+        }
+    };
+    let agent_cfg = ctx.cfg.agents[&claim.agent].clone();
+    let adapter = agents::adapter_for(agent_cfg.kind).expect("the scheduler only picks agents with an adapter");
+    let req = RunRequest {
+        task_id: &task.id,
+        description: &task.file.description,
+        prompt: &prompt,
+        prompt_file: &prompt_file,
+        workdir: &workdir,
+    };
+    let inv = match adapter.invocation(&claim.agent, &agent_cfg, &req) {
+        Ok(i) => i,
+        Err(e) => {
+            attempt.error = Some(format!("{e:#}"));
+            attempt.finished_at = Some(fsutil::now_rfc3339());
+            report.attempt = attempt;
+            return report;
+        }
+    };
+    let snap_root = workdir.clone();
+    let (layout2, cfg2) = (ctx.layout.clone(), ctx.cfg.clone());
+    let snapshot = tokio::task::spawn_blocking(move || context::Snapshot::take(&snap_root, &layout2, &cfg2))
+        .await
+        .expect("snapshot task does not panic");
+    let spec = process::Spec {
+        program: inv.program,
+        args: inv.args,
+        env: process::build_env(&ctx.cfg.security.env_allow, &inv.env),
+        cwd: inv.cwd,
+        stdin: inv.stdin,
+        timeout: ctx.cfg.attempt_timeout(task.file.timeout_minutes, &agent_cfg),
+        grace: Duration::from_secs_f64(ctx.cfg.orchestrator.kill_grace_seconds),
+        log_path: log_path.clone(),
+        max_log_bytes: ctx.cfg.orchestrator.max_log_bytes,
+        redactor: ctx.redactor.clone(),
+    };
+    let exit = process::run(spec, stop).await;
+    let mut parsed = adapter.parse(&exit);
+    if exit.stopped == Some(StopKind::Cancelled) {
+        parsed.outcome = Outcome::Cancelled;
+        parsed.error = Some("cancelled by user".into());
+    } else if exit.stopped == Some(StopKind::Shutdown) && parsed.outcome != Outcome::Completed {
+        parsed.outcome = Outcome::Interrupted;
+        parsed.error = Some("interrupted by a supervisor shutdown".into());
+    }
+    let diff = tokio::task::spawn_blocking(move || snapshot.diff()).await.expect("diff task does not panic");
+    attempt.finished_at = Some(fsutil::now_rfc3339());
+    attempt.duration_ms = Some(exit.duration.as_millis() as u64);
+    attempt.exit_code = exit.code;
+    attempt.signal = exit.signal;
+    attempt.outcome = parsed.outcome;
+    attempt.error = parsed.error.clone();
+    attempt.cost_usd = parsed.cost_usd;
+    attempt.input_tokens = parsed.input_tokens;
+    attempt.output_tokens = parsed.output_tokens;
+    attempt.session_id = parsed.session_id.clone();
+    let exit_text = match (exit.code, exit.signal, &parsed.error) {
+        (_, _, Some(e)) => format!("{} ({e})", parsed.outcome.as_str()),
+        (Some(c), _, None) => format!("code {c}"),
+        (None, Some(s), None) => format!("signal {s}"),
+        _ => "-".into(),
+    };
+    let header = context::OutputHeader { task: &task, agent: &claim.agent, attempt: claim.attempt, duration: exit.duration, exit: exit_text };
+    report.text_file = context::write_output(&ctx.layout, &header, &parsed.text, &ctx.redactor)
+        .map_err(|e| console::warn(&format!("cannot write output of {}: {e:#}", task.id)))
+        .ok();
+    report.diff_file = context::write_diff(&ctx.layout, &task.id, &diff.text, &ctx.redactor)
+        .map_err(|e| console::warn(&format!("cannot write diff of {}: {e:#}", task.id)))
+        .ok();
+    if exit.log_bytes_dropped > 0 {
+        console::debug(&format!("{}: {} bytes of output dropped by the log cap", task.id, exit.log_bytes_dropped));
+    }
+    report.files_modified = diff.files;
+    report.stopped = exit.stopped;
+    report.attempt = attempt;
+    report
+}
+
+fn prepare(ctx: &AttemptCtx, task: &Task, claim: &Claim) -> Result<(PathBuf, String, PathBuf)> {
+    let workdir = context::task_workdir(&ctx.layout, &ctx.cfg, task)?;
+    if !workdir.is_dir() {
+        anyhow::bail!("workdir {} is not a directory", workdir.display());
+    }
+    let prompt = ctx.redactor.redact(&context::build_prompt(&ctx.layout, &ctx.cfg, task, &claim.history)?);
+    let prompt_file = ctx.layout.context_dir.join("logs").join(&task.id).join(format!("attempt-{}.prompt.md", claim.attempt));
+    std::fs::create_dir_all(prompt_file.parent().expect("has parent"))?;
+    fsutil::atomic_write(&prompt_file, prompt.as_bytes()).context("cannot write the prompt file")?;
+    Ok((workdir, prompt, prompt_file))
+}

@@ -1,0 +1,553 @@
+//! Task files (schema v1) and the records the spool writes beside them.
+//!
+//! Parsing is strict: unknown keys, duplicate keys, several documents, a missing description or a file
+//! over the size cap are errors with a line and column. Budgets in [`crate::config::yaml_options`] bound
+//! the CPU and memory a hostile file can cost. Nothing here touches the file system except [`read_task`].
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::YamlProblem;
+
+/// Longest task id (file names must stay well under 255 bytes with suffixes like `_result.yaml`).
+pub const MAX_ID_LEN: usize = 200;
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TaskFile {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(alias = "prompt")]
+    pub description: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<Priority>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub task_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dependencies: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub context_files: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_minutes: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_retries: Option<u32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subtasks: Vec<String>,
+    /// Set on the child tasks orchestrate writes when it expands `subtasks`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Priority {
+    Level(PriorityLevel),
+    Value(i64),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PriorityLevel {
+    High,
+    Normal,
+    Low,
+}
+
+impl Priority {
+    /// Larger runs sooner. The named levels sit at 2/1/0 so integers can be placed around them.
+    pub fn rank(self) -> i64 {
+        match self {
+            Priority::Level(PriorityLevel::High) => 2,
+            Priority::Level(PriorityLevel::Normal) => 1,
+            Priority::Level(PriorityLevel::Low) => 0,
+            Priority::Value(v) => v,
+        }
+    }
+
+    pub fn parse_cli(s: &str) -> Option<Priority> {
+        match s {
+            "high" => Some(Priority::Level(PriorityLevel::High)),
+            "normal" => Some(Priority::Level(PriorityLevel::Normal)),
+            "low" => Some(Priority::Level(PriorityLevel::Low)),
+            _ => s.parse().ok().map(Priority::Value),
+        }
+    }
+}
+
+/// A task file that parsed and passed validation.
+#[derive(Debug, Clone)]
+pub struct Task {
+    pub id: String,
+    pub file: TaskFile,
+}
+
+impl Task {
+    pub fn priority(&self) -> i64 {
+        self.file.priority.map(Priority::rank).unwrap_or(1)
+    }
+}
+
+/// Names the spool accepts for tasks and agents: no path separators, no leading dot or dash.
+pub fn valid_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= MAX_ID_LEN
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+}
+
+/// Whether an id would collide with the names of the records kept beside task files.
+fn reserved_id(id: &str) -> bool {
+    id.ends_with("_result") || id.ends_with(".claim") || id.ends_with(".error")
+}
+
+/// The `^[A-Za-z0-9][A-Za-z0-9._-]*\.ya?ml$` whitelist: everything else in `pending/` is ignored.
+pub fn is_task_file_name(name: &str) -> bool {
+    let stem = name
+        .strip_suffix(".yaml")
+        .or_else(|| name.strip_suffix(".yml"));
+    match stem {
+        Some(stem) => valid_name(stem) || (stem.len() > MAX_ID_LEN && valid_name(&stem[..MAX_ID_LEN])),
+        None => false,
+    }
+}
+
+/// Copies made by sync clients when two devices edit one file; never run, always quarantined.
+pub fn is_conflict_copy(name: &str) -> bool {
+    name.contains(".sync-conflict-") || name.contains("(conflicted copy") || name.contains("_conflict-")
+}
+
+pub fn file_stem(name: &str) -> &str {
+    name.strip_suffix(".yaml")
+        .or_else(|| name.strip_suffix(".yml"))
+        .unwrap_or(name)
+}
+
+/// Why a task file was rejected.
+#[derive(Debug, Clone)]
+pub struct TaskError {
+    pub problem: YamlProblem,
+}
+
+impl TaskError {
+    fn plain(message: impl Into<String>) -> TaskError {
+        TaskError {
+            problem: YamlProblem {
+                line: None,
+                column: None,
+                message: message.into(),
+                excerpt: None,
+            },
+        }
+    }
+
+    fn at_key(text: &str, key: &str, message: impl Into<String>) -> TaskError {
+        let line = text
+            .lines()
+            .position(|l| l.trim_start().starts_with(&format!("{key}:")))
+            .map(|i| i + 1);
+        TaskError {
+            problem: YamlProblem {
+                line,
+                column: line.map(|_| 1),
+                message: message.into(),
+                excerpt: None,
+            },
+        }
+    }
+
+    /// `file:line:col: message` followed by the source excerpt when there is one.
+    pub fn render(&self, source_name: &str) -> String {
+        let mut s = format!("{}: {}", self.problem.at(source_name), self.problem.message);
+        if let Some(x) = &self.problem.excerpt {
+            s.push('\n');
+            s.push_str(x);
+        }
+        s
+    }
+
+    pub fn message(&self) -> &str {
+        &self.problem.message
+    }
+}
+
+/// Parse and validate a task. `stem` is the file name without its extension (the default id).
+pub fn parse_task(text: &str, stem: &str, source_name: &str) -> Result<Task, TaskError> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    if text.contains('\0') {
+        return Err(TaskError::plain("file contains NUL bytes (binary or UTF-16 file?)"));
+    }
+    if let Some(i) = text
+        .lines()
+        .position(|l| l.starts_with("<<<<<<< ") || l.starts_with(">>>>>>> ") || l == "=======")
+    {
+        return Err(TaskError {
+            problem: YamlProblem {
+                line: Some(i + 1),
+                column: Some(1),
+                message: "unresolved git conflict marker".into(),
+                excerpt: None,
+            },
+        });
+    }
+    if text.trim().is_empty() {
+        return Err(TaskError::plain("empty file: a task needs at least `description:`"));
+    }
+    let file: TaskFile = serde_saphyr::from_str_with_options(text, crate::config::yaml_options())
+        .map_err(|e| TaskError {
+            problem: YamlProblem::from_saphyr(source_name, &e),
+        })?;
+    let id = match &file.id {
+        Some(id) => id.clone(),
+        None => stem.to_string(),
+    };
+    if !valid_name(&id) {
+        let msg = format!(
+            "invalid task id `{}`: use 1-{MAX_ID_LEN} letters, digits, `.`, `_` or `-`, starting with a letter or digit",
+            id.escape_debug()
+        );
+        return Err(if file.id.is_some() {
+            TaskError::at_key(text, "id", msg)
+        } else {
+            TaskError::plain(msg)
+        });
+    }
+    if reserved_id(&id) {
+        return Err(TaskError::at_key(
+            text,
+            "id",
+            format!("task id `{id}` ends in a suffix orchestrate reserves (_result, .claim, .error)"),
+        ));
+    }
+    if file.description.trim().is_empty() {
+        return Err(TaskError::at_key(text, "description", "`description` must not be empty"));
+    }
+    for dep in &file.dependencies {
+        if !valid_name(dep) {
+            return Err(TaskError::at_key(
+                text,
+                "dependencies",
+                format!("`{}` is not a valid task id", dep.escape_debug()),
+            ));
+        }
+        if *dep == id {
+            return Err(TaskError::at_key(text, "dependencies", "a task cannot depend on itself"));
+        }
+    }
+    if let Some(a) = &file.agent
+        && !valid_name(a)
+    {
+        return Err(TaskError::at_key(text, "agent", format!("`{}` is not a valid agent name", a.escape_debug())));
+    }
+    if let Some(t) = file.timeout_minutes
+        && !(t > 0.0 && t.is_finite())
+    {
+        return Err(TaskError::at_key(text, "timeout_minutes", "`timeout_minutes` must be a positive number"));
+    }
+    if file.subtasks.iter().any(|s| s.trim().is_empty()) {
+        return Err(TaskError::at_key(text, "subtasks", "subtasks must not be empty strings"));
+    }
+    Ok(Task { id, file })
+}
+
+/// Read a task file with the size cap applied before reading.
+pub fn read_task(path: &Path, max_bytes: u64) -> Result<(Task, Vec<u8>), TaskError> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let meta = std::fs::symlink_metadata(path).map_err(|e| TaskError::plain(format!("cannot read: {e}")))?;
+    if !meta.file_type().is_file() {
+        return Err(TaskError::plain("not a regular file (directory, symlink, FIFO or device)"));
+    }
+    if meta.len() > max_bytes {
+        return Err(TaskError::plain(format!(
+            "file is {} bytes, over the {max_bytes}-byte limit (orchestrator.max_task_bytes)",
+            meta.len()
+        )));
+    }
+    let bytes = std::fs::read(path).map_err(|e| TaskError::plain(format!("cannot read: {e}")))?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(TaskError::plain(format!("file grew over the {max_bytes}-byte limit while being read")));
+    }
+    if bytes.starts_with(&[0xff, 0xfe]) || bytes.starts_with(&[0xfe, 0xff]) {
+        return Err(TaskError::plain("file is UTF-16; save it as UTF-8"));
+    }
+    let text = std::str::from_utf8(&bytes).map_err(|e| {
+        let line = bytes[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count() + 1;
+        TaskError {
+            problem: YamlProblem {
+                line: Some(line),
+                column: None,
+                message: "file is not valid UTF-8".into(),
+                excerpt: None,
+            },
+        }
+    })?;
+    let task = parse_task(text, file_stem(&name), &name)?;
+    Ok((task, bytes))
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Completed,
+    AgentError,
+    Timeout,
+    Cancelled,
+    /// The supervisor stopped gracefully while it ran; does not count against `max_retries`.
+    Interrupted,
+    /// The supervisor died while it ran (found at recovery); counts against `max_retries`.
+    Lost,
+    RateLimited,
+    QuotaExhausted,
+    Auth,
+    BadOutput,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::AgentError => "agent_error",
+            Outcome::Timeout => "timeout",
+            Outcome::Cancelled => "cancelled",
+            Outcome::Interrupted => "interrupted",
+            Outcome::Lost => "lost",
+            Outcome::RateLimited => "rate_limited",
+            Outcome::QuotaExhausted => "quota_exhausted",
+            Outcome::Auth => "auth",
+            Outcome::BadOutput => "bad_output",
+        }
+    }
+
+    /// Whether this attempt uses up one of the task's retries.
+    pub fn counts_as_failure(self) -> bool {
+        !matches!(
+            self,
+            Outcome::Completed | Outcome::Interrupted | Outcome::RateLimited | Outcome::QuotaExhausted
+        )
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Attempt {
+    pub n: u32,
+    pub agent: String,
+    pub started_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    pub outcome: Outcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_file: Option<String>,
+}
+
+/// `assigned/X.claim.yaml`: who runs the task, since when, and everything earlier attempts left.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claim {
+    pub task_id: String,
+    pub version: u64,
+    pub host: String,
+    pub pid: u32,
+    pub boot_id: String,
+    pub instance: String,
+    pub attempt: u32,
+    pub agent: String,
+    pub started_at: String,
+    pub heartbeat_at: String,
+    #[serde(default)]
+    pub history: Vec<Attempt>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chosen_because: Option<String>,
+}
+
+/// `pending/.X.history.yaml`: what a requeued task carries back to `pending/` (hidden from the whitelist).
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct History {
+    pub task_id: String,
+    pub version: u64,
+    #[serde(default)]
+    pub attempts: Vec<Attempt>,
+    /// Do not start the next attempt before this time (retry back-off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Terminal {
+    Completed,
+    Failed,
+}
+
+impl Terminal {
+    pub fn dir_name(self) -> &'static str {
+        match self {
+            Terminal::Completed => "completed",
+            Terminal::Failed => "failed",
+        }
+    }
+}
+
+/// `completed/X_result.yaml` or `failed/X_result.yaml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskResult {
+    pub task_id: String,
+    pub status: Terminal,
+    pub version: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    pub description: String,
+    pub finished_at: String,
+    #[serde(default)]
+    pub attempts: Vec<Attempt>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diff_file: Option<String>,
+    #[serde(default)]
+    pub files_modified: Vec<String>,
+    #[serde(default)]
+    pub review_required: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub review_files: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chosen_because: Option<String>,
+}
+
+/// Serialize one of our own records. These types contain nothing serde-saphyr cannot represent.
+pub fn to_yaml<T: Serialize>(v: &T) -> String {
+    serde_saphyr::to_string(v).expect("records are plain data and always serialize")
+}
+
+/// Parse one of our own records (claims, results, histories): trusted but still budgeted.
+pub fn from_yaml<T: for<'de> Deserialize<'de>>(text: &str) -> Result<T, String> {
+    serde_saphyr::from_str_with_options(text, crate::config::yaml_options()).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whitelist() {
+        assert!(is_task_file_name("task_001.yaml"));
+        assert!(is_task_file_name("a.yml"));
+        for bad in [".x.yaml", "x.yaml.swp", "4913", "x~", ".#x.yaml", "#x.yaml#", "-x.yaml", "x.txt", ".syncthing.x.yaml.tmp"] {
+            assert!(!is_task_file_name(bad), "{bad}");
+        }
+        assert!(is_conflict_copy("t.sync-conflict-20240101-120000-ABC.yaml"));
+        assert!(is_conflict_copy("t (conflicted copy 2024-01-01).yaml"));
+        assert!(is_conflict_copy("t_conflict-20240101.yaml"));
+    }
+
+    #[test]
+    fn parse_minimal_and_full() {
+        let t = parse_task("description: hi\n", "task_9", "t.yaml").expect("valid");
+        assert_eq!(t.id, "task_9");
+        assert_eq!(t.priority(), 1);
+        let t = parse_task(
+            "id: x1\nprompt: do it\npriority: high\ndependencies: [a, b]\nsubtasks: [s1, s2]\n",
+            "file",
+            "t.yaml",
+        )
+        .expect("valid");
+        assert_eq!(t.id, "x1");
+        assert_eq!(t.priority(), 2);
+        assert_eq!(t.file.dependencies, vec!["a", "b"]);
+        let t = parse_task("description: x\npriority: 7\n", "f", "t.yaml").expect("valid");
+        assert_eq!(t.priority(), 7);
+    }
+
+    #[test]
+    fn errors_have_positions() {
+        let e = parse_task("description: x\nbogus: 1\n", "f", "t.yaml").unwrap_err();
+        assert_eq!(e.problem.line, Some(2));
+        assert!(e.message().contains("bogus"));
+        let e = parse_task("description: [x\n", "f", "t.yaml").unwrap_err();
+        assert_eq!(e.problem.line, Some(1));
+        let e = parse_task("priority: high\n", "f", "t.yaml").unwrap_err();
+        assert!(e.message().contains("description"), "{}", e.message());
+        let e = parse_task("description: x\ndescription: y\n", "f", "t.yaml").unwrap_err();
+        assert_eq!(e.problem.line, Some(2));
+        let e = parse_task("description: x\nid: ../etc\n", "f", "t.yaml").unwrap_err();
+        assert_eq!(e.problem.line, Some(2));
+        let e = parse_task("description: x\ndependencies: [f]\n", "f", "t.yaml").unwrap_err();
+        assert!(e.message().contains("itself"));
+    }
+
+    #[test]
+    fn rejects_bombs_and_markers() {
+        let bomb = "a: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]\nf: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]\ng: [*f,*f,*f,*f,*f,*f,*f,*f,*f]\ndescription: x\n";
+        assert!(parse_task(bomb, "f", "t.yaml").is_err());
+        let e = parse_task("<<<<<<< HEAD\ndescription: x\n", "f", "t.yaml").unwrap_err();
+        assert_eq!(e.problem.line, Some(1));
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let r = TaskResult {
+            task_id: "t".into(),
+            status: Terminal::Completed,
+            version: 3,
+            agent: Some("shell".into()),
+            description: "multi\nline: with colon".into(),
+            finished_at: "2026-01-01T00:00:00Z".into(),
+            attempts: vec![Attempt {
+                n: 1,
+                agent: "shell".into(),
+                started_at: "2026-01-01T00:00:00Z".into(),
+                finished_at: None,
+                duration_ms: Some(5),
+                exit_code: Some(0),
+                signal: None,
+                outcome: Outcome::Completed,
+                error: None,
+                cost_usd: None,
+                input_tokens: None,
+                output_tokens: None,
+                session_id: None,
+                log_file: None,
+            }],
+            output_file: None,
+            diff_file: None,
+            files_modified: vec!["a.txt".into()],
+            review_required: false,
+            review_files: vec![],
+            error: None,
+            chosen_because: None,
+        };
+        let back: TaskResult = from_yaml(&to_yaml(&r)).expect("round trip");
+        assert_eq!(back.description, r.description);
+        assert_eq!(back.attempts, r.attempts);
+    }
+}
