@@ -14,7 +14,7 @@ use crate::error::ConfigError;
 /// The documented default configuration (also what `orchestrate init` writes).
 pub const DEFAULT_CONFIG: &str = include_str!("../config.yaml");
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub orchestrator: OrchestratorConfig,
@@ -24,20 +24,6 @@ pub struct Config {
     pub task_queue: TaskQueueConfig,
     pub security: SecurityConfig,
     pub context: ContextConfig,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            orchestrator: OrchestratorConfig::default(),
-            database: DatabaseConfig::default(),
-            agents: BTreeMap::new(),
-            routing: RoutingConfig::default(),
-            task_queue: TaskQueueConfig::default(),
-            security: SecurityConfig::default(),
-            context: ContextConfig::default(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -284,9 +270,10 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let (text, source) = match std::fs::read_to_string(path) {
             Ok(t) => (t, path.display().to_string()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                (DEFAULT_CONFIG.to_string(), "<built-in default config>".into())
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (
+                DEFAULT_CONFIG.to_string(),
+                "<built-in default config>".into(),
+            ),
             Err(e) => {
                 return Err(ConfigError::Read {
                     path: path.display().to_string(),
@@ -305,12 +292,13 @@ impl Config {
                 .map_err(|e| ConfigError::from_yaml(source, &e))?
         };
         cfg.expand_env();
-        cfg.validate().map_err(|(key, message)| ConfigError::Invalid {
-            source_name: source.to_string(),
-            line: find_key_line(text, &key),
-            key,
-            message,
-        })?;
+        cfg.validate()
+            .map_err(|(key, message)| ConfigError::Invalid {
+                source_name: source.to_string(),
+                line: find_key_line(text, &key),
+                key,
+                message,
+            })?;
         Ok(cfg)
     }
 
@@ -335,10 +323,16 @@ impl Config {
     fn validate(&self) -> Result<(), (String, String)> {
         let o = &self.orchestrator;
         if o.max_concurrent == 0 {
-            return Err(("orchestrator.max_concurrent".into(), "must be at least 1".into()));
+            return Err((
+                "orchestrator.max_concurrent".into(),
+                "must be at least 1".into(),
+            ));
         }
         if o.rescan_seconds == 0 {
-            return Err(("orchestrator.rescan_seconds".into(), "must be at least 1".into()));
+            return Err((
+                "orchestrator.rescan_seconds".into(),
+                "must be at least 1".into(),
+            ));
         }
         if !(o.kill_grace_seconds >= 0.0 && o.kill_grace_seconds.is_finite()) {
             return Err((
@@ -370,7 +364,10 @@ impl Config {
                 ));
             }
             if a.max_instances == 0 {
-                return Err((format!("agents.{name}.max_instances"), "must be at least 1".into()));
+                return Err((
+                    format!("agents.{name}.max_instances"),
+                    "must be at least 1".into(),
+                ));
             }
             if a.kind == AgentKind::Command && a.command.is_none() {
                 return Err((
@@ -398,29 +395,45 @@ impl Config {
             if let Some(re) = &r.matches
                 && let Err(e) = regex::Regex::new(re)
             {
-                return Err((format!("routing.rules[{i}].matches"), format!("bad regex: {e}")));
+                return Err((
+                    format!("routing.rules[{i}].matches"),
+                    format!("bad regex: {e}"),
+                ));
             }
         }
         if let Some(r) = &self.routing.router
             && !known(&r.agent)
         {
-            return Err(("routing.router.agent".into(), format!("unknown agent `{}`", r.agent)));
+            return Err((
+                "routing.router.agent".into(),
+                format!("unknown agent `{}`", r.agent),
+            ));
         }
         for (i, g) in self.security.review_paths.iter().enumerate() {
             if let Err(e) = glob::Pattern::new(g) {
-                return Err((format!("security.review_paths[{i}]"), format!("bad glob: {e}")));
+                return Err((
+                    format!("security.review_paths[{i}]"),
+                    format!("bad glob: {e}"),
+                ));
             }
         }
         for (i, g) in self.context.diff_exclude.iter().enumerate() {
             if let Err(e) = glob::Pattern::new(g) {
-                return Err((format!("context.diff_exclude[{i}]"), format!("bad glob: {e}")));
+                return Err((
+                    format!("context.diff_exclude[{i}]"),
+                    format!("bad glob: {e}"),
+                ));
             }
         }
         Ok(())
     }
 
     /// Timeout for one attempt of a task on an agent: the task's own, else the agent's, else the queue's.
-    pub fn attempt_timeout(&self, task_minutes: Option<f64>, agent: &AgentConfig) -> std::time::Duration {
+    pub fn attempt_timeout(
+        &self,
+        task_minutes: Option<f64>,
+        agent: &AgentConfig,
+    ) -> std::time::Duration {
         let secs = match (task_minutes, agent.timeout_seconds) {
             (Some(m), _) => m * 60.0,
             (None, Some(s)) => s as f64,
@@ -460,7 +473,10 @@ fn find_key_line(text: &str, key: &str) -> Option<usize> {
     let mut found = None;
     for (i, line) in text.lines().enumerate() {
         let t = line.trim_start().trim_start_matches("- ");
-        if t.starts_with(&format!("{last}:")) || t.contains(&format!("{{{last}:")) || t.contains(&format!(" {last}:")) {
+        if t.starts_with(&format!("{last}:"))
+            || t.contains(&format!("{{{last}:"))
+            || t.contains(&format!(" {last}:"))
+        {
             found = Some(i + 1);
             if t.starts_with(&format!("{last}:")) {
                 break;
@@ -500,6 +516,9 @@ mod tests {
     fn expands_env_vars() {
         // SAFETY: test-only; no other thread reads this variable.
         unsafe { std::env::set_var("ORCH_TEST_VAR", "abc") };
-        assert_eq!(expand_vars("x${ORCH_TEST_VAR}y${ORCH_UNSET_VAR}z"), "xabcyz");
+        assert_eq!(
+            expand_vars("x${ORCH_TEST_VAR}y${ORCH_UNSET_VAR}z"),
+            "xabcyz"
+        );
     }
 }

@@ -18,7 +18,13 @@ pub fn set_level(name: &str, verbose: u8) {
 
 fn stamp() -> String {
     let now = time::OffsetDateTime::now_utc();
-    format!("{:02}:{:02}:{:02}.{:03}", now.hour(), now.minute(), now.second(), now.millisecond())
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        now.hour(),
+        now.minute(),
+        now.second(),
+        now.millisecond()
+    )
 }
 
 pub fn info(msg: &str) {

@@ -91,7 +91,13 @@ pub struct Layout {
 
 impl Layout {
     pub fn new(root: &Path, cfg: &Config) -> Layout {
-        let abs = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { root.join(p) };
+        let abs = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                root.join(p)
+            }
+        };
         Layout {
             root: root.to_path_buf(),
             context_dir: normalize(&abs(&cfg.orchestrator.context_dir)),
@@ -101,7 +107,9 @@ impl Layout {
     }
 
     pub fn output_path(&self, id: &str) -> PathBuf {
-        self.context_dir.join("agent_outputs").join(format!("{id}_output.md"))
+        self.context_dir
+            .join("agent_outputs")
+            .join(format!("{id}_output.md"))
     }
 
     pub fn diff_path(&self, id: &str) -> PathBuf {
@@ -109,12 +117,18 @@ impl Layout {
     }
 
     pub fn log_path(&self, id: &str, attempt: u32) -> PathBuf {
-        self.context_dir.join("logs").join(id).join(format!("attempt-{attempt}.log"))
+        self.context_dir
+            .join("logs")
+            .join(id)
+            .join(format!("attempt-{attempt}.log"))
     }
 
     /// A path relative to the project root, for records people read.
     pub fn rel(&self, p: &Path) -> String {
-        p.strip_prefix(&self.root).unwrap_or(p).display().to_string()
+        p.strip_prefix(&self.root)
+            .unwrap_or(p)
+            .display()
+            .to_string()
     }
 }
 
@@ -135,7 +149,11 @@ pub fn normalize(p: &Path) -> PathBuf {
 
 /// Resolve `rel` against `base` and require the result (symlinks followed) to stay inside one of `roots`.
 pub fn resolve_inside(base: &Path, rel: &str, roots: &[PathBuf], what: &str) -> Result<PathBuf> {
-    let joined = if Path::new(rel).is_absolute() { PathBuf::from(rel) } else { base.join(rel) };
+    let joined = if Path::new(rel).is_absolute() {
+        PathBuf::from(rel)
+    } else {
+        base.join(rel)
+    };
     let real = joined
         .canonicalize()
         .with_context(|| format!("{what} `{rel}` does not exist ({})", joined.display()))?;
@@ -150,7 +168,11 @@ pub fn resolve_inside(base: &Path, rel: &str, roots: &[PathBuf], what: &str) -> 
         "{what} `{rel}` resolves to {}, outside the allowed root{} {}",
         real.display(),
         if roots.len() > 1 { "s" } else { "" },
-        roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", ")
+        roots
+            .iter()
+            .map(|r| r.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     )
 }
 
@@ -168,15 +190,34 @@ fn read_capped(path: &Path, cap: u64) -> Result<String> {
 
 /// The workdir a task runs in, checked against `security.workspace_roots`.
 pub fn task_workdir(layout: &Layout, cfg: &Config, task: &Task) -> Result<PathBuf> {
-    let roots: Vec<PathBuf> = cfg.security.workspace_roots.iter().map(|r| layout.root.join(r)).collect();
-    resolve_inside(&layout.root, task.file.workdir.as_deref().unwrap_or("."), &roots, "workdir")
+    let roots: Vec<PathBuf> = cfg
+        .security
+        .workspace_roots
+        .iter()
+        .map(|r| layout.root.join(r))
+        .collect();
+    resolve_inside(
+        &layout.root,
+        task.file.workdir.as_deref().unwrap_or("."),
+        &roots,
+        "workdir",
+    )
 }
 
 /// Build the prompt for one attempt.
-pub fn build_prompt(layout: &Layout, cfg: &Config, task: &Task, previous: &[Attempt]) -> Result<String> {
+pub fn build_prompt(
+    layout: &Layout,
+    cfg: &Config,
+    task: &Task,
+    previous: &[Attempt],
+) -> Result<String> {
     let cap = cfg.context.max_context_file_bytes;
     let mut p = String::new();
-    p.push_str(&format!("# Task {}\n\n{}\n", task.id, task.file.description.trim_end()));
+    p.push_str(&format!(
+        "# Task {}\n\n{}\n",
+        task.id,
+        task.file.description.trim_end()
+    ));
     let overview = layout.context_dir.join("project_overview.md");
     if let Ok(text) = read_capped(&overview, cap)
         && !text.trim().is_empty()
@@ -193,7 +234,10 @@ pub fn build_prompt(layout: &Layout, cfg: &Config, task: &Task, previous: &[Atte
         if i == 0 {
             p.push_str("\n## Context files\n");
         }
-        p.push_str(&format!("\n### {rel}\n\n```\n{}\n```\n", read_capped(&path, cap)?.trim_end()));
+        p.push_str(&format!(
+            "\n### {rel}\n\n```\n{}\n```\n",
+            read_capped(&path, cap)?.trim_end()
+        ));
     }
     let mut first = true;
     for dep in &task.file.dependencies {
@@ -205,7 +249,10 @@ pub fn build_prompt(layout: &Layout, cfg: &Config, task: &Task, previous: &[Atte
             p.push_str(&format!("\n### {dep}\n\n{}\n", text.trim_end()));
         }
     }
-    let failed: Vec<&Attempt> = previous.iter().filter(|a| a.outcome.counts_as_failure()).collect();
+    let failed: Vec<&Attempt> = previous
+        .iter()
+        .filter(|a| a.outcome.counts_as_failure())
+        .collect();
     if !failed.is_empty() {
         p.push_str("\n## Earlier attempts at this task failed\n\n");
         for a in failed {
@@ -214,7 +261,10 @@ pub fn build_prompt(layout: &Layout, cfg: &Config, task: &Task, previous: &[Atte
                 a.n,
                 a.agent,
                 a.outcome.as_str(),
-                a.error.as_deref().map(|e| format!(": {}", first_line(e, 300))).unwrap_or_default()
+                a.error
+                    .as_deref()
+                    .map(|e| format!(": {}", first_line(e, 300)))
+                    .unwrap_or_default()
             ));
         }
     }
@@ -296,8 +346,17 @@ impl Snapshot {
     pub fn take(root: &Path, layout: &Layout, cfg: &Config) -> Snapshot {
         use std::os::unix::fs::MetadataExt;
         let excludes = Excludes {
-            names: cfg.context.diff_exclude.iter().filter_map(|g| glob::Pattern::new(g).ok()).collect(),
-            paths: vec![layout.tasks_dir.clone(), layout.context_dir.clone(), layout.state_dir.clone()],
+            names: cfg
+                .context
+                .diff_exclude
+                .iter()
+                .filter_map(|g| glob::Pattern::new(g).ok())
+                .collect(),
+            paths: vec![
+                layout.tasks_dir.clone(),
+                layout.context_dir.clone(),
+                layout.state_dir.clone(),
+            ],
         };
         let max_file = cfg.context.max_diff_file_bytes;
         let mut budget = cfg.context.max_snapshot_bytes;
@@ -305,7 +364,9 @@ impl Snapshot {
         for (rel, m, ns) in walk(root, &excludes) {
             let symlink = m.file_type().is_symlink();
             let content = if symlink {
-                std::fs::read_link(root.join(&rel)).ok().map(|t| Arc::new(t.as_os_str().as_encoded_bytes().to_vec()))
+                std::fs::read_link(root.join(&rel))
+                    .ok()
+                    .map(|t| Arc::new(t.as_os_str().as_encoded_bytes().to_vec()))
             } else if m.len() <= max_file && m.len() <= budget {
                 std::fs::read(root.join(&rel)).ok().map(|c| {
                     budget -= (c.len() as u64).min(budget);
@@ -314,9 +375,23 @@ impl Snapshot {
             } else {
                 None
             };
-            files.insert(rel, FileState { size: m.len(), mtime_ns: ns, ino: m.ino(), content, symlink });
+            files.insert(
+                rel,
+                FileState {
+                    size: m.len(),
+                    mtime_ns: ns,
+                    ino: m.ino(),
+                    content,
+                    symlink,
+                },
+            );
         }
-        Snapshot { root: root.to_path_buf(), files, excludes, max_file }
+        Snapshot {
+            root: root.to_path_buf(),
+            files,
+            excludes,
+            max_file,
+        }
     }
 
     /// Compare with the tree now: a unified diff and the list of changed paths.
@@ -349,7 +424,10 @@ impl Snapshot {
             let (old, new): (Option<Vec<u8>>, Option<Vec<u8>>) = match &change {
                 Change::Added => (Some(vec![]), read_new(&new_path, self.max_file)),
                 Change::Deleted(o) => (o.content.as_deref().cloned(), Some(vec![])),
-                Change::Modified(o) => (o.content.as_deref().cloned(), read_new(&new_path, self.max_file)),
+                Change::Modified(o) => (
+                    o.content.as_deref().cloned(),
+                    read_new(&new_path, self.max_file),
+                ),
             };
             // mtime moved but content is identical (touched, or rewritten unchanged): not a change.
             if let (Some(a), Some(b)) = (&old, &new)
@@ -373,7 +451,12 @@ impl Snapshot {
                     let (a, b) = (String::from_utf8_lossy(&a), String::from_utf8_lossy(&b));
                     let d = similar::TextDiff::from_lines(a.as_ref(), b.as_ref());
                     text.push_str(&format!("diff --orchestrate {a_name} {b_name}\n"));
-                    text.push_str(&d.unified_diff().context_radius(3).header(&a_name, &b_name).to_string());
+                    text.push_str(
+                        &d.unified_diff()
+                            .context_radius(3)
+                            .header(&a_name, &b_name)
+                            .to_string(),
+                    );
                     if !text.ends_with('\n') {
                         text.push('\n');
                     }
@@ -408,7 +491,9 @@ enum Change {
 fn read_new(path: &Path, max: u64) -> Option<Vec<u8>> {
     let m = std::fs::symlink_metadata(path).ok()?;
     if m.file_type().is_symlink() {
-        return std::fs::read_link(path).ok().map(|t| t.as_os_str().as_encoded_bytes().to_vec());
+        return std::fs::read_link(path)
+            .ok()
+            .map(|t| t.as_os_str().as_encoded_bytes().to_vec());
     }
     if m.len() > max {
         return None;
@@ -427,13 +512,25 @@ pub struct DiffResult {
 
 /// Files in `files` that match a `security.review_paths` glob.
 pub fn review_matches(cfg: &Config, files: &[String]) -> Vec<String> {
-    let pats: Vec<glob::Pattern> = cfg.security.review_paths.iter().filter_map(|g| glob::Pattern::new(g).ok()).collect();
-    let opts = glob::MatchOptions { require_literal_separator: false, ..Default::default() };
+    let pats: Vec<glob::Pattern> = cfg
+        .security
+        .review_paths
+        .iter()
+        .filter_map(|g| glob::Pattern::new(g).ok())
+        .collect();
+    let opts = glob::MatchOptions {
+        require_literal_separator: false,
+        ..Default::default()
+    };
     files
         .iter()
         .filter(|f| {
-            let base = Path::new(f).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            pats.iter().any(|p| p.matches_with(f, opts) || p.matches(&base))
+            let base = Path::new(f)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            pats.iter()
+                .any(|p| p.matches_with(f, opts) || p.matches(&base))
         })
         .cloned()
         .collect()
@@ -447,7 +544,12 @@ pub struct OutputHeader<'a> {
     pub exit: String,
 }
 
-pub fn write_output(layout: &Layout, h: &OutputHeader, text: &str, redactor: &Redactor) -> Result<PathBuf> {
+pub fn write_output(
+    layout: &Layout,
+    h: &OutputHeader,
+    text: &str,
+    redactor: &Redactor,
+) -> Result<PathBuf> {
     let path = layout.output_path(&h.task.id);
     let title = first_line(&h.task.file.description, 120);
     let body = format!(
@@ -532,7 +634,9 @@ mod tests {
 
     #[test]
     fn redacts_longest_first() {
-        let r = Redactor { secrets: vec!["abcdef".into(), "abcd".into()] };
+        let r = Redactor {
+            secrets: vec!["abcdef".into(), "abcd".into()],
+        };
         assert_eq!(r.redact("x abcdef abcd y"), "x *** *** y");
         assert_eq!(r.redact_bytes(b"\xffabcd"), b"\xff***".to_vec());
     }
@@ -552,7 +656,8 @@ mod tests {
         assert!(resolve_inside(&root, "sub", &roots, "workdir").is_ok());
         let e = resolve_inside(&root, "../secret.txt", &roots, "context file").unwrap_err();
         assert!(e.to_string().contains("outside"), "{e}");
-        std::os::unix::fs::symlink(dir.path().join("secret.txt"), root.join("link")).expect("symlink");
+        std::os::unix::fs::symlink(dir.path().join("secret.txt"), root.join("link"))
+            .expect("symlink");
         assert!(resolve_inside(&root, "link", &roots, "context file").is_err());
     }
 }

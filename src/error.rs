@@ -23,11 +23,9 @@ impl YamlProblem {
         let first = full.lines().next().unwrap_or_default();
         // serde-saphyr prefixes "error: line L column C: "; we print the location ourselves.
         let message = match first.find(": ") {
-            Some(_) if first.starts_with("error: line ") => first
-                .splitn(3, ": ")
-                .nth(2)
-                .unwrap_or(first)
-                .to_string(),
+            Some(_) if first.starts_with("error: line ") => {
+                first.splitn(3, ": ").nth(2).unwrap_or(first).to_string()
+            }
             _ => first.to_string(),
         };
         let excerpt = full

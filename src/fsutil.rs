@@ -45,10 +45,7 @@ fn tmp_name(target: &Path) -> PathBuf {
 pub fn atomic_write(target: &Path, data: &[u8]) -> io::Result<()> {
     let tmp = tmp_name(target);
     let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)?;
+        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
         f.write_all(data)?;
         if durable() {
             f.sync_all()?;
@@ -71,17 +68,10 @@ pub fn atomic_write(target: &Path, data: &[u8]) -> io::Result<()> {
 pub fn atomic_create(dir: &Path, name: &str, data: &[u8]) -> io::Result<bool> {
     let target = dir.join(name);
     let tmp = tmp_name(&target);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)?;
-    let written = f.write_all(data).and_then(|_| {
-        if durable() {
-            f.sync_all()
-        } else {
-            Ok(())
-        }
-    });
+    let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+    let written = f
+        .write_all(data)
+        .and_then(|_| if durable() { f.sync_all() } else { Ok(()) });
     drop(f);
     if let Err(e) = written {
         let _ = fs::remove_file(&tmp);
@@ -167,7 +157,9 @@ pub fn now_rfc3339() -> String {
 }
 
 pub fn fmt_time(t: time::OffsetDateTime) -> String {
-    let t = t.replace_nanosecond(t.millisecond() as u32 * 1_000_000).unwrap_or(t);
+    let t = t
+        .replace_nanosecond(t.millisecond() as u32 * 1_000_000)
+        .unwrap_or(t);
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| t.unix_timestamp().to_string())
 }

@@ -3,6 +3,9 @@
 //! Data flows one way: `watch` → `spool` → `scheduler` → `process`/`agents` → `context` → `spool` →
 //! `mirror`. The files are the truth; the mirror can be rebuilt from them at any time.
 
+// Unit tests may unwrap: a panic is exactly how a test should fail.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod agents;
 pub mod cli;
 pub mod config;

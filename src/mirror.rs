@@ -110,14 +110,34 @@ pub struct TaskRow {
     pub note: Option<String>,
 }
 
+// Ops move through a channel one at a time; boxing the large variant would add an allocation per
+// transition and save nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Op {
-    Upsert { row: TaskRow, attempts: Vec<Attempt> },
-    Note { id: String, note: Option<String> },
+    Upsert {
+        row: TaskRow,
+        attempts: Vec<Attempt>,
+    },
+    Note {
+        id: String,
+        note: Option<String>,
+    },
     Delete(String),
-    Supervisor { instance: String, pid: u32, started_at: String, heartbeat_at: String, alive: bool },
+    Supervisor {
+        instance: String,
+        pid: u32,
+        started_at: String,
+        heartbeat_at: String,
+        alive: bool,
+    },
     Flush(mpsc::Sender<()>),
     /// Run the reconciler on the writer's connection, so it is serialised with every other write.
-    Reconcile { spool: Box<Spool>, max_task_bytes: u64, rebuild: bool, reply: Option<mpsc::Sender<Result<ReconcileReport, String>>> },
+    Reconcile {
+        spool: Box<Spool>,
+        max_task_bytes: u64,
+        rebuild: bool,
+        reply: Option<mpsc::Sender<Result<ReconcileReport, String>>>,
+    },
 }
 
 pub fn open(path: &Path) -> Result<Connection> {
@@ -180,7 +200,13 @@ pub fn apply(conn: &mut Connection, host: &str, ops: &mut Vec<Op>) -> Result<usi
                     if changed == 0 {
                         continue;
                     }
-                    events += event.execute(params![host, row.id, row.version as i64, row.state, row.updated_at])?;
+                    events += event.execute(params![
+                        host,
+                        row.id,
+                        row.version as i64,
+                        row.state,
+                        row.updated_at
+                    ])?;
                     for a in &attempts {
                         attempt.execute(params![
                             row.id,
@@ -198,13 +224,22 @@ pub fn apply(conn: &mut Connection, host: &str, ops: &mut Vec<Op>) -> Result<usi
                     }
                 }
                 Op::Note { id, note } => {
-                    tx.execute("UPDATE tasks SET note = ?2 WHERE id = ?1", params![id, note])?;
+                    tx.execute(
+                        "UPDATE tasks SET note = ?2 WHERE id = ?1",
+                        params![id, note],
+                    )?;
                 }
                 Op::Delete(id) => {
                     tx.execute("DELETE FROM tasks WHERE id = ?1", params![id])?;
                     tx.execute("DELETE FROM attempts WHERE task_id = ?1", params![id])?;
                 }
-                Op::Supervisor { instance, pid, started_at, heartbeat_at, alive } => {
+                Op::Supervisor {
+                    instance,
+                    pid,
+                    started_at,
+                    heartbeat_at,
+                    alive,
+                } => {
                     if alive {
                         tx.execute(
                             "INSERT INTO supervisors(host, instance, pid, started_at, heartbeat_at) VALUES(?1, ?2, ?3, ?4, ?5)
@@ -212,12 +247,17 @@ pub fn apply(conn: &mut Connection, host: &str, ops: &mut Vec<Op>) -> Result<usi
                             params![host, instance, pid, started_at, heartbeat_at],
                         )?;
                     } else {
-                        tx.execute("DELETE FROM supervisors WHERE instance = ?1", params![instance])?;
+                        tx.execute(
+                            "DELETE FROM supervisors WHERE instance = ?1",
+                            params![instance],
+                        )?;
                     }
                 }
                 // Answered once the commit holding everything sent before them is durable.
                 Op::Flush(reply) => replies.push(reply),
-                Op::Reconcile { .. } => unreachable!("the writer thread runs reconciles outside batches"),
+                Op::Reconcile { .. } => {
+                    unreachable!("the writer thread runs reconciles outside batches")
+                }
             }
         }
     }
@@ -256,9 +296,16 @@ impl Writer {
                     // Reconciles split the batch: what came before is committed first.
                     let mut ops = Vec::new();
                     for op in batch.drain(..) {
-                        if let Op::Reconcile { spool, max_task_bytes, rebuild, reply } = op {
+                        if let Op::Reconcile {
+                            spool,
+                            max_task_bytes,
+                            rebuild,
+                            reply,
+                        } = op
+                        {
                             commit_with_retries(&mut conn, &host, &mut ops);
-                            let r = reconcile(&mut conn, &spool, &host, max_task_bytes, rebuild).map_err(|e| format!("{e:#}"));
+                            let r = reconcile(&mut conn, &spool, &host, max_task_bytes, rebuild)
+                                .map_err(|e| format!("{e:#}"));
                             if let Err(e) = &r {
                                 crate::console::warn(&format!("mirror: reconcile failed: {e}"));
                             }
@@ -276,15 +323,31 @@ impl Writer {
     }
 
     /// Reconcile with the tree on the writer's connection and wait for it (bounded).
-    pub fn reconcile(&self, spool: &Spool, max_task_bytes: u64, rebuild: bool) -> Result<ReconcileReport, String> {
+    pub fn reconcile(
+        &self,
+        spool: &Spool,
+        max_task_bytes: u64,
+        rebuild: bool,
+    ) -> Result<ReconcileReport, String> {
         let (tx, rx) = mpsc::channel();
-        self.send(Op::Reconcile { spool: Box::new(spool.clone()), max_task_bytes, rebuild, reply: Some(tx) });
-        rx.recv_timeout(Duration::from_secs(600)).map_err(|_| "mirror writer did not answer".to_string())?
+        self.send(Op::Reconcile {
+            spool: Box::new(spool.clone()),
+            max_task_bytes,
+            rebuild,
+            reply: Some(tx),
+        });
+        rx.recv_timeout(Duration::from_secs(600))
+            .map_err(|_| "mirror writer did not answer".to_string())?
     }
 
     /// Ask for a reconcile without waiting for it.
     pub fn reconcile_later(&self, spool: &Spool, max_task_bytes: u64) {
-        self.send(Op::Reconcile { spool: Box::new(spool.clone()), max_task_bytes, rebuild: false, reply: None });
+        self.send(Op::Reconcile {
+            spool: Box::new(spool.clone()),
+            max_task_bytes,
+            rebuild: false,
+            reply: None,
+        });
     }
 
     pub fn send(&self, op: Op) {
@@ -323,10 +386,22 @@ fn commit_with_retries(conn: &mut Connection, host: &str, ops: &mut Vec<Op>) {
 /// Copy of an op for a retry (flush replies are not retried: the sender was answered or gave up).
 fn clone_op(op: &Op) -> Option<Op> {
     match op {
-        Op::Upsert { row, attempts } => Some(Op::Upsert { row: row.clone(), attempts: attempts.clone() }),
-        Op::Note { id, note } => Some(Op::Note { id: id.clone(), note: note.clone() }),
+        Op::Upsert { row, attempts } => Some(Op::Upsert {
+            row: row.clone(),
+            attempts: attempts.clone(),
+        }),
+        Op::Note { id, note } => Some(Op::Note {
+            id: id.clone(),
+            note: note.clone(),
+        }),
         Op::Delete(id) => Some(Op::Delete(id.clone())),
-        Op::Supervisor { instance, pid, started_at, heartbeat_at, alive } => Some(Op::Supervisor {
+        Op::Supervisor {
+            instance,
+            pid,
+            started_at,
+            heartbeat_at,
+            alive,
+        } => Some(Op::Supervisor {
             instance: instance.clone(),
             pid: *pid,
             started_at: started_at.clone(),
@@ -343,7 +418,12 @@ fn place_state(place: Place) -> &'static str {
 }
 
 /// A mirror row for a parsed pending task.
-pub fn pending_row(spool: &Spool, task: &Task, file: &Path, history: Option<&task::History>) -> TaskRow {
+pub fn pending_row(
+    spool: &Spool,
+    task: &Task,
+    file: &Path,
+    history: Option<&task::History>,
+) -> TaskRow {
     TaskRow {
         id: task.id.clone(),
         version: history.map(|h| h.version).unwrap_or(1),
@@ -378,7 +458,10 @@ pub fn running_row(spool: &Spool, task: &Task, claim: &task::Claim) -> TaskRow {
             task_type: task.file.task_type.clone(),
             dependencies: task.file.dependencies.clone(),
             parent: task.file.parent.clone(),
-            file: rel_to(&spool.tasks_dir, &spool.task_path(Place::Assigned, &task.id)),
+            file: rel_to(
+                &spool.tasks_dir,
+                &spool.task_path(Place::Assigned, &task.id),
+            ),
             attempts: claim.attempt,
             started_at: Some(claim.started_at.clone()),
             owner: Some(format!("{} pid {}", claim.host, claim.pid)),
@@ -400,7 +483,9 @@ pub fn terminal_row(spool: &Spool, result: &TaskResult, task: Option<&Task>) -> 
             description: result.description.clone(),
             priority: task.map(Task::priority).unwrap_or(1),
             task_type: task.and_then(|t| t.file.task_type.clone()),
-            dependencies: task.map(|t| t.file.dependencies.clone()).unwrap_or_default(),
+            dependencies: task
+                .map(|t| t.file.dependencies.clone())
+                .unwrap_or_default(),
             parent: task.and_then(|t| t.file.parent.clone()),
             file: rel_to(&spool.tasks_dir, &spool.task_path(place, &result.task_id)),
             attempts: result.attempts.len() as u32,
@@ -422,7 +507,10 @@ pub fn terminal_row(spool: &Spool, result: &TaskResult, task: Option<&Task>) -> 
 
 /// A row for a file rejected as invalid (no result file, an `.error.txt` beside it).
 pub fn rejected_row(spool: &Spool, file: &Path, error: &str) -> TaskRow {
-    let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     TaskRow {
         id: task::file_stem(&name).to_string(),
         // Above any pending version a file of that name might have had: rejection is final.
@@ -444,13 +532,19 @@ pub fn rel_to(base: &Path, p: &Path) -> String {
     p.strip_prefix(base).unwrap_or(p).display().to_string()
 }
 
+/// Rows read from the tree with their attempts, and every id present in the tree.
+pub type TreeRows = (Vec<(TaskRow, Vec<Attempt>)>, std::collections::HashSet<String>);
+
+/// One attempt as the mirror lists it: (n, agent, started_at, finished_at, outcome, exit_code).
+pub type AttemptLine = (u32, String, String, Option<String>, String, Option<i32>);
+
 /// Rows for everything in the tree, read from the files. `known` holds the mirror's current
 /// (state, version, file) per id; rows whose state and file already match are skipped unread.
 pub fn rows_from_tree(
     spool: &Spool,
     max_task_bytes: u64,
     known: &HashMap<String, (String, u64, String)>,
-) -> Result<(Vec<(TaskRow, Vec<Attempt>)>, std::collections::HashSet<String>)> {
+) -> Result<TreeRows> {
     let mut rows = Vec::new();
     let mut present = std::collections::HashSet::new();
     let pending_files: HashMap<&str, &str> = known
@@ -459,14 +553,26 @@ pub fn rows_from_tree(
         .map(|(id, (_, _, f))| (f.as_str(), id.as_str()))
         .collect();
     let matches = |id: &str, state: &str, file: &str| {
-        known.get(id).is_some_and(|(s, _, f)| s == state && f == file)
+        known
+            .get(id)
+            .is_some_and(|(s, _, f)| s == state && f == file)
     };
-    for place in [Place::Pending, Place::Assigned, Place::Completed, Place::Failed] {
+    for place in [
+        Place::Pending,
+        Place::Assigned,
+        Place::Completed,
+        Place::Failed,
+    ] {
         let dir = spool.dir(place);
-        let Ok(rd) = std::fs::read_dir(dir) else { continue };
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            continue;
+        };
         for entry in rd.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if !task::is_task_file_name(&name) || name.ends_with("_result.yaml") || name.ends_with(".claim.yaml") {
+            if !task::is_task_file_name(&name)
+                || name.ends_with("_result.yaml")
+                || name.ends_with(".claim.yaml")
+            {
                 continue;
             }
             let path = entry.path();
@@ -493,7 +599,9 @@ pub fn rows_from_tree(
                     if matches(&stem, place_state(place), &rel) {
                         continue;
                     }
-                    if let (Ok((t, _)), Some(c)) = (task::read_task(&path, u64::MAX), spool.read_claim(&stem)) {
+                    if let (Ok((t, _)), Some(c)) =
+                        (task::read_task(&path, u64::MAX), spool.read_claim(&stem))
+                    {
                         let mut attempts = c.history.clone();
                         attempts.push(running_attempt(&c));
                         rows.push((running_row(spool, &t, &c), attempts));
@@ -504,12 +612,17 @@ pub fn rows_from_tree(
                     if matches(&stem, place_state(place), &rel) {
                         continue;
                     }
-                    let t = if place == Place::Completed { Terminal::Completed } else { Terminal::Failed };
+                    let t = if place == Place::Completed {
+                        Terminal::Completed
+                    } else {
+                        Terminal::Failed
+                    };
                     if let Some(r) = spool.read_result(t, &stem) {
                         let task = task::read_task(&path, u64::MAX).ok().map(|(t, _)| t);
                         rows.push((terminal_row(spool, &r, task.as_ref()), r.attempts.clone()));
                     } else if place == Place::Failed {
-                        let err = std::fs::read_to_string(crate::spool::error_path(&path)).unwrap_or_default();
+                        let err = std::fs::read_to_string(crate::spool::error_path(&path))
+                            .unwrap_or_default();
                         rows.push((rejected_row(spool, &path, &err), vec![]));
                     }
                 }
@@ -540,13 +653,22 @@ pub fn running_attempt(c: &task::Claim) -> Attempt {
 }
 
 /// Bring the mirror in line with the tree. With `rebuild`, start from empty tables.
-pub fn reconcile(conn: &mut Connection, spool: &Spool, host: &str, max_task_bytes: u64, rebuild: bool) -> Result<ReconcileReport> {
+pub fn reconcile(
+    conn: &mut Connection,
+    spool: &Spool,
+    host: &str,
+    max_task_bytes: u64,
+    rebuild: bool,
+) -> Result<ReconcileReport> {
     if rebuild {
         conn.execute_batch("DELETE FROM tasks; DELETE FROM attempts;")?;
     }
     let known = known_rows(conn)?;
     let (rows, present) = rows_from_tree(spool, max_task_bytes, &known)?;
-    let mut report = ReconcileReport { upserted: rows.len(), deleted: 0 };
+    let mut report = ReconcileReport {
+        upserted: rows.len(),
+        deleted: 0,
+    };
     let mut ops: Vec<Op> = Vec::new();
     for (row, attempts) in rows {
         // Rows read from the tree must win over whatever the mirror holds, even at an equal or lower
@@ -573,9 +695,17 @@ pub struct ReconcileReport {
 }
 
 fn known_rows(conn: &Connection) -> Result<HashMap<String, (String, u64, String)>> {
-    let mut stmt = conn.prepare("SELECT id, state, version, json_extract(payload, '$.file') FROM tasks")?;
+    let mut stmt =
+        conn.prepare("SELECT id, state, version, json_extract(payload, '$.file') FROM tasks")?;
     let rows = stmt.query_map([], |r| {
-        Ok((r.get::<_, String>(0)?, (r.get::<_, String>(1)?, r.get::<_, i64>(2)? as u64, r.get::<_, Option<String>>(3)?.unwrap_or_default())))
+        Ok((
+            r.get::<_, String>(0)?,
+            (
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)? as u64,
+                r.get::<_, Option<String>>(3)?.unwrap_or_default(),
+            ),
+        ))
     })?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
@@ -600,7 +730,8 @@ pub fn list(conn: &Connection, state: Option<&str>) -> Result<Vec<TaskRow>> {
     let mut out = Vec::new();
     match state {
         Some(s) => {
-            let mut stmt = conn.prepare(&format!("{sql} WHERE state = ?1 ORDER BY updated_at, id"))?;
+            let mut stmt =
+                conn.prepare(&format!("{sql} WHERE state = ?1 ORDER BY updated_at, id"))?;
             for r in stmt.query_map([s], row_from_sql)? {
                 out.push(r?);
             }
@@ -626,8 +757,11 @@ pub fn get(conn: &Connection, id: &str) -> Result<Option<TaskRow>> {
 }
 
 pub fn counts(conn: &Connection) -> Result<Vec<(String, usize)>> {
-    let mut stmt = conn.prepare("SELECT state, count(*) FROM tasks GROUP BY state ORDER BY state")?;
-    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as usize)))?;
+    let mut stmt =
+        conn.prepare("SELECT state, count(*) FROM tasks GROUP BY state ORDER BY state")?;
+    let rows = stmt.query_map([], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as usize))
+    })?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
@@ -699,7 +833,9 @@ pub struct SupervisorRow {
 }
 
 pub fn supervisors(conn: &Connection) -> Result<Vec<SupervisorRow>> {
-    let mut stmt = conn.prepare("SELECT host, instance, pid, started_at, heartbeat_at FROM supervisors ORDER BY started_at")?;
+    let mut stmt = conn.prepare(
+        "SELECT host, instance, pid, started_at, heartbeat_at FROM supervisors ORDER BY started_at",
+    )?;
     let rows = stmt.query_map([], |r| {
         Ok(SupervisorRow {
             host: r.get(0)?,
@@ -712,10 +848,22 @@ pub fn supervisors(conn: &Connection) -> Result<Vec<SupervisorRow>> {
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
-pub fn attempts_of(conn: &Connection, id: &str) -> Result<Vec<(u32, String, String, Option<String>, String, Option<i32>)>> {
+pub fn attempts_of(
+    conn: &Connection,
+    id: &str,
+) -> Result<Vec<AttemptLine>> {
     let mut stmt = conn.prepare(
         "SELECT n, agent, started_at, finished_at, outcome, exit_code FROM attempts WHERE task_id = ?1 ORDER BY n",
     )?;
-    let rows = stmt.query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))?;
+    let rows = stmt.query_map([id], |r| {
+        Ok((
+            r.get(0)?,
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get(4)?,
+            r.get(5)?,
+        ))
+    })?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }

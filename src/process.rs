@@ -88,7 +88,13 @@ impl HeadTail {
     }
 
     fn with(head_keep: usize, tail_keep: usize) -> Self {
-        HeadTail { head_keep, tail_keep, head: Vec::new(), tail: Default::default(), dropped: 0 }
+        HeadTail {
+            head_keep,
+            tail_keep,
+            head: Vec::new(),
+            tail: Default::default(),
+            dropped: 0,
+        }
     }
 
     fn push(&mut self, mut data: &[u8]) {
@@ -166,9 +172,9 @@ impl LogSink {
             self.tail.push(&rest[n..]);
         }
         let dropped = self.tail.dropped;
-        let tail = self
-            .tail
-            .into_bytes(|d| format!("\n[orchestrate: {d} bytes of output dropped here (log cap)]\n"));
+        let tail = self.tail.into_bytes(|d| {
+            format!("\n[orchestrate: {d} bytes of output dropped here (log cap)]\n")
+        });
         let _ = self.file.write_all(&tail);
         let _ = self.file.flush();
         (self.total, dropped)
@@ -185,8 +191,13 @@ async fn drain<R: AsyncRead + Unpin>(
         match r.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                sink.lock().expect("log sink lock is never poisoned: no panics inside").write(&buf[..n]);
-                capture.lock().expect("capture lock is never poisoned").push(&buf[..n]);
+                sink.lock()
+                    .expect("log sink lock is never poisoned: no panics inside")
+                    .write(&buf[..n]);
+                capture
+                    .lock()
+                    .expect("capture lock is never poisoned")
+                    .push(&buf[..n]);
             }
         }
     }
@@ -212,7 +223,10 @@ pub async fn run(spec: Spec, mut stop: watch::Receiver<Option<Stop>>) -> Exit {
     let file = match std::fs::File::create(&spec.log_path) {
         Ok(f) => f,
         Err(e) => {
-            exit.spawn_error = Some(format!("cannot create log {}: {e}", spec.log_path.display()));
+            exit.spawn_error = Some(format!(
+                "cannot create log {}: {e}",
+                spec.log_path.display()
+            ));
             return exit;
         }
     };
@@ -221,7 +235,7 @@ pub async fn run(spec: Spec, mut stop: watch::Receiver<Option<Stop>>) -> Exit {
         file,
         written: 0,
         head_cap: half,
-        tail: HeadTail::new(half as usize),
+        tail: HeadTail::with(0, half as usize),
         total: 0,
         pending_line: Vec::new(),
         redactor: spec.redactor.clone(),
@@ -232,7 +246,11 @@ pub async fn run(spec: Spec, mut stop: watch::Receiver<Option<Stop>>) -> Exit {
         .current_dir(&spec.cwd)
         .env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .stdin(if spec.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if spec.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
@@ -332,7 +350,9 @@ pub async fn run(spec: Spec, mut stop: watch::Receiver<Option<Stop>>) -> Exit {
     let out = out.into_bytes(|d| format!("\n[... {d} bytes of output omitted ...]\n"));
     exit.stdout = spec.redactor.redact(&String::from_utf8_lossy(&out));
     let err = std::mem::replace(&mut *err_cap.lock().expect("lock"), HeadTail::new(0));
-    exit.stderr_tail = spec.redactor.redact(&String::from_utf8_lossy(&err.into_bytes(|_| String::new())));
+    exit.stderr_tail = spec
+        .redactor
+        .redact(&String::from_utf8_lossy(&err.into_bytes(|_| String::new())));
     // Every drain task has ended or been aborted, so this is the last reference.
     match Arc::try_unwrap(sink) {
         Ok(s) => {
@@ -353,8 +373,54 @@ pub async fn run(spec: Spec, mut stop: watch::Receiver<Option<Stop>>) -> Exit {
     exit
 }
 
+/// Environment variable every agent process carries, naming the claim it runs for. Descendants
+/// inherit it, so after a supervisor crash recovery can find and kill what that attempt left running
+/// before the task is requeued: a task never runs twice at the same time.
+pub const RUN_MARKER: &str = "ORCHESTRATE_RUN";
+
+pub fn run_marker(instance: &str, task_id: &str, attempt: u32) -> String {
+    format!("{instance}/{task_id}/{attempt}")
+}
+
+/// SIGKILL every process (of ours) whose environment carries `ORCHESTRATE_RUN=<marker>`, and its
+/// process group. Returns how many were found.
+pub fn kill_marked(marker: &str) -> usize {
+    let needle = format!("{RUN_MARKER}={marker}");
+    let me = std::process::id();
+    let mut found = 0;
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        if env.split(|&b| b == 0).any(|kv| kv == needle.as_bytes()) {
+            found += 1;
+            // SAFETY: signalling a process (and its group) that carries our marker.
+            unsafe {
+                let pgid = libc::getpgid(pid as i32);
+                if pgid > 1 && pgid as u32 == pid {
+                    libc::killpg(pgid, libc::SIGKILL);
+                }
+                libc::kill(pid as i32, libc::SIGKILL);
+            }
+        }
+    }
+    found
+}
+
 /// Build the environment from the allow-list, plus the agent's own variables.
-pub fn build_env(allow: &[String], extra: &std::collections::BTreeMap<String, String>) -> Vec<(String, String)> {
+pub fn build_env(
+    allow: &[String],
+    extra: &std::collections::BTreeMap<String, String>,
+) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = allow
         .iter()
         .filter_map(|k| std::env::var(k).ok().map(|v| (k.clone(), v)))
@@ -370,12 +436,16 @@ pub fn build_env(allow: &[String], extra: &std::collections::BTreeMap<String, St
 pub fn find_program(program: &str) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let is_exec = |p: &std::path::Path| {
-        std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+        std::fs::metadata(p)
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
     };
     if program.contains('/') {
         let p = PathBuf::from(program);
         return is_exec(&p).then_some(p);
     }
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join(program)).find(|p| is_exec(p))
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| is_exec(p))
 }

@@ -41,7 +41,9 @@ impl Pending {
         if self.task.file.subtasks.is_empty() {
             self.task.file.dependencies.clone()
         } else {
-            (1..=self.task.file.subtasks.len()).map(|i| subtask_id(&self.task.id, i)).collect()
+            (1..=self.task.file.subtasks.len())
+                .map(|i| subtask_id(&self.task.id, i))
+                .collect()
         }
     }
 }
@@ -63,7 +65,10 @@ pub enum DepState {
 /// What to do with one pending task now.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
-    Run { agent: String, because: String },
+    Run {
+        agent: String,
+        because: String,
+    },
     /// All children of a subtask parent completed: finish it without an agent.
     CompleteParent,
     Fail(String),
@@ -83,7 +88,10 @@ impl Default for Scheduler {
 
 impl Scheduler {
     pub fn new() -> Self {
-        Scheduler { pending: HashMap::new(), next_seq: 0 }
+        Scheduler {
+            pending: HashMap::new(),
+            next_seq: 0,
+        }
     }
 
     pub fn next_seq(&mut self) -> u64 {
@@ -99,7 +107,11 @@ impl Scheduler {
             .iter()
             .map(|(id, p)| {
                 let waited = now.saturating_duration_since(p.enqueued).as_secs_f64();
-                let boost = if aging > 0.0 { (waited / aging) as i64 } else { 0 };
+                let boost = if aging > 0.0 {
+                    (waited / aging) as i64
+                } else {
+                    0
+                };
                 (p.task.priority() + boost, p.seq, id)
             })
             .collect();
@@ -119,7 +131,8 @@ impl Scheduler {
             if colour.contains_key(start.as_str()) {
                 continue;
             }
-            let mut stack: Vec<(&str, Vec<String>, usize)> = vec![(start, self.pending[start].waits_for(), 0)];
+            let mut stack: Vec<(&str, Vec<String>, usize)> =
+                vec![(start, self.pending[start].waits_for(), 0)];
             colour.insert(start, 1);
             while let Some((node, deps, i)) = stack.last_mut() {
                 if *i >= deps.len() {
@@ -129,14 +142,19 @@ impl Scheduler {
                 }
                 let dep = deps[*i].clone();
                 *i += 1;
-                let Some((dep_key, p)) = self.pending.get_key_value(&dep) else { continue };
+                let Some((dep_key, p)) = self.pending.get_key_value(&dep) else {
+                    continue;
+                };
                 match colour.get(dep_key.as_str()) {
                     None => {
                         colour.insert(dep_key, 1);
                         stack.push((dep_key, p.waits_for(), 0));
                     }
                     Some(1) => {
-                        let from = stack.iter().position(|(n, _, _)| *n == dep_key).unwrap_or(0);
+                        let from = stack
+                            .iter()
+                            .position(|(n, _, _)| *n == dep_key)
+                            .unwrap_or(0);
                         let members: Vec<&str> = stack[from..].iter().map(|(n, _, _)| *n).collect();
                         let text = format!("{} → {}", members.join(" → "), dep_key);
                         for m in members {
@@ -160,7 +178,13 @@ pub struct Capacity<'a> {
 }
 
 /// Decide for one pending task. `dep_state` answers where a dependency stands.
-pub fn decide(cfg: &Config, p: &Pending, now: Instant, cap: &Capacity, dep_state: &dyn Fn(&str) -> DepState) -> Decision {
+pub fn decide(
+    cfg: &Config,
+    p: &Pending,
+    now: Instant,
+    cap: &Capacity,
+    dep_state: &dyn Fn(&str) -> DepState,
+) -> Decision {
     let parent = !p.task.file.subtasks.is_empty();
     let mut waiting_on = Vec::new();
     for dep in p.waits_for() {
@@ -206,7 +230,13 @@ pub fn choose_agent(cfg: &Config, task: &Task, cap: &Capacity) -> Decision {
             ));
         }
         chain.push((a.clone(), "named by the task".into()));
-    } else if let Some((i, rule)) = cfg.routing.rules.iter().enumerate().find(|(_, r)| rule_matches(r, task)) {
+    } else if let Some((i, rule)) = cfg
+        .routing
+        .rules
+        .iter()
+        .enumerate()
+        .find(|(_, r)| rule_matches(r, task))
+    {
         chain.push((rule.agent.clone(), format!("routing.rules[{i}] matched")));
     }
     for f in &cfg.routing.fallback {
@@ -216,11 +246,15 @@ pub fn choose_agent(cfg: &Config, task: &Task, cap: &Capacity) -> Decision {
     }
     if chain.is_empty() {
         return Decision::Wait(
-            "no agent: name one with `agent:` in the task, or set routing.fallback in config.yaml".into(),
+            "no agent: name one with `agent:` in the task, or set routing.fallback in config.yaml"
+                .into(),
         );
     }
     if cap.running_total >= cfg.orchestrator.max_concurrent {
-        return Decision::Wait(format!("all {} slots busy (max_concurrent)", cfg.orchestrator.max_concurrent));
+        return Decision::Wait(format!(
+            "all {} slots busy (max_concurrent)",
+            cfg.orchestrator.max_concurrent
+        ));
     }
     let mut skipped = Vec::new();
     for (name, why) in &chain {
@@ -232,14 +266,20 @@ pub fn choose_agent(cfg: &Config, task: &Task, cap: &Capacity) -> Decision {
         let running = cap.running_per_agent.get(name).copied().unwrap_or(0);
         if running >= agent.max_instances {
             // Busy is not unavailable: wait for the agent the routing chose rather than spill over.
-            return Decision::Wait(format!("waiting for a free {name} instance ({running}/{})", agent.max_instances));
+            return Decision::Wait(format!(
+                "waiting for a free {name} instance ({running}/{})",
+                agent.max_instances
+            ));
         }
         let because = if skipped.is_empty() {
             why.clone()
         } else {
             format!("{why}; skipped: {}", skipped.join("; "))
         };
-        return Decision::Run { agent: name.clone(), because };
+        return Decision::Run {
+            agent: name.clone(),
+            because,
+        };
     }
     Decision::Wait(format!("no agent available: {}", skipped.join("; ")))
 }
@@ -320,7 +360,10 @@ mod tests {
         pending(&mut s, "description: x\n", "n1");
         pending(&mut s, "description: x\npriority: high\n", "h1");
         pending(&mut s, "description: x\n", "n2");
-        assert_eq!(s.order(&cfg(), Instant::now()), vec!["h1", "n1", "n2", "l1"]);
+        assert_eq!(
+            s.order(&cfg(), Instant::now()),
+            vec!["h1", "n1", "n2", "l1"]
+        );
     }
 
     #[test]
@@ -351,15 +394,29 @@ mod tests {
         let cfg = cfg();
         let per = HashMap::new();
         let mut unavailable = HashMap::new();
-        let cap = Capacity { running_total: 0, running_per_agent: &per, unavailable: &unavailable };
+        let cap = Capacity {
+            running_total: 0,
+            running_per_agent: &per,
+            unavailable: &unavailable,
+        };
         let t = parse_task("description: x\nagent: b\n", "t", "t").expect("task");
-        assert!(matches!(choose_agent(&cfg, &t, &cap), Decision::Run { agent, .. } if agent == "b"));
+        assert!(
+            matches!(choose_agent(&cfg, &t, &cap), Decision::Run { agent, .. } if agent == "b")
+        );
         let t = parse_task("description: x\ntype: docs\n", "t", "t").expect("task");
-        assert!(matches!(choose_agent(&cfg, &t, &cap), Decision::Run { agent, .. } if agent == "b"));
+        assert!(
+            matches!(choose_agent(&cfg, &t, &cap), Decision::Run { agent, .. } if agent == "b")
+        );
         let t = parse_task("description: x\n", "t", "t").expect("task");
-        assert!(matches!(choose_agent(&cfg, &t, &cap), Decision::Run { agent, .. } if agent == "a"));
+        assert!(
+            matches!(choose_agent(&cfg, &t, &cap), Decision::Run { agent, .. } if agent == "a")
+        );
         unavailable.insert("a".to_string(), "a missing".to_string());
-        let cap = Capacity { running_total: 0, running_per_agent: &per, unavailable: &unavailable };
+        let cap = Capacity {
+            running_total: 0,
+            running_per_agent: &per,
+            unavailable: &unavailable,
+        };
         match choose_agent(&cfg, &t, &cap) {
             Decision::Run { agent, because } => {
                 assert_eq!(agent, "b");
@@ -376,7 +433,11 @@ mod tests {
         let cfg = cfg();
         let per = HashMap::from([("a".to_string(), 1usize)]);
         let unavailable = HashMap::new();
-        let cap = Capacity { running_total: 1, running_per_agent: &per, unavailable: &unavailable };
+        let cap = Capacity {
+            running_total: 1,
+            running_per_agent: &per,
+            unavailable: &unavailable,
+        };
         let t = parse_task("description: x\n", "t", "t").expect("task");
         assert!(matches!(choose_agent(&cfg, &t, &cap), Decision::Wait(w) if w.contains("free a")));
     }

@@ -76,7 +76,13 @@ impl Spool {
     }
 
     pub fn dirs(&self) -> [&Path; 5] {
-        [&self.pending, &self.assigned, &self.completed, &self.failed, &self.quarantine]
+        [
+            &self.pending,
+            &self.assigned,
+            &self.completed,
+            &self.failed,
+            &self.quarantine,
+        ]
     }
 
     pub fn ensure_dirs(&self) -> Result<()> {
@@ -91,7 +97,12 @@ impl Spool {
     /// Rename is atomic only within one file system; a spool split across mounts could lose tasks.
     pub fn check_same_fs(&self) -> Result<()> {
         let first = fsutil::device_of(&self.pending)?;
-        for d in self.dirs().into_iter().skip(1).chain([self.state_dir.as_path()]) {
+        for d in self
+            .dirs()
+            .into_iter()
+            .skip(1)
+            .chain([self.state_dir.as_path()])
+        {
             if fsutil::device_of(d)? != first {
                 bail!(
                     "{} is on a different file system from {}: renames between them would not be atomic; \
@@ -132,7 +143,8 @@ impl Spool {
     }
 
     pub fn result_path(&self, t: Terminal, id: &str) -> PathBuf {
-        self.dir(terminal_place(t)).join(format!("{id}_result.yaml"))
+        self.dir(terminal_place(t))
+            .join(format!("{id}_result.yaml"))
     }
 
     pub fn history_path(&self, id: &str) -> PathBuf {
@@ -201,8 +213,11 @@ impl Spool {
     pub fn finish(&self, result: &TaskResult) -> Result<()> {
         let id = &result.task_id;
         let place = terminal_place(result.status);
-        atomic_write(&self.result_path(result.status, id), task::to_yaml(result).as_bytes())
-            .with_context(|| format!("cannot write result for {id}"))?;
+        atomic_write(
+            &self.result_path(result.status, id),
+            task::to_yaml(result).as_bytes(),
+        )
+        .with_context(|| format!("cannot write result for {id}"))?;
         self.move_beside_result(id, place)
     }
 
@@ -215,9 +230,17 @@ impl Spool {
                 // A task with this id already finished (it was resurrected and slipped past the
                 // duplicate check on another host): keep both, never overwrite.
                 let q = move_unique(&from, &self.quarantine, &format!("{id}.yaml"))?;
-                write_reason(&q, &format!("task {id} finished twice; the earlier copy is in {}", to.display()))?;
+                write_reason(
+                    &q,
+                    &format!(
+                        "task {id} finished twice; the earlier copy is in {}",
+                        to.display()
+                    ),
+                )?;
             }
-            Err(e) => return Err(e).with_context(|| format!("cannot move {id} to {}", place.state())),
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot move {id} to {}", place.state()));
+            }
         }
         fsync_dir(self.dir(place))?;
         fsync_dir(&self.assigned)?;
@@ -237,7 +260,10 @@ impl Spool {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 // Someone dropped a new file with this name meanwhile; theirs is the duplicate.
                 let q = move_unique(&to, &self.quarantine, &format!("{id}.yaml"))?;
-                write_reason(&q, &format!("task id {id} was already taken by a task in assigned/"))?;
+                write_reason(
+                    &q,
+                    &format!("task id {id} was already taken by a task in assigned/"),
+                )?;
                 rename_noreplace(&from, &to)?;
             }
             Err(e) => return Err(e).with_context(|| format!("cannot requeue {id}")),
@@ -251,7 +277,10 @@ impl Spool {
     /// Fail a task that never ran from `pending/` (failed dependency, cycle, cancel).
     pub fn fail_pending(&self, src: &Path, result: &TaskResult) -> Result<bool> {
         let id = &result.task_id;
-        atomic_write(&self.result_path(Terminal::Failed, id), task::to_yaml(result).as_bytes())?;
+        atomic_write(
+            &self.result_path(Terminal::Failed, id),
+            task::to_yaml(result).as_bytes(),
+        )?;
         match rename_noreplace(src, &self.task_path(Place::Failed, id)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -290,7 +319,9 @@ impl Spool {
         let _lock = self.lock()?;
         let src = self.task_path(Place::Failed, id);
         if !src.exists() {
-            bail!(crate::error::UsageError(format!("task {id} is not in failed/")));
+            bail!(crate::error::UsageError(format!(
+                "task {id} is not in failed/"
+            )));
         }
         let result = self.read_result(Terminal::Failed, id);
         let history = History {
@@ -312,7 +343,11 @@ impl Spool {
 
     /// Find claims left by dead supervisors on this host and put their tasks back in a terminal place
     /// or in `pending/`. `max_retries` gives the retry budget of a task (from its file and the config).
-    pub fn recover(&self, me: &Instance, max_retries: &dyn Fn(&Path) -> u32) -> Result<Vec<Recovered>> {
+    pub fn recover(
+        &self,
+        me: &Instance,
+        max_retries: &dyn Fn(&Path) -> u32,
+    ) -> Result<Vec<Recovered>> {
         let _lock = self.lock()?;
         let mut out = Vec::new();
         let mut claims = Vec::new();
@@ -358,6 +393,19 @@ impl Spool {
                 }
             };
             if let Some(c) = &claim {
+                // Its agent may still be running as an orphan: stop it before anyone can run the task again.
+                if c.host == me.host && c.boot_id == me.boot_id {
+                    let n = crate::process::kill_marked(&crate::process::run_marker(
+                        &c.instance,
+                        id,
+                        c.attempt,
+                    ));
+                    if n > 0 {
+                        crate::console::info(&format!(
+                            "recovery   {id}: killed {n} process(es) left by the stopped supervisor"
+                        ));
+                    }
+                }
                 attempts.push(Attempt {
                     n: c.attempt,
                     agent: c.agent.clone(),
@@ -378,7 +426,10 @@ impl Spool {
                     log_file: None,
                 });
             }
-            let failures = attempts.iter().filter(|a| a.outcome.counts_as_failure()).count() as u32;
+            let failures = attempts
+                .iter()
+                .filter(|a| a.outcome.counts_as_failure())
+                .count() as u32;
             let task_path = self.task_path(Place::Assigned, id);
             if failures > max_retries(&task_path) {
                 let description = task::read_task(&task_path, u64::MAX)
@@ -397,10 +448,16 @@ impl Spool {
                     files_modified: vec![],
                     review_required: false,
                     review_files: vec![],
-                    error: Some("the supervisor stopped during every allowed attempt (max_retries reached)".into()),
+                    error: Some(
+                        "the supervisor stopped during every allowed attempt (max_retries reached)"
+                            .into(),
+                    ),
                     chosen_because: None,
                 };
-                atomic_write(&self.result_path(Terminal::Failed, id), task::to_yaml(&result).as_bytes())?;
+                atomic_write(
+                    &self.result_path(Terminal::Failed, id),
+                    task::to_yaml(&result).as_bytes(),
+                )?;
                 self.move_beside_result(id, Place::Failed)?;
                 out.push(Recovered::Finished(id.clone(), Terminal::Failed));
             } else {
@@ -431,7 +488,9 @@ impl Spool {
         // History sidecars whose task left pending/ (claimed by an instance that died before removing it).
         for entry in fs::read_dir(&self.pending)? {
             let name = entry?.file_name().to_string_lossy().into_owned();
-            if let Some(id) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".history.yaml"))
+            if let Some(id) = name
+                .strip_prefix('.')
+                .and_then(|n| n.strip_suffix(".history.yaml"))
                 && !self.task_path(Place::Pending, id).exists()
                 && self.settled_place(id).is_some()
             {
@@ -441,15 +500,22 @@ impl Spool {
         // Rejected files whose explanation was lost to a crash between the move and the write.
         for entry in fs::read_dir(&self.failed)? {
             let path = entry?.path();
-            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             if !task::is_task_file_name(&name) || name.ends_with("_result.yaml") {
                 continue;
             }
             let stem = task::file_stem(&name);
-            if !self.failed.join(format!("{stem}_result.yaml")).exists() && !error_path(&path).exists() {
+            if !self.failed.join(format!("{stem}_result.yaml")).exists()
+                && !error_path(&path).exists()
+            {
                 let msg = match task::read_task(&path, u64::MAX) {
                     Err(e) => e.render(&name),
-                    Ok(_) => format!("{name}: rejected, but the reason was lost in a crash; run `orchestrate retry {stem}` to run it"),
+                    Ok(_) => format!(
+                        "{name}: rejected, but the reason was lost in a crash; run `orchestrate retry {stem}` to run it"
+                    ),
                 };
                 atomic_write(&error_path(&path), msg.as_bytes())?;
             }
@@ -479,7 +545,10 @@ fn write_reason(file: &Path, reason: &str) -> Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    atomic_write(&file.with_file_name(format!("{name}.reason.txt")), format!("{reason}\n").as_bytes())?;
+    atomic_write(
+        &file.with_file_name(format!("{name}.reason.txt")),
+        format!("{reason}\n").as_bytes(),
+    )?;
     Ok(())
 }
 
@@ -523,17 +592,26 @@ impl Instance {
         let dir = state_dir.join("instances");
         fs::create_dir_all(&dir)?;
         let path = dir.join(format!("{}.lock", me.id));
-        let mut f = OpenOptions::new().create_new(true).write(true).open(&path)?;
+        let mut f = OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .open(&path)?;
         f.try_lock()
             .map_err(|e| anyhow::anyhow!("cannot lock {}: {e:?}", path.display()))?;
-        writeln!(f, "pid: {}\nhost: {}\nboot_id: {}\nstarted_at: {}", me.pid, me.host, me.boot_id, me.started_at)?;
+        writeln!(
+            f,
+            "pid: {}\nhost: {}\nboot_id: {}\nstarted_at: {}",
+            me.pid, me.host, me.boot_id, me.started_at
+        )?;
         f.sync_all()?;
         me.lock_file = Some(f);
         Ok(me)
     }
 
     pub fn lock_path(&self, state_dir: &Path) -> PathBuf {
-        state_dir.join("instances").join(format!("{}.lock", self.id))
+        state_dir
+            .join("instances")
+            .join(format!("{}.lock", self.id))
     }
 
     /// Whether the owner of a claim is alive. Claims from other hosts are assumed alive: we cannot
@@ -548,7 +626,17 @@ impl Instance {
         if claim.boot_id != self.boot_id {
             return false;
         }
-        instance_lock_held(&state_dir.join("instances").join(format!("{}.lock", claim.instance)))
+        // On the same boot a vanished pid is conclusive. The lock alone is not: a child caught
+        // between fork and exec shares the lock's open file description for a moment after its
+        // parent died.
+        if !fsutil::pid_alive(claim.pid) {
+            return false;
+        }
+        instance_lock_held(
+            &state_dir
+                .join("instances")
+                .join(format!("{}.lock", claim.instance)),
+        )
     }
 }
 
@@ -577,7 +665,12 @@ pub fn live_instances(state_dir: &Path) -> Vec<(u32, PathBuf)> {
         if path.extension().is_some_and(|x| x == "lock") && instance_lock_held(&path) {
             let pid = fs::read_to_string(&path)
                 .ok()
-                .and_then(|s| s.lines().next().and_then(|l| l.strip_prefix("pid: ")).and_then(|p| p.trim().parse().ok()))
+                .and_then(|s| {
+                    s.lines()
+                        .next()
+                        .and_then(|l| l.strip_prefix("pid: "))
+                        .and_then(|p| p.trim().parse().ok())
+                })
                 .unwrap_or(0);
             out.push((pid, path));
         }

@@ -89,7 +89,11 @@ pub struct Supervisor {
 
 fn sig_of(m: &std::fs::Metadata) -> (u64, i128, u64) {
     use std::os::unix::fs::MetadataExt;
-    (m.len(), m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128, m.ino())
+    (
+        m.len(),
+        m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+        m.ino(),
+    )
 }
 
 fn hash_bytes(b: &[u8]) -> u64 {
@@ -136,7 +140,9 @@ impl Supervisor {
     }
 
     fn max_retries_of(&self, task: &Task) -> u32 {
-        task.file.max_retries.unwrap_or(self.cfg.task_queue.max_retries)
+        task.file
+            .max_retries
+            .unwrap_or(self.cfg.task_queue.max_retries)
     }
 
     /// Recover dead claims, bring the mirror in line, load what is already finished.
@@ -146,7 +152,10 @@ impl Supervisor {
             .writer
             .reconcile(&self.spool, self.cfg.orchestrator.max_task_bytes, false)
             .map_err(|e| anyhow::anyhow!("mirror reconcile failed: {e}"))?;
-        console::debug(&format!("mirror reconciled: {} rows updated, {} removed", report.upserted, report.deleted));
+        console::debug(&format!(
+            "mirror reconciled: {} rows updated, {} removed",
+            report.upserted, report.deleted
+        ));
         let conn = mirror::open(&self.layout.state_dir.join("state.db"))?;
         for row in mirror::list(&conn, Some("completed"))? {
             self.done.insert(row.id.clone(), Terminal::Completed);
@@ -160,7 +169,8 @@ impl Supervisor {
                 files_modified: row.payload.files_modified,
             });
         }
-        self.completed.sort_by(|a, b| a.finished_at.cmp(&b.finished_at));
+        self.completed
+            .sort_by(|a, b| a.finished_at.cmp(&b.finished_at));
         for row in mirror::list(&conn, Some("failed"))? {
             self.done.insert(row.id, Terminal::Failed);
         }
@@ -187,13 +197,21 @@ impl Supervisor {
                 for r in list {
                     match r {
                         spool::Recovered::Requeued(id) => {
-                            console::info(&format!("recovered  {id}: its supervisor stopped mid-run; back to pending"));
+                            console::info(&format!(
+                                "recovered  {id}: its supervisor stopped mid-run; back to pending"
+                            ));
                             self.ingest_path(&self.spool.task_path(Place::Pending, &id), true);
                         }
                         spool::Recovered::Finished(id, t) => {
-                            console::info(&format!("recovered  {id}: finished before its supervisor stopped → {}", t.dir_name()));
+                            console::info(&format!(
+                                "recovered  {id}: finished before its supervisor stopped → {}",
+                                t.dir_name()
+                            ));
                             if let Some(r) = self.spool.read_result(t, &id) {
-                                self.writer.send(Op::Upsert { row: mirror::terminal_row(&self.spool, &r, None), attempts: r.attempts.clone() });
+                                self.writer.send(Op::Upsert {
+                                    row: mirror::terminal_row(&self.spool, &r, None),
+                                    attempts: r.attempts.clone(),
+                                });
                             }
                             self.done.insert(id, t);
                         }
@@ -223,11 +241,16 @@ impl Supervisor {
         self.schedule();
 
         let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        let mut sigusr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
-        let mut heartbeat = tokio::time::interval(Duration::from_secs(self.cfg.orchestrator.heartbeat_seconds.max(1)));
+        let mut sigterm =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut sigusr1 =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
+        let mut heartbeat = tokio::time::interval(Duration::from_secs(
+            self.cfg.orchestrator.heartbeat_seconds.max(1),
+        ));
         heartbeat.tick().await;
-        let settle_tick = Duration::from_millis((self.cfg.orchestrator.settle_ms / 4).clamp(10, 250));
+        let settle_tick =
+            Duration::from_millis((self.cfg.orchestrator.settle_ms / 4).clamp(10, 250));
         let mut state_tick = tokio::time::interval(Duration::from_millis(250));
         let mut signals = 0;
         loop {
@@ -288,13 +311,23 @@ impl Supervisor {
         let now = Instant::now();
         !self.sched.pending.values().any(|p| {
             p.not_before.is_some_and(|t| t > now)
-                || p.waits_for().iter().any(|d| self.sched.pending.get(d).is_some_and(|dp| dp.not_before.is_some_and(|t| t > now)))
+                || p.waits_for().iter().any(|d| {
+                    self.sched
+                        .pending
+                        .get(d)
+                        .is_some_and(|dp| dp.not_before.is_some_and(|t| t > now))
+                })
         })
     }
 
     fn next_wakeup(&self) -> Option<Instant> {
         let now = Instant::now();
-        self.sched.pending.values().filter_map(|p| p.not_before).filter(|&t| t > now).min()
+        self.sched
+            .pending
+            .values()
+            .filter_map(|p| p.not_before)
+            .filter(|&t| t > now)
+            .min()
     }
 
     fn shutdown(&mut self, n: u32) {
@@ -323,7 +356,8 @@ impl Supervisor {
             Hint::Rescan => {
                 self.rescan();
                 self.recover();
-                self.writer.reconcile_later(&self.spool, self.cfg.orchestrator.max_task_bytes);
+                self.writer
+                    .reconcile_later(&self.spool, self.cfg.orchestrator.max_task_bytes);
             }
             Hint::Complete(p) => self.ingest_path(&p, true),
             Hint::Changed(p) => self.ingest_path(&p, false),
@@ -336,7 +370,10 @@ impl Supervisor {
         let rd = match std::fs::read_dir(&self.spool.pending) {
             Ok(rd) => rd,
             Err(e) => {
-                console::warn(&format!("cannot list {}: {e}; recreating it", self.spool.pending.display()));
+                console::warn(&format!(
+                    "cannot list {}: {e}; recreating it",
+                    self.spool.pending.display()
+                ));
                 let _ = self.spool.ensure_dirs();
                 return;
             }
@@ -349,12 +386,21 @@ impl Supervisor {
             })
             .collect();
         // FIFO for files found by a scan: oldest first, then by name.
-        paths.sort_by(|a, b| a.1.modified().ok().cmp(&b.1.modified().ok()).then(a.0.cmp(&b.0)));
+        paths.sort_by(|a, b| {
+            a.1.modified()
+                .ok()
+                .cmp(&b.1.modified().ok())
+                .then(a.0.cmp(&b.0))
+        });
         for (p, m) in paths {
             seen.insert(p.clone());
             // Unchanged known files need no second look.
             if let Some(id) = self.by_path.get(&p)
-                && self.sched.pending.get(id).is_some_and(|pd| pd.sig == sig_of(&m))
+                && self
+                    .sched
+                    .pending
+                    .get(id)
+                    .is_some_and(|pd| pd.sig == sig_of(&m))
             {
                 continue;
             }
@@ -366,7 +412,12 @@ impl Supervisor {
                 .is_some_and(|age| age >= Duration::from_millis(self.cfg.orchestrator.settle_ms));
             self.ingest_path(&p, quiet);
         }
-        let gone: Vec<PathBuf> = self.by_path.keys().filter(|p| !seen.contains(*p)).cloned().collect();
+        let gone: Vec<PathBuf> = self
+            .by_path
+            .keys()
+            .filter(|p| !seen.contains(*p))
+            .cloned()
+            .collect();
         for p in gone {
             self.forget_path(&p);
         }
@@ -391,7 +442,9 @@ impl Supervisor {
         if self.shutting_down {
             return;
         }
-        let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else { return };
+        let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+            return;
+        };
         if path.parent() != Some(self.spool.pending.as_path()) {
             return;
         }
@@ -437,7 +490,13 @@ impl Supervisor {
                     return;
                 }
                 None => {
-                    self.settling.insert(path.to_path_buf(), Settling { sig, since: Instant::now() });
+                    self.settling.insert(
+                        path.to_path_buf(),
+                        Settling {
+                            sig,
+                            since: Instant::now(),
+                        },
+                    );
                     return;
                 }
             }
@@ -463,9 +522,21 @@ impl Supervisor {
     fn reject(&mut self, path: &Path, name: &str, explanation: &str) {
         match self.spool.reject(path, name, &format!("{explanation}\n")) {
             Ok(dst) => {
-                console::info(&format!("rejected   {name}: {} → {}", explanation.lines().next().unwrap_or_default(), self.layout.rel(&dst)));
-                self.writer.send(Op::Upsert { row: mirror::rejected_row(&self.spool, &dst, explanation), attempts: vec![] });
-                let id = task::file_stem(&dst.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()).to_string();
+                console::info(&format!(
+                    "rejected   {name}: {} → {}",
+                    explanation.lines().next().unwrap_or_default(),
+                    self.layout.rel(&dst)
+                ));
+                self.writer.send(Op::Upsert {
+                    row: mirror::rejected_row(&self.spool, &dst, explanation),
+                    attempts: vec![],
+                });
+                let id = task::file_stem(
+                    &dst.file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                )
+                .to_string();
                 self.done.insert(id, Terminal::Failed);
             }
             Err(e) => console::warn(&format!("cannot reject {name}: {e:#}")),
@@ -489,19 +560,43 @@ impl Supervisor {
         if let Some(other) = self.sched.pending.get(&id).map(|p| p.path.clone())
             && other != path
         {
-            self.quarantine(path, name, &format!("task id {id} is already pending as {}", self.layout.rel(&other)));
+            self.quarantine(
+                path,
+                name,
+                &format!(
+                    "task id {id} is already pending as {}",
+                    self.layout.rel(&other)
+                ),
+            );
             return;
         }
-        if self.running.contains_key(&id) || self.spool.settled_place(&id).is_some() || self.done.contains_key(&id) {
-            let place = self.spool.settled_place(&id).map(|p| self.layout.rel(self.spool.dir(p))).unwrap_or_else(|| "the tree".into());
+        if self.running.contains_key(&id)
+            || self.spool.settled_place(&id).is_some()
+            || self.done.contains_key(&id)
+        {
+            let place = self
+                .spool
+                .settled_place(&id)
+                .map(|p| self.layout.rel(self.spool.dir(p)))
+                .unwrap_or_else(|| "the tree".into());
             self.quarantine(path, name, &format!("task id {id} already exists in {place} (re-created by a sync client, git or a re-save?)"));
             return;
         }
-        let history = self.spool.read_history(&id).unwrap_or_else(|| History { task_id: id.clone(), version: 1, ..Default::default() });
-        let not_before = history.not_before.as_deref().and_then(fsutil::parse_time).map(|t| {
-            let left = (t - time::OffsetDateTime::now_utc()).as_seconds_f64().max(0.0);
-            Instant::now() + Duration::from_secs_f64(left.min(86400.0 * 30.0))
+        let history = self.spool.read_history(&id).unwrap_or_else(|| History {
+            task_id: id.clone(),
+            version: 1,
+            ..Default::default()
         });
+        let not_before = history
+            .not_before
+            .as_deref()
+            .and_then(fsutil::parse_time)
+            .map(|t| {
+                let left = (t - time::OffsetDateTime::now_utc())
+                    .as_seconds_f64()
+                    .max(0.0);
+                Instant::now() + Duration::from_secs_f64(left.min(86400.0 * 30.0))
+            });
         if !task.file.subtasks.is_empty() {
             self.expand_subtasks(&task);
         }
@@ -512,11 +607,21 @@ impl Supervisor {
         };
         let row = mirror::pending_row(&self.spool, &task, path, Some(&history));
         if is_new {
-            console::info(&format!("queued     {id}{}", if history.attempts.is_empty() { String::new() } else { format!(" (after {} attempt(s))", history.attempts.len()) }));
+            console::info(&format!(
+                "queued     {id}{}",
+                if history.attempts.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (after {} attempt(s))", history.attempts.len())
+                }
+            ));
         } else {
             console::debug(&format!("updated    {id}: file changed while pending"));
         }
-        self.writer.send(Op::Upsert { row, attempts: history.attempts.clone() });
+        self.writer.send(Op::Upsert {
+            row,
+            attempts: history.attempts.clone(),
+        });
         self.by_path.insert(path.to_path_buf(), id.clone());
         self.sched.pending.insert(
             id,
@@ -537,7 +642,10 @@ impl Supervisor {
 
     fn quarantine(&mut self, path: &Path, name: &str, reason: &str) {
         match self.spool.quarantine(path, name, reason) {
-            Ok(dst) => console::info(&format!("quarantine {name}: {reason} → {}", self.layout.rel(&dst))),
+            Ok(dst) => console::info(&format!(
+                "quarantine {name}: {reason} → {}",
+                self.layout.rel(&dst)
+            )),
             Err(e) => console::warn(&format!("cannot quarantine {name}: {e:#}")),
         }
         self.forget_path(path);
@@ -549,7 +657,10 @@ impl Supervisor {
         let n = parent.file.subtasks.len();
         for (i, text) in parent.file.subtasks.iter().enumerate() {
             let id = scheduler::subtask_id(&parent.id, i + 1);
-            if self.sched.pending.contains_key(&id) || self.spool.settled_place(&id).is_some() || self.done.contains_key(&id) {
+            if self.sched.pending.contains_key(&id)
+                || self.spool.settled_place(&id).is_some()
+                || self.done.contains_key(&id)
+            {
                 continue;
             }
             let child = task::TaskFile {
@@ -577,10 +688,16 @@ impl Supervisor {
                 parent: Some(parent.id.clone()),
             };
             let name = format!("{id}.yaml");
-            match fsutil::atomic_create(&self.spool.pending, &name, task::to_yaml(&child).as_bytes()) {
+            match fsutil::atomic_create(
+                &self.spool.pending,
+                &name,
+                task::to_yaml(&child).as_bytes(),
+            ) {
                 Ok(true) => {
                     let p = self.spool.pending.join(&name);
-                    let sig = std::fs::metadata(&p).map(|m| sig_of(&m)).unwrap_or_default();
+                    let sig = std::fs::metadata(&p)
+                        .map(|m| sig_of(&m))
+                        .unwrap_or_default();
                     self.ingest_ready(&p, &name, sig);
                 }
                 Ok(false) => {}
@@ -633,19 +750,32 @@ impl Supervisor {
         let now = Instant::now();
         let cfg = self.cfg.clone();
         for id in self.sched.order(&cfg, now) {
-            let Some(p) = self.sched.pending.get(&id) else { continue };
-            let cap = Capacity { running_total: self.running.len(), running_per_agent: &self.per_agent, unavailable: &unavailable };
+            let Some(p) = self.sched.pending.get(&id) else {
+                continue;
+            };
+            let cap = Capacity {
+                running_total: self.running.len(),
+                running_per_agent: &self.per_agent,
+                unavailable: &unavailable,
+            };
             let decision = scheduler::decide(&cfg, p, now, &cap, &|d| self.dep_state(d));
             match decision {
                 Decision::Run { agent, because } => self.start(&id, &agent, &because),
                 Decision::CompleteParent => self.complete_parent(&id),
                 Decision::Fail(reason) => self.fail_pending(&id, &reason),
                 Decision::Wait(reason) => {
-                    let p = self.sched.pending.get_mut(&id).expect("present: looked up above");
+                    let p = self
+                        .sched
+                        .pending
+                        .get_mut(&id)
+                        .expect("present: looked up above");
                     if p.note.as_deref() != Some(reason.as_str()) {
                         console::debug(&format!("waiting    {id}: {reason}"));
                         p.note = Some(reason.clone());
-                        self.writer.send(Op::Note { id: id.clone(), note: Some(reason) });
+                        self.writer.send(Op::Note {
+                            id: id.clone(),
+                            note: Some(reason),
+                        });
                     }
                 }
             }
@@ -688,20 +818,31 @@ impl Supervisor {
             }
         }
         // The file must be what we parsed: a writer still appending would run a half task.
-        let now_bytes = std::fs::read(self.spool.task_path(Place::Assigned, id)).unwrap_or_default();
+        let now_bytes =
+            std::fs::read(self.spool.task_path(Place::Assigned, id)).unwrap_or_default();
         if hash_bytes(&now_bytes) != p.hash {
-            console::info(&format!("changed    {id}: file changed while being claimed; back to pending to settle"));
+            console::info(&format!(
+                "changed    {id}: file changed while being claimed; back to pending to settle"
+            ));
             if let Err(e) = self.spool.unclaim(id, &p.path) {
                 console::error(&format!("cannot return {id} to pending: {e:#}"));
             }
-            self.settling.insert(p.path.clone(), Settling { sig: (0, 0, 0), since: Instant::now() });
+            self.settling.insert(
+                p.path.clone(),
+                Settling {
+                    sig: (0, 0, 0),
+                    since: Instant::now(),
+                },
+            );
             return None;
         }
         Some((p, claim))
     }
 
     fn start(&mut self, id: &str, agent: &str, because: &str) {
-        let Some((p, claim)) = self.claim(id, agent, because) else { return };
+        let Some((p, claim)) = self.claim(id, agent, because) else {
+            return;
+        };
         self.writer.send(Op::Upsert {
             row: mirror::running_row(&self.spool, &p.task, &claim),
             attempts: {
@@ -710,7 +851,10 @@ impl Supervisor {
                 a
             },
         });
-        console::info(&format!("started    {id} on {agent} (attempt {}; {because})", claim.attempt));
+        console::info(&format!(
+            "started    {id} on {agent} (attempt {}; {because})",
+            claim.attempt
+        ));
         let (stop_tx, stop_rx) = watch::channel(None);
         *self.per_agent.entry(agent.to_string()).or_default() += 1;
         let ctx = AttemptCtx {
@@ -720,13 +864,23 @@ impl Supervisor {
         };
         let task = p.task.clone();
         let c = claim.clone();
-        self.attempts.spawn(async move { run_attempt(ctx, task, c, stop_rx).await });
-        self.running.insert(id.to_string(), Running { task: p.task, claim, stop: stop_tx });
+        self.attempts
+            .spawn(async move { run_attempt(ctx, task, c, stop_rx).await });
+        self.running.insert(
+            id.to_string(),
+            Running {
+                task: p.task,
+                claim,
+                stop: stop_tx,
+            },
+        );
         self.state_dirty = true;
     }
 
     fn complete_parent(&mut self, id: &str) {
-        let Some((p, claim)) = self.claim(id, "-", "all subtasks completed") else { return };
+        let Some((p, claim)) = self.claim(id, "-", "all subtasks completed") else {
+            return;
+        };
         let mut text = String::new();
         for i in 1..=p.task.file.subtasks.len() {
             let child = scheduler::subtask_id(id, i);
@@ -735,7 +889,13 @@ impl Supervisor {
                 text.push('\n');
             }
         }
-        let header = context::OutputHeader { task: &p.task, agent: "-", attempt: claim.attempt, duration: Duration::ZERO, exit: "all subtasks completed".into() };
+        let header = context::OutputHeader {
+            task: &p.task,
+            agent: "-",
+            attempt: claim.attempt,
+            duration: Duration::ZERO,
+            exit: "all subtasks completed".into(),
+        };
         let output = context::write_output(&self.layout, &header, &text, &self.redactor).ok();
         let result = TaskResult {
             task_id: id.to_string(),
@@ -758,7 +918,9 @@ impl Supervisor {
 
     /// Fail a pending task without running it.
     fn fail_pending(&mut self, id: &str, reason: &str) {
-        let Some(p) = self.sched.pending.remove(id) else { return };
+        let Some(p) = self.sched.pending.remove(id) else {
+            return;
+        };
         self.by_path.remove(&p.path);
         self.cycles_dirty = true;
         let result = TaskResult {
@@ -780,7 +942,10 @@ impl Supervisor {
         match self.spool.fail_pending(&p.path, &result) {
             Ok(true) => {
                 console::info(&format!("failed     {id}: {reason}"));
-                self.writer.send(Op::Upsert { row: mirror::terminal_row(&self.spool, &result, Some(&p.task)), attempts: result.attempts.clone() });
+                self.writer.send(Op::Upsert {
+                    row: mirror::terminal_row(&self.spool, &result, Some(&p.task)),
+                    attempts: result.attempts.clone(),
+                });
                 self.done.insert(id.to_string(), Terminal::Failed);
                 self.state_dirty = true;
             }
@@ -792,7 +957,9 @@ impl Supervisor {
     // ---- completion ------------------------------------------------------------------------------
 
     fn on_report(&mut self, r: Report) {
-        let Some(run) = self.running.remove(&r.id) else { return };
+        let Some(run) = self.running.remove(&r.id) else {
+            return;
+        };
         if let Some(n) = self.per_agent.get_mut(&run.claim.agent) {
             *n = n.saturating_sub(1);
         }
@@ -812,9 +979,15 @@ impl Supervisor {
             self.requeue(&run.task, history, "interrupted by shutdown");
             return;
         }
-        let failures = attempts.iter().filter(|a| a.outcome.counts_as_failure()).count() as u32;
+        let failures = attempts
+            .iter()
+            .filter(|a| a.outcome.counts_as_failure())
+            .count() as u32;
         let max_retries = self.max_retries_of(&run.task);
-        let retryable = outcome != Outcome::Completed && outcome != Outcome::Cancelled && !r.permanent && failures <= max_retries;
+        let retryable = outcome != Outcome::Completed
+            && outcome != Outcome::Cancelled
+            && !r.permanent
+            && failures <= max_retries;
         if retryable {
             let delay = scheduler::retry_delay(&self.cfg, failures);
             let at = time::OffsetDateTime::now_utc() + delay;
@@ -835,14 +1008,22 @@ impl Supervisor {
             return;
         }
         let review = context::review_matches(&self.cfg, &r.files_modified);
-        let status = if outcome == Outcome::Completed { Terminal::Completed } else { Terminal::Failed };
+        let status = if outcome == Outcome::Completed {
+            Terminal::Completed
+        } else {
+            Terminal::Failed
+        };
         let result = TaskResult {
             task_id: r.id.clone(),
             status,
             version: run.claim.version + 1,
             agent: Some(run.claim.agent.clone()),
             description: run.task.file.description.clone(),
-            finished_at: r.attempt.finished_at.clone().unwrap_or_else(fsutil::now_rfc3339),
+            finished_at: r
+                .attempt
+                .finished_at
+                .clone()
+                .unwrap_or_else(fsutil::now_rfc3339),
             attempts,
             output_file: rel(&r.text_file),
             diff_file: rel(&r.diff_file),
@@ -870,18 +1051,36 @@ impl Supervisor {
             console::error(&format!("cannot finish {id}: {e:#}"));
             return;
         }
-        let secs: u64 = result.attempts.last().and_then(|a| a.duration_ms).unwrap_or(0);
+        let secs: u64 = result
+            .attempts
+            .last()
+            .and_then(|a| a.duration_ms)
+            .unwrap_or(0);
         match result.status {
             Terminal::Completed => console::info(&format!(
                 "completed  {id} on {} in {:.2} s{}{}",
                 result.agent.as_deref().unwrap_or("-"),
                 secs as f64 / 1000.0,
-                if result.files_modified.is_empty() { String::new() } else { format!(", changed {}", result.files_modified.len()) },
-                if result.review_required { format!(" — REVIEW REQUIRED: {}", result.review_files.join(", ")) } else { String::new() }
+                if result.files_modified.is_empty() {
+                    String::new()
+                } else {
+                    format!(", changed {}", result.files_modified.len())
+                },
+                if result.review_required {
+                    format!(" — REVIEW REQUIRED: {}", result.review_files.join(", "))
+                } else {
+                    String::new()
+                }
             )),
-            Terminal::Failed => console::info(&format!("failed     {id}: {}", result.error.as_deref().unwrap_or("-"))),
+            Terminal::Failed => console::info(&format!(
+                "failed     {id}: {}",
+                result.error.as_deref().unwrap_or("-")
+            )),
         }
-        self.writer.send(Op::Upsert { row: mirror::terminal_row(&self.spool, &result, Some(task)), attempts: result.attempts.clone() });
+        self.writer.send(Op::Upsert {
+            row: mirror::terminal_row(&self.spool, &result, Some(task)),
+            attempts: result.attempts.clone(),
+        });
         if result.status == Terminal::Completed {
             self.completed.push(CompletedEntry {
                 id: id.clone(),
@@ -905,7 +1104,9 @@ impl Supervisor {
         }
         console::info(&format!("requeued   {id}: {why}"));
         let path = self.spool.task_path(Place::Pending, &id);
-        let sig = std::fs::metadata(&path).map(|m| sig_of(&m)).unwrap_or_default();
+        let sig = std::fs::metadata(&path)
+            .map(|m| sig_of(&m))
+            .unwrap_or_default();
         self.ingest_ready(&path, &format!("{id}.yaml"), sig);
     }
 
@@ -929,7 +1130,9 @@ impl Supervisor {
     /// `orchestrate cancel` leaves `state_dir/cancel/<id>` and sends SIGUSR1.
     fn check_cancels(&mut self) {
         let dir = self.layout.state_dir.join("cancel");
-        let Ok(rd) = std::fs::read_dir(&dir) else { return };
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            return;
+        };
         for e in rd.flatten() {
             let id = e.file_name().to_string_lossy().into_owned();
             if let Some(r) = self.running.get(&id) {
@@ -960,9 +1163,16 @@ impl Supervisor {
         let running: Vec<(String, String, String)> = self
             .running
             .values()
-            .map(|r| (r.claim.task_id.clone(), r.claim.agent.clone(), r.claim.started_at.clone()))
+            .map(|r| {
+                (
+                    r.claim.task_id.clone(),
+                    r.claim.agent.clone(),
+                    r.claim.started_at.clone(),
+                )
+            })
             .collect();
-        if let Err(e) = context::write_state_files(&self.layout, &self.completed, &counts, &running) {
+        if let Err(e) = context::write_state_files(&self.layout, &self.completed, &counts, &running)
+        {
             console::warn(&format!("cannot write context state files: {e:#}"));
         }
     }
@@ -975,7 +1185,12 @@ struct AttemptCtx {
 }
 
 /// One attempt, start to end: prompt, snapshot, run, diff, output. Never touches the spool.
-async fn run_attempt(ctx: AttemptCtx, task: Task, claim: Claim, stop: watch::Receiver<Option<Stop>>) -> Report {
+async fn run_attempt(
+    ctx: AttemptCtx,
+    task: Task,
+    claim: Claim,
+    stop: watch::Receiver<Option<Stop>>,
+) -> Report {
     let started_at = fsutil::now_rfc3339();
     let t0 = Instant::now();
     let log_path = ctx.layout.log_path(&task.id, claim.attempt);
@@ -1017,7 +1232,8 @@ async fn run_attempt(ctx: AttemptCtx, task: Task, claim: Claim, stop: watch::Rec
         }
     };
     let agent_cfg = ctx.cfg.agents[&claim.agent].clone();
-    let adapter = agents::adapter_for(agent_cfg.kind).expect("the scheduler only picks agents with an adapter");
+    let adapter = agents::adapter_for(agent_cfg.kind)
+        .expect("the scheduler only picks agents with an adapter");
     let req = RunRequest {
         task_id: &task.id,
         description: &task.file.description,
@@ -1036,16 +1252,24 @@ async fn run_attempt(ctx: AttemptCtx, task: Task, claim: Claim, stop: watch::Rec
     };
     let snap_root = workdir.clone();
     let (layout2, cfg2) = (ctx.layout.clone(), ctx.cfg.clone());
-    let snapshot = tokio::task::spawn_blocking(move || context::Snapshot::take(&snap_root, &layout2, &cfg2))
-        .await
-        .expect("snapshot task does not panic");
+    let snapshot =
+        tokio::task::spawn_blocking(move || context::Snapshot::take(&snap_root, &layout2, &cfg2))
+            .await
+            .expect("snapshot task does not panic");
+    let mut env = process::build_env(&ctx.cfg.security.env_allow, &inv.env);
+    env.push((
+        process::RUN_MARKER.into(),
+        process::run_marker(&claim.instance, &task.id, claim.attempt),
+    ));
     let spec = process::Spec {
         program: inv.program,
         args: inv.args,
-        env: process::build_env(&ctx.cfg.security.env_allow, &inv.env),
+        env,
         cwd: inv.cwd,
         stdin: inv.stdin,
-        timeout: ctx.cfg.attempt_timeout(task.file.timeout_minutes, &agent_cfg),
+        timeout: ctx
+            .cfg
+            .attempt_timeout(task.file.timeout_minutes, &agent_cfg),
         grace: Duration::from_secs_f64(ctx.cfg.orchestrator.kill_grace_seconds),
         log_path: log_path.clone(),
         max_log_bytes: ctx.cfg.orchestrator.max_log_bytes,
@@ -1060,7 +1284,9 @@ async fn run_attempt(ctx: AttemptCtx, task: Task, claim: Claim, stop: watch::Rec
         parsed.outcome = Outcome::Interrupted;
         parsed.error = Some("interrupted by a supervisor shutdown".into());
     }
-    let diff = tokio::task::spawn_blocking(move || snapshot.diff()).await.expect("diff task does not panic");
+    let diff = tokio::task::spawn_blocking(move || snapshot.diff())
+        .await
+        .expect("diff task does not panic");
     attempt.finished_at = Some(fsutil::now_rfc3339());
     attempt.duration_ms = Some(exit.duration.as_millis() as u64);
     attempt.exit_code = exit.code;
@@ -1077,7 +1303,13 @@ async fn run_attempt(ctx: AttemptCtx, task: Task, claim: Claim, stop: watch::Rec
         (None, Some(s), None) => format!("signal {s}"),
         _ => "-".into(),
     };
-    let header = context::OutputHeader { task: &task, agent: &claim.agent, attempt: claim.attempt, duration: exit.duration, exit: exit_text };
+    let header = context::OutputHeader {
+        task: &task,
+        agent: &claim.agent,
+        attempt: claim.attempt,
+        duration: exit.duration,
+        exit: exit_text,
+    };
     report.text_file = context::write_output(&ctx.layout, &header, &parsed.text, &ctx.redactor)
         .map_err(|e| console::warn(&format!("cannot write output of {}: {e:#}", task.id)))
         .ok();
@@ -1085,7 +1317,10 @@ async fn run_attempt(ctx: AttemptCtx, task: Task, claim: Claim, stop: watch::Rec
         .map_err(|e| console::warn(&format!("cannot write diff of {}: {e:#}", task.id)))
         .ok();
     if exit.log_bytes_dropped > 0 {
-        console::debug(&format!("{}: {} bytes of output dropped by the log cap", task.id, exit.log_bytes_dropped));
+        console::debug(&format!(
+            "{}: {} bytes of output dropped by the log cap",
+            task.id, exit.log_bytes_dropped
+        ));
     }
     report.files_modified = diff.files;
     report.stopped = exit.stopped;
@@ -1098,9 +1333,20 @@ fn prepare(ctx: &AttemptCtx, task: &Task, claim: &Claim) -> Result<(PathBuf, Str
     if !workdir.is_dir() {
         anyhow::bail!("workdir {} is not a directory", workdir.display());
     }
-    let prompt = ctx.redactor.redact(&context::build_prompt(&ctx.layout, &ctx.cfg, task, &claim.history)?);
-    let prompt_file = ctx.layout.context_dir.join("logs").join(&task.id).join(format!("attempt-{}.prompt.md", claim.attempt));
+    let prompt = ctx.redactor.redact(&context::build_prompt(
+        &ctx.layout,
+        &ctx.cfg,
+        task,
+        &claim.history,
+    )?);
+    let prompt_file = ctx
+        .layout
+        .context_dir
+        .join("logs")
+        .join(&task.id)
+        .join(format!("attempt-{}.prompt.md", claim.attempt));
     std::fs::create_dir_all(prompt_file.parent().expect("has parent"))?;
-    fsutil::atomic_write(&prompt_file, prompt.as_bytes()).context("cannot write the prompt file")?;
+    fsutil::atomic_write(&prompt_file, prompt.as_bytes())
+        .context("cannot write the prompt file")?;
     Ok((workdir, prompt, prompt_file))
 }

@@ -115,14 +115,18 @@ pub fn is_task_file_name(name: &str) -> bool {
         .strip_suffix(".yaml")
         .or_else(|| name.strip_suffix(".yml"));
     match stem {
-        Some(stem) => valid_name(stem) || (stem.len() > MAX_ID_LEN && valid_name(&stem[..MAX_ID_LEN])),
+        Some(stem) => {
+            valid_name(stem) || (stem.len() > MAX_ID_LEN && valid_name(&stem[..MAX_ID_LEN]))
+        }
         None => false,
     }
 }
 
 /// Copies made by sync clients when two devices edit one file; never run, always quarantined.
 pub fn is_conflict_copy(name: &str) -> bool {
-    name.contains(".sync-conflict-") || name.contains("(conflicted copy") || name.contains("_conflict-")
+    name.contains(".sync-conflict-")
+        || name.contains("(conflicted copy")
+        || name.contains("_conflict-")
 }
 
 pub fn file_stem(name: &str) -> &str {
@@ -183,7 +187,9 @@ impl TaskError {
 pub fn parse_task(text: &str, stem: &str, source_name: &str) -> Result<Task, TaskError> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     if text.contains('\0') {
-        return Err(TaskError::plain("file contains NUL bytes (binary or UTF-16 file?)"));
+        return Err(TaskError::plain(
+            "file contains NUL bytes (binary or UTF-16 file?)",
+        ));
     }
     if let Some(i) = text
         .lines()
@@ -199,12 +205,14 @@ pub fn parse_task(text: &str, stem: &str, source_name: &str) -> Result<Task, Tas
         });
     }
     if text.trim().is_empty() {
-        return Err(TaskError::plain("empty file: a task needs at least `description:`"));
+        return Err(TaskError::plain(
+            "empty file: a task needs at least `description:`",
+        ));
     }
     let file: TaskFile = serde_saphyr::from_str_with_options(text, crate::config::yaml_options())
         .map_err(|e| TaskError {
-            problem: YamlProblem::from_saphyr(source_name, &e),
-        })?;
+        problem: YamlProblem::from_saphyr(source_name, &e),
+    })?;
     let id = match &file.id {
         Some(id) => id.clone(),
         None => stem.to_string(),
@@ -224,11 +232,17 @@ pub fn parse_task(text: &str, stem: &str, source_name: &str) -> Result<Task, Tas
         return Err(TaskError::at_key(
             text,
             "id",
-            format!("task id `{id}` ends in a suffix orchestrate reserves (_result, .claim, .error)"),
+            format!(
+                "task id `{id}` ends in a suffix orchestrate reserves (_result, .claim, .error)"
+            ),
         ));
     }
     if file.description.trim().is_empty() {
-        return Err(TaskError::at_key(text, "description", "`description` must not be empty"));
+        return Err(TaskError::at_key(
+            text,
+            "description",
+            "`description` must not be empty",
+        ));
     }
     for dep in &file.dependencies {
         if !valid_name(dep) {
@@ -239,21 +253,37 @@ pub fn parse_task(text: &str, stem: &str, source_name: &str) -> Result<Task, Tas
             ));
         }
         if *dep == id {
-            return Err(TaskError::at_key(text, "dependencies", "a task cannot depend on itself"));
+            return Err(TaskError::at_key(
+                text,
+                "dependencies",
+                "a task cannot depend on itself",
+            ));
         }
     }
     if let Some(a) = &file.agent
         && !valid_name(a)
     {
-        return Err(TaskError::at_key(text, "agent", format!("`{}` is not a valid agent name", a.escape_debug())));
+        return Err(TaskError::at_key(
+            text,
+            "agent",
+            format!("`{}` is not a valid agent name", a.escape_debug()),
+        ));
     }
     if let Some(t) = file.timeout_minutes
         && !(t > 0.0 && t.is_finite())
     {
-        return Err(TaskError::at_key(text, "timeout_minutes", "`timeout_minutes` must be a positive number"));
+        return Err(TaskError::at_key(
+            text,
+            "timeout_minutes",
+            "`timeout_minutes` must be a positive number",
+        ));
     }
     if file.subtasks.iter().any(|s| s.trim().is_empty()) {
-        return Err(TaskError::at_key(text, "subtasks", "subtasks must not be empty strings"));
+        return Err(TaskError::at_key(
+            text,
+            "subtasks",
+            "subtasks must not be empty strings",
+        ));
     }
     Ok(Task { id, file })
 }
@@ -264,9 +294,12 @@ pub fn read_task(path: &Path, max_bytes: u64) -> Result<(Task, Vec<u8>), TaskErr
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let meta = std::fs::symlink_metadata(path).map_err(|e| TaskError::plain(format!("cannot read: {e}")))?;
+    let meta = std::fs::symlink_metadata(path)
+        .map_err(|e| TaskError::plain(format!("cannot read: {e}")))?;
     if !meta.file_type().is_file() {
-        return Err(TaskError::plain("not a regular file (directory, symlink, FIFO or device)"));
+        return Err(TaskError::plain(
+            "not a regular file (directory, symlink, FIFO or device)",
+        ));
     }
     if meta.len() > max_bytes {
         return Err(TaskError::plain(format!(
@@ -276,13 +309,19 @@ pub fn read_task(path: &Path, max_bytes: u64) -> Result<(Task, Vec<u8>), TaskErr
     }
     let bytes = std::fs::read(path).map_err(|e| TaskError::plain(format!("cannot read: {e}")))?;
     if bytes.len() as u64 > max_bytes {
-        return Err(TaskError::plain(format!("file grew over the {max_bytes}-byte limit while being read")));
+        return Err(TaskError::plain(format!(
+            "file grew over the {max_bytes}-byte limit while being read"
+        )));
     }
     if bytes.starts_with(&[0xff, 0xfe]) || bytes.starts_with(&[0xfe, 0xff]) {
         return Err(TaskError::plain("file is UTF-16; save it as UTF-8"));
     }
     let text = std::str::from_utf8(&bytes).map_err(|e| {
-        let line = bytes[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count() + 1;
+        let line = bytes[..e.valid_up_to()]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1;
         TaskError {
             problem: YamlProblem {
                 line: Some(line),
@@ -334,7 +373,10 @@ impl Outcome {
     pub fn counts_as_failure(self) -> bool {
         !matches!(
             self,
-            Outcome::Completed | Outcome::Interrupted | Outcome::RateLimited | Outcome::QuotaExhausted
+            Outcome::Completed
+                | Outcome::Interrupted
+                | Outcome::RateLimited
+                | Outcome::QuotaExhausted
         )
     }
 }
@@ -451,7 +493,8 @@ pub fn to_yaml<T: Serialize>(v: &T) -> String {
 
 /// Parse one of our own records (claims, results, histories): trusted but still budgeted.
 pub fn from_yaml<T: for<'de> Deserialize<'de>>(text: &str) -> Result<T, String> {
-    serde_saphyr::from_str_with_options(text, crate::config::yaml_options()).map_err(|e| e.to_string())
+    serde_saphyr::from_str_with_options(text, crate::config::yaml_options())
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -462,7 +505,17 @@ mod tests {
     fn whitelist() {
         assert!(is_task_file_name("task_001.yaml"));
         assert!(is_task_file_name("a.yml"));
-        for bad in [".x.yaml", "x.yaml.swp", "4913", "x~", ".#x.yaml", "#x.yaml#", "-x.yaml", "x.txt", ".syncthing.x.yaml.tmp"] {
+        for bad in [
+            ".x.yaml",
+            "x.yaml.swp",
+            "4913",
+            "x~",
+            ".#x.yaml",
+            "#x.yaml#",
+            "-x.yaml",
+            "x.txt",
+            ".syncthing.x.yaml.tmp",
+        ] {
             assert!(!is_task_file_name(bad), "{bad}");
         }
         assert!(is_conflict_copy("t.sync-conflict-20240101-120000-ABC.yaml"));

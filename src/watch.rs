@@ -55,7 +55,9 @@ pub fn start(dir: &Path, rescan: Duration, tx: mpsc::UnboundedSender<Hint>) -> W
             }
         },
         Err(e) => {
-            crate::console::warn(&format!("cannot create a file watcher ({e}); relying on the periodic rescan"));
+            crate::console::warn(&format!(
+                "cannot create a file watcher ({e}); relying on the periodic rescan"
+            ));
             None
         }
     };
@@ -80,14 +82,20 @@ fn classify(ev: &notify::Event) -> Vec<Hint> {
         EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
             ev.paths.iter().cloned().map(Hint::Complete).collect()
         }
-        EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => {
-            ev.paths.get(1).cloned().map(Hint::Complete).into_iter().collect()
-        }
+        EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => ev
+            .paths
+            .get(1)
+            .cloned()
+            .map(Hint::Complete)
+            .into_iter()
+            .collect(),
         EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
             ev.paths.iter().cloned().map(Hint::Complete).collect()
         }
         EventKind::Create(CreateKind::Folder) => vec![Hint::Rescan],
-        EventKind::Create(_) | EventKind::Modify(_) => ev.paths.iter().cloned().map(Hint::Changed).collect(),
+        EventKind::Create(_) | EventKind::Modify(_) => {
+            ev.paths.iter().cloned().map(Hint::Changed).collect()
+        }
         EventKind::Other | EventKind::Any => vec![Hint::Rescan],
         _ => vec![],
     }

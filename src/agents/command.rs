@@ -4,7 +4,7 @@
 
 use anyhow::Result;
 
-use super::{AgentOutcome, Adapter, Invocation, RunRequest, abnormal, stderr_hint};
+use super::{Adapter, AgentOutcome, Invocation, RunRequest, abnormal, stderr_hint};
 use crate::config::{AgentConfig, PromptVia};
 use crate::process::Exit;
 use crate::task::Outcome;
@@ -43,7 +43,10 @@ fn expand(arg: &str, req: &RunRequest) -> String {
 
 impl Adapter for CommandAdapter {
     fn invocation(&self, name: &str, cfg: &AgentConfig, req: &RunRequest) -> Result<Invocation> {
-        let mentions_prompt = cfg.args.iter().any(|a| PROMPT_PLACEHOLDERS.iter().any(|p| a.contains(p)));
+        let mentions_prompt = cfg
+            .args
+            .iter()
+            .any(|a| PROMPT_PLACEHOLDERS.iter().any(|p| a.contains(p)));
         let stdin = match cfg.prompt_via {
             PromptVia::Stdin => true,
             PromptVia::Arg => false,
@@ -60,7 +63,10 @@ impl Adapter for CommandAdapter {
 
     fn parse(&self, exit: &Exit) -> AgentOutcome {
         if let Some(o) = abnormal(exit) {
-            return AgentOutcome { text: exit.stdout.clone(), ..o };
+            return AgentOutcome {
+                text: exit.stdout.clone(),
+                ..o
+            };
         }
         match exit.code {
             Some(0) => AgentOutcome {
@@ -77,7 +83,11 @@ impl Adapter for CommandAdapter {
                 text: exit.stdout.clone(),
                 ..AgentOutcome::failed(
                     Outcome::AgentError,
-                    format!("exited with code {}{}", code.map(|c| c.to_string()).unwrap_or("?".into()), stderr_hint(exit)),
+                    format!(
+                        "exited with code {}{}",
+                        code.map(|c| c.to_string()).unwrap_or("?".into()),
+                        stderr_hint(exit)
+                    ),
                 )
             },
         }
@@ -98,6 +108,9 @@ mod tests {
             prompt_file: Path::new("/p.md"),
             workdir: Path::new("/w"),
         };
-        assert_eq!(expand("{description}|{task_id}|{workdir}|{x}|{prompt_file}", &req), "say {task_id}|t1|/w|{x}|/p.md");
+        assert_eq!(
+            expand("{description}|{task_id}|{workdir}|{x}|{prompt_file}", &req),
+            "say {task_id}|t1|/w|{x}|/p.md"
+        );
     }
 }

@@ -73,14 +73,21 @@ pub trait Adapter: Send + Sync {
 pub fn adapter_for(kind: AgentKind) -> Option<&'static dyn Adapter> {
     match kind {
         AgentKind::Command => Some(&command::CommandAdapter),
-        AgentKind::Claude | AgentKind::Codex | AgentKind::Gemini | AgentKind::Cursor | AgentKind::Openai => None,
+        AgentKind::Claude
+        | AgentKind::Codex
+        | AgentKind::Gemini
+        | AgentKind::Cursor
+        | AgentKind::Openai => None,
     }
 }
 
 /// Why an agent cannot take work right now, if it cannot.
 pub fn unavailable_reason(name: &str, cfg: &AgentConfig) -> Option<String> {
     if adapter_for(cfg.kind).is_none() {
-        return Some(format!("agent {name}: kind `{}` has no adapter in this build", cfg.kind.as_str()));
+        return Some(format!(
+            "agent {name}: kind `{}` has no adapter in this build",
+            cfg.kind.as_str()
+        ));
     }
     let program = cfg.program(name);
     if crate::process::find_program(&program).is_none() {
@@ -111,7 +118,11 @@ pub fn abnormal(exit: &Exit) -> Option<AgentOutcome> {
 
 /// The last lines of stderr, for error messages.
 pub fn stderr_hint(exit: &Exit) -> String {
-    let lines: Vec<&str> = exit.stderr_tail.lines().filter(|l| !l.trim().is_empty()).collect();
+    let lines: Vec<&str> = exit
+        .stderr_tail
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
     if lines.is_empty() {
         return String::new();
     }

@@ -10,7 +10,9 @@ use crate::task::{self, TaskFile};
 fn next_number(project: &Project) -> u64 {
     let mut max = 0;
     for dir in project.spool.dirs() {
-        let Ok(rd) = std::fs::read_dir(dir) else { continue };
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            continue;
+        };
         for e in rd.flatten() {
             let name = e.file_name();
             let name = name.to_string_lossy();
@@ -26,8 +28,18 @@ fn next_number(project: &Project) -> u64 {
 }
 
 pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
-    let Command::Add { description, priority, agent, after, context, task_type, workdir, timeout_minutes, max_retries, id } =
-        &cli.command
+    let Command::Add {
+        description,
+        priority,
+        agent,
+        after,
+        context,
+        task_type,
+        workdir,
+        timeout_minutes,
+        max_retries,
+        id,
+    } = &cli.command
     else {
         unreachable!("dispatched on Add")
     };
@@ -42,7 +54,13 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
     {
         bail!(UsageError(format!(
             "unknown agent `{a}` (configured: {})",
-            project.cfg.agents.keys().cloned().collect::<Vec<_>>().join(", ")
+            project
+                .cfg
+                .agents
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
         )));
     }
     let mut file = TaskFile {
@@ -66,7 +84,8 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
         file.id = Some(tid.clone());
         let text = task::to_yaml(&file);
         // Validate exactly what we write: `add` must never produce a file the supervisor rejects.
-        let parsed = task::parse_task(&text, &tid, "<new task>").map_err(|e| UsageError(e.message().to_string()))?;
+        let parsed = task::parse_task(&text, &tid, "<new task>")
+            .map_err(|e| UsageError(e.message().to_string()))?;
         if project.spool.settled_place(&tid).is_some() {
             if id.is_some() {
                 bail!(UsageError(format!("task id {tid} already exists")));
@@ -74,7 +93,11 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
             n += 1;
             continue;
         }
-        if crate::fsutil::atomic_create(&project.spool.pending, &format!("{tid}.yaml"), text.as_bytes())? {
+        if crate::fsutil::atomic_create(
+            &project.spool.pending,
+            &format!("{tid}.yaml"),
+            text.as_bytes(),
+        )? {
             let path = project.spool.task_path(crate::spool::Place::Pending, &tid);
             project.mirror_write(vec![crate::mirror::Op::Upsert {
                 row: crate::mirror::pending_row(&project.spool, &parsed, &path, None),
@@ -88,7 +111,9 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
             return Ok(0);
         }
         if id.is_some() {
-            bail!(UsageError(format!("task id {tid} already exists in pending/")));
+            bail!(UsageError(format!(
+                "task id {tid} already exists in pending/"
+            )));
         }
         n += 1;
     }

@@ -51,10 +51,17 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
             kind: a.kind.as_str().into(),
             command: program,
             available: problem.is_none(),
-            install_hint: if found.is_none() { install_hint(a.kind).map(String::from) } else { None },
+            install_hint: if found.is_none() {
+                install_hint(a.kind).map(String::from)
+            } else {
+                None
+            },
             found,
             problem,
-            running: running.iter().filter(|r| r.agent.as_deref() == Some(name)).count(),
+            running: running
+                .iter()
+                .filter(|r| r.agent.as_deref() == Some(name))
+                .count(),
             max_instances: a.max_instances,
             attempts: t.map(|t| t.attempts).unwrap_or(0),
             completed: t.map(|t| t.completed).unwrap_or(0),
@@ -68,7 +75,10 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
         super::print_json(&out)?;
         return Ok(0);
     }
-    println!("{:<10} {:<8} {:<10} {:>7} {:>9} {:>9} {:>9}  STATUS", "AGENT", "KIND", "COMMAND", "RUNNING", "ATTEMPTS", "COMPLETED", "COST");
+    println!(
+        "{:<10} {:<8} {:<10} {:>7} {:>9} {:>9} {:>9}  STATUS",
+        "AGENT", "KIND", "COMMAND", "RUNNING", "ATTEMPTS", "COMPLETED", "COST"
+    );
     for a in out {
         let status = match (&a.problem, &a.install_hint) {
             (None, _) => format!("ready ({})", a.found.as_deref().unwrap_or("-")),

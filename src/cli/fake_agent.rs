@@ -3,6 +3,8 @@
 //!
 //! `sleep=SECS` `ignore-term` `grandchild=PIDFILE` `flood=BYTES` `write=PATH:CONTENT` `stderr=TEXT`
 //! `print=TEXT` `echo-prompt` `env=NAME` `fail-until=COUNTERFILE:N` `close-pipes` `exit=CODE`
+//! `pidfile=PATH` (own pid) `lock=PATH` (hold an exclusive lock while running; if another run holds it,
+//! append "OVERLAP" to PATH.overlap and exit 42: proves a task never runs twice at once)
 //!
 //! Without directives it prints one line naming the task and exits 0.
 
@@ -25,9 +27,36 @@ pub fn run(prompt: Option<String>, args: &[String]) -> Result<i32> {
             directives.extend(rest.split_whitespace().map(String::from));
         }
     }
-    let get = |k: &str| directives.iter().find_map(|d| d.strip_prefix(&format!("{k}=")).map(String::from));
+    let get = |k: &str| {
+        directives
+            .iter()
+            .find_map(|d| d.strip_prefix(&format!("{k}=")).map(String::from))
+    };
     let has = |k: &str| directives.iter().any(|d| d == k);
 
+    if let Some(p) = get("pidfile") {
+        std::fs::write(&p, std::process::id().to_string())?;
+    }
+    // Held until exit (the descriptor closes with the process, whatever kills it).
+    let _lock = match get("lock") {
+        Some(p) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&p)?;
+            if f.try_lock().is_err() {
+                let mut o = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(format!("{p}.overlap"))?;
+                writeln!(o, "OVERLAP pid {}", std::process::id())?;
+                return Ok(42);
+            }
+            Some(f)
+        }
+        None => None,
+    };
     if has("ignore-term") {
         // SAFETY: installing SIG_IGN for SIGTERM is sound at any point.
         unsafe {
@@ -54,7 +83,11 @@ pub fn run(prompt: Option<String>, args: &[String]) -> Result<i32> {
     if let Some(spec) = get("fail-until")
         && let Some((file, n)) = spec.split_once(':')
     {
-        let count: u32 = std::fs::read_to_string(file).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0) + 1;
+        let count: u32 = std::fs::read_to_string(file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+            + 1;
         std::fs::write(file, count.to_string())?;
         if count < n.parse().unwrap_or(1) {
             eprintln!("fake agent: failing on purpose (run {count} of {n})");
@@ -67,7 +100,11 @@ pub fn run(prompt: Option<String>, args: &[String]) -> Result<i32> {
         let mut left = n;
         while left > 0 {
             let k = left.min(1024) as usize;
-            if out.write_all(&line[..k - 1]).and_then(|_| out.write_all(b"\n")).is_err() {
+            if out
+                .write_all(&line[..k - 1])
+                .and_then(|_| out.write_all(b"\n"))
+                .is_err()
+            {
                 break;
             }
             left -= k as u64;
@@ -80,13 +117,24 @@ pub fn run(prompt: Option<String>, args: &[String]) -> Result<i32> {
         writeln!(out, "{prompt}")?;
     }
     if let Some(name) = get("env") {
-        writeln!(out, "{name}={}", std::env::var(&name).unwrap_or_else(|_| "<unset>".into()))?;
+        writeln!(
+            out,
+            "{name}={}",
+            std::env::var(&name).unwrap_or_else(|_| "<unset>".into())
+        )?;
     }
     match get("print") {
         Some(t) => writeln!(out, "{}", t.replace('_', " "))?,
         None => {
-            let title = prompt.lines().find(|l| l.starts_with("# Task ")).unwrap_or("# Task ?");
-            writeln!(out, "fake agent finished {}", title.trim_start_matches("# "))?;
+            let title = prompt
+                .lines()
+                .find(|l| l.starts_with("# Task "))
+                .unwrap_or("# Task ?");
+            writeln!(
+                out,
+                "fake agent finished {}",
+                title.trim_start_matches("# ")
+            )?;
         }
     }
     out.flush()?;

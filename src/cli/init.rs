@@ -37,12 +37,17 @@ pub fn run(cli: &Cli) -> Result<i32> {
     // Host-local state must never be synced or committed: its locks and pids mean nothing elsewhere.
     let gi = root.join(".gitignore");
     let existing = std::fs::read_to_string(&gi).unwrap_or_default();
-    if !existing.lines().any(|l| l.trim() == ".orchestrate/" || l.trim() == "/.orchestrate/") {
+    if !existing
+        .lines()
+        .any(|l| l.trim() == ".orchestrate/" || l.trim() == "/.orchestrate/")
+    {
         let mut s = existing.clone();
         if !s.is_empty() && !s.ends_with('\n') {
             s.push('\n');
         }
-        s.push_str("# orchestrate: host-local state (SQLite mirror, locks, pid file)\n.orchestrate/\n");
+        s.push_str(
+            "# orchestrate: host-local state (SQLite mirror, locks, pid file)\n.orchestrate/\n",
+        );
         std::fs::write(&gi, s)?;
         created.push(".gitignore".into());
     }

@@ -17,7 +17,11 @@ pub fn rebuild(cli: &Cli, project: &Project) -> Result<i32> {
     if cli.json {
         super::print_json(&report)?;
     } else {
-        println!("mirror rebuilt from {}: {} task rows", project.rel(&project.spool.tasks_dir), report.upserted);
+        println!(
+            "mirror rebuilt from {}: {} task rows",
+            project.rel(&project.spool.tasks_dir),
+            report.upserted
+        );
     }
     Ok(0)
 }

@@ -25,7 +25,11 @@ use crate::context::Layout;
 use crate::spool::Spool;
 
 #[derive(Debug, Parser)]
-#[command(name = "orchestrate", version, about = "Run AI coding-agent CLIs from a watched folder")]
+#[command(
+    name = "orchestrate",
+    version,
+    about = "Run AI coding-agent CLIs from a watched folder"
+)]
 pub struct Cli {
     /// Project root (holds config.yaml, tasks/ and context/); default: the current directory.
     #[arg(short = 'C', long, global = true, env = "ORCHESTRATE_ROOT")]
@@ -103,12 +107,12 @@ pub enum Command {
     Retry { id: String },
     /// Cancel a pending task, or stop a running one; it ends in failed/.
     Cancel { id: String },
-    /// Check task files (or --config) and report errors with line and column; exit 1 on any error.
+    /// Check task files (or the configuration) and report errors with line and column; exit 1 on any error.
     Validate {
         files: Vec<PathBuf>,
-        /// Validate the configuration instead (the file given, or the project's).
-        #[arg(long = "config-file", value_name = "FILE", num_args = 0..=1, default_missing_value = "")]
-        config_file: Option<PathBuf>,
+        /// Check the configuration (--config FILE, else <root>/config.yaml) instead of task files.
+        #[arg(long = "check-config")]
+        check_config: bool,
     },
     /// Mirror maintenance.
     Mirror {
@@ -132,7 +136,8 @@ pub enum MirrorAction {
 }
 
 fn parse_priority(s: &str) -> Result<crate::task::Priority, String> {
-    crate::task::Priority::parse_cli(s).ok_or_else(|| format!("`{s}` is not high, normal, low or an integer"))
+    crate::task::Priority::parse_cli(s)
+        .ok_or_else(|| format!("`{s}` is not high, normal, low or an integer"))
 }
 
 /// The project a command works on: root, configuration and the paths derived from them.
@@ -149,17 +154,29 @@ impl Project {
             Some(r) => r.clone(),
             None => std::env::current_dir().context("cannot read the current directory")?,
         };
-        let root = root
-            .canonicalize()
-            .map_err(|e| crate::error::UsageError(format!("project root {}: {e}", root.display())))?;
-        let cfg_path = cli.config.clone().unwrap_or_else(|| root.join("config.yaml"));
+        let root = root.canonicalize().map_err(|e| {
+            crate::error::UsageError(format!("project root {}: {e}", root.display()))
+        })?;
+        let cfg_path = cli
+            .config
+            .clone()
+            .unwrap_or_else(|| root.join("config.yaml"));
         if cli.config.is_some() && !cfg_path.exists() {
-            return Err(crate::error::UsageError(format!("config file {} does not exist", cfg_path.display())).into());
+            return Err(crate::error::UsageError(format!(
+                "config file {} does not exist",
+                cfg_path.display()
+            ))
+            .into());
         }
         let cfg = Config::load(&cfg_path)?;
         let layout = Layout::new(&root, &cfg);
         let spool = Spool::new(&layout.tasks_dir, &layout.state_dir);
-        Ok(Project { root, cfg, layout, spool })
+        Ok(Project {
+            root,
+            cfg,
+            layout,
+            spool,
+        })
     }
 
     pub fn db_path(&self) -> PathBuf {
@@ -177,7 +194,13 @@ impl Project {
                 .into());
             }
             let mut conn = crate::mirror::open(&self.db_path())?;
-            crate::mirror::reconcile(&mut conn, &self.spool, &crate::fsutil::hostname(), self.cfg.orchestrator.max_task_bytes, false)?;
+            crate::mirror::reconcile(
+                &mut conn,
+                &self.spool,
+                &crate::fsutil::hostname(),
+                self.cfg.orchestrator.max_task_bytes,
+                false,
+            )?;
         }
         crate::mirror::open_read(&self.db_path())?.context("mirror database vanished")
     }
@@ -215,11 +238,18 @@ pub fn run(cli: Cli) -> Result<i32> {
     match &cli.command {
         Command::FakeAgent { prompt, directives } => fake_agent::run(prompt.clone(), directives),
         Command::Init => init::run(&cli),
-        Command::Start { once, detach, verbose } => start::start(&cli, *once, *detach, *verbose),
+        Command::Start {
+            once,
+            detach,
+            verbose,
+        } => start::start(&cli, *once, *detach, *verbose),
         Command::Stop { timeout } => start::stop(&Project::load(&cli)?, *timeout),
-        Command::Validate { files, config_file } => {
+        Command::Validate {
+            files,
+            check_config,
+        } => {
             default_sigpipe();
-            validate::run(&cli, files, config_file.as_deref())
+            validate::run(&cli, files, *check_config)
         }
         Command::Add { .. } => add::run(&cli, &Project::load(&cli)?),
         Command::Status => {
@@ -240,7 +270,9 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
         Command::Retry { id } => retry::run(&cli, &Project::load(&cli)?, id),
         Command::Cancel { id } => cancel::run(&cli, &Project::load(&cli)?, id),
-        Command::Mirror { action: MirrorAction::Rebuild } => mirror_cmd::rebuild(&cli, &Project::load(&cli)?),
+        Command::Mirror {
+            action: MirrorAction::Rebuild,
+        } => mirror_cmd::rebuild(&cli, &Project::load(&cli)?),
     }
 }
 

@@ -11,12 +11,20 @@ pub fn run(cli: &Cli, project: &Project, id: &str) -> Result<i32> {
     let path = project.spool.task_path(Place::Pending, id);
     if let Ok((task, _)) = crate::task::read_task(&path, u64::MAX) {
         let row = mirror::pending_row(&project.spool, &task, &path, Some(&history));
-        project.mirror_write(vec![Op::Upsert { row, attempts: history.attempts.clone() }]);
+        project.mirror_write(vec![Op::Upsert {
+            row,
+            attempts: history.attempts.clone(),
+        }]);
     }
     if cli.json {
-        super::print_json(&serde_json::json!({"id": id, "state": "pending", "previous_attempts": history.attempts.len()}))?;
+        super::print_json(
+            &serde_json::json!({"id": id, "state": "pending", "previous_attempts": history.attempts.len()}),
+        )?;
     } else {
-        println!("{id}: back in pending ({} earlier attempt(s) kept)", history.attempts.len());
+        println!(
+            "{id}: back in pending ({} earlier attempt(s) kept)",
+            history.attempts.len()
+        );
     }
     Ok(0)
 }

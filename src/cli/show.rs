@@ -29,11 +29,22 @@ pub fn run(cli: &Cli, project: &Project, id: &str) -> Result<i32> {
     let row = mirror::get(&conn, id)?;
     let spool = &project.spool;
     let place = spool.settled_place(id).or_else(|| {
-        let pending = row.as_ref().map(|r| spool.tasks_dir.join(&r.payload.file)).filter(|p| p.exists());
-        pending.map(|_| Place::Pending).or_else(|| spool.task_path(Place::Pending, id).exists().then_some(Place::Pending))
+        let pending = row
+            .as_ref()
+            .map(|r| spool.tasks_dir.join(&r.payload.file))
+            .filter(|p| p.exists());
+        pending.map(|_| Place::Pending).or_else(|| {
+            spool
+                .task_path(Place::Pending, id)
+                .exists()
+                .then_some(Place::Pending)
+        })
     });
     let Some(place) = place else {
-        bail!(UsageError(format!("no task {id} in {}", project.rel(&spool.tasks_dir))));
+        bail!(UsageError(format!(
+            "no task {id} in {}",
+            project.rel(&spool.tasks_dir)
+        )));
     };
     let file = match place {
         Place::Pending => row
@@ -74,12 +85,20 @@ pub fn run(cli: &Cli, project: &Project, id: &str) -> Result<i32> {
         super::print_json(&shown)?;
         return Ok(0);
     }
-    println!("task {} — {} ({})", shown.id, shown.state, shown.file.as_deref().unwrap_or("-"));
+    println!(
+        "task {} — {} ({})",
+        shown.id,
+        shown.state,
+        shown.file.as_deref().unwrap_or("-")
+    );
     if let Some(n) = &shown.note {
         println!("waiting: {n}");
     }
     if let Some(c) = &shown.claim {
-        println!("running on {} since {} (attempt {}, {} pid {})", c.agent, c.started_at, c.attempt, c.host, c.pid);
+        println!(
+            "running on {} since {} (attempt {}, {} pid {})",
+            c.agent, c.started_at, c.attempt, c.host, c.pid
+        );
     }
     if let Some(e) = &shown.error {
         println!("error: {}", e.trim_end());
@@ -91,8 +110,13 @@ pub fn run(cli: &Cli, project: &Project, id: &str) -> Result<i32> {
                 a.n,
                 a.agent,
                 a.outcome.as_str(),
-                a.exit_code.map(|c| format!(", exit {c}")).unwrap_or_default(),
-                a.error.as_deref().map(|e| format!(" — {}", super::short(e, 100))).unwrap_or_default()
+                a.exit_code
+                    .map(|c| format!(", exit {c}"))
+                    .unwrap_or_default(),
+                a.error
+                    .as_deref()
+                    .map(|e| format!(" — {}", super::short(e, 100)))
+                    .unwrap_or_default()
             );
         }
         if r.review_required {
@@ -106,13 +130,21 @@ pub fn run(cli: &Cli, project: &Project, id: &str) -> Result<i32> {
         println!("\n--- task file ---\n{}", t.trim_end());
     }
     if let Some(o) = &shown.output {
-        println!("\n--- output ({}) ---\n{}", project.rel(&project.layout.output_path(id)), o.trim_end());
+        println!(
+            "\n--- output ({}) ---\n{}",
+            project.rel(&project.layout.output_path(id)),
+            o.trim_end()
+        );
     }
     if let Some(d) = &shown.diff {
         if d.is_empty() {
             println!("\n--- diff: no files changed ---");
         } else {
-            println!("\n--- diff ({}) ---\n{}", project.rel(&project.layout.diff_path(id)), d.trim_end());
+            println!(
+                "\n--- diff ({}) ---\n{}",
+                project.rel(&project.layout.diff_path(id)),
+                d.trim_end()
+            );
         }
     }
     Ok(0)

@@ -30,7 +30,10 @@ fn detach_start(cli: &Cli, project: &Project, verbose: u8) -> Result<i32> {
     let state = &project.layout.state_dir;
     std::fs::create_dir_all(state)?;
     let log_path = state.join("supervisor.log");
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)?;
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
     cmd.arg("-C").arg(&project.root);
     if let Some(c) = &cli.config {
@@ -52,14 +55,22 @@ fn detach_start(cli: &Cli, project: &Project, verbose: u8) -> Result<i32> {
             Ok(())
         });
     }
-    let child = cmd.spawn().context("cannot start the background supervisor")?;
+    let child = cmd
+        .spawn()
+        .context("cannot start the background supervisor")?;
     let pid = child.id();
     crate::fsutil::atomic_write(&state.join("supervisor.pid"), format!("{pid}\n").as_bytes())?;
     // Wait until it holds its instance lock, so "started" means started (bounded).
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        if crate::spool::live_instances(state).iter().any(|(p, _)| *p == pid) {
-            println!("supervisor started in the background (pid {pid}); log: {}", project.rel(&log_path));
+        if crate::spool::live_instances(state)
+            .iter()
+            .any(|(p, _)| *p == pid)
+        {
+            println!(
+                "supervisor started in the background (pid {pid}); log: {}",
+                project.rel(&log_path)
+            );
             return Ok(0);
         }
         if !crate::fsutil::pid_alive(pid) {

@@ -39,7 +39,10 @@ struct Supervisor {
 pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
     let conn = project.mirror_read()?;
     let mut counts: std::collections::BTreeMap<String, usize> =
-        ["pending", "running", "completed", "failed"].iter().map(|s| (s.to_string(), 0)).collect();
+        ["pending", "running", "completed", "failed"]
+            .iter()
+            .map(|s| (s.to_string(), 0))
+            .collect();
     for (state, n) in mirror::counts(&conn)? {
         counts.insert(state, n);
     }
@@ -56,21 +59,44 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
         .unwrap_or(0);
     let running: Vec<Running> = mirror::list(&conn, Some("running"))?
         .into_iter()
-        .map(|r| Running { id: r.id, agent: r.agent, since: r.payload.started_at, attempt: r.payload.attempts })
+        .map(|r| Running {
+            id: r.id,
+            agent: r.agent,
+            since: r.payload.started_at,
+            attempt: r.payload.attempts,
+        })
         .collect();
     let waiting: Vec<Waiting> = mirror::list(&conn, Some("pending"))?
         .into_iter()
-        .filter_map(|r| r.note.map(|n| Waiting { id: r.id, reason: n }))
+        .filter_map(|r| {
+            r.note.map(|n| Waiting {
+                id: r.id,
+                reason: n,
+            })
+        })
         .collect();
     let supervisors: Vec<Supervisor> = crate::spool::live_instances(&project.layout.state_dir)
         .into_iter()
         .map(|(pid, path)| Supervisor {
             pid,
-            instance: path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+            instance: path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default(),
         })
         .collect();
-    let last_event_seq: i64 = conn.query_row("SELECT coalesce(max(seq), 0) FROM task_events", [], |r| r.get(0))?;
-    let st = Status { counts, quarantined, running, waiting, supervisors, last_event_seq };
+    let last_event_seq: i64 =
+        conn.query_row("SELECT coalesce(max(seq), 0) FROM task_events", [], |r| {
+            r.get(0)
+        })?;
+    let st = Status {
+        counts,
+        quarantined,
+        running,
+        waiting,
+        supervisors,
+        last_event_seq,
+    };
     if cli.json {
         super::print_json(&st)?;
         return Ok(0);
@@ -105,7 +131,10 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
             println!("  {:<20} {}", w.id, short(&w.reason, 100));
         }
         if st.waiting.len() > 20 {
-            println!("  … and {} more (orchestrate tasks --status pending)", st.waiting.len() - 20);
+            println!(
+                "  … and {} more (orchestrate tasks --status pending)",
+                st.waiting.len() - 20
+            );
         }
     }
     Ok(0)

@@ -10,7 +10,9 @@ pub fn run(cli: &Cli, project: &Project, status: Option<&str>) -> Result<i32> {
     if let Some(s) = status
         && !["pending", "running", "completed", "failed"].contains(&s)
     {
-        bail!(UsageError(format!("--status must be pending, running, completed or failed, not `{s}`")));
+        bail!(UsageError(format!(
+            "--status must be pending, running, completed or failed, not `{s}`"
+        )));
     }
     let conn = project.mirror_read()?;
     let rows = mirror::list(&conn, status)?;
@@ -19,16 +21,27 @@ pub fn run(cli: &Cli, project: &Project, status: Option<&str>) -> Result<i32> {
         return Ok(0);
     }
     if rows.is_empty() {
-        println!("no tasks{}", status.map(|s| format!(" in state {s}")).unwrap_or_default());
+        println!(
+            "no tasks{}",
+            status.map(|s| format!(" in state {s}")).unwrap_or_default()
+        );
         return Ok(0);
     }
     use std::io::Write;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    writeln!(out, "{:<20} {:<10} {:<10} {:>3} {:<24} DESCRIPTION", "ID", "STATE", "AGENT", "TRY", "UPDATED")?;
+    writeln!(
+        out,
+        "{:<20} {:<10} {:<10} {:>3} {:<24} DESCRIPTION",
+        "ID", "STATE", "AGENT", "TRY", "UPDATED"
+    )?;
     for r in rows {
         let desc = match (&r.note, &r.payload.error) {
-            (_, Some(e)) if r.state == "failed" => format!("{} — {}", short(&r.payload.description, 40), short(e, 60)),
-            (Some(n), _) if r.state == "pending" => format!("{} — {}", short(&r.payload.description, 40), short(n, 60)),
+            (_, Some(e)) if r.state == "failed" => {
+                format!("{} — {}", short(&r.payload.description, 40), short(e, 60))
+            }
+            (Some(n), _) if r.state == "pending" => {
+                format!("{} — {}", short(&r.payload.description, 40), short(n, 60))
+            }
             _ => short(&r.payload.description, 80),
         };
         writeln!(

@@ -1,7 +1,7 @@
 //! `orchestrate validate FILE...`: lint task files (or the config) for CI jobs that commit them.
 //! Prints `file:line:column: error: message` per problem; exit 1 if any file is invalid.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Result;
 use serde::Serialize;
@@ -20,11 +20,15 @@ struct Finding {
     message: Option<String>,
 }
 
-pub fn run(cli: &Cli, files: &[PathBuf], config_file: Option<&Path>) -> Result<i32> {
+pub fn run(cli: &Cli, files: &[PathBuf], check_config: bool) -> Result<i32> {
     let root = cli.root.clone().unwrap_or_else(|| PathBuf::from("."));
-    if let Some(c) = config_file {
-        let path = if c.as_os_str().is_empty() { cli.config.clone().unwrap_or_else(|| root.join("config.yaml")) } else { c.to_path_buf() };
-        let text = std::fs::read_to_string(&path).map_err(|e| UsageError(format!("{}: {e}", path.display())))?;
+    if check_config {
+        let path = cli
+            .config
+            .clone()
+            .unwrap_or_else(|| root.join("config.yaml"));
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| UsageError(format!("{}: {e}", path.display())))?;
         return match Config::parse(&text, &path.display().to_string()) {
             Ok(_) => {
                 println!("{}: ok", path.display());
@@ -42,10 +46,13 @@ pub fn run(cli: &Cli, files: &[PathBuf], config_file: Option<&Path>) -> Result<i
         };
     }
     if files.is_empty() {
-        return Err(UsageError("give one or more task files (or --config-file)".into()).into());
+        return Err(UsageError("give one or more task files (or --check-config)".into()).into());
     }
     // Agent names are checked against the project's configuration when there is one.
-    let cfg_path = cli.config.clone().unwrap_or_else(|| root.join("config.yaml"));
+    let cfg_path = cli
+        .config
+        .clone()
+        .unwrap_or_else(|| root.join("config.yaml"));
     let cfg = Config::load(&cfg_path)?;
     let mut findings = Vec::new();
     for f in files {
@@ -64,23 +71,51 @@ pub fn run(cli: &Cli, files: &[PathBuf], config_file: Option<&Path>) -> Result<i
                         cfg.agents.keys().cloned().collect::<Vec<_>>().join(", ")
                     )),
                 },
-                _ => Finding { file: shown.clone(), ok: true, id: Some(task.id), line: None, column: None, message: None },
+                _ => Finding {
+                    file: shown.clone(),
+                    ok: true,
+                    id: Some(task.id),
+                    line: None,
+                    column: None,
+                    message: None,
+                },
             },
             Err(e) => {
                 if !cli.json {
                     eprintln!("{}: error: {}", e.problem.at(&shown), e.message());
                     if let Some(x) = &e.problem.excerpt {
-                        eprintln!("{}", x.replace(&format!("{}:", f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()), &format!("{shown}:")));
+                        eprintln!(
+                            "{}",
+                            x.replace(
+                                &format!(
+                                    "{}:",
+                                    f.file_name()
+                                        .map(|n| n.to_string_lossy().into_owned())
+                                        .unwrap_or_default()
+                                ),
+                                &format!("{shown}:")
+                            )
+                        );
                     }
                 }
-                Finding { file: shown.clone(), ok: false, id: None, line: e.problem.line, column: e.problem.column, message: Some(e.message().to_string()) }
+                Finding {
+                    file: shown.clone(),
+                    ok: false,
+                    id: None,
+                    line: e.problem.line,
+                    column: e.problem.column,
+                    message: Some(e.message().to_string()),
+                }
             }
         };
         if !cli.json {
             if finding.ok {
                 println!("{shown}: ok ({})", finding.id.as_deref().unwrap_or("-"));
             } else if finding.line.is_none() && finding.id.is_some() {
-                eprintln!("{shown}: error: {}", finding.message.as_deref().unwrap_or_default());
+                eprintln!(
+                    "{shown}: error: {}",
+                    finding.message.as_deref().unwrap_or_default()
+                );
             }
         }
         findings.push(finding);

@@ -1,0 +1,520 @@
+//! End-to-end tests of the supervisor: the real binary, real files, real child processes.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn two_hundred_tasks_complete_exactly_once_with_outputs_diffs_and_mirror() {
+    let p = Project::new();
+    std::fs::create_dir_all(p.path("locks")).expect("mkdir locks");
+    let mut sup = p.start();
+    for i in 0..200 {
+        std::fs::create_dir_all(p.path(&format!("work/t{i:03}"))).expect("mkdir");
+        p.drop_task(
+            &format!("t{i:03}.yaml"),
+            &format!(
+                "description: |\n  task number {i}\n  @fake write=made_{i:03}.txt:content_{i} lock=../../locks/t{i:03}.lock\nworkdir: work/t{i:03}\n"
+            ),
+        );
+    }
+    wait_for("200 tasks in completed/", Duration::from_secs(180), || {
+        p.tasks_in("completed").len() == 200
+    });
+    assert!(sup.stop().success(), "{}", sup.output());
+
+    assert!(
+        p.tasks_in("pending").is_empty()
+            && p.tasks_in("assigned").is_empty()
+            && p.tasks_in("failed").is_empty()
+    );
+    for i in 0..200 {
+        let id = format!("t{i:03}");
+        let r = p.result("completed", &id);
+        assert_eq!(r["status"], "completed", "{id}: {r}");
+        assert_eq!(
+            r["attempts"].as_array().map(Vec::len),
+            Some(1),
+            "{id} ran more than once: {r}"
+        );
+        assert_eq!(
+            r["files_modified"],
+            serde_json::json!([format!("made_{i:03}.txt")]),
+            "{id}"
+        );
+        let out = p.read(&format!("context/agent_outputs/{id}_output.md"));
+        assert!(
+            out.contains(&format!("fake agent finished Task {id}")),
+            "{out}"
+        );
+        let diff = p.read(&format!("context/diffs/{id}.diff"));
+        assert!(
+            diff.contains(&format!("+++ b/made_{i:03}.txt"))
+                && diff.contains(&format!("+content {i}")),
+            "{diff}"
+        );
+        assert!(
+            !p.path(&format!("locks/{id}.lock.overlap")).exists(),
+            "{id} ran twice at once"
+        );
+    }
+    // The mirror agrees with the tree, and each task went through each state exactly once.
+    assert_eq!(p.mirror_states(), p.tree_states());
+    let db = p.db();
+    let mut st = db
+        .prepare("SELECT task_id, state, count(*) FROM task_events GROUP BY task_id, state")
+        .expect("prepare");
+    let mut per_task: HashMap<String, Vec<(String, i64)>> = HashMap::new();
+    for row in st
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })
+        .expect("query")
+    {
+        let (id, state, n) = row.expect("row");
+        per_task.entry(id).or_default().push((state, n));
+    }
+    assert_eq!(per_task.len(), 200);
+    for (id, mut states) in per_task {
+        states.sort();
+        assert_eq!(
+            states,
+            vec![
+                ("completed".into(), 1),
+                ("pending".into(), 1),
+                ("running".into(), 1)
+            ],
+            "events of {id}"
+        );
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&p.read("context/completed_tasks.json")).expect("json");
+    assert_eq!(json.as_array().map(Vec::len), Some(200));
+    assert!(
+        p.read("context/current_state.md")
+            .contains("| completed | 200 |")
+    );
+}
+
+#[test]
+fn bad_yaml_ends_in_failed_with_line_and_column() {
+    let p = Project::new();
+    p.drop_task("bad.yaml", "description: fine\npriority: [high\n");
+    p.drop_task("unknown.yaml", "description: x\nagnet: fake\n");
+    p.drop_task("empty.yaml", "");
+    p.run(&["start", "--once"]).assert_code(0);
+    assert_eq!(
+        p.files("tasks/failed"),
+        vec![
+            "bad.error.txt",
+            "bad.yaml",
+            "empty.error.txt",
+            "empty.yaml",
+            "unknown.error.txt",
+            "unknown.yaml"
+        ]
+    );
+    let err = p.read("tasks/failed/bad.error.txt");
+    assert!(err.starts_with("bad.yaml:2:"), "{err}");
+    let err = p.read("tasks/failed/unknown.error.txt");
+    assert!(
+        err.starts_with("unknown.yaml:2:1:") && err.contains("agnet"),
+        "{err}"
+    );
+    assert!(
+        p.read("tasks/failed/empty.error.txt")
+            .contains("empty file")
+    );
+    let rows = p
+        .run(&["tasks", "--status", "failed", "--json"])
+        .assert_code(0)
+        .json();
+    assert_eq!(rows.as_array().map(Vec::len), Some(3), "{rows}");
+}
+
+#[test]
+fn dependency_chain_runs_in_order_and_passes_outputs_on() {
+    let p = Project::new();
+    // Dropped in reverse so arrival order cannot explain the run order.
+    p.drop_task(
+        "c.yaml",
+        "description: \"third\\n@fake echo-prompt\"\ndependencies: [b]\n",
+    );
+    p.drop_task(
+        "b.yaml",
+        "description: \"second\\n@fake print=from_b sleep=0.2\"\ndependencies: [a]\n",
+    );
+    p.drop_task(
+        "a.yaml",
+        "description: \"first\\n@fake print=from_a sleep=0.2\"\n",
+    );
+    p.run(&["start", "--once"]).assert_code(0);
+    assert_eq!(p.tasks_in("completed"), vec!["a", "b", "c"]);
+    let t = |id: &str, k: &str| {
+        p.result("completed", id)["attempts"][0][k]
+            .as_str()
+            .expect("time")
+            .to_string()
+    };
+    assert!(
+        t("a", "finished_at") <= t("b", "started_at"),
+        "b started before a finished"
+    );
+    assert!(
+        t("b", "finished_at") <= t("c", "started_at"),
+        "c started before b finished"
+    );
+    // c's prompt carried its dependency's output (c echoes its prompt).
+    let out = p.read("context/agent_outputs/c_output.md");
+    assert!(out.contains("### b") && out.contains("from b"), "{out}");
+}
+
+#[test]
+fn dependency_cycle_fails_every_member_clearly_and_dependents_follow() {
+    let p = Project::new();
+    p.drop_task("x.yaml", "description: x\ndependencies: [y]\n");
+    p.drop_task("y.yaml", "description: y\ndependencies: [x]\n");
+    p.drop_task("z.yaml", "description: z\ndependencies: [x]\n");
+    p.run(&["start", "--once"]).assert_code(0);
+    assert_eq!(p.tasks_in("failed"), vec!["x", "y", "z"]);
+    for id in ["x", "y"] {
+        let e = p.result("failed", id)["error"]
+            .as_str()
+            .expect("error")
+            .to_string();
+        assert!(
+            e.contains("dependency cycle") && e.contains("x → y → x"),
+            "{id}: {e}"
+        );
+    }
+    assert_eq!(p.result("failed", "z")["error"], "dependency x failed");
+}
+
+#[test]
+fn subtasks_run_in_order_and_complete_the_parent() {
+    let p = Project::new();
+    p.drop_task("big.yaml", "description: build it\nsubtasks: [\"design @fake print=designed\", \"implement @fake print=implemented\"]\n");
+    p.run(&["start", "--once"]).assert_code(0);
+    assert_eq!(p.tasks_in("completed"), vec!["big", "big.1", "big.2"]);
+    let t = |id: &str, k: &str| {
+        p.result("completed", id)["attempts"][0][k]
+            .as_str()
+            .expect("time")
+            .to_string()
+    };
+    assert!(t("big.1", "finished_at") <= t("big.2", "started_at"));
+    let out = p.read("context/agent_outputs/big_output.md");
+    assert!(
+        out.contains("designed") && out.contains("implemented"),
+        "{out}"
+    );
+}
+
+#[test]
+fn timeout_kills_a_child_that_ignores_sigterm_and_its_grandchild() {
+    let p = Project::new();
+    p.drop_task(
+        "slow.yaml",
+        "description: \"@fake pidfile=agent.pid grandchild=grandchild.pid ignore-term sleep=60\"\ntimeout_minutes: 0.02\nmax_retries: 0\n",
+    );
+    let run = p.run(&["start", "--once"]);
+    run.assert_code(0);
+    assert_eq!(p.tasks_in("failed"), vec!["slow"]);
+    let r = p.result("failed", "slow");
+    assert_eq!(r["attempts"][0]["outcome"], "timeout", "{r}");
+    assert_eq!(
+        r["attempts"][0]["signal"], 9,
+        "SIGTERM was ignored, so SIGKILL ended it: {r}"
+    );
+    let agent = read_pid(&p.path("agent.pid"));
+    let grandchild = read_pid(&p.path("grandchild.pid"));
+    wait_for("agent and grandchild gone", Duration::from_secs(5), || {
+        process_gone(agent) && process_gone(grandchild)
+    });
+}
+
+#[test]
+fn sigkill_of_the_supervisor_mid_run_loses_and_duplicates_nothing() {
+    let p = Project::new();
+    std::fs::create_dir_all(p.path("locks")).expect("mkdir");
+    let mut sup = p.start();
+    for i in 0..12 {
+        p.drop_task(
+            &format!("k{i:02}.yaml"),
+            &format!("description: \"@fake lock=locks/k{i:02}.lock sleep=1.5\"\n"),
+        );
+    }
+    wait_for("tasks running", Duration::from_secs(20), || {
+        p.tasks_in("assigned").len() >= 4
+    });
+    sup.sigkill();
+    let orphaned = p.tasks_in("assigned");
+    assert!(!orphaned.is_empty());
+    // Restart: dead claims are recovered (their orphaned agents killed first), everything finishes.
+    let second = p.run(&["start", "--once", "-v"]);
+    second.assert_code(0);
+    let logs = format!(
+        "--- first supervisor\n{}\n--- second\n{}",
+        sup.output(),
+        second.stdout()
+    );
+    let mut all = p.tasks_in("completed");
+    all.extend(p.tasks_in("failed"));
+    all.sort();
+    let expected: Vec<String> = (0..12).map(|i| format!("k{i:02}")).collect();
+    assert_eq!(
+        all, expected,
+        "every task ends in exactly one terminal place\n{logs}"
+    );
+    assert!(p.tasks_in("pending").is_empty() && p.tasks_in("assigned").is_empty());
+    for id in &expected {
+        assert!(
+            !p.path(&format!("locks/{id}.lock.overlap")).exists(),
+            "{id} ran twice at the same time"
+        );
+        assert!(
+            p.tasks_in("completed").contains(id),
+            "{id} should have completed"
+        );
+    }
+    // A task whose agent had started carries that attempt as `lost`; one caught between the rename and
+    // the claim write never started and carries nothing.
+    let mut lost = 0;
+    for id in &orphaned {
+        let r = p.result("completed", id);
+        let outcomes: Vec<&str> = r["attempts"]
+            .as_array()
+            .expect("attempts")
+            .iter()
+            .filter_map(|a| a["outcome"].as_str())
+            .collect();
+        assert!(
+            outcomes == ["lost", "completed"] || outcomes == ["completed"],
+            "{id}: {r}\n{logs}"
+        );
+        lost += usize::from(outcomes.len() == 2);
+    }
+    assert!(lost > 0, "no attempt was caught mid-run\n{logs}");
+    assert_eq!(p.mirror_states(), p.tree_states());
+}
+
+#[test]
+fn graceful_stop_requeues_running_tasks_without_using_a_retry() {
+    let p = Project::new();
+    let mut sup = p.start();
+    p.drop_task(
+        "long.yaml",
+        "description: \"@fake pidfile=long.pid sleep=30\"\nmax_retries: 0\n",
+    );
+    wait_for("task running", Duration::from_secs(10), || {
+        p.path("long.pid").exists()
+    });
+    let agent = read_pid(&p.path("long.pid"));
+    assert!(sup.stop().success());
+    assert!(process_gone(agent), "agent outlived the supervisor");
+    assert_eq!(p.tasks_in("pending"), vec!["long"]);
+    let h = yaml_to_json(&p.read("tasks/pending/.long.history.yaml"));
+    assert_eq!(h["attempts"][0]["outcome"], "interrupted");
+}
+
+#[test]
+fn retry_keeps_history_and_cancel_works_for_pending_and_running() {
+    let p = Project::new();
+    p.drop_task(
+        "flaky.yaml",
+        "description: \"@fake fail-until=flaky.count:2\"\nmax_retries: 0\n",
+    );
+    p.run(&["start", "--once"]).assert_code(0);
+    assert_eq!(p.tasks_in("failed"), vec!["flaky"]);
+    p.run(&["retry", "flaky"]).assert_code(0);
+    assert_eq!(p.tasks_in("pending"), vec!["flaky"]);
+    p.run(&["retry", "flaky"]).assert_code(2);
+    p.run(&["start", "--once"]).assert_code(0);
+    let r = p.result("completed", "flaky");
+    let outcomes: Vec<&str> = r["attempts"]
+        .as_array()
+        .expect("attempts")
+        .iter()
+        .map(|a| a["outcome"].as_str().unwrap_or("?"))
+        .collect();
+    assert_eq!(outcomes, vec!["agent_error", "completed"]);
+
+    // Pending: waits on a dependency that does not exist, then is cancelled.
+    p.drop_task("waiting.yaml", "description: x\ndependencies: [nowhere]\n");
+    p.run(&["cancel", "waiting"]).assert_code(0);
+    assert_eq!(p.result("failed", "waiting")["error"], "cancelled by user");
+
+    // Running: stopped by its supervisor, agent killed.
+    let mut sup = p.start();
+    p.drop_task(
+        "busy.yaml",
+        "description: \"@fake pidfile=busy.pid sleep=60\"\n",
+    );
+    wait_for("busy running", Duration::from_secs(10), || {
+        p.path("busy.pid").exists()
+    });
+    let run = p.run(&["cancel", "busy"]);
+    run.assert_code(0);
+    assert_eq!(
+        p.result("failed", "busy")["attempts"][0]["outcome"],
+        "cancelled"
+    );
+    assert!(process_gone(read_pid(&p.path("busy.pid"))));
+    p.run(&["cancel", "busy"]).assert_code(1);
+    sup.stop();
+}
+
+#[test]
+fn conflict_copies_and_duplicate_ids_are_quarantined() {
+    let p = Project::new();
+    p.drop_task("a.yaml", "description: \"@fake print=one\"\n");
+    p.run(&["start", "--once"]).assert_code(0);
+    p.drop_task("a.yaml", "description: resurrected\n");
+    p.drop_task(
+        "notes.sync-conflict-20260101-120000-ABCDEF.yaml",
+        "description: conflict\n",
+    );
+    p.drop_task("other.yaml", "id: a\ndescription: same id\n");
+    p.drop_task("README.txt", "ignored");
+    p.run(&["start", "--once"]).assert_code(0);
+    let q = p.files("tasks/quarantine");
+    assert!(
+        q.contains(&"a.yaml".to_string()) && q.contains(&"a.yaml.reason.txt".to_string()),
+        "{q:?}"
+    );
+    assert!(q.contains(&"other.yaml".to_string()), "{q:?}");
+    assert!(
+        q.iter()
+            .any(|n| n.contains("sync-conflict") && !n.ends_with(".reason.txt")),
+        "{q:?}"
+    );
+    assert!(
+        p.read("tasks/quarantine/a.yaml.reason.txt")
+            .contains("already exists in tasks/completed")
+    );
+    assert_eq!(
+        p.files("tasks/pending"),
+        vec!["README.txt"],
+        "non-task files are left alone"
+    );
+    assert_eq!(p.tasks_in("completed"), vec!["a"]);
+}
+
+#[test]
+fn a_task_file_renamed_in_is_claimed_without_waiting_for_a_scan() {
+    let p =
+        Project::with_config(&test_config("").replace("rescan_seconds: 2", "rescan_seconds: 3600"));
+    let mut sup = p.start();
+    p.drop_task("quick.yaml", "description: hi\n");
+    // With the rescan an hour away, only the watcher can have noticed the file.
+    wait_for("quick completed", Duration::from_secs(10), || {
+        p.tasks_in("completed") == vec!["quick"]
+    });
+    sup.stop();
+}
+
+#[test]
+fn files_written_in_place_are_read_after_they_settle() {
+    let p = Project::new();
+    let mut sup = p.start();
+    // An editor saving in place: create, write part, pause, write the rest (no rename).
+    use std::io::Write;
+    let mut f = std::fs::File::create(p.path("tasks/pending/slow.yaml")).expect("create");
+    f.write_all(b"descrip").expect("write");
+    f.flush().expect("flush");
+    std::thread::sleep(Duration::from_millis(30));
+    f.write_all(b"tion: \"@fake print=whole\"\n")
+        .expect("write");
+    drop(f);
+    wait_for("slow completed", Duration::from_secs(10), || {
+        p.tasks_in("completed") == vec!["slow"]
+    });
+    sup.stop();
+    assert!(
+        p.read("context/agent_outputs/slow_output.md")
+            .contains("whole")
+    );
+}
+
+#[test]
+fn outputs_are_capped_and_secrets_redacted() {
+    let cfg = test_config("")
+        .replace(
+            "  env_allow: [PATH, HOME]",
+            "  env_allow: [PATH, HOME, ORCH_TEST_TOKEN]\n  secrets: [ORCH_TEST_TOKEN]",
+        )
+        .replace(
+            "  heartbeat_seconds: 1",
+            "  heartbeat_seconds: 1\n  max_log_bytes: 65536",
+        );
+    let p = Project::with_config(&cfg);
+    p.drop_task(
+        "leak.yaml",
+        "description: \"@fake env=ORCH_TEST_TOKEN flood=5000000\"\n",
+    );
+    let out = p
+        .cmd(&["start", "--once"])
+        .env("ORCH_TEST_TOKEN", "s3cr3t-value-123")
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    let output = p.read("context/agent_outputs/leak_output.md");
+    assert!(
+        output.contains("ORCH_TEST_TOKEN=***") && !output.contains("s3cr3t"),
+        "secret leaked into the output"
+    );
+    let log = std::fs::metadata(p.path("context/logs/leak/attempt-1.log"))
+        .expect("log")
+        .len();
+    assert!(log < 70_000, "log not capped: {log} bytes");
+    assert!(
+        p.read("context/logs/leak/attempt-1.log")
+            .contains("bytes of output dropped")
+    );
+}
+
+#[test]
+fn mirror_rebuild_matches_the_tree() {
+    let p = Project::new();
+    p.drop_task("m1.yaml", "description: \"@fake print=ok\"\n");
+    p.drop_task("m2.yaml", "description: \"@fake exit=3\"\nmax_retries: 0\n");
+    p.drop_task("m3.yaml", "description: x\ndependencies: [missing]\n");
+    p.run(&["start", "--once"]).assert_code(0);
+    std::fs::remove_file(p.path(".orchestrate/state.db")).expect("drop the mirror");
+    p.run(&["mirror", "rebuild"]).assert_code(0);
+    assert_eq!(p.mirror_states(), p.tree_states());
+    assert_eq!(
+        p.tree_states(),
+        vec![
+            ("m1".into(), "completed".into()),
+            ("m2".into(), "failed".into()),
+            ("m3".into(), "pending".into())
+        ]
+    );
+}
+
+#[test]
+fn detach_and_stop() {
+    let p = Project::new();
+    let run = p.run(&["start", "--detach"]);
+    run.assert_code(0);
+    assert!(run.stdout().contains("started in the background"));
+    let pid = read_pid(&p.path(".orchestrate/supervisor.pid"));
+    p.drop_task("bg.yaml", "description: hi\n");
+    wait_for("bg completed", Duration::from_secs(10), || {
+        p.tasks_in("completed") == vec!["bg"]
+    });
+    let status = p.run(&["status", "--json"]).assert_code(0).json();
+    assert_eq!(status["supervisors"][0]["pid"], pid);
+    p.run(&["stop"]).assert_code(0);
+    wait_for("supervisor gone", Duration::from_secs(5), || {
+        process_gone(pid)
+    });
+}
