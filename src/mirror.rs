@@ -533,7 +533,10 @@ pub fn rel_to(base: &Path, p: &Path) -> String {
 }
 
 /// Rows read from the tree with their attempts, and every id present in the tree.
-pub type TreeRows = (Vec<(TaskRow, Vec<Attempt>)>, std::collections::HashSet<String>);
+pub type TreeRows = (
+    Vec<(TaskRow, Vec<Attempt>)>,
+    std::collections::HashSet<String>,
+);
 
 /// One attempt as the mirror lists it: (n, agent, started_at, finished_at, outcome, exit_code).
 pub type AttemptLine = (u32, String, String, Option<String>, String, Option<i32>);
@@ -848,10 +851,7 @@ pub fn supervisors(conn: &Connection) -> Result<Vec<SupervisorRow>> {
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
-pub fn attempts_of(
-    conn: &Connection,
-    id: &str,
-) -> Result<Vec<AttemptLine>> {
+pub fn attempts_of(conn: &Connection, id: &str) -> Result<Vec<AttemptLine>> {
     let mut stmt = conn.prepare(
         "SELECT n, agent, started_at, finished_at, outcome, exit_code FROM attempts WHERE task_id = ?1 ORDER BY n",
     )?;

@@ -249,8 +249,11 @@ impl Supervisor {
             self.cfg.orchestrator.heartbeat_seconds.max(1),
         ));
         heartbeat.tick().await;
-        let settle_tick =
-            Duration::from_millis((self.cfg.orchestrator.settle_ms / 4).clamp(10, 250));
+        // An interval, not a sleep re-armed each pass: a steady stream of events must not starve it.
+        let mut settle_tick = tokio::time::interval(Duration::from_millis(
+            (self.cfg.orchestrator.settle_ms / 4).clamp(10, 250),
+        ));
+        settle_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut state_tick = tokio::time::interval(Duration::from_millis(250));
         let mut signals = 0;
         loop {
@@ -276,9 +279,13 @@ impl Supervisor {
                         Err(e) => console::error(&format!("attempt task failed: {e}")),
                     }
                 }
-                _ = tokio::time::sleep(settle_tick), if !self.settling.is_empty() => self.check_settling(),
+                _ = settle_tick.tick(), if !self.settling.is_empty() => self.check_settling(),
                 _ = tokio::time::sleep_until(wake.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)).into()), if wake.is_some() => {}
-                _ = heartbeat.tick() => self.heartbeat(),
+                _ = heartbeat.tick() => {
+                    self.heartbeat();
+                    // A cancel whose SIGUSR1 came before our handler existed is still seen.
+                    self.check_cancels();
+                }
                 _ = state_tick.tick(), if self.state_dirty => self.write_state_files(),
                 _ = sigusr1.recv() => self.check_cancels(),
                 _ = sigint.recv() => { signals += 1; self.shutdown(signals); }
