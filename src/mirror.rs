@@ -560,11 +560,13 @@ pub fn rows_from_tree(
             .get(id)
             .is_some_and(|(s, _, f)| s == state && f == file)
     };
+    // Furthest place first: a task is where its furthest file is, and a copy left in pending/ (a
+    // resurrection awaiting quarantine) must never make a finished task look pending.
     for place in [
-        Place::Pending,
-        Place::Assigned,
         Place::Completed,
         Place::Failed,
+        Place::Assigned,
+        Place::Pending,
     ] {
         let dir = spool.dir(place);
         let Ok(rd) = std::fs::read_dir(dir) else {
@@ -573,6 +575,7 @@ pub fn rows_from_tree(
         for entry in rd.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if !task::is_task_file_name(&name)
+                || (place == Place::Pending && task::is_conflict_copy(&name))
                 || name.ends_with("_result.yaml")
                 || name.ends_with(".claim.yaml")
             {
@@ -589,7 +592,9 @@ pub fn rows_from_tree(
                         continue;
                     }
                     if let Ok((t, _)) = task::read_task(&path, max_task_bytes) {
-                        present.insert(t.id.clone());
+                        if !present.insert(t.id.clone()) {
+                            continue;
+                        }
                         if !matches(&t.id, "pending", &rel) {
                             let h = spool.read_history(&t.id);
                             let row = pending_row(spool, &t, &path, h.as_ref());
@@ -677,7 +682,9 @@ pub fn reconcile(
         // Rows read from the tree must win over whatever the mirror holds, even at an equal or lower
         // version (the mirror may hold a transition the tree later undid by hand): delete first.
         if let Some((state, version, _)) = known.get(&row.id)
-            && (*version >= row.version && *state != row.state)
+            && *version >= row.version
+            && *state != row.state
+            && row.state != "pending"
         {
             ops.push(Op::Delete(row.id.clone()));
         }

@@ -42,6 +42,9 @@ pub struct Spec {
     pub log_path: PathBuf,
     pub max_log_bytes: u64,
     pub redactor: Arc<Redactor>,
+    /// `ORCHESTRATE_RUN` value for this attempt; set in the child's environment and used to find
+    /// descendants that left the process group (`setsid`, daemonizing tools).
+    pub marker: String,
 }
 
 #[derive(Debug, Default)]
@@ -59,6 +62,8 @@ pub struct Exit {
     pub log_bytes_dropped: u64,
     pub spawn_error: Option<String>,
     pub pid: Option<u32>,
+    /// Descendants that had left the process group and were killed after the agent exited.
+    pub escaped: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -246,6 +251,7 @@ pub async fn run(spec: Spec, mut stop: watch::Receiver<Option<Stop>>) -> Exit {
         .current_dir(&spec.cwd)
         .env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .env(RUN_MARKER, &spec.marker)
         .stdin(if spec.stdin.is_some() {
             Stdio::piped()
         } else {
@@ -291,6 +297,7 @@ pub async fn run(spec: Spec, mut stop: watch::Receiver<Option<Stop>>) -> Exit {
 
     let deadline = tokio::time::Instant::now() + spec.timeout;
     let mut kill_at: Option<tokio::time::Instant> = None;
+    let mut stop_closed = false;
     let far = tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
     let status = loop {
         tokio::select! {
@@ -304,8 +311,13 @@ pub async fn run(spec: Spec, mut stop: watch::Receiver<Option<Stop>>) -> Exit {
                 signal_group(pid, libc::SIGKILL);
                 kill_at = Some(far);
             }
-            changed = stop.changed() => {
-                let req = if changed.is_ok() { *stop.borrow_and_update() } else { None };
+            changed = stop.changed(), if !stop_closed => {
+                if changed.is_err() {
+                    // The supervisor dropped its end: keep the timeout, stop listening.
+                    stop_closed = true;
+                    continue;
+                }
+                let req = *stop.borrow_and_update();
                 match req {
                     Some(Stop::KillNow) => {
                         exit.stopped.get_or_insert(StopKind::Shutdown);
@@ -313,24 +325,25 @@ pub async fn run(spec: Spec, mut stop: watch::Receiver<Option<Stop>>) -> Exit {
                         kill_at = Some(far);
                     }
                     Some(s @ (Stop::Cancel | Stop::Shutdown)) => {
-                        exit.stopped = Some(if s == Stop::Cancel { StopKind::Cancelled } else { StopKind::Shutdown });
+                        // A cancel stays a cancel even if a shutdown follows it.
+                        exit.stopped.get_or_insert(if s == Stop::Cancel { StopKind::Cancelled } else { StopKind::Shutdown });
                         if kill_at.is_none() {
                             signal_group(pid, libc::SIGTERM);
                             kill_at = Some(tokio::time::Instant::now() + spec.grace);
                         }
                     }
-                    None => {
-                        // The sender is gone (supervisor unwinding): stop watching, keep the timeout.
-                        if changed.is_err() {
-                            stop = watch::channel(None).1;
-                        }
-                    }
+                    None => {}
                 }
             }
         }
     };
     // The leader is gone; anything left in its group is a grandchild that must not outlive the attempt.
     signal_group(pid, libc::SIGKILL);
+    // Descendants that left the group still carry the marker: find them too (a /proc sweep, a few ms).
+    let marker = spec.marker.clone();
+    exit.escaped = tokio::task::spawn_blocking(move || kill_marked(&marker))
+        .await
+        .unwrap_or(0);
     for t in [out_task, err_task].into_iter().flatten() {
         let abort = t.abort_handle();
         if tokio::time::timeout(DRAIN_AFTER_EXIT, t).await.is_err() {

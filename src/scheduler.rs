@@ -112,7 +112,7 @@ impl Scheduler {
                 } else {
                     0
                 };
-                (p.task.priority() + boost, p.seq, id)
+                (p.task.priority().saturating_add(boost), p.seq, id)
             })
             .collect();
         v.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));

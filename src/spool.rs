@@ -184,8 +184,13 @@ impl Spool {
         atomic_write(&self.claim_path(id), task::to_yaml(claim).as_bytes())
             .with_context(|| format!("cannot write claim for {id}"))?;
         fsync_dir(&self.pending)?;
-        let _ = fs::remove_file(self.history_path(id));
+        // The history sidecar stays until the caller has checked the claimed file: an unclaim must
+        // not lose it.
         Ok(true)
+    }
+
+    pub fn drop_history(&self, id: &str) {
+        let _ = fs::remove_file(self.history_path(id));
     }
 
     /// Put a just-claimed file back under its original name (it changed after we read it).
@@ -362,118 +367,12 @@ impl Spool {
                 tasks.push(id.to_string());
             }
         }
+        // Each task on its own: one that cannot be recovered must not keep the others stuck.
         for id in &tasks {
-            let claim = self.read_claim(id);
-            let owner_dead = match &claim {
-                Some(c) => !me.owner_alive(c, &self.state_dir),
-                // No claim although we hold the spool lock: the claimer died between rename and write.
-                None => true,
-            };
-            if !owner_dead {
-                continue;
-            }
-            // Finished but not yet moved: complete the move, never run it again.
-            let mut done = false;
-            for t in [Terminal::Completed, Terminal::Failed] {
-                if self.result_path(t, id).exists() {
-                    self.move_beside_result(id, terminal_place(t))?;
-                    out.push(Recovered::Finished(id.clone(), t));
-                    done = true;
-                    break;
-                }
-            }
-            if done {
-                continue;
-            }
-            let (mut attempts, version) = match &claim {
-                Some(c) => (c.history.clone(), c.version + 1),
-                None => {
-                    let h = self.read_history(id).unwrap_or_default();
-                    (h.attempts, h.version.max(1) + 1)
-                }
-            };
-            if let Some(c) = &claim {
-                // Its agent may still be running as an orphan: stop it before anyone can run the task again.
-                if c.host == me.host && c.boot_id == me.boot_id {
-                    let n = crate::process::kill_marked(&crate::process::run_marker(
-                        &c.instance,
-                        id,
-                        c.attempt,
-                    ));
-                    if n > 0 {
-                        crate::console::info(&format!(
-                            "recovery   {id}: killed {n} process(es) left by the stopped supervisor"
-                        ));
-                    }
-                }
-                attempts.push(Attempt {
-                    n: c.attempt,
-                    agent: c.agent.clone(),
-                    started_at: c.started_at.clone(),
-                    finished_at: Some(fsutil::now_rfc3339()),
-                    duration_ms: None,
-                    exit_code: None,
-                    signal: None,
-                    outcome: Outcome::Lost,
-                    error: Some(format!(
-                        "supervisor {} (pid {}) stopped while this attempt ran",
-                        c.instance, c.pid
-                    )),
-                    cost_usd: None,
-                    input_tokens: None,
-                    output_tokens: None,
-                    session_id: None,
-                    log_file: None,
-                });
-            }
-            let failures = attempts
-                .iter()
-                .filter(|a| a.outcome.counts_as_failure())
-                .count() as u32;
-            let task_path = self.task_path(Place::Assigned, id);
-            if failures > max_retries(&task_path) {
-                let description = task::read_task(&task_path, u64::MAX)
-                    .map(|(t, _)| t.file.description)
-                    .unwrap_or_default();
-                let result = TaskResult {
-                    task_id: id.clone(),
-                    status: Terminal::Failed,
-                    version,
-                    agent: attempts.last().map(|a| a.agent.clone()),
-                    description,
-                    finished_at: fsutil::now_rfc3339(),
-                    attempts,
-                    output_file: None,
-                    diff_file: None,
-                    files_modified: vec![],
-                    review_required: false,
-                    review_files: vec![],
-                    error: Some(
-                        "the supervisor stopped during every allowed attempt (max_retries reached)"
-                            .into(),
-                    ),
-                    chosen_because: None,
-                };
-                atomic_write(
-                    &self.result_path(Terminal::Failed, id),
-                    task::to_yaml(&result).as_bytes(),
-                )?;
-                self.move_beside_result(id, Place::Failed)?;
-                out.push(Recovered::Finished(id.clone(), Terminal::Failed));
-            } else {
-                let history = History {
-                    task_id: id.clone(),
-                    version,
-                    attempts,
-                    not_before: None,
-                    reason: Some("recovered from a stopped supervisor".into()),
-                };
-                atomic_write(&self.history_path(id), task::to_yaml(&history).as_bytes())?;
-                rename_noreplace(&task_path, &self.task_path(Place::Pending, id))?;
-                fsync_dir(&self.pending)?;
-                fsync_dir(&self.assigned)?;
-                let _ = fs::remove_file(self.claim_path(id));
-                out.push(Recovered::Requeued(id.clone()));
+            match self.recover_one(me, id, max_retries) {
+                Ok(Some(r)) => out.push(r),
+                Ok(None) => {}
+                Err(e) => crate::console::warn(&format!("cannot recover {id}: {e:#}")),
             }
         }
         // Claims whose task is gone: the owner died after moving the task but before removing them.
@@ -521,6 +420,138 @@ impl Spool {
             }
         }
         Ok(out)
+    }
+}
+
+impl Spool {
+    fn recover_one(
+        &self,
+        me: &Instance,
+        id: &str,
+        max_retries: &dyn Fn(&Path) -> u32,
+    ) -> Result<Option<Recovered>> {
+        let claim = self.read_claim(id);
+        let owner_dead = match &claim {
+            Some(c) => !me.owner_alive(c, &self.state_dir),
+            // No claim although we hold the spool lock: the claimer died between rename and write.
+            None => true,
+        };
+        if !owner_dead {
+            return Ok(None);
+        }
+        // Finished but not yet moved: complete the move, never run it again. A result older than
+        // the claim is a leftover of an earlier life of the task (retried), not this attempt's.
+        let claim_version = claim.as_ref().map(|c| c.version).unwrap_or(0);
+        for t in [Terminal::Completed, Terminal::Failed] {
+            if self
+                .read_result(t, id)
+                .is_some_and(|r| r.version > claim_version)
+            {
+                self.move_beside_result(id, terminal_place(t))?;
+                return Ok(Some(Recovered::Finished(id.to_string(), t)));
+            }
+        }
+        let (mut attempts, version) = match &claim {
+            Some(c) => (c.history.clone(), c.version + 1),
+            None => {
+                let h = self.read_history(id).unwrap_or_default();
+                (h.attempts, h.version.max(1) + 1)
+            }
+        };
+        if let Some(c) = &claim {
+            // Its agent may still be running as an orphan: stop it before anyone can run the task again.
+            if c.host == me.host && c.boot_id == me.boot_id {
+                let n = crate::process::kill_marked(&crate::process::run_marker(
+                    &c.instance,
+                    id,
+                    c.attempt,
+                ));
+                if n > 0 {
+                    crate::console::info(&format!(
+                        "recovery   {id}: killed {n} process(es) left by the stopped supervisor"
+                    ));
+                }
+            }
+            attempts.push(Attempt {
+                n: c.attempt,
+                agent: c.agent.clone(),
+                started_at: c.started_at.clone(),
+                finished_at: Some(fsutil::now_rfc3339()),
+                duration_ms: None,
+                exit_code: None,
+                signal: None,
+                outcome: Outcome::Lost,
+                error: Some(format!(
+                    "supervisor {} (pid {}) stopped while this attempt ran",
+                    c.instance, c.pid
+                )),
+                cost_usd: None,
+                input_tokens: None,
+                output_tokens: None,
+                session_id: None,
+                log_file: None,
+            });
+        }
+        let failures = attempts
+            .iter()
+            .filter(|a| a.outcome.counts_as_failure())
+            .count() as u32;
+        let task_path = self.task_path(Place::Assigned, id);
+        if failures > max_retries(&task_path) {
+            let description = task::read_task(&task_path, u64::MAX)
+                .map(|(t, _)| t.file.description)
+                .unwrap_or_default();
+            let result = TaskResult {
+                task_id: id.to_string(),
+                status: Terminal::Failed,
+                version,
+                agent: attempts.last().map(|a| a.agent.clone()),
+                description,
+                finished_at: fsutil::now_rfc3339(),
+                attempts,
+                output_file: None,
+                diff_file: None,
+                files_modified: vec![],
+                review_required: false,
+                review_files: vec![],
+                error: Some(
+                    "the supervisor stopped during every allowed attempt (max_retries reached)"
+                        .into(),
+                ),
+                chosen_because: None,
+            };
+            atomic_write(
+                &self.result_path(Terminal::Failed, id),
+                task::to_yaml(&result).as_bytes(),
+            )?;
+            self.move_beside_result(id, Place::Failed)?;
+            return Ok(Some(Recovered::Finished(id.to_string(), Terminal::Failed)));
+        }
+        let history = History {
+            task_id: id.to_string(),
+            version,
+            attempts,
+            not_before: None,
+            reason: Some("recovered from a stopped supervisor".into()),
+        };
+        atomic_write(&self.history_path(id), task::to_yaml(&history).as_bytes())?;
+        let to = self.task_path(Place::Pending, id);
+        if let Err(e) = rename_noreplace(&task_path, &to) {
+            if e.kind() != io::ErrorKind::AlreadyExists {
+                return Err(e).with_context(|| format!("cannot requeue {id}"));
+            }
+            // A newcomer took the name meanwhile (sync, git): it is the duplicate, ours has history.
+            let q = move_unique(&to, &self.quarantine, &format!("{id}.yaml"))?;
+            write_reason(
+                &q,
+                &format!("task id {id} was taken by a task being recovered from assigned/"),
+            )?;
+            rename_noreplace(&task_path, &to)?;
+        }
+        fsync_dir(&self.pending)?;
+        fsync_dir(&self.assigned)?;
+        let _ = fs::remove_file(self.claim_path(id));
+        Ok(Some(Recovered::Requeued(id.to_string())))
     }
 }
 
@@ -592,18 +623,20 @@ impl Instance {
         let dir = state_dir.join("instances");
         fs::create_dir_all(&dir)?;
         let path = dir.join(format!("{}.lock", me.id));
-        let mut f = OpenOptions::new()
-            .create_new(true)
-            .write(true)
-            .open(&path)?;
+        // Locked before it becomes visible under its real name: an observer that can lock a
+        // `.lock` file treats its owner as dead and deletes it, so a live instance's file must never
+        // be seen unlocked.
+        let tmp = dir.join(format!(".{}.tmp", me.id));
+        let mut f = OpenOptions::new().create_new(true).write(true).open(&tmp)?;
         f.try_lock()
-            .map_err(|e| anyhow::anyhow!("cannot lock {}: {e:?}", path.display()))?;
+            .map_err(|e| anyhow::anyhow!("cannot lock {}: {e:?}", tmp.display()))?;
         writeln!(
             f,
             "pid: {}\nhost: {}\nboot_id: {}\nstarted_at: {}",
             me.pid, me.host, me.boot_id, me.started_at
         )?;
         f.sync_all()?;
+        fs::rename(&tmp, &path)?;
         me.lock_file = Some(f);
         Ok(me)
     }

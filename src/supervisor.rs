@@ -46,6 +46,8 @@ struct Running {
     task: Task,
     claim: Claim,
     stop: watch::Sender<Option<Stop>>,
+    /// A cancel was requested: a later shutdown must not turn it into a requeue.
+    cancelling: bool,
 }
 
 /// A file in `pending/` that must stay unchanged for the settle period before it is read.
@@ -81,6 +83,8 @@ pub struct Supervisor {
     done: scheduler::Done,
     completed: Vec<CompletedEntry>,
     attempts: JoinSet<Report>,
+    /// Which task each attempt runs, so a panicked attempt still releases its task.
+    attempt_ids: HashMap<tokio::task::Id, String>,
     state_dirty: bool,
     cycles_dirty: bool,
     shutting_down: bool,
@@ -128,6 +132,7 @@ impl Supervisor {
             done: HashMap::new(),
             completed: Vec::new(),
             attempts: JoinSet::new(),
+            attempt_ids: HashMap::new(),
             state_dirty: true,
             cycles_dirty: true,
             shutting_down: false,
@@ -273,10 +278,13 @@ impl Supervisor {
                         self.on_hint(h);
                     }
                 }
-                Some(done) = self.attempts.join_next(), if !self.attempts.is_empty() => {
+                Some(done) = self.attempts.join_next_with_id(), if !self.attempts.is_empty() => {
                     match done {
-                        Ok(report) => self.on_report(report),
-                        Err(e) => console::error(&format!("attempt task failed: {e}")),
+                        Ok((tid, report)) => {
+                            self.attempt_ids.remove(&tid);
+                            self.on_report(report);
+                        }
+                        Err(e) => self.on_attempt_crash(e),
                     }
                 }
                 _ = settle_tick.tick(), if !self.settling.is_empty() => self.check_settling(),
@@ -296,6 +304,14 @@ impl Supervisor {
             }
         }
         self.write_state_files();
+        // Leave the mirror agreeing with the tree: files quarantined or removed while we ran may
+        // have rows that only a reconcile clears.
+        if let Err(e) =
+            self.writer
+                .reconcile(&self.spool, self.cfg.orchestrator.max_task_bytes, false)
+        {
+            console::warn(&format!("final mirror reconcile failed: {e}"));
+        }
         self.writer.send(Op::Supervisor {
             instance: self.me.id.clone(),
             pid: self.me.pid,
@@ -345,7 +361,7 @@ impl Supervisor {
                 self.cfg.orchestrator.kill_grace_seconds
             ));
             self.shutting_down = true;
-            for r in self.running.values() {
+            for r in self.running.values().filter(|r| !r.cancelling) {
                 let _ = r.stop.send(Some(Stop::Shutdown));
             }
         } else {
@@ -527,6 +543,20 @@ impl Supervisor {
     }
 
     fn reject(&mut self, path: &Path, name: &str, explanation: &str) {
+        // An invalid file named like a real task must not land beside that task in failed/ or be
+        // mistaken for it: it goes to quarantine with the explanation.
+        let stem = task::file_stem(name);
+        let clashes = self.running.contains_key(stem)
+            || self.spool.settled_place(stem).is_some()
+            || self.sched.pending.get(stem).is_some_and(|p| p.path != path);
+        if clashes {
+            self.quarantine(
+                path,
+                name,
+                &format!("invalid, and named like existing task {stem}: {explanation}"),
+            );
+            return;
+        }
         match self.spool.reject(path, name, &format!("{explanation}\n")) {
             Ok(dst) => {
                 console::info(&format!(
@@ -538,13 +568,6 @@ impl Supervisor {
                     row: mirror::rejected_row(&self.spool, &dst, explanation),
                     attempts: vec![],
                 });
-                let id = task::file_stem(
-                    &dst.file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default(),
-                )
-                .to_string();
-                self.done.insert(id, Terminal::Failed);
             }
             Err(e) => console::warn(&format!("cannot reject {name}: {e:#}")),
         }
@@ -577,10 +600,13 @@ impl Supervisor {
             );
             return;
         }
-        if self.running.contains_key(&id)
-            || self.spool.settled_place(&id).is_some()
-            || self.done.contains_key(&id)
-        {
+        if self.done.contains_key(&id) && self.spool.settled_place(&id).is_none() {
+            // Back from failed/ (`orchestrate retry`) or removed by hand: the tree says it is not
+            // finished any more, so neither are we.
+            self.done.remove(&id);
+            self.completed.retain(|c| c.id != id);
+        }
+        if self.running.contains_key(&id) || self.spool.settled_place(&id).is_some() {
             let place = self
                 .spool
                 .settled_place(&id)
@@ -843,6 +869,8 @@ impl Supervisor {
             );
             return None;
         }
+        // Only now is the history carried by the claim alone.
+        let _ = std::fs::remove_file(self.spool.history_path(id));
         Some((p, claim))
     }
 
@@ -871,14 +899,17 @@ impl Supervisor {
         };
         let task = p.task.clone();
         let c = claim.clone();
-        self.attempts
+        let handle = self
+            .attempts
             .spawn(async move { run_attempt(ctx, task, c, stop_rx).await });
+        self.attempt_ids.insert(handle.id(), id.to_string());
         self.running.insert(
             id.to_string(),
             Running {
                 task: p.task,
                 claim,
                 stop: stop_tx,
+                cancelling: false,
             },
         );
         self.state_dirty = true;
@@ -1051,6 +1082,44 @@ impl Supervisor {
         self.commit_terminal(&run.task, result);
     }
 
+    /// An attempt task panicked (a bug in orchestrate, not the agent's fault): record it as a failed
+    /// attempt so the task retries or fails like any other, and its slot is released.
+    fn on_attempt_crash(&mut self, e: tokio::task::JoinError) {
+        let Some(id) = self.attempt_ids.remove(&e.id()) else {
+            console::error(&format!("attempt task failed: {e}"));
+            return;
+        };
+        console::error(&format!("attempt of {id} crashed: {e}"));
+        let Some(run) = self.running.get(&id) else {
+            return;
+        };
+        let attempt = Attempt {
+            n: run.claim.attempt,
+            agent: run.claim.agent.clone(),
+            started_at: run.claim.started_at.clone(),
+            finished_at: Some(fsutil::now_rfc3339()),
+            duration_ms: None,
+            exit_code: None,
+            signal: None,
+            outcome: Outcome::AgentError,
+            error: Some(format!("internal error while running the attempt: {e}")),
+            cost_usd: None,
+            input_tokens: None,
+            output_tokens: None,
+            session_id: None,
+            log_file: None,
+        };
+        self.on_report(Report {
+            id,
+            attempt,
+            text_file: None,
+            diff_file: None,
+            files_modified: vec![],
+            permanent: false,
+            stopped: None,
+        });
+    }
+
     fn commit_terminal(&mut self, task: &Task, result: TaskResult) {
         let id = result.task_id.clone();
         if let Err(e) = self.spool.finish(&result) {
@@ -1142,8 +1211,9 @@ impl Supervisor {
         };
         for e in rd.flatten() {
             let id = e.file_name().to_string_lossy().into_owned();
-            if let Some(r) = self.running.get(&id) {
+            if let Some(r) = self.running.get_mut(&id) {
                 console::info(&format!("cancelling {id}"));
+                r.cancelling = true;
                 let _ = r.stop.send(Some(Stop::Cancel));
                 let _ = std::fs::remove_file(e.path());
             } else if self.sched.pending.contains_key(&id) {
@@ -1281,8 +1351,15 @@ async fn run_attempt(
         log_path: log_path.clone(),
         max_log_bytes: ctx.cfg.orchestrator.max_log_bytes,
         redactor: ctx.redactor.clone(),
+        marker: process::run_marker(&claim.instance, &task.id, claim.attempt),
     };
     let exit = process::run(spec, stop).await;
+    if exit.escaped > 0 {
+        console::info(&format!(
+            "{}: killed {} process(es) the agent left running outside its process group",
+            task.id, exit.escaped
+        ));
+    }
     let mut parsed = adapter.parse(&exit);
     if exit.stopped == Some(StopKind::Cancelled) {
         parsed.outcome = Outcome::Cancelled;

@@ -96,9 +96,13 @@ impl Task {
 
 /// Names the spool accepts for tasks and agents: no path separators, no leading dot or dash.
 pub fn valid_name(s: &str) -> bool {
+    s.len() <= MAX_ID_LEN && name_chars_ok(s)
+}
+
+/// The character rule of the whitelist, without the length limit (checked bytewise: never slices).
+fn name_chars_ok(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
-        && b.len() <= MAX_ID_LEN
         && b[0].is_ascii_alphanumeric()
         && b.iter()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
@@ -116,7 +120,8 @@ pub fn is_task_file_name(name: &str) -> bool {
         .or_else(|| name.strip_suffix(".yml"));
     match stem {
         Some(stem) => {
-            valid_name(stem) || (stem.len() > MAX_ID_LEN && valid_name(&stem[..MAX_ID_LEN]))
+            // Long names are accepted here; the id rules (length included) are checked on parse.
+            name_chars_ok(stem)
         }
         None => false,
     }
@@ -518,6 +523,9 @@ mod tests {
         ] {
             assert!(!is_task_file_name(bad), "{bad}");
         }
+        // Regression: a multibyte character at the length limit must not panic.
+        assert!(!is_task_file_name(&format!("{}é.yaml", "a".repeat(199))));
+        assert!(is_task_file_name(&format!("{}.yaml", "a".repeat(240))));
         assert!(is_conflict_copy("t.sync-conflict-20240101-120000-ABC.yaml"));
         assert!(is_conflict_copy("t (conflicted copy 2024-01-01).yaml"));
         assert!(is_conflict_copy("t_conflict-20240101.yaml"));

@@ -405,6 +405,11 @@ fn conflict_copies_and_duplicate_ids_are_quarantined() {
         "non-task files are left alone"
     );
     assert_eq!(p.tasks_in("completed"), vec!["a"]);
+    // The resurrected copy never made the finished task look pending in the mirror.
+    assert_eq!(p.mirror_states(), p.tree_states());
+    // A name with a multibyte character at the length limit is ignored, not a crash.
+    p.drop_task(&format!("{}é.yaml", "a".repeat(199)), "description: x\n");
+    p.run(&["start", "--once"]).assert_code(0);
 }
 
 #[test]
@@ -517,4 +522,128 @@ fn detach_and_stop() {
     wait_for("supervisor gone", Duration::from_secs(5), || {
         process_gone(pid)
     });
+}
+
+#[test]
+fn regression_retry_while_the_supervisor_runs_reruns_instead_of_quarantining() {
+    let p = Project::new();
+    let mut sup = p.start();
+    p.drop_task(
+        "again.yaml",
+        "description: \"@fake fail-until=again.count:2\"\nmax_retries: 0\n",
+    );
+    wait_for("again failed", Duration::from_secs(10), || {
+        p.tasks_in("failed") == vec!["again"]
+    });
+    p.run(&["retry", "again"]).assert_code(0);
+    wait_for("again completed", Duration::from_secs(10), || {
+        p.tasks_in("completed") == vec!["again"]
+    });
+    sup.stop();
+    assert!(
+        p.files("tasks/quarantine").is_empty(),
+        "{:?}",
+        p.files("tasks/quarantine")
+    );
+    assert_eq!(
+        p.result("completed", "again")["attempts"]
+            .as_array()
+            .map(Vec::len),
+        Some(2)
+    );
+}
+
+#[test]
+fn regression_an_invalid_file_named_like_a_running_task_is_quarantined_not_failed() {
+    let p = Project::new();
+    let mut sup = p.start();
+    p.drop_task("a.yaml", "description: \"@fake pidfile=a.pid sleep=1\"\n");
+    p.drop_task("z.yaml", "description: after a\ndependencies: [a]\n");
+    wait_for("a running", Duration::from_secs(10), || {
+        p.path("a.pid").exists()
+    });
+    p.drop_task("a.yaml", "description: [broken\n");
+    wait_for("z completed", Duration::from_secs(15), || {
+        p.tasks_in("completed").contains(&"z".to_string())
+    });
+    sup.stop();
+    assert_eq!(p.tasks_in("completed"), vec!["a", "z"]);
+    assert!(
+        p.files("tasks/failed").is_empty(),
+        "{:?}",
+        p.files("tasks/failed")
+    );
+    assert!(
+        p.read("tasks/quarantine/a.yaml.reason.txt")
+            .contains("named like existing task a")
+    );
+}
+
+#[test]
+fn regression_a_cancel_followed_by_a_shutdown_stays_cancelled() {
+    let p = Project::new();
+    let mut sup = p.start();
+    p.drop_task(
+        "c.yaml",
+        "description: \"@fake pidfile=c.pid ignore-term sleep=60\"\n",
+    );
+    wait_for("c running", Duration::from_secs(10), || {
+        p.path("c.pid").exists()
+    });
+    let mut cancel = p
+        .cmd(&["cancel", "c"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("cancel");
+    wait_for("cancel seen", Duration::from_secs(10), || {
+        sup.output().contains("cancelling c")
+    });
+    assert!(sup.stop().success());
+    let _ = wait_child(&mut cancel, Duration::from_secs(30));
+    assert_eq!(
+        p.tasks_in("failed"),
+        vec!["c"],
+        "pending: {:?}",
+        p.tasks_in("pending")
+    );
+    assert_eq!(
+        p.result("failed", "c")["attempts"][0]["outcome"],
+        "cancelled"
+    );
+}
+
+#[test]
+fn regression_a_grandchild_that_left_the_process_group_does_not_outlive_the_attempt() {
+    let p = Project::new();
+    p.drop_task(
+        "esc.yaml",
+        "description: \"@fake escape=escaped.pid print=done\"\n",
+    );
+    p.run(&["start", "--once"]).assert_code(0);
+    assert_eq!(p.tasks_in("completed"), vec!["esc"]);
+    let pid = read_pid(&p.path("escaped.pid"));
+    wait_for("escaped grandchild gone", Duration::from_secs(5), || {
+        process_gone(pid)
+    });
+}
+
+#[test]
+fn regression_recovery_survives_a_duplicate_dropped_while_the_supervisor_was_down() {
+    let p = Project::new();
+    let mut sup = p.start();
+    p.drop_task("r1.yaml", "description: \"@fake pidfile=r1.pid sleep=1\"\n");
+    p.drop_task("r2.yaml", "description: \"@fake pidfile=r2.pid sleep=1\"\n");
+    wait_for("both running", Duration::from_secs(10), || {
+        p.path("r1.pid").exists() && p.path("r2.pid").exists()
+    });
+    sup.sigkill();
+    p.drop_task("r1.yaml", "description: a copy from a sync client\n");
+    p.run(&["start", "--once"]).assert_code(0);
+    assert_eq!(p.tasks_in("completed"), vec!["r1", "r2"]);
+    assert!(p.files("tasks/quarantine").contains(&"r1.yaml".to_string()));
+    assert_eq!(
+        p.result("completed", "r1")["attempts"][0]["outcome"],
+        "lost"
+    );
+    assert_eq!(p.mirror_states(), p.tree_states());
 }

@@ -3,7 +3,7 @@
 //!
 //! `sleep=SECS` `ignore-term` `grandchild=PIDFILE` `flood=BYTES` `write=PATH:CONTENT` `stderr=TEXT`
 //! `print=TEXT` `echo-prompt` `env=NAME` `fail-until=COUNTERFILE:N` `close-pipes` `exit=CODE`
-//! `pidfile=PATH` (own pid) `lock=PATH` (hold an exclusive lock while running; if another run holds it,
+//! `escape=PIDFILE` (a grandchild that leaves the process group with setsid) `pidfile=PATH` (own pid) `lock=PATH` (hold an exclusive lock while running; if another run holds it,
 //! append "OVERLAP" to PATH.overlap and exit 42: proves a task never runs twice at once)
 //!
 //! Without directives it prints one line naming the task and exits 0.
@@ -70,6 +70,24 @@ pub fn run(prompt: Option<String>, args: &[String]) -> Result<i32> {
             .spawn()?;
         std::fs::write(&pidfile, child.id().to_string())?;
         // Deliberately not waited for: the supervisor must take it down with the group.
+        std::mem::forget(child);
+    }
+    if let Some(pidfile) = get("escape") {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = std::process::Command::new(std::env::current_exe()?);
+        cmd.args(["fake-agent", "--prompt", "", "sleep=300", "ignore-term"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        // SAFETY: setsid is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let child = cmd.spawn()?;
+        std::fs::write(&pidfile, child.id().to_string())?;
         std::mem::forget(child);
     }
     if let Some(w) = get("write")
