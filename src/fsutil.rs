@@ -156,11 +156,14 @@ pub fn now_rfc3339() -> String {
     fmt_time(time::OffsetDateTime::now_utc())
 }
 
+/// Fixed width (always three fraction digits, always `Z`), so timestamps sort correctly as strings,
+/// in result files and in the mirror's `ORDER BY`.
 pub fn fmt_time(t: time::OffsetDateTime) -> String {
-    let t = t
-        .replace_nanosecond(t.millisecond() as u32 * 1_000_000)
-        .unwrap_or(t);
-    t.format(&time::format_description::well_known::Rfc3339)
+    let t = t.to_offset(time::UtcOffset::UTC);
+    let fmt = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    t.format(&fmt)
         .unwrap_or_else(|_| t.unix_timestamp().to_string())
 }
 
@@ -200,4 +203,18 @@ pub fn pid_alive(pid: u32) -> bool {
 pub fn device_of(p: &Path) -> io::Result<u64> {
     use std::os::unix::fs::MetadataExt;
     Ok(fs::metadata(p)?.dev())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_fixed_width_and_sort_as_strings() {
+        let a = time::macros::datetime!(2026-01-01 00:00:00.120 UTC);
+        let b = time::macros::datetime!(2026-01-01 00:00:00.123 UTC);
+        assert_eq!(fmt_time(a), "2026-01-01T00:00:00.120Z");
+        assert!(fmt_time(a) < fmt_time(b));
+        assert_eq!(parse_time(&fmt_time(b)), Some(b));
+    }
 }
