@@ -642,6 +642,51 @@ mod tests {
     }
 
     #[test]
+    fn diff_covers_text_binary_large_deleted_and_untouched() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().to_path_buf();
+        let mut cfg = Config::default();
+        cfg.context.max_diff_file_bytes = 1000;
+        let layout = Layout::new(&root, &cfg);
+        std::fs::write(root.join("keep.txt"), "a\nb\nc\n").expect("write");
+        std::fs::write(root.join("touched.txt"), "same\n").expect("write");
+        std::fs::write(root.join("gone.txt"), "bye\n").expect("write");
+        std::fs::create_dir_all(root.join("target")).expect("mkdir");
+        let snap = Snapshot::take(&root, &layout, &cfg);
+        std::fs::write(root.join("keep.txt"), "a\nB\nc\n").expect("write");
+        std::fs::write(root.join("touched.txt"), "same\n").expect("rewrite unchanged");
+        std::fs::remove_file(root.join("gone.txt")).expect("rm");
+        std::fs::write(root.join("bin.dat"), [0u8, 159, 146, 150]).expect("write");
+        std::fs::write(root.join("big.txt"), "x".repeat(5000)).expect("write");
+        std::fs::write(root.join("target/ignored.o"), "built").expect("write");
+        let d = snap.diff();
+        assert_eq!(d.files, vec!["big.txt", "bin.dat", "gone.txt", "keep.txt"]);
+        assert!(d.text.contains("-b\n+B\n"), "{}", d.text);
+        assert!(
+            d.text
+                .contains("Binary files /dev/null and b/bin.dat differ"),
+            "{}",
+            d.text
+        );
+        assert!(
+            d.text
+                .contains("File big.txt changed, now 5000 bytes (too large to diff"),
+            "{}",
+            d.text
+        );
+        assert!(
+            d.text.contains("--- a/gone.txt\n+++ /dev/null\n"),
+            "{}",
+            d.text
+        );
+        assert!(
+            !d.text.contains("touched.txt") && !d.text.contains("ignored.o"),
+            "{}",
+            d.text
+        );
+    }
+
+    #[test]
     fn normalize_removes_dots() {
         assert_eq!(normalize(Path::new("/a/./b/../c")), PathBuf::from("/a/c"));
     }

@@ -530,12 +530,15 @@ impl Supervisor {
 
     fn check_settling(&mut self) {
         let settle = Duration::from_millis(self.cfg.orchestrator.settle_ms);
-        let ready: Vec<PathBuf> = self
+        // Oldest first (mtime, then name): files that settle together keep their arrival order.
+        let mut ready: Vec<(i128, PathBuf)> = self
             .settling
             .iter()
             .filter(|(_, s)| s.since.elapsed() >= settle)
-            .map(|(p, _)| p.clone())
+            .map(|(p, s)| (s.sig.1, p.clone()))
             .collect();
+        ready.sort();
+        let ready: Vec<PathBuf> = ready.into_iter().map(|(_, p)| p).collect();
         for p in ready {
             // Re-stat: ingest_path restarts the clock if the file changed since it was last seen.
             self.ingest_path(&p, false);

@@ -647,3 +647,75 @@ fn regression_recovery_survives_a_duplicate_dropped_while_the_supervisor_was_dow
     );
     assert_eq!(p.mirror_states(), p.tree_states());
 }
+
+/// (start, end) of each attempt in result files, as comparable strings.
+fn spans(p: &Project, ids: &[String]) -> Vec<(String, String)> {
+    ids.iter()
+        .map(|id| {
+            let a = &p.result("completed", id)["attempts"][0];
+            (
+                a["started_at"].as_str().expect("start").to_string(),
+                a["finished_at"].as_str().expect("end").to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn max_instances_limits_how_many_run_at_once() {
+    let p = Project::with_config(
+        &test_config("").replace("    max_instances: 8", "    max_instances: 2"),
+    );
+    for i in 0..6 {
+        p.drop_task(&format!("m{i}.yaml"), "description: \"@fake sleep=0.3\"\n");
+    }
+    p.run(&["start", "--once"]).assert_code(0);
+    let ids = p.tasks_in("completed");
+    assert_eq!(ids.len(), 6);
+    let s = spans(&p, &ids);
+    // At each start, count the attempts running at that moment (including itself).
+    let most = s
+        .iter()
+        .map(|(t, _)| s.iter().filter(|(a, b)| a <= t && t < b).count())
+        .max()
+        .unwrap_or(0);
+    assert_eq!(most, 2, "{s:?}");
+}
+
+#[test]
+fn higher_priority_runs_first_and_fifo_within_a_priority() {
+    let p = Project::with_config(
+        &test_config("").replace("  max_concurrent: 8", "  max_concurrent: 1"),
+    );
+    // Dropped in this order; all are present when the supervisor starts.
+    for (name, prio) in [
+        ("l1", "low"),
+        ("n1", "normal"),
+        ("h1", "high"),
+        ("n2", "normal"),
+        ("h2", "high"),
+    ] {
+        p.drop_task(
+            &format!("{name}.yaml"),
+            &format!("description: x\npriority: {prio}\n"),
+        );
+        std::thread::sleep(Duration::from_millis(15));
+    }
+    p.run(&["start", "--once"]).assert_code(0);
+    let mut order: Vec<(String, String)> = p
+        .tasks_in("completed")
+        .into_iter()
+        .map(|id| {
+            (
+                p.result("completed", &id)["attempts"][0]["started_at"]
+                    .as_str()
+                    .expect("t")
+                    .to_string(),
+                id,
+            )
+        })
+        .collect();
+    order.sort();
+    let ids: Vec<&str> = order.iter().map(|(_, id)| id.as_str()).collect();
+    assert_eq!(ids, vec!["h1", "h2", "n1", "n2", "l1"]);
+}
