@@ -113,6 +113,7 @@ pub struct TaskRow {
 // Ops move through a channel one at a time; boxing the large variant would add an allocation per
 // transition and save nothing.
 #[allow(clippy::large_enum_variant)]
+#[derive(Clone)]
 pub enum Op {
     Upsert {
         row: TaskRow,
@@ -369,7 +370,7 @@ fn commit_with_retries(conn: &mut Connection, host: &str, ops: &mut Vec<Op>) {
     }
     for attempt in 1..=3 {
         let mut batch = std::mem::take(ops);
-        let keep: Vec<Op> = batch.iter().filter_map(clone_op).collect();
+        let keep = batch.clone();
         match apply(conn, host, &mut batch) {
             Ok(_) => return,
             Err(e) => {
@@ -381,36 +382,6 @@ fn commit_with_retries(conn: &mut Connection, host: &str, ops: &mut Vec<Op>) {
     }
     // Given up on this batch: the next reconcile rebuilds what it held from the tree.
     ops.clear();
-}
-
-/// Copy of an op for a retry (flush replies are not retried: the sender was answered or gave up).
-fn clone_op(op: &Op) -> Option<Op> {
-    match op {
-        Op::Upsert { row, attempts } => Some(Op::Upsert {
-            row: row.clone(),
-            attempts: attempts.clone(),
-        }),
-        Op::Note { id, note } => Some(Op::Note {
-            id: id.clone(),
-            note: note.clone(),
-        }),
-        Op::Delete(id) => Some(Op::Delete(id.clone())),
-        Op::Supervisor {
-            instance,
-            pid,
-            started_at,
-            heartbeat_at,
-            alive,
-        } => Some(Op::Supervisor {
-            instance: instance.clone(),
-            pid: *pid,
-            started_at: started_at.clone(),
-            heartbeat_at: heartbeat_at.clone(),
-            alive: *alive,
-        }),
-        Op::Flush(r) => Some(Op::Flush(r.clone())),
-        Op::Reconcile { .. } => None,
-    }
 }
 
 fn place_state(place: Place) -> &'static str {
@@ -642,22 +613,13 @@ pub fn rows_from_tree(
 
 /// The attempt a claim stands for, while it runs.
 pub fn running_attempt(c: &task::Claim) -> Attempt {
-    Attempt {
-        n: c.attempt,
-        agent: c.agent.clone(),
-        started_at: c.started_at.clone(),
-        finished_at: None,
-        duration_ms: None,
-        exit_code: None,
-        signal: None,
-        outcome: task::Outcome::Interrupted,
-        error: None,
-        cost_usd: None,
-        input_tokens: None,
-        output_tokens: None,
-        session_id: None,
-        log_file: None,
-    }
+    // `Interrupted` stands for "not finished": if the run is lost, recovery records it as such.
+    Attempt::new(
+        c.attempt,
+        &c.agent,
+        &c.started_at,
+        task::Outcome::Interrupted,
+    )
 }
 
 /// Bring the mirror in line with the tree. With `rebuild`, start from empty tables.

@@ -473,23 +473,12 @@ impl Spool {
                 }
             }
             attempts.push(Attempt {
-                n: c.attempt,
-                agent: c.agent.clone(),
-                started_at: c.started_at.clone(),
                 finished_at: Some(fsutil::now_rfc3339()),
-                duration_ms: None,
-                exit_code: None,
-                signal: None,
-                outcome: Outcome::Lost,
                 error: Some(format!(
                     "supervisor {} (pid {}) stopped while this attempt ran",
                     c.instance, c.pid
                 )),
-                cost_usd: None,
-                input_tokens: None,
-                output_tokens: None,
-                session_id: None,
-                log_file: None,
+                ..Attempt::new(c.attempt, &c.agent, &c.started_at, Outcome::Lost)
             });
         }
         let failures = attempts
@@ -501,25 +490,13 @@ impl Spool {
             let description = task::read_task(&task_path, u64::MAX)
                 .map(|(t, _)| t.file.description)
                 .unwrap_or_default();
-            let result = TaskResult {
-                task_id: id.to_string(),
-                status: Terminal::Failed,
+            let result = TaskResult::failed(
+                id,
                 version,
-                agent: attempts.last().map(|a| a.agent.clone()),
-                description,
-                finished_at: fsutil::now_rfc3339(),
+                &description,
                 attempts,
-                output_file: None,
-                diff_file: None,
-                files_modified: vec![],
-                review_required: false,
-                review_files: vec![],
-                error: Some(
-                    "the supervisor stopped during every allowed attempt (max_retries reached)"
-                        .into(),
-                ),
-                chosen_because: None,
-            };
+                "the supervisor stopped during every allowed attempt (max_retries reached)".into(),
+            );
             atomic_write(
                 &self.result_path(Terminal::Failed, id),
                 task::to_yaml(&result).as_bytes(),

@@ -964,22 +964,13 @@ impl Supervisor {
         };
         self.by_path.remove(&p.path);
         self.cycles_dirty = true;
-        let result = TaskResult {
-            task_id: id.to_string(),
-            status: Terminal::Failed,
-            version: p.history.version + 1,
-            agent: None,
-            description: p.task.file.description.clone(),
-            finished_at: fsutil::now_rfc3339(),
-            attempts: p.history.attempts.clone(),
-            output_file: None,
-            diff_file: None,
-            files_modified: vec![],
-            review_required: false,
-            review_files: vec![],
-            error: Some(reason.to_string()),
-            chosen_because: None,
-        };
+        let result = TaskResult::failed(
+            id,
+            p.history.version + 1,
+            &p.task.file.description,
+            p.history.attempts.clone(),
+            reason.to_string(),
+        );
         match self.spool.fail_pending(&p.path, &result) {
             Ok(true) => {
                 console::info(&format!("failed     {id}: {reason}"));
@@ -1097,20 +1088,14 @@ impl Supervisor {
             return;
         };
         let attempt = Attempt {
-            n: run.claim.attempt,
-            agent: run.claim.agent.clone(),
-            started_at: run.claim.started_at.clone(),
             finished_at: Some(fsutil::now_rfc3339()),
-            duration_ms: None,
-            exit_code: None,
-            signal: None,
-            outcome: Outcome::AgentError,
             error: Some(format!("internal error while running the attempt: {e}")),
-            cost_usd: None,
-            input_tokens: None,
-            output_tokens: None,
-            session_id: None,
-            log_file: None,
+            ..Attempt::new(
+                run.claim.attempt,
+                &run.claim.agent,
+                &run.claim.started_at,
+                Outcome::AgentError,
+            )
         };
         self.on_report(Report {
             id,
@@ -1275,20 +1260,13 @@ async fn run_attempt(
     let t0 = Instant::now();
     let log_path = ctx.layout.log_path(&task.id, claim.attempt);
     let mut attempt = Attempt {
-        n: claim.attempt,
-        agent: claim.agent.clone(),
-        started_at,
-        finished_at: None,
-        duration_ms: None,
-        exit_code: None,
-        signal: None,
-        outcome: Outcome::AgentError,
-        error: None,
-        cost_usd: None,
-        input_tokens: None,
-        output_tokens: None,
-        session_id: None,
         log_file: Some(ctx.layout.rel(&log_path)),
+        ..Attempt::new(
+            claim.attempt,
+            &claim.agent,
+            &started_at,
+            Outcome::AgentError,
+        )
     };
     let mut report = Report {
         id: task.id.clone(),

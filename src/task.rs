@@ -414,6 +414,28 @@ pub struct Attempt {
     pub log_file: Option<String>,
 }
 
+impl Attempt {
+    /// An attempt with only what every attempt has; the rest is filled in as it becomes known.
+    pub fn new(n: u32, agent: &str, started_at: &str, outcome: Outcome) -> Attempt {
+        Attempt {
+            n,
+            agent: agent.to_string(),
+            started_at: started_at.to_string(),
+            finished_at: None,
+            duration_ms: None,
+            exit_code: None,
+            signal: None,
+            outcome,
+            error: None,
+            cost_usd: None,
+            input_tokens: None,
+            output_tokens: None,
+            session_id: None,
+            log_file: None,
+        }
+    }
+}
+
 /// `assigned/X.claim.yaml`: who runs the task, since when, and everything earlier attempts left.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claim {
@@ -489,6 +511,34 @@ pub struct TaskResult {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chosen_because: Option<String>,
+}
+
+impl TaskResult {
+    /// A failure decided without (another) run: dependency failed, cycle, cancel, retries used up.
+    pub fn failed(
+        id: &str,
+        version: u64,
+        description: &str,
+        attempts: Vec<Attempt>,
+        error: String,
+    ) -> TaskResult {
+        TaskResult {
+            task_id: id.to_string(),
+            status: Terminal::Failed,
+            version,
+            agent: attempts.last().map(|a| a.agent.clone()),
+            description: description.to_string(),
+            finished_at: crate::fsutil::now_rfc3339(),
+            attempts,
+            output_file: None,
+            diff_file: None,
+            files_modified: vec![],
+            review_required: false,
+            review_files: vec![],
+            error: Some(error),
+            chosen_because: None,
+        }
+    }
 }
 
 /// Serialize one of our own records. These types contain nothing serde-saphyr cannot represent.

@@ -9,7 +9,7 @@ use super::{Cli, Project};
 use crate::error::UsageError;
 use crate::mirror::{self, Op};
 use crate::spool::Place;
-use crate::task::{TaskResult, Terminal};
+use crate::task::TaskResult;
 
 pub fn run(cli: &Cli, project: &Project, id: &str) -> Result<i32> {
     let spool = &project.spool;
@@ -44,22 +44,13 @@ pub fn run(cli: &Cli, project: &Project, id: &str) -> Result<i32> {
     let (task, _) =
         crate::task::read_task(&file, u64::MAX).map_err(|e| anyhow::anyhow!(e.render(id)))?;
     let history = spool.read_history(id).unwrap_or_default();
-    let result = TaskResult {
-        task_id: id.to_string(),
-        status: Terminal::Failed,
-        version: history.version.max(1) + 1,
-        agent: None,
-        description: task.file.description.clone(),
-        finished_at: crate::fsutil::now_rfc3339(),
-        attempts: history.attempts,
-        output_file: None,
-        diff_file: None,
-        files_modified: vec![],
-        review_required: false,
-        review_files: vec![],
-        error: Some("cancelled by user".into()),
-        chosen_because: None,
-    };
+    let result = TaskResult::failed(
+        id,
+        history.version.max(1) + 1,
+        &task.file.description,
+        history.attempts,
+        "cancelled by user".into(),
+    );
     if spool.fail_pending(&file, &result)? {
         project.mirror_write(vec![Op::Upsert {
             row: mirror::terminal_row(spool, &result, Some(&task)),
