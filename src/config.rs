@@ -220,9 +220,13 @@ impl Default for SecurityConfig {
     fn default() -> Self {
         SecurityConfig {
             env_allow: ["PATH", "HOME", "LANG", "TERM"].map(String::from).to_vec(),
-            secrets: vec![],
+            secrets: ["ANTHROPIC_API_KEY", "OPENAI_API_KEY", "GEMINI_API_KEY"]
+                .map(String::from)
+                .to_vec(),
             workspace_roots: vec![".".into()],
-            review_paths: vec![],
+            review_paths: ["package.json", "*.sql", "Dockerfile", ".github/**"]
+                .map(String::from)
+                .to_vec(),
         }
     }
 }
@@ -495,6 +499,30 @@ mod tests {
         let cfg = Config::parse(DEFAULT_CONFIG, "config.yaml").expect("default config is valid");
         assert!(cfg.agents.contains_key("shell"));
         assert!(cfg.orchestrator.max_concurrent >= 1);
+    }
+
+    #[test]
+    fn built_in_defaults_are_what_config_yaml_shows() {
+        // config.yaml promises that a key left out takes the value it shows.
+        let shown = Config::parse(DEFAULT_CONFIG, "config.yaml").expect("valid");
+        let bare = Config::default();
+        let j = |v: serde_json::Result<serde_json::Value>| v.expect("serializes");
+        assert_eq!(
+            j(serde_json::to_value(&shown.orchestrator)),
+            j(serde_json::to_value(&bare.orchestrator))
+        );
+        assert_eq!(
+            j(serde_json::to_value(&shown.task_queue)),
+            j(serde_json::to_value(&bare.task_queue))
+        );
+        assert_eq!(
+            j(serde_json::to_value(&shown.security)),
+            j(serde_json::to_value(&bare.security))
+        );
+        assert_eq!(
+            j(serde_json::to_value(&shown.context)),
+            j(serde_json::to_value(&bare.context))
+        );
     }
 
     #[test]

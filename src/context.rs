@@ -65,6 +65,22 @@ impl Redactor {
     }
 }
 
+static GLOBAL_REDACTOR: std::sync::OnceLock<Redactor> = std::sync::OnceLock::new();
+
+/// Install the process-wide redactor used for records (result, claim and history files, mirror
+/// payloads, state files). The first call wins; the configuration does not change while we run.
+pub fn install_redactor(secrets: &[String]) {
+    let _ = GLOBAL_REDACTOR.set(Redactor::from_env(secrets));
+}
+
+/// Redact with the installed redactor (no-op before [`install_redactor`]).
+pub fn redact_record(s: String) -> String {
+    match GLOBAL_REDACTOR.get() {
+        Some(r) if !r.secrets.is_empty() => r.redact(&s),
+        _ => s,
+    }
+}
+
 fn replace_bytes(hay: &[u8], needle: &[u8], with: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(hay.len());
     let mut i = 0;
@@ -237,6 +253,26 @@ pub fn build_prompt(
         p.push_str(&format!(
             "\n### {rel}\n\n```\n{}\n```\n",
             read_capped(&path, cap)?.trim_end()
+        ));
+    }
+    if let Some(parent) = &task.file.parent {
+        // Subtask: the whole task it is a step of, read from the parent's file (it waits in pending/).
+        let n = task.id.rsplit('.').next().unwrap_or("?");
+        let parent_file = layout
+            .tasks_dir
+            .join("pending")
+            .join(format!("{parent}.yaml"));
+        let whole = crate::task::read_task(&parent_file, cfg.orchestrator.max_task_bytes)
+            .map(|(t, _)| {
+                let steps = t.file.subtasks.len();
+                format!(
+                    "step {n} of {steps} of task {parent}: {}",
+                    t.file.description.trim()
+                )
+            })
+            .unwrap_or_else(|_| format!("step {n} of task {parent}"));
+        p.push_str(&format!(
+            "\n## This task is one step of a larger one\n\nThis is {whole}\n"
         ));
     }
     let mut first = true;
@@ -593,8 +629,11 @@ pub fn write_state_files(
     counts: &BTreeMap<&'static str, usize>,
     running: &[(String, String, String)],
 ) -> Result<()> {
-    let json = serde_json::to_vec_pretty(completed)?;
-    atomic_write(&layout.context_dir.join("completed_tasks.json"), &json)?;
+    let json = redact_record(serde_json::to_string_pretty(completed)?);
+    atomic_write(
+        &layout.context_dir.join("completed_tasks.json"),
+        json.as_bytes(),
+    )?;
     let mut md = String::from("# Current state\n\n");
     md.push_str(&format!("Updated {}.\n\n", crate::fsutil::now_rfc3339()));
     md.push_str("| state | tasks |\n|---|---|\n");
@@ -624,7 +663,10 @@ pub fn write_state_files(
             ));
         }
     }
-    atomic_write(&layout.context_dir.join("current_state.md"), md.as_bytes())?;
+    atomic_write(
+        &layout.context_dir.join("current_state.md"),
+        redact_record(md).as_bytes(),
+    )?;
     Ok(())
 }
 

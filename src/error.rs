@@ -6,6 +6,23 @@
 
 use thiserror::Error;
 
+/// The parser speaks to programmers ("set DuplicateKeyPolicy in Options"); people editing a task file
+/// need to hear about their file instead.
+fn plain_message(m: &str) -> String {
+    m.replace(
+        ", set DuplicateKeyPolicy in Options if acceptable",
+        " (each key may appear once)",
+    )
+    .replace(
+        "multiple YAML documents detected; use from_str_multiple or from_str_multiple_with_options",
+        "several YAML documents (`---`) in one file; a file holds one",
+    )
+    .replace(
+        "data did not match any variant of untagged enum Priority",
+        "priority must be high, normal, low or an integer",
+    )
+}
+
 /// A YAML problem placed in its file: `path:line:column: message`, plus the parser's source excerpt.
 #[derive(Debug, Clone)]
 pub struct YamlProblem {
@@ -28,9 +45,10 @@ impl YamlProblem {
             }
             _ => first.to_string(),
         };
+        let message = plain_message(&message);
         let excerpt = full
             .find("\n -->")
-            .map(|i| full[i + 1..].replace("<input>", source_name));
+            .map(|i| plain_message(&full[i + 1..].replace("<input>", source_name)));
         YamlProblem {
             line: loc.map(|l| l.line() as usize).filter(|&l| l > 0),
             column: loc.map(|l| l.column() as usize).filter(|&c| c > 0),

@@ -188,7 +188,8 @@ pub fn apply(conn: &mut Connection, host: &str, ops: &mut Vec<Op>) -> Result<usi
         for op in ops.drain(..) {
             match op {
                 Op::Upsert { row, attempts } => {
-                    let payload = serde_json::to_string(&row.payload)?;
+                    let payload =
+                        crate::context::redact_record(serde_json::to_string(&row.payload)?);
                     let changed = upsert.execute(params![
                         row.id,
                         row.version as i64,

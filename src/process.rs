@@ -64,6 +64,9 @@ pub struct Exit {
     pub pid: Option<u32>,
     /// Descendants that had left the process group and were killed after the agent exited.
     pub escaped: usize,
+    pub spawn_errno: Option<i32>,
+    /// The timeout this run had (reported in errors; the duration includes the grace period).
+    pub limit: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -221,7 +224,10 @@ fn signal_group(pgid: u32, sig: i32) {
 /// Run the child to completion, honouring the timeout and `stop`.
 pub async fn run(spec: Spec, mut stop: watch::Receiver<Option<Stop>>) -> Exit {
     let started = Instant::now();
-    let mut exit = Exit::default();
+    let mut exit = Exit {
+        limit: spec.timeout,
+        ..Exit::default()
+    };
     if let Some(dir) = spec.log_path.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
@@ -264,6 +270,7 @@ pub async fn run(spec: Spec, mut stop: watch::Receiver<Option<Stop>>) -> Exit {
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
+            exit.spawn_errno = e.raw_os_error();
             exit.spawn_error = Some(format!("cannot start `{}`: {e}", spec.program));
             exit.duration = started.elapsed();
             if let Ok(s) = Arc::try_unwrap(sink) {

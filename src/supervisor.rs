@@ -117,6 +117,7 @@ impl Supervisor {
         let me = Instance::register(&layout.state_dir)?;
         let (writer, _handle) = Writer::start(layout.state_dir.join("state.db"), me.host.clone())?;
         let redactor = Arc::new(Redactor::from_env(&cfg.security.secrets));
+        context::install_redactor(&cfg.security.secrets);
         Ok(Supervisor {
             cfg: Arc::new(cfg),
             layout,
@@ -176,6 +177,23 @@ impl Supervisor {
         }
         self.completed
             .sort_by(|a, b| a.finished_at.cmp(&b.finished_at));
+        // Rows of supervisors on this host that died without saying so (SIGKILL, power cut).
+        for row in mirror::supervisors(&conn)? {
+            let lock = self
+                .layout
+                .state_dir
+                .join("instances")
+                .join(format!("{}.lock", row.instance));
+            if row.host == self.me.host && !spool::instance_lock_held(&lock) {
+                self.writer.send(Op::Supervisor {
+                    instance: row.instance,
+                    pid: row.pid,
+                    started_at: row.started_at,
+                    heartbeat_at: row.heartbeat_at,
+                    alive: false,
+                });
+            }
+        }
         for row in mirror::list(&conn, Some("failed"))? {
             self.done.insert(row.id, Terminal::Failed);
         }
@@ -438,7 +456,8 @@ impl Supervisor {
         let gone: Vec<PathBuf> = self
             .by_path
             .keys()
-            .filter(|p| !seen.contains(*p))
+            // Files written during this scan (subtask children) were not listed but are not gone.
+            .filter(|p| !seen.contains(*p) && !p.exists())
             .cloned()
             .collect();
         for p in gone {
@@ -690,7 +709,6 @@ impl Supervisor {
     /// Write a child task per subtask, each depending on the one before. Idempotent: a child that
     /// exists anywhere in the tree is left alone, so a crash mid-way is finished on the next pass.
     fn expand_subtasks(&mut self, parent: &Task) {
-        let n = parent.file.subtasks.len();
         for (i, text) in parent.file.subtasks.iter().enumerate() {
             let id = scheduler::subtask_id(&parent.id, i + 1);
             if self.sched.pending.contains_key(&id)
@@ -701,12 +719,9 @@ impl Supervisor {
             }
             let child = task::TaskFile {
                 id: Some(id.clone()),
-                description: format!(
-                    "{text}\n\n(Step {} of {n} of task {}: {})",
-                    i + 1,
-                    parent.id,
-                    parent.file.description.trim()
-                ),
+                // The child's description is the subtask alone (a `shell` agent runs it as is); the
+                // prompt builder adds the parent's description as context.
+                description: text.clone(),
                 priority: parent.file.priority,
                 agent: parent.file.agent.clone(),
                 task_type: parent.file.task_type.clone(),
@@ -1335,6 +1350,10 @@ async fn run_attempt(
         marker: process::run_marker(&claim.instance, &task.id, claim.attempt),
     };
     let exit = process::run(spec, stop).await;
+    if exit.spawn_errno == Some(libc::E2BIG) {
+        // Retrying cannot make the prompt shorter.
+        report.permanent = true;
+    }
     if exit.escaped > 0 {
         console::info(&format!(
             "{}: killed {} process(es) the agent left running outside its process group",

@@ -543,7 +543,10 @@ impl TaskResult {
 
 /// Serialize one of our own records. These types contain nothing serde-saphyr cannot represent.
 pub fn to_yaml<T: Serialize>(v: &T) -> String {
-    serde_saphyr::to_string(v).expect("records are plain data and always serialize")
+    // Every record we write goes through here, so this is where configured secrets are redacted.
+    crate::context::redact_record(
+        serde_saphyr::to_string(v).expect("records are plain data and always serialize"),
+    )
 }
 
 /// Parse one of our own records (claims, results, histories): trusted but still budgeted.
@@ -610,6 +613,15 @@ mod tests {
         assert!(e.message().contains("description"), "{}", e.message());
         let e = parse_task("description: x\ndescription: y\n", "f", "t.yaml").unwrap_err();
         assert_eq!(e.problem.line, Some(2));
+        assert!(!e.message().contains("Options"), "{}", e.message());
+        let e = parse_task("description: x\npriority: urgent\n", "f", "t.yaml").unwrap_err();
+        assert!(e.message().contains("high, normal, low"), "{}", e.message());
+        let e = parse_task("description: x\n---\ndescription: y\n", "f", "t.yaml").unwrap_err();
+        assert!(
+            e.message().contains("several YAML documents"),
+            "{}",
+            e.message()
+        );
         let e = parse_task("description: x\nid: ../etc\n", "f", "t.yaml").unwrap_err();
         assert_eq!(e.problem.line, Some(2));
         let e = parse_task("description: x\ndependencies: [f]\n", "f", "t.yaml").unwrap_err();

@@ -215,6 +215,11 @@ fn subtasks_run_in_order_and_complete_the_parent() {
         out.contains("designed") && out.contains("implemented"),
         "{out}"
     );
+    let prompt = p.read("context/logs/big.2/attempt-1.prompt.md");
+    assert!(
+        prompt.contains("step 2 of 2 of task big: build it"),
+        "{prompt}"
+    );
 }
 
 #[test]
@@ -367,7 +372,7 @@ fn retry_keeps_history_and_cancel_works_for_pending_and_running() {
         "cancelled"
     );
     assert!(process_gone(read_pid(&p.path("busy.pid"))));
-    p.run(&["cancel", "busy"]).assert_code(1);
+    p.run(&["cancel", "busy"]).assert_code(2);
     sup.stop();
 }
 
@@ -462,7 +467,7 @@ fn outputs_are_capped_and_secrets_redacted() {
     let p = Project::with_config(&cfg);
     p.drop_task(
         "leak.yaml",
-        "description: \"@fake env=ORCH_TEST_TOKEN flood=5000000\"\n",
+        "description: \"deploy with s3cr3t-value-123\\n@fake env=ORCH_TEST_TOKEN flood=5000000\"\n",
     );
     let out = p
         .cmd(&["start", "--once"])
@@ -482,6 +487,26 @@ fn outputs_are_capped_and_secrets_redacted() {
     assert!(
         p.read("context/logs/leak/attempt-1.log")
             .contains("bytes of output dropped")
+    );
+    // A secret the user pasted into the description stays out of every record orchestrate writes.
+    for f in [
+        "tasks/completed/leak_result.yaml",
+        "context/completed_tasks.json",
+        "context/current_state.md",
+        "context/logs/leak/attempt-1.prompt.md",
+    ] {
+        let text = p.read(f);
+        assert!(!text.contains("s3cr3t"), "secret in {f}: {text}");
+    }
+    let payload: String = p
+        .db()
+        .query_row("SELECT payload FROM tasks WHERE id = 'leak'", [], |r| {
+            r.get(0)
+        })
+        .expect("row");
+    assert!(
+        !payload.contains("s3cr3t") && payload.contains("***"),
+        "{payload}"
     );
 }
 
@@ -718,4 +743,30 @@ fn higher_priority_runs_first_and_fifo_within_a_priority() {
     order.sort();
     let ids: Vec<&str> = order.iter().map(|(_, id)| id.as_str()).collect();
     assert_eq!(ids, vec!["h1", "h2", "n1", "n2", "l1"]);
+}
+
+#[test]
+fn regression_subtasks_run_on_the_shell_agent_and_survive_a_startup_scan() {
+    let cfg = test_config("").replace(
+        "routing:",
+        "  shell:\n    kind: command\n    command: sh\n    args: [-c, \"{description}\"]\nrouting:",
+    );
+    let p = Project::with_config(&cfg);
+    p.drop_task(
+        "steps.yaml",
+        "description: two steps\nagent: shell\nsubtasks: [\"echo one > one.txt\", \"cat one.txt\"]\n",
+    );
+    // Old enough that the start-up scan reads it at once (the path that used to drop the children).
+    let old = std::time::SystemTime::now() - Duration::from_secs(5);
+    std::fs::File::options()
+        .write(true)
+        .open(p.path("tasks/pending/steps.yaml"))
+        .and_then(|f| f.set_modified(old))
+        .expect("set mtime");
+    p.run(&["start", "--once"]).assert_code(0);
+    assert_eq!(p.tasks_in("completed"), vec!["steps", "steps.1", "steps.2"]);
+    assert!(
+        p.read("context/agent_outputs/steps.2_output.md")
+            .contains("one")
+    );
 }

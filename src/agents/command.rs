@@ -62,6 +62,12 @@ impl Adapter for CommandAdapter {
     }
 
     fn parse(&self, exit: &Exit) -> AgentOutcome {
+        if exit.spawn_errno == Some(libc::E2BIG) {
+            return AgentOutcome::failed(
+                Outcome::AgentError,
+                "the prompt is too long to pass as a command-line argument: use {prompt_file} in args, or no prompt placeholder (the prompt then goes to stdin)",
+            );
+        }
         if let Some(o) = abnormal(exit) {
             return AgentOutcome {
                 text: exit.stdout.clone(),

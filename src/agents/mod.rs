@@ -104,7 +104,10 @@ pub fn abnormal(exit: &Exit) -> Option<AgentOutcome> {
     if exit.timed_out {
         return Some(AgentOutcome::failed(
             Outcome::Timeout,
-            format!("timed out after {:.1} s", exit.duration.as_secs_f64()),
+            format!(
+                "timed out: still running after its {:.1} s limit, stopped (SIGTERM, then SIGKILL after the grace period)",
+                exit.limit.as_secs_f64()
+            ),
         ));
     }
     if let Some(sig) = exit.signal {

@@ -15,10 +15,10 @@ pub fn run(cli: &Cli, project: &Project, id: &str) -> Result<i32> {
     let spool = &project.spool;
     match spool.settled_place(id) {
         Some(Place::Completed) | Some(Place::Failed) => {
-            bail!(
+            bail!(UsageError(format!(
                 "task {id} has already finished ({}); nothing to cancel",
                 spool.settled_place(id).map(Place::state).unwrap_or("?")
-            );
+            )));
         }
         Some(Place::Assigned) => return cancel_running(cli, project, id),
         _ => {}

@@ -169,6 +169,7 @@ impl Project {
             .into());
         }
         let cfg = Config::load(&cfg_path)?;
+        crate::context::install_redactor(&cfg.security.secrets);
         let layout = Layout::new(&root, &cfg);
         let spool = Spool::new(&layout.tasks_dir, &layout.state_dir);
         Ok(Project {
