@@ -694,6 +694,9 @@ fn max_instances_limits_how_many_run_at_once() {
     for i in 0..6 {
         p.drop_task(&format!("m{i}.yaml"), "description: \"@fake sleep=0.3\"\n");
     }
+    p.age_pending(&[
+        "m0.yaml", "m1.yaml", "m2.yaml", "m3.yaml", "m4.yaml", "m5.yaml",
+    ]);
     p.run(&["start", "--once"]).assert_code(0);
     let ids = p.tasks_in("completed");
     assert_eq!(ids.len(), 6);
@@ -712,20 +715,27 @@ fn higher_priority_runs_first_and_fifo_within_a_priority() {
     let p = Project::with_config(
         &test_config("").replace("  max_concurrent: 8", "  max_concurrent: 1"),
     );
-    // Dropped in this order; all are present when the supervisor starts.
-    for (name, prio) in [
+    // Arrival order l1, n1, h1, n2, h2; all ready at start-up, so only priority and FIFO decide.
+    let order = [
         ("l1", "low"),
         ("n1", "normal"),
         ("h1", "high"),
         ("n2", "normal"),
         ("h2", "high"),
-    ] {
+    ];
+    for (name, prio) in order {
         p.drop_task(
             &format!("{name}.yaml"),
             &format!("description: x\npriority: {prio}\n"),
         );
-        std::thread::sleep(Duration::from_millis(15));
     }
+    p.age_pending(
+        &order
+            .map(|(n, _)| format!("{n}.yaml"))
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
     p.run(&["start", "--once"]).assert_code(0);
     let mut order: Vec<(String, String)> = p
         .tasks_in("completed")
@@ -757,12 +767,7 @@ fn regression_subtasks_run_on_the_shell_agent_and_survive_a_startup_scan() {
         "description: two steps\nagent: shell\nsubtasks: [\"echo one > one.txt\", \"cat one.txt\"]\n",
     );
     // Old enough that the start-up scan reads it at once (the path that used to drop the children).
-    let old = std::time::SystemTime::now() - Duration::from_secs(5);
-    std::fs::File::options()
-        .write(true)
-        .open(p.path("tasks/pending/steps.yaml"))
-        .and_then(|f| f.set_modified(old))
-        .expect("set mtime");
+    p.age_pending(&["steps.yaml"]);
     p.run(&["start", "--once"]).assert_code(0);
     assert_eq!(p.tasks_in("completed"), vec!["steps", "steps.1", "steps.2"]);
     assert!(
