@@ -775,3 +775,40 @@ fn regression_subtasks_run_on_the_shell_agent_and_survive_a_startup_scan() {
             .contains("one")
     );
 }
+
+#[test]
+fn context_files_and_workdirs_outside_the_project_are_refused() {
+    let p = Project::new();
+    let outside = tempfile::tempdir().expect("tempdir");
+    std::fs::write(outside.path().join("secret.txt"), "top secret").expect("write");
+    std::os::unix::fs::symlink(outside.path().join("secret.txt"), p.path("link.txt"))
+        .expect("symlink");
+    p.drop_task(
+        "up.yaml",
+        "description: x\ncontext_files: [../secret.txt]\n",
+    );
+    p.drop_task(
+        "abs.yaml",
+        &format!("description: x\nworkdir: {}\n", outside.path().display()),
+    );
+    p.drop_task("sym.yaml", "description: x\ncontext_files: [link.txt]\n");
+    p.run(&["start", "--once"]).assert_code(0);
+    assert_eq!(p.tasks_in("failed"), vec!["abs", "sym", "up"]);
+    for id in ["abs", "sym", "up"] {
+        let r = p.result("failed", id);
+        let err = r["error"].as_str().expect("error");
+        assert!(
+            err.contains("outside the allowed root") || err.contains("does not exist"),
+            "{id}: {err}"
+        );
+        // Refused before anything ran, and not retried: retrying cannot change where a path points.
+        assert_eq!(r["attempts"].as_array().map(Vec::len), Some(1), "{id}: {r}");
+        assert!(r["attempts"][0]["exit_code"].is_null(), "{id}: {r}");
+    }
+    assert!(
+        p.result("failed", "sym")["error"]
+            .as_str()
+            .expect("e")
+            .contains("outside the allowed root")
+    );
+}
