@@ -5,7 +5,7 @@ use anyhow::Result;
 use super::{Cli, Project};
 
 pub fn rebuild(cli: &Cli, project: &Project) -> Result<i32> {
-    std::fs::create_dir_all(&project.layout.state_dir)?;
+    let report = project.reconcile(true)?;
     let mut conn = crate::mirror::open(&project.db_path())?;
     let report = crate::mirror::reconcile(
         &mut conn,

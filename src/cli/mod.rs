@@ -194,16 +194,22 @@ impl Project {
                 ))
                 .into());
             }
-            let mut conn = crate::mirror::open(&self.db_path())?;
-            crate::mirror::reconcile(
-                &mut conn,
-                &self.spool,
-                &crate::fsutil::hostname(),
-                self.cfg.orchestrator.max_task_bytes,
-                false,
-            )?;
+            self.reconcile(false)?;
         }
         crate::mirror::open_read(&self.db_path())?.context("mirror database vanished")
+    }
+
+    /// Bring the mirror in line with the tree (`rebuild`: from empty tables).
+    pub fn reconcile(&self, rebuild: bool) -> Result<crate::mirror::ReconcileReport> {
+        std::fs::create_dir_all(&self.layout.state_dir)?;
+        let mut conn = crate::mirror::open(&self.db_path())?;
+        crate::mirror::reconcile(
+            &mut conn,
+            &self.spool,
+            &crate::fsutil::hostname(),
+            self.cfg.orchestrator.max_task_bytes,
+            rebuild,
+        )
     }
 
     /// Apply one write to the mirror from a CLI command (add, retry, cancel). The supervisor's writer
