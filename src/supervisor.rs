@@ -85,6 +85,8 @@ pub struct Supervisor {
     attempts: JoinSet<Report>,
     /// Which task each attempt runs, so a panicked attempt still releases its task.
     attempt_ids: HashMap<tokio::task::Id, String>,
+    /// Agents that cannot run and why, with when that was checked.
+    unavailable: Option<(Instant, HashMap<String, String>)>,
     state_dirty: bool,
     cycles_dirty: bool,
     shutting_down: bool,
@@ -134,6 +136,7 @@ impl Supervisor {
             completed: Vec::new(),
             attempts: JoinSet::new(),
             attempt_ids: HashMap::new(),
+            unavailable: None,
             state_dirty: true,
             cycles_dirty: true,
             shutting_down: false,
@@ -792,12 +795,27 @@ impl Supervisor {
                 self.fail_pending(&id, &format!("dependency cycle: {cycle}"));
             }
         }
-        let mut unavailable = HashMap::new();
-        for (name, a) in &self.cfg.agents {
-            if let Some(r) = agents::unavailable_reason(name, a) {
-                unavailable.insert(name.clone(), r);
+        // Which agents can run, refreshed at most once a second: a PATH lookup per agent on every
+        // pass would be the scheduler's main cost in a burst, and installs are not that quick.
+        let fresh = self
+            .unavailable
+            .as_ref()
+            .is_some_and(|(at, _)| at.elapsed() < Duration::from_secs(1));
+        if !fresh {
+            let mut map = HashMap::new();
+            for (name, a) in &self.cfg.agents {
+                if let Some(r) = agents::unavailable_reason(name, a) {
+                    map.insert(name.clone(), r);
+                }
             }
+            self.unavailable = Some((Instant::now(), map));
         }
+        // A handful of entries: cloning is cheaper than fighting the borrow of `self` below.
+        let unavailable = self
+            .unavailable
+            .as_ref()
+            .map(|(_, m)| m.clone())
+            .unwrap_or_default();
         let now = Instant::now();
         let cfg = self.cfg.clone();
         for id in self.sched.order(&cfg, now) {
