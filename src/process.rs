@@ -281,6 +281,7 @@ pub async fn run(spec: Spec, mut stop: watch::Receiver<Option<Stop>>) -> Exit {
     };
     let pid = child.id().unwrap_or(0);
     exit.pid = Some(pid);
+    let spawned_at = start_ticks(pid).unwrap_or(0);
 
     if let (Some(input), Some(mut stdin)) = (spec.stdin.clone(), child.stdin.take()) {
         // A child that never reads stdin must not block us: the write runs on its own task and a
@@ -348,7 +349,7 @@ pub async fn run(spec: Spec, mut stop: watch::Receiver<Option<Stop>>) -> Exit {
     signal_group(pid, libc::SIGKILL);
     // Descendants that left the group still carry the marker: find them too (a /proc sweep, a few ms).
     let marker = spec.marker.clone();
-    exit.escaped = tokio::task::spawn_blocking(move || kill_marked(&marker))
+    exit.escaped = tokio::task::spawn_blocking(move || kill_marked_since(&marker, spawned_at))
         .await
         .unwrap_or(0);
     for t in [out_task, err_task].into_iter().flatten() {
@@ -405,6 +406,25 @@ pub fn run_marker(instance: &str, task_id: &str, attempt: u32) -> String {
 /// SIGKILL every process (of ours) whose environment carries `ORCHESTRATE_RUN=<marker>`, and its
 /// process group. Returns how many were found.
 pub fn kill_marked(marker: &str) -> usize {
+    kill_marked_since(marker, 0)
+}
+
+/// Start time of a process in clock ticks since boot (field 22 of `/proc/<pid>/stat`).
+pub fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses: count from the last ')'.
+    stat.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+/// [`kill_marked`] limited to processes started at or after `since` (clock ticks since boot): a
+/// descendant of an attempt cannot be older than the attempt's agent, and skipping the others avoids
+/// reading the environment of every process on the machine after every attempt.
+pub fn kill_marked_since(marker: &str, since: u64) -> usize {
     let needle = format!("{RUN_MARKER}={marker}");
     let me = std::process::id();
     let mut found = 0;
@@ -416,6 +436,9 @@ pub fn kill_marked(marker: &str) -> usize {
             continue;
         };
         if pid == me {
+            continue;
+        }
+        if since > 0 && start_ticks(pid).is_none_or(|t| t < since) {
             continue;
         }
         let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
