@@ -67,11 +67,23 @@ impl Default for OrchestratorConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
     /// PostgreSQL URL; `${VAR}` is expanded from the environment. Empty means SQLite only.
     pub url: Option<String>,
+    /// Schema holding orchestrate's tables (created if missing), so one database can serve several
+    /// projects. Its NOTIFY channel is `orchestrate_events`, or `orchestrate_events_<schema>` outside `public`.
+    pub schema: String,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: None,
+            schema: "public".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -325,6 +337,12 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), (String, String)> {
+        if !crate::mirror::postgres::valid_schema(&self.database.schema) {
+            return Err((
+                "database.schema".into(),
+                "must be a lowercase SQL identifier (letters, digits, `_`; not starting with a digit)".into(),
+            ));
+        }
         let o = &self.orchestrator;
         if o.max_concurrent == 0 {
             return Err((

@@ -117,7 +117,20 @@ impl Supervisor {
         spool.check_same_fs()?;
         fsutil::set_durable(cfg.orchestrator.durable);
         let me = Instance::register(&layout.state_dir)?;
-        let (writer, _handle) = Writer::start(layout.state_dir.join("state.db"), me.host.clone())?;
+        let (mut writer, _handle) =
+            Writer::start(layout.state_dir.join("state.db"), me.host.clone())?;
+        if let Some(url) = &cfg.database.url {
+            // Never blocks the start: the writer connects (and reconnects) on its own thread.
+            let pg = mirror::postgres::PgWriter::start(
+                url.clone(),
+                cfg.database.schema.clone(),
+                me.host.clone(),
+                spool.clone(),
+                cfg.orchestrator.max_task_bytes,
+                layout.state_dir.join("postgres.json"),
+            )?;
+            writer = writer.with_postgres(pg);
+        }
         let redactor = Arc::new(Redactor::from_env(&cfg.security.secrets));
         context::install_redactor(&cfg.security.secrets);
         Ok(Supervisor {

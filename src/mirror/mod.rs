@@ -19,6 +19,8 @@ use serde::{Deserialize, Serialize};
 use crate::spool::{Place, Spool};
 use crate::task::{self, Attempt, Task, TaskResult, Terminal};
 
+pub mod postgres;
+
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS tasks(
     id TEXT PRIMARY KEY,
@@ -274,6 +276,8 @@ pub fn apply(conn: &mut Connection, host: &str, ops: &mut Vec<Op>) -> Result<usi
 #[derive(Clone)]
 pub struct Writer {
     tx: mpsc::Sender<Op>,
+    /// The PostgreSQL mirror, when configured: it gets a copy of every transition.
+    pg: Option<postgres::PgWriter>,
 }
 
 impl Writer {
@@ -321,7 +325,7 @@ impl Writer {
                     commit_with_retries(&mut conn, &host, &mut ops);
                 }
             })?;
-        Ok((Writer { tx }, handle))
+        Ok((Writer { tx, pg: None }, handle))
     }
 
     /// Reconcile with the tree on the writer's connection and wait for it (bounded).
@@ -352,7 +356,17 @@ impl Writer {
         });
     }
 
+    pub fn with_postgres(mut self, pg: postgres::PgWriter) -> Writer {
+        self.pg = Some(pg);
+        self
+    }
+
     pub fn send(&self, op: Op) {
+        if let Some(pg) = &self.pg
+            && !matches!(op, Op::Flush(_) | Op::Reconcile { .. })
+        {
+            pg.send(op.clone());
+        }
         // The writer only stops when every sender is gone, so a send error cannot happen while we hold one.
         let _ = self.tx.send(op);
     }
@@ -362,6 +376,9 @@ impl Writer {
         let (tx, rx) = mpsc::channel();
         self.send(Op::Flush(tx));
         let _ = rx.recv_timeout(Duration::from_secs(30));
+        if let Some(pg) = &self.pg {
+            pg.flush(Duration::from_secs(10));
+        }
     }
 }
 
@@ -515,11 +532,7 @@ pub type AttemptLine = (u32, String, String, Option<String>, String, Option<i32>
 
 /// Rows for everything in the tree, read from the files. `known` holds the mirror's current
 /// (state, version, file) per id; rows whose state and file already match are skipped unread.
-pub fn rows_from_tree(
-    spool: &Spool,
-    max_task_bytes: u64,
-    known: &HashMap<String, (String, u64, String)>,
-) -> Result<TreeRows> {
+pub fn rows_from_tree(spool: &Spool, max_task_bytes: u64, known: &Known) -> Result<TreeRows> {
     let mut rows = Vec::new();
     let mut present = std::collections::HashSet::new();
     let pending_files: HashMap<&str, &str> = known
@@ -635,7 +648,22 @@ pub fn reconcile(
         conn.execute_batch("DELETE FROM tasks; DELETE FROM attempts;")?;
     }
     let known = known_rows(conn)?;
-    let (rows, present) = rows_from_tree(spool, max_task_bytes, &known)?;
+    let (mut ops, report) = reconcile_plan(spool, max_task_bytes, &known)?;
+    apply(conn, host, &mut ops)?;
+    Ok(report)
+}
+
+/// What a mirror holds per task: (state, version, task file relative to the tasks dir).
+pub type Known = HashMap<String, (String, u64, String)>;
+
+/// The operations that bring a mirror holding `known` in line with the tree. Shared by the SQLite
+/// and PostgreSQL backends so both reconcile by the same rules.
+pub fn reconcile_plan(
+    spool: &Spool,
+    max_task_bytes: u64,
+    known: &Known,
+) -> Result<(Vec<Op>, ReconcileReport)> {
+    let (rows, present) = rows_from_tree(spool, max_task_bytes, known)?;
     let mut report = ReconcileReport {
         upserted: rows.len(),
         deleted: 0,
@@ -657,8 +685,7 @@ pub fn reconcile(
         ops.push(Op::Delete(id.clone()));
         report.deleted += 1;
     }
-    apply(conn, host, &mut ops)?;
-    Ok(report)
+    Ok((ops, report))
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -667,7 +694,7 @@ pub struct ReconcileReport {
     pub deleted: usize,
 }
 
-fn known_rows(conn: &Connection) -> Result<HashMap<String, (String, u64, String)>> {
+fn known_rows(conn: &Connection) -> Result<Known> {
     let mut stmt =
         conn.prepare("SELECT id, state, version, json_extract(payload, '$.file') FROM tasks")?;
     let rows = stmt.query_map([], |r| {
