@@ -6,8 +6,10 @@ mod add;
 mod agents;
 mod cancel;
 mod fake_agent;
+mod follow;
 mod init;
 mod mirror_cmd;
+mod remote;
 mod retry;
 mod show;
 mod start;
@@ -40,6 +42,9 @@ pub struct Cli {
     /// Machine-readable output (read commands).
     #[arg(long, global = true)]
     pub json: bool,
+    /// Read from this PostgreSQL mirror instead of the local folder (status, tasks, show, follow).
+    #[arg(long, global = true, value_name = "URL")]
+    pub database_url: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -113,6 +118,15 @@ pub enum Command {
         /// Check the configuration (--config FILE, else <root>/config.yaml) instead of task files.
         #[arg(long = "check-config")]
         check_config: bool,
+    },
+    /// Print task events as they happen (from PostgreSQL with --database-url, else the local mirror).
+    Follow {
+        /// Start after this event sequence number (0: everything); default: only new events.
+        #[arg(long)]
+        since: Option<i64>,
+        /// Exit after this many events.
+        #[arg(long)]
+        limit: Option<u64>,
     },
     /// Mirror maintenance.
     Mirror {
@@ -277,6 +291,10 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
         Command::Retry { id } => retry::run(&cli, &Project::load(&cli)?, id),
         Command::Cancel { id } => cancel::run(&cli, &Project::load(&cli)?, id),
+        Command::Follow { since, limit } => {
+            default_sigpipe();
+            follow::run(&cli, &Project::load(&cli)?, *since, *limit)
+        }
         Command::Mirror {
             action: MirrorAction::Rebuild,
         } => mirror_cmd::rebuild(&cli, &Project::load(&cli)?),

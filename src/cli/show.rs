@@ -25,6 +25,9 @@ struct Shown {
 }
 
 pub fn run(cli: &Cli, project: &Project, id: &str) -> Result<i32> {
+    if let Some(url) = &cli.database_url {
+        return remote(cli, url, &project.cfg.database.schema, id);
+    }
     let conn = project.mirror_read()?;
     let row = mirror::get(&conn, id)?;
     let spool = &project.spool;
@@ -147,5 +150,49 @@ pub fn run(cli: &Cli, project: &Project, id: &str) -> Result<i32> {
             );
         }
     }
+    Ok(0)
+}
+
+/// `show --database-url`: what the mirror knows, without the files (a remote device has none).
+fn remote(cli: &Cli, url: &str, schema: &str, id: &str) -> Result<i32> {
+    let (row, attempts) = super::remote::block_on(async {
+        let client = super::remote::connect_read_only(url, schema).await?;
+        Ok((
+            mirror::postgres::get(&client, id).await?,
+            mirror::postgres::attempts_of(&client, id).await?,
+        ))
+    })?;
+    let Some(row) = row else {
+        bail!(UsageError(format!("no task {id} in the database")));
+    };
+    if cli.json {
+        let attempts: Vec<serde_json::Value> = attempts
+            .into_iter()
+            .map(|(n, agent, started, finished, outcome, code)| {
+                serde_json::json!({"n": n, "agent": agent, "started_at": started, "finished_at": finished, "outcome": outcome, "exit_code": code})
+            })
+            .collect();
+        super::print_json(&serde_json::json!({"task": row, "attempts": attempts}))?;
+        return Ok(0);
+    }
+    println!(
+        "task {} — {} (v{}, updated {})",
+        row.id, row.state, row.version, row.updated_at
+    );
+    println!("agent: {}", row.agent.as_deref().unwrap_or("-"));
+    if let Some(n) = &row.note {
+        println!("waiting: {n}");
+    }
+    if let Some(e) = &row.payload.error {
+        println!("error: {e}");
+    }
+    for (n, agent, started, finished, outcome, code) in attempts {
+        println!(
+            "  attempt {n} on {agent}: {outcome}{}, {started} → {}",
+            code.map(|c| format!(", exit {c}")).unwrap_or_default(),
+            finished.as_deref().unwrap_or("running")
+        );
+    }
+    println!("\n{}", row.payload.description.trim_end());
     Ok(0)
 }

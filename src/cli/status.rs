@@ -1,19 +1,27 @@
-//! `orchestrate status`: counts, what runs, what waits and why, and who supervises.
+//! `orchestrate status`: counts, what runs, what waits and why, who supervises, and how the
+//! PostgreSQL mirror is doing. With `--database-url` it answers from PostgreSQL alone (no folder needed).
+
+use std::collections::BTreeMap;
 
 use anyhow::Result;
 use serde::Serialize;
 
 use super::{Cli, Project, short};
-use crate::mirror;
+use crate::mirror::{self, TaskRow, postgres::Health};
 
 #[derive(Serialize)]
 struct Status {
-    counts: std::collections::BTreeMap<String, usize>,
-    quarantined: usize,
+    /// `local` (the folder and its SQLite mirror) or `postgres`.
+    source: &'static str,
+    counts: BTreeMap<String, usize>,
+    /// Files in tasks/quarantine/ (only known locally).
+    quarantined: Option<usize>,
     running: Vec<Running>,
     waiting: Vec<Waiting>,
     supervisors: Vec<Supervisor>,
     last_event_seq: i64,
+    /// The PostgreSQL mirror as the local supervisor last saw it (local status, database configured).
+    postgres: Option<Health>,
 }
 
 #[derive(Serialize)]
@@ -34,18 +42,51 @@ struct Waiting {
 struct Supervisor {
     pid: u32,
     instance: String,
+    host: Option<String>,
+    heartbeat_at: Option<String>,
+}
+
+fn counts_of(rows: Vec<(String, usize)>) -> BTreeMap<String, usize> {
+    let mut counts: BTreeMap<String, usize> = ["pending", "running", "completed", "failed"]
+        .iter()
+        .map(|s| (s.to_string(), 0))
+        .collect();
+    counts.extend(rows);
+    counts
+}
+
+fn running_of(rows: Vec<TaskRow>) -> Vec<Running> {
+    rows.into_iter()
+        .map(|r| Running {
+            id: r.id,
+            agent: r.agent,
+            since: r.payload.started_at,
+            attempt: r.payload.attempts,
+        })
+        .collect()
+}
+
+fn waiting_of(rows: Vec<TaskRow>) -> Vec<Waiting> {
+    rows.into_iter()
+        .filter_map(|r| {
+            r.note.map(|n| Waiting {
+                id: r.id,
+                reason: n,
+            })
+        })
+        .collect()
 }
 
 pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
+    let st = match &cli.database_url {
+        Some(url) => remote(url, &project.cfg.database.schema)?,
+        None => local(project)?,
+    };
+    render(cli, &st)
+}
+
+fn local(project: &Project) -> Result<Status> {
     let conn = project.mirror_read()?;
-    let mut counts: std::collections::BTreeMap<String, usize> =
-        ["pending", "running", "completed", "failed"]
-            .iter()
-            .map(|s| (s.to_string(), 0))
-            .collect();
-    for (state, n) in mirror::counts(&conn)? {
-        counts.insert(state, n);
-    }
     let quarantined = std::fs::read_dir(&project.spool.quarantine)
         .map(|rd| {
             rd.flatten()
@@ -57,25 +98,7 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
                 .count()
         })
         .unwrap_or(0);
-    let running: Vec<Running> = mirror::list(&conn, Some("running"))?
-        .into_iter()
-        .map(|r| Running {
-            id: r.id,
-            agent: r.agent,
-            since: r.payload.started_at,
-            attempt: r.payload.attempts,
-        })
-        .collect();
-    let waiting: Vec<Waiting> = mirror::list(&conn, Some("pending"))?
-        .into_iter()
-        .filter_map(|r| {
-            r.note.map(|n| Waiting {
-                id: r.id,
-                reason: n,
-            })
-        })
-        .collect();
-    let supervisors: Vec<Supervisor> = crate::spool::live_instances(&project.layout.state_dir)
+    let supervisors = crate::spool::live_instances(&project.layout.state_dir)
         .into_iter()
         .map(|(pid, path)| Supervisor {
             pid,
@@ -83,35 +106,116 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default(),
+            host: None,
+            heartbeat_at: None,
         })
         .collect();
-    let last_event_seq: i64 =
-        conn.query_row("SELECT coalesce(max(seq), 0) FROM task_events", [], |r| {
-            r.get(0)
-        })?;
-    let st = Status {
-        counts,
-        quarantined,
-        running,
-        waiting,
+    let postgres = project.cfg.database.url.as_ref().map(|_| {
+        std::fs::read(project.layout.state_dir.join("postgres.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    });
+    Ok(Status {
+        source: "local",
+        counts: counts_of(mirror::counts(&conn)?),
+        quarantined: Some(quarantined),
+        running: running_of(mirror::list(&conn, Some("running"))?),
+        waiting: waiting_of(mirror::list(&conn, Some("pending"))?),
         supervisors,
-        last_event_seq,
-    };
+        last_event_seq: conn.query_row(
+            "SELECT coalesce(max(seq), 0) FROM task_events",
+            [],
+            |r| r.get(0),
+        )?,
+        postgres,
+    })
+}
+
+fn remote(url: &str, schema: &str) -> Result<Status> {
+    super::remote::block_on(async {
+        let client = super::remote::connect_read_only(url, schema).await?;
+        Ok(Status {
+            source: "postgres",
+            counts: counts_of(mirror::postgres::counts(&client).await?),
+            quarantined: None,
+            running: running_of(mirror::postgres::list(&client, Some("running")).await?),
+            waiting: waiting_of(mirror::postgres::list(&client, Some("pending")).await?),
+            supervisors: mirror::postgres::supervisors(&client)
+                .await?
+                .into_iter()
+                .map(|s| Supervisor {
+                    pid: s.pid,
+                    instance: s.instance,
+                    host: Some(s.host),
+                    heartbeat_at: Some(s.heartbeat_at),
+                })
+                .collect(),
+            last_event_seq: mirror::postgres::max_seq(&client).await?,
+            postgres: None,
+        })
+    })
+}
+
+fn render(cli: &Cli, st: &Status) -> Result<i32> {
     if cli.json {
-        super::print_json(&st)?;
+        super::print_json(st)?;
         return Ok(0);
     }
     let c = &st.counts;
     println!(
-        "tasks: {} pending, {} running, {} completed, {} failed, {} quarantined",
-        c["pending"], c["running"], c["completed"], c["failed"], st.quarantined
+        "tasks: {} pending, {} running, {} completed, {} failed{}",
+        c["pending"],
+        c["running"],
+        c["completed"],
+        c["failed"],
+        st.quarantined
+            .map(|q| format!(", {q} quarantined"))
+            .unwrap_or_default()
     );
     if st.supervisors.is_empty() {
         println!("supervisor: not running (start one with `orchestrate start`)");
     } else {
         for s in &st.supervisors {
-            println!("supervisor: running, pid {} ({})", s.pid, s.instance);
+            match (&s.host, &s.heartbeat_at) {
+                (Some(h), Some(hb)) => println!(
+                    "supervisor: {h} pid {} ({}), last heartbeat {hb}",
+                    s.pid, s.instance
+                ),
+                _ => println!("supervisor: running, pid {} ({})", s.pid, s.instance),
+            }
         }
+    }
+    if let Some(h) = &st.postgres {
+        if h.connected {
+            println!(
+                "postgres mirror: connected, {} queued (lag {} ms), last event {}{}",
+                h.queued,
+                h.lag_ms,
+                h.last_seq,
+                if h.dropped > 0 {
+                    format!(
+                        ", {} dropped while away (restored from the tree)",
+                        h.dropped
+                    )
+                } else {
+                    String::new()
+                }
+            );
+        } else {
+            println!(
+                "postgres mirror: NOT CONNECTED ({}), {} queued (lag {} ms); tasks keep running, the mirror catches up on reconnect",
+                h.last_error
+                    .as_deref()
+                    .map(|e| short(e, 80))
+                    .unwrap_or_else(|| "no supervisor has connected yet".into()),
+                h.queued,
+                h.lag_ms
+            );
+        }
+    }
+    if st.source == "postgres" {
+        println!("(from PostgreSQL; last event {})", st.last_event_seq);
     }
     if !st.running.is_empty() {
         println!("\nrunning:");

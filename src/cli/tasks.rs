@@ -14,8 +14,14 @@ pub fn run(cli: &Cli, project: &Project, status: Option<&str>) -> Result<i32> {
             "--status must be pending, running, completed or failed, not `{s}`"
         )));
     }
-    let conn = project.mirror_read()?;
-    let rows = mirror::list(&conn, status)?;
+    let rows = match &cli.database_url {
+        Some(url) => super::remote::block_on(async {
+            let client =
+                super::remote::connect_read_only(url, &project.cfg.database.schema).await?;
+            mirror::postgres::list(&client, status).await
+        })?,
+        None => mirror::list(&project.mirror_read()?, status)?,
+    };
     if cli.json {
         super::print_json(&rows)?;
         return Ok(0);

@@ -300,26 +300,47 @@ impl Writer {
                         }
                     }
                     // Reconciles split the batch: what came before is committed first.
+                    let mut pending: std::collections::VecDeque<Op> = batch.drain(..).collect();
                     let mut ops = Vec::new();
-                    for op in batch.drain(..) {
-                        if let Op::Reconcile {
+                    while let Some(op) = pending.pop_front() {
+                        let Op::Reconcile {
                             spool,
                             max_task_bytes,
                             rebuild,
                             reply,
                         } = op
-                        {
-                            commit_with_retries(&mut conn, &host, &mut ops);
-                            let r = reconcile(&mut conn, &spool, &host, max_task_bytes, rebuild)
-                                .map_err(|e| format!("{e:#}"));
-                            if let Err(e) = &r {
-                                crate::console::warn(&format!("mirror: reconcile failed: {e}"));
-                            }
-                            if let Some(reply) = reply {
-                                let _ = reply.send(r);
-                            }
-                        } else {
+                        else {
                             ops.push(op);
+                            continue;
+                        };
+                        commit_with_retries(&mut conn, &host, &mut ops);
+                        let r = (|| -> Result<ReconcileReport> {
+                            if rebuild {
+                                conn.execute_batch("DELETE FROM tasks; DELETE FROM attempts;")?;
+                            }
+                            let known = known_rows(&conn)?;
+                            let (plan, report) =
+                                reconcile_plan(&spool, max_task_bytes, &known, rebuild)?;
+                            // Everything sent while the tree was read joins this batch, and the plan
+                            // leaves those tasks to it.
+                            while let Ok(op) = rx.try_recv() {
+                                pending.push_back(op);
+                            }
+                            let queued: Vec<Op> = pending
+                                .iter()
+                                .filter(|o| matches!(o, Op::Upsert { .. } | Op::Delete(_)))
+                                .cloned()
+                                .collect();
+                            let mut plan = without_queued(plan, &queued);
+                            apply(&mut conn, &host, &mut plan)?;
+                            Ok(report)
+                        })()
+                        .map_err(|e| format!("{e:#}"));
+                        if let Err(e) = &r {
+                            crate::console::warn(&format!("mirror: reconcile failed: {e}"));
+                        }
+                        if let Some(reply) = reply {
+                            let _ = reply.send(r);
                         }
                     }
                     commit_with_retries(&mut conn, &host, &mut ops);
@@ -648,9 +669,33 @@ pub fn reconcile(
         conn.execute_batch("DELETE FROM tasks; DELETE FROM attempts;")?;
     }
     let known = known_rows(conn)?;
-    let (mut ops, report) = reconcile_plan(spool, max_task_bytes, &known)?;
+    let (mut ops, report) = reconcile_plan(spool, max_task_bytes, &known, rebuild)?;
     apply(conn, host, &mut ops)?;
     Ok(report)
+}
+
+/// Drop from a reconcile plan every operation on a task that `queued` transitions will bring forward.
+///
+/// The tree is read before the queue is drained, so it can be ahead of transitions still on their way
+/// (a task already `completed` whose `running` op has not been written). Writing the tree's newer
+/// version first would make the queued one stale and lose its event; the queue carries those tasks,
+/// one event per transition, and the plan fills in only the rest.
+pub fn without_queued(plan: Vec<Op>, queued: &[Op]) -> Vec<Op> {
+    let ids: std::collections::HashSet<&str> = queued
+        .iter()
+        .filter_map(|op| match op {
+            Op::Upsert { row, .. } => Some(row.id.as_str()),
+            Op::Delete(id) | Op::Note { id, .. } => Some(id.as_str()),
+            _ => None,
+        })
+        .collect();
+    plan.into_iter()
+        .filter(|op| match op {
+            Op::Upsert { row, .. } => !ids.contains(row.id.as_str()),
+            Op::Delete(id) => !ids.contains(id.as_str()),
+            _ => true,
+        })
+        .collect()
 }
 
 /// What a mirror holds per task: (state, version, task file relative to the tasks dir).
@@ -662,14 +707,39 @@ pub fn reconcile_plan(
     spool: &Spool,
     max_task_bytes: u64,
     known: &Known,
+    rebuild: bool,
 ) -> Result<(Vec<Op>, ReconcileReport)> {
     let (rows, present) = rows_from_tree(spool, max_task_bytes, known)?;
+    // With another supervisor live on this tree, a transition it just made may still be on its way
+    // to the mirrors; writing the tree's state first would make its op stale and lose its event. Such
+    // tasks are left to their writer, and a later reconcile catches them if that writer died.
+    // A rebuild starts from empty tables: leaving anything out would only make it wrong for longer.
+    let others_live = !rebuild && crate::spool::live_instances(&spool.state_dir).len() > 1;
+    let now = std::time::SystemTime::now();
+    let recent = |rel: &str| {
+        use std::os::unix::fs::MetadataExt;
+        others_live
+            && std::fs::symlink_metadata(spool.tasks_dir.join(rel)).is_ok_and(|m| {
+                // ctime, not mtime: a rename between spool directories changes only the ctime.
+                let changed = std::time::UNIX_EPOCH
+                    + Duration::new(
+                        m.ctime().max(0) as u64,
+                        m.ctime_nsec().clamp(0, 999_999_999) as u32,
+                    );
+                now.duration_since(changed).unwrap_or_default() < RECENT
+            })
+    };
     let mut report = ReconcileReport {
-        upserted: rows.len(),
+        upserted: 0,
         deleted: 0,
+        skipped_recent: 0,
     };
     let mut ops: Vec<Op> = Vec::new();
     for (row, attempts) in rows {
+        if recent(&row.payload.file) {
+            report.skipped_recent += 1;
+            continue;
+        }
         // Rows read from the tree must win over whatever the mirror holds, even at an equal or lower
         // version (the mirror may hold a transition the tree later undid by hand): delete first.
         if let Some((state, version, _)) = known.get(&row.id)
@@ -679,19 +749,31 @@ pub fn reconcile_plan(
         {
             ops.push(Op::Delete(row.id.clone()));
         }
+        report.upserted += 1;
         ops.push(Op::Upsert { row, attempts });
     }
-    for id in known.keys().filter(|id| !present.contains(*id)) {
+    for (id, (_, _, file)) in known.iter().filter(|(id, _)| !present.contains(*id)) {
+        // Look again: a task renamed between two directory listings was in neither.
+        if spool.settled_place(id).is_some()
+            || (!file.is_empty() && spool.tasks_dir.join(file).exists())
+        {
+            continue;
+        }
         ops.push(Op::Delete(id.clone()));
         report.deleted += 1;
     }
     Ok((ops, report))
 }
 
+/// How long a task's latest transition belongs to the writer that made it (see [`reconcile_plan`]).
+pub const RECENT: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct ReconcileReport {
     pub upserted: usize,
     pub deleted: usize,
+    /// Tasks left alone because another live supervisor changed them moments ago.
+    pub skipped_recent: usize,
 }
 
 fn known_rows(conn: &Connection) -> Result<Known> {

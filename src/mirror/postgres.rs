@@ -51,14 +51,51 @@ pub fn channel(schema: &str) -> String {
     }
 }
 
-/// Connect with keepalives and a connect timeout; the connection task runs on the current runtime.
-pub async fn connect(url: &str, schema: &str) -> Result<Client> {
+/// Connection settings shared by the writer, readers and followers: keepalives so a dead peer is
+/// noticed, a connect timeout so an unreachable server fails fast.
+pub fn pg_config(url: &str) -> Result<tokio_postgres::Config> {
     let mut cfg: tokio_postgres::Config = url.parse().context("invalid database URL")?;
-    cfg.application_name("orchestrate")
-        .connect_timeout(Duration::from_secs(5))
+    if cfg.get_application_name().is_none() {
+        cfg.application_name("orchestrate");
+    }
+    cfg.connect_timeout(Duration::from_secs(5))
         .keepalives(true)
         .keepalives_idle(Duration::from_secs(30));
-    let (client, conn) = cfg
+    Ok(cfg)
+}
+
+/// Connect for writing: the schema is created if missing.
+pub async fn connect(url: &str, schema: &str) -> Result<Client> {
+    let client = open(url).await?;
+    client
+        .batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema}"
+        ))
+        .await
+        .context("cannot select the schema")?;
+    Ok(client)
+}
+
+/// Connect for reading: the schema must exist (a typo must not create an empty one).
+pub async fn connect_existing(url: &str, schema: &str) -> Result<Client> {
+    anyhow::ensure!(valid_schema(schema), "invalid schema name `{schema}`");
+    let client = open(url).await?;
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_namespace WHERE nspname = $1", &[&schema])
+        .await?
+        .is_some();
+    anyhow::ensure!(
+        exists,
+        "schema `{schema}` does not exist in that database (no supervisor has written to it yet?)"
+    );
+    client
+        .batch_execute(&format!("SET search_path TO {schema}"))
+        .await?;
+    Ok(client)
+}
+
+async fn open(url: &str) -> Result<Client> {
+    let (client, conn) = pg_config(url)?
         .connect(NoTls)
         .await
         .context("cannot connect to PostgreSQL")?;
@@ -66,12 +103,6 @@ pub async fn connect(url: &str, schema: &str) -> Result<Client> {
         // Ends when the client is dropped or the server goes away; the error surfaces on the next query.
         let _ = conn.await;
     });
-    client
-        .batch_execute(&format!(
-            "CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema}"
-        ))
-        .await
-        .context("cannot select the schema")?;
     Ok(client)
 }
 
@@ -294,24 +325,19 @@ async fn known_rows(client: &Client) -> Result<Known> {
         .collect())
 }
 
-/// Bring the database in line with the tree (the same plan as the SQLite reconciler).
-pub async fn reconcile(
-    client: &mut Client,
+/// What would bring the database in line with the tree (the same plan as the SQLite reconciler).
+pub async fn reconcile_plan(
+    client: &Client,
     spool: &Spool,
-    host: &str,
-    channel: &str,
     max_task_bytes: u64,
-) -> Result<ReconcileReport> {
+) -> Result<(Vec<Op>, ReconcileReport)> {
     let known = known_rows(client).await?;
     let spool = spool.clone();
-    let (ops, report) =
-        tokio::task::spawn_blocking(move || super::reconcile_plan(&spool, max_task_bytes, &known))
-            .await
-            .context("reconcile planning failed")??;
-    for chunk in ops.chunks(500) {
-        apply(client, host, channel, chunk).await?;
-    }
-    Ok(report)
+    tokio::task::spawn_blocking(move || {
+        super::reconcile_plan(&spool, max_task_bytes, &known, false)
+    })
+    .await
+    .context("reconcile planning failed")?
 }
 
 /// What `orchestrate status` shows about the PostgreSQL mirror (`state_dir/postgres.json`).
@@ -402,7 +428,7 @@ async fn run_writer(
     let mut backoff = Duration::from_millis(200);
     let mut client: Option<Client> = None;
     let mut open = true;
-    let mut last_reconcile = Instant::now();
+    let mut next_reconcile = Instant::now();
     let mut needs_reconcile = true;
     // Waiting `flush` callers: answered once the queue is written, or at once while the server is
     // away (waiting would not help, and the tree holds everything).
@@ -411,23 +437,12 @@ async fn run_writer(
         // Take what has arrived; wait briefly when idle so a burst lands in one transaction.
         let deadline =
             Instant::now() + Duration::from_millis(if queue.is_empty() { 200 } else { 3 });
-        while open {
+        // The deadline is checked before each receive: `timeout` polls the receive first, so a
+        // steady stream of ops would otherwise keep us here forever.
+        while open && Instant::now() < deadline {
             let left = deadline.saturating_duration_since(Instant::now());
             match tokio::time::timeout(left, rx.recv()).await {
-                Ok(Some(op)) => {
-                    if let Op::Flush(reply) = op {
-                        flushes.push(reply);
-                        continue;
-                    }
-                    if matches!(op, Op::Reconcile { .. }) {
-                        continue;
-                    }
-                    queue.push_back((Instant::now(), op));
-                    if queue.len() > MAX_QUEUE {
-                        queue.pop_front();
-                        health.dropped += 1;
-                    }
-                }
+                Ok(Some(op)) => accept(op, &mut queue, &mut flushes, &mut health),
                 Err(_) => break,
                 Ok(None) => open = false,
             }
@@ -489,22 +504,42 @@ async fn run_writer(
         }
         if let Some(c) = client.as_mut()
             && queue.is_empty()
-            && (needs_reconcile || last_reconcile.elapsed() > Duration::from_secs(300))
+            && (needs_reconcile || Instant::now() >= next_reconcile)
         {
             // Also the periodic safety net: whatever was lost anywhere comes back from the files.
-            match reconcile(c, &spool, &host, &channel, max_task_bytes).await {
-                Ok(_) => {
-                    needs_reconcile = false;
-                    if let Ok(seq) = max_seq(c).await {
-                        health.last_seq = health.last_seq.max(seq);
+            match reconcile_plan(c, &spool, max_task_bytes).await {
+                Ok((plan, report)) => {
+                    // The tree was read first; what was sent meanwhile joins the queue, and the plan
+                    // leaves those tasks to it (see `without_queued`).
+                    while let Ok(op) = rx.try_recv() {
+                        accept(op, &mut queue, &mut flushes, &mut health);
                     }
+                    let queued: Vec<Op> = queue.iter().map(|(_, op)| op.clone()).collect();
+                    let now = Instant::now();
+                    queue.extend(
+                        super::without_queued(plan, &queued)
+                            .into_iter()
+                            .map(|op| (now, op)),
+                    );
+                    needs_reconcile = false;
+                    // Tasks left to another writer are looked at again soon, in case it died.
+                    next_reconcile = Instant::now()
+                        + if report.skipped_recent > 0 {
+                            super::RECENT + Duration::from_secs(5)
+                        } else {
+                            Duration::from_secs(300)
+                        };
+                    // Write the plan now (and whatever came with it), not after the next wait.
+                    continue;
                 }
                 Err(e) => {
                     crate::console::warn(&format!("postgres mirror: reconcile failed: {e:#}"));
+                    health.connected = false;
+                    health.last_error = Some(format!("{e:#}"));
                     client = None;
                 }
             }
-            last_reconcile = Instant::now();
+            next_reconcile = Instant::now() + Duration::from_secs(300);
         }
         write_health(&health_file, &mut health, &queue);
         if queue.is_empty() || client.is_none() {
@@ -518,6 +553,26 @@ async fn run_writer(
         if !open && client.is_none() {
             // Shutting down with the server away: the tree holds everything; the next start reconciles.
             return;
+        }
+    }
+}
+
+/// Take one op from the supervisor: flushes wait for the queue, local-only ops are ignored.
+fn accept(
+    op: Op,
+    queue: &mut VecDeque<(Instant, Op)>,
+    flushes: &mut Vec<std::sync::mpsc::Sender<()>>,
+    health: &mut Health,
+) {
+    match op {
+        Op::Flush(reply) => flushes.push(reply),
+        Op::Reconcile { .. } => {}
+        op => {
+            queue.push_back((Instant::now(), op));
+            if queue.len() > MAX_QUEUE {
+                queue.pop_front();
+                health.dropped += 1;
+            }
         }
     }
 }
@@ -651,6 +706,30 @@ pub async fn supervisors(client: &Client) -> Result<Vec<super::SupervisorRow>> {
             pid: r.get::<_, i32>(2) as u32,
             started_at: r.get(3),
             heartbeat_at: r.get(4),
+        })
+        .collect())
+}
+
+pub async fn attempts_of(client: &Client, id: &str) -> Result<Vec<super::AttemptLine>> {
+    let rows = client
+        .query(
+            "SELECT n, agent, to_char(started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
+                    to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), outcome, exit_code
+             FROM attempts WHERE task_id = $1 ORDER BY n",
+            &[&id],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, i32>(0) as u32,
+                r.get(1),
+                r.get(2),
+                r.get(3),
+                r.get(4),
+                r.get(5),
+            )
         })
         .collect())
 }

@@ -337,3 +337,214 @@ pub fn read_pid(path: &Path) -> u32 {
         .parse()
         .expect("pid")
 }
+
+// ---- PostgreSQL ------------------------------------------------------------------------------------
+
+/// The test server (the machine's PostgreSQL; `.ci/run` makes sure it is up).
+pub fn pg_url() -> String {
+    std::env::var("ORCHESTRATE_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A schema of its own for one test, dropped when the test ends.
+pub struct PgSchema {
+    pub name: String,
+}
+
+impl PgSchema {
+    pub fn new(test: &str) -> PgSchema {
+        let name = format!("t_{}_{}", test, std::process::id());
+        pg_exec(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"));
+        PgSchema { name }
+    }
+
+    /// The server URL with this test's application name, so the test can single out its own
+    /// connections (tests run in parallel against one server).
+    pub fn url(&self) -> String {
+        self.url_on(&pg_url())
+    }
+
+    pub fn url_on(&self, base: &str) -> String {
+        let sep = if base.contains('?') { '&' } else { '?' };
+        format!("{base}{sep}application_name={}", self.name)
+    }
+
+    /// Kill this test's server connections (writer and followers), as an admin would.
+    pub fn terminate_backends(&self) -> i64 {
+        pg_rows(
+            "SELECT 1",
+            &format!(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                 WHERE application_name = '{}' AND pid <> pg_backend_pid()",
+                self.name
+            ),
+        )[0][0]
+            .as_deref()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// A count that is 0 while the tables do not exist yet.
+    pub fn count_or_zero(&self, sql: &str) -> i64 {
+        let exists = pg_rows(
+            "SELECT 1",
+            &format!("SELECT to_regclass('{}.tasks') IS NOT NULL", self.name),
+        );
+        if exists[0][0].as_deref() != Some("t") {
+            return 0;
+        }
+        self.count(sql)
+    }
+
+    /// Rows of a query inside this schema, every column read as text.
+    pub fn query(&self, sql: &str) -> Vec<Vec<Option<String>>> {
+        pg_rows(&format!("SET search_path TO {}", self.name), sql)
+    }
+
+    pub fn count(&self, sql: &str) -> i64 {
+        self.query(sql)[0][0]
+            .as_deref()
+            .and_then(|v| v.parse().ok())
+            .expect("a count")
+    }
+
+    /// (id, state) of every task row, sorted: compare with `Project::tree_states`.
+    pub fn states(&self) -> Vec<(String, String)> {
+        self.query("SELECT id, state FROM tasks ORDER BY id")
+            .into_iter()
+            .map(|r| {
+                (
+                    r[0].clone().unwrap_or_default(),
+                    r[1].clone().unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        pg_exec(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name));
+    }
+}
+
+fn pg_client<T>(f: impl AsyncFnOnce(&tokio_postgres::Client) -> T) -> T {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(&pg_url(), tokio_postgres::NoTls)
+            .await
+            .expect("the test PostgreSQL server is reachable (see .ci/run)");
+        tokio::spawn(conn);
+        f(&client).await
+    })
+}
+
+pub fn pg_exec(sql: &str) {
+    pg_client(async |c| {
+        c.batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    });
+}
+
+fn pg_rows(setup: &str, sql: &str) -> Vec<Vec<Option<String>>> {
+    pg_client(async |c| {
+        c.batch_execute(setup).await.expect("setup");
+        let rows = c
+            .simple_query(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        rows.into_iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => {
+                    Some((0..r.len()).map(|i| r.get(i).map(String::from)).collect())
+                }
+                _ => None,
+            })
+            .collect()
+    })
+}
+
+/// A TCP proxy in front of the server that a test can cut (connections dropped, new ones refused)
+/// and restore: a database outage without stopping the server other tests share.
+pub struct Proxy {
+    pub port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Proxy {
+    pub fn start(target: &str) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::<std::net::TcpStream>::new()));
+        let (cut2, conns2, target) = (cut.clone(), conns.clone(), target.to_string());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                if cut2.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = std::net::TcpStream::connect(&target) else {
+                    continue;
+                };
+                let mut list = conns2.lock().expect("lock");
+                list.push(client.try_clone().expect("clone"));
+                list.push(server.try_clone().expect("clone"));
+                drop(list);
+                for (mut from, mut to) in [
+                    (
+                        client.try_clone().expect("clone"),
+                        server.try_clone().expect("clone"),
+                    ),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Proxy { port, cut, conns }
+    }
+
+    pub fn url(&self) -> String {
+        pg_url().replace("127.0.0.1:5432", &format!("127.0.0.1:{}", self.port))
+    }
+
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for s in self.conns.lock().expect("lock").drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    pub fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The test configuration with a PostgreSQL mirror.
+pub fn pg_config(url: &str, schema: &str) -> String {
+    test_config(&format!(
+        "database:\n  url: \"{url}\"\n  schema: {schema}\n"
+    ))
+}
+
+/// Parse `follow --json` output: the sequence numbers, in the order printed.
+pub fn followed_seqs(out: &str) -> Vec<i64> {
+    out.lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).expect("json line")["seq"]
+                .as_i64()
+                .expect("seq")
+        })
+        .collect()
+}

@@ -1,0 +1,263 @@
+//! The PostgreSQL mirror against the real server on 127.0.0.1:5432, each test in its own schema.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+
+fn drop_tasks(p: &Project, prefix: &str, n: usize, body: &str) {
+    for i in 0..n {
+        p.drop_task(
+            &format!("{prefix}{i:03}.yaml"),
+            &format!("description: \"{body}\"\n"),
+        );
+    }
+}
+
+/// `orchestrate follow` in the background, its stdout captured to a file.
+fn follower(
+    p: &Project,
+    url: &str,
+    schema: &PgSchema,
+    limit: usize,
+    out: &str,
+) -> std::process::Child {
+    let f = std::fs::File::create(p.path(out)).expect("out file");
+    std::fs::write(
+        p.path("follow.yaml"),
+        format!("database:\n  schema: {}\n", schema.name),
+    )
+    .expect("cfg");
+    std::process::Command::new(BIN)
+        .args([
+            "--config",
+            p.path("follow.yaml").to_str().expect("utf8"),
+            "--json",
+            "--database-url",
+            url,
+        ])
+        .args(["follow", "--since", "0", "--limit", &limit.to_string()])
+        .current_dir(std::env::temp_dir())
+        .stdout(f)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn follow")
+}
+
+#[track_caller]
+fn assert_gap_free(seqs: &[i64], n: usize) {
+    assert_eq!(seqs.len(), n, "events received: {seqs:?}");
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "not strictly increasing: {seqs:?}"
+    );
+}
+
+#[test]
+fn the_postgres_mirror_matches_the_tree_after_500_tasks() {
+    let s = PgSchema::new("five_hundred");
+    let p = Project::with_config(&pg_config(&s.url(), &s.name));
+    let mut sup = p.start();
+    drop_tasks(&p, "t", 500, "@fake print=ok");
+    wait_for("500 completed", Duration::from_secs(180), || {
+        p.tasks_in("completed").len() == 500
+    });
+    assert!(sup.stop().success(), "{}", sup.output());
+    assert_eq!(s.states(), p.tree_states());
+    // Every task went pending → running → completed, one event each, sequence numbers unique.
+    assert_eq!(s.count("SELECT count(*) FROM task_events"), 1500);
+    assert_eq!(s.count("SELECT count(DISTINCT seq) FROM task_events"), 1500);
+    assert_eq!(
+        s.count("SELECT count(*) FROM (SELECT task_id FROM task_events GROUP BY task_id HAVING count(*) = 3) t"),
+        500
+    );
+    assert_eq!(
+        s.count("SELECT count(*) FROM attempts WHERE outcome = 'completed'"),
+        500
+    );
+    assert_eq!(
+        s.count("SELECT count(*) FROM supervisors"),
+        0,
+        "a stopped supervisor removes its row"
+    );
+}
+
+#[test]
+fn a_late_follower_receives_every_event_once_and_in_order() {
+    let s = PgSchema::new("late_follower");
+    let p = Project::with_config(&pg_config(&s.url(), &s.name));
+    let mut sup = p.start();
+    drop_tasks(&p, "a", 20, "@fake print=ok");
+    wait_for("first 20", Duration::from_secs(60), || {
+        p.tasks_in("completed").len() == 20
+    });
+    // Started late: it must catch up on the 60 events it missed, then follow 60 more live.
+    let mut f = follower(&p, &s.url(), &s, 120, "follow.out");
+    drop_tasks(&p, "b", 20, "@fake print=ok");
+    let status = wait_child(&mut f, Duration::from_secs(60)).expect("follower got all 120 events");
+    assert!(status.success());
+    sup.stop();
+    let seqs = followed_seqs(&p.read("follow.out"));
+    assert_gap_free(&seqs, 120);
+    let all: Vec<i64> = s
+        .query("SELECT seq FROM task_events ORDER BY seq")
+        .into_iter()
+        .map(|r| r[0].as_deref().and_then(|v| v.parse().ok()).expect("seq"))
+        .collect();
+    assert_eq!(seqs, all);
+}
+
+#[test]
+fn terminating_the_writer_and_follower_connections_mid_run_loses_nothing() {
+    let s = PgSchema::new("terminate");
+    let p = Project::with_config(&pg_config(&s.url(), &s.name));
+    let mut sup = p.start();
+    let mut f = follower(&p, &s.url(), &s, 180, "follow.out");
+    drop_tasks(&p, "k", 60, "@fake sleep=0.05");
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(300));
+        s.terminate_backends();
+    }
+    wait_for("60 completed", Duration::from_secs(60), || {
+        p.tasks_in("completed").len() == 60
+    });
+    let status = wait_child(&mut f, Duration::from_secs(60)).expect("follower got all 180 events");
+    assert!(status.success());
+    assert!(sup.stop().success());
+    assert_gap_free(&followed_seqs(&p.read("follow.out")), 180);
+    assert_eq!(s.states(), p.tree_states());
+    assert_eq!(s.count("SELECT count(*) FROM task_events"), 180);
+}
+
+#[test]
+fn a_database_outage_never_stops_the_supervisor_and_ends_consistent() {
+    let s = PgSchema::new("outage");
+    let proxy = Proxy::start("127.0.0.1:5432");
+    let p = Project::with_config(&pg_config(&s.url_on(&proxy.url()), &s.name));
+    let mut sup = p.start();
+    drop_tasks(&p, "o", 10, "@fake print=before");
+    wait_for("before the outage", Duration::from_secs(30), || {
+        p.tasks_in("completed").len() == 10
+            && s.count_or_zero("SELECT count(*) FROM tasks WHERE state = 'completed'") == 10
+    });
+    proxy.cut();
+    // Tasks keep flowing through the folders and SQLite while the database is unreachable.
+    drop_tasks(&p, "x", 30, "@fake print=during");
+    wait_for("during the outage", Duration::from_secs(60), || {
+        p.tasks_in("completed").len() == 40
+    });
+    // `status` reports the outage (the writer notices on its next attempt, within a second or so).
+    wait_for(
+        "status to show the mirror disconnected",
+        Duration::from_secs(15),
+        || p.run(&["status", "--json"]).assert_code(0).json()["postgres"]["connected"] == false,
+    );
+    assert_eq!(p.mirror_states(), p.tree_states());
+    proxy.restore();
+    wait_for("the mirror to catch up", Duration::from_secs(60), || {
+        s.states() == p.tree_states()
+    });
+    assert!(sup.stop().success());
+    assert_eq!(s.states(), p.tree_states());
+    assert_eq!(
+        s.count("SELECT count(*) FROM task_events WHERE state = 'completed'"),
+        40
+    );
+    assert_eq!(s.count("SELECT count(*) FROM (SELECT task_id, version FROM task_events GROUP BY 1, 2 HAVING count(*) > 1) d"), 0);
+}
+
+#[test]
+fn two_supervisors_on_one_database_never_duplicate_or_interleave_sequences() {
+    let s = PgSchema::new("two_writers");
+    let p = Project::with_config(&pg_config(&s.url(), &s.name));
+    std::fs::create_dir_all(p.path("locks")).expect("mkdir");
+    let mut one = p.start();
+    let mut two = p.start();
+    // A follower that was there from the start sees a gap-free, strictly increasing sequence: the
+    // advisory lock makes commits happen in sequence order.
+    let mut f = follower(&p, &s.url(), &s, 600, "follow.out");
+    for i in 0..200 {
+        p.drop_task(
+            &format!("d{i:03}.yaml"),
+            &format!("description: \"@fake lock=locks/d{i:03}.lock\"\n"),
+        );
+    }
+    wait_for("200 completed", Duration::from_secs(120), || {
+        p.tasks_in("completed").len() == 200
+    });
+    let status = wait_child(&mut f, Duration::from_secs(60));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "follower printed {} events; the table has {}; tree: {:?}",
+        followed_seqs(&p.read("follow.out")).len(),
+        s.count("SELECT count(*) FROM task_events"),
+        s.query("SELECT state, count(*) FROM task_events GROUP BY state ORDER BY state")
+    );
+    assert!(one.stop().success());
+    assert!(two.stop().success());
+    assert_gap_free(&followed_seqs(&p.read("follow.out")), 600);
+    assert_eq!(s.count("SELECT count(*) FROM task_events"), 600);
+    assert_eq!(s.states(), p.tree_states());
+    for i in 0..200 {
+        assert!(
+            !p.path(&format!("locks/d{i:03}.lock.overlap")).exists(),
+            "d{i:03} ran twice at once"
+        );
+    }
+    let both_claimed =
+        one.output().contains("started    d") && two.output().contains("started    d");
+    assert!(both_claimed, "both supervisors should have run tasks");
+}
+
+#[test]
+fn read_commands_answer_from_postgres_without_the_folder() {
+    let s = PgSchema::new("remote_read");
+    let p = Project::with_config(&pg_config(&s.url(), &s.name));
+    p.drop_task("r1.yaml", "description: \"@fake print=ok\"\n");
+    p.drop_task("r2.yaml", "description: \"@fake exit=4\"\nmax_retries: 0\n");
+    p.run(&["start", "--once"]).assert_code(0);
+    // A different directory with only a config naming the schema: no tasks/, no .orchestrate/.
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        elsewhere.path().join("config.yaml"),
+        format!("database:\n  schema: {}\n", s.name),
+    )
+    .expect("cfg");
+    let remote = |args: &[&str]| {
+        let out = std::process::Command::new(BIN)
+            .arg("-C")
+            .arg(elsewhere.path())
+            .args(["--database-url", &pg_url(), "--json"])
+            .args(args)
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")
+    };
+    let st = remote(&["status"]);
+    assert_eq!(st["source"], "postgres");
+    assert_eq!(st["counts"]["completed"], 1);
+    assert_eq!(st["counts"]["failed"], 1);
+    let tasks = remote(&["tasks", "--status", "failed"]);
+    assert_eq!(tasks[0]["id"], "r2");
+    let shown = remote(&["show", "r2"]);
+    assert_eq!(shown["attempts"][0]["exit_code"], 4);
+    assert!(
+        !elsewhere.path().join(".orchestrate").exists(),
+        "remote reads must not create local state"
+    );
+    // Read-only: a session opened that way cannot write.
+    let out = std::process::Command::new(BIN)
+        .args(["--database-url", &pg_url(), "show", "nope"])
+        .arg("-C")
+        .arg(elsewhere.path())
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+}
