@@ -261,3 +261,23 @@ fn read_commands_answer_from_postgres_without_the_folder() {
         .expect("run");
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn sslmode_require_connects_over_tls() {
+    let s = PgSchema::new("tls");
+    let url = s.url_on(&format!("{}?sslmode=require", pg_url()));
+    let p = Project::with_config(&pg_config(&url, &s.name));
+    let mut sup = p.start();
+    p.drop_task("t1.yaml", "description: \"@fake print=ok\"\n");
+    wait_for("mirrored", Duration::from_secs(30), || {
+        s.count_or_zero("SELECT count(*) FROM tasks WHERE state = 'completed'") == 1
+    });
+    // The server's own view of the writer's connection.
+    let ssl = pg_rows_public(&format!(
+        "SELECT bool_and(s.ssl)::text FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+         WHERE a.application_name = '{}'",
+        s.name
+    ));
+    assert_eq!(ssl, Some("true".to_string()));
+    assert!(sup.stop().success());
+}

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use futures_util::StreamExt;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
 use super::{Cli, Project};
 use crate::mirror::{self, Event, postgres};
@@ -114,7 +114,7 @@ async fn follow_postgres(url: &str, schema: &str, p: &mut Printer) -> Result<i32
 /// One connection's life. Returns Ok when the limit is reached, Err when the connection is lost.
 async fn session(url: &str, schema: &str, p: &mut Printer, backoff: &mut Duration) -> Result<()> {
     let (client, mut conn) = postgres::pg_config(url)?
-        .connect(NoTls)
+        .connect(postgres::tls()?)
         .await
         .context("cannot connect to PostgreSQL")?;
     let (note_tx, mut notes) = tokio::sync::mpsc::unbounded_channel::<()>();

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use serde::Serialize;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use super::{Known, Op, ReconcileReport, TaskRow};
 use crate::spool::Spool;
@@ -64,6 +64,71 @@ pub fn pg_config(url: &str) -> Result<tokio_postgres::Config> {
     Ok(cfg)
 }
 
+/// TLS for URLs that ask for it (`sslmode=prefer`, the default, or `require`).
+///
+/// The same promise as libpq's modes: the connection is encrypted when the server offers TLS, but
+/// the server's certificate is not checked (libpq checks it only for `verify-ca`/`verify-full`).
+/// Authenticate the server by reaching it over a private network or an SSH tunnel.
+pub fn tls() -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .context("TLS setup")?
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(EncryptOnly(provider)))
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+/// Accepts any server certificate but still checks the handshake signatures (libpq `require`).
+#[derive(Debug)]
+struct EncryptOnly(std::sync::Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for EncryptOnly {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 /// Connect for writing: the schema is created if missing.
 pub async fn connect(url: &str, schema: &str) -> Result<Client> {
     let client = open(url).await?;
@@ -96,7 +161,7 @@ pub async fn connect_existing(url: &str, schema: &str) -> Result<Client> {
 
 async fn open(url: &str) -> Result<Client> {
     let (client, conn) = pg_config(url)?
-        .connect(NoTls)
+        .connect(tls()?)
         .await
         .context("cannot connect to PostgreSQL")?;
     tokio::spawn(async move {

@@ -468,6 +468,11 @@ fn pg_rows(setup: &str, sql: &str) -> Vec<Vec<Option<String>>> {
     })
 }
 
+/// The first column of the first row of a query outside any test schema.
+pub fn pg_rows_public(sql: &str) -> Option<String> {
+    pg_rows("SELECT 1", sql).first().and_then(|r| r[0].clone())
+}
+
 /// A TCP proxy in front of the server that a test can cut (connections dropped, new ones refused)
 /// and restore: a database outage without stopping the server other tests share.
 pub struct Proxy {
