@@ -500,14 +500,18 @@ async fn run_writer(
     let mut flushes: Vec<std::sync::mpsc::Sender<()>> = Vec::new();
     loop {
         // Take what has arrived; wait briefly when idle so a burst lands in one transaction.
-        let deadline =
+        // Idle: wait up to 200 ms for the first op; once one is here, only 3 ms more for company.
+        let mut deadline =
             Instant::now() + Duration::from_millis(if queue.is_empty() { 200 } else { 3 });
         // The deadline is checked before each receive: `timeout` polls the receive first, so a
         // steady stream of ops would otherwise keep us here forever.
         while open && Instant::now() < deadline {
             let left = deadline.saturating_duration_since(Instant::now());
             match tokio::time::timeout(left, rx.recv()).await {
-                Ok(Some(op)) => accept(op, &mut queue, &mut flushes, &mut health),
+                Ok(Some(op)) => {
+                    accept(op, &mut queue, &mut flushes, &mut health);
+                    deadline = deadline.min(Instant::now() + Duration::from_millis(3));
+                }
                 Err(_) => break,
                 Ok(None) => open = false,
             }
