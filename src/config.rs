@@ -319,15 +319,19 @@ impl Config {
     }
 
     fn expand_env(&mut self) {
-        if let Some(url) = &self.database.url {
-            let v = expand_vars(url);
-            self.database.url = if v.trim().is_empty() { None } else { Some(v) };
-        }
-        if self.database.url.is_none()
-            && let Ok(v) = std::env::var("DATABASE_URL")
-            && !v.is_empty()
-        {
-            self.database.url = Some(v);
+        match &self.database.url {
+            // Written in the file: that is the answer, even when it expands to nothing (`url: ""` turns
+            // the PostgreSQL mirror off).
+            Some(url) => {
+                let v = expand_vars(url);
+                self.database.url = if v.trim().is_empty() { None } else { Some(v) };
+            }
+            // Not written at all: the conventional environment variable.
+            None => {
+                self.database.url = std::env::var("DATABASE_URL")
+                    .ok()
+                    .filter(|v| !v.trim().is_empty());
+            }
         }
         for agent in self.agents.values_mut() {
             for v in agent.env.values_mut() {
@@ -337,6 +341,14 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), (String, String)> {
+        if let Some(url) = &self.database.url
+            && let Err(e) = crate::mirror::postgres::pg_config(url)
+        {
+            return Err((
+                "database.url".into(),
+                format!("{e:#} (supported sslmode values: disable, prefer, require)"),
+            ));
+        }
         if !crate::mirror::postgres::valid_schema(&self.database.schema) {
             return Err((
                 "database.schema".into(),

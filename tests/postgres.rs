@@ -281,3 +281,60 @@ fn sslmode_require_connects_over_tls() {
     assert_eq!(ssl, Some("true".to_string()));
     assert!(sup.stop().success());
 }
+
+#[test]
+fn remote_reads_fail_clearly_and_follow_waits_on_a_schema_nobody_wrote() {
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        elsewhere.path().join("config.yaml"),
+        "database:\n  schema: t_nobody_wrote_here\n",
+    )
+    .expect("cfg");
+    let remote = |args: &[&str]| {
+        let mut c = std::process::Command::new(BIN);
+        c.arg("-C")
+            .arg(elsewhere.path())
+            .args(["--database-url", &pg_url()])
+            .args(args);
+        c
+    };
+    let out = remote(&["status"]).output().expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no orchestrate tables"));
+    // `follow` says what it waits for and keeps waiting (a supervisor may come later).
+    let err_file = elsewhere.path().join("follow.err");
+    let mut child = remote(&["follow", "--limit", "1"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err_file).expect("err file"))
+        .spawn()
+        .expect("run");
+    wait_for("follow to explain", Duration::from_secs(10), || {
+        std::fs::read_to_string(&err_file)
+            .unwrap_or_default()
+            .contains("waiting for a supervisor")
+    });
+    assert!(
+        child.try_wait().expect("try_wait").is_none(),
+        "follow should keep waiting"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    // A URL that can never work is reported at once.
+    let mut bad = std::process::Command::new(BIN);
+    bad.arg("-C").arg(elsewhere.path()).args([
+        "--database-url",
+        "postgres://127.0.0.1:5432/test?sslmode=verify-full",
+        "follow",
+    ]);
+    let out = bad.output().expect("run");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid database URL"));
+    // --database-url is refused where it does not apply.
+    let out = remote(&["retry", "x"]).output().expect("run");
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -99,6 +99,7 @@ async fn follow_postgres(url: &str, schema: &str, p: &mut Printer) -> Result<i32
     loop {
         match session(url, schema, p, &mut backoff).await {
             Ok(()) => return Ok(0),
+            Err(e) if postgres::is_permanent(&e) => return Err(e),
             Err(e) => {
                 eprintln!(
                     "follow: {e:#}; reconnecting in {:.1} s",
@@ -138,6 +139,18 @@ async fn session(url: &str, schema: &str, p: &mut Printer, backoff: &mut Duratio
                 postgres::channel(schema)
             ))
             .await?;
+        let ready: bool = client
+            .query_one("SELECT to_regclass('task_events') IS NOT NULL", &[])
+            .await?
+            .get(0);
+        if !ready {
+            // Like `tail -F`: a follower may start before any supervisor has written here. Say what
+            // we wait for (a wrong schema name shows up here too) and keep waiting.
+            anyhow::bail!(
+                "schema `{schema}` has no orchestrate tables yet: waiting for a supervisor to write to it \
+                 (if none should be needed, check database.schema in the config file)"
+            );
+        }
         if p.cursor.is_none() {
             p.cursor = Some(postgres::max_seq(&client).await?);
         }

@@ -256,6 +256,17 @@ fn default_sigpipe() {
 }
 
 pub fn run(cli: Cli) -> Result<i32> {
+    if cli.database_url.is_some()
+        && !matches!(
+            cli.command,
+            Command::Status | Command::Tasks { .. } | Command::Show { .. } | Command::Follow { .. }
+        )
+    {
+        return Err(crate::error::UsageError(
+            "--database-url works with status, tasks, show and follow (reading only); other commands act on the folder".into(),
+        )
+        .into());
+    }
     match &cli.command {
         Command::FakeAgent { prompt, directives } => fake_agent::run(prompt.clone(), directives),
         Command::Init => init::run(&cli),

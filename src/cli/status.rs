@@ -173,7 +173,9 @@ fn render(cli: &Cli, st: &Status) -> Result<i32> {
             .map(|q| format!(", {q} quarantined"))
             .unwrap_or_default()
     );
-    if st.supervisors.is_empty() {
+    if st.supervisors.is_empty() && st.source == "postgres" {
+        println!("supervisor: none has a heartbeat in this database");
+    } else if st.supervisors.is_empty() {
         println!("supervisor: not running (start one with `orchestrate start`)");
     } else {
         for s in &st.supervisors {

@@ -33,6 +33,33 @@ const MAX_QUEUE: usize = 100_000;
 const MIGRATE_LOCK: i64 = 0x6f72_6368_0001;
 const EVENTS_LOCK: i64 = 0x6f72_6368_0002;
 
+/// An error that retrying cannot fix (wrong URL, missing tables): followers give up on it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Permanent(pub String);
+
+/// Whether retrying cannot fix this error: our own [`Permanent`] ones, and server answers about
+/// missing objects, authentication or privileges.
+pub fn is_permanent(e: &anyhow::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    e.chain().any(|c| {
+        c.is::<Permanent>()
+            || c.downcast_ref::<tokio_postgres::Error>()
+                .and_then(|e| e.code())
+                .is_some_and(|code| {
+                    [
+                        SqlState::UNDEFINED_TABLE,
+                        SqlState::INVALID_SCHEMA_NAME,
+                        SqlState::INVALID_CATALOG_NAME,
+                        SqlState::INVALID_PASSWORD,
+                        SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+                        SqlState::INSUFFICIENT_PRIVILEGE,
+                    ]
+                    .contains(code)
+                })
+    })
+}
+
 pub fn valid_schema(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
@@ -54,7 +81,9 @@ pub fn channel(schema: &str) -> String {
 /// Connection settings shared by the writer, readers and followers: keepalives so a dead peer is
 /// noticed, a connect timeout so an unreachable server fails fast.
 pub fn pg_config(url: &str) -> Result<tokio_postgres::Config> {
-    let mut cfg: tokio_postgres::Config = url.parse().context("invalid database URL")?;
+    let mut cfg: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e| anyhow::Error::new(Permanent(format!("invalid database URL: {e}"))))?;
     if cfg.get_application_name().is_none() {
         cfg.application_name("orchestrate");
     }
@@ -145,14 +174,20 @@ pub async fn connect(url: &str, schema: &str) -> Result<Client> {
 pub async fn connect_existing(url: &str, schema: &str) -> Result<Client> {
     anyhow::ensure!(valid_schema(schema), "invalid schema name `{schema}`");
     let client = open(url).await?;
-    let exists = client
-        .query_opt("SELECT 1 FROM pg_namespace WHERE nspname = $1", &[&schema])
+    // One question answers both "does the schema exist" and "has a supervisor written to it".
+    let ready: bool = client
+        .query_one(
+            "SELECT to_regclass($1) IS NOT NULL",
+            &[&format!("{schema}.task_events")],
+        )
         .await?
-        .is_some();
-    anyhow::ensure!(
-        exists,
-        "schema `{schema}` does not exist in that database (no supervisor has written to it yet?)"
-    );
+        .get(0);
+    if !ready {
+        return Err(anyhow::Error::new(Permanent(format!(
+            "schema `{schema}` has no orchestrate tables in that database: no supervisor has written to it yet, \
+             or the schema name is wrong (database.schema in the config file)"
+        ))));
+    }
     client
         .batch_execute(&format!("SET search_path TO {schema}"))
         .await?;
@@ -530,20 +565,45 @@ async fn run_writer(
                     needs_reconcile = true;
                 }
                 Err(e) => {
+                    let msg = format!("{e:#}");
+                    // Say it once at the default level; the retries are for -v.
+                    if health.connected || health.last_error.is_none() {
+                        crate::console::warn(&format!(
+                            "postgres mirror: {msg}; tasks keep running, retrying with backoff"
+                        ));
+                    } else {
+                        crate::console::debug(&format!(
+                            "postgres mirror: {msg}; retrying in {} ms",
+                            backoff.as_millis()
+                        ));
+                    }
                     health.connected = false;
-                    health.last_error = Some(format!("{e:#}"));
-                    crate::console::debug(&format!(
-                        "postgres mirror: {e:#}; retrying in {} ms",
-                        backoff.as_millis()
-                    ));
-                    write_health(&health_file, &mut health, &queue);
+                    health.last_error = Some(msg);
                     for f in flushes.drain(..) {
                         let _ = f.send(());
                     }
                     if !open {
+                        write_health(&health_file, &mut health, &queue);
                         return;
                     }
-                    tokio::time::sleep(backoff).await;
+                    // Wait out the backoff in one-second steps, taking ops and keeping the health
+                    // file (and so the lag `status` shows) current.
+                    let until = Instant::now() + backoff;
+                    while open && Instant::now() < until {
+                        write_health(&health_file, &mut health, &queue);
+                        let step = until
+                            .saturating_duration_since(Instant::now())
+                            .min(Duration::from_secs(1));
+                        if let Ok(op) = tokio::time::timeout(step, rx.recv()).await {
+                            match op {
+                                Some(op) => accept(op, &mut queue, &mut flushes, &mut health),
+                                None => open = false,
+                            }
+                        }
+                        for f in flushes.drain(..) {
+                            let _ = f.send(());
+                        }
+                    }
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                     continue;
                 }
