@@ -43,16 +43,26 @@ fn tmp_name(target: &Path) -> PathBuf {
 
 /// Write `data` to `target` atomically: readers see the old content or the new one, never a mix.
 pub fn atomic_write(target: &Path, data: &[u8]) -> io::Result<()> {
+    write_renamed(target, data, durable())
+}
+
+/// [`atomic_write`] without fsync, for files derived from others that are regenerated when lost
+/// (context state files, prompt copies): atomic for readers, not worth a disk flush on the hot path.
+pub fn atomic_write_derived(target: &Path, data: &[u8]) -> io::Result<()> {
+    write_renamed(target, data, false)
+}
+
+fn write_renamed(target: &Path, data: &[u8], sync: bool) -> io::Result<()> {
     let tmp = tmp_name(target);
     let result = (|| {
         let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
         f.write_all(data)?;
-        if durable() {
+        if sync {
             f.sync_all()?;
         }
         drop(f);
         fs::rename(&tmp, target)?;
-        if let Some(dir) = target.parent() {
+        if sync && let Some(dir) = target.parent() {
             fsync_dir(dir)?;
         }
         Ok(())

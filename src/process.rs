@@ -252,7 +252,18 @@ pub async fn run(spec: Spec, mut stop: watch::Receiver<Option<Stop>>) -> Exit {
         redactor: spec.redactor.clone(),
     }));
 
-    let mut cmd = tokio::process::Command::new(&spec.program);
+    // An absolute path lets std use posix_spawn (vfork-like) instead of fork: with an environment of
+    // our own, std will not let posix_spawnp search PATH, and forking a busy supervisor costs page-table
+    // copies and TLB shootdowns on every attempt. Resolve against the PATH the child will see.
+    let program = resolve_program(
+        &spec.program,
+        spec.env
+            .iter()
+            .find(|(k, _)| k == "PATH")
+            .map(|(_, v)| v.as_str()),
+    )
+    .unwrap_or_else(|| PathBuf::from(&spec.program));
+    let mut cmd = tokio::process::Command::new(&program);
     cmd.args(&spec.args)
         .current_dir(&spec.cwd)
         .env_clear()
@@ -473,6 +484,19 @@ pub fn build_env(
         env.push((k.clone(), v.clone()));
     }
     env
+}
+
+/// `program` as an absolute path, searched on `path` (the child's PATH) when it is a bare name.
+fn resolve_program(program: &str, path: Option<&str>) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    if program.contains('/') {
+        return None;
+    }
+    std::env::split_paths(path?)
+        .map(|d| d.join(program))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
 }
 
 /// Whether `program` can be run: a path that exists, or a name found on PATH.

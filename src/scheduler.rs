@@ -78,6 +78,14 @@ pub enum Decision {
 pub struct Scheduler {
     pub pending: HashMap<String, Pending>,
     next_seq: u64,
+    /// Pending ids in run order: (effective priority, arrival seq, id), best first. Kept sorted as tasks
+    /// arrive instead of sorting the whole set on every pass; entries of tasks that left are skipped
+    /// (and dropped from the front, where claimed tasks leave). Re-sorted in full now and then so aging
+    /// moves waiting tasks up.
+    order: std::collections::VecDeque<(i64, u64, String)>,
+    sorted_at: Option<Instant>,
+    /// Pending tasks with dependencies or subtasks: cycles can exist only while this is non-zero.
+    with_edges: usize,
 }
 
 impl Default for Scheduler {
@@ -86,11 +94,21 @@ impl Default for Scheduler {
     }
 }
 
+/// How often the order is rebuilt from scratch (aging, changed priorities).
+const RESORT: Duration = Duration::from_secs(60);
+
+fn order_key(a: &(i64, u64, String)) -> (std::cmp::Reverse<i64>, u64) {
+    (std::cmp::Reverse(a.0), a.1)
+}
+
 impl Scheduler {
     pub fn new() -> Self {
         Scheduler {
             pending: HashMap::new(),
             next_seq: 0,
+            order: Default::default(),
+            sorted_at: None,
+            with_edges: 0,
         }
     }
 
@@ -99,24 +117,90 @@ impl Scheduler {
         self.next_seq
     }
 
-    /// Pending ids in the order they should be considered.
-    pub fn order(&self, cfg: &Config, now: Instant) -> Vec<String> {
-        let aging = cfg.task_queue.aging_minutes * 60.0;
-        let mut v: Vec<(i64, u64, &String)> = self
-            .pending
-            .iter()
-            .map(|(id, p)| {
-                let waited = now.saturating_duration_since(p.enqueued).as_secs_f64();
-                let boost = if aging > 0.0 {
-                    (waited / aging) as i64
-                } else {
-                    0
-                };
-                (p.task.priority().saturating_add(boost), p.seq, id)
-            })
-            .collect();
-        v.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        v.into_iter().map(|(_, _, id)| id.clone()).collect()
+    pub fn has_edges(&self) -> bool {
+        self.with_edges > 0
+    }
+
+    /// Add or replace a pending task.
+    pub fn insert(&mut self, p: Pending) {
+        let id = p.task.id.clone();
+        let (rank, seq, edges) = (p.task.priority(), p.seq, !p.waits_for().is_empty());
+        match self.pending.insert(id.clone(), p) {
+            Some(old) => {
+                self.with_edges -= usize::from(!old.waits_for().is_empty());
+                // Its priority may have changed: rebuild the order on the next pass.
+                self.sorted_at = None;
+            }
+            None => {
+                let entry = (rank, seq, id);
+                let at = self
+                    .order
+                    .partition_point(|e| order_key(e) < order_key(&entry));
+                self.order.insert(at, entry);
+            }
+        }
+        self.with_edges += usize::from(edges);
+    }
+
+    pub fn remove(&mut self, id: &str) -> Option<Pending> {
+        let p = self.pending.remove(id)?;
+        self.with_edges -= usize::from(!p.waits_for().is_empty());
+        Some(p)
+    }
+
+    /// Pending ids in the order they should be considered. The caller hands the list back with
+    /// [`Scheduler::put_order`]; it is taken so the caller may change the pending set meanwhile.
+    pub fn take_order(
+        &mut self,
+        cfg: &Config,
+        now: Instant,
+    ) -> std::collections::VecDeque<(i64, u64, String)> {
+        if self
+            .sorted_at
+            .is_none_or(|t| now.saturating_duration_since(t) >= RESORT)
+        {
+            let aging = cfg.task_queue.aging_minutes * 60.0;
+            let mut v: Vec<(i64, u64, String)> = self
+                .pending
+                .iter()
+                .map(|(id, p)| {
+                    let waited = now.saturating_duration_since(p.enqueued).as_secs_f64();
+                    let boost = if aging > 0.0 {
+                        (waited / aging) as i64
+                    } else {
+                        0
+                    };
+                    (p.task.priority().saturating_add(boost), p.seq, id.clone())
+                })
+                .collect();
+            v.sort_by_key(order_key);
+            self.order = v.into();
+            self.sorted_at = Some(now);
+        }
+        // Claimed tasks leave from the front: drop their entries for good.
+        while let Some(front) = self.order.front() {
+            if self.is_current(front) {
+                break;
+            }
+            self.order.pop_front();
+        }
+        std::mem::take(&mut self.order)
+    }
+
+    pub fn put_order(&mut self, order: std::collections::VecDeque<(i64, u64, String)>) {
+        // Tasks inserted while the order was out are in `self.order`; merge them back in place.
+        let added = std::mem::replace(&mut self.order, order);
+        for entry in added {
+            let at = self
+                .order
+                .partition_point(|e| order_key(e) < order_key(&entry));
+            self.order.insert(at, entry);
+        }
+    }
+
+    /// Whether an order entry still stands for a pending task.
+    pub fn is_current(&self, entry: &(i64, u64, String)) -> bool {
+        self.pending.get(&entry.2).is_some_and(|p| p.seq == entry.1)
     }
 
     /// Every pending task that sits on a dependency cycle made of pending tasks, with the cycle
@@ -329,20 +413,28 @@ mod tests {
     fn pending(s: &mut Scheduler, yaml: &str, id: &str) {
         let task = parse_task(yaml, id, "t.yaml").expect("valid task");
         let seq = s.next_seq();
-        s.pending.insert(
-            id.to_string(),
-            Pending {
-                task,
-                path: PathBuf::from(format!("{id}.yaml")),
-                hash: 0,
-                sig: (0, 0, 0),
-                seq,
-                enqueued: Instant::now(),
-                history: History::default(),
-                not_before: None,
-                note: None,
-            },
-        );
+        s.insert(Pending {
+            task,
+            path: PathBuf::from(format!("{id}.yaml")),
+            hash: 0,
+            sig: (0, 0, 0),
+            seq,
+            enqueued: Instant::now(),
+            history: History::default(),
+            not_before: None,
+            note: None,
+        });
+    }
+
+    fn order(s: &mut Scheduler, now: Instant) -> Vec<String> {
+        let o = s.take_order(&cfg(), now);
+        let ids = o
+            .iter()
+            .filter(|e| s.is_current(e))
+            .map(|e| e.2.clone())
+            .collect();
+        s.put_order(o);
+        ids
     }
 
     fn cfg() -> Config {
@@ -360,10 +452,11 @@ mod tests {
         pending(&mut s, "description: x\n", "n1");
         pending(&mut s, "description: x\npriority: high\n", "h1");
         pending(&mut s, "description: x\n", "n2");
-        assert_eq!(
-            s.order(&cfg(), Instant::now()),
-            vec!["h1", "n1", "n2", "l1"]
-        );
+        assert_eq!(order(&mut s, Instant::now()), vec!["h1", "n1", "n2", "l1"]);
+        // Kept in order as tasks arrive and leave, without a full sort.
+        pending(&mut s, "description: x\npriority: high\n", "h2");
+        s.remove("n1");
+        assert_eq!(order(&mut s, Instant::now()), vec!["h1", "h2", "n2", "l1"]);
     }
 
     #[test]
@@ -374,7 +467,7 @@ mod tests {
         let later = Instant::now() + Duration::from_secs(31 * 60);
         s.pending.get_mut("n1").expect("n1").enqueued = later;
         // l1 has waited 31 minutes (aging 30): it now ranks with normal and arrived first.
-        assert_eq!(s.order(&cfg(), later), vec!["l1", "n1"]);
+        assert_eq!(order(&mut s, later), vec!["l1", "n1"]);
     }
 
     #[test]

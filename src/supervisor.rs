@@ -85,6 +85,10 @@ pub struct Supervisor {
     attempts: JoinSet<Report>,
     /// Which task each attempt runs, so a panicked attempt still releases its task.
     attempt_ids: HashMap<tokio::task::Id, String>,
+    /// The next scheduling pass looks at every pending task (see `schedule`).
+    full_pass_due: bool,
+    /// When the earliest retry back-off ends, as far as known.
+    next_wake: Option<Instant>,
     /// Agents that cannot run and why, with when that was checked.
     unavailable: Option<(Instant, HashMap<String, String>)>,
     state_dirty: bool,
@@ -149,6 +153,8 @@ impl Supervisor {
             completed: Vec::new(),
             attempts: JoinSet::new(),
             attempt_ids: HashMap::new(),
+            full_pass_due: true,
+            next_wake: None,
             unavailable: None,
             state_dirty: true,
             cycles_dirty: true,
@@ -325,6 +331,8 @@ impl Supervisor {
                 _ = tokio::time::sleep_until(wake.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)).into()), if wake.is_some() => {}
                 _ = heartbeat.tick() => {
                     self.heartbeat();
+                    // Refresh every waiting task's note now and then, even while all slots are busy.
+                    self.full_pass_due = true;
                     // A cancel whose SIGUSR1 came before our handler existed is still seen.
                     self.check_cancels();
                 }
@@ -377,14 +385,18 @@ impl Supervisor {
         })
     }
 
-    fn next_wakeup(&self) -> Option<Instant> {
-        let now = Instant::now();
-        self.sched
-            .pending
-            .values()
-            .filter_map(|p| p.not_before)
-            .filter(|&t| t > now)
-            .min()
+    /// The earliest retry back-off still ahead, from the last full pass and later requeues. When it
+    /// has passed, the next pass is a full one that finds the next.
+    fn next_wakeup(&mut self) -> Option<Instant> {
+        match self.next_wake {
+            Some(t) if t > Instant::now() => Some(t),
+            Some(_) => {
+                self.next_wake = None;
+                self.full_pass_due = true;
+                None
+            }
+            None => None,
+        }
     }
 
     fn shutdown(&mut self, n: u32) {
@@ -486,7 +498,7 @@ impl Supervisor {
         if let Some(id) = self.by_path.remove(p) {
             // The file may have been claimed (by us, then it is in `running`) or removed by the user.
             if self.sched.pending.get(&id).is_some_and(|pd| pd.path == p) {
-                self.sched.pending.remove(&id);
+                self.sched.remove(&id);
                 self.cycles_dirty = true;
                 if !self.running.contains_key(&id) && self.spool.settled_place(&id).is_none() {
                     console::info(&format!("removed    {id}: its file left pending/"));
@@ -694,20 +706,20 @@ impl Supervisor {
             attempts: history.attempts.clone(),
         });
         self.by_path.insert(path.to_path_buf(), id.clone());
-        self.sched.pending.insert(
-            id,
-            Pending {
-                task,
-                path: path.to_path_buf(),
-                hash: hash_bytes(&bytes),
-                sig,
-                seq,
-                enqueued: Instant::now(),
-                history,
-                not_before,
-                note: None,
-            },
-        );
+        if let Some(t) = not_before {
+            self.next_wake = Some(self.next_wake.map_or(t, |w| w.min(t)));
+        }
+        self.sched.insert(Pending {
+            task,
+            path: path.to_path_buf(),
+            hash: hash_bytes(&bytes),
+            sig,
+            seq,
+            enqueued: Instant::now(),
+            history,
+            not_before,
+            note: None,
+        });
         self.cycles_dirty = true;
     }
 
@@ -802,7 +814,7 @@ impl Supervisor {
         if self.shutting_down {
             return;
         }
-        if self.cycles_dirty {
+        if self.cycles_dirty && self.sched.has_edges() {
             self.cycles_dirty = false;
             for (id, cycle) in self.sched.cycles() {
                 self.fail_pending(&id, &format!("dependency cycle: {cycle}"));
@@ -831,10 +843,27 @@ impl Supervisor {
             .unwrap_or_default();
         let now = Instant::now();
         let cfg = self.cfg.clone();
-        for id in self.sched.order(&cfg, now) {
-            let Some(p) = self.sched.pending.get(&id) else {
+        // A full pass looks at every pending task (wait notes, back-off wake-ups); otherwise the pass
+        // ends once every slot is taken, so a long queue costs nothing while agents are busy.
+        let full = std::mem::take(&mut self.full_pass_due);
+        if !full && self.running.len() >= cfg.orchestrator.max_concurrent {
+            return;
+        }
+        if full {
+            self.next_wake = None;
+        }
+        let order = self.sched.take_order(&cfg, now);
+        for entry in &order {
+            if !full && self.running.len() >= cfg.orchestrator.max_concurrent {
+                break;
+            }
+            let id = &entry.2;
+            let Some(p) = self.sched.pending.get(id).filter(|p| p.seq == entry.1) else {
                 continue;
             };
+            if full && let Some(t) = p.not_before.filter(|t| *t > now) {
+                self.next_wake = Some(self.next_wake.map_or(t, |w| w.min(t)));
+            }
             let cap = Capacity {
                 running_total: self.running.len(),
                 running_per_agent: &self.per_agent,
@@ -842,14 +871,14 @@ impl Supervisor {
             };
             let decision = scheduler::decide(&cfg, p, now, &cap, &|d| self.dep_state(d));
             match decision {
-                Decision::Run { agent, because } => self.start(&id, &agent, &because),
-                Decision::CompleteParent => self.complete_parent(&id),
-                Decision::Fail(reason) => self.fail_pending(&id, &reason),
+                Decision::Run { agent, because } => self.start(id, &agent, &because),
+                Decision::CompleteParent => self.complete_parent(id),
+                Decision::Fail(reason) => self.fail_pending(id, &reason),
                 Decision::Wait(reason) => {
                     let p = self
                         .sched
                         .pending
-                        .get_mut(&id)
+                        .get_mut(id)
                         .expect("present: looked up above");
                     if p.note.as_deref() != Some(reason.as_str()) {
                         console::debug(&format!("waiting    {id}: {reason}"));
@@ -862,6 +891,7 @@ impl Supervisor {
                 }
             }
         }
+        self.sched.put_order(order);
     }
 
     fn claim_record(&self, p: &Pending, agent: &str, because: &str) -> Claim {
@@ -884,7 +914,7 @@ impl Supervisor {
 
     /// Claim a pending task; on success it is ours and in `assigned/`.
     fn claim(&mut self, id: &str, agent: &str, because: &str) -> Option<(Pending, Claim)> {
-        let p = self.sched.pending.remove(id)?;
+        let p = self.sched.remove(id)?;
         self.by_path.remove(&p.path);
         self.cycles_dirty = true;
         let claim = self.claim_record(&p, agent, because);
@@ -1005,7 +1035,7 @@ impl Supervisor {
 
     /// Fail a pending task without running it.
     fn fail_pending(&mut self, id: &str, reason: &str) {
-        let Some(p) = self.sched.pending.remove(id) else {
+        let Some(p) = self.sched.remove(id) else {
             return;
         };
         self.by_path.remove(&p.path);
@@ -1461,7 +1491,8 @@ fn prepare(ctx: &AttemptCtx, task: &Task, claim: &Claim) -> Result<(PathBuf, Str
         .join(&task.id)
         .join(format!("attempt-{}.prompt.md", claim.attempt));
     std::fs::create_dir_all(prompt_file.parent().expect("has parent"))?;
-    fsutil::atomic_write(&prompt_file, prompt.as_bytes())
+    // A copy for people to read; it is rebuilt from the task for every attempt, so no fsync.
+    fsutil::atomic_write_derived(&prompt_file, prompt.as_bytes())
         .context("cannot write the prompt file")?;
     Ok((workdir, prompt, prompt_file))
 }

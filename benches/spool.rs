@@ -1,0 +1,514 @@
+//! Supervisor benchmarks against the real binary (`cargo bench --bench spool -- [scenario...]`).
+//!
+//! Scenarios (all by default): `latency` (drop → claim, drop → agent started, 1,000 drops one at a time),
+//! `throughput` (5,000 no-op tasks, durable and not), `reads` (status / tasks --json at 10k and 100k
+//! tasks), `startup` (100,000 files already pending: time to first claim, RSS), `idle` (RSS and CPU with
+//! nothing to do), `diff` (per-task cost of diff capture on a 10,000-file workdir), `pueue` (the same
+//! no-op work through pueue, when `pueue`/`pueued` are on PATH). Figures only; nothing is asserted.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_orchestrate");
+
+struct Tree {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+}
+
+impl Tree {
+    fn new(config: &str) -> Tree {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().to_path_buf();
+        let ok = Command::new(BIN)
+            .arg("-C")
+            .arg(&root)
+            .arg("init")
+            .output()
+            .expect("init")
+            .status
+            .success();
+        assert!(ok, "init failed");
+        std::fs::write(root.join("config.yaml"), config).expect("config");
+        Tree { _dir: dir, root }
+    }
+
+    fn p(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+
+    fn start(&self, extra: &[&str]) -> Child {
+        Command::new(BIN)
+            .arg("-C")
+            .arg(&self.root)
+            .arg("start")
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start")
+    }
+
+    /// Write `n` task files straight into pending/ with an mtime in the past (ready at once).
+    fn fill_pending(&self, n: usize, body: &str) {
+        let old = std::time::SystemTime::now() - Duration::from_secs(60);
+        for i in 0..n {
+            let path = self.p(&format!("tasks/pending/n{i:06}.yaml"));
+            std::fs::write(&path, body).expect("write");
+            std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.set_modified(old))
+                .expect("mtime");
+        }
+    }
+
+    fn count(&self, dir: &str) -> usize {
+        std::fs::read_dir(self.p(dir))
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().ends_with("_result.yaml"))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+}
+
+fn config(durable: bool, agent_cmd: &str, agent_args: &str, extra: &str) -> String {
+    format!(
+        "orchestrator: {{max_concurrent: 8, durable: {durable}, log_level: warn, rescan_seconds: 3600}}\n\
+         agents: {{a: {{kind: command, command: \"{agent_cmd}\", args: {agent_args}, max_instances: 8}}}}\n\
+         routing: {{fallback: [a]}}\n{extra}"
+    )
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn summary(name: &str, v: &mut [f64]) {
+    let (p50, p99) = (pct(v, 0.5), pct(v, 0.99));
+    let max = v.iter().copied().fold(0.0, f64::max);
+    println!(
+        "{name}: p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms (n = {})",
+        v.len()
+    );
+}
+
+fn stop(mut child: Child) {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+}
+
+/// (VmRSS, VmHWM) of a process in KiB.
+fn rss(pid: u32) -> (u64, u64) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let get = |k: &str| {
+        s.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (get("VmRSS:"), get("VmHWM:"))
+}
+
+/// utime + stime of a process in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let f: Vec<&str> = s
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
+fn latency(drops: usize) {
+    use notify::{
+        EventKind, RecursiveMode, Watcher,
+        event::{CreateKind, ModifyKind, RenameMode},
+    };
+    let t = Tree::new(&config(
+        true,
+        "touch",
+        "[\"started/{task_id}\"]",
+        "context: {diff_exclude: [started]}\n",
+    ));
+    std::fs::create_dir_all(t.p("started")).expect("mkdir");
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, PathBuf, bool)>();
+    let mut w = notify::recommended_watcher(move |r: notify::Result<notify::Event>| {
+        let now = Instant::now();
+        if let Ok(ev) = r {
+            let claim = matches!(
+                ev.kind,
+                EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both))
+            );
+            let start = matches!(
+                ev.kind,
+                EventKind::Create(CreateKind::File | CreateKind::Any)
+            );
+            if claim || start {
+                for p in ev.paths {
+                    let _ = tx.send((now, p, claim));
+                }
+            }
+        }
+    })
+    .expect("watcher");
+    w.watch(&t.p("tasks/assigned"), RecursiveMode::NonRecursive)
+        .expect("watch");
+    w.watch(&t.p("started"), RecursiveMode::NonRecursive)
+        .expect("watch");
+    let sup = t.start(&[]);
+    std::thread::sleep(Duration::from_millis(500));
+    let (mut to_claim, mut to_start) = (Vec::new(), Vec::new());
+    for i in 0..drops {
+        let id = format!("l{i:05}");
+        let tmp = t.p(&format!("tasks/pending/.{id}.tmp"));
+        std::fs::write(&tmp, "description: latency probe\n").expect("write");
+        let t0 = Instant::now();
+        std::fs::rename(&tmp, t.p(&format!("tasks/pending/{id}.yaml"))).expect("rename");
+        let (mut claimed, mut started) = (None, None);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while claimed.is_none() || started.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok((at, path, claim)) = rx.recv_timeout(left) else {
+                panic!("task {id} not claimed and started in 10 s")
+            };
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if claim && name == format!("{id}.yaml") {
+                claimed = Some(at - t0);
+            } else if !claim && name == id {
+                started = Some(at - t0);
+            }
+        }
+        to_claim.push(claimed.expect("claimed").as_secs_f64() * 1000.0);
+        to_start.push(started.expect("started").as_secs_f64() * 1000.0);
+        // Let the task finish before the next drop, so each drop meets an idle supervisor.
+        let done = t.p(&format!("tasks/completed/{id}_result.yaml"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    stop(sup);
+    summary("drop → claim", &mut to_claim);
+    summary("drop → agent started", &mut to_start);
+}
+
+fn throughput(n: usize) {
+    for durable in [true, false] {
+        let t = Tree::new(&config(durable, "true", "[]", ""));
+        t.fill_pending(n, "description: no-op\n");
+        let t0 = Instant::now();
+        let mut child = t.start(&["--once"]);
+        let pid = child.id();
+        let mut peak = 0;
+        loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            peak = peak.max(rss(pid).1);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        assert_eq!(t.count("tasks/completed"), n, "every task completed");
+        println!(
+            "throughput ({}): {n} tasks in {secs:.2} s = {:.0} tasks/s, peak RSS {:.1} MiB",
+            if durable { "durable" } else { "durable: false" },
+            n as f64 / secs,
+            peak as f64 / 1024.0
+        );
+    }
+}
+
+fn reads() {
+    for n in [10_000usize, 100_000] {
+        let t = Tree::new(&config(true, "true", "[]", ""));
+        // Two thirds finished (task + result file), one third pending: a lived-in tree.
+        for i in 0..n {
+            let id = format!("r{i:06}");
+            if i % 3 == 0 {
+                std::fs::write(
+                    t.p(&format!("tasks/pending/{id}.yaml")),
+                    format!("description: task {i}\n"),
+                )
+                .expect("w");
+            } else {
+                std::fs::write(
+                    t.p(&format!("tasks/completed/{id}.yaml")),
+                    format!("description: task {i}\n"),
+                )
+                .expect("w");
+                std::fs::write(
+                    t.p(&format!("tasks/completed/{id}_result.yaml")),
+                    format!("task_id: {id}\nstatus: completed\nversion: 3\nagent: a\ndescription: task {i}\nfinished_at: 2026-01-01T00:00:00.000Z\nattempts: []\nfiles_modified: []\nreview_required: false\n"),
+                )
+                .expect("w");
+            }
+        }
+        let rebuild = Instant::now();
+        let ok = Command::new(BIN)
+            .arg("-C")
+            .arg(&t.root)
+            .args(["mirror", "rebuild"])
+            .output()
+            .expect("rebuild")
+            .status
+            .success();
+        assert!(ok);
+        println!(
+            "reads at {n} tasks: mirror rebuild {:.0} ms",
+            rebuild.elapsed().as_secs_f64() * 1000.0
+        );
+        for args in [&["status"][..], &["tasks", "--json"][..]] {
+            let mut v = Vec::new();
+            for _ in 0..20 {
+                let t0 = Instant::now();
+                let out = Command::new(BIN)
+                    .arg("-C")
+                    .arg(&t.root)
+                    .args(args)
+                    .stdout(Stdio::null())
+                    .status()
+                    .expect("run");
+                assert!(out.success());
+                v.push(t0.elapsed().as_secs_f64() * 1000.0);
+            }
+            summary(&format!("  {}", args.join(" ")), &mut v);
+        }
+    }
+}
+
+fn startup(n: usize) {
+    let t = Tree::new(&config(true, "true", "[]", ""));
+    t.fill_pending(n, "description: no-op\n");
+    let t0 = Instant::now();
+    let child = t.start(&[]);
+    let pid = child.id();
+    let first = loop {
+        let claimed = std::fs::read_dir(t.p("tasks/assigned"))
+            .map(|rd| rd.flatten().count())
+            .unwrap_or(0)
+            + t.count("tasks/completed");
+        if claimed > 1 {
+            break t0.elapsed();
+        }
+        if t0.elapsed() > Duration::from_secs(120) {
+            panic!("no claim within 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let (_, hwm_first) = rss(pid);
+    std::thread::sleep(Duration::from_secs(5));
+    let (now, hwm) = rss(pid);
+    let done = t.count("tasks/completed");
+    stop(child);
+    println!(
+        "startup with {n} pending: first claim after {:.0} ms (peak RSS then {:.1} MiB); 5 s later {done} done, RSS {:.1} MiB, peak {:.1} MiB",
+        first.as_secs_f64() * 1000.0,
+        hwm_first as f64 / 1024.0,
+        now as f64 / 1024.0,
+        hwm as f64 / 1024.0
+    );
+}
+
+fn idle() {
+    let t = Tree::new(&config(true, "true", "[]", ""));
+    let child = t.start(&[]);
+    let pid = child.id();
+    std::thread::sleep(Duration::from_secs(2));
+    let c0 = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(10));
+    let ticks = cpu_ticks(pid) - c0;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let (rss_now, _) = rss(pid);
+    stop(child);
+    println!(
+        "idle: RSS {:.1} MiB, CPU {:.3} s over 10 s ({:.2} %)",
+        rss_now as f64 / 1024.0,
+        ticks as f64 / hz,
+        ticks as f64 / hz / 10.0 * 100.0
+    );
+}
+
+fn run_tasks(t: &Tree, n: usize, workdir: &str) -> f64 {
+    for i in 0..n {
+        let path = t.p(&format!("tasks/pending/d{workdir}{i:04}.yaml"));
+        std::fs::write(&path, format!("description: no-op\nworkdir: {workdir}\n")).expect("w");
+        let old = std::time::SystemTime::now() - Duration::from_secs(60);
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_modified(old))
+            .expect("mtime");
+    }
+    let t0 = Instant::now();
+    let mut c = t.start(&["--once"]);
+    let _ = c.wait();
+    t0.elapsed().as_secs_f64()
+}
+
+fn diff(files: usize, tasks: usize) {
+    // One slot, so each task's snapshot and diff sit on the critical path.
+    let t = Tree::new(
+        &config(true, "true", "[]", "").replace("max_concurrent: 8", "max_concurrent: 1"),
+    );
+    std::fs::create_dir_all(t.p("empty")).expect("mkdir");
+    for i in 0..files {
+        let d = t.p(&format!("big/d{:03}", i / 100));
+        std::fs::create_dir_all(&d).expect("mkdir");
+        std::fs::write(
+            d.join(format!("f{i:05}.txt")),
+            format!("line {i}\n").repeat(20),
+        )
+        .expect("w");
+    }
+    let small = run_tasks(&t, tasks, "empty");
+    let big = run_tasks(&t, tasks, "big");
+    println!(
+        "diff capture: {tasks} tasks on an empty workdir {:.1} ms/task, on {files} files {:.1} ms/task: {:.1} ms/task for snapshot + diff",
+        small / tasks as f64 * 1000.0,
+        big / tasks as f64 * 1000.0,
+        (big - small) / tasks as f64 * 1000.0
+    );
+}
+
+fn which(p: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(p))
+        .find(|p| p.is_file())
+}
+
+fn pueue(n: usize) {
+    let (Some(pueue), Some(pueued)) = (which("pueue"), which("pueued")) else {
+        println!("pueue: not on PATH (cargo install pueue), skipped");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("pueue.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "shared:\n  pueue_directory: {0}/data\n  runtime_directory: {0}/run\n  use_unix_socket: true\n  unix_socket_path: {0}/pueue.sock\ndaemon:\n  callback: null\n",
+            dir.path().display()
+        ),
+    )
+    .expect("cfg");
+    let run = |args: &[&str]| {
+        Command::new(&pueue)
+            .arg("-c")
+            .arg(&cfg)
+            .args(args)
+            .output()
+            .expect("pueue")
+    };
+    let mut daemon = Command::new(&pueued)
+        .arg("-c")
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("pueued");
+    let t0 = Instant::now();
+    while !run(&["status"]).status.success() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "pueued did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(run(&["parallel", "8"]).status.success());
+    // add → started latency, one at a time.
+    let mut lat = Vec::new();
+    for i in 0..50 {
+        let marker = dir.path().join(format!("started{i}"));
+        let t0 = Instant::now();
+        assert!(
+            run(&["add", "--", "touch", marker.to_str().expect("utf8")])
+                .status
+                .success()
+        );
+        while !marker.exists() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "pueue task did not start"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        lat.push(t0.elapsed().as_secs_f64() * 1000.0);
+    }
+    summary("pueue add → started", &mut lat);
+    assert!(run(&["clean"]).status.success());
+    let t0 = Instant::now();
+    for _ in 0..n {
+        assert!(run(&["add", "--", "true"]).status.success());
+    }
+    let added = t0.elapsed().as_secs_f64();
+    loop {
+        let out = run(&["status", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let done = v["tasks"]
+            .as_object()
+            .map(|m| {
+                m.values()
+                    .filter(|t| t["status"].get("Done").is_some())
+                    .count()
+            })
+            .unwrap_or(0);
+        if done >= n {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(600),
+            "pueue did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    println!(
+        "pueue: {n} no-op tasks in {secs:.2} s = {:.1} tasks/s (adding them took {added:.2} s)",
+        n as f64 / secs
+    );
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let want = |s: &str| args.is_empty() || args.iter().any(|a| a == s);
+    if want("latency") {
+        latency(1000);
+    }
+    if want("throughput") {
+        throughput(5000);
+    }
+    if want("reads") {
+        reads();
+    }
+    if want("startup") {
+        startup(100_000);
+    }
+    if want("idle") {
+        idle();
+    }
+    if want("diff") {
+        diff(10_000, 50);
+    }
+    if want("pueue") {
+        pueue(300);
+    }
+}
