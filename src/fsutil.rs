@@ -52,6 +52,26 @@ pub fn atomic_write_derived(target: &Path, data: &[u8]) -> io::Result<()> {
     write_renamed(target, data, false)
 }
 
+/// [`atomic_write`] whose directory entry is made durable by the caller: the file's data is synced,
+/// but the directory fsync is left to the commit that follows in the same directory (one fsync covers
+/// both names).
+pub fn atomic_write_before_commit(target: &Path, data: &[u8]) -> io::Result<()> {
+    let tmp = tmp_name(target);
+    let result = (|| {
+        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        f.write_all(data)?;
+        if durable() {
+            f.sync_all()?;
+        }
+        drop(f);
+        fs::rename(&tmp, target)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
 fn write_renamed(target: &Path, data: &[u8], sync: bool) -> io::Result<()> {
     let tmp = tmp_name(target);
     let result = (|| {

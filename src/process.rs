@@ -360,7 +360,7 @@ pub async fn run(spec: Spec, mut stop: watch::Receiver<Option<Stop>>) -> Exit {
     signal_group(pid, libc::SIGKILL);
     // Descendants that left the group still carry the marker: find them too (a /proc sweep, a few ms).
     let marker = spec.marker.clone();
-    exit.escaped = tokio::task::spawn_blocking(move || kill_marked_since(&marker, spawned_at))
+    exit.escaped = tokio::task::spawn_blocking(move || kill_marked_since(&marker, spawned_at, pid))
         .await
         .unwrap_or(0);
     for t in [out_task, err_task].into_iter().flatten() {
@@ -417,7 +417,7 @@ pub fn run_marker(instance: &str, task_id: &str, attempt: u32) -> String {
 /// SIGKILL every process (of ours) whose environment carries `ORCHESTRATE_RUN=<marker>`, and its
 /// process group. Returns how many were found.
 pub fn kill_marked(marker: &str) -> usize {
-    kill_marked_since(marker, 0)
+    kill_marked_since(marker, 0, 0)
 }
 
 /// Start time of a process in clock ticks since boot (field 22 of `/proc/<pid>/stat`).
@@ -435,9 +435,22 @@ pub fn start_ticks(pid: u32) -> Option<u64> {
 /// [`kill_marked`] limited to processes started at or after `since` (clock ticks since boot): a
 /// descendant of an attempt cannot be older than the attempt's agent, and skipping the others avoids
 /// reading the environment of every process on the machine after every attempt.
-pub fn kill_marked_since(marker: &str, since: u64) -> usize {
+///
+/// `first_pid` (the agent's pid) narrows it further without opening anything: pids are handed out in
+/// increasing order, so a descendant has a larger one, unless the counter wrapped since (then every
+/// process is looked at).
+pub fn kill_marked_since(marker: &str, since: u64, first_pid: u32) -> usize {
     let needle = format!("{RUN_MARKER}={marker}");
     let me = std::process::id();
+    let last_pid: u32 = std::fs::read_to_string("/proc/sys/kernel/ns_last_pid")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(u32::MAX);
+    let floor = if first_pid > 0 && last_pid >= first_pid {
+        first_pid
+    } else {
+        0
+    };
     let mut found = 0;
     let Ok(rd) = std::fs::read_dir("/proc") else {
         return 0;
@@ -449,7 +462,7 @@ pub fn kill_marked_since(marker: &str, since: u64) -> usize {
         if pid == me {
             continue;
         }
-        if since > 0 && start_ticks(pid).is_none_or(|t| t < since) {
+        if pid < floor || (since > 0 && start_ticks(pid).is_none_or(|t| t < since)) {
             continue;
         }
         let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {

@@ -218,7 +218,8 @@ impl Spool {
     pub fn finish(&self, result: &TaskResult) -> Result<()> {
         let id = &result.task_id;
         let place = terminal_place(result.status);
-        atomic_write(
+        // The task's rename into the same directory fsyncs it, making both names durable at once.
+        fsutil::atomic_write_before_commit(
             &self.result_path(result.status, id),
             task::to_yaml(result).as_bytes(),
         )
