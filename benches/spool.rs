@@ -397,6 +397,8 @@ fn pueue(n: usize) {
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = dir.path().join("pueue.yml");
+    // pueued creates its data directory but not its runtime directory.
+    std::fs::create_dir_all(dir.path().join("run")).expect("mkdir");
     std::fs::write(
         &cfg,
         format!(

@@ -121,7 +121,7 @@ fn local(project: &Project) -> Result<Status> {
         counts: counts_of(mirror::counts(&conn)?),
         quarantined: Some(quarantined),
         running: running_of(mirror::list(&conn, Some("running"))?),
-        waiting: waiting_of(mirror::list(&conn, Some("pending"))?),
+        waiting: waiting_of(mirror::waiting(&conn)?),
         supervisors,
         last_event_seq: conn.query_row(
             "SELECT coalesce(max(seq), 0) FROM task_events",

@@ -828,6 +828,16 @@ pub fn list(conn: &Connection, state: Option<&str>) -> Result<Vec<TaskRow>> {
     Ok(out)
 }
 
+/// Pending tasks with a wait reason, without loading the rest of the pending set.
+pub fn waiting(conn: &Connection) -> Result<Vec<TaskRow>> {
+    let mut stmt = conn.prepare(
+        "SELECT id, version, state, agent, payload, updated_at, note FROM tasks
+         WHERE state = 'pending' AND note IS NOT NULL ORDER BY updated_at, id",
+    )?;
+    let rows = stmt.query_map([], row_from_sql)?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
 pub fn get(conn: &Connection, id: &str) -> Result<Option<TaskRow>> {
     Ok(conn
         .query_row(
