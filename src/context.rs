@@ -331,11 +331,10 @@ struct FileState {
 }
 
 /// The latest snapshot per workdir (contents shared with the snapshots themselves, not copied).
-fn snapshot_cache() -> &'static std::sync::Mutex<HashMap<PathBuf, Arc<HashMap<PathBuf, FileState>>>>
-{
-    static CACHE: std::sync::OnceLock<
-        std::sync::Mutex<HashMap<PathBuf, Arc<HashMap<PathBuf, FileState>>>>,
-    > = std::sync::OnceLock::new();
+type SnapshotCache = std::sync::Mutex<HashMap<PathBuf, Arc<HashMap<PathBuf, FileState>>>>;
+
+fn snapshot_cache() -> &'static SnapshotCache {
+    static CACHE: std::sync::OnceLock<SnapshotCache> = std::sync::OnceLock::new();
     CACHE.get_or_init(Default::default)
 }
 
