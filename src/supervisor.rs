@@ -178,7 +178,8 @@ impl Supervisor {
         self.recover();
         let report = self
             .writer
-            .reconcile(&self.spool, self.cfg.orchestrator.max_task_bytes, false)
+            // pending/ is read by the start-up scan right after, which mirrors what it finds.
+            .reconcile(&self.spool, self.cfg.orchestrator.max_task_bytes, true)
             .map_err(|e| anyhow::anyhow!("mirror reconcile failed: {e}"))?;
         console::debug(&format!(
             "mirror reconciled: {} rows updated, {} removed",
@@ -461,7 +462,12 @@ impl Supervisor {
                 .cmp(&b.1.modified().ok())
                 .then(a.0.cmp(&b.0))
         });
-        for (p, m) in paths {
+        for (i, (p, m)) in paths.into_iter().enumerate() {
+            // With a huge backlog, start work while reading it: priorities apply among the tasks
+            // read so far, and the rest join the queue in the same pass.
+            if i % 256 == 255 && self.running.len() < self.cfg.orchestrator.max_concurrent {
+                self.schedule();
+            }
             seen.insert(p.clone());
             // Unchanged known files need no second look.
             if let Some(id) = self.by_path.get(&p)

@@ -139,6 +139,8 @@ pub enum Op {
         spool: Box<Spool>,
         max_task_bytes: u64,
         rebuild: bool,
+        /// Leave pending/ to the caller, who reads it anyway (a starting supervisor).
+        skip_pending: bool,
         reply: Option<mpsc::Sender<Result<ReconcileReport, String>>>,
     },
 }
@@ -307,6 +309,7 @@ impl Writer {
                             spool,
                             max_task_bytes,
                             rebuild,
+                            skip_pending,
                             reply,
                         } = op
                         else {
@@ -319,8 +322,13 @@ impl Writer {
                                 conn.execute_batch("DELETE FROM tasks; DELETE FROM attempts;")?;
                             }
                             let known = known_rows(&conn)?;
-                            let (plan, report) =
-                                reconcile_plan(&spool, max_task_bytes, &known, rebuild)?;
+                            let (plan, report) = reconcile_plan(
+                                &spool,
+                                max_task_bytes,
+                                &known,
+                                rebuild,
+                                skip_pending,
+                            )?;
                             // Everything sent while the tree was read joins this batch, and the plan
                             // leaves those tasks to it.
                             while let Ok(op) = rx.try_recv() {
@@ -354,13 +362,14 @@ impl Writer {
         &self,
         spool: &Spool,
         max_task_bytes: u64,
-        rebuild: bool,
+        skip_pending: bool,
     ) -> Result<ReconcileReport, String> {
         let (tx, rx) = mpsc::channel();
         self.send(Op::Reconcile {
             spool: Box::new(spool.clone()),
             max_task_bytes,
-            rebuild,
+            rebuild: false,
+            skip_pending,
             reply: Some(tx),
         });
         rx.recv_timeout(Duration::from_secs(600))
@@ -373,6 +382,7 @@ impl Writer {
             spool: Box::new(spool.clone()),
             max_task_bytes,
             rebuild: false,
+            skip_pending: false,
             reply: None,
         });
     }
@@ -553,7 +563,12 @@ pub type AttemptLine = (u32, String, String, Option<String>, String, Option<i32>
 
 /// Rows for everything in the tree, read from the files. `known` holds the mirror's current
 /// (state, version, file) per id; rows whose state and file already match are skipped unread.
-pub fn rows_from_tree(spool: &Spool, max_task_bytes: u64, known: &Known) -> Result<TreeRows> {
+pub fn rows_from_tree(
+    spool: &Spool,
+    max_task_bytes: u64,
+    known: &Known,
+    skip_pending: bool,
+) -> Result<TreeRows> {
     let mut rows = Vec::new();
     let mut present = std::collections::HashSet::new();
     let pending_files: HashMap<&str, &str> = known
@@ -574,6 +589,16 @@ pub fn rows_from_tree(spool: &Spool, max_task_bytes: u64, known: &Known) -> Resu
         Place::Assigned,
         Place::Pending,
     ] {
+        if skip_pending && place == Place::Pending {
+            // The caller reads pending/ itself (a starting supervisor): keep what the mirror knows.
+            present.extend(
+                known
+                    .iter()
+                    .filter(|(_, (st, _, _))| st == "pending")
+                    .map(|(id, _)| id.clone()),
+            );
+            continue;
+        }
         let dir = spool.dir(place);
         let Ok(rd) = std::fs::read_dir(dir) else {
             continue;
@@ -669,7 +694,7 @@ pub fn reconcile(
         conn.execute_batch("DELETE FROM tasks; DELETE FROM attempts;")?;
     }
     let known = known_rows(conn)?;
-    let (mut ops, report) = reconcile_plan(spool, max_task_bytes, &known, rebuild)?;
+    let (mut ops, report) = reconcile_plan(spool, max_task_bytes, &known, rebuild, false)?;
     apply(conn, host, &mut ops)?;
     Ok(report)
 }
@@ -708,8 +733,9 @@ pub fn reconcile_plan(
     max_task_bytes: u64,
     known: &Known,
     rebuild: bool,
+    skip_pending: bool,
 ) -> Result<(Vec<Op>, ReconcileReport)> {
-    let (rows, present) = rows_from_tree(spool, max_task_bytes, known)?;
+    let (rows, present) = rows_from_tree(spool, max_task_bytes, known, skip_pending)?;
     // With another supervisor live on this tree, a transition it just made may still be on its way
     // to the mirrors; writing the tree's state first would make its op stale and lose its event. Such
     // tasks are left to their writer, and a later reconcile catches them if that writer died.

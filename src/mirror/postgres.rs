@@ -434,7 +434,7 @@ pub async fn reconcile_plan(
     let known = known_rows(client).await?;
     let spool = spool.clone();
     tokio::task::spawn_blocking(move || {
-        super::reconcile_plan(&spool, max_task_bytes, &known, false)
+        super::reconcile_plan(&spool, max_task_bytes, &known, false, false)
     })
     .await
     .context("reconcile planning failed")?
