@@ -744,16 +744,19 @@ pub fn reconcile_plan(
     let now = std::time::SystemTime::now();
     let recent = |rel: &str| {
         use std::os::unix::fs::MetadataExt;
+        // A file gone since the tree was read has just moved: that is as recent as it gets.
         others_live
-            && std::fs::symlink_metadata(spool.tasks_dir.join(rel)).is_ok_and(|m| {
-                // ctime, not mtime: a rename between spool directories changes only the ctime.
-                let changed = std::time::UNIX_EPOCH
-                    + Duration::new(
-                        m.ctime().max(0) as u64,
-                        m.ctime_nsec().clamp(0, 999_999_999) as u32,
-                    );
-                now.duration_since(changed).unwrap_or_default() < RECENT
-            })
+            && std::fs::symlink_metadata(spool.tasks_dir.join(rel))
+                .ok()
+                .is_none_or(|m| {
+                    // ctime, not mtime: a rename between spool directories changes only the ctime.
+                    let changed = std::time::UNIX_EPOCH
+                        + Duration::new(
+                            m.ctime().max(0) as u64,
+                            m.ctime_nsec().clamp(0, 999_999_999) as u32,
+                        );
+                    now.duration_since(changed).unwrap_or_default() < RECENT
+                })
     };
     let mut report = ReconcileReport {
         upserted: 0,
