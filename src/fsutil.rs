@@ -43,46 +43,33 @@ fn tmp_name(target: &Path) -> PathBuf {
 
 /// Write `data` to `target` atomically: readers see the old content or the new one, never a mix.
 pub fn atomic_write(target: &Path, data: &[u8]) -> io::Result<()> {
-    write_renamed(target, data, durable())
+    write_renamed(target, data, durable(), durable())
 }
 
 /// [`atomic_write`] without fsync, for files derived from others that are regenerated when lost
 /// (context state files, prompt copies): atomic for readers, not worth a disk flush on the hot path.
 pub fn atomic_write_derived(target: &Path, data: &[u8]) -> io::Result<()> {
-    write_renamed(target, data, false)
+    write_renamed(target, data, false, false)
 }
 
 /// [`atomic_write`] whose directory entry is made durable by the caller: the file's data is synced,
 /// but the directory fsync is left to the commit that follows in the same directory (one fsync covers
 /// both names).
 pub fn atomic_write_before_commit(target: &Path, data: &[u8]) -> io::Result<()> {
-    let tmp = tmp_name(target);
-    let result = (|| {
-        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-        f.write_all(data)?;
-        if durable() {
-            f.sync_all()?;
-        }
-        drop(f);
-        fs::rename(&tmp, target)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    write_renamed(target, data, durable(), false)
 }
 
-fn write_renamed(target: &Path, data: &[u8], sync: bool) -> io::Result<()> {
+fn write_renamed(target: &Path, data: &[u8], sync_file: bool, sync_dir: bool) -> io::Result<()> {
     let tmp = tmp_name(target);
     let result = (|| {
         let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
         f.write_all(data)?;
-        if sync {
+        if sync_file {
             f.sync_all()?;
         }
         drop(f);
         fs::rename(&tmp, target)?;
-        if sync && let Some(dir) = target.parent() {
+        if sync_dir && let Some(dir) = target.parent() {
             fsync_dir(dir)?;
         }
         Ok(())

@@ -61,7 +61,6 @@ pub struct Exit {
     pub log_bytes: u64,
     pub log_bytes_dropped: u64,
     pub spawn_error: Option<String>,
-    pub pid: Option<u32>,
     /// Descendants that had left the process group and were killed after the agent exited.
     pub escaped: usize,
     pub spawn_errno: Option<i32>,
@@ -255,14 +254,13 @@ pub async fn run(spec: Spec, mut stop: watch::Receiver<Option<Stop>>) -> Exit {
     // An absolute path lets std use posix_spawn (vfork-like) instead of fork: with an environment of
     // our own, std will not let posix_spawnp search PATH, and forking a busy supervisor costs page-table
     // copies and TLB shootdowns on every attempt. Resolve against the PATH the child will see.
-    let program = resolve_program(
-        &spec.program,
-        spec.env
-            .iter()
-            .find(|(k, _)| k == "PATH")
-            .map(|(_, v)| v.as_str()),
-    )
-    .unwrap_or_else(|| PathBuf::from(&spec.program));
+    let child_path = spec
+        .env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| std::ffi::OsStr::new(v.as_str()));
+    let program =
+        search_path(&spec.program, child_path).unwrap_or_else(|| PathBuf::from(&spec.program));
     let mut cmd = tokio::process::Command::new(&program);
     cmd.args(&spec.args)
         .current_dir(&spec.cwd)
@@ -291,7 +289,6 @@ pub async fn run(spec: Spec, mut stop: watch::Receiver<Option<Stop>>) -> Exit {
         }
     };
     let pid = child.id().unwrap_or(0);
-    exit.pid = Some(pid);
     let spawned_at = start_ticks(pid).unwrap_or(0);
 
     if let (Some(input), Some(mut stdin)) = (spec.stdin.clone(), child.stdin.take()) {
@@ -499,33 +496,23 @@ pub fn build_env(
     env
 }
 
-/// `program` as an absolute path, searched on `path` (the child's PATH) when it is a bare name.
-fn resolve_program(program: &str, path: Option<&str>) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    if program.contains('/') {
-        return None;
-    }
-    std::env::split_paths(path?)
-        .map(|d| d.join(program))
-        .find(|p| {
-            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
-}
-
-/// Whether `program` can be run: a path that exists, or a name found on PATH.
-pub fn find_program(program: &str) -> Option<PathBuf> {
+/// `program` as a path: itself when it names one, else the first executable of that name on `path`
+/// (a PATH-style list). `None` when there is nothing to run.
+fn search_path(program: &str, path: Option<&std::ffi::OsStr>) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let is_exec = |p: &std::path::Path| {
-        std::fs::metadata(p)
-            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-            .unwrap_or(false)
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
     };
     if program.contains('/') {
         let p = PathBuf::from(program);
         return is_exec(&p).then_some(p);
     }
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
+    std::env::split_paths(path?)
         .map(|d| d.join(program))
         .find(|p| is_exec(p))
+}
+
+/// Whether `program` can be run: a path that exists, or a name found on our PATH.
+pub fn find_program(program: &str) -> Option<PathBuf> {
+    search_path(program, std::env::var_os("PATH").as_deref())
 }

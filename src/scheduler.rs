@@ -6,7 +6,7 @@
 //! agent's `max_instances`. This module keeps no files and spawns nothing: the supervisor asks it for
 //! decisions and carries them out.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -395,15 +395,6 @@ pub fn retry_delay(cfg: &Config, failures: u32) -> Duration {
 
 /// Ids of terminal tasks, as the supervisor knows them.
 pub type Done = HashMap<String, Terminal>;
-
-/// Tasks in `set` that are pending and depend (directly) on `id`: used to wake dependents.
-pub fn dependents<'a>(pending: &'a HashMap<String, Pending>, id: &str) -> HashSet<&'a str> {
-    pending
-        .iter()
-        .filter(|(_, p)| p.waits_for().iter().any(|d| d == id))
-        .map(|(k, _)| k.as_str())
-        .collect()
-}
 
 #[cfg(test)]
 mod tests {

@@ -397,7 +397,14 @@ impl Spool {
                 let _ = fs::remove_file(self.pending.join(&name));
             }
         }
-        // Rejected files whose explanation was lost to a crash between the move and the write.
+        Ok(out)
+    }
+}
+
+impl Spool {
+    /// Rejected files whose explanation was lost to a crash between the move and the write. Only a
+    /// crash leaves them, so this runs at start, not with every periodic recovery.
+    pub fn repair_rejected(&self) -> Result<()> {
         for entry in fs::read_dir(&self.failed)? {
             let path = entry?.path();
             let name = path
@@ -420,11 +427,9 @@ impl Spool {
                 atomic_write(&error_path(&path), msg.as_bytes())?;
             }
         }
-        Ok(out)
+        Ok(())
     }
-}
 
-impl Spool {
     fn recover_one(
         &self,
         me: &Instance,

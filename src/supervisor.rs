@@ -176,6 +176,11 @@ impl Supervisor {
     /// Recover dead claims, bring the mirror in line, load what is already finished.
     fn startup(&mut self) -> Result<()> {
         self.recover();
+        if let Err(e) = self.spool.repair_rejected() {
+            console::warn(&format!(
+                "cannot check failed/ for lost explanations: {e:#}"
+            ));
+        }
         let report = self
             .writer
             // pending/ is read by the start-up scan right after, which mirrors what it finds.

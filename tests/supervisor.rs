@@ -812,3 +812,13 @@ fn context_files_and_workdirs_outside_the_project_are_refused() {
             .contains("outside the allowed root")
     );
 }
+
+#[test]
+fn a_rejected_file_that_lost_its_explanation_in_a_crash_gets_one_at_start() {
+    let p = Project::new();
+    // As a crash between the move to failed/ and the write of X.error.txt would leave it.
+    std::fs::write(p.path("tasks/failed/broken.yaml"), "description: [oops\n").expect("write");
+    p.run(&["start", "--once"]).assert_code(0);
+    let err = p.read("tasks/failed/broken.error.txt");
+    assert!(err.starts_with("broken.yaml:1:"), "{err}");
+}

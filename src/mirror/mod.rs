@@ -138,7 +138,6 @@ pub enum Op {
     Reconcile {
         spool: Box<Spool>,
         max_task_bytes: u64,
-        rebuild: bool,
         /// Leave pending/ to the caller, who reads it anyway (a starting supervisor).
         skip_pending: bool,
         reply: Option<mpsc::Sender<Result<ReconcileReport, String>>>,
@@ -308,7 +307,6 @@ impl Writer {
                         let Op::Reconcile {
                             spool,
                             max_task_bytes,
-                            rebuild,
                             skip_pending,
                             reply,
                         } = op
@@ -318,15 +316,12 @@ impl Writer {
                         };
                         commit_with_retries(&mut conn, &host, &mut ops);
                         let r = (|| -> Result<ReconcileReport> {
-                            if rebuild {
-                                conn.execute_batch("DELETE FROM tasks; DELETE FROM attempts;")?;
-                            }
                             let known = known_rows(&conn)?;
                             let (plan, report) = reconcile_plan(
                                 &spool,
                                 max_task_bytes,
                                 &known,
-                                rebuild,
+                                false,
                                 skip_pending,
                             )?;
                             // Everything sent while the tree was read joins this batch, and the plan
@@ -368,7 +363,6 @@ impl Writer {
         self.send(Op::Reconcile {
             spool: Box::new(spool.clone()),
             max_task_bytes,
-            rebuild: false,
             skip_pending,
             reply: Some(tx),
         });
@@ -381,7 +375,6 @@ impl Writer {
         self.send(Op::Reconcile {
             spool: Box::new(spool.clone()),
             max_task_bytes,
-            rebuild: false,
             skip_pending: false,
             reply: None,
         });
