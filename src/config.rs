@@ -143,8 +143,39 @@ pub struct AgentConfig {
     pub base_url: Option<String>,
     #[serde(default)]
     pub api_key_env: Option<String>,
+    /// First cooldown after a rate limit that names no reset time; doubles on each one in a row.
     #[serde(default)]
     pub cooldown_seconds: Option<u64>,
+    /// How much the agent may do unattended, in its own CLI's terms: claude `--permission-mode`
+    /// (default acceptEdits), codex `--sandbox` (default workspace-write), gemini `--approval-mode`
+    /// (default auto_edit), cursor `force` to pass `--force`. Without it edits are refused or wait
+    /// for a human who is not there.
+    #[serde(default)]
+    pub permissions: Option<String>,
+    /// Prices in USD per million tokens, to compute a cost for CLIs that report only tokens.
+    #[serde(default)]
+    pub prices: Option<Prices>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Prices {
+    pub input_per_mtok: f64,
+    pub output_per_mtok: f64,
+    /// Cached input tokens; the input price when not given.
+    #[serde(default)]
+    pub cached_input_per_mtok: Option<f64>,
+}
+
+impl Prices {
+    pub fn cost(&self, input: u64, output: u64, cached: u64) -> f64 {
+        let cached = cached.min(input);
+        let cached_price = self.cached_input_per_mtok.unwrap_or(self.input_per_mtok);
+        ((input - cached) as f64 * self.input_per_mtok
+            + cached as f64 * cached_price
+            + output as f64 * self.output_per_mtok)
+            / 1e6
+    }
 }
 
 fn one() -> usize {
@@ -171,6 +202,10 @@ pub struct RoutingConfig {
     pub fallback: Vec<String>,
     pub rules: Vec<RoutingRule>,
     pub router: Option<RouterConfig>,
+    /// A retry after a real failure goes to the next available agent in the chain (with the failed
+    /// attempt's output and error handed over in the prompt) instead of the one that failed.
+    #[serde(default)]
+    pub retry_on_other_agent: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -189,9 +224,14 @@ pub struct RoutingRule {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouterConfig {
+    /// An `openai` agent.
     pub agent: String,
+    /// How long to wait for its answer before falling back (default 20).
     #[serde(default)]
     pub timeout_seconds: Option<u64>,
+    /// Answers less sure than this are not followed (default 0.5).
+    #[serde(default)]
+    pub min_confidence: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -409,6 +449,60 @@ impl Config {
                     "a `command` agent needs the program to run".into(),
                 ));
             }
+            if a.kind == AgentKind::Openai {
+                for (key, v) in [("base_url", &a.base_url), ("model", &a.model)] {
+                    if v.as_deref().is_none_or(|v| v.trim().is_empty()) {
+                        return Err((
+                            format!("agents.{name}.{key}"),
+                            format!("an `openai` agent needs `{key}`"),
+                        ));
+                    }
+                }
+            }
+            if let Some(p) = &a.prices
+                && [
+                    p.input_per_mtok,
+                    p.output_per_mtok,
+                    p.cached_input_per_mtok.unwrap_or(0.0),
+                ]
+                .iter()
+                .any(|v| !(*v >= 0.0 && v.is_finite()))
+            {
+                return Err((
+                    format!("agents.{name}.prices"),
+                    "prices must be non-negative numbers (USD per million tokens)".into(),
+                ));
+            }
+            if let Some(p) = &a.permissions {
+                let allowed: &[&str] = match a.kind {
+                    AgentKind::Claude => &[
+                        "acceptEdits",
+                        "auto",
+                        "bypassPermissions",
+                        "manual",
+                        "dontAsk",
+                        "plan",
+                    ],
+                    AgentKind::Codex => &["read-only", "workspace-write", "danger-full-access"],
+                    AgentKind::Gemini => &["default", "auto_edit", "yolo", "plan"],
+                    AgentKind::Cursor => &["default", "force"],
+                    AgentKind::Command | AgentKind::Openai => &[],
+                };
+                if !allowed.contains(&p.as_str()) {
+                    return Err((
+                        format!("agents.{name}.permissions"),
+                        if allowed.is_empty() {
+                            format!("a `{}` agent has no permissions setting", a.kind.as_str())
+                        } else {
+                            format!(
+                                "`{p}` is not a {} permission mode (one of: {})",
+                                a.kind.as_str(),
+                                allowed.join(", ")
+                            )
+                        },
+                    ));
+                }
+            }
         }
         let known = |n: &str| self.agents.contains_key(n);
         for (i, n) in self.routing.fallback.iter().enumerate() {
@@ -435,13 +529,26 @@ impl Config {
                 ));
             }
         }
-        if let Some(r) = &self.routing.router
-            && !known(&r.agent)
-        {
-            return Err((
-                "routing.router.agent".into(),
-                format!("unknown agent `{}`", r.agent),
-            ));
+        if let Some(r) = &self.routing.router {
+            match self.agents.get(&r.agent) {
+                None => {
+                    return Err((
+                        "routing.router.agent".into(),
+                        format!("unknown agent `{}`", r.agent),
+                    ));
+                }
+                Some(a) if a.kind != AgentKind::Openai => {
+                    return Err((
+                        "routing.router.agent".into(),
+                        format!(
+                            "the router must be an `openai` agent; `{}` is `{}`",
+                            r.agent,
+                            a.kind.as_str()
+                        ),
+                    ));
+                }
+                Some(_) => {}
+            }
         }
         for (i, g) in self.security.review_paths.iter().enumerate() {
             if let Err(e) = glob::Pattern::new(g) {

@@ -303,8 +303,38 @@ pub fn build_prompt(
                     .unwrap_or_default()
             ));
         }
+        // The handoff: what the last failed attempt produced, so the next one (often another
+        // agent) builds on it instead of starting blind. The output file still holds that attempt.
+        if let Some(last) = previous.last().filter(|a| a.outcome.counts_as_failure())
+            && let Ok(text) = std::fs::read_to_string(layout.output_path(&task.id))
+            && !text.trim().is_empty()
+        {
+            let keep = (cfg.context.max_context_file_bytes as usize).min(HANDOFF_BYTES);
+            p.push_str(&format!(
+                "\n### What attempt {} on {} produced before it failed (last {} bytes at most)\n\n```\n{}\n```\n",
+                last.n,
+                last.agent,
+                keep,
+                tail_str(&text, keep).trim_end()
+            ));
+        }
     }
     Ok(p)
+}
+
+/// How much of a failed attempt's output is handed to the next attempt.
+const HANDOFF_BYTES: usize = 4096;
+
+/// The last `max` bytes of `s`, cut at a character boundary.
+fn tail_str(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut start = s.len() - max;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
 }
 
 fn first_line(s: &str, max: usize) -> String {

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
+use crate::router::Routed;
 use crate::task::{Attempt, History, Task, Terminal};
 
 /// A task waiting in `pending/`.
@@ -73,6 +74,8 @@ pub enum Decision {
     CompleteParent,
     Fail(String),
     Wait(String),
+    /// Ask the router which agent fits, then decide again with its answer.
+    Route,
 }
 
 pub struct Scheduler {
@@ -268,6 +271,7 @@ pub fn decide(
     now: Instant,
     cap: &Capacity,
     dep_state: &dyn Fn(&str) -> DepState,
+    routed: Option<&Routed>,
 ) -> Decision {
     let parent = !p.task.file.subtasks.is_empty();
     let mut waiting_on = Vec::new();
@@ -299,12 +303,25 @@ pub fn decide(
         let at = p.history.not_before.as_deref().unwrap_or("later");
         return Decision::Wait(format!("retry back-off until {at}"));
     }
-    choose_agent(cfg, &p.task, cap)
+    // After a real failure, the agent that failed goes to the back of the chain when the config
+    // asks for a second opinion.
+    let avoid = p
+        .attempts()
+        .last()
+        .filter(|a| cfg.routing.retry_on_other_agent && a.outcome.counts_as_failure())
+        .map(|a| a.agent.as_str());
+    choose_agent(cfg, &p.task, cap, avoid, routed)
 }
 
 /// Agent choice: the task's `agent`, else the first matching routing rule, else the fallback chain;
 /// agents that cannot run are skipped in favour of the next in the chain.
-pub fn choose_agent(cfg: &Config, task: &Task, cap: &Capacity) -> Decision {
+pub fn choose_agent(
+    cfg: &Config,
+    task: &Task,
+    cap: &Capacity,
+    avoid: Option<&str>,
+    routed: Option<&Routed>,
+) -> Decision {
     let mut chain: Vec<(String, String)> = Vec::new();
     if let Some(a) = &task.file.agent {
         if !cfg.agents.contains_key(a) {
@@ -322,11 +339,39 @@ pub fn choose_agent(cfg: &Config, task: &Task, cap: &Capacity) -> Decision {
         .find(|(_, r)| rule_matches(r, task))
     {
         chain.push((rule.agent.clone(), format!("routing.rules[{i}] matched")));
+    } else if cfg.routing.router.is_some() {
+        match routed {
+            None => return Decision::Route,
+            Some(Routed {
+                agent: Some(a),
+                because,
+            }) => chain.push((a.clone(), because.clone())),
+            Some(Routed {
+                agent: None,
+                because,
+            }) => {
+                for f in &cfg.routing.fallback {
+                    if !chain.iter().any(|(a, _)| a == f) {
+                        chain.push((f.clone(), because.clone()));
+                    }
+                }
+            }
+        }
     }
     for f in &cfg.routing.fallback {
         if !chain.iter().any(|(a, _)| a == f) {
             chain.push((f.clone(), "routing.fallback".into()));
         }
+    }
+    if let Some(bad) = avoid
+        && chain.len() > 1
+        && let Some(i) = chain.iter().position(|(a, _)| a == bad)
+    {
+        let (a, why) = chain.remove(i);
+        for (_, w) in chain.iter_mut() {
+            *w = format!("{w}; retry handed over from {bad}, which failed the last attempt");
+        }
+        chain.push((a, why));
     }
     if chain.is_empty() {
         return Decision::Wait(
@@ -485,15 +530,15 @@ mod tests {
         };
         let t = parse_task("description: x\nagent: b\n", "t", "t").expect("task");
         assert!(
-            matches!(choose_agent(&cfg, &t, &cap), Decision::Run { agent, .. } if agent == "b")
+            matches!(choose_agent(&cfg, &t, &cap, None, None), Decision::Run { agent, .. } if agent == "b")
         );
         let t = parse_task("description: x\ntype: docs\n", "t", "t").expect("task");
         assert!(
-            matches!(choose_agent(&cfg, &t, &cap), Decision::Run { agent, .. } if agent == "b")
+            matches!(choose_agent(&cfg, &t, &cap, None, None), Decision::Run { agent, .. } if agent == "b")
         );
         let t = parse_task("description: x\n", "t", "t").expect("task");
         assert!(
-            matches!(choose_agent(&cfg, &t, &cap), Decision::Run { agent, .. } if agent == "a")
+            matches!(choose_agent(&cfg, &t, &cap, None, None), Decision::Run { agent, .. } if agent == "a")
         );
         unavailable.insert("a".to_string(), "a missing".to_string());
         let cap = Capacity {
@@ -501,7 +546,7 @@ mod tests {
             running_per_agent: &per,
             unavailable: &unavailable,
         };
-        match choose_agent(&cfg, &t, &cap) {
+        match choose_agent(&cfg, &t, &cap, None, None) {
             Decision::Run { agent, because } => {
                 assert_eq!(agent, "b");
                 assert!(because.contains("a missing"));
@@ -509,7 +554,10 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let t = parse_task("description: x\nagent: zz\n", "t", "t").expect("task");
-        assert!(matches!(choose_agent(&cfg, &t, &cap), Decision::Fail(_)));
+        assert!(matches!(
+            choose_agent(&cfg, &t, &cap, None, None),
+            Decision::Fail(_)
+        ));
     }
 
     #[test]
@@ -523,7 +571,29 @@ mod tests {
             unavailable: &unavailable,
         };
         let t = parse_task("description: x\n", "t", "t").expect("task");
-        assert!(matches!(choose_agent(&cfg, &t, &cap), Decision::Wait(w) if w.contains("free a")));
+        assert!(
+            matches!(choose_agent(&cfg, &t, &cap, None, None), Decision::Wait(w) if w.contains("free a"))
+        );
+    }
+
+    #[test]
+    fn failed_agent_goes_to_the_back_of_the_chain() {
+        let cfg = cfg();
+        let per = HashMap::new();
+        let unavailable = HashMap::new();
+        let cap = Capacity {
+            running_total: 0,
+            running_per_agent: &per,
+            unavailable: &unavailable,
+        };
+        let t = parse_task("description: x\n", "t", "t").expect("task");
+        match choose_agent(&cfg, &t, &cap, Some("a"), None) {
+            Decision::Run { agent, because } => {
+                assert_eq!(agent, "b");
+                assert!(because.contains("handed over from a"), "{because}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -30,9 +30,11 @@ use crate::agents::{self, RunRequest};
 use crate::config::Config;
 use crate::console;
 use crate::context::{self, CompletedEntry, Layout, Redactor};
+use crate::cooldown::Cooldowns;
 use crate::fsutil;
 use crate::mirror::{self, Op, Writer};
 use crate::process::{self, Stop, StopKind};
+use crate::router::{self, Routed};
 use crate::scheduler::{self, Capacity, Decision, DepState, Pending, Scheduler};
 use crate::spool::{self, Instance, Place, Spool};
 use crate::task::{self, Attempt, Claim, History, Outcome, Task, TaskResult, Terminal};
@@ -66,6 +68,8 @@ struct Report {
     /// The task itself is at fault (bad workdir, missing context file): retrying cannot help.
     permanent: bool,
     stopped: Option<StopKind>,
+    /// For rate limits: when the provider said to come back.
+    retry_after: Option<Duration>,
 }
 
 pub struct Supervisor {
@@ -91,6 +95,12 @@ pub struct Supervisor {
     next_wake: Option<Instant>,
     /// Agents that cannot run and why, with when that was checked.
     unavailable: Option<(Instant, HashMap<String, String>)>,
+    /// Agents resting after a rate limit.
+    cooldowns: Cooldowns,
+    /// The router's answers, by task, and the tasks it is being asked about (`None`).
+    routes: HashMap<String, Option<Routed>>,
+    route_tx: mpsc::UnboundedSender<(String, Routed)>,
+    route_rx: Option<mpsc::UnboundedReceiver<(String, Routed)>>,
     state_dirty: bool,
     cycles_dirty: bool,
     shutting_down: bool,
@@ -135,8 +145,13 @@ impl Supervisor {
             )?;
             writer = writer.with_postgres(pg);
         }
-        let redactor = Arc::new(Redactor::from_env(&cfg.security.secrets));
-        context::install_redactor(&cfg.security.secrets);
+        // API keys named per agent are secrets too, listed or not.
+        let mut secrets = cfg.security.secrets.clone();
+        secrets.extend(cfg.agents.values().filter_map(|a| a.api_key_env.clone()));
+        let redactor = Arc::new(Redactor::from_env(&secrets));
+        context::install_redactor(&secrets);
+        let cooldowns = Cooldowns::load(&layout.state_dir);
+        let (route_tx, route_rx) = mpsc::unbounded_channel();
         Ok(Supervisor {
             cfg: Arc::new(cfg),
             layout,
@@ -156,6 +171,10 @@ impl Supervisor {
             full_pass_due: true,
             next_wake: None,
             unavailable: None,
+            cooldowns,
+            routes: HashMap::new(),
+            route_tx,
+            route_rx: Some(route_rx),
             state_dirty: true,
             cycles_dirty: true,
             shutting_down: false,
@@ -307,6 +326,7 @@ impl Supervisor {
         settle_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut state_tick = tokio::time::interval(Duration::from_millis(250));
         let mut signals = 0;
+        let mut routes = self.route_rx.take().expect("run is called once");
         loop {
             if self.opts.once && self.nothing_left() {
                 console::info("nothing left to run (--once)");
@@ -333,6 +353,7 @@ impl Supervisor {
                         Err(e) => self.on_attempt_crash(e),
                     }
                 }
+                Some((id, routed)) = routes.recv() => self.on_routed(id, routed),
                 _ = settle_tick.tick(), if !self.settling.is_empty() => self.check_settling(),
                 _ = tokio::time::sleep_until(wake.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)).into()), if wake.is_some() => {}
                 _ = heartbeat.tick() => {
@@ -379,6 +400,15 @@ impl Supervisor {
         }
         // Pending tasks that can still make progress without new input: waiting on a retry back-off,
         // or on a dependency that itself can run.
+        // A task waiting for an agent's cooldown to end will run when it does.
+        if !self.sched.pending.is_empty()
+            && self
+                .cooldowns
+                .next_end(time::OffsetDateTime::now_utc())
+                .is_some()
+        {
+            return false;
+        }
         let now = Instant::now();
         !self.sched.pending.values().any(|p| {
             p.not_before.is_some_and(|t| t > now)
@@ -847,12 +877,27 @@ impl Supervisor {
             self.unavailable = Some((Instant::now(), map));
         }
         // A handful of entries: cloning is cheaper than fighting the borrow of `self` below.
-        let unavailable = self
+        let mut unavailable = self
             .unavailable
             .as_ref()
             .map(|(_, m)| m.clone())
             .unwrap_or_default();
         let now = Instant::now();
+        let wall = time::OffsetDateTime::now_utc();
+        for (agent, c) in self.cooldowns.active(wall) {
+            unavailable.entry(agent.to_string()).or_insert_with(|| {
+                format!(
+                    "agent {agent}: cooling down until {} ({})",
+                    c.until,
+                    c.outcome.as_str()
+                )
+            });
+        }
+        if let Some(d) = self.cooldowns.next_end(wall) {
+            // Wake when the first cooldown ends, so the tasks waiting for it are looked at again.
+            let t = now + d;
+            self.next_wake = Some(self.next_wake.map_or(t, |w| w.min(t)));
+        }
         let cfg = self.cfg.clone();
         // A full pass looks at every pending task (wait notes, back-off wake-ups); otherwise the pass
         // ends once every slot is taken, so a long queue costs nothing while agents are busy.
@@ -880,8 +925,10 @@ impl Supervisor {
                 running_per_agent: &self.per_agent,
                 unavailable: &unavailable,
             };
-            let decision = scheduler::decide(&cfg, p, now, &cap, &|d| self.dep_state(d));
+            let routed = self.routes.get(id).and_then(Option::as_ref);
+            let decision = scheduler::decide(&cfg, p, now, &cap, &|d| self.dep_state(d), routed);
             match decision {
+                Decision::Route => self.ask_router(id),
                 Decision::Run { agent, because } => self.start(id, &agent, &because),
                 Decision::CompleteParent => self.complete_parent(id),
                 Decision::Fail(reason) => self.fail_pending(id, &reason),
@@ -903,6 +950,61 @@ impl Supervisor {
             }
         }
         self.sched.put_order(order);
+    }
+
+    /// Ask the router about a task, once; it waits with a note until the answer comes.
+    fn ask_router(&mut self, id: &str) {
+        if self.routes.contains_key(id) {
+            return;
+        }
+        let Some(p) = self.sched.pending.get_mut(id) else {
+            return;
+        };
+        let router = self
+            .cfg
+            .routing
+            .router
+            .as_ref()
+            .map(|r| r.agent.clone())
+            .unwrap_or_default();
+        let note = format!("asking the router ({router}) which agent fits");
+        p.note = Some(note.clone());
+        self.writer.send(Op::Note {
+            id: id.to_string(),
+            note: Some(note),
+        });
+        self.routes.insert(id.to_string(), None);
+        let (cfg, task, tx) = (self.cfg.clone(), p.task.clone(), self.route_tx.clone());
+        let id = id.to_string();
+        // Its own small runtime on a blocking thread: the HTTP client's stream is not `Send`.
+        tokio::task::spawn_blocking(move || {
+            let routed = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(router::route(&cfg, &task)),
+                Err(e) => Routed {
+                    agent: None,
+                    because: format!("router not asked ({e}); routing.fallback"),
+                },
+            };
+            let _ = tx.send((id, routed));
+        });
+    }
+
+    fn on_routed(&mut self, id: String, routed: Routed) {
+        if routed.agent.is_none() {
+            console::warn(&format!("router     {id}: {}", routed.because));
+        } else {
+            console::debug(&format!("router     {id}: {}", routed.because));
+        }
+        // Only for tasks still waiting for it; one that left pending meanwhile is forgotten.
+        if self.sched.pending.contains_key(&id) {
+            self.routes.insert(id, Some(routed));
+            self.full_pass_due = true;
+        } else {
+            self.routes.remove(&id);
+        }
     }
 
     fn claim_record(&self, p: &Pending, agent: &str, because: &str) -> Claim {
@@ -968,6 +1070,8 @@ impl Supervisor {
         let Some((p, claim)) = self.claim(id, agent, because) else {
             return;
         };
+        // A retry asks again: the answer may differ once an agent has failed it.
+        self.routes.remove(id);
         self.writer.send(Op::Upsert {
             row: mirror::running_row(&self.spool, &p.task, &claim),
             attempts: {
@@ -1098,6 +1202,48 @@ impl Supervisor {
             self.requeue(&run.task, history, "interrupted by shutdown");
             return;
         }
+        let agent = run.claim.agent.clone();
+        if matches!(outcome, Outcome::RateLimited | Outcome::QuotaExhausted) && r.stopped.is_none()
+        {
+            // Not the task's fault and not a failed attempt: the agent rests, and the task goes back
+            // to pending at once, where the scheduler hands it to the next agent in its chain.
+            let base = self.cfg.agents[&agent]
+                .cooldown_seconds
+                .map(Duration::from_secs);
+            let error = r
+                .attempt
+                .error
+                .clone()
+                .unwrap_or_else(|| outcome.as_str().into());
+            let until = self
+                .cooldowns
+                .rate_limited(&agent, outcome, r.retry_after, base, &error);
+            let until = fsutil::fmt_time(until);
+            console::warn(&format!(
+                "cooldown   {agent} until {until}: {} ({error})",
+                outcome.as_str()
+            ));
+            self.full_pass_due = true;
+            let history = History {
+                task_id: r.id.clone(),
+                version: run.claim.version + 1,
+                attempts,
+                not_before: None,
+                reason: Some(format!(
+                    "{} on {agent}; cooling down until {until}",
+                    outcome.as_str()
+                )),
+            };
+            self.requeue(
+                &run.task,
+                history,
+                &format!("{} on {agent}: re-dispatched", outcome.as_str()),
+            );
+            return;
+        }
+        if outcome == Outcome::Completed {
+            self.cooldowns.succeeded(&agent);
+        }
         let failures = attempts
             .iter()
             .filter(|a| a.outcome.counts_as_failure())
@@ -1192,6 +1338,7 @@ impl Supervisor {
             files_modified: vec![],
             permanent: false,
             stopped: None,
+            retry_after: None,
         });
     }
 
@@ -1363,6 +1510,7 @@ async fn run_attempt(
         files_modified: vec![],
         permanent: false,
         stopped: None,
+        retry_after: None,
     };
     let prepared = prepare(&ctx, &task, &claim);
     let (workdir, prompt, prompt_file) = match prepared {
@@ -1385,6 +1533,7 @@ async fn run_attempt(
         prompt: &prompt,
         prompt_file: &prompt_file,
         workdir: &workdir,
+        resume_session: resumable_session(&claim),
     };
     let inv = match adapter.invocation(&claim.agent, &agent_cfg, &req) {
         Ok(i) => i,
@@ -1433,6 +1582,11 @@ async fn run_attempt(
         ));
     }
     let mut parsed = adapter.parse(&exit);
+    agents::fill_cost(&agent_cfg, &mut parsed);
+    if parsed.session_id.is_none() {
+        // Known before the run (the adapter chose it), so a killed run can still be resumed.
+        parsed.session_id = inv.session_id.clone();
+    }
     if exit.stopped == Some(StopKind::Cancelled) {
         parsed.outcome = Outcome::Cancelled;
         parsed.error = Some("cancelled by user".into());
@@ -1452,7 +1606,12 @@ async fn run_attempt(
     attempt.cost_usd = parsed.cost_usd;
     attempt.input_tokens = parsed.input_tokens;
     attempt.output_tokens = parsed.output_tokens;
+    attempt.cached_tokens = parsed.cached_tokens;
     attempt.session_id = parsed.session_id.clone();
+    attempt.retry_at = parsed
+        .retry_after
+        .map(|d| fsutil::fmt_time(time::OffsetDateTime::now_utc() + d));
+    report.retry_after = parsed.retry_after;
     let exit_text = match (exit.code, exit.signal, &parsed.error) {
         (_, _, Some(e)) => format!("{} ({e})", parsed.outcome.as_str()),
         (Some(c), _, None) => format!("code {c}"),
@@ -1479,9 +1638,30 @@ async fn run_attempt(
         ));
     }
     report.files_modified = diff.files;
+    // Files the agent says it changed but the diff did not see (outside the snapshot's limits, or
+    // changed back): listed too, relative to the workdir when inside it.
+    for f in &parsed.files_reported {
+        let p = Path::new(f);
+        let rel = p
+            .strip_prefix(&workdir)
+            .map(|r| r.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| f.clone());
+        if !report.files_modified.contains(&rel) {
+            report.files_modified.push(rel);
+        }
+    }
     report.stopped = exit.stopped;
     report.attempt = attempt;
     report
+}
+
+/// The session to continue: the previous attempt ran on this same agent and was cut short (timeout,
+/// supervisor shutdown), so the agent picks up where it was rather than starting over.
+fn resumable_session(claim: &Claim) -> Option<&str> {
+    let last = claim.history.last()?;
+    (last.agent == claim.agent && matches!(last.outcome, Outcome::Timeout | Outcome::Interrupted))
+        .then_some(last.session_id.as_deref())
+        .flatten()
 }
 
 fn prepare(ctx: &AttemptCtx, task: &Task, claim: &Claim) -> Result<(PathBuf, String, PathBuf)> {

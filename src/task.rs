@@ -408,8 +408,14 @@ pub struct Attempt {
     pub input_tokens: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_tokens: Option<u64>,
+    /// The part of `input_tokens` served from the provider's prompt cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_tokens: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_id: Option<String>,
+    /// For rate limits: when the provider said the agent may be used again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_file: Option<String>,
 }
@@ -430,7 +436,9 @@ impl Attempt {
             cost_usd: None,
             input_tokens: None,
             output_tokens: None,
+            cached_tokens: None,
             session_id: None,
+            retry_at: None,
             log_file: None,
         }
     }

@@ -55,19 +55,14 @@ impl Adapter for CommandAdapter {
         Ok(Invocation {
             program: cfg.program(name),
             args: cfg.args.iter().map(|a| expand(a, req)).collect(),
-            env: cfg.env.clone(),
+            env: super::agent_env(cfg),
             stdin: stdin.then(|| req.prompt.as_bytes().to_vec()),
             cwd: req.workdir.to_path_buf(),
+            session_id: None,
         })
     }
 
     fn parse(&self, exit: &Exit) -> AgentOutcome {
-        if exit.spawn_errno == Some(libc::E2BIG) {
-            return AgentOutcome::failed(
-                Outcome::AgentError,
-                "the prompt is too long to pass as a command-line argument: use {prompt_file} in args, or no prompt placeholder (the prompt then goes to stdin)",
-            );
-        }
         if let Some(o) = abnormal(exit) {
             return AgentOutcome {
                 text: exit.stdout.clone(),
@@ -76,14 +71,8 @@ impl Adapter for CommandAdapter {
         }
         match exit.code {
             Some(0) => AgentOutcome {
-                outcome: Outcome::Completed,
                 text: exit.stdout.clone(),
-                error: None,
-                cost_usd: None,
-                input_tokens: None,
-                output_tokens: None,
-                session_id: None,
-                retry_after: None,
+                ..AgentOutcome::new(Outcome::Completed)
             },
             code => AgentOutcome {
                 text: exit.stdout.clone(),
@@ -113,6 +102,7 @@ mod tests {
             prompt: "P",
             prompt_file: Path::new("/p.md"),
             workdir: Path::new("/w"),
+            resume_session: None,
         };
         assert_eq!(
             expand("{description}|{task_id}|{workdir}|{x}|{prompt_file}", &req),

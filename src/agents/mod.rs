@@ -2,7 +2,15 @@
 //! finished process into one [`AgentOutcome`]. Adapters never spawn or wait themselves; the
 //! `process` module does that for all of them, so limits, timeouts and capture are the same everywhere.
 
+pub mod claude;
+pub mod codex;
 pub mod command;
+pub mod cursor;
+pub mod gemini;
+pub mod openai;
+
+#[cfg(test)]
+pub(crate) mod fixture;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -21,6 +29,9 @@ pub struct RunRequest<'a> {
     pub prompt: &'a str,
     pub prompt_file: &'a std::path::Path,
     pub workdir: &'a std::path::Path,
+    /// The session an earlier attempt on this same agent left behind, when the retry should
+    /// continue it (after a timeout or an interrupted run) rather than start over.
+    pub resume_session: Option<&'a str>,
 }
 
 /// The command line for one attempt.
@@ -31,34 +42,51 @@ pub struct Invocation {
     pub env: BTreeMap<String, String>,
     pub stdin: Option<Vec<u8>>,
     pub cwd: PathBuf,
+    /// The session id the adapter gave the CLI up front, so a run that is killed can be resumed.
+    pub session_id: Option<String>,
 }
 
 /// Everything orchestrate learns from one finished attempt.
 #[derive(Debug, Clone)]
 pub struct AgentOutcome {
     pub outcome: Outcome,
-    /// The agent's final answer (for `command` agents, their stdout).
+    /// The agent's final answer (for `command` agents, their stdout; for output that could not be
+    /// parsed, the raw text).
     pub text: String,
     pub error: Option<String>,
     pub cost_usd: Option<f64>,
     pub input_tokens: Option<u64>,
     pub output_tokens: Option<u64>,
+    /// Input tokens served from the provider's prompt cache (part of, or in addition to,
+    /// `input_tokens` depending on the provider; recorded as reported).
+    pub cached_tokens: Option<u64>,
     pub session_id: Option<String>,
+    /// Files the agent says it changed (relative to its workdir where it said so).
+    pub files_reported: Vec<String>,
     /// When the provider said to come back (rate limits).
     pub retry_after: Option<Duration>,
 }
 
 impl AgentOutcome {
-    pub fn failed(outcome: Outcome, error: impl Into<String>) -> AgentOutcome {
+    pub fn new(outcome: Outcome) -> AgentOutcome {
         AgentOutcome {
             outcome,
             text: String::new(),
-            error: Some(error.into()),
+            error: None,
             cost_usd: None,
             input_tokens: None,
             output_tokens: None,
+            cached_tokens: None,
             session_id: None,
+            files_reported: Vec::new(),
             retry_after: None,
+        }
+    }
+
+    pub fn failed(outcome: Outcome, error: impl Into<String>) -> AgentOutcome {
+        AgentOutcome {
+            error: Some(error.into()),
+            ..AgentOutcome::new(outcome)
         }
     }
 }
@@ -73,12 +101,206 @@ pub trait Adapter: Send + Sync {
 pub fn adapter_for(kind: AgentKind) -> Option<&'static dyn Adapter> {
     match kind {
         AgentKind::Command => Some(&command::CommandAdapter),
-        AgentKind::Claude
-        | AgentKind::Codex
-        | AgentKind::Gemini
-        | AgentKind::Cursor
-        | AgentKind::Openai => None,
+        AgentKind::Claude => Some(&claude::ClaudeAdapter),
+        AgentKind::Codex => Some(&codex::CodexAdapter),
+        AgentKind::Gemini => Some(&gemini::GeminiAdapter),
+        AgentKind::Cursor => Some(&cursor::CursorAdapter),
+        AgentKind::Openai => Some(&openai::OpenaiAdapter),
     }
+}
+
+/// The package or script that installs a kind's CLI, for `orchestrate agents` and error messages.
+pub fn install_hint(kind: AgentKind) -> Option<&'static str> {
+    match kind {
+        AgentKind::Claude => Some("npm install -g @anthropic-ai/claude-code"),
+        AgentKind::Codex => Some("npm install -g @openai/codex"),
+        AgentKind::Gemini => Some("npm install -g @google/gemini-cli"),
+        AgentKind::Cursor => Some("curl https://cursor.com/install -fsS | bash"),
+        AgentKind::Command | AgentKind::Openai => None,
+    }
+}
+
+/// The environment variable a kind's CLI reads its API key from.
+pub fn default_key_var(kind: AgentKind) -> Option<&'static str> {
+    match kind {
+        AgentKind::Claude => Some("ANTHROPIC_API_KEY"),
+        AgentKind::Codex | AgentKind::Openai => Some("OPENAI_API_KEY"),
+        AgentKind::Gemini => Some("GEMINI_API_KEY"),
+        AgentKind::Cursor => Some("CURSOR_API_KEY"),
+        AgentKind::Command => None,
+    }
+}
+
+/// The agent's own `env`, plus its API key: taken from `api_key_env` (or the CLI's usual variable)
+/// in the supervisor's environment and handed over under the name the CLI reads. Agents do not
+/// inherit the supervisor's environment, so without this a key exported in the shell would not
+/// reach them.
+pub fn agent_env(cfg: &AgentConfig) -> BTreeMap<String, String> {
+    let mut env = cfg.env.clone();
+    if let Some(target) = default_key_var(cfg.kind)
+        && !env.contains_key(target)
+    {
+        let source = cfg.api_key_env.as_deref().unwrap_or(target);
+        if let Ok(v) = std::env::var(source)
+            && !v.is_empty()
+        {
+            env.insert(target.to_string(), v);
+        }
+    }
+    env
+}
+
+/// Cost from configured prices when the CLI reported tokens but no cost.
+pub fn fill_cost(cfg: &AgentConfig, o: &mut AgentOutcome) {
+    if o.cost_usd.is_some() {
+        return;
+    }
+    if let (Some(p), Some(i), Some(out)) = (&cfg.prices, o.input_tokens, o.output_tokens) {
+        o.cost_usd = Some(p.cost(i, out, o.cached_tokens.unwrap_or(0)));
+    }
+}
+
+/// Rate limit, quota and auth failures told apart by the words providers and CLIs use, for CLIs that
+/// report them only as text. `None` means an ordinary agent error.
+pub fn classify_error_text(text: &str) -> Option<(Outcome, Option<Duration>)> {
+    let t = text.to_ascii_lowercase();
+    let has = |words: &[&str]| words.iter().any(|w| t.contains(w));
+    if has(&[
+        "insufficient_quota",
+        "quota exceeded",
+        "exceeded your current quota",
+        "usage limit",
+        "billing",
+        "credit balance",
+        "resource_exhausted",
+        "out of credits",
+    ]) && !has(&["per minute", "rate limit", "rate_limit"])
+    {
+        return Some((Outcome::QuotaExhausted, retry_after_in_text(&t)));
+    }
+    if has(&[
+        "429",
+        "rate limit",
+        "rate_limit",
+        "ratelimit",
+        "too many requests",
+        "overloaded",
+        "resource exhausted",
+    ]) {
+        return Some((Outcome::RateLimited, retry_after_in_text(&t)));
+    }
+    if has(&[
+        "401",
+        "unauthorized",
+        "authentication",
+        "invalid api key",
+        "invalid x-api-key",
+        "api key not valid",
+        "not logged in",
+        "please run /login",
+        "login required",
+        "permission_denied",
+    ]) {
+        return Some((Outcome::Auth, None));
+    }
+    None
+}
+
+/// "retry after 30 seconds", "try again in 20s", "try again in 1m30s", "retry-after: 12",
+/// "resets at <unix seconds>" (Claude's subscription limit), read out of an error message.
+pub fn retry_after_in_text(lower: &str) -> Option<Duration> {
+    use std::sync::LazyLock;
+    static TRIGGER: LazyLock<regex::Regex> = LazyLock::new(|| {
+        regex::Regex::new(
+            r"(?:retry[ -]after|try again in|retry in|resets? in|please wait)[:\s]*((?:\d+(?:\.\d+)?\s*[a-z]*[\s,]*)+)",
+        )
+        .expect("valid regex")
+    });
+    static PART: LazyLock<regex::Regex> =
+        LazyLock::new(|| regex::Regex::new(r"(\d+(?:\.\d+)?)\s*([a-z]*)").expect("valid regex"));
+    static EPOCH: LazyLock<regex::Regex> = LazyLock::new(|| {
+        regex::Regex::new(r"(?:limit reached\||resets? at )(\d{10})\b").expect("valid regex")
+    });
+    if let Some(c) = EPOCH.captures(lower) {
+        let at: i64 = c[1].parse().ok()?;
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        return Some(Duration::from_secs(at.saturating_sub(now).max(1) as u64));
+    }
+    let span = TRIGGER.captures(lower)?.get(1)?.as_str();
+    let mut secs = 0.0;
+    for p in PART.captures_iter(span) {
+        let n: f64 = p[1].parse().ok()?;
+        secs += n * match &p[2] {
+            "ms" | "msec" | "millisecond" | "milliseconds" => 0.001,
+            "h" | "hr" | "hrs" | "hour" | "hours" => 3600.0,
+            "m" | "min" | "mins" | "minute" | "minutes" => 60.0,
+            "" | "s" | "sec" | "secs" | "second" | "seconds" => 1.0,
+            // "retry after 3 attempts": not a duration.
+            _ => return None,
+        };
+    }
+    (secs > 0.0 && secs < 7.0 * 86400.0).then(|| Duration::from_secs_f64(secs))
+}
+
+/// Parse a JSON document out of a CLI's stdout, tolerating banner lines before it (some CLIs print
+/// warnings on stdout): the last line that parses as a JSON object wins, else the whole text.
+pub fn json_document(stdout: &str) -> Option<serde_json::Value> {
+    let trimmed = stdout.trim();
+    if let Ok(v @ serde_json::Value::Object(_)) = serde_json::from_str(trimmed) {
+        return Some(v);
+    }
+    if let Some(i) = trimmed.find("\n{")
+        && let Ok(v @ serde_json::Value::Object(_)) = serde_json::from_str(&trimmed[i + 1..])
+    {
+        return Some(v);
+    }
+    trimmed
+        .lines()
+        .rev()
+        .find_map(|l| match serde_json::from_str(l.trim()) {
+            Ok(v @ serde_json::Value::Object(_)) => Some(v),
+            _ => None,
+        })
+}
+
+/// Output that is not what the CLI documents: kept raw so a person can see what came back.
+pub fn bad_output(exit: &Exit, what: &str) -> AgentOutcome {
+    AgentOutcome {
+        text: exit.stdout.clone(),
+        ..AgentOutcome::failed(
+            Outcome::BadOutput,
+            format!(
+                "{what} (exit code {}){}",
+                exit.code.map(|c| c.to_string()).unwrap_or("?".into()),
+                stderr_hint(exit)
+            ),
+        )
+    }
+}
+
+/// A random (version 4) UUID for a CLI session id, from the kernel's random source.
+pub fn new_session_id() -> String {
+    let mut b = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut b);
+    }
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// The permission mode for a kind: the configured one, else the kind's unattended-edit mode.
+pub fn permissions<'a>(cfg: &'a AgentConfig, default: &'a str) -> &'a str {
+    cfg.permissions.as_deref().unwrap_or(default)
 }
 
 /// Why an agent cannot take work right now, if it cannot.
@@ -89,6 +311,10 @@ pub fn unavailable_reason(name: &str, cfg: &AgentConfig) -> Option<String> {
             cfg.kind.as_str()
         ));
     }
+    // Built in: the request runs in a copy of this binary.
+    if cfg.kind == AgentKind::Openai {
+        return None;
+    }
     let program = cfg.program(name);
     if crate::process::find_program(&program).is_none() {
         return Some(format!("agent {name}: `{program}` not found on PATH"));
@@ -98,6 +324,12 @@ pub fn unavailable_reason(name: &str, cfg: &AgentConfig) -> Option<String> {
 
 /// Outcome of a process that did not finish normally (timeout, signal, spawn failure), shared by adapters.
 pub fn abnormal(exit: &Exit) -> Option<AgentOutcome> {
+    if exit.spawn_errno == Some(libc::E2BIG) {
+        return Some(AgentOutcome::failed(
+            Outcome::AgentError,
+            "the prompt is too long to pass as a command-line argument: use {prompt_file} in args, or no prompt placeholder (the prompt then goes to stdin)",
+        ));
+    }
     if let Some(e) = &exit.spawn_error {
         return Some(AgentOutcome::failed(Outcome::AgentError, e.clone()));
     }
@@ -119,16 +351,71 @@ pub fn abnormal(exit: &Exit) -> Option<AgentOutcome> {
     None
 }
 
+/// Text without terminal colour codes (CLIs colour their errors even when not on a terminal).
+pub fn strip_ansi(s: &str) -> String {
+    static RE: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r"\x1b\[[0-9;?]*[ -/]*[@-~]").expect("valid regex")
+    });
+    RE.replace_all(s, "").into_owned()
+}
+
 /// The last lines of stderr, for error messages.
 pub fn stderr_hint(exit: &Exit) -> String {
-    let lines: Vec<&str> = exit
-        .stderr_tail
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .collect();
+    let plain = strip_ansi(&exit.stderr_tail);
+    let lines: Vec<&str> = plain.lines().filter(|l| !l.trim().is_empty()).collect();
     if lines.is_empty() {
         return String::new();
     }
     let start = lines.len().saturating_sub(5);
     format!(": {}", lines[start..].join(" | "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_phrases() {
+        let d = |t: &str| retry_after_in_text(&t.to_ascii_lowercase()).map(|d| d.as_secs_f64());
+        assert_eq!(
+            d("Rate limit reached. Please try again in 20s."),
+            Some(20.0)
+        );
+        assert_eq!(d("try again in 1m30s"), Some(90.0));
+        assert_eq!(d("Retry-After: 12"), Some(12.0));
+        assert_eq!(d("please retry after 2 minutes"), Some(120.0));
+        assert_eq!(d("try again in 250ms"), Some(0.25));
+        assert_eq!(d("retry after 3 attempts"), None);
+        assert_eq!(d("nothing here"), None);
+        let soon = time::OffsetDateTime::now_utc().unix_timestamp() + 600;
+        let got = d(&format!("Claude AI usage limit reached|{soon}")).expect("epoch");
+        assert!((595.0..=600.0).contains(&got), "{got}");
+    }
+
+    #[test]
+    fn error_classes_from_text() {
+        let c = |t: &str| classify_error_text(t).map(|(o, _)| o);
+        assert_eq!(
+            c("stream error: 429 Too Many Requests"),
+            Some(Outcome::RateLimited)
+        );
+        assert_eq!(
+            c("You exceeded your current quota, please check your plan and billing details"),
+            Some(Outcome::QuotaExhausted)
+        );
+        assert_eq!(
+            c("Rate limit reached for requests per minute"),
+            Some(Outcome::RateLimited)
+        );
+        assert_eq!(c("401 Unauthorized: invalid api key"), Some(Outcome::Auth));
+        assert_eq!(c("segmentation fault"), None);
+    }
+
+    #[test]
+    fn json_after_banner_lines() {
+        let v = json_document("warning: something\n{\"a\": 1}\n").expect("found");
+        assert_eq!(v["a"], 1);
+        assert!(json_document("not json").is_none());
+        assert!(json_document("").is_none());
+    }
 }

@@ -15,8 +15,13 @@ struct AgentInfo {
     available: bool,
     problem: Option<String>,
     install_hint: Option<String>,
+    /// What `<command> --version` printed (first line), when the program was found.
+    version: Option<String>,
     running: usize,
     max_instances: usize,
+    /// Resting after a rate limit until this time.
+    cooldown_until: Option<String>,
+    cooldown_reason: Option<String>,
     attempts: u64,
     completed: u64,
     failed: u64,
@@ -25,25 +30,84 @@ struct AgentInfo {
     output_tokens: u64,
 }
 
-fn install_hint(kind: crate::config::AgentKind) -> Option<&'static str> {
-    use crate::config::AgentKind::*;
-    match kind {
-        Claude => Some("npm install -g @anthropic-ai/claude-code"),
-        Codex => Some("npm install -g @openai/codex"),
-        Gemini => Some("npm install -g @google/gemini-cli"),
-        Cursor => Some("curl https://cursor.com/install -fsS | bash"),
-        Command | Openai => None,
+/// `<program> --version`, bounded: a CLI that hangs (first-run prompt, network) must not hang us.
+fn version_of(program: &std::path::Path) -> Option<String> {
+    use std::io::Read;
+    let mut child = std::process::Command::new(program)
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
     }
+    let mut out = String::new();
+    child.stdout.take()?.read_to_string(&mut out).ok()?;
+    out.lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .map(String::from)
 }
 
 pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
     let conn = project.mirror_read()?;
     let totals = mirror::agent_totals(&conn)?;
     let running = mirror::list(&conn, Some("running"))?;
+    let cooldowns = crate::cooldown::Cooldowns::read(&project.layout.state_dir);
+    let now = time::OffsetDateTime::now_utc();
+    // Node CLIs take a second or so each to print a version: ask them all at once.
+    let found_paths: Vec<Option<std::path::PathBuf>> = project
+        .cfg
+        .agents
+        .iter()
+        .map(|(name, a)| crate::process::find_program(&a.program(name)))
+        .collect();
+    let versions: Vec<Option<String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = project
+            .cfg
+            .agents
+            .values()
+            .zip(&found_paths)
+            .map(|(a, p)| {
+                s.spawn(move || match (a.kind, p) {
+                    // A `command` agent is any program: `--version` might do something else.
+                    (crate::config::AgentKind::Command, _) | (_, None) => None,
+                    (_, Some(p)) => version_of(p),
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().ok().flatten())
+            .collect()
+    });
     let mut out = Vec::new();
-    for (name, a) in &project.cfg.agents {
+    for (i, (name, a)) in project.cfg.agents.iter().enumerate() {
         let program = a.program(name);
-        let found = crate::process::find_program(&program).map(|p| p.display().to_string());
+        let found = if a.kind == crate::config::AgentKind::Openai {
+            Some(format!(
+                "built in, {}",
+                a.base_url.as_deref().unwrap_or("no base_url")
+            ))
+        } else {
+            found_paths[i].as_ref().map(|p| p.display().to_string())
+        };
+        let cooling = cooldowns
+            .get(name)
+            .filter(|c| crate::cooldown::until_of(c).is_some_and(|u| u > now));
         let problem = crate::agents::unavailable_reason(name, a);
         let t = totals.iter().find(|t| &t.agent == name);
         out.push(AgentInfo {
@@ -52,12 +116,15 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
             command: program,
             available: problem.is_none(),
             install_hint: if found.is_none() {
-                install_hint(a.kind).map(String::from)
+                crate::agents::install_hint(a.kind).map(String::from)
             } else {
                 None
             },
             found,
+            version: versions[i].clone(),
             problem,
+            cooldown_until: cooling.map(|c| c.until.clone()),
+            cooldown_reason: cooling.map(|c| c.reason.clone()),
             running: running
                 .iter()
                 .filter(|r| r.agent.as_deref() == Some(name))
@@ -76,24 +143,35 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
         return Ok(0);
     }
     println!(
-        "{:<10} {:<8} {:<10} {:>7} {:>9} {:>9} {:>9}  STATUS",
-        "AGENT", "KIND", "COMMAND", "RUNNING", "ATTEMPTS", "COMPLETED", "COST"
+        "{:<10} {:<8} {:>7} {:>8} {:>9} {:>9} {:>15}  STATUS",
+        "AGENT", "KIND", "RUNNING", "ATTEMPTS", "COMPLETED", "COST", "TOKENS IN/OUT"
     );
     for a in out {
-        let status = match (&a.problem, &a.install_hint) {
-            (None, _) => format!("ready ({})", a.found.as_deref().unwrap_or("-")),
-            (Some(p), Some(h)) => format!("{p}; install: {h}"),
-            (Some(p), None) => p.clone(),
+        let status = match (&a.problem, &a.install_hint, &a.cooldown_until) {
+            (Some(p), Some(h), _) => format!("{p}; install: {h}"),
+            (Some(p), None, _) => p.clone(),
+            (None, _, Some(until)) => format!(
+                "cooling down until {until}: {}",
+                super::short(a.cooldown_reason.as_deref().unwrap_or("-"), 60)
+            ),
+            (None, _, None) => format!(
+                "ready: {}{}",
+                a.found.as_deref().unwrap_or("-"),
+                a.version
+                    .as_deref()
+                    .map(|v| format!(" ({v})"))
+                    .unwrap_or_default()
+            ),
         };
         println!(
-            "{:<10} {:<8} {:<10} {:>7} {:>9} {:>9} {:>9}  {}",
+            "{:<10} {:<8} {:>7} {:>8} {:>9} {:>9} {:>15}  {}",
             a.name,
             a.kind,
-            super::short(&a.command, 10),
             format!("{}/{}", a.running, a.max_instances),
             a.attempts,
             a.completed,
-            format!("${:.2}", a.cost_usd),
+            format!("${:.4}", a.cost_usd),
+            format!("{}/{}", a.input_tokens, a.output_tokens),
             status
         );
     }

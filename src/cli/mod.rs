@@ -9,6 +9,7 @@ mod fake_agent;
 mod follow;
 mod init;
 mod mirror_cmd;
+mod openai_agent;
 mod remote;
 mod retry;
 mod show;
@@ -141,6 +142,9 @@ pub enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         directives: Vec<String>,
     },
+    /// One chat completion against an OpenAI-compatible endpoint (the `openai` agent kind).
+    #[command(hide = true, name = "openai-agent")]
+    OpenaiAgent(openai_agent::OpenaiAgentArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -269,6 +273,7 @@ pub fn run(cli: Cli) -> Result<i32> {
     }
     match &cli.command {
         Command::FakeAgent { prompt, directives } => fake_agent::run(prompt.clone(), directives),
+        Command::OpenaiAgent(args) => openai_agent::run(args.clone()),
         Command::Init => init::run(&cli),
         Command::Start {
             once,

@@ -22,6 +22,16 @@ struct Status {
     last_event_seq: i64,
     /// The PostgreSQL mirror as the local supervisor last saw it (local status, database configured).
     postgres: Option<Health>,
+    /// Agents resting after a rate limit, and until when (only known locally).
+    cooldowns: Vec<CoolingAgent>,
+}
+
+#[derive(Serialize)]
+struct CoolingAgent {
+    agent: String,
+    until: String,
+    outcome: String,
+    reason: String,
 }
 
 #[derive(Serialize)]
@@ -129,7 +139,22 @@ fn local(project: &Project) -> Result<Status> {
             |r| r.get(0),
         )?,
         postgres,
+        cooldowns: cooling(&project.layout.state_dir),
     })
+}
+
+fn cooling(state_dir: &std::path::Path) -> Vec<CoolingAgent> {
+    let now = time::OffsetDateTime::now_utc();
+    crate::cooldown::Cooldowns::read(state_dir)
+        .into_iter()
+        .filter(|(_, c)| crate::cooldown::until_of(c).is_some_and(|u| u > now))
+        .map(|(agent, c)| CoolingAgent {
+            agent,
+            until: c.until,
+            outcome: c.outcome.as_str().into(),
+            reason: c.reason,
+        })
+        .collect()
 }
 
 fn remote(url: &str, schema: &str) -> Result<Status> {
@@ -153,6 +178,7 @@ fn remote(url: &str, schema: &str) -> Result<Status> {
                 .collect(),
             last_event_seq: mirror::postgres::max_seq(&client).await?,
             postgres: None,
+            cooldowns: vec![],
         })
     })
 }
@@ -218,6 +244,15 @@ fn render(cli: &Cli, st: &Status) -> Result<i32> {
     }
     if st.source == "postgres" {
         println!("(from PostgreSQL; last event {})", st.last_event_seq);
+    }
+    for c in &st.cooldowns {
+        println!(
+            "cooldown: {} until {} ({}: {})",
+            c.agent,
+            c.until,
+            c.outcome,
+            short(&c.reason, 80)
+        );
     }
     if !st.running.is_empty() {
         println!("\nrunning:");

@@ -1,0 +1,227 @@
+//! Claude Code: `claude -p --output-format json`, the prompt on stdin. The answer is one JSON object
+//! (`result`, `total_cost_usd`, `usage`, `session_id`); API failures come back in that same object
+//! with `is_error: true` and `api_error_status`, and exit code 1.
+
+use anyhow::Result;
+use serde_json::Value;
+
+use super::{
+    Adapter, AgentOutcome, Invocation, RunRequest, abnormal, agent_env, bad_output,
+    classify_error_text, json_document, permissions, retry_after_in_text, stderr_hint,
+};
+use crate::config::AgentConfig;
+use crate::process::Exit;
+use crate::task::Outcome;
+
+pub struct ClaudeAdapter;
+
+impl Adapter for ClaudeAdapter {
+    fn invocation(&self, name: &str, cfg: &AgentConfig, req: &RunRequest) -> Result<Invocation> {
+        let mut args: Vec<String> = vec![
+            "-p".into(),
+            "--output-format".into(),
+            "json".into(),
+            // Without a mode that accepts edits, writes are denied silently and the run "succeeds".
+            "--permission-mode".into(),
+            permissions(cfg, "acceptEdits").into(),
+        ];
+        if let Some(m) = &cfg.model {
+            args.extend(["--model".into(), m.clone()]);
+        }
+        // Our own session id, so even a run killed before it printed anything can be resumed.
+        let session = match req.resume_session {
+            Some(s) => {
+                args.extend(["--resume".into(), s.into()]);
+                s.to_string()
+            }
+            None => {
+                let s = super::new_session_id();
+                args.extend(["--session-id".into(), s.clone()]);
+                s
+            }
+        };
+        args.extend(cfg.args.iter().cloned());
+        let mut env = agent_env(cfg);
+        if let Some(u) = &cfg.base_url {
+            env.entry("ANTHROPIC_BASE_URL".into())
+                .or_insert_with(|| u.clone());
+        }
+        // A supervisor run must not update the CLI under a running task.
+        env.entry("DISABLE_AUTOUPDATER".into())
+            .or_insert_with(|| "1".into());
+        Ok(Invocation {
+            program: cfg.program(name),
+            args,
+            env,
+            // stdin, not an argument: a prompt with large context files would overflow argv.
+            stdin: Some(req.prompt.as_bytes().to_vec()),
+            cwd: req.workdir.to_path_buf(),
+            session_id: Some(session),
+        })
+    }
+
+    fn parse(&self, exit: &Exit) -> AgentOutcome {
+        if let Some(o) = abnormal(exit) {
+            return AgentOutcome {
+                text: exit.stdout.clone(),
+                ..o
+            };
+        }
+        let Some(doc) = json_document(&exit.stdout) else {
+            return not_json(exit);
+        };
+        parse_result(&doc, exit)
+    }
+}
+
+/// No JSON on stdout: the CLI failed before the model answered (bad flag, no login, crash).
+fn not_json(exit: &Exit) -> AgentOutcome {
+    if exit.code == Some(0) {
+        return bad_output(exit, "claude printed no JSON result");
+    }
+    let text = format!("{}\n{}", exit.stdout, exit.stderr_tail);
+    match classify_error_text(&text) {
+        Some((outcome, retry_after)) => AgentOutcome {
+            retry_after,
+            text: exit.stdout.clone(),
+            ..AgentOutcome::failed(outcome, first_words(&text))
+        },
+        None => AgentOutcome {
+            text: exit.stdout.clone(),
+            ..AgentOutcome::failed(
+                Outcome::AgentError,
+                format!(
+                    "claude exited with code {}{}",
+                    exit.code.map(|c| c.to_string()).unwrap_or("?".into()),
+                    stderr_hint(exit)
+                ),
+            )
+        },
+    }
+}
+
+fn first_words(text: &str) -> String {
+    let t = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    t.chars().take(500).collect()
+}
+
+fn num(v: &Value, key: &str) -> Option<u64> {
+    v.get(key).and_then(Value::as_u64)
+}
+
+fn parse_result(doc: &Value, exit: &Exit) -> AgentOutcome {
+    if doc.get("type").and_then(Value::as_str) != Some("result") {
+        return bad_output(exit, "claude's JSON is not a `result` object");
+    }
+    let text = doc
+        .get("result")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let mut o = AgentOutcome::new(Outcome::Completed);
+    o.text = text.clone();
+    o.cost_usd = doc.get("total_cost_usd").and_then(Value::as_f64);
+    o.session_id = doc
+        .get("session_id")
+        .and_then(Value::as_str)
+        .map(String::from);
+    if let Some(u) = doc.get("usage") {
+        // Anthropic counts cache reads and writes apart from `input_tokens`; orchestrate records
+        // the whole prompt as input, with the cached part inside it, as the other providers do.
+        let read = num(u, "cache_read_input_tokens").unwrap_or(0);
+        let created = num(u, "cache_creation_input_tokens").unwrap_or(0);
+        o.input_tokens = num(u, "input_tokens").map(|i| i + read + created);
+        o.output_tokens = num(u, "output_tokens");
+        o.cached_tokens = Some(read);
+    }
+    let is_error = doc
+        .get("is_error")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let subtype = doc.get("subtype").and_then(Value::as_str).unwrap_or("");
+    if !is_error && subtype == "success" && exit.code == Some(0) {
+        return o;
+    }
+    let status = doc.get("api_error_status").and_then(Value::as_u64);
+    let message = if text.trim().is_empty() {
+        format!("claude reported an error (subtype {subtype})")
+    } else {
+        first_words(&text)
+    };
+    let lower = text.to_ascii_lowercase();
+    let (outcome, retry_after) = match status {
+        Some(429) | Some(529) => {
+            let quota = lower.contains("usage limit") || lower.contains("quota");
+            (
+                if quota {
+                    Outcome::QuotaExhausted
+                } else {
+                    Outcome::RateLimited
+                },
+                retry_after_in_text(&lower),
+            )
+        }
+        Some(401) | Some(403) => (Outcome::Auth, None),
+        Some(402) => (Outcome::QuotaExhausted, None),
+        _ => classify_error_text(&text).unwrap_or((Outcome::AgentError, None)),
+    };
+    o.outcome = outcome;
+    o.retry_after = retry_after;
+    o.error = Some(match status {
+        Some(s) => format!("API error {s}: {message}"),
+        None if subtype.starts_with("error") => format!("{subtype}: {message}"),
+        None => message,
+    });
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agents::fixture::{exit_from, fixture};
+
+    #[test]
+    fn parses_success() {
+        let exit = fixture("claude", "success");
+        let o = ClaudeAdapter.parse(&exit);
+        assert_eq!(o.outcome, Outcome::Completed, "{:?}", o.error);
+        assert!(!o.text.is_empty());
+        assert!(o.cost_usd.is_some());
+        assert!(o.session_id.is_some());
+        assert!(o.input_tokens.unwrap_or(0) > 0 && o.output_tokens.unwrap_or(0) > 0);
+    }
+
+    #[test]
+    fn parses_rate_limit() {
+        let exit = fixture("claude", "rate_limit");
+        let o = ClaudeAdapter.parse(&exit);
+        assert_eq!(o.outcome, Outcome::RateLimited, "{:?}", o.error);
+    }
+
+    #[test]
+    fn subscription_limit_with_reset_time() {
+        let reset = time::OffsetDateTime::now_utc().unix_timestamp() + 3600;
+        let doc = format!(
+            r#"{{"type":"result","subtype":"success","is_error":true,"api_error_status":429,"result":"Claude AI usage limit reached|{reset}","session_id":"s1","total_cost_usd":0,"usage":{{"input_tokens":0,"output_tokens":0}}}}"#
+        );
+        let o = ClaudeAdapter.parse(&exit_from(&doc, "", Some(1)));
+        assert_eq!(o.outcome, Outcome::QuotaExhausted);
+        let secs = o.retry_after.expect("reset time read").as_secs();
+        assert!((3590..=3600).contains(&secs), "{secs}");
+    }
+
+    #[test]
+    fn garbage_is_bad_output_with_raw_text() {
+        let o = ClaudeAdapter.parse(&exit_from("Hello <html>", "", Some(0)));
+        assert_eq!(o.outcome, Outcome::BadOutput);
+        assert_eq!(o.text, "Hello <html>");
+        let o = ClaudeAdapter.parse(&exit_from(r#"{"type":"result""#, "", Some(0)));
+        assert_eq!(o.outcome, Outcome::BadOutput);
+        let o = ClaudeAdapter.parse(&exit_from(
+            "",
+            "Invalid API key · Please run /login",
+            Some(1),
+        ));
+        assert_eq!(o.outcome, Outcome::Auth);
+    }
+}

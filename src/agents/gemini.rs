@@ -1,0 +1,199 @@
+//! Gemini CLI: `gemini --output-format json`, the prompt on stdin. Success is one JSON object
+//! (`response`, `stats.models.<model>.tokens`, `session_id`). Fatal errors print nothing on stdout,
+//! `{"error": {"message", "code"}}` on stderr, and exit with the HTTP status & 0xFF (429 → 173).
+//! Gemini reports no cost; prices in config turn its tokens into one.
+
+use anyhow::Result;
+use serde_json::Value;
+
+use super::{
+    Adapter, AgentOutcome, Invocation, RunRequest, abnormal, agent_env, bad_output,
+    classify_error_text, json_document, permissions, retry_after_in_text, stderr_hint,
+};
+use crate::config::AgentConfig;
+use crate::process::Exit;
+use crate::task::Outcome;
+
+pub struct GeminiAdapter;
+
+impl Adapter for GeminiAdapter {
+    fn invocation(&self, name: &str, cfg: &AgentConfig, req: &RunRequest) -> Result<Invocation> {
+        let mut args: Vec<String> = vec![
+            "--output-format".into(),
+            "json".into(),
+            // The default mode asks before each edit, and nobody is there to answer.
+            "--approval-mode".into(),
+            permissions(cfg, "auto_edit").into(),
+            // Headless runs refuse folders not trusted interactively beforehand; the workdir was
+            // chosen by whoever configured orchestrate and checked against workspace_roots.
+            "--skip-trust".into(),
+        ];
+        if let Some(m) = &cfg.model {
+            args.extend(["--model".into(), m.clone()]);
+        }
+        if let Some(s) = req.resume_session {
+            args.extend(["--resume".into(), s.into()]);
+        }
+        args.extend(cfg.args.iter().cloned());
+        let mut env = agent_env(cfg);
+        if let Some(u) = &cfg.base_url {
+            env.entry("GOOGLE_GEMINI_BASE_URL".into())
+                .or_insert_with(|| u.clone());
+        }
+        Ok(Invocation {
+            program: cfg.program(name),
+            args,
+            env,
+            stdin: Some(req.prompt.as_bytes().to_vec()),
+            cwd: req.workdir.to_path_buf(),
+            session_id: None,
+        })
+    }
+
+    fn parse(&self, exit: &Exit) -> AgentOutcome {
+        if let Some(o) = abnormal(exit) {
+            return AgentOutcome {
+                text: exit.stdout.clone(),
+                ..o
+            };
+        }
+        let doc = json_document(&exit.stdout);
+        let err = json_document(&exit.stderr_tail)
+            .filter(|v| v.get("error").is_some())
+            .or_else(|| doc.clone().filter(|v| v.get("error").is_some()));
+        if let Some(e) = err {
+            return from_error(&e["error"], exit);
+        }
+        let Some(doc) = doc else {
+            if exit.code == Some(0) {
+                return bad_output(exit, "gemini printed no JSON result");
+            }
+            let text = format!("{}\n{}", exit.stdout, exit.stderr_tail);
+            let (outcome, retry_after) =
+                classify_error_text(&text).unwrap_or((Outcome::AgentError, None));
+            return AgentOutcome {
+                retry_after,
+                text: exit.stdout.clone(),
+                ..AgentOutcome::failed(
+                    outcome,
+                    format!(
+                        "gemini exited with code {}{}",
+                        exit.code.map(|c| c.to_string()).unwrap_or("?".into()),
+                        stderr_hint(exit)
+                    ),
+                )
+            };
+        };
+        let Some(text) = doc.get("response").and_then(Value::as_str) else {
+            return bad_output(exit, "gemini's JSON has no `response`");
+        };
+        let mut o = AgentOutcome::new(if exit.code == Some(0) {
+            Outcome::Completed
+        } else {
+            Outcome::AgentError
+        });
+        if exit.code != Some(0) {
+            o.error = Some(format!(
+                "gemini exited with code {}{}",
+                exit.code.map(|c| c.to_string()).unwrap_or("?".into()),
+                stderr_hint(exit)
+            ));
+        }
+        o.text = text.to_string();
+        o.session_id = doc
+            .get("session_id")
+            .and_then(Value::as_str)
+            .map(String::from);
+        // Several models may have served one run (the CLI's own routing); their tokens add up.
+        if let Some(models) = doc.pointer("/stats/models").and_then(Value::as_object) {
+            let sum = |k: &str| {
+                models
+                    .values()
+                    .filter_map(|m| m.pointer(&format!("/tokens/{k}")).and_then(Value::as_u64))
+                    .reduce(|a, b| a + b)
+            };
+            o.input_tokens = sum("prompt");
+            o.output_tokens = match (sum("candidates"), sum("thoughts")) {
+                (Some(c), Some(t)) => Some(c + t),
+                (c, t) => c.or(t),
+            };
+            o.cached_tokens = sum("cached");
+        }
+        o
+    }
+}
+
+fn from_error(e: &Value, exit: &Exit) -> AgentOutcome {
+    let message = e
+        .get("message")
+        .and_then(Value::as_str)
+        .unwrap_or("gemini reported an error")
+        .to_string();
+    let code = e.get("code").and_then(|c| {
+        c.as_u64()
+            .or_else(|| c.as_str().and_then(|s| s.parse().ok()))
+    });
+    let lower = message.to_ascii_lowercase();
+    let (outcome, retry_after) = match code {
+        Some(429) => {
+            if lower.contains("quota") && (lower.contains("per day") || lower.contains("billing")) {
+                (Outcome::QuotaExhausted, retry_after_in_text(&lower))
+            } else {
+                (Outcome::RateLimited, retry_after_in_text(&lower))
+            }
+        }
+        Some(401) | Some(403) => (Outcome::Auth, None),
+        _ => classify_error_text(&message).unwrap_or((Outcome::AgentError, None)),
+    };
+    let one: String = message
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .take(500)
+        .collect();
+    AgentOutcome {
+        retry_after,
+        text: exit.stdout.clone(),
+        ..AgentOutcome::failed(
+            outcome,
+            match code {
+                Some(c) => format!("API error {c}: {one}"),
+                None => one,
+            },
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agents::fixture::{exit_from, fixture};
+
+    #[test]
+    fn parses_success() {
+        let o = GeminiAdapter.parse(&fixture("gemini", "success"));
+        assert_eq!(o.outcome, Outcome::Completed, "{:?}", o.error);
+        assert!(!o.text.is_empty());
+        assert!(o.input_tokens.unwrap_or(0) > 0 && o.output_tokens.unwrap_or(0) > 0);
+    }
+
+    #[test]
+    fn parses_rate_limit() {
+        let o = GeminiAdapter.parse(&fixture("gemini", "rate_limit"));
+        assert_eq!(o.outcome, Outcome::RateLimited, "{:?}", o.error);
+    }
+
+    #[test]
+    fn error_on_stderr_and_garbage() {
+        let o = GeminiAdapter.parse(&exit_from(
+            "",
+            r#"{"error":{"type":"Error","message":"API key not valid. Please pass a valid API key.","code":400}}"#,
+            Some(144),
+        ));
+        assert_eq!(o.outcome, Outcome::Auth);
+        let o = GeminiAdapter.parse(&exit_from("{\"unexpected\": true}", "", Some(0)));
+        assert_eq!(o.outcome, Outcome::BadOutput);
+        assert_eq!(o.text, "{\"unexpected\": true}");
+    }
+}

@@ -1,0 +1,534 @@
+//! End-to-end tests with the real agent CLIs (Claude Code, Codex, Gemini CLI, installed pinned by
+//! `.ci/run` into tools/agents/node_modules) talking to a scripted model server on 127.0.0.1, and
+//! the `openai` kind and the router against the same server's chat-completions endpoint.
+//!
+//! Without the CLIs these tests say so and skip; with `CI` set they fail instead, so CI cannot pass
+//! by skipping them.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::model_server::{self, Api, ModelServer, Reply};
+use common::*;
+
+/// The CLI's installed binary, or `None` (after saying why) when it is missing outside CI.
+fn cli(name: &str) -> Option<PathBuf> {
+    let dir = std::env::var_os("ORCHESTRATE_AGENT_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tools/agents/node_modules/.bin")
+        });
+    let bin = dir.join(name);
+    if bin.is_file() {
+        return Some(bin);
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!(
+            "{} is missing and CI is set: install the pinned CLIs with `npm ci --prefix tools/agents`",
+            bin.display()
+        );
+    }
+    eprintln!(
+        "SKIPPED: {} not installed (npm ci --prefix tools/agents)",
+        bin.display()
+    );
+    None
+}
+
+/// Which real CLI, and how it reaches the model server.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Cli {
+    Claude,
+    Codex,
+    Gemini,
+}
+
+impl Cli {
+    fn bin_name(self) -> &'static str {
+        match self {
+            Cli::Claude => "claude",
+            Cli::Codex => "codex",
+            Cli::Gemini => "gemini",
+        }
+    }
+
+    fn api(self) -> Api {
+        match self {
+            Cli::Claude => Api::Anthropic,
+            Cli::Codex => Api::Responses,
+            Cli::Gemini => Api::Gemini,
+        }
+    }
+}
+
+/// The `agents:` entry for one CLI, pointed at the server, with a private home directory so
+/// nothing of the machine's own configuration is read or written.
+fn agent_block(
+    name: &str,
+    which: Cli,
+    bin: &std::path::Path,
+    server: &ModelServer,
+    home: &std::path::Path,
+) -> String {
+    std::fs::create_dir_all(home).expect("mkdir home");
+    let url = server.url();
+    let common = format!(
+        "    kind: {kind}\n    command: {bin}\n    max_instances: 2\n",
+        kind = which.bin_name(),
+        bin = bin.display()
+    );
+    match which {
+        Cli::Claude => format!(
+            "  {name}:\n{common}    base_url: {url}\n    env:\n      HOME: {home}\n      ANTHROPIC_API_KEY: test-key\n      CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC: \"1\"\n      CLAUDE_CODE_MAX_RETRIES: \"0\"\n",
+            home = home.display()
+        ),
+        Cli::Codex => {
+            let codex_home = home.join(".codex");
+            std::fs::create_dir_all(&codex_home).expect("mkdir codex home");
+            format!(
+                "  {name}:\n{common}    base_url: {url}/v1\n    model: gpt-test\n    args: [-c, model_providers.orchestrate.request_max_retries=0, -c, model_providers.orchestrate.stream_max_retries=0, -c, check_for_update_on_startup=false]\n    env:\n      HOME: {home}\n      CODEX_HOME: {codex_home}\n      OPENAI_API_KEY: test-key\n",
+                home = home.display(),
+                codex_home = codex_home.display()
+            )
+        }
+        Cli::Gemini => {
+            let gdir = home.join(".gemini");
+            std::fs::create_dir_all(&gdir).expect("mkdir gemini home");
+            std::fs::write(
+                gdir.join("settings.json"),
+                r#"{"security":{"auth":{"selectedType":"gemini-api-key"}},"privacy":{"usageStatisticsEnabled":false}}"#,
+            )
+            .expect("write gemini settings");
+            format!(
+                "  {name}:\n{common}    base_url: {url}\n    model: gemini-2.5-flash\n    env:\n      HOME: {home}\n      GEMINI_CLI_HOME: {home}\n      GEMINI_API_KEY: test-key\n      GEMINI_CLI_NO_RELAUNCH: \"true\"\n",
+                home = home.display()
+            )
+        }
+    }
+}
+
+/// A project whose agents are the given CLIs (in fallback order) against `server`.
+fn project(agents: &[(&str, Cli, PathBuf)], server: &ModelServer, extra: &str) -> Project {
+    let tmp = tempfile::tempdir().expect("tempdir").keep();
+    let mut blocks = String::new();
+    for (name, which, bin) in agents {
+        blocks.push_str(&agent_block(
+            name,
+            *which,
+            bin,
+            server,
+            &tmp.join(format!("home-{name}")),
+        ));
+    }
+    let fallback: Vec<&str> = agents.iter().map(|(n, _, _)| *n).collect();
+    let config = format!(
+        "orchestrator:\n  max_concurrent: 4\n  settle_ms: 100\n  rescan_seconds: 2\n  kill_grace_seconds: 1\n  heartbeat_seconds: 1\nagents:\n{blocks}routing:\n  fallback: [{}]\ntask_queue:\n  timeout_minutes: 2\n  max_retries: 0\n  retry_delay_seconds: 0.2\nsecurity:\n  env_allow: [PATH, LANG]\n{extra}",
+        fallback.join(", ")
+    );
+    let p = Project::with_config(&config);
+    std::fs::create_dir_all(p.path("work")).expect("mkdir work");
+    p
+}
+
+fn wait_terminal(p: &Project, id: &str, limit: Duration) -> (String, serde_json::Value) {
+    wait_for(&format!("{id} to finish"), limit, || {
+        p.tasks_in("completed").contains(&id.to_string())
+            || p.tasks_in("failed").contains(&id.to_string())
+    });
+    let state = if p.tasks_in("completed").contains(&id.to_string()) {
+        "completed"
+    } else {
+        "failed"
+    };
+    (state.to_string(), p.result(state, id))
+}
+
+fn text_and_tokens(which: Cli) {
+    let Some(bin) = cli(which.bin_name()) else {
+        return;
+    };
+    let server = ModelServer::start();
+    server.script(which.api(), vec![Reply::Text("The answer is 42.".into())]);
+    let p = project(&[("agent", which, bin)], &server, "");
+    let mut sup = p.start();
+    p.drop_task(
+        "ask.yaml",
+        "description: What is six times seven?\nworkdir: work\n",
+    );
+    let (state, r) = wait_terminal(&p, "ask", Duration::from_secs(120));
+    assert_eq!(state, "completed", "{r}\n{}", sup.output());
+    let out = p.read("context/agent_outputs/ask_output.md");
+    assert!(out.contains("The answer is 42."), "{out}");
+    let a = &r["attempts"][0];
+    assert!(
+        a["input_tokens"].as_u64().unwrap_or(0) >= model_server::INPUT_TOKENS,
+        "{r}"
+    );
+    assert_eq!(
+        a["output_tokens"].as_u64(),
+        Some(model_server::OUTPUT_TOKENS),
+        "{r}"
+    );
+    assert!(
+        a["session_id"].as_str().is_some_and(|s| !s.is_empty()),
+        "{r}"
+    );
+    if which == Cli::Claude {
+        assert!(
+            a["cost_usd"].as_f64().is_some(),
+            "claude reports a cost: {r}"
+        );
+    }
+    assert_eq!(server.conversations(which.api()), 1);
+    // The totals reach `orchestrate agents`.
+    let agents = p.run(&["agents", "--json"]).assert_code(0).json();
+    let me = agents
+        .as_array()
+        .and_then(|v| v.iter().find(|a| a["name"] == "agent"))
+        .expect("agent listed")
+        .clone();
+    assert_eq!(me["completed"], 1, "{me}");
+    assert_eq!(
+        me["output_tokens"].as_u64(),
+        Some(model_server::OUTPUT_TOKENS),
+        "{me}"
+    );
+    assert!(
+        me["version"].as_str().is_some_and(|v| !v.is_empty()),
+        "{me}"
+    );
+    assert!(sup.stop().success(), "{}", sup.output());
+}
+
+fn writes_a_file(which: Cli) {
+    let Some(bin) = cli(which.bin_name()) else {
+        return;
+    };
+    let server = ModelServer::start();
+    server.script(
+        which.api(),
+        vec![Reply::WriteFile {
+            path: "hello.txt".into(),
+            content: "hello from the model\n".into(),
+            then: "I wrote hello.txt.".into(),
+        }],
+    );
+    let p = project(&[("agent", which, bin)], &server, "");
+    let mut sup = p.start();
+    p.drop_task(
+        "write.yaml",
+        "description: Create hello.txt\nworkdir: work\n",
+    );
+    let (state, r) = wait_terminal(&p, "write", Duration::from_secs(120));
+    assert_eq!(state, "completed", "{r}\n{}", sup.output());
+    assert_eq!(
+        std::fs::read_to_string(p.path("work/hello.txt")).expect("hello.txt written"),
+        "hello from the model\n"
+    );
+    let diff = p.read("context/diffs/write.diff");
+    assert!(
+        diff.contains("+++ b/hello.txt") && diff.contains("+hello from the model"),
+        "{diff}"
+    );
+    assert_eq!(r["files_modified"], serde_json::json!(["hello.txt"]), "{r}");
+    let out = p.read("context/agent_outputs/write_output.md");
+    assert!(out.contains("I wrote hello.txt."), "{out}");
+    assert!(sup.stop().success(), "{}", sup.output());
+}
+
+fn hang_is_killed_at_the_timeout(which: Cli) {
+    let Some(bin) = cli(which.bin_name()) else {
+        return;
+    };
+    let server = ModelServer::start();
+    server.script(which.api(), vec![Reply::Hang]);
+    let p = project(&[("agent", which, bin)], &server, "");
+    let mut sup = p.start();
+    // 0.1 minutes: six seconds, enough for the CLI to start and send its request.
+    p.drop_task(
+        "stuck.yaml",
+        "description: Wait forever\nworkdir: work\ntimeout_minutes: 0.1\n",
+    );
+    let (state, r) = wait_terminal(&p, "stuck", Duration::from_secs(90));
+    assert_eq!(state, "failed", "{r}");
+    assert_eq!(r["attempts"][0]["outcome"], "timeout", "{r}");
+    assert!(
+        server.conversations(which.api()) >= 1,
+        "the CLI never reached the model"
+    );
+    // Nothing of the CLI is left running: no process has its working directory in the workdir.
+    let work = p.path("work").canonicalize().expect("workdir");
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter(|e| std::fs::read_link(e.path().join("cwd")).is_ok_and(|c| c.starts_with(&work)))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(left.is_empty(), "processes left in the workdir: {left:?}");
+    assert!(sup.stop().success(), "{}", sup.output());
+}
+
+#[test]
+fn claude_answers_text_with_tokens_and_cost() {
+    text_and_tokens(Cli::Claude);
+}
+
+#[test]
+fn codex_answers_text_with_tokens() {
+    text_and_tokens(Cli::Codex);
+}
+
+#[test]
+fn gemini_answers_text_with_tokens() {
+    text_and_tokens(Cli::Gemini);
+}
+
+#[test]
+fn claude_writes_a_file_that_reaches_the_diff() {
+    writes_a_file(Cli::Claude);
+}
+
+#[test]
+fn codex_writes_a_file_that_reaches_the_diff() {
+    writes_a_file(Cli::Codex);
+}
+
+#[test]
+fn gemini_writes_a_file_that_reaches_the_diff() {
+    writes_a_file(Cli::Gemini);
+}
+
+#[test]
+fn claude_hung_model_is_killed_at_the_timeout() {
+    hang_is_killed_at_the_timeout(Cli::Claude);
+}
+
+#[test]
+fn codex_hung_model_is_killed_at_the_timeout() {
+    hang_is_killed_at_the_timeout(Cli::Codex);
+}
+
+#[test]
+fn gemini_hung_model_is_killed_at_the_timeout() {
+    hang_is_killed_at_the_timeout(Cli::Gemini);
+}
+
+#[test]
+fn rate_limit_sends_the_task_down_the_fallback_chain_and_cools_the_agent() {
+    let (Some(claude), Some(codex)) = (cli("claude"), cli("codex")) else {
+        return;
+    };
+    let server = ModelServer::start();
+    server.script(
+        Api::Anthropic,
+        vec![Reply::RateLimit {
+            retry_after_secs: Some(600),
+        }],
+    );
+    server.script(Api::Responses, vec![Reply::Text("done by codex".into())]);
+    let p = project(
+        &[
+            ("claude", Cli::Claude, claude),
+            ("codex", Cli::Codex, codex),
+        ],
+        &server,
+        "",
+    );
+    let mut sup = p.start();
+    p.drop_task(
+        "busy.yaml",
+        "description: Summarise the repo\nworkdir: work\n",
+    );
+    let (state, r) = wait_terminal(&p, "busy", Duration::from_secs(120));
+    assert_eq!(state, "completed", "{r}\n{}", sup.output());
+    let attempts = r["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts.len(), 2, "{r}");
+    assert_eq!(attempts[0]["agent"], "claude");
+    assert_eq!(attempts[0]["outcome"], "rate_limited", "{r}");
+    assert_eq!(attempts[1]["agent"], "codex");
+    assert_eq!(attempts[1]["outcome"], "completed");
+    assert_eq!(r["agent"], "codex");
+    assert!(
+        r["chosen_because"]
+            .as_str()
+            .is_some_and(|b| b.contains("claude: cooling down until")),
+        "{r}"
+    );
+    let out = p.read("context/agent_outputs/busy_output.md");
+    assert!(out.contains("done by codex"), "{out}");
+    // claude rests for about the ten minutes the provider asked for, and says so.
+    let agents = p.run(&["agents", "--json"]).assert_code(0).json();
+    let claude = agents
+        .as_array()
+        .and_then(|v| v.iter().find(|a| a["name"] == "claude"))
+        .expect("claude listed")
+        .clone();
+    assert!(claude["cooldown_until"].as_str().is_some(), "{claude}");
+    let status = p.run(&["status"]).assert_code(0).stdout();
+    assert!(status.contains("cooldown: claude until"), "{status}");
+    // A second task skips claude without asking it.
+    let asked = server.conversations(Api::Anthropic);
+    p.drop_task("next.yaml", "description: And another\nworkdir: work\n");
+    let (state, r) = wait_terminal(&p, "next", Duration::from_secs(120));
+    assert_eq!(state, "completed", "{r}");
+    assert_eq!(r["agent"], "codex");
+    assert_eq!(server.conversations(Api::Anthropic), asked);
+    assert!(sup.stop().success(), "{}", sup.output());
+}
+
+/// A project with `openai` agents only, all served by the model server's chat endpoint.
+fn openai_project(server: &ModelServer, agents: &[&str], routing: &str) -> Project {
+    let mut blocks = String::new();
+    for a in agents {
+        blocks.push_str(&format!(
+            "  {a}:\n    kind: openai\n    base_url: {}/v1\n    model: local-model\n    max_instances: 2\n",
+            server.url()
+        ));
+    }
+    let config = format!(
+        "orchestrator:\n  max_concurrent: 2\n  settle_ms: 100\n  rescan_seconds: 2\n  kill_grace_seconds: 1\nagents:\n{blocks}routing:\n{routing}task_queue:\n  timeout_minutes: 1\n  max_retries: 0\nsecurity:\n  env_allow: [PATH]\n"
+    );
+    let p = Project::with_config(&config);
+    std::fs::create_dir_all(p.path("work")).expect("mkdir work");
+    p
+}
+
+#[test]
+fn openai_agent_answers_through_chat_completions() {
+    let server = ModelServer::start();
+    server.script(
+        Api::Chat,
+        vec![Reply::Text("A plan in three steps.".into())],
+    );
+    let p = openai_project(&server, &["local"], "  fallback: [local]\n");
+    let mut sup = p.start();
+    p.drop_task(
+        "plan.yaml",
+        "description: Plan the refactor\nworkdir: work\n",
+    );
+    let (state, r) = wait_terminal(&p, "plan", Duration::from_secs(60));
+    assert_eq!(state, "completed", "{r}\n{}", sup.output());
+    let out = p.read("context/agent_outputs/plan_output.md");
+    assert!(out.contains("A plan in three steps."), "{out}");
+    let a = &r["attempts"][0];
+    assert_eq!(
+        a["input_tokens"].as_u64(),
+        Some(model_server::INPUT_TOKENS),
+        "{r}"
+    );
+    assert_eq!(
+        a["output_tokens"].as_u64(),
+        Some(model_server::OUTPUT_TOKENS),
+        "{r}"
+    );
+    assert!(sup.stop().success(), "{}", sup.output());
+}
+
+#[test]
+fn openai_agent_rate_limit_cools_it_down_and_the_task_waits() {
+    let server = ModelServer::start();
+    server.script(
+        Api::Chat,
+        vec![Reply::RateLimit {
+            retry_after_secs: Some(3600),
+        }],
+    );
+    let p = openai_project(&server, &["local"], "  fallback: [local]\n");
+    let mut sup = p.start();
+    p.drop_task("later.yaml", "description: Plan\nworkdir: work\n");
+    // With no other agent, the task waits in pending, and status says until when.
+    wait_for(
+        "the cooldown to show in status",
+        Duration::from_secs(60),
+        || {
+            let s = p.run(&["status"]).stdout();
+            s.contains("cooldown: local until") && s.contains("cooling down until")
+        },
+    );
+    assert_eq!(p.tasks_in("pending"), vec!["later".to_string()]);
+    assert_eq!(server.conversations(Api::Chat), 1);
+    assert!(sup.stop().success(), "{}", sup.output());
+}
+
+#[test]
+fn router_picks_the_agent_and_the_result_says_why() {
+    let server = ModelServer::start();
+    server.script(
+        Api::Chat,
+        vec![
+            Reply::Text(
+                r#"{"category": "planning", "agent": "planner", "confidence": 0.93}"#.into(),
+            ),
+            Reply::Text("planned".into()),
+        ],
+    );
+    let p = openai_project(
+        &server,
+        &["router", "writer", "planner"],
+        "  fallback: [writer]\n  router: {agent: router, timeout_seconds: 10}\n",
+    );
+    let mut sup = p.start();
+    p.drop_task(
+        "route.yaml",
+        "description: Plan the next release\nworkdir: work\n",
+    );
+    let (state, r) = wait_terminal(&p, "route", Duration::from_secs(60));
+    assert_eq!(state, "completed", "{r}\n{}", sup.output());
+    assert_eq!(r["agent"], "planner", "{r}");
+    let because = r["chosen_because"].as_str().unwrap_or_default();
+    assert!(
+        because.contains("router router: category planning, confidence 0.93"),
+        "{because}"
+    );
+    // The router saw the task and the agents it may choose from.
+    let reqs = server.requests();
+    let first = reqs
+        .iter()
+        .find(|(_, path, _)| path.contains("chat/completions"))
+        .expect("router asked");
+    assert!(
+        first.2.contains("Plan the next release") && first.2.contains("planner"),
+        "{}",
+        first.2
+    );
+    assert!(sup.stop().success(), "{}", sup.output());
+}
+
+#[test]
+fn router_nonsense_or_silence_falls_back_to_the_chain() {
+    for (name, first) in [
+        ("nonsense", Reply::Text("I would pick the best one.".into())),
+        ("silence", Reply::Hang),
+    ] {
+        let server = ModelServer::start();
+        server.script(Api::Chat, vec![first, Reply::Text("written".into())]);
+        let p = openai_project(
+            &server,
+            &["router", "writer", "planner"],
+            "  fallback: [writer]\n  router: {agent: router, timeout_seconds: 2}\n",
+        );
+        let mut sup = p.start();
+        p.drop_task(
+            "t.yaml",
+            "description: Write the changelog\nworkdir: work\n",
+        );
+        let (state, r) = wait_terminal(&p, "t", Duration::from_secs(60));
+        assert_eq!(state, "completed", "{name}: {r}\n{}", sup.output());
+        assert_eq!(r["agent"], "writer", "{name}: {r}");
+        let because = r["chosen_because"].as_str().unwrap_or_default();
+        let expected = match name {
+            "nonsense" => "router router answered no JSON object",
+            _ => "router router failed (timeout",
+        };
+        assert!(because.contains(expected), "{name}: {because}");
+        assert!(because.contains("routing.fallback"), "{name}: {because}");
+        assert!(
+            sup.output().contains("router     t:"),
+            "{name}: the fallback is logged\n{}",
+            sup.output()
+        );
+        assert!(sup.stop().success(), "{}", sup.output());
+    }
+}
