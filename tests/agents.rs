@@ -98,7 +98,7 @@ fn agent_block(
             std::fs::create_dir_all(&gdir).expect("mkdir gemini home");
             std::fs::write(
                 gdir.join("settings.json"),
-                r#"{"security":{"auth":{"selectedType":"gemini-api-key"}},"privacy":{"usageStatisticsEnabled":false}}"#,
+                r#"{"security":{"auth":{"selectedType":"gemini-api-key"}},"privacy":{"usageStatisticsEnabled":false},"general":{"maxAttempts":1}}"#,
             )
             .expect("write gemini settings");
             format!(
@@ -531,4 +531,48 @@ fn router_nonsense_or_silence_falls_back_to_the_chain() {
         );
         assert!(sup.stop().success(), "{}", sup.output());
     }
+}
+
+#[test]
+fn a_retry_after_a_timeout_resumes_the_claude_session() {
+    let Some(bin) = cli("claude") else {
+        return;
+    };
+    let server = ModelServer::start();
+    server.script(
+        Api::Anthropic,
+        vec![Reply::Hang, Reply::Text("resumed and done".into())],
+    );
+    let p = project(&[("agent", Cli::Claude, bin)], &server, "");
+    // One retry, right away.
+    let cfg = std::fs::read_to_string(p.path("config.yaml"))
+        .expect("config")
+        .replace("max_retries: 0", "max_retries: 1");
+    std::fs::write(p.path("config.yaml"), cfg).expect("config");
+    let mut sup = p.start();
+    p.drop_task(
+        "again.yaml",
+        "description: Long job\nworkdir: work\ntimeout_minutes: 0.1\n",
+    );
+    let (state, r) = wait_terminal(&p, "again", Duration::from_secs(120));
+    assert_eq!(state, "completed", "{r}\n{}", sup.output());
+    let a = r["attempts"].as_array().expect("attempts");
+    assert_eq!(a.len(), 2, "{r}");
+    assert_eq!(a[0]["outcome"], "timeout", "{r}");
+    let first = a[0]["session_id"]
+        .as_str()
+        .expect("the killed attempt's session is known");
+    assert_eq!(a[1]["session_id"].as_str(), Some(first), "{r}");
+    // The second request carried the first one's conversation.
+    let posts: Vec<_> = server
+        .requests()
+        .into_iter()
+        .filter(|(m, path, _)| m == "POST" && path.starts_with("/v1/messages"))
+        .collect();
+    assert!(posts.len() >= 2, "{posts:?}");
+    assert!(
+        posts.last().is_some_and(|(_, _, b)| b.contains("Long job")),
+        "{posts:?}"
+    );
+    assert!(sup.stop().success(), "{}", sup.output());
 }

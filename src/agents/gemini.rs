@@ -31,9 +31,18 @@ impl Adapter for GeminiAdapter {
         if let Some(m) = &cfg.model {
             args.extend(["--model".into(), m.clone()]);
         }
-        if let Some(s) = req.resume_session {
-            args.extend(["--resume".into(), s.into()]);
-        }
+        // Our own session id, so even a run killed before it printed anything can be resumed.
+        let session = match req.resume_session {
+            Some(s) => {
+                args.extend(["--resume".into(), s.into()]);
+                s.to_string()
+            }
+            None => {
+                let s = super::new_session_id();
+                args.extend(["--session-id".into(), s.clone()]);
+                s
+            }
+        };
         args.extend(cfg.args.iter().cloned());
         let mut env = agent_env(cfg);
         if let Some(u) = &cfg.base_url {
@@ -46,7 +55,7 @@ impl Adapter for GeminiAdapter {
             env,
             stdin: Some(req.prompt.as_bytes().to_vec()),
             cwd: req.workdir.to_path_buf(),
-            session_id: None,
+            session_id: Some(session),
         })
     }
 

@@ -10,9 +10,18 @@
 //!
 //! Every other GET/HEAD answers 200 (`GET …/models` with an empty model list).
 //!
-//! Each *conversation* (a request that is neither a tool-result follow-up nor an auxiliary request such as
-//! Claude Code's title generation or Gemini CLI's next-speaker check) takes the next scripted [`Reply`]
-//! for its API. See `tools/agents/CLI-NOTES.md` for how each CLI is driven against it.
+//! Each *conversation* request takes the next scripted [`Reply`] for its API. Not conversations:
+//! - tool-result follow-ups (Anthropic `tool_result`, Responses `*_output` items after the last user message,
+//!   Gemini `functionResponse`, chat `role: tool`): answered with the `then` of the matching call id (or of
+//!   the latest call of that API);
+//! - auxiliary requests: Anthropic requests without tools (title/topic generation), Responses requests
+//!   without tools and instructions, Gemini JSON-mode requests (`responseJsonSchema`/`responseSchema`/
+//!   `responseMimeType: application/json`, e.g. the routing classifier: answered with a value built from
+//!   the schema) or without tools, and all count-tokens/model-list calls.
+//!
+//! A CLI's own retry of a failed request is a new conversation and takes the next reply, so
+//! `[RateLimit, Text]` fails once and then succeeds when the CLI retries.
+//! See `tools/agents/CLI-NOTES.md` for how each CLI is driven against it.
 #![allow(dead_code)]
 
 use std::collections::{HashMap, VecDeque};
