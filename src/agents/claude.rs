@@ -192,6 +192,13 @@ mod tests {
     }
 
     #[test]
+    fn parses_server_error() {
+        let o = ClaudeAdapter.parse(&fixture("claude", "server_error"));
+        assert_eq!(o.outcome, Outcome::AgentError, "{:?}", o.error);
+        assert!(o.error.is_some_and(|e| !e.is_empty()));
+    }
+
+    #[test]
     fn parses_rate_limit() {
         let exit = fixture("claude", "rate_limit");
         let o = ClaudeAdapter.parse(&exit);

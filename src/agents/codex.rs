@@ -258,6 +258,13 @@ mod tests {
     }
 
     #[test]
+    fn parses_server_error() {
+        let o = CodexAdapter.parse(&fixture("codex", "server_error"));
+        assert_eq!(o.outcome, Outcome::AgentError, "{:?}", o.error);
+        assert!(o.error.is_some_and(|e| !e.is_empty()));
+    }
+
+    #[test]
     fn parses_rate_limit() {
         let o = CodexAdapter.parse(&fixture("codex", "rate_limit"));
         assert_eq!(o.outcome, Outcome::RateLimited, "{:?}", o.error);

@@ -317,7 +317,12 @@ pub fn unavailable_reason(name: &str, cfg: &AgentConfig) -> Option<String> {
     }
     let program = cfg.program(name);
     if crate::process::find_program(&program).is_none() {
-        return Some(format!("agent {name}: `{program}` not found on PATH"));
+        return Some(format!(
+            "agent {name}: `{program}` not found on PATH{}",
+            install_hint(cfg.kind)
+                .map(|h| format!(" (install: {h})"))
+                .unwrap_or_default()
+        ));
     }
     None
 }

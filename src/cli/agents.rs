@@ -147,14 +147,13 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
         "AGENT", "KIND", "RUNNING", "ATTEMPTS", "COMPLETED", "COST", "TOKENS IN/OUT"
     );
     for a in out {
-        let status = match (&a.problem, &a.install_hint, &a.cooldown_until) {
-            (Some(p), Some(h), _) => format!("{p}; install: {h}"),
-            (Some(p), None, _) => p.clone(),
-            (None, _, Some(until)) => format!(
+        let status = match (&a.problem, &a.cooldown_until) {
+            (Some(p), _) => p.clone(),
+            (None, Some(until)) => format!(
                 "cooling down until {until}: {}",
                 super::short(a.cooldown_reason.as_deref().unwrap_or("-"), 60)
             ),
-            (None, _, None) => format!(
+            (None, None) => format!(
                 "ready: {}{}",
                 a.found.as_deref().unwrap_or("-"),
                 a.version
