@@ -358,7 +358,8 @@ fn rate_limit_sends_the_task_down_the_fallback_chain_and_cools_the_agent() {
     );
     let out = p.read("context/agent_outputs/busy_output.md");
     assert!(out.contains("done by codex"), "{out}");
-    // claude rests for about the ten minutes the provider asked for, and says so.
+    // claude rests (Claude Code does not pass the retry-after header on, so for the default
+    // cooldown) and says so.
     let agents = p.run(&["agents", "--json"]).assert_code(0).json();
     let claude = agents
         .as_array()
