@@ -146,7 +146,8 @@ fn parse_result(doc: &Value, exit: &Exit) -> AgentOutcome {
     let message = if text.trim().is_empty() {
         format!("claude reported an error (subtype {subtype})")
     } else {
-        first_words(&text)
+        // Claude Code prefixes its own "API Error: "; the status is said once, below.
+        first_words(text.strip_prefix("API Error: ").unwrap_or(&text))
     };
     let lower = text.to_ascii_lowercase();
     let (outcome, retry_after) = match status {
