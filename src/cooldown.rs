@@ -17,6 +17,10 @@ use crate::task::Outcome;
 
 /// Without `cooldown_seconds`, the first back-off.
 pub const DEFAULT_COOLDOWN: Duration = Duration::from_secs(60);
+/// The shortest cooldown, whatever the provider said.
+pub const MIN_COOLDOWN: Duration = Duration::from_secs(1);
+/// Rate limits in a row for which the provider's own retry-after is trusted as it is.
+const FREE_STREAK: u32 = 3;
 /// No back-off is longer, whatever the streak; a reset time from the provider may be.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 /// A provider's reset time further out than this is taken as this (a bogus date must not park an
@@ -68,9 +72,13 @@ impl Cooldowns {
         reason: &str,
     ) -> OffsetDateTime {
         let streak = self.map.get(agent).map_or(0, |c| c.streak) + 1;
+        let base = base.unwrap_or(DEFAULT_COOLDOWN);
+        // The provider's time, but never less than a second, and once the limits keep coming
+        // (a "retry-after: 0" that is not true) the back-off takes over: no hot loop.
         let wait = match retry_after {
-            Some(d) => d.min(MAX_COOLDOWN),
-            None => backoff(base.unwrap_or(DEFAULT_COOLDOWN), streak),
+            Some(d) if streak <= FREE_STREAK => d.max(MIN_COOLDOWN).min(MAX_COOLDOWN),
+            Some(d) => d.max(backoff(base, streak - FREE_STREAK)).min(MAX_COOLDOWN),
+            None => backoff(base, streak),
         };
         let until = OffsetDateTime::now_utc() + wait;
         self.map.insert(
@@ -165,5 +173,21 @@ mod tests {
         c.succeeded("claude");
         assert_eq!(c.active(now).count(), 0);
         assert!(Cooldowns::read(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn a_zero_retry_after_is_not_a_hot_loop() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Cooldowns::load(dir.path());
+        let base = Some(Duration::from_secs(10));
+        let mut waits = vec![];
+        for _ in 0..5 {
+            let now = OffsetDateTime::now_utc();
+            let until =
+                c.rate_limited("a", Outcome::RateLimited, Some(Duration::ZERO), base, "429");
+            waits.push((until - now).whole_seconds());
+        }
+        assert!(waits[..3].iter().all(|w| (1..=2).contains(w)), "{waits:?}");
+        assert!(waits[3] >= 9 && waits[4] >= 19, "{waits:?}");
     }
 }

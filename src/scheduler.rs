@@ -305,10 +305,13 @@ pub fn decide(
     }
     // After a real failure, the agent that failed goes to the back of the chain when the config
     // asks for a second opinion.
+    // (The last *failed* attempt: a rate-limited one in between does not reset the choice.)
     let avoid = p
         .attempts()
-        .last()
-        .filter(|a| cfg.routing.retry_on_other_agent && a.outcome.counts_as_failure())
+        .iter()
+        .rev()
+        .find(|a| a.outcome.counts_as_failure())
+        .filter(|_| cfg.routing.retry_on_other_agent)
         .map(|a| a.agent.as_str());
     choose_agent(cfg, &p.task, cap, avoid, routed)
 }

@@ -148,6 +148,11 @@ impl Supervisor {
         // API keys named per agent are secrets too, listed or not.
         let mut secrets = cfg.security.secrets.clone();
         secrets.extend(cfg.agents.values().filter_map(|a| a.api_key_env.clone()));
+        secrets.extend(
+            cfg.agents
+                .values()
+                .filter_map(|a| agents::default_key_var(a.kind).map(String::from)),
+        );
         let redactor = Arc::new(Redactor::from_env(&secrets));
         context::install_redactor(&secrets);
         let cooldowns = Cooldowns::load(&layout.state_dir);
@@ -358,6 +363,10 @@ impl Supervisor {
                 _ = tokio::time::sleep_until(wake.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)).into()), if wake.is_some() => {}
                 _ = heartbeat.tick() => {
                     self.heartbeat();
+                    // Answers for tasks that left pending without starting (failed, cancelled,
+                    // deleted): a task re-created under the same id is asked afresh.
+                    let pending = &self.sched.pending;
+                    self.routes.retain(|id, _| pending.contains_key(id));
                     // Refresh every waiting task's note now and then, even while all slots are busy.
                     self.full_pass_due = true;
                     // A cancel whose SIGUSR1 came before our handler existed is still seen.
@@ -400,6 +409,10 @@ impl Supervisor {
         }
         // Pending tasks that can still make progress without new input: waiting on a retry back-off,
         // or on a dependency that itself can run.
+        // A task waiting for the router's answer will go on when it comes.
+        if self.routes.values().any(Option::is_none) {
+            return false;
+        }
         // A task waiting for an agent's cooldown to end will run when it does.
         if !self.sched.pending.is_empty()
             && self
@@ -540,6 +553,7 @@ impl Supervisor {
             // The file may have been claimed (by us, then it is in `running`) or removed by the user.
             if self.sched.pending.get(&id).is_some_and(|pd| pd.path == p) {
                 self.sched.remove(&id);
+                self.routes.remove(&id);
                 self.cycles_dirty = true;
                 if !self.running.contains_key(&id) && self.spool.settled_place(&id).is_none() {
                     console::info(&format!("removed    {id}: its file left pending/"));
@@ -750,6 +764,8 @@ impl Supervisor {
         if let Some(t) = not_before {
             self.next_wake = Some(self.next_wake.map_or(t, |w| w.min(t)));
         }
+        // New or edited: whatever the router said about an earlier version no longer applies.
+        self.routes.remove(&id);
         self.sched.insert(Pending {
             task,
             path: path.to_path_buf(),
@@ -893,11 +909,7 @@ impl Supervisor {
                 )
             });
         }
-        if let Some(d) = self.cooldowns.next_end(wall) {
-            // Wake when the first cooldown ends, so the tasks waiting for it are looked at again.
-            let t = now + d;
-            self.next_wake = Some(self.next_wake.map_or(t, |w| w.min(t)));
-        }
+
         let cfg = self.cfg.clone();
         // A full pass looks at every pending task (wait notes, back-off wake-ups); otherwise the pass
         // ends once every slot is taken, so a long queue costs nothing while agents are busy.
@@ -907,6 +919,11 @@ impl Supervisor {
         }
         if full {
             self.next_wake = None;
+        }
+        if let Some(d) = self.cooldowns.next_end(wall) {
+            // Wake when the first cooldown ends, so the tasks waiting for it are looked at again.
+            let t = now + d;
+            self.next_wake = Some(self.next_wake.map_or(t, |w| w.min(t)));
         }
         let order = self.sched.take_order(&cfg, now);
         for entry in &order {
@@ -967,6 +984,20 @@ impl Supervisor {
             .as_ref()
             .map(|r| r.agent.clone())
             .unwrap_or_default();
+        // A burst of unrouted tasks must not become a burst of requests to one local model.
+        let asking = self.routes.values().filter(|r| r.is_none()).count();
+        if asking >= self.cfg.orchestrator.max_concurrent.max(1) {
+            let note =
+                format!("waiting to ask the router ({router}): {asking} questions outstanding");
+            if p.note.as_deref() != Some(note.as_str()) {
+                p.note = Some(note.clone());
+                self.writer.send(Op::Note {
+                    id: id.to_string(),
+                    note: Some(note),
+                });
+            }
+            return;
+        }
         let note = format!("asking the router ({router}) which agent fits");
         p.note = Some(note.clone());
         self.writer.send(Op::Note {
@@ -1150,6 +1181,7 @@ impl Supervisor {
 
     /// Fail a pending task without running it.
     fn fail_pending(&mut self, id: &str, reason: &str) {
+        self.routes.remove(id);
         let Some(p) = self.sched.remove(id) else {
             return;
         };

@@ -577,3 +577,24 @@ fn a_retry_after_a_timeout_resumes_the_claude_session() {
     );
     assert!(sup.stop().success(), "{}", sup.output());
 }
+
+#[test]
+fn start_once_waits_for_the_router_before_exiting() {
+    let server = ModelServer::start();
+    server.script(
+        Api::Chat,
+        vec![
+            Reply::Text(r#"{"category": "docs", "agent": "writer", "confidence": 0.8}"#.into()),
+            Reply::Text("written".into()),
+        ],
+    );
+    let p = openai_project(
+        &server,
+        &["router", "writer", "planner"],
+        "  fallback: [planner]\n  router: {agent: router, timeout_seconds: 10}\n",
+    );
+    p.drop_task("once.yaml", "description: Write the docs\nworkdir: work\n");
+    p.run(&["start", "--once"]).assert_code(0);
+    assert_eq!(p.tasks_in("completed"), vec!["once".to_string()]);
+    assert_eq!(p.result("completed", "once")["agent"], "writer");
+}

@@ -49,6 +49,10 @@ impl Adapter for ClaudeAdapter {
         // A supervisor run must not update the CLI under a running task.
         env.entry("DISABLE_AUTOUPDATER".into())
             .or_insert_with(|| "1".into());
+        // Claude Code retries a 429 ten times with back-off, minutes in which another agent could
+        // have taken the task: one retry for a blip, then orchestrate's cooldown and fallback.
+        env.entry("CLAUDE_CODE_MAX_RETRIES".into())
+            .or_insert_with(|| "1".into());
         Ok(Invocation {
             program: cfg.program(name),
             args,

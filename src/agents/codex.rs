@@ -30,14 +30,17 @@ impl Adapter for CodexAdapter {
         if let Some(s) = req.resume_session {
             args.extend(["resume".into(), s.into()]);
         }
-        args.extend([
-            "--json".into(),
-            // The default sandbox is read-only: edits would fail.
-            "--sandbox".into(),
-            permissions(cfg, "workspace-write").into(),
-            // Workdirs need not be git repositories; orchestrate snapshots and diffs them itself.
-            "--skip-git-repo-check".into(),
-        ]);
+        args.push("--json".into());
+        // The default sandbox is read-only: edits would fail. `exec resume` has no --sandbox flag,
+        // so there it is set as a config override.
+        let sandbox = permissions(cfg, "workspace-write");
+        if req.resume_session.is_some() {
+            args.extend(["-c".into(), format!("sandbox_mode={}", toml_str(sandbox))]);
+        } else {
+            args.extend(["--sandbox".into(), sandbox.into()]);
+        }
+        // Workdirs need not be git repositories; orchestrate snapshots and diffs them itself.
+        args.push("--skip-git-repo-check".into());
         if let Some(m) = &cfg.model {
             args.extend(["--model".into(), m.clone()]);
         }

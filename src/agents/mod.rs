@@ -137,7 +137,11 @@ pub fn default_key_var(kind: AgentKind) -> Option<&'static str> {
 /// reach them.
 pub fn agent_env(cfg: &AgentConfig) -> BTreeMap<String, String> {
     let mut env = cfg.env.clone();
+    // An `openai` agent may point anywhere (a local server, a stranger's endpoint): it gets a key
+    // only when its config names one, never the user's OpenAI key by default.
+    let named_only = cfg.kind == AgentKind::Openai && cfg.api_key_env.is_none();
     if let Some(target) = default_key_var(cfg.kind)
+        && !named_only
         && !env.contains_key(target)
     {
         let source = cfg.api_key_env.as_deref().unwrap_or(target);
@@ -163,44 +167,53 @@ pub fn fill_cost(cfg: &AgentConfig, o: &mut AgentOutcome) {
 /// Rate limit, quota and auth failures told apart by the words providers and CLIs use, for CLIs that
 /// report them only as text. `None` means an ordinary agent error.
 pub fn classify_error_text(text: &str) -> Option<(Outcome, Option<Duration>)> {
+    use std::sync::LazyLock;
+    // A status code as a word of its own: not a port (":42913"), a path, an id or a UUID.
+    static STATUS: LazyLock<regex::Regex> = LazyLock::new(|| {
+        regex::Regex::new(r"(?:^|[\s(\[=])(429|401)(?:[\s)\],.:]|$)").expect("valid regex")
+    });
     let t = text.to_ascii_lowercase();
     let has = |words: &[&str]| words.iter().any(|w| t.contains(w));
+    let status = |code: &str| STATUS.captures_iter(&t).any(|c| &c[1] == code);
     if has(&[
         "insufficient_quota",
         "quota exceeded",
         "exceeded your current quota",
         "usage limit",
-        "billing",
+        "billing details",
+        "billing hard limit",
         "credit balance",
-        "resource_exhausted",
         "out of credits",
     ]) && !has(&["per minute", "rate limit", "rate_limit"])
     {
         return Some((Outcome::QuotaExhausted, retry_after_in_text(&t)));
     }
-    if has(&[
-        "429",
-        "rate limit",
-        "rate_limit",
-        "ratelimit",
-        "too many requests",
-        "overloaded",
-        "resource exhausted",
-    ]) {
+    if status("429")
+        || has(&[
+            "rate limit",
+            "rate_limit",
+            "ratelimit",
+            "too many requests",
+            "overloaded_error",
+            "resource has been exhausted",
+        ])
+    {
         return Some((Outcome::RateLimited, retry_after_in_text(&t)));
     }
-    if has(&[
-        "401",
-        "unauthorized",
-        "authentication",
-        "invalid api key",
-        "invalid x-api-key",
-        "api key not valid",
-        "not logged in",
-        "please run /login",
-        "login required",
-        "permission_denied",
-    ]) {
+    if status("401")
+        || has(&[
+            "unauthorized",
+            "authentication_error",
+            "authentication failed",
+            "authentication required",
+            "invalid api key",
+            "invalid x-api-key",
+            "api key not valid",
+            "not logged in",
+            "please run /login",
+            "login required",
+        ])
+    {
         return Some((Outcome::Auth, None));
     }
     None
@@ -414,6 +427,21 @@ mod tests {
         );
         assert_eq!(c("401 Unauthorized: invalid api key"), Some(Outcome::Auth));
         assert_eq!(c("segmentation fault"), None);
+        // Numbers and words inside ports, paths and ids are not statuses.
+        assert_eq!(
+            c(
+                "API Error: 500 Internal server error. check your inference gateway (127.0.0.1:42913)."
+            ),
+            None
+        );
+        assert_eq!(
+            c("No conversation found with session ID 5f0e4291-4290-4429-a"),
+            None
+        );
+        assert_eq!(c("cannot open src/billing/invoice.rs"), None);
+        assert_eq!(c("error in authentication.ts line 3"), None);
+        assert_eq!(c("unexpected status 401 Unauthorized"), Some(Outcome::Auth));
+        assert_eq!(c("HTTP 429"), Some(Outcome::RateLimited));
     }
 
     #[test]
