@@ -413,12 +413,17 @@ impl Supervisor {
         if self.routes.values().any(Option::is_none) {
             return false;
         }
-        // A task waiting for an agent's cooldown to end will run when it does.
-        if !self.sched.pending.is_empty()
-            && self
-                .cooldowns
-                .next_end(time::OffsetDateTime::now_utc())
-                .is_some()
+        // A task waiting for an agent's cooldown to end will run when it does (one that waits for
+        // something else, say a CLI that is not installed, does not keep `--once` alive).
+        if self
+            .cooldowns
+            .next_end(time::OffsetDateTime::now_utc())
+            .is_some()
+            && self.sched.pending.values().any(|p| {
+                p.note
+                    .as_deref()
+                    .is_some_and(|n| n.contains("cooling down until"))
+            })
         {
             return false;
         }
@@ -1614,6 +1619,18 @@ async fn run_attempt(
         ));
     }
     let mut parsed = adapter.parse(&exit);
+    if agent_cfg.kind == crate::config::AgentKind::Codex
+        && let Some(prev) = resumable_session(&claim).and(claim.history.last())
+    {
+        // `codex exec resume` reports the whole thread's usage, earlier turns included; the
+        // earlier attempt already counted those.
+        let less = |now: Option<u64>, before: Option<u64>| {
+            now.map(|n| n.saturating_sub(before.unwrap_or(0)))
+        };
+        parsed.input_tokens = less(parsed.input_tokens, prev.input_tokens);
+        parsed.output_tokens = less(parsed.output_tokens, prev.output_tokens);
+        parsed.cached_tokens = less(parsed.cached_tokens, prev.cached_tokens);
+    }
     agents::fill_cost(&agent_cfg, &mut parsed);
     if parsed.session_id.is_none() {
         // Known before the run (the adapter chose it), so a killed run can still be resumed.

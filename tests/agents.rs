@@ -534,17 +534,16 @@ fn router_nonsense_or_silence_falls_back_to_the_chain() {
     }
 }
 
-#[test]
-fn a_retry_after_a_timeout_resumes_the_claude_session() {
-    let Some(bin) = cli("claude") else {
+fn a_retry_after_a_timeout_resumes_the_session(which: Cli) {
+    let Some(bin) = cli(which.bin_name()) else {
         return;
     };
     let server = ModelServer::start();
     server.script(
-        Api::Anthropic,
+        which.api(),
         vec![Reply::Hang, Reply::Text("resumed and done".into())],
     );
-    let p = project(&[("agent", Cli::Claude, bin)], &server, "");
+    let p = project(&[("agent", which, bin)], &server, "");
     // One retry, right away.
     let cfg = std::fs::read_to_string(p.path("config.yaml"))
         .expect("config")
@@ -564,18 +563,31 @@ fn a_retry_after_a_timeout_resumes_the_claude_session() {
         .as_str()
         .expect("the killed attempt's session is known");
     assert_eq!(a[1]["session_id"].as_str(), Some(first), "{r}");
-    // The second request carried the first one's conversation.
-    let posts: Vec<_> = server
+    let out = p.read("context/agent_outputs/again_output.md");
+    assert!(out.contains("resumed and done"), "{out}");
+    // The resumed request carried the first one's conversation.
+    let sent = server
         .requests()
         .into_iter()
-        .filter(|(m, path, _)| m == "POST" && path.starts_with("/v1/messages"))
-        .collect();
-    assert!(posts.len() >= 2, "{posts:?}");
-    assert!(
-        posts.last().is_some_and(|(_, _, b)| b.contains("Long job")),
-        "{posts:?}"
-    );
+        .filter(|(m, _, b)| m == "POST" && b.contains("Long job"))
+        .count();
+    assert!(sent >= 2, "the task's prompt was sent {sent} time(s)");
     assert!(sup.stop().success(), "{}", sup.output());
+}
+
+#[test]
+fn a_retry_after_a_timeout_resumes_the_claude_session() {
+    a_retry_after_a_timeout_resumes_the_session(Cli::Claude);
+}
+
+#[test]
+fn a_retry_after_a_timeout_resumes_the_codex_session() {
+    a_retry_after_a_timeout_resumes_the_session(Cli::Codex);
+}
+
+#[test]
+fn a_retry_after_a_timeout_resumes_the_gemini_session() {
+    a_retry_after_a_timeout_resumes_the_session(Cli::Gemini);
 }
 
 #[test]
