@@ -68,7 +68,14 @@ fn write_renamed(target: &Path, data: &[u8], sync_file: bool, sync_dir: bool) ->
             f.sync_all()?;
         }
         drop(f);
+        // Only records that must survive a crash are commit points (not the derived state files).
+        if sync_file {
+            crate::failpoint::hit("write.before_rename");
+        }
         fs::rename(&tmp, target)?;
+        if sync_file {
+            crate::failpoint::hit("write.after_rename");
+        }
         if sync_dir && let Some(dir) = target.parent() {
             fsync_dir(dir)?;
         }

@@ -13,6 +13,7 @@ pub mod console;
 pub mod context;
 pub mod cooldown;
 pub mod error;
+pub mod failpoint;
 pub mod fsutil;
 pub mod mirror;
 pub mod process;

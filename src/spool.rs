@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
+use crate::failpoint;
 use crate::fsutil::{self, atomic_write, fsync_dir, move_unique, rename_noreplace};
 use crate::task::{self, Attempt, Claim, History, Outcome, TaskResult, Terminal};
 
@@ -176,14 +177,18 @@ impl Spool {
         let id = &claim.task_id;
         let _lock = self.lock()?;
         let dst = self.task_path(Place::Assigned, id);
+        failpoint::hit("claim.before_rename");
         match rename_noreplace(src, &dst) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(e).with_context(|| format!("cannot claim {}", src.display())),
         }
+        failpoint::hit("claim.after_rename");
         atomic_write(&self.claim_path(id), task::to_yaml(claim).as_bytes())
             .with_context(|| format!("cannot write claim for {id}"))?;
+        failpoint::hit("claim.after_record");
         fsync_dir(&self.pending)?;
+        failpoint::hit("claim.after_fsync");
         // The history sidecar stays until the caller has checked the claimed file: an unclaim must
         // not lose it.
         Ok(true)
@@ -218,12 +223,14 @@ impl Spool {
     pub fn finish(&self, result: &TaskResult) -> Result<()> {
         let id = &result.task_id;
         let place = terminal_place(result.status);
+        failpoint::hit("finish.before_result");
         // The task's rename into the same directory fsyncs it, making both names durable at once.
         fsutil::atomic_write_before_commit(
             &self.result_path(result.status, id),
             task::to_yaml(result).as_bytes(),
         )
         .with_context(|| format!("cannot write result for {id}"))?;
+        failpoint::hit("finish.after_result");
         self.move_beside_result(id, place)
     }
 
@@ -248,8 +255,10 @@ impl Spool {
                 return Err(e).with_context(|| format!("cannot move {id} to {}", place.state()));
             }
         }
+        failpoint::hit("finish.after_rename");
         fsync_dir(self.dir(place))?;
         fsync_dir(&self.assigned)?;
+        failpoint::hit("finish.after_fsync");
         let _ = fs::remove_file(self.claim_path(id));
         Ok(())
     }
@@ -259,6 +268,7 @@ impl Spool {
         let id = &history.task_id;
         let _lock = self.lock()?;
         atomic_write(&self.history_path(id), task::to_yaml(history).as_bytes())?;
+        failpoint::hit("requeue.after_history");
         let from = self.task_path(Place::Assigned, id);
         let to = self.task_path(Place::Pending, id);
         match rename_noreplace(&from, &to) {
@@ -274,6 +284,7 @@ impl Spool {
             }
             Err(e) => return Err(e).with_context(|| format!("cannot requeue {id}")),
         }
+        failpoint::hit("requeue.after_rename");
         fsync_dir(&self.pending)?;
         fsync_dir(&self.assigned)?;
         let _ = fs::remove_file(self.claim_path(id));

@@ -1607,6 +1607,12 @@ async fn run_attempt(
         redactor: ctx.redactor.clone(),
         marker: process::run_marker(&claim.instance, &task.id, claim.attempt),
     };
+    if crate::failpoint::armed("attempt.running") {
+        tokio::spawn(async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            crate::failpoint::hit("attempt.running");
+        });
+    }
     let exit = process::run(spec, stop).await;
     if exit.spawn_errno == Some(libc::E2BIG) {
         // Retrying cannot make the prompt shorter.

@@ -1,0 +1,75 @@
+//! Crash injection for the reliability suite: `ORCHESTRATE_CRASH_AT=<point>[:<n>]` makes the
+//! process SIGKILL itself the n-th time (default: first) it reaches the named commit point, exactly
+//! as a power cut or the OOM killer would stop it there: no destructors, no flushing.
+//!
+//! Unset (always, outside tests), a point costs one relaxed atomic load after the first call.
+//! The points are listed in [`POINTS`] so the suite can be sure it covers every one.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Every commit point of the spool protocol, in protocol order.
+pub const POINTS: &[&str] = &[
+    // Any record written by temp file + rename: after the temp file, before the rename; after the
+    // rename, before the directory fsync.
+    "write.before_rename",
+    "write.after_rename",
+    // Claim: pending/X.yaml → assigned/X.yaml, then the claim record, then the directory fsync.
+    "claim.before_rename",
+    "claim.after_rename",
+    "claim.after_record",
+    "claim.after_fsync",
+    // The agent runs (a moment after it was started).
+    "attempt.running",
+    // Finish: the result file, then the task's rename beside it (the commit), then fsyncs.
+    "finish.before_result",
+    "finish.after_result",
+    "finish.after_rename",
+    "finish.after_fsync",
+    // Requeue (retry, interrupted): the history sidecar, then the rename back to pending/.
+    "requeue.after_history",
+    "requeue.after_rename",
+];
+
+struct Target {
+    point: String,
+    nth: u64,
+    seen: AtomicU64,
+}
+
+fn target() -> Option<&'static Target> {
+    static T: OnceLock<Option<Target>> = OnceLock::new();
+    T.get_or_init(|| {
+        let spec = std::env::var("ORCHESTRATE_CRASH_AT").ok()?;
+        let (point, nth) = match spec.split_once(':') {
+            Some((p, n)) => (p.to_string(), n.parse().unwrap_or(1)),
+            None => (spec, 1),
+        };
+        Some(Target {
+            point,
+            nth: nth.max(1),
+            seen: AtomicU64::new(0),
+        })
+    })
+    .as_ref()
+}
+
+/// Whether this point is the one asked for (to arm timers only in crash runs).
+pub fn armed(point: &str) -> bool {
+    target().is_some_and(|t| t.point == point)
+}
+
+/// Reached a commit point: die here if this is the one (and the n-th time).
+pub fn hit(point: &str) {
+    let Some(t) = target() else { return };
+    if t.point != point {
+        return;
+    }
+    if t.seen.fetch_add(1, Ordering::SeqCst) + 1 == t.nth {
+        eprintln!("crash injected at {point}");
+        // SAFETY: signalling ourselves.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! Crash injection: the supervisor SIGKILLs itself at every commit point of the spool protocol
+//! (`ORCHESTRATE_CRASH_AT`, see src/failpoint.rs), is restarted, and must end with every task in
+//! exactly one terminal place, none run twice at once, and the mirror agreeing with the tree.
+//! Then three supervisors share one tree while a killer SIGKILLs them at random.
+
+mod common;
+
+use std::collections::HashMap;
+use std::os::unix::process::ExitStatusExt;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const TASKS: usize = 6;
+
+/// Tasks that take the whole protocol: a lock (to catch two runs at once), a file written in the
+/// workdir, and one task that fails its first attempt so the retry path (requeue) runs too.
+fn drop_tasks(p: &Project, prefix: &str, n: usize) -> Vec<String> {
+    std::fs::create_dir_all(p.path("locks")).expect("mkdir locks");
+    (0..n)
+        .map(|i| {
+            let id = format!("{prefix}{i:02}");
+            let extra = if i == 0 {
+                format!(" fail-until=locks/{id}.count:2")
+            } else {
+                String::new()
+            };
+            p.drop_task(
+                &format!("{id}.yaml"),
+                &format!(
+                    "description: \"@fake lock=locks/{id}.lock sleep=0.3 write=out_{id}.txt:{id}{extra}\"\n"
+                ),
+            );
+            id
+        })
+        .collect()
+}
+
+/// Every task in exactly one terminal place, completed, run at most once at a time, with exactly
+/// one completed attempt; nothing quarantined; the mirror agrees. Returns how many were lost.
+fn check_outcome(p: &Project, ids: &[String], logs: &str) -> usize {
+    let completed = p.tasks_in("completed");
+    let failed = p.tasks_in("failed");
+    assert!(
+        p.tasks_in("pending").is_empty() && p.tasks_in("assigned").is_empty(),
+        "left behind: pending {:?} assigned {:?}\n{logs}",
+        p.tasks_in("pending"),
+        p.tasks_in("assigned")
+    );
+    assert!(
+        p.files("tasks/quarantine").is_empty(),
+        "quarantined: {:?}\n{logs}",
+        p.files("tasks/quarantine")
+    );
+    let mut lost = 0;
+    for id in ids {
+        let places = usize::from(completed.contains(id)) + usize::from(failed.contains(id));
+        assert!(places <= 1, "{id} is in two terminal places\n{logs}");
+        if !completed.contains(id) {
+            lost += 1;
+            continue;
+        }
+        assert!(
+            !p.path(&format!("locks/{id}.lock.overlap")).exists(),
+            "{id} ran twice at the same time\n{logs}"
+        );
+        let r = p.result("completed", id);
+        let done = r["attempts"]
+            .as_array()
+            .expect("attempts")
+            .iter()
+            .filter(|a| a["outcome"] == "completed")
+            .count();
+        assert_eq!(done, 1, "{id} completed {done} times: {r}\n{logs}");
+        assert_eq!(
+            p.read(&format!("out_{id}.txt")),
+            format!("{id}\n"),
+            "{id}'s work\n{logs}"
+        );
+    }
+    assert_eq!(p.mirror_states(), p.tree_states(), "mirror vs tree\n{logs}");
+    lost
+}
+
+/// Run a supervisor with a crash armed at `point:nth`; it must die by SIGKILL (the point was reached).
+fn run_until_crash(p: &Project, spec: &str) -> String {
+    let log = p.path("crashed.log");
+    let f = std::fs::File::create(&log).expect("log");
+    let mut child = p
+        .cmd(&["start", "-v"])
+        .env("ORCHESTRATE_CRASH_AT", spec)
+        .stdin(Stdio::null())
+        .stdout(f.try_clone().expect("clone"))
+        .stderr(f)
+        .spawn()
+        .expect("spawn");
+    let status = wait_child(&mut child, Duration::from_secs(60));
+    let out = std::fs::read_to_string(&log).unwrap_or_default();
+    let Some(status) = status else {
+        let _ = child.kill();
+        panic!("{spec}: the supervisor never reached the crash point\n{out}");
+    };
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "{spec}: expected death by SIGKILL, got {status:?}\n{out}"
+    );
+    out
+}
+
+#[test]
+fn a_crash_at_every_commit_point_loses_and_duplicates_nothing() {
+    let mut thrown = 0;
+    let mut crashes = 0;
+    let mut lost = 0;
+    for point in orchestrate::failpoint::POINTS {
+        // Early and later hits: the first claim, and one with other tasks already in flight.
+        let hits: &[u32] = match *point {
+            p if p.starts_with("requeue.") => &[1],
+            p if p.starts_with("write.") => &[1, 4, 9],
+            _ => &[1, 3],
+        };
+        for n in hits {
+            let spec = format!("{point}:{n}");
+            // Retries to spare: a crash mid-attempt costs one (`lost`), the first task's planned
+            // failure another.
+            let p =
+                Project::with_config(&test_config("").replace("max_retries: 1", "max_retries: 3"));
+            let ids = drop_tasks(&p, "c", TASKS);
+            thrown += ids.len();
+            let crashed = run_until_crash(&p, &spec);
+            crashes += 1;
+            // Restart without the crash and let it finish everything.
+            let second = p.run(&["start", "--once", "-v"]);
+            let logs = format!(
+                "--- {spec}: crashed run\n{crashed}\n--- restart\n{}{}",
+                second.stdout(),
+                second.stderr()
+            );
+            second.assert_code(0);
+            lost += check_outcome(&p, &ids, &logs);
+        }
+    }
+    eprintln!(
+        "RELIABILITY crash-points: {} points, {crashes} crashes, {thrown} tasks thrown, {lost} lost",
+        orchestrate::failpoint::POINTS.len()
+    );
+    assert_eq!(lost, 0);
+}
+
+/// A supervisor in the background with its output in `name.log`.
+fn spawn_supervisor(p: &Project, name: &str) -> std::process::Child {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(p.path(&format!("{name}.log")))
+        .expect("log");
+    p.cmd(&["start", "-v"])
+        .stdin(Stdio::null())
+        .stdout(f.try_clone().expect("clone"))
+        .stderr(f)
+        .spawn()
+        .expect("spawn supervisor")
+}
+
+#[test]
+fn three_supervisors_with_random_sigkills_complete_each_task_exactly_once() {
+    const N: usize = 1000;
+    let p = Project::with_config(&test_config("").replace("max_retries: 1", "max_retries: 5"));
+    std::fs::create_dir_all(p.path("locks")).expect("mkdir locks");
+    let mut sups: Vec<std::process::Child> = (0..3)
+        .map(|i| spawn_supervisor(&p, &format!("s{i}")))
+        .collect();
+    let ids: Vec<String> = (0..N).map(|i| format!("m{i:04}")).collect();
+    for id in &ids {
+        p.drop_task(
+            &format!("{id}.yaml"),
+            &format!("description: \"@fake lock=locks/{id}.lock write=out_{id}.txt:{id}\"\n"),
+        );
+    }
+    // A cheap deterministic generator: the test must not depend on a crate for randomness.
+    let mut seed: u64 = 0x9E37_79B9_7F4A_7C15 ^ u64::from(std::process::id());
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut kills = 0;
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let done = p.tasks_in("completed").len() + p.tasks_in("failed").len();
+        if done == N {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {done} of {N} tasks finished"
+        );
+        std::thread::sleep(Duration::from_millis(150 + next() % 400));
+        // Kill one at random while there is work left, and start a replacement.
+        if kills < 25 && done < N - 50 {
+            let i = (next() % 3) as usize;
+            let _ = sups[i].kill();
+            let _ = sups[i].wait();
+            kills += 1;
+            sups[i] = spawn_supervisor(&p, &format!("s{i}"));
+        }
+    }
+    for s in &mut sups {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(s.id() as i32, libc::SIGTERM) };
+        assert!(wait_child(s, Duration::from_secs(30)).is_some(), "stop");
+    }
+    let logs = (0..3)
+        .map(|i| std::fs::read_to_string(p.path(&format!("s{i}.log"))).unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("\n---\n");
+    let tail: String = logs
+        .lines()
+        .rev()
+        .take(60)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect::<Vec<_>>()
+        .join("\n");
+    // Runs of each task (attempts that started an agent) for the figures.
+    let mut outcomes: HashMap<String, usize> = HashMap::new();
+    for id in &ids {
+        if let Some(r) = p
+            .tasks_in("completed")
+            .contains(id)
+            .then(|| p.result("completed", id))
+        {
+            for a in r["attempts"].as_array().into_iter().flatten() {
+                *outcomes
+                    .entry(a["outcome"].as_str().unwrap_or("?").to_string())
+                    .or_default() += 1;
+            }
+        }
+    }
+    let lost = check_outcome(&p, &ids, &tail);
+    eprintln!(
+        "RELIABILITY three-supervisors: {N} tasks, {kills} SIGKILLs, attempts by outcome {outcomes:?}, {lost} lost"
+    );
+    assert_eq!(lost, 0);
+    assert!(kills >= 5, "only {kills} kills happened");
+}
