@@ -248,3 +248,119 @@ fn three_supervisors_with_random_sigkills_complete_each_task_exactly_once() {
     assert_eq!(lost, 0);
     assert!(kills >= 5, "only {kills} kills happened");
 }
+
+/// Pids of processes whose environment has `name=…suffix`.
+fn processes_with_env(name: &str, suffix: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let env = std::fs::read(e.path().join("environ")).ok()?;
+            env.split(|b| *b == 0)
+                .any(|kv| {
+                    let kv = String::from_utf8_lossy(kv);
+                    kv.starts_with(&format!("{name}=")) && kv.ends_with(suffix)
+                })
+                .then_some(pid)
+        })
+        .collect()
+}
+
+/// A claim left by a supervisor that was SIGKILLed while its task ran, edited into each way an owner
+/// can be gone (dead pid, pid reused by another process, machine rebooted): each is recovered and the
+/// task completes once. A live owner is never robbed.
+#[test]
+fn dead_reused_and_rebooted_owners_are_recovered_and_a_live_one_is_not_robbed() {
+    let mut recovered = 0;
+    for case in ["dead pid", "reused pid", "changed boot id"] {
+        let p = Project::new();
+        std::fs::create_dir_all(p.path("locks")).expect("mkdir");
+        let mut sup = p.start();
+        p.drop_task(
+            "own.yaml",
+            "description: \"@fake lock=locks/own.lock sleep=2 write=out_own.txt:own\"\n",
+        );
+        wait_for("the task to be claimed", Duration::from_secs(20), || {
+            p.path("tasks/assigned/own.claim.yaml").exists()
+        });
+        sup.sigkill();
+        // Something else alive, to stand in for a process that got the dead owner's pid.
+        let mut other = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .expect("spawn sleep");
+        let claim_path = p.path("tasks/assigned/own.claim.yaml");
+        let claim = std::fs::read_to_string(&claim_path).expect("claim");
+        let edited: String = claim
+            .lines()
+            .map(|l| match case {
+                "reused pid" if l.starts_with("pid:") => format!("pid: {}", other.id()),
+                "changed boot id" if l.starts_with("pid:") => format!("pid: {}", other.id()),
+                "changed boot id" if l.starts_with("boot_id:") => {
+                    "boot_id: 00000000-0000-4000-8000-000000000000".to_string()
+                }
+                _ => l.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(
+            case == "dead pid" || edited != claim,
+            "{case}: nothing edited"
+        );
+        if case == "changed boot id" {
+            // A reboot leaves no process of the old boot: the killed supervisor's agent goes too.
+            // (Recovery trusts that and does not look for orphans from another boot.)
+            for pid in processes_with_env("ORCHESTRATE_RUN", "/own/1") {
+                // SAFETY: a process this test's project started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        std::fs::write(&claim_path, edited + "\n").expect("write claim");
+        let second = p.run(&["start", "--once", "-v"]);
+        let logs = format!("{case}\n{}\n{}", sup.output(), second.stdout());
+        second.assert_code(0);
+        let _ = other.kill();
+        let _ = other.wait();
+        assert_eq!(p.tasks_in("completed"), vec!["own".to_string()], "{logs}");
+        let r = p.result("completed", "own");
+        let outcomes: Vec<&str> = r["attempts"]
+            .as_array()
+            .expect("attempts")
+            .iter()
+            .filter_map(|a| a["outcome"].as_str())
+            .collect();
+        assert_eq!(outcomes, ["lost", "completed"], "{case}: {r}\n{logs}");
+        assert!(
+            !p.path("locks/own.lock.overlap").exists(),
+            "{case}: ran twice at once\n{logs}"
+        );
+        recovered += 1;
+    }
+
+    // A live owner: a second supervisor on the same tree leaves its running task alone.
+    let p = Project::new();
+    std::fs::create_dir_all(p.path("locks")).expect("mkdir");
+    let mut first = p.start();
+    p.drop_task(
+        "busy.yaml",
+        "description: \"@fake lock=locks/busy.lock sleep=3\"\n",
+    );
+    wait_for("the task to be claimed", Duration::from_secs(20), || {
+        p.path("tasks/assigned/busy.claim.yaml").exists()
+    });
+    let second = p.run(&["start", "--once", "-v"]);
+    second.assert_code(0);
+    assert!(
+        p.path("tasks/assigned/busy.yaml").exists(),
+        "the live owner's task was taken\n{}",
+        second.stdout()
+    );
+    wait_for("the owner to finish", Duration::from_secs(30), || {
+        p.tasks_in("completed").contains(&"busy".to_string())
+    });
+    let r = p.result("completed", "busy");
+    assert_eq!(r["attempts"].as_array().map(Vec::len), Some(1), "{r}");
+    assert!(first.stop().success(), "{}", first.output());
+    eprintln!("RELIABILITY owners: {recovered} dead owners recovered, 1 live owner not robbed");
+}
