@@ -341,6 +341,9 @@ impl Supervisor {
                 break;
             }
             let wake = self.next_wakeup();
+            // Everything this turn renames (claims, finishes) shares one fsync per directory, done
+            // before the loop waits again.
+            let group = DirSyncGroup::begin();
             tokio::select! {
                 Some(h) = hints.recv() => {
                     self.on_hint(h);
@@ -350,12 +353,17 @@ impl Supervisor {
                     }
                 }
                 Some(done) = self.attempts.join_next_with_id(), if !self.attempts.is_empty() => {
-                    match done {
-                        Ok((tid, report)) => {
-                            self.attempt_ids.remove(&tid);
-                            self.on_report(report);
+                    let mut done = Some(done);
+                    // Every attempt that has finished by now, in this one turn (and one fsync group).
+                    while let Some(d) = done {
+                        match d {
+                            Ok((tid, report)) => {
+                                self.attempt_ids.remove(&tid);
+                                self.on_report(report);
+                            }
+                            Err(e) => self.on_attempt_crash(e),
                         }
-                        Err(e) => self.on_attempt_crash(e),
+                        done = self.attempts.try_join_next_with_id();
                     }
                 }
                 Some((id, routed)) = routes.recv() => self.on_routed(id, routed),
@@ -380,6 +388,7 @@ impl Supervisor {
             if !self.shutting_down {
                 self.schedule();
             }
+            group.end();
         }
         self.write_state_files();
         // Leave the mirror agreeing with the tree: files quarantined or removed while we ran may
@@ -1708,6 +1717,35 @@ async fn run_attempt(
     report.stopped = exit.stopped;
     report.attempt = attempt;
     report
+}
+
+/// A turn's directory fsyncs (see [`fsutil::begin_dir_sync_group`]); ended explicitly, and also on
+/// drop so an early `break` cannot leave the thread collecting forever.
+struct DirSyncGroup(bool);
+
+impl DirSyncGroup {
+    fn begin() -> DirSyncGroup {
+        fsutil::begin_dir_sync_group();
+        DirSyncGroup(true)
+    }
+
+    fn end(mut self) {
+        self.finish();
+    }
+
+    fn finish(&mut self) {
+        if std::mem::take(&mut self.0)
+            && let Err(e) = fsutil::end_dir_sync_group()
+        {
+            console::error(&format!("directory fsync failed: {e}"));
+        }
+    }
+}
+
+impl Drop for DirSyncGroup {
+    fn drop(&mut self) {
+        self.finish();
+    }
 }
 
 /// The session to continue: the previous attempt ran on this same agent and was cut short (timeout,

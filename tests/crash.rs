@@ -59,6 +59,12 @@ fn check_outcome(p: &Project, ids: &[String], logs: &str) -> usize {
         assert!(places <= 1, "{id} is in two terminal places\n{logs}");
         if !completed.contains(id) {
             lost += 1;
+            let why = if failed.contains(id) {
+                p.result("failed", id).to_string()
+            } else {
+                "in no terminal place".into()
+            };
+            eprintln!("LOST {id}: {why}");
             continue;
         }
         assert!(
@@ -174,9 +180,13 @@ fn three_supervisors_with_random_sigkills_complete_each_task_exactly_once() {
         .collect();
     let ids: Vec<String> = (0..N).map(|i| format!("m{i:04}")).collect();
     for id in &ids {
+        // A workdir each: the point is supervisors dying, not snapshots of one big shared folder.
+        std::fs::create_dir_all(p.path(&format!("w/{id}"))).expect("mkdir workdir");
         p.drop_task(
             &format!("{id}.yaml"),
-            &format!("description: \"@fake lock=locks/{id}.lock write=out_{id}.txt:{id}\"\n"),
+            &format!(
+                "description: \"@fake lock=../../locks/{id}.lock write=../../out_{id}.txt:{id}\"\nworkdir: w/{id}\n"
+            ),
         );
     }
     // A cheap deterministic generator: the test must not depend on a crate for randomness.
@@ -198,7 +208,7 @@ fn three_supervisors_with_random_sigkills_complete_each_task_exactly_once() {
             Instant::now() < deadline,
             "only {done} of {N} tasks finished"
         );
-        std::thread::sleep(Duration::from_millis(150 + next() % 400));
+        std::thread::sleep(Duration::from_millis(300 + next() % 700));
         // Kill one at random while there is work left, and start a replacement.
         if kills < 25 && done < N - 50 {
             let i = (next() % 3) as usize;
