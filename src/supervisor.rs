@@ -116,6 +116,31 @@ fn sig_of(m: &std::fs::Metadata) -> (u64, i128, u64) {
     )
 }
 
+/// Longest file stem stored in `failed/` or `quarantine/`. The explanation beside it
+/// (`<stem>.error.txt`, `<name>.reason.txt`), a uniqueness suffix and the temp name it is written
+/// under (`.<name>.<pid>.<n>.tmp`) must all fit in the 255-byte limit of a file name: a 255-byte task
+/// file used to be moved to `failed/` and then lose its explanation to ENAMETOOLONG.
+const MAX_STORED_STEM: usize = 170;
+
+/// `name`, shortened if needed so it can be stored with its explanation; the note says what it was.
+fn storable_name(name: &str) -> (String, Option<String>) {
+    let stem = task::file_stem(name);
+    if stem.len() <= MAX_STORED_STEM {
+        return (name.to_string(), None);
+    }
+    let ext = &name[stem.len()..];
+    let mut cut = MAX_STORED_STEM;
+    while !stem.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let short = format!("{}-truncated{ext}", &stem[..cut]);
+    let note = format!(
+        "(file name shortened from {} to fit beside this explanation)",
+        name.escape_debug()
+    );
+    (short, Some(note))
+}
+
 fn hash_bytes(b: &[u8]) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     b.hash(&mut h);
@@ -596,10 +621,7 @@ impl Supervisor {
             }
         };
         if task::is_conflict_copy(&name) && !name.starts_with('.') {
-            match self.spool.quarantine(path, &name, "a sync client's conflict copy: never run automatically; merge it by hand and drop the result into pending/") {
-                Ok(dst) => console::info(&format!("quarantine {name}: conflict copy → {}", self.layout.rel(&dst))),
-                Err(e) => console::warn(&format!("cannot quarantine {name}: {e:#}")),
-            }
+            self.quarantine(path, &name, "a sync client's conflict copy: never run automatically; merge it by hand and drop the result into pending/");
             return;
         }
         if !task::is_task_file_name(&name) {
@@ -676,7 +698,12 @@ impl Supervisor {
             );
             return;
         }
-        match self.spool.reject(path, name, &format!("{explanation}\n")) {
+        let (stored, note) = storable_name(name);
+        let text = match &note {
+            Some(n) => format!("{explanation}\n{n}\n"),
+            None => format!("{explanation}\n"),
+        };
+        match self.spool.reject(path, &stored, &text) {
             Ok(dst) => {
                 console::info(&format!(
                     "rejected   {name}: {} → {}",
@@ -698,6 +725,26 @@ impl Supervisor {
             Ok(t) => t,
             Err(e) => {
                 if !path.exists() {
+                    return;
+                }
+                // A writer that closes between chunks (`echo >> x.yaml`, a save that truncates, closes
+                // and writes again) fires close-write on a half-written file. If it changed within the
+                // settle period, let it settle and read it again: only a file that stays invalid after
+                // a quiet settle period is rejected (then its mtime is older than `settle_ms`).
+                let settle = Duration::from_millis(self.cfg.orchestrator.settle_ms);
+                let fresh = std::fs::symlink_metadata(path)
+                    .ok()
+                    .and_then(|m| m.modified().ok())
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age < settle);
+                if fresh {
+                    self.settling.insert(
+                        path.to_path_buf(),
+                        Settling {
+                            sig,
+                            since: Instant::now(),
+                        },
+                    );
                     return;
                 }
                 self.reject(path, name, &e.render(name));
@@ -795,7 +842,12 @@ impl Supervisor {
     }
 
     fn quarantine(&mut self, path: &Path, name: &str, reason: &str) {
-        match self.spool.quarantine(path, name, reason) {
+        let (stored, note) = storable_name(name);
+        let reason = match &note {
+            Some(n) => format!("{reason}\n{n}"),
+            None => reason.to_string(),
+        };
+        match self.spool.quarantine(path, &stored, &reason) {
             Ok(dst) => console::info(&format!(
                 "quarantine {name}: {reason} → {}",
                 self.layout.rel(&dst)

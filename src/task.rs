@@ -128,9 +128,14 @@ pub fn is_task_file_name(name: &str) -> bool {
 }
 
 /// Copies made by sync clients when two devices edit one file; never run, always quarantined.
+///
+/// Syncthing: `x.sync-conflict-20240101-120000-ABCDEFG.yaml`; ownCloud and older Nextcloud:
+/// `x_conflict-20240101-120000.yaml`; Nextcloud: `x (conflicted copy 2024-01-01 120000).yaml`. Dropbox
+/// puts the user or device first, `x (Jane's conflicted copy 2024-01-01).yaml`, so "conflicted copy" is
+/// matched anywhere and in any case, not only right after the parenthesis.
 pub fn is_conflict_copy(name: &str) -> bool {
     name.contains(".sync-conflict-")
-        || name.contains("(conflicted copy")
+        || name.to_ascii_lowercase().contains("conflicted copy")
         || name.contains("_conflict-")
 }
 
@@ -590,6 +595,13 @@ mod tests {
         assert!(is_conflict_copy("t.sync-conflict-20240101-120000-ABC.yaml"));
         assert!(is_conflict_copy("t (conflicted copy 2024-01-01).yaml"));
         assert!(is_conflict_copy("t_conflict-20240101.yaml"));
+        // Regression: Dropbox names the user or device before "conflicted copy".
+        assert!(is_conflict_copy(
+            "t (Jane Doe's conflicted copy 2024-01-01).yaml"
+        ));
+        assert!(is_conflict_copy(
+            "t (Conflicted Copy 2024-01-01 120000).yaml"
+        ));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! for a rescan or fails. A watcher that reports nothing costs latency, never tasks.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind, RenameMode};
@@ -23,13 +24,77 @@ pub enum Hint {
 
 /// Keeps the watcher alive; dropping it stops the events.
 pub struct WatchHandle {
-    _watcher: Option<notify::RecommendedWatcher>,
+    _watcher: Arc<Mutex<Option<notify::RecommendedWatcher>>>,
+}
+
+/// For tests only: `ORCHESTRATE_NO_WATCH=1` starts no file watcher, so a test can prove that the
+/// periodic rescan alone processes everything (as it must when inotify is unavailable or silent).
+const NO_WATCH_ENV: &str = "ORCHESTRATE_NO_WATCH";
+
+/// How often we check whether the watched directory was replaced (deleted and re-created, or another
+/// directory renamed over it). inotify watches an inode, not a path: without a fresh watch, a re-created
+/// `pending/` would only be seen by the slow periodic rescan.
+const REWATCH_CHECK: Duration = Duration::from_millis(500);
+
+fn dir_identity(dir: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir).ok().map(|m| (m.dev(), m.ino()))
 }
 
 /// Start watching `dir`, sending hints to `tx`. A rescan ticker runs alongside. If the watcher cannot be
 /// created (inotify limits), we warn and live on the ticker alone.
 pub fn start(dir: &Path, rescan: Duration, tx: mpsc::UnboundedSender<Hint>) -> WatchHandle {
-    let ev_tx = tx.clone();
+    let disabled = std::env::var_os(NO_WATCH_ENV).is_some_and(|v| v == "1");
+    let watcher = if disabled {
+        crate::console::warn(&format!(
+            "file watcher disabled ({NO_WATCH_ENV}=1); relying on the rescan every {} s",
+            rescan.as_secs()
+        ));
+        None
+    } else {
+        new_watcher(dir, rescan, tx.clone())
+    };
+    let watcher = Arc::new(Mutex::new(watcher));
+    if !disabled {
+        let (dir, tx, watcher) = (dir.to_path_buf(), tx.clone(), watcher.clone());
+        tokio::spawn(async move {
+            let mut watched = dir_identity(&dir);
+            let mut tick = tokio::time::interval(REWATCH_CHECK);
+            loop {
+                tick.tick().await;
+                let now = dir_identity(&dir);
+                if now.is_none() || now == watched {
+                    continue;
+                }
+                // The directory was replaced: the old watch died with the old inode. Watch the new one
+                // and look at what it already holds (a directory renamed in arrives full of files).
+                watched = now;
+                let fresh = new_watcher(&dir, rescan, tx.clone());
+                *watcher.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
+                if tx.send(Hint::Rescan).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(rescan);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if tx.send(Hint::Rescan).is_err() {
+                break;
+            }
+        }
+    });
+    WatchHandle { _watcher: watcher }
+}
+
+fn new_watcher(
+    dir: &Path,
+    rescan: Duration,
+    ev_tx: mpsc::UnboundedSender<Hint>,
+) -> Option<notify::RecommendedWatcher> {
     let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         let hints = match res {
             Ok(ev) => classify(&ev),
@@ -42,7 +107,7 @@ pub fn start(dir: &Path, rescan: Duration, tx: mpsc::UnboundedSender<Hint>) -> W
             let _ = ev_tx.send(h);
         }
     });
-    let watcher = match watcher {
+    match watcher {
         Ok(mut w) => match w.watch(dir, RecursiveMode::NonRecursive) {
             Ok(()) => Some(w),
             Err(e) => {
@@ -60,18 +125,7 @@ pub fn start(dir: &Path, rescan: Duration, tx: mpsc::UnboundedSender<Hint>) -> W
             ));
             None
         }
-    };
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(rescan);
-        tick.tick().await;
-        loop {
-            tick.tick().await;
-            if tx.send(Hint::Rescan).is_err() {
-                break;
-            }
-        }
-    });
-    WatchHandle { _watcher: watcher }
+    }
 }
 
 fn classify(ev: &notify::Event) -> Vec<Hint> {
