@@ -164,10 +164,7 @@ impl TaskError {
     }
 
     fn at_key(text: &str, key: &str, message: impl Into<String>) -> TaskError {
-        let line = text
-            .lines()
-            .position(|l| l.trim_start().starts_with(&format!("{key}:")))
-            .map(|i| i + 1);
+        let line = key_lines(text, key).first().copied();
         TaskError {
             problem: YamlProblem {
                 line,
@@ -220,8 +217,25 @@ pub fn parse_task(text: &str, stem: &str, source_name: &str) -> Result<Task, Tas
         ));
     }
     let file: TaskFile = serde_saphyr::from_str_with_options(text, crate::config::yaml_options())
-        .map_err(|e| TaskError {
-        problem: YamlProblem::from_saphyr(source_name, &e),
+        .map_err(|e| {
+        let mut problem = YamlProblem::from_saphyr(source_name, &e);
+        // A key given twice under two spellings (`prompt` is `description`) is caught by serde,
+        // which knows no position: point at the second one.
+        if problem.line.is_none()
+            && let Some(field) = problem
+                .message
+                .strip_prefix("duplicate field `")
+                .and_then(|r| r.split('`').next())
+        {
+            let mut lines = key_lines(text, field);
+            if field == "description" {
+                lines.extend(key_lines(text, "prompt"));
+            }
+            lines.sort_unstable();
+            problem.line = lines.get(1).or(lines.first()).copied();
+            problem.column = problem.line.map(|_| 1);
+        }
+        TaskError { problem }
     })?;
     let id = match &file.id {
         Some(id) => id.clone(),
@@ -288,6 +302,22 @@ pub fn parse_task(text: &str, stem: &str, source_name: &str) -> Result<Task, Tas
             "`timeout_minutes` must be a positive number",
         ));
     }
+    if !file.subtasks.is_empty() {
+        // Children are `<id>.<n>`: they must be valid ids too.
+        let longest = id.len() + 1 + file.subtasks.len().to_string().len();
+        if longest > MAX_ID_LEN {
+            return Err(TaskError::at_key(
+                text,
+                "subtasks",
+                format!(
+                    "with {} subtasks the id may have at most {} characters (children are named `{id:.20}….{}`)",
+                    file.subtasks.len(),
+                    MAX_ID_LEN - (longest - id.len()),
+                    file.subtasks.len()
+                ),
+            ));
+        }
+    }
     if file.subtasks.iter().any(|s| s.trim().is_empty()) {
         return Err(TaskError::at_key(
             text,
@@ -296,6 +326,22 @@ pub fn parse_task(text: &str, stem: &str, source_name: &str) -> Result<Task, Tas
         ));
     }
     Ok(Task { id, file })
+}
+
+/// Lines (1-based) where `key:` appears as a key: at the start of a line, or inside a flow mapping
+/// (`{a: 1, key: 2}`). For validation errors, which serde cannot place.
+fn key_lines(text: &str, key: &str) -> Vec<usize> {
+    let block = format!("{key}:");
+    let flow = [format!("{{{key}:"), format!(", {key}:"), format!(",{key}:")];
+    let mut out: Vec<usize> = Vec::new();
+    for (i, l) in text.lines().enumerate() {
+        // A stray byte-order mark counts as blank (YAML parsers skip it; so must we).
+        let t = l.trim_start_matches(|c: char| c.is_whitespace() || c == '\u{feff}');
+        if t.starts_with(&block) || flow.iter().any(|f| l.contains(f.as_str())) {
+            out.push(i + 1);
+        }
+    }
+    out
 }
 
 /// Read a task file with the size cap applied before reading.
@@ -571,6 +617,54 @@ pub fn from_yaml<T: for<'de> Deserialize<'de>>(text: &str) -> Result<T, String> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_serde_cannot_place_still_get_a_line() {
+        // Found by the fuzzer: a duplicate under the alias, and a key in a flow mapping.
+        let e = parse_task("id: t1\nprompt: o \ndescription:\n", "t", "t.yaml").unwrap_err();
+        assert!(
+            e.render("t.yaml").starts_with("t.yaml:3:1: "),
+            "{}",
+            e.render("t.yaml")
+        );
+        let e = parse_task("\n\u{feff}description: |  # x\n", "t", "t.yaml").unwrap_err();
+        assert!(
+            e.render("t.yaml").starts_with("t.yaml:2:1: "),
+            "{}",
+            e.render("t.yaml")
+        );
+        let e = parse_task("{description: f/, dependencies: [::b]}", "t", "t.yaml").unwrap_err();
+        assert!(
+            e.render("t.yaml").starts_with("t.yaml:1:1: "),
+            "{}",
+            e.render("t.yaml")
+        );
+    }
+
+    #[test]
+    fn subtask_ids_must_fit_the_id_limit() {
+        let long = "a".repeat(MAX_ID_LEN - 1);
+        let e = parse_task(
+            &format!("id: {long}\ndescription: d\nsubtasks: [x, y]\n"),
+            "t",
+            "t.yaml",
+        )
+        .unwrap_err();
+        assert!(
+            e.message().contains("at most 198 characters"),
+            "{}",
+            e.message()
+        );
+        let ok = "a".repeat(MAX_ID_LEN - 2);
+        assert!(
+            parse_task(
+                &format!("id: {ok}\ndescription: d\nsubtasks: [x]\n"),
+                "t",
+                "t.yaml"
+            )
+            .is_ok()
+        );
+    }
 
     #[test]
     fn whitelist() {
