@@ -185,7 +185,7 @@ fn three_supervisors_with_random_sigkills_complete_each_task_exactly_once() {
         p.drop_task(
             &format!("{id}.yaml"),
             &format!(
-                "description: \"@fake lock=../../locks/{id}.lock write=../../out_{id}.txt:{id}\"\nworkdir: w/{id}\n"
+                "description: \"@fake lock=../../locks/{id}.lock sleep=0.2 write=../../out_{id}.txt:{id}\"\nworkdir: w/{id}\n"
             ),
         );
     }
