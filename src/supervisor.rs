@@ -651,19 +651,24 @@ impl Supervisor {
                     return;
                 }
                 None => {
-                    self.settling.insert(
-                        path.to_path_buf(),
-                        Settling {
-                            sig,
-                            since: Instant::now(),
-                        },
-                    );
+                    self.start_settling(path, sig);
                     return;
                 }
             }
         }
         self.settling.remove(path);
         self.ingest_ready(path, &name, sig);
+    }
+
+    /// Watch `path` until it has kept `sig` for the settle period.
+    fn start_settling(&mut self, path: &Path, sig: (u64, i128, u64)) {
+        self.settling.insert(
+            path.to_path_buf(),
+            Settling {
+                sig,
+                since: Instant::now(),
+            },
+        );
     }
 
     fn check_settling(&mut self) {
@@ -738,13 +743,7 @@ impl Supervisor {
                     .and_then(|t| t.elapsed().ok())
                     .is_some_and(|age| age < settle);
                 if fresh {
-                    self.settling.insert(
-                        path.to_path_buf(),
-                        Settling {
-                            sig,
-                            since: Instant::now(),
-                        },
-                    );
+                    self.start_settling(path, sig);
                     return;
                 }
                 self.reject(path, name, &e.render(name));

@@ -6,8 +6,8 @@ use anyhow::Result;
 use serde_json::Value;
 
 use super::{
-    Adapter, AgentOutcome, Invocation, RunRequest, abnormal, agent_env, bad_output,
-    classify_error_text, json_document, permissions, retry_after_in_text, stderr_hint,
+    Adapter, AgentOutcome, Invocation, RunRequest, agent_env, bad_output, classify_error_text,
+    json_document, permissions, retry_after_in_text,
 };
 use crate::config::AgentConfig;
 use crate::process::Exit;
@@ -28,18 +28,7 @@ impl Adapter for ClaudeAdapter {
         if let Some(m) = &cfg.model {
             args.extend(["--model".into(), m.clone()]);
         }
-        // Our own session id, so even a run killed before it printed anything can be resumed.
-        let session = match req.resume_session {
-            Some(s) => {
-                args.extend(["--resume".into(), s.into()]);
-                s.to_string()
-            }
-            None => {
-                let s = super::new_session_id();
-                args.extend(["--session-id".into(), s.clone()]);
-                s
-            }
-        };
+        let session = super::session_args(req, &mut args);
         args.extend(cfg.args.iter().cloned());
         let mut env = agent_env(cfg);
         if let Some(u) = &cfg.base_url {
@@ -65,42 +54,13 @@ impl Adapter for ClaudeAdapter {
     }
 
     fn parse(&self, exit: &Exit) -> AgentOutcome {
-        if let Some(o) = abnormal(exit) {
-            return AgentOutcome {
-                text: exit.stdout.clone(),
-                ..o
-            };
+        if let Some(o) = super::abnormal_with_output(exit) {
+            return o;
         }
         let Some(doc) = json_document(&exit.stdout) else {
-            return not_json(exit);
+            return super::failed_without_result(exit, "claude");
         };
         parse_result(&doc, exit)
-    }
-}
-
-/// No JSON on stdout: the CLI failed before the model answered (bad flag, no login, crash).
-fn not_json(exit: &Exit) -> AgentOutcome {
-    if exit.code == Some(0) {
-        return bad_output(exit, "claude printed no JSON result");
-    }
-    let text = format!("{}\n{}", exit.stdout, exit.stderr_tail);
-    match classify_error_text(&text) {
-        Some((outcome, retry_after)) => AgentOutcome {
-            retry_after,
-            text: exit.stdout.clone(),
-            ..AgentOutcome::failed(outcome, first_words(&text))
-        },
-        None => AgentOutcome {
-            text: exit.stdout.clone(),
-            ..AgentOutcome::failed(
-                Outcome::AgentError,
-                format!(
-                    "claude exited with code {}{}",
-                    exit.code.map(|c| c.to_string()).unwrap_or("?".into()),
-                    stderr_hint(exit)
-                ),
-            )
-        },
     }
 }
 

@@ -4,7 +4,7 @@
 
 use anyhow::Result;
 
-use super::{Adapter, AgentOutcome, Invocation, RunRequest, abnormal, stderr_hint};
+use super::{Adapter, AgentOutcome, Invocation, RunRequest, stderr_hint};
 use crate::config::{AgentConfig, PromptVia};
 use crate::process::Exit;
 use crate::task::Outcome;
@@ -63,11 +63,8 @@ impl Adapter for CommandAdapter {
     }
 
     fn parse(&self, exit: &Exit) -> AgentOutcome {
-        if let Some(o) = abnormal(exit) {
-            return AgentOutcome {
-                text: exit.stdout.clone(),
-                ..o
-            };
+        if let Some(o) = super::abnormal_with_output(exit) {
+            return o;
         }
         match exit.code {
             Some(0) => AgentOutcome {

@@ -7,8 +7,8 @@ use anyhow::Result;
 use serde_json::Value;
 
 use super::{
-    Adapter, AgentOutcome, Invocation, RunRequest, abnormal, agent_env, bad_output,
-    classify_error_text, json_document, permissions, stderr_hint,
+    Adapter, AgentOutcome, Invocation, RunRequest, agent_env, classify_error_text, json_document,
+    permissions, stderr_hint,
 };
 use crate::config::AgentConfig;
 use crate::process::Exit;
@@ -43,33 +43,13 @@ impl Adapter for CursorAdapter {
     }
 
     fn parse(&self, exit: &Exit) -> AgentOutcome {
-        if let Some(o) = abnormal(exit) {
-            return AgentOutcome {
-                text: exit.stdout.clone(),
-                ..o
-            };
+        if let Some(o) = super::abnormal_with_output(exit) {
+            return o;
         }
         let doc = json_document(&exit.stdout);
         let Some(doc) = doc.filter(|d| d.get("type").and_then(Value::as_str) == Some("result"))
         else {
-            if exit.code == Some(0) {
-                return bad_output(exit, "cursor-agent printed no JSON result");
-            }
-            let text = format!("{}\n{}", exit.stdout, exit.stderr_tail);
-            let (outcome, retry_after) =
-                classify_error_text(&text).unwrap_or((Outcome::AgentError, None));
-            return AgentOutcome {
-                retry_after,
-                text: exit.stdout.clone(),
-                ..AgentOutcome::failed(
-                    outcome,
-                    format!(
-                        "cursor-agent exited with code {}{}",
-                        exit.code.map(|c| c.to_string()).unwrap_or("?".into()),
-                        stderr_hint(exit)
-                    ),
-                )
-            };
+            return super::failed_without_result(exit, "cursor-agent");
         };
         let mut o = AgentOutcome::new(Outcome::Completed);
         o.text = doc

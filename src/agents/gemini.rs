@@ -7,8 +7,8 @@ use anyhow::Result;
 use serde_json::Value;
 
 use super::{
-    Adapter, AgentOutcome, Invocation, RunRequest, abnormal, agent_env, bad_output,
-    classify_error_text, json_document, permissions, retry_after_in_text, stderr_hint,
+    Adapter, AgentOutcome, Invocation, RunRequest, agent_env, bad_output, classify_error_text,
+    json_document, permissions, retry_after_in_text, stderr_hint,
 };
 use crate::config::AgentConfig;
 use crate::process::Exit;
@@ -31,18 +31,7 @@ impl Adapter for GeminiAdapter {
         if let Some(m) = &cfg.model {
             args.extend(["--model".into(), m.clone()]);
         }
-        // Our own session id, so even a run killed before it printed anything can be resumed.
-        let session = match req.resume_session {
-            Some(s) => {
-                args.extend(["--resume".into(), s.into()]);
-                s.to_string()
-            }
-            None => {
-                let s = super::new_session_id();
-                args.extend(["--session-id".into(), s.clone()]);
-                s
-            }
-        };
+        let session = super::session_args(req, &mut args);
         args.extend(cfg.args.iter().cloned());
         let mut env = agent_env(cfg);
         if let Some(u) = &cfg.base_url {
@@ -60,11 +49,8 @@ impl Adapter for GeminiAdapter {
     }
 
     fn parse(&self, exit: &Exit) -> AgentOutcome {
-        if let Some(o) = abnormal(exit) {
-            return AgentOutcome {
-                text: exit.stdout.clone(),
-                ..o
-            };
+        if let Some(o) = super::abnormal_with_output(exit) {
+            return o;
         }
         let doc = json_document(&exit.stdout);
         let err = json_document(&exit.stderr_tail)
@@ -74,24 +60,7 @@ impl Adapter for GeminiAdapter {
             return from_error(&e["error"], exit);
         }
         let Some(doc) = doc else {
-            if exit.code == Some(0) {
-                return bad_output(exit, "gemini printed no JSON result");
-            }
-            let text = format!("{}\n{}", exit.stdout, exit.stderr_tail);
-            let (outcome, retry_after) =
-                classify_error_text(&text).unwrap_or((Outcome::AgentError, None));
-            return AgentOutcome {
-                retry_after,
-                text: exit.stdout.clone(),
-                ..AgentOutcome::failed(
-                    outcome,
-                    format!(
-                        "gemini exited with code {}{}",
-                        exit.code.map(|c| c.to_string()).unwrap_or("?".into()),
-                        stderr_hint(exit)
-                    ),
-                )
-            };
+            return super::failed_without_result(exit, "gemini");
         };
         let Some(text) = doc.get("response").and_then(Value::as_str) else {
             return bad_output(exit, "gemini's JSON has no `response`");

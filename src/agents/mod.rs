@@ -311,6 +311,53 @@ pub fn new_session_id() -> String {
     )
 }
 
+/// `--resume <id>` to continue a session, else `--session-id <new id>` so that even a run killed
+/// before it printed anything can be resumed (the flags of Claude Code and Gemini CLI). Returns the id.
+pub fn session_args(req: &RunRequest, args: &mut Vec<String>) -> String {
+    match req.resume_session {
+        Some(s) => {
+            args.extend(["--resume".into(), s.into()]);
+            s.to_string()
+        }
+        None => {
+            let s = new_session_id();
+            args.extend(["--session-id".into(), s.clone()]);
+            s
+        }
+    }
+}
+
+/// A CLI that printed no parsable result and exited non-zero: classified by the words of its output
+/// (rate limit, quota, auth), else an agent error quoting the end of stderr. Exit code 0 without a
+/// result is `bad_output`.
+pub fn failed_without_result(exit: &Exit, cli: &str) -> AgentOutcome {
+    if exit.code == Some(0) {
+        return bad_output(exit, &format!("{cli} printed no JSON result"));
+    }
+    let text = format!("{}\n{}", exit.stdout, exit.stderr_tail);
+    let (outcome, retry_after) = classify_error_text(&text).unwrap_or((Outcome::AgentError, None));
+    AgentOutcome {
+        retry_after,
+        text: exit.stdout.clone(),
+        ..AgentOutcome::failed(
+            outcome,
+            format!(
+                "{cli} exited with code {}{}",
+                exit.code.map(|c| c.to_string()).unwrap_or("?".into()),
+                stderr_hint(exit)
+            ),
+        )
+    }
+}
+
+/// [`abnormal`], keeping whatever the agent printed before it was stopped.
+pub fn abnormal_with_output(exit: &Exit) -> Option<AgentOutcome> {
+    abnormal(exit).map(|o| AgentOutcome {
+        text: exit.stdout.clone(),
+        ..o
+    })
+}
+
 /// The permission mode for a kind: the configured one, else the kind's unattended-edit mode.
 pub fn permissions<'a>(cfg: &'a AgentConfig, default: &'a str) -> &'a str {
     cfg.permissions.as_deref().unwrap_or(default)
