@@ -198,8 +198,7 @@ pub fn parse_task(text: &str, stem: &str, source_name: &str) -> Result<Task, Tas
             "file contains NUL bytes (binary or UTF-16 file?)",
         ));
     }
-    if let Some(i) = text
-        .lines()
+    if let Some(i) = yaml_lines(text)
         .position(|l| l.starts_with("<<<<<<< ") || l.starts_with(">>>>>>> ") || l == "=======")
     {
         return Err(TaskError {
@@ -334,7 +333,7 @@ fn key_lines(text: &str, key: &str) -> Vec<usize> {
     let block = format!("{key}:");
     let flow = [format!("{{{key}:"), format!(", {key}:"), format!(",{key}:")];
     let mut out: Vec<usize> = Vec::new();
-    for (i, l) in text.lines().enumerate() {
+    for (i, l) in yaml_lines(text).enumerate() {
         // A stray byte-order mark counts as blank (YAML parsers skip it; so must we).
         let t = l.trim_start_matches(|c: char| c.is_whitespace() || c == '\u{feff}');
         if t.starts_with(&block) || flow.iter().any(|f| l.contains(f.as_str())) {
@@ -342,6 +341,15 @@ fn key_lines(text: &str, key: &str) -> Vec<usize> {
         }
     }
     out
+}
+
+/// Lines as YAML counts them: a line break is `\r\n`, `\n` or a lone `\r` (which `str::lines` does not
+/// split on), so line numbers agree with the parser's.
+fn yaml_lines(text: &str) -> impl Iterator<Item = &str> {
+    text.split('\n').flat_map(|l| {
+        let l = l.strip_suffix('\r').unwrap_or(l);
+        l.split('\r')
+    })
 }
 
 /// Read a task file with the size cap applied before reading.
@@ -628,6 +636,13 @@ mod tests {
             e.render("t.yaml")
         );
         let e = parse_task("\n\u{feff}description: |  # x\n", "t", "t.yaml").unwrap_err();
+        assert!(
+            e.render("t.yaml").starts_with("t.yaml:2:1: "),
+            "{}",
+            e.render("t.yaml")
+        );
+        let e =
+            parse_task("description: d\rdependencies: [j\nb_gate]\n", "t", "t.yaml").unwrap_err();
         assert!(
             e.render("t.yaml").starts_with("t.yaml:2:1: "),
             "{}",
