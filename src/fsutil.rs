@@ -23,54 +23,12 @@ pub fn durable() -> bool {
     DURABLE.load(Ordering::Relaxed)
 }
 
-thread_local! {
-    /// Directories whose fsync this thread has put off to the end of its current group.
-    static DEFERRED: std::cell::RefCell<Option<std::collections::BTreeSet<PathBuf>>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-/// fsync a directory so a rename or create inside it survives a power cut. Inside a group
-/// ([`begin_dir_sync_group`]) on this thread, it is done once for the group, at its end.
+/// fsync a directory so a rename or create inside it survives a power cut.
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     if !durable() {
         return Ok(());
     }
-    let deferred = DEFERRED.with(|d| {
-        d.borrow_mut()
-            .as_mut()
-            .map(|set| set.insert(dir.to_path_buf()))
-            .is_some()
-    });
-    if deferred {
-        return Ok(());
-    }
     File::open(dir)?.sync_all()
-}
-
-/// Start collecting this thread's directory fsyncs. The supervisor's loop claims and finishes
-/// several tasks per turn, all in the same few directories: one fsync per directory per turn
-/// instead of one per rename. Safe because a directory fsync only decides whether a rename survives
-/// a power cut, and every state on either side of a rename is one that recovery completes; files'
-/// own contents are still synced before they are renamed into place.
-pub fn begin_dir_sync_group() {
-    DEFERRED.with(|d| {
-        d.borrow_mut().get_or_insert_with(Default::default);
-    });
-}
-
-/// fsync every directory collected since [`begin_dir_sync_group`], and stop collecting.
-pub fn end_dir_sync_group() -> io::Result<()> {
-    let dirs = DEFERRED.with(|d| d.borrow_mut().take()).unwrap_or_default();
-    let mut first_err = None;
-    for dir in dirs {
-        if let Err(e) = File::open(&dir).and_then(|f| f.sync_all()) {
-            first_err.get_or_insert(io::Error::new(
-                e.kind(),
-                format!("fsync of {}: {e}", dir.display()),
-            ));
-        }
-    }
-    first_err.map_or(Ok(()), Err)
 }
 
 fn tmp_name(target: &Path) -> PathBuf {

@@ -366,9 +366,6 @@ impl Supervisor {
                 break;
             }
             let wake = self.next_wakeup();
-            // Everything this turn renames (claims, finishes) shares one fsync per directory, done
-            // before the loop waits again.
-            let group = DirSyncGroup::begin();
             tokio::select! {
                 Some(h) = hints.recv() => {
                     self.on_hint(h);
@@ -379,7 +376,7 @@ impl Supervisor {
                 }
                 Some(done) = self.attempts.join_next_with_id(), if !self.attempts.is_empty() => {
                     let mut done = Some(done);
-                    // Every attempt that has finished by now, in this one turn (and one fsync group).
+                    // Every attempt that has finished by now, in this one turn.
                     while let Some(d) = done {
                         match d {
                             Ok((tid, report)) => {
@@ -413,7 +410,6 @@ impl Supervisor {
             if !self.shutting_down {
                 self.schedule();
             }
-            group.end();
         }
         self.write_state_files();
         // Leave the mirror agreeing with the tree: files quarantined or removed while we ran may
@@ -1768,35 +1764,6 @@ async fn run_attempt(
     report.stopped = exit.stopped;
     report.attempt = attempt;
     report
-}
-
-/// A turn's directory fsyncs (see [`fsutil::begin_dir_sync_group`]); ended explicitly, and also on
-/// drop so an early `break` cannot leave the thread collecting forever.
-struct DirSyncGroup(bool);
-
-impl DirSyncGroup {
-    fn begin() -> DirSyncGroup {
-        fsutil::begin_dir_sync_group();
-        DirSyncGroup(true)
-    }
-
-    fn end(mut self) {
-        self.finish();
-    }
-
-    fn finish(&mut self) {
-        if std::mem::take(&mut self.0)
-            && let Err(e) = fsutil::end_dir_sync_group()
-        {
-            console::error(&format!("directory fsync failed: {e}"));
-        }
-    }
-}
-
-impl Drop for DirSyncGroup {
-    fn drop(&mut self) {
-        self.finish();
-    }
 }
 
 /// The session to continue: the previous attempt ran on this same agent and was cut short (timeout,

@@ -327,16 +327,25 @@ pub fn parse_task(text: &str, stem: &str, source_name: &str) -> Result<Task, Tas
     Ok(Task { id, file })
 }
 
-/// Lines (1-based) where `key:` appears as a key: at the start of a line, or inside a flow mapping
-/// (`{a: 1, key: 2}`). For validation errors, which serde cannot place.
+/// Lines (1-based) where `key` appears as a top-level key: at the start of an unindented line (plain,
+/// quoted, or `key :`, or as `? key`), or inside a flow mapping (`{a: 1, key: 2}`). For validation
+/// errors, which serde cannot place. Indented lines are skipped: they belong to nested values or block
+/// scalars (`description: |` followed by `  id: x` is text, not a key).
 fn key_lines(text: &str, key: &str) -> Vec<usize> {
-    let block = format!("{key}:");
+    let spellings = [key.to_string(), format!("\"{key}\""), format!("'{key}'")];
     let flow = [format!("{{{key}:"), format!(", {key}:"), format!(",{key}:")];
     let mut out: Vec<usize> = Vec::new();
     for (i, l) in yaml_lines(text).enumerate() {
         // A stray byte-order mark counts as blank (YAML parsers skip it; so must we).
-        let t = l.trim_start_matches(|c: char| c.is_whitespace() || c == '\u{feff}');
-        if t.starts_with(&block) || flow.iter().any(|f| l.contains(f.as_str())) {
+        let t = l.trim_start_matches('\u{feff}');
+        let t = t.strip_prefix("? ").unwrap_or(t);
+        let block = spellings.iter().any(|s| {
+            t.strip_prefix(s.as_str()).is_some_and(|rest| {
+                let rest = rest.trim_start_matches([' ', '\t']);
+                rest.starts_with(':') || (t.len() == s.len() && l.starts_with("? "))
+            })
+        });
+        if block || flow.iter().any(|f| l.contains(f.as_str())) {
             out.push(i + 1);
         }
     }
@@ -648,6 +657,19 @@ mod tests {
             "{}",
             e.render("t.yaml")
         );
+        for (text, line) in [
+            ("\"id\": \"../x\"\ndescription: d\n", 1),
+            ("description: d\n'agent': a/b\n", 2),
+            ("description: d\ntimeout_minutes : -1\n", 2),
+            ("description: |\n  id: old\nid: ../x\n", 3),
+        ] {
+            let e = parse_task(text, "t", "t.yaml").unwrap_err();
+            let r = e.render("t.yaml");
+            assert!(
+                r.starts_with(&format!("t.yaml:{line}:1: ")),
+                "{text:?}: {r}"
+            );
+        }
         let e = parse_task("{description: f/, dependencies: [::b]}", "t", "t.yaml").unwrap_err();
         assert!(
             e.render("t.yaml").starts_with("t.yaml:1:1: "),

@@ -36,15 +36,21 @@ const NO_WATCH_ENV: &str = "ORCHESTRATE_NO_WATCH";
 /// `pending/` would only be seen by the slow periodic rescan.
 const REWATCH_CHECK: Duration = Duration::from_millis(500);
 
-fn dir_identity(dir: &Path) -> Option<(u64, u64)> {
+/// What tells a re-created directory from the old one. The inode number alone does not: ext4 hands a
+/// freed number straight to the next directory made, so the creation time is part of it.
+fn dir_identity(dir: &Path) -> Option<(u64, u64, Option<std::time::SystemTime>)> {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(dir).ok().map(|m| (m.dev(), m.ino()))
+    std::fs::metadata(dir)
+        .ok()
+        .map(|m| (m.dev(), m.ino(), m.created().ok()))
 }
 
 /// Start watching `dir`, sending hints to `tx`. A rescan ticker runs alongside. If the watcher cannot be
 /// created (inotify limits), we warn and live on the ticker alone.
 pub fn start(dir: &Path, rescan: Duration, tx: mpsc::UnboundedSender<Hint>) -> WatchHandle {
     let disabled = std::env::var_os(NO_WATCH_ENV).is_some_and(|v| v == "1");
+    // Taken before the watch starts, so a replacement in between is noticed too.
+    let first_identity = dir_identity(dir);
     let watcher = if disabled {
         crate::console::warn(&format!(
             "file watcher disabled ({NO_WATCH_ENV}=1); relying on the rescan every {} s",
@@ -58,7 +64,7 @@ pub fn start(dir: &Path, rescan: Duration, tx: mpsc::UnboundedSender<Hint>) -> W
     if !disabled {
         let (dir, tx, watcher) = (dir.to_path_buf(), tx.clone(), watcher.clone());
         tokio::spawn(async move {
-            let mut watched = dir_identity(&dir);
+            let mut watched = first_identity;
             let mut tick = tokio::time::interval(REWATCH_CHECK);
             loop {
                 tick.tick().await;
