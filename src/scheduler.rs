@@ -53,6 +53,33 @@ pub fn subtask_id(parent: &str, n: usize) -> String {
     format!("{parent}.{n}")
 }
 
+/// The task file of subtask `n` (1-based) of `parent`: it inherits the parent's settings and depends
+/// on the subtask before it (the first, on the parent's dependencies), so the children run in order.
+/// Its description is the subtask alone (a `shell` agent runs it as is); the prompt builder adds the
+/// parent's description as context.
+pub fn subtask_file(parent: &Task, n: usize) -> crate::task::TaskFile {
+    let f = &parent.file;
+    crate::task::TaskFile {
+        id: Some(subtask_id(&parent.id, n)),
+        description: f.subtasks[n - 1].clone(),
+        priority: f.priority,
+        agent: f.agent.clone(),
+        task_type: f.task_type.clone(),
+        labels: f.labels.clone(),
+        dependencies: if n == 1 {
+            f.dependencies.clone()
+        } else {
+            vec![subtask_id(&parent.id, n - 1)]
+        },
+        context_files: f.context_files.clone(),
+        workdir: f.workdir.clone(),
+        timeout_minutes: f.timeout_minutes,
+        max_retries: f.max_retries,
+        subtasks: vec![],
+        parent: Some(parent.id.clone()),
+    }
+}
+
 /// Where a dependency stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DepState {

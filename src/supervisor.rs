@@ -855,35 +855,15 @@ impl Supervisor {
     /// Write a child task per subtask, each depending on the one before. Idempotent: a child that
     /// exists anywhere in the tree is left alone, so a crash mid-way is finished on the next pass.
     fn expand_subtasks(&mut self, parent: &Task) {
-        for (i, text) in parent.file.subtasks.iter().enumerate() {
-            let id = scheduler::subtask_id(&parent.id, i + 1);
+        for n in 1..=parent.file.subtasks.len() {
+            let id = scheduler::subtask_id(&parent.id, n);
             if self.sched.pending.contains_key(&id)
                 || self.spool.settled_place(&id).is_some()
                 || self.done.contains_key(&id)
             {
                 continue;
             }
-            let child = task::TaskFile {
-                id: Some(id.clone()),
-                // The child's description is the subtask alone (a `shell` agent runs it as is); the
-                // prompt builder adds the parent's description as context.
-                description: text.clone(),
-                priority: parent.file.priority,
-                agent: parent.file.agent.clone(),
-                task_type: parent.file.task_type.clone(),
-                labels: parent.file.labels.clone(),
-                dependencies: if i == 0 {
-                    parent.file.dependencies.clone()
-                } else {
-                    vec![scheduler::subtask_id(&parent.id, i)]
-                },
-                context_files: parent.file.context_files.clone(),
-                workdir: parent.file.workdir.clone(),
-                timeout_minutes: parent.file.timeout_minutes,
-                max_retries: parent.file.max_retries,
-                subtasks: vec![],
-                parent: Some(parent.id.clone()),
-            };
+            let child = scheduler::subtask_file(parent, n);
             let name = format!("{id}.yaml");
             match fsutil::atomic_create(
                 &self.spool.pending,

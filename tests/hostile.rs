@@ -10,7 +10,6 @@ mod common;
 
 use std::io::Write;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
@@ -33,34 +32,6 @@ fn config_with(orch: &[(&str, &str)], extra: &str) -> String {
         }
     }
     c
-}
-
-/// Like `Project::start`, with extra environment for the supervisor.
-fn start_with_env(p: &Project, env: &[(&str, &str)]) -> Supervisor {
-    let log = p.path("supervisor-hostile.log");
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log)
-        .expect("log");
-    let mut cmd = p.cmd(&["start", "-v"]);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(f.try_clone().expect("clone"))
-        .stderr(f)
-        .spawn()
-        .expect("spawn supervisor");
-    let s = Supervisor {
-        child: Some(child),
-        log,
-    };
-    wait_for("supervisor to register", Duration::from_secs(15), || {
-        s.output().contains("watching")
-    });
-    s
 }
 
 #[track_caller]
@@ -605,7 +576,7 @@ security:
 #[test]
 fn with_the_watcher_off_the_periodic_scan_alone_processes_everything() {
     let p = Project::with_config(&config_with(&[("rescan_seconds", "1")], ""));
-    let mut sup = start_with_env(&p, &[("ORCHESTRATE_NO_WATCH", "1")]);
+    let mut sup = p.start_with_env(&[("ORCHESTRATE_NO_WATCH", "1")]);
     assert!(
         sup.output().contains("file watcher disabled"),
         "{}",

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use orchestrate::scheduler::subtask_id;
+use orchestrate::scheduler::{subtask_file, subtask_id};
 use orchestrate::task::{self, MAX_ID_LEN, Task, TaskError, TaskFile};
 
 /// The name the scratch file gets in the "spool": its stem is the default id.
@@ -121,27 +121,9 @@ fn round_trip(file: &TaskFile, stem: &str, id: &str, what: &str) {
 
 /// The child files `Supervisor::expand_subtasks` writes for a parent with `subtasks`.
 fn expand_subtasks(parent: &Task) {
-    for (i, text) in parent.file.subtasks.iter().enumerate() {
+    for i in 0..parent.file.subtasks.len() {
         let id = subtask_id(&parent.id, i + 1);
-        let child = TaskFile {
-            id: Some(id.clone()),
-            description: text.clone(),
-            priority: parent.file.priority,
-            agent: parent.file.agent.clone(),
-            task_type: parent.file.task_type.clone(),
-            labels: parent.file.labels.clone(),
-            dependencies: if i == 0 {
-                parent.file.dependencies.clone()
-            } else {
-                vec![subtask_id(&parent.id, i)]
-            },
-            context_files: parent.file.context_files.clone(),
-            workdir: parent.file.workdir.clone(),
-            timeout_minutes: parent.file.timeout_minutes,
-            max_retries: parent.file.max_retries,
-            subtasks: vec![],
-            parent: Some(parent.id.clone()),
-        };
+        let child = subtask_file(parent, i + 1);
         round_trip(&child, &id, &id, &format!("subtask {} of {:?}", i + 1, parent.id));
         // Only the first few: a parent may list thousands, each the same check.
         if i >= 3 {

@@ -168,14 +168,20 @@ impl Project {
 
     /// Start `orchestrate start` in the background with output to a log file.
     pub fn start(&self) -> Supervisor {
+        self.start_with_env(&[])
+    }
+
+    /// [`Project::start`] with extra environment for the supervisor.
+    pub fn start_with_env(&self, env: &[(&str, &str)]) -> Supervisor {
         let log = self.path(&format!("supervisor-{}.log", std::process::id()));
         let f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
             .expect("log");
-        let child = self
-            .cmd(&["start", "-v"])
+        let mut cmd = self.cmd(&["start", "-v"]);
+        cmd.envs(env.iter().copied());
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(f.try_clone().expect("clone"))
             .stderr(f)
