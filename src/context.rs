@@ -14,7 +14,7 @@ use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::fsutil::atomic_write;
+use crate::fsutil::{atomic_write, atomic_write_derived};
 use crate::task::{Attempt, Task};
 
 /// Replaces configured secret values with `***`.
@@ -693,7 +693,8 @@ pub fn write_state_files(
     running: &[(String, String, String)],
 ) -> Result<()> {
     let json = redact_record(serde_json::to_string_pretty(completed)?);
-    atomic_write(
+    // Both are rebuilt from the result files at every start: atomic for readers, no disk flush.
+    atomic_write_derived(
         &layout.context_dir.join("completed_tasks.json"),
         json.as_bytes(),
     )?;
@@ -726,7 +727,7 @@ pub fn write_state_files(
             ));
         }
     }
-    atomic_write(
+    atomic_write_derived(
         &layout.context_dir.join("current_state.md"),
         redact_record(md).as_bytes(),
     )?;

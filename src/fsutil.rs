@@ -4,12 +4,14 @@
 //! same directory, fsync, rename over the target, fsync of the directory. Durability (the fsyncs) can be
 //! turned off for benchmarks and throwaway trees; atomicity (the rename) never is.
 
+use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, LazyLock, Mutex};
 
 static DURABLE: AtomicBool = AtomicBool::new(true);
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -23,12 +25,73 @@ pub fn durable() -> bool {
     DURABLE.load(Ordering::Relaxed)
 }
 
-/// fsync a directory so a rename or create inside it survives a power cut.
+/// fsync a directory so a rename or create inside it, made before the call, survives a power cut.
+///
+/// Group-committed per directory: a fsync that starts after a change covers it, so a caller whose
+/// change is older than the fsync in flight waits for the next one, which one of the waiters starts
+/// for all of them. Eight attempts finishing into `completed/` at once then share one or two fsyncs
+/// instead of queueing for the directory's lock eight times in a row.
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     if !durable() {
         return Ok(());
     }
-    File::open(dir)?.sync_all()
+    dir_sync(dir).sync(dir)
+}
+
+/// One directory's group commit: generations of fsyncs, numbered as they start.
+#[derive(Default)]
+struct DirSync {
+    state: Mutex<DirSyncState>,
+    done: Condvar,
+}
+
+#[derive(Default)]
+struct DirSyncState {
+    started: u64,
+    finished: u64,
+    in_flight: bool,
+    /// The latest generation that failed, and how: every caller it was meant to cover gets the error.
+    failed: Option<(u64, io::ErrorKind, String)>,
+}
+
+impl DirSync {
+    fn sync(&self, dir: &Path) -> io::Result<()> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        // The one in flight may have started before our change reached the directory.
+        let need = st.started + 1;
+        while st.finished < need {
+            if st.in_flight {
+                st = self.done.wait(st).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            st.in_flight = true;
+            st.started += 1;
+            let generation = st.started;
+            drop(st);
+            let r = File::open(dir).and_then(|f| f.sync_all());
+            st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            st.in_flight = false;
+            st.finished = generation;
+            if let Err(e) = r {
+                st.failed = Some((generation, e.kind(), e.to_string()));
+            }
+            self.done.notify_all();
+        }
+        match &st.failed {
+            Some((g, kind, msg)) if *g >= need => Err(io::Error::new(*kind, msg.clone())),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn dir_sync(dir: &Path) -> Arc<DirSync> {
+    static DIRS: LazyLock<Mutex<HashMap<PathBuf, Arc<DirSync>>>> = LazyLock::new(Default::default);
+    let mut dirs = DIRS.lock().unwrap_or_else(|e| e.into_inner());
+    if dirs.len() > 256 {
+        // Directories nobody is syncing right now: a later caller starts afresh, which is correct.
+        dirs.retain(|_, d| Arc::strong_count(d) > 1);
+    }
+    dirs.entry(dir.to_path_buf()).or_default().clone()
 }
 
 fn tmp_name(target: &Path) -> PathBuf {
@@ -240,5 +303,55 @@ mod tests {
         assert_eq!(fmt_time(a), "2026-01-01T00:00:00.120Z");
         assert!(fmt_time(a) < fmt_time(b));
         assert_eq!(parse_time(&fmt_time(b)), Some(b));
+    }
+
+    #[test]
+    fn a_dir_fsync_in_flight_when_called_does_not_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = Arc::new(DirSync::default());
+        // Generation 1 is in flight: it may have started before the caller's rename.
+        {
+            let mut st = ds.state.lock().unwrap();
+            st.started = 1;
+            st.in_flight = true;
+        }
+        let (d, p) = (ds.clone(), dir.path().to_path_buf());
+        let caller = std::thread::spawn(move || d.sync(&p));
+        // Whether the caller queues behind generation 1 or comes after it ended, generation 1 must
+        // not be taken as covering its change.
+        {
+            let mut st = ds.state.lock().unwrap();
+            st.finished = 1;
+            st.in_flight = false;
+            ds.done.notify_all();
+        }
+        caller.join().unwrap().unwrap();
+        let st = ds.state.lock().unwrap();
+        assert_eq!(
+            st.started, 2,
+            "the caller ran a fsync of its own after generation 1"
+        );
+        assert_eq!(st.finished, 2);
+    }
+
+    #[test]
+    fn concurrent_dir_fsyncs_all_return_and_errors_reach_their_callers() {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = Arc::new(DirSync::default());
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (d, p) = (ds.clone(), dir.path().to_path_buf());
+                std::thread::spawn(move || (0..50).map(|_| d.sync(&p)).collect::<Vec<_>>())
+            })
+            .collect();
+        for t in threads {
+            assert!(t.join().unwrap().iter().all(|r| r.is_ok()));
+        }
+        let st = ds.state.lock().unwrap();
+        assert!(st.started <= 400 && st.started >= 1 && st.finished == st.started);
+        drop(st);
+        let gone = dir.path().join("gone");
+        let e = DirSync::default().sync(&gone).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
     }
 }

@@ -7,7 +7,8 @@
 //! hold `X_result.yaml` beside the task. Every transition is one `rename` (atomic on one file system),
 //! preceded by whatever record must already exist when the rename becomes visible:
 //!
-//! * claim:   [lock] rename pending → assigned, write the claim, fsync both dirs [unlock]
+//! * claim:   [lock] rename pending → assigned, write the claim [unlock], fsync both dirs; the agent
+//!   starts only after the fsyncs
 //! * finish:  write the result (temp, fsync, rename), rename the task beside it, remove the claim
 //! * requeue: [lock] write `pending/.X.history.yaml`, rename assigned → pending, remove the claim [unlock]
 //!
@@ -175,7 +176,7 @@ impl Spool {
     /// Claim `src` (a file in `pending/`) as task `id`. Returns `false` when someone else took it first.
     pub fn claim(&self, src: &Path, claim: &Claim) -> Result<bool> {
         let id = &claim.task_id;
-        let _lock = self.lock()?;
+        let lock = self.lock()?;
         let dst = self.task_path(Place::Assigned, id);
         failpoint::hit("claim.before_rename");
         match rename_noreplace(src, &dst) {
@@ -184,9 +185,13 @@ impl Spool {
             Err(e) => return Err(e).with_context(|| format!("cannot claim {}", src.display())),
         }
         failpoint::hit("claim.after_rename");
-        atomic_write(&self.claim_path(id), task::to_yaml(claim).as_bytes())
+        fsutil::atomic_write_before_commit(&self.claim_path(id), task::to_yaml(claim).as_bytes())
             .with_context(|| format!("cannot write claim for {id}"))?;
         failpoint::hit("claim.after_record");
+        // Other supervisors need only see the record, so the lock ends here; the directory fsyncs
+        // after it are shared with the claims and commits running beside this one.
+        drop(lock);
+        fsync_dir(&self.assigned)?;
         fsync_dir(&self.pending)?;
         failpoint::hit("claim.after_fsync");
         // The history sidecar stays until the caller has checked the claimed file: an unclaim must

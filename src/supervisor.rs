@@ -50,12 +50,37 @@ struct Running {
     stop: watch::Sender<Option<Stop>>,
     /// A cancel was requested: a later shutdown must not turn it into a requeue.
     cancelling: bool,
+    /// Where the task file was in `pending/` before the claim.
+    path: PathBuf,
+    /// The claim is done and the task file is ours (the claim runs in the attempt's task, off the
+    /// loop); until then there is no claim record to refresh.
+    claimed: bool,
+}
+
+/// How claiming a task came out.
+enum Claimed {
+    /// Ours: in `assigned/` with a durable claim record.
+    Ours,
+    /// Another supervisor sharing the tree took it first (or the file is gone).
+    Lost,
+    /// The file is not what was parsed (a writer is still at it): it goes back to settle.
+    Changed,
+    /// The supervisor began to stop before the agent started: the task goes back untouched.
+    Stopping,
+    Failed(String),
 }
 
 /// A file in `pending/` that must stay unchanged for the settle period before it is read.
 struct Settling {
     sig: (u64, i128, u64),
     since: Instant,
+}
+
+/// A terminal commit, done: the task, its result, and whether the spool took it.
+struct Committed {
+    task: Task,
+    result: TaskResult,
+    outcome: Result<(), String>,
 }
 
 /// What an attempt task reports back.
@@ -70,6 +95,8 @@ struct Report {
     stopped: Option<StopKind>,
     /// For rate limits: when the provider said to come back.
     retry_after: Option<Duration>,
+    /// Set when the claim did not give us the task: nothing ran.
+    unclaimed: Option<Claimed>,
 }
 
 pub struct Supervisor {
@@ -89,6 +116,15 @@ pub struct Supervisor {
     attempts: JoinSet<Report>,
     /// Which task each attempt runs, so a panicked attempt still releases its task.
     attempt_ids: HashMap<tokio::task::Id, String>,
+    /// Terminal commits (result file, task rename, fsyncs) run on blocking threads, several at once,
+    /// so the loop goes on claiming while the disk works; a task is `finishing` until its commit
+    /// is back.
+    commits: JoinSet<Committed>,
+    finishing: HashMap<String, tokio::task::Id>,
+    /// `pending/` files being claimed right now: the watcher's and the scan's news of them is ours.
+    claiming: HashSet<PathBuf>,
+    claimed_tx: mpsc::UnboundedSender<String>,
+    claimed_rx: Option<mpsc::UnboundedReceiver<String>>,
     /// The next scheduling pass looks at every pending task (see `schedule`).
     full_pass_due: bool,
     /// When the earliest retry back-off ends, as far as known.
@@ -182,6 +218,7 @@ impl Supervisor {
         context::install_redactor(&secrets);
         let cooldowns = Cooldowns::load(&layout.state_dir);
         let (route_tx, route_rx) = mpsc::unbounded_channel();
+        let (claimed_tx, claimed_rx) = mpsc::unbounded_channel();
         Ok(Supervisor {
             cfg: Arc::new(cfg),
             layout,
@@ -198,6 +235,11 @@ impl Supervisor {
             completed: Vec::new(),
             attempts: JoinSet::new(),
             attempt_ids: HashMap::new(),
+            commits: JoinSet::new(),
+            finishing: HashMap::new(),
+            claiming: HashSet::new(),
+            claimed_tx,
+            claimed_rx: Some(claimed_rx),
             full_pass_due: true,
             next_wake: None,
             unavailable: None,
@@ -357,12 +399,13 @@ impl Supervisor {
         let mut state_tick = tokio::time::interval(Duration::from_millis(250));
         let mut signals = 0;
         let mut routes = self.route_rx.take().expect("run is called once");
+        let mut claimed = self.claimed_rx.take().expect("run is called once");
         loop {
             if self.opts.once && self.nothing_left() {
                 console::info("nothing left to run (--once)");
                 break;
             }
-            if self.shutting_down && self.running.is_empty() {
+            if self.shutting_down && self.running.is_empty() && self.commits.is_empty() {
                 break;
             }
             let wake = self.next_wakeup();
@@ -388,7 +431,20 @@ impl Supervisor {
                         done = self.attempts.try_join_next_with_id();
                     }
                 }
+                Some(done) = self.commits.join_next(), if !self.commits.is_empty() => {
+                    let mut done = Some(done);
+                    while let Some(d) = done {
+                        self.on_committed(d);
+                        done = self.commits.try_join_next();
+                    }
+                }
                 Some((id, routed)) = routes.recv() => self.on_routed(id, routed),
+                Some(id) = claimed.recv() => {
+                    self.on_claimed(&id);
+                    while let Ok(id) = claimed.try_recv() {
+                        self.on_claimed(&id);
+                    }
+                }
                 _ = settle_tick.tick(), if !self.settling.is_empty() => self.check_settling(),
                 _ = tokio::time::sleep_until(wake.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)).into()), if wake.is_some() => {}
                 _ = heartbeat.tick() => {
@@ -434,7 +490,7 @@ impl Supervisor {
     }
 
     fn nothing_left(&self) -> bool {
-        if !self.running.is_empty() || !self.settling.is_empty() {
+        if !self.running.is_empty() || !self.settling.is_empty() || !self.finishing.is_empty() {
             return false;
         }
         // Pending tasks that can still make progress without new input: waiting on a retry back-off,
@@ -590,7 +646,7 @@ impl Supervisor {
                 self.sched.remove(&id);
                 self.routes.remove(&id);
                 self.cycles_dirty = true;
-                if !self.running.contains_key(&id) && self.spool.settled_place(&id).is_none() {
+                if !self.in_hand(&id) && self.spool.settled_place(&id).is_none() {
                     console::info(&format!("removed    {id}: its file left pending/"));
                     self.writer.send(Op::Delete(id));
                 }
@@ -605,7 +661,7 @@ impl Supervisor {
         let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else {
             return;
         };
-        if path.parent() != Some(self.spool.pending.as_path()) {
+        if path.parent() != Some(self.spool.pending.as_path()) || self.claiming.contains(path) {
             return;
         }
         let meta = match std::fs::symlink_metadata(path) {
@@ -688,7 +744,7 @@ impl Supervisor {
         // An invalid file named like a real task must not land beside that task in failed/ or be
         // mistaken for it: it goes to quarantine with the explanation.
         let stem = task::file_stem(name);
-        let clashes = self.running.contains_key(stem)
+        let clashes = self.in_hand(stem)
             || self.spool.settled_place(stem).is_some()
             || self.sched.pending.get(stem).is_some_and(|p| p.path != path);
         if clashes {
@@ -767,7 +823,7 @@ impl Supervisor {
             self.done.remove(&id);
             self.completed.retain(|c| c.id != id);
         }
-        if self.running.contains_key(&id) || self.spool.settled_place(&id).is_some() {
+        if self.in_hand(&id) || self.spool.settled_place(&id).is_some() {
             let place = self
                 .spool
                 .settled_place(&id)
@@ -892,7 +948,7 @@ impl Supervisor {
                 Terminal::Failed => DepState::Failed,
             };
         }
-        if self.running.contains_key(id) {
+        if self.in_hand(id) {
             return DepState::Running;
         }
         if self.sched.pending.contains_key(id) {
@@ -1097,65 +1153,18 @@ impl Supervisor {
         }
     }
 
-    /// Claim a pending task; on success it is ours and in `assigned/`.
-    fn claim(&mut self, id: &str, agent: &str, because: &str) -> Option<(Pending, Claim)> {
-        let p = self.sched.remove(id)?;
-        self.by_path.remove(&p.path);
-        self.cycles_dirty = true;
-        let claim = self.claim_record(&p, agent, because);
-        match self.spool.claim(&p.path, &claim) {
-            Ok(true) => {}
-            Ok(false) => {
-                console::debug(&format!("lost race  {id}: claimed by another supervisor"));
-                return None;
-            }
-            Err(e) => {
-                console::error(&format!("claim of {id} failed: {e:#}"));
-                return None;
-            }
-        }
-        // The file must be what we parsed: a writer still appending would run a half task.
-        let now_bytes =
-            std::fs::read(self.spool.task_path(Place::Assigned, id)).unwrap_or_default();
-        if hash_bytes(&now_bytes) != p.hash {
-            console::info(&format!(
-                "changed    {id}: file changed while being claimed; back to pending to settle"
-            ));
-            if let Err(e) = self.spool.unclaim(id, &p.path) {
-                console::error(&format!("cannot return {id} to pending: {e:#}"));
-            }
-            self.settling.insert(
-                p.path.clone(),
-                Settling {
-                    sig: (0, 0, 0),
-                    since: Instant::now(),
-                },
-            );
-            return None;
-        }
-        // Only now is the history carried by the claim alone.
-        let _ = std::fs::remove_file(self.spool.history_path(id));
-        Some((p, claim))
-    }
-
+    /// Start a pending task: the attempt's own task claims it (the rename, the claim record and
+    /// their fsyncs run there, beside other claims and commits), then runs the agent.
     fn start(&mut self, id: &str, agent: &str, because: &str) {
-        let Some((p, claim)) = self.claim(id, agent, because) else {
+        let Some(p) = self.sched.remove(id) else {
             return;
         };
+        self.by_path.remove(&p.path);
+        self.cycles_dirty = true;
+        self.claiming.insert(p.path.clone());
+        let claim = self.claim_record(&p, agent, because);
         // A retry asks again: the answer may differ once an agent has failed it.
         self.routes.remove(id);
-        self.writer.send(Op::Upsert {
-            row: mirror::running_row(&self.spool, &p.task, &claim),
-            attempts: {
-                let mut a = claim.history.clone();
-                a.push(mirror::running_attempt(&claim));
-                a
-            },
-        });
-        console::info(&format!(
-            "started    {id} on {agent} (attempt {}; {because})",
-            claim.attempt
-        ));
         let (stop_tx, stop_rx) = watch::channel(None);
         *self.per_agent.entry(agent.to_string()).or_default() += 1;
         let ctx = AttemptCtx {
@@ -1163,11 +1172,20 @@ impl Supervisor {
             layout: self.layout.clone(),
             redactor: self.redactor.clone(),
         };
+        let job = ClaimJob {
+            spool: self.spool.clone(),
+            src: p.path.clone(),
+            hash: p.hash,
+            writer: self.writer.clone(),
+            row: mirror::running_row(&self.spool, &p.task, &claim),
+            because: because.to_string(),
+            claimed: self.claimed_tx.clone(),
+        };
         let task = p.task.clone();
         let c = claim.clone();
         let handle = self
             .attempts
-            .spawn(async move { run_attempt(ctx, task, c, stop_rx).await });
+            .spawn(async move { run_attempt(ctx, job, task, c, stop_rx).await });
         self.attempt_ids.insert(handle.id(), id.to_string());
         self.running.insert(
             id.to_string(),
@@ -1176,15 +1194,76 @@ impl Supervisor {
                 claim,
                 stop: stop_tx,
                 cancelling: false,
+                path: p.path,
+                claimed: false,
             },
         );
         self.state_dirty = true;
     }
 
+    /// The attempt's task holds the claim now: the file has left `pending/`.
+    fn on_claimed(&mut self, id: &str) {
+        if let Some(r) = self.running.get_mut(id) {
+            r.claimed = true;
+            self.claiming.remove(&r.path);
+        }
+    }
+
+    /// The claim did not give us the task (see [`Claimed`]); nothing ran.
+    fn on_unclaimed(&mut self, run: Running, how: Claimed) {
+        let id = run.task.id.clone();
+        self.claiming.remove(&run.path);
+        match how {
+            Claimed::Ours => {}
+            Claimed::Lost => {
+                console::debug(&format!("lost race  {id}: claimed by another supervisor"));
+            }
+            Claimed::Failed(e) => console::error(&format!("claim of {id} failed: {e}")),
+            Claimed::Changed | Claimed::Stopping => {
+                if let Err(e) = self.spool.unclaim(&id, &run.path) {
+                    console::error(&format!("cannot return {id} to pending: {e:#}"));
+                    return;
+                }
+                if matches!(how, Claimed::Changed) {
+                    console::info(&format!(
+                        "changed    {id}: file changed while being claimed; back to pending to settle"
+                    ));
+                    self.settling.insert(
+                        run.path,
+                        Settling {
+                            sig: (0, 0, 0),
+                            since: Instant::now(),
+                        },
+                    );
+                }
+            }
+        }
+    }
+
     fn complete_parent(&mut self, id: &str) {
-        let Some((p, claim)) = self.claim(id, "-", "all subtasks completed") else {
+        let Some(p) = self.sched.remove(id) else {
             return;
         };
+        self.by_path.remove(&p.path);
+        self.cycles_dirty = true;
+        let claim = self.claim_record(&p, "-", "all subtasks completed");
+        // Rare and quick (no agent runs): claimed on the loop.
+        match claim_task(&self.spool, &p.path, &claim, p.hash, None) {
+            Claimed::Ours => {}
+            how => {
+                let (stop, _) = watch::channel(None);
+                let run = Running {
+                    task: p.task,
+                    claim,
+                    stop,
+                    cancelling: false,
+                    path: p.path,
+                    claimed: false,
+                };
+                self.on_unclaimed(run, how);
+                return;
+            }
+        }
         let mut text = String::new();
         for i in 1..=p.task.file.subtasks.len() {
             let child = scheduler::subtask_id(id, i);
@@ -1260,6 +1339,12 @@ impl Supervisor {
             *n = n.saturating_sub(1);
         }
         self.state_dirty = true;
+        if let Some(how) = r.unclaimed {
+            self.on_unclaimed(run, how);
+            return;
+        }
+        // Normally gone already (the claim's message came first); a crashed attempt never sent it.
+        self.claiming.remove(&run.path);
         let mut attempts = run.claim.history.clone();
         attempts.push(r.attempt.clone());
         let outcome = r.attempt.outcome;
@@ -1393,6 +1478,9 @@ impl Supervisor {
         let Some(run) = self.running.get(&id) else {
             return;
         };
+        // Crashed before the claim was done: nothing ran, and the file is wherever the claim left it
+        // (in `assigned/` under our claim, recovery settles it once this supervisor is gone).
+        let unclaimed = (!run.claimed).then(|| Claimed::Failed(format!("internal error: {e}")));
         let attempt = Attempt {
             finished_at: Some(fsutil::now_rfc3339()),
             error: Some(format!("internal error while running the attempt: {e}")),
@@ -1412,14 +1500,56 @@ impl Supervisor {
             permanent: false,
             stopped: None,
             retry_after: None,
+            unclaimed,
         });
     }
 
+    /// Running, or finishing: the task is ours and out of `pending/`.
+    fn in_hand(&self, id: &str) -> bool {
+        self.running.contains_key(id) || self.finishing.contains_key(id)
+    }
+
+    /// Hand the result to a blocking thread that commits it; `on_committed` takes it from there.
     fn commit_terminal(&mut self, task: &Task, result: TaskResult) {
         let id = result.task_id.clone();
-        if let Err(e) = self.spool.finish(&result) {
+        let spool = self.spool.clone();
+        let task = task.clone();
+        let handle = self.commits.spawn_blocking(move || {
+            let outcome = spool.finish(&result).map_err(|e| format!("{e:#}"));
+            Committed {
+                task,
+                result,
+                outcome,
+            }
+        });
+        self.finishing.insert(id, handle.id());
+    }
+
+    fn on_committed(&mut self, done: Result<Committed, tokio::task::JoinError>) {
+        let Committed {
+            task,
+            result,
+            outcome,
+        } = match done {
+            Ok(c) => c,
+            Err(e) => {
+                // A bug of ours: the claim stays, and recovery at the next start settles the task.
+                self.finishing.retain(|id, h| {
+                    let it = *h == e.id();
+                    if it {
+                        console::error(&format!("commit of {id} crashed: {e}"));
+                    }
+                    !it
+                });
+                return;
+            }
+        };
+        let task = &task;
+        let id = result.task_id.clone();
+        self.finishing.remove(&id);
+        if let Err(e) = outcome {
             // The claim stays; recovery at the next start finishes the move from the result file.
-            console::error(&format!("cannot finish {id}: {e:#}"));
+            console::error(&format!("cannot finish {id}: {e}"));
             return;
         }
         let secs: u64 = result
@@ -1484,7 +1614,7 @@ impl Supervisor {
     // ---- housekeeping ----------------------------------------------------------------------------
 
     fn heartbeat(&mut self) {
-        for r in self.running.values() {
+        for r in self.running.values().filter(|r| r.claimed) {
             if let Err(e) = self.spool.heartbeat(&r.claim) {
                 console::warn(&format!("heartbeat for {} failed: {e:#}", r.claim.task_id));
             }
@@ -1522,7 +1652,8 @@ impl Supervisor {
         self.state_dirty = false;
         let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
         counts.insert("pending", self.sched.pending.len());
-        counts.insert("running", self.running.len());
+        // A finishing task is still running as far as anyone reading the tree can tell.
+        counts.insert("running", self.running.len() + self.finishing.len());
         let (mut c, mut f) = (0, 0);
         for t in self.done.values() {
             match t {
@@ -1556,13 +1687,98 @@ struct AttemptCtx {
     redactor: Arc<Redactor>,
 }
 
+/// What an attempt needs to claim its task before it runs.
+struct ClaimJob {
+    spool: Spool,
+    src: PathBuf,
+    hash: u64,
+    writer: Writer,
+    /// The mirror's row for the running task, sent once the claim is durable.
+    row: mirror::TaskRow,
+    because: String,
+    claimed: mpsc::UnboundedSender<String>,
+}
+
+/// Claim `src` as `claim.task_id`, then check that the file is the one that was parsed (`hash`): a
+/// writer still appending would otherwise run half a task. A `Changed` or `Stopping` task is left in
+/// `assigned/` under the claim, for the loop to put back.
+fn claim_task(
+    spool: &Spool,
+    src: &Path,
+    claim: &Claim,
+    hash: u64,
+    stop: Option<&watch::Receiver<Option<Stop>>>,
+) -> Claimed {
+    let id = &claim.task_id;
+    match spool.claim(src, claim) {
+        Ok(true) => {}
+        Ok(false) => return Claimed::Lost,
+        Err(e) => return Claimed::Failed(format!("{e:#}")),
+    }
+    let now_bytes = std::fs::read(spool.task_path(Place::Assigned, id)).unwrap_or_default();
+    if hash_bytes(&now_bytes) != hash {
+        return Claimed::Changed;
+    }
+    if stop.is_some_and(|s| s.borrow().is_some()) {
+        return Claimed::Stopping;
+    }
+    // Only now is the history carried by the claim alone.
+    let _ = std::fs::remove_file(spool.history_path(id));
+    Claimed::Ours
+}
+
 /// One attempt, start to end: prompt, snapshot, run, diff, output. Never touches the spool.
 async fn run_attempt(
     ctx: AttemptCtx,
+    job: ClaimJob,
     task: Task,
     claim: Claim,
     stop: watch::Receiver<Option<Stop>>,
 ) -> Report {
+    let claimed = {
+        let (spool, src, c, hash, stop) = (
+            job.spool.clone(),
+            job.src.clone(),
+            claim.clone(),
+            job.hash,
+            stop.clone(),
+        );
+        tokio::task::spawn_blocking(move || claim_task(&spool, &src, &c, hash, Some(&stop)))
+            .await
+            .unwrap_or_else(|e| Claimed::Failed(format!("internal error: {e}")))
+    };
+    if !matches!(claimed, Claimed::Ours) {
+        return Report {
+            id: task.id.clone(),
+            attempt: Attempt::new(
+                claim.attempt,
+                &claim.agent,
+                &claim.started_at,
+                Outcome::Interrupted,
+            ),
+            text_file: None,
+            diff_file: None,
+            files_modified: vec![],
+            permanent: false,
+            stopped: None,
+            retry_after: None,
+            unclaimed: Some(claimed),
+        };
+    }
+    // The mirror follows the durable claim, never runs ahead of it.
+    job.writer.send(Op::Upsert {
+        attempts: {
+            let mut a = claim.history.clone();
+            a.push(mirror::running_attempt(&claim));
+            a
+        },
+        row: job.row,
+    });
+    let _ = job.claimed.send(task.id.clone());
+    console::info(&format!(
+        "started    {} on {} (attempt {}; {})",
+        task.id, claim.agent, claim.attempt, job.because
+    ));
     let started_at = fsutil::now_rfc3339();
     let t0 = Instant::now();
     let log_path = ctx.layout.log_path(&task.id, claim.attempt);
@@ -1584,6 +1800,7 @@ async fn run_attempt(
         permanent: false,
         stopped: None,
         retry_after: None,
+        unclaimed: None,
     };
     let prepared = prepare(&ctx, &task, &claim);
     let (workdir, prompt, prompt_file) = match prepared {
@@ -1709,19 +1926,38 @@ async fn run_attempt(
         (None, Some(s), None) => format!("signal {s}"),
         _ => "-".into(),
     };
-    let header = context::OutputHeader {
-        task: &task,
-        agent: &claim.agent,
-        attempt: claim.attempt,
-        duration: exit.duration,
-        exit: exit_text,
+    // Off the runtime's worker threads: both writes wait for the disk, and the runtime has two.
+    let (text_file, diff_file) = {
+        let (layout, redactor, task, agent) = (
+            ctx.layout.clone(),
+            ctx.redactor.clone(),
+            task.clone(),
+            claim.agent.clone(),
+        );
+        let (attempt_n, duration) = (claim.attempt, exit.duration);
+        let text = std::mem::take(&mut parsed.text);
+        let diff_text = diff.text;
+        tokio::task::spawn_blocking(move || {
+            let header = context::OutputHeader {
+                task: &task,
+                agent: &agent,
+                attempt: attempt_n,
+                duration,
+                exit: exit_text,
+            };
+            let text_file = context::write_output(&layout, &header, &text, &redactor)
+                .map_err(|e| console::warn(&format!("cannot write output of {}: {e:#}", task.id)))
+                .ok();
+            let diff_file = context::write_diff(&layout, &task.id, &diff_text, &redactor)
+                .map_err(|e| console::warn(&format!("cannot write diff of {}: {e:#}", task.id)))
+                .ok();
+            (text_file, diff_file)
+        })
+        .await
+        .expect("output writer does not panic")
     };
-    report.text_file = context::write_output(&ctx.layout, &header, &parsed.text, &ctx.redactor)
-        .map_err(|e| console::warn(&format!("cannot write output of {}: {e:#}", task.id)))
-        .ok();
-    report.diff_file = context::write_diff(&ctx.layout, &task.id, &diff.text, &ctx.redactor)
-        .map_err(|e| console::warn(&format!("cannot write diff of {}: {e:#}", task.id)))
-        .ok();
+    report.text_file = text_file;
+    report.diff_file = diff_file;
     if exit.log_bytes_dropped > 0 {
         console::debug(&format!(
             "{}: {} bytes of output dropped by the log cap",
