@@ -2,7 +2,11 @@
 //! process SIGKILL itself the n-th time (default: first) it reaches the named commit point, exactly
 //! as a power cut or the OOM killer would stop it there: no destructors, no flushing.
 //!
-//! Unset (always, outside tests), a point costs one relaxed atomic load after the first call.
+//! `ORCHESTRATE_PAUSE_AT=<point>[:<n>]` with `ORCHESTRATE_PAUSE_MS=<ms>` instead holds the thread
+//! there for that long, the n-th time, so a test can act inside a window that is otherwise a few
+//! microseconds wide (a cancel or a rescan while a claim is under way).
+//!
+//! Unset (always, outside tests), a point costs two relaxed atomic loads after the first call.
 //! The points are listed in [`POINTS`] so the suite can be sure it covers every one.
 
 use std::sync::OnceLock;
@@ -37,19 +41,32 @@ struct Target {
     seen: AtomicU64,
 }
 
+fn parse(var: &str) -> Option<Target> {
+    let spec = std::env::var(var).ok()?;
+    let (point, nth) = match spec.split_once(':') {
+        Some((p, n)) => (p.to_string(), n.parse().unwrap_or(1)),
+        None => (spec, 1),
+    };
+    Some(Target {
+        point,
+        nth: nth.max(1),
+        seen: AtomicU64::new(0),
+    })
+}
+
 fn target() -> Option<&'static Target> {
     static T: OnceLock<Option<Target>> = OnceLock::new();
-    T.get_or_init(|| {
-        let spec = std::env::var("ORCHESTRATE_CRASH_AT").ok()?;
-        let (point, nth) = match spec.split_once(':') {
-            Some((p, n)) => (p.to_string(), n.parse().unwrap_or(1)),
-            None => (spec, 1),
-        };
-        Some(Target {
-            point,
-            nth: nth.max(1),
-            seen: AtomicU64::new(0),
-        })
+    T.get_or_init(|| parse("ORCHESTRATE_CRASH_AT")).as_ref()
+}
+
+fn pause() -> Option<&'static (Target, std::time::Duration)> {
+    static P: OnceLock<Option<(Target, std::time::Duration)>> = OnceLock::new();
+    P.get_or_init(|| {
+        let ms = std::env::var("ORCHESTRATE_PAUSE_MS").ok()?.parse().ok()?;
+        Some((
+            parse("ORCHESTRATE_PAUSE_AT")?,
+            std::time::Duration::from_millis(ms),
+        ))
     })
     .as_ref()
 }
@@ -61,6 +78,13 @@ pub fn armed(point: &str) -> bool {
 
 /// Reached a commit point: die here if this is the one (and the n-th time).
 pub fn hit(point: &str) {
+    if let Some((p, how_long)) = pause()
+        && p.point == point
+        && p.seen.fetch_add(1, Ordering::SeqCst) + 1 == p.nth
+    {
+        eprintln!("paused at {point} for {} ms", how_long.as_millis());
+        std::thread::sleep(*how_long);
+    }
     let Some(t) = target() else { return };
     if t.point != point {
         return;

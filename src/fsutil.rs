@@ -4,7 +4,7 @@
 //! same directory, fsync, rename over the target, fsync of the directory. Durability (the fsyncs) can be
 //! turned off for benchmarks and throwaway trees; atomicity (the rename) never is.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -50,9 +50,15 @@ struct DirSyncState {
     started: u64,
     finished: u64,
     in_flight: bool,
-    /// The latest generation that failed, and how: every caller it was meant to cover gets the error.
-    failed: Option<(u64, io::ErrorKind, String)>,
+    /// Callers waiting for a generation (tests watch it).
+    waiting: usize,
+    /// Failed generations, newest last, a bounded few: a caller gets the error of the generation
+    /// it waited for. One that slept through more than the list holds gets the newest failure if
+    /// that is at or after its generation (an error too many, never one too few).
+    failures: VecDeque<(u64, io::ErrorKind, String)>,
 }
+
+const KEPT_FAILURES: usize = 64;
 
 impl DirSync {
     fn sync(&self, dir: &Path) -> io::Result<()> {
@@ -61,7 +67,9 @@ impl DirSync {
         let need = st.started + 1;
         while st.finished < need {
             if st.in_flight {
+                st.waiting += 1;
                 st = self.done.wait(st).unwrap_or_else(|e| e.into_inner());
+                st.waiting -= 1;
                 continue;
             }
             st.in_flight = true;
@@ -73,13 +81,22 @@ impl DirSync {
             st.in_flight = false;
             st.finished = generation;
             if let Err(e) = r {
-                st.failed = Some((generation, e.kind(), e.to_string()));
+                if st.failures.len() == KEPT_FAILURES {
+                    st.failures.pop_front();
+                }
+                st.failures.push_back((generation, e.kind(), e.to_string()));
             }
             self.done.notify_all();
         }
-        match &st.failed {
-            Some((g, kind, msg)) if *g >= need => Err(io::Error::new(*kind, msg.clone())),
-            _ => Ok(()),
+        let oldest_kept = st.failures.front().map_or(0, |f| f.0);
+        let failure = if need >= oldest_kept || st.failures.len() < KEPT_FAILURES {
+            st.failures.iter().find(|f| f.0 == need)
+        } else {
+            st.failures.back().filter(|f| f.0 >= need)
+        };
+        match failure {
+            Some((_, kind, msg)) => Err(io::Error::new(*kind, msg.clone())),
+            None => Ok(()),
         }
     }
 }
@@ -317,8 +334,14 @@ mod tests {
         }
         let (d, p) = (ds.clone(), dir.path().to_path_buf());
         let caller = std::thread::spawn(move || d.sync(&p));
-        // Whether the caller queues behind generation 1 or comes after it ended, generation 1 must
-        // not be taken as covering its change.
+        let t0 = std::time::Instant::now();
+        while ds.state.lock().unwrap().waiting == 0 {
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(10),
+                "the caller never queued behind generation 1"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         {
             let mut st = ds.state.lock().unwrap();
             st.finished = 1;
@@ -335,7 +358,7 @@ mod tests {
     }
 
     #[test]
-    fn concurrent_dir_fsyncs_all_return_and_errors_reach_their_callers() {
+    fn concurrent_dir_fsyncs_all_return() {
         let dir = tempfile::tempdir().unwrap();
         let ds = Arc::new(DirSync::default());
         let threads: Vec<_> = (0..8)
@@ -348,10 +371,28 @@ mod tests {
             assert!(t.join().unwrap().iter().all(|r| r.is_ok()));
         }
         let st = ds.state.lock().unwrap();
-        assert!(st.started <= 400 && st.started >= 1 && st.finished == st.started);
-        drop(st);
-        let gone = dir.path().join("gone");
-        let e = DirSync::default().sync(&gone).unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        assert!(!st.in_flight && st.waiting == 0 && st.finished == st.started);
+    }
+
+    #[test]
+    fn a_failed_dir_fsync_reaches_every_caller_it_covered_and_no_later_one() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("d");
+        let ds = Arc::new(DirSync::default());
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (d, p) = (ds.clone(), dir.clone());
+                std::thread::spawn(move || (0..20).map(|_| d.sync(&p)).collect::<Vec<_>>())
+            })
+            .collect();
+        for t in threads {
+            for r in t.join().unwrap() {
+                assert_eq!(r.unwrap_err().kind(), io::ErrorKind::NotFound);
+            }
+        }
+        // The directory exists now: a new generation succeeds, and its caller is not handed the
+        // earlier failures.
+        std::fs::create_dir(&dir).unwrap();
+        ds.sync(&dir).unwrap();
     }
 }

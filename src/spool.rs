@@ -409,6 +409,10 @@ impl Spool {
                 .and_then(|n| n.strip_suffix(".history.yaml"))
                 && !self.task_path(Place::Pending, id).exists()
                 && self.settled_place(id).is_some()
+                // A live claimer keeps it until its claim is checked: it may still put the task back.
+                && !self
+                    .read_claim(id)
+                    .is_some_and(|c| me.owner_alive(&c, &self.state_dir))
             {
                 let _ = fs::remove_file(self.pending.join(&name));
             }
@@ -455,8 +459,10 @@ impl Spool {
         let claim = self.read_claim(id);
         let owner_dead = match &claim {
             Some(c) => !me.owner_alive(c, &self.state_dir),
-            // No claim although we hold the spool lock: the claimer died between rename and write.
-            None => true,
+            // No claim although we hold the spool lock: the claimer died between rename and write,
+            // unless the task has just finished (a finish moves the task before it removes the
+            // claim, and takes no lock).
+            None => self.task_path(Place::Assigned, id).exists(),
         };
         if !owner_dead {
             return Ok(None);

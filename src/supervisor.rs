@@ -52,6 +52,8 @@ struct Running {
     cancelling: bool,
     /// Where the task file was in `pending/` before the claim.
     path: PathBuf,
+    /// Which start of the supervisor's this is (see `claimed_tx`).
+    start: u64,
     /// The claim is done and the task file is ours (the claim runs in the attempt's task, off the
     /// loop); until then there is no claim record to refresh.
     claimed: bool,
@@ -123,8 +125,11 @@ pub struct Supervisor {
     finishing: HashMap<String, tokio::task::Id>,
     /// `pending/` files being claimed right now: the watcher's and the scan's news of them is ours.
     claiming: HashSet<PathBuf>,
-    claimed_tx: mpsc::UnboundedSender<String>,
-    claimed_rx: Option<mpsc::UnboundedReceiver<String>>,
+    /// "Claimed" news from attempts, by task and start: a message from an earlier start of the
+    /// same task (its report was handled first and the task started again) must not count.
+    claimed_tx: mpsc::UnboundedSender<(String, u64)>,
+    claimed_rx: Option<mpsc::UnboundedReceiver<(String, u64)>>,
+    starts: u64,
     /// The next scheduling pass looks at every pending task (see `schedule`).
     full_pass_due: bool,
     /// When the earliest retry back-off ends, as far as known.
@@ -240,6 +245,7 @@ impl Supervisor {
             claiming: HashSet::new(),
             claimed_tx,
             claimed_rx: Some(claimed_rx),
+            starts: 0,
             full_pass_due: true,
             next_wake: None,
             unavailable: None,
@@ -439,10 +445,10 @@ impl Supervisor {
                     }
                 }
                 Some((id, routed)) = routes.recv() => self.on_routed(id, routed),
-                Some(id) = claimed.recv() => {
-                    self.on_claimed(&id);
-                    while let Ok(id) = claimed.try_recv() {
-                        self.on_claimed(&id);
+                Some((id, start)) = claimed.recv() => {
+                    self.on_claimed(&id, start);
+                    while let Ok((id, start)) = claimed.try_recv() {
+                        self.on_claimed(&id, start);
                     }
                 }
                 _ = settle_tick.tick(), if !self.settling.is_empty() => self.check_settling(),
@@ -823,6 +829,12 @@ impl Supervisor {
             self.done.remove(&id);
             self.completed.retain(|c| c.id != id);
         }
+        if self.finishing.contains_key(&id) && !self.running.contains_key(&id) {
+            // Its commit is under way off the loop, and this may be `orchestrate retry` putting it
+            // back the moment it landed in failed/: look again once the commit is in.
+            self.start_settling(path, sig);
+            return;
+        }
         if self.in_hand(&id) || self.spool.settled_place(&id).is_some() {
             let place = self
                 .spool
@@ -1172,7 +1184,9 @@ impl Supervisor {
             layout: self.layout.clone(),
             redactor: self.redactor.clone(),
         };
+        self.starts += 1;
         let job = ClaimJob {
+            start: self.starts,
             spool: self.spool.clone(),
             src: p.path.clone(),
             hash: p.hash,
@@ -1195,6 +1209,7 @@ impl Supervisor {
                 stop: stop_tx,
                 cancelling: false,
                 path: p.path,
+                start: self.starts,
                 claimed: false,
             },
         );
@@ -1202,11 +1217,18 @@ impl Supervisor {
     }
 
     /// The attempt's task holds the claim now: the file has left `pending/`.
-    fn on_claimed(&mut self, id: &str) {
-        if let Some(r) = self.running.get_mut(id) {
+    fn on_claimed(&mut self, id: &str, start: u64) {
+        if let Some(r) = self.running.get_mut(id).filter(|r| r.start == start) {
             r.claimed = true;
             self.claiming.remove(&r.path);
         }
+    }
+
+    /// This start's claim record is in `assigned/`: the claim got at least that far.
+    fn claim_on_disk(&self, run: &Running) -> bool {
+        self.spool
+            .read_claim(&run.task.id)
+            .is_some_and(|c| c.instance == run.claim.instance && c.version == run.claim.version)
     }
 
     /// The claim did not give us the task (see [`Claimed`]); nothing ran.
@@ -1218,7 +1240,30 @@ impl Supervisor {
             Claimed::Lost => {
                 console::debug(&format!("lost race  {id}: claimed by another supervisor"));
             }
-            Claimed::Failed(e) => console::error(&format!("claim of {id} failed: {e}")),
+            Claimed::Failed(e) => {
+                console::error(&format!("claim of {id} failed: {e}"));
+                // Failed after the rename (the fsync, say): the file is in `assigned/` under our
+                // live claim, where nothing would look at it again until we stop. Put it back.
+                if self.claim_on_disk(&run) {
+                    match self.spool.unclaim(&id, &run.path) {
+                        Ok(()) => self.start_settling(&run.path, (0, 0, 0)),
+                        Err(e) => console::error(&format!("cannot return {id} to pending: {e:#}")),
+                    }
+                }
+            }
+            Claimed::Stopping if run.cancelling => {
+                // `orchestrate cancel` saw the claim record before the agent started: the task ends
+                // cancelled, with no attempt, instead of going back to pending.
+                let _ = std::fs::remove_file(self.spool.history_path(&id));
+                let result = TaskResult::failed(
+                    &id,
+                    run.claim.version + 1,
+                    &run.task.file.description,
+                    run.claim.history.clone(),
+                    "cancelled by user".into(),
+                );
+                self.commit_terminal(&run.task, result);
+            }
             Claimed::Changed | Claimed::Stopping => {
                 if let Err(e) = self.spool.unclaim(&id, &run.path) {
                     console::error(&format!("cannot return {id} to pending: {e:#}"));
@@ -1258,6 +1303,7 @@ impl Supervisor {
                     stop,
                     cancelling: false,
                     path: p.path,
+                    start: 0,
                     claimed: false,
                 };
                 self.on_unclaimed(run, how);
@@ -1478,9 +1524,11 @@ impl Supervisor {
         let Some(run) = self.running.get(&id) else {
             return;
         };
-        // Crashed before the claim was done: nothing ran, and the file is wherever the claim left it
-        // (in `assigned/` under our claim, recovery settles it once this supervisor is gone).
-        let unclaimed = (!run.claimed).then(|| Claimed::Failed(format!("internal error: {e}")));
+        // Crashed before the claim was done: nothing ran (`on_unclaimed` puts the file back if the
+        // claim got as far as `assigned/`). The "claimed" message may simply not be handled yet, so
+        // the claim record decides.
+        let unclaimed = (!run.claimed && !self.claim_on_disk(run))
+            .then(|| Claimed::Failed(format!("internal error: {e}")));
         let attempt = Attempt {
             finished_at: Some(fsutil::now_rfc3339()),
             error: Some(format!("internal error while running the attempt: {e}")),
@@ -1689,6 +1737,7 @@ struct AttemptCtx {
 
 /// What an attempt needs to claim its task before it runs.
 struct ClaimJob {
+    start: u64,
     spool: Spool,
     src: PathBuf,
     hash: u64,
@@ -1696,7 +1745,7 @@ struct ClaimJob {
     /// The mirror's row for the running task, sent once the claim is durable.
     row: mirror::TaskRow,
     because: String,
-    claimed: mpsc::UnboundedSender<String>,
+    claimed: mpsc::UnboundedSender<(String, u64)>,
 }
 
 /// Claim `src` as `claim.task_id`, then check that the file is the one that was parsed (`hash`): a
@@ -1774,7 +1823,7 @@ async fn run_attempt(
         },
         row: job.row,
     });
-    let _ = job.claimed.send(task.id.clone());
+    let _ = job.claimed.send((task.id.clone(), job.start));
     console::info(&format!(
         "started    {} on {} (attempt {}; {})",
         task.id, claim.agent, claim.attempt, job.because

@@ -822,3 +822,129 @@ fn a_rejected_file_that_lost_its_explanation_in_a_crash_gets_one_at_start() {
     let err = p.read("tasks/failed/broken.error.txt");
     assert!(err.starts_with("broken.yaml:1:"), "{err}");
 }
+
+#[test]
+fn regression_a_retry_that_starts_at_once_is_not_quarantined_as_a_duplicate() {
+    // A failed attempt's report and the next start can overtake the first start's "claimed" news.
+    let cfg = test_config("")
+        .replace("max_retries: 1", "max_retries: 3")
+        .replace("retry_delay_seconds: 0.2", "retry_delay_seconds: 0");
+    let p = Project::with_config(&cfg);
+    let names: Vec<String> = (0..8).map(|i| format!("r{i}.yaml")).collect();
+    for n in &names {
+        p.drop_task(n, "description: \"@fake exit=3\"\n");
+    }
+    p.age_pending(&names.iter().map(String::as_str).collect::<Vec<_>>());
+    p.run(&["start", "--once"]).assert_code(0);
+    assert!(
+        p.files("tasks/quarantine").is_empty(),
+        "{:?}",
+        p.files("tasks/quarantine")
+    );
+    assert_eq!(p.tasks_in("failed").len(), 8, "{:?}", p.tasks_in("failed"));
+    for i in 0..8 {
+        assert_eq!(
+            p.result("failed", &format!("r{i}"))["attempts"]
+                .as_array()
+                .map(Vec::len),
+            Some(4),
+            "r{i}"
+        );
+    }
+}
+
+#[test]
+fn regression_a_cancel_while_the_claim_is_under_way_cancels_before_the_agent_starts() {
+    let p = Project::new();
+    let mut sup = p.start_with_env(&[
+        ("ORCHESTRATE_PAUSE_AT", "claim.after_record"),
+        ("ORCHESTRATE_PAUSE_MS", "1500"),
+    ]);
+    p.drop_task("c.yaml", "description: \"@fake pidfile=c.pid\"\n");
+    wait_for("the claim to pause", Duration::from_secs(10), || {
+        sup.output().contains("paused at claim.after_record")
+    });
+    let mut cancel = p
+        .cmd(&["cancel", "c"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("cancel");
+    wait_for("c failed", Duration::from_secs(15), || {
+        p.tasks_in("failed") == vec!["c"]
+    });
+    let _ = wait_child(&mut cancel, Duration::from_secs(30));
+    sup.stop();
+    assert!(!p.path("c.pid").exists(), "the agent ran after the cancel");
+    let r = p.result("failed", "c");
+    assert_eq!(r["error"], "cancelled by user", "{r}");
+    assert_eq!(r["attempts"].as_array().map(Vec::len), Some(0), "{r}");
+    assert!(p.tasks_in("pending").is_empty() && p.tasks_in("completed").is_empty());
+}
+
+#[test]
+fn regression_a_rescan_during_a_claim_that_is_put_back_keeps_the_task_history() {
+    let p =
+        Project::with_config(&test_config("").replace("rescan_seconds: 2", "rescan_seconds: 1"));
+    // The second claim (the retry) pauses long enough for a rescan, and finds the file changed.
+    let mut sup = p.start_with_env(&[
+        ("ORCHESTRATE_PAUSE_AT", "claim.after_record:2"),
+        ("ORCHESTRATE_PAUSE_MS", "2500"),
+    ]);
+    p.drop_task("h.yaml", "description: \"@fake fail-until=h.count:2\"\n");
+    wait_for(
+        "the retry's claim to pause",
+        Duration::from_secs(15),
+        || sup.output().contains("paused at claim.after_record"),
+    );
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(p.path("tasks/assigned/h.yaml"))
+        .expect("open the claimed file");
+    std::io::Write::write_all(&mut f, b"# edited while being claimed\n").expect("append");
+    drop(f);
+    wait_for("h completed", Duration::from_secs(20), || {
+        p.tasks_in("completed") == vec!["h"]
+    });
+    sup.stop();
+    assert!(sup.output().contains("file changed while being claimed"));
+    let r = p.result("completed", "h");
+    let attempts = r["attempts"].as_array().expect("attempts");
+    assert_eq!(
+        attempts.len(),
+        2,
+        "the first, failed attempt was forgotten: {r}"
+    );
+    assert_eq!(attempts[1]["n"], 2, "{r}");
+}
+
+#[test]
+fn regression_a_retry_while_the_failure_is_being_committed_reruns_the_task() {
+    let p = Project::new();
+    let mut sup = p.start_with_env(&[
+        ("ORCHESTRATE_PAUSE_AT", "finish.after_rename"),
+        ("ORCHESTRATE_PAUSE_MS", "1500"),
+    ]);
+    p.drop_task(
+        "x.yaml",
+        "description: \"@fake fail-until=x.count:2\"\nmax_retries: 0\n",
+    );
+    wait_for("the commit to pause", Duration::from_secs(10), || {
+        sup.output().contains("paused at finish.after_rename")
+    });
+    p.run(&["retry", "x"]).assert_code(0);
+    wait_for("x completed", Duration::from_secs(15), || {
+        p.tasks_in("completed") == vec!["x"]
+    });
+    sup.stop();
+    assert!(
+        p.files("tasks/quarantine").is_empty(),
+        "{:?}",
+        p.files("tasks/quarantine")
+    );
+    assert_eq!(
+        p.result("completed", "x")["attempts"]
+            .as_array()
+            .map(Vec::len),
+        Some(2)
+    );
+}
