@@ -1729,6 +1729,7 @@ impl Supervisor {
     }
 }
 
+#[derive(Clone)]
 struct AttemptCtx {
     cfg: Arc<Config>,
     layout: Layout,
@@ -1777,48 +1778,36 @@ fn claim_task(
 }
 
 /// One attempt, start to end: prompt, snapshot, run, diff, output. Never touches the spool.
-async fn run_attempt(
-    ctx: AttemptCtx,
+/// How an attempt's start went, up to the agent's spawn.
+enum Begun {
+    NotClaimed(Claimed),
+    Ready {
+        started_at: String,
+        t0: Instant,
+        prepared: Result<(PathBuf, String, PathBuf)>,
+        /// Taken when `prepared` is `Ok`. Boxed: a snapshot is large beside a `NotClaimed`.
+        snapshot: Option<Box<context::Snapshot>>,
+    },
+}
+
+/// Claim the task; once it is ours, tell the mirror and the loop, write the prompt and snapshot
+/// the workdir.
+fn begin(
+    ctx: &AttemptCtx,
     job: ClaimJob,
-    task: Task,
-    claim: Claim,
-    stop: watch::Receiver<Option<Stop>>,
-) -> Report {
-    let claimed = {
-        let (spool, src, c, hash, stop) = (
-            job.spool.clone(),
-            job.src.clone(),
-            claim.clone(),
-            job.hash,
-            stop.clone(),
-        );
-        tokio::task::spawn_blocking(move || claim_task(&spool, &src, &c, hash, Some(&stop)))
-            .await
-            .unwrap_or_else(|e| Claimed::Failed(format!("internal error: {e}")))
-    };
+    task: &Task,
+    claim: &Claim,
+    stop: &watch::Receiver<Option<Stop>>,
+) -> Begun {
+    let claimed = claim_task(&job.spool, &job.src, claim, job.hash, Some(stop));
     if !matches!(claimed, Claimed::Ours) {
-        return Report {
-            id: task.id.clone(),
-            attempt: Attempt::new(
-                claim.attempt,
-                &claim.agent,
-                &claim.started_at,
-                Outcome::Interrupted,
-            ),
-            text_file: None,
-            diff_file: None,
-            files_modified: vec![],
-            permanent: false,
-            stopped: None,
-            retry_after: None,
-            unclaimed: Some(claimed),
-        };
+        return Begun::NotClaimed(claimed);
     }
     // The mirror follows the durable claim, never runs ahead of it.
     job.writer.send(Op::Upsert {
         attempts: {
             let mut a = claim.history.clone();
-            a.push(mirror::running_attempt(&claim));
+            a.push(mirror::running_attempt(claim));
             a
         },
         row: job.row,
@@ -1830,6 +1819,63 @@ async fn run_attempt(
     ));
     let started_at = fsutil::now_rfc3339();
     let t0 = Instant::now();
+    let prepared = prepare(ctx, task, claim);
+    let snapshot = prepared
+        .as_ref()
+        .ok()
+        .map(|(workdir, _, _)| Box::new(context::Snapshot::take(workdir, &ctx.layout, &ctx.cfg)));
+    Begun::Ready {
+        started_at,
+        t0,
+        prepared,
+        snapshot,
+    }
+}
+
+async fn run_attempt(
+    ctx: AttemptCtx,
+    job: ClaimJob,
+    task: Task,
+    claim: Claim,
+    stop: watch::Receiver<Option<Stop>>,
+) -> Report {
+    // One trip to a blocking thread for everything before the agent starts: the claim and its
+    // fsyncs, the prompt file, the workdir snapshot.
+    let begun = {
+        let (ctx, task, claim, stop) = (ctx.clone(), task.clone(), claim.clone(), stop.clone());
+        match tokio::task::spawn_blocking(move || begin(&ctx, job, &task, &claim, &stop)).await {
+            Ok(b) => b,
+            // A bug of ours: `on_attempt_crash` looks at the claim record to decide what ran.
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Begun::NotClaimed(Claimed::Failed(format!("internal error: {e}"))),
+        }
+    };
+    let (started_at, t0, prepared, snapshot) = match begun {
+        Begun::NotClaimed(claimed) => {
+            return Report {
+                id: task.id.clone(),
+                attempt: Attempt::new(
+                    claim.attempt,
+                    &claim.agent,
+                    &claim.started_at,
+                    Outcome::Interrupted,
+                ),
+                text_file: None,
+                diff_file: None,
+                files_modified: vec![],
+                permanent: false,
+                stopped: None,
+                retry_after: None,
+                unclaimed: Some(claimed),
+            };
+        }
+        Begun::Ready {
+            started_at,
+            t0,
+            prepared,
+            snapshot,
+        } => (started_at, t0, prepared, snapshot),
+    };
     let log_path = ctx.layout.log_path(&task.id, claim.attempt);
     let mut attempt = Attempt {
         log_file: Some(ctx.layout.rel(&log_path)),
@@ -1851,7 +1897,6 @@ async fn run_attempt(
         retry_after: None,
         unclaimed: None,
     };
-    let prepared = prepare(&ctx, &task, &claim);
     let (workdir, prompt, prompt_file) = match prepared {
         Ok(v) => v,
         Err(e) => {
@@ -1863,6 +1908,7 @@ async fn run_attempt(
             return report;
         }
     };
+    let snapshot = snapshot.expect("taken whenever the attempt was prepared");
     let agent_cfg = ctx.cfg.agents[&claim.agent].clone();
     let adapter = agents::adapter_for(agent_cfg.kind)
         .expect("the scheduler only picks agents with an adapter");
@@ -1883,12 +1929,6 @@ async fn run_attempt(
             return report;
         }
     };
-    let snap_root = workdir.clone();
-    let (layout2, cfg2) = (ctx.layout.clone(), ctx.cfg.clone());
-    let snapshot =
-        tokio::task::spawn_blocking(move || context::Snapshot::take(&snap_root, &layout2, &cfg2))
-            .await
-            .expect("snapshot task does not panic");
     let mut env = process::build_env(&ctx.cfg.security.env_allow, &inv.env);
     env.push((
         process::RUN_MARKER.into(),
@@ -1951,9 +1991,6 @@ async fn run_attempt(
         parsed.outcome = Outcome::Interrupted;
         parsed.error = Some("interrupted by a supervisor shutdown".into());
     }
-    let diff = tokio::task::spawn_blocking(move || snapshot.diff())
-        .await
-        .expect("diff task does not panic");
     attempt.finished_at = Some(fsutil::now_rfc3339());
     attempt.duration_ms = Some(exit.duration.as_millis() as u64);
     attempt.exit_code = exit.code;
@@ -1975,8 +2012,9 @@ async fn run_attempt(
         (None, Some(s), None) => format!("signal {s}"),
         _ => "-".into(),
     };
-    // Off the runtime's worker threads: both writes wait for the disk, and the runtime has two.
-    let (text_file, diff_file) = {
+    // Off the runtime's worker threads, in one trip: the diff reads the workdir, and both writes
+    // wait for the disk.
+    let (text_file, diff_file, files_modified) = {
         let (layout, redactor, task, agent) = (
             ctx.layout.clone(),
             ctx.redactor.clone(),
@@ -1985,8 +2023,8 @@ async fn run_attempt(
         );
         let (attempt_n, duration) = (claim.attempt, exit.duration);
         let text = std::mem::take(&mut parsed.text);
-        let diff_text = diff.text;
         tokio::task::spawn_blocking(move || {
+            let diff = snapshot.diff();
             let header = context::OutputHeader {
                 task: &task,
                 agent: &agent,
@@ -1997,13 +2035,13 @@ async fn run_attempt(
             let text_file = context::write_output(&layout, &header, &text, &redactor)
                 .map_err(|e| console::warn(&format!("cannot write output of {}: {e:#}", task.id)))
                 .ok();
-            let diff_file = context::write_diff(&layout, &task.id, &diff_text, &redactor)
+            let diff_file = context::write_diff(&layout, &task.id, &diff.text, &redactor)
                 .map_err(|e| console::warn(&format!("cannot write diff of {}: {e:#}", task.id)))
                 .ok();
-            (text_file, diff_file)
+            (text_file, diff_file, diff.files)
         })
         .await
-        .expect("output writer does not panic")
+        .expect("diff and output writer do not panic")
     };
     report.text_file = text_file;
     report.diff_file = diff_file;
@@ -2013,7 +2051,7 @@ async fn run_attempt(
             task.id, exit.log_bytes_dropped
         ));
     }
-    report.files_modified = diff.files;
+    report.files_modified = files_modified;
     // Files the agent says it changed but the diff did not see (outside the snapshot's limits, or
     // changed back): listed too, relative to the workdir when inside it.
     for f in &parsed.files_reported {
