@@ -3,14 +3,20 @@
 //! # Theory of operation
 //!
 //! One tokio task owns all state. It reacts to: watcher hints (a file in `pending/` may be ready),
-//! finished attempts, the settle ticker (files seen only by scans or modify events must stay unchanged
-//! for `settle_ms`), retry back-off timers, the heartbeat/rescan ticker, and signals. After each reaction
-//! it asks the scheduler which pending tasks can run and claims them through the spool.
+//! finished attempts and commits, the settle ticker (files seen only by scans or modify events must
+//! stay unchanged for `settle_ms`), retry back-off timers, the heartbeat/rescan ticker, and signals.
+//! After each reaction it asks the scheduler which pending tasks can run, and starts them.
 //!
-//! An attempt runs as its own tokio task: it assembles the prompt, snapshots the workdir, runs the agent
-//! through `process`, diffs the workdir and writes the output. It reports back; only the main loop moves
-//! files, so every transition of a task happens in one place and in order. Each transition is mirrored
-//! (after the file moved: the mirror may lag the tree, never lead it).
+//! The loop itself never waits for the disk. An attempt runs as its own tokio task: on a blocking
+//! thread it claims the task through the spool (the rename, the claim record, their fsyncs), tells the
+//! loop and the mirror, assembles the prompt and snapshots the workdir; then it runs the agent through
+//! `process`, diffs the workdir and writes the output, and reports back. The loop decides what the
+//! outcome means (retry, cooldown, done) and hands a terminal result to another blocking thread that
+//! commits it (result file, rename, fsyncs). Several claims and commits are on the disk at once, and
+//! their directory fsyncs are shared (`fsutil::fsync_dir`). Each task has at most one such job at a
+//! time, and the loop holds it as running or finishing until the job is back, so its transitions stay
+//! in order. Each transition is mirrored after the file moved and is durable: the mirror may lag the
+//! tree, never lead it.
 //!
 //! Shutdown (SIGINT/SIGTERM): stop claiming, SIGTERM every running agent group, wait for the grace
 //! period, SIGKILL; interrupted tasks go back to `pending/` without using up a retry. A second signal
@@ -99,6 +105,23 @@ struct Report {
     retry_after: Option<Duration>,
     /// Set when the claim did not give us the task: nothing ran.
     unclaimed: Option<Claimed>,
+}
+
+impl Report {
+    /// An attempt that got nowhere beyond `attempt` says.
+    fn new(id: &str, attempt: Attempt) -> Report {
+        Report {
+            id: id.to_string(),
+            attempt,
+            text_file: None,
+            diff_file: None,
+            files_modified: vec![],
+            permanent: false,
+            stopped: None,
+            retry_after: None,
+            unclaimed: None,
+        }
+    }
 }
 
 pub struct Supervisor {
@@ -1540,15 +1563,8 @@ impl Supervisor {
             )
         };
         self.on_report(Report {
-            id,
-            attempt,
-            text_file: None,
-            diff_file: None,
-            files_modified: vec![],
-            permanent: false,
-            stopped: None,
-            retry_after: None,
             unclaimed,
+            ..Report::new(&id, attempt)
         });
     }
 
@@ -1852,21 +1868,15 @@ async fn run_attempt(
     };
     let (started_at, t0, prepared, snapshot) = match begun {
         Begun::NotClaimed(claimed) => {
+            let attempt = Attempt::new(
+                claim.attempt,
+                &claim.agent,
+                &claim.started_at,
+                Outcome::Interrupted,
+            );
             return Report {
-                id: task.id.clone(),
-                attempt: Attempt::new(
-                    claim.attempt,
-                    &claim.agent,
-                    &claim.started_at,
-                    Outcome::Interrupted,
-                ),
-                text_file: None,
-                diff_file: None,
-                files_modified: vec![],
-                permanent: false,
-                stopped: None,
-                retry_after: None,
                 unclaimed: Some(claimed),
+                ..Report::new(&task.id, attempt)
             };
         }
         Begun::Ready {
@@ -1886,17 +1896,7 @@ async fn run_attempt(
             Outcome::AgentError,
         )
     };
-    let mut report = Report {
-        id: task.id.clone(),
-        attempt: attempt.clone(),
-        text_file: None,
-        diff_file: None,
-        files_modified: vec![],
-        permanent: false,
-        stopped: None,
-        retry_after: None,
-        unclaimed: None,
-    };
+    let mut report = Report::new(&task.id, attempt.clone());
     let (workdir, prompt, prompt_file) = match prepared {
         Ok(v) => v,
         Err(e) => {
