@@ -185,8 +185,14 @@ impl Spool {
             Err(e) => return Err(e).with_context(|| format!("cannot claim {}", src.display())),
         }
         failpoint::hit("claim.after_rename");
-        fsutil::atomic_write_before_commit(&self.claim_path(id), task::to_yaml(claim).as_bytes())
-            .with_context(|| format!("cannot write claim for {id}"))?;
+        if let Err(e) = fsutil::atomic_write_before_commit(
+            &self.claim_path(id),
+            task::to_yaml(claim).as_bytes(),
+        ) {
+            // Disk full, say: no claim may be left without its record, so the task goes back.
+            let _ = rename_noreplace(&dst, src);
+            return Err(e).with_context(|| format!("cannot write claim for {id}"));
+        }
         failpoint::hit("claim.after_record");
         // Other supervisors need only see the record, so the lock ends here; the directory fsyncs
         // after it are shared with the claims and commits running beside this one.

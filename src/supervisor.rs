@@ -7,7 +7,8 @@
 //! stay unchanged for `settle_ms`), retry back-off timers, the heartbeat/rescan ticker, and signals.
 //! After each reaction it asks the scheduler which pending tasks can run, and starts them.
 //!
-//! The loop itself never waits for the disk. An attempt runs as its own tokio task: on a blocking
+//! Claims and terminal commits do not wait on the loop (requeues for retries, heartbeats and the
+//! rare paths still do). An attempt runs as its own tokio task: on a blocking
 //! thread it claims the task through the spool (the rename, the claim record, their fsyncs), tells the
 //! loop and the mirror, assembles the prompt and snapshots the workdir; then it runs the agent through
 //! `process`, diffs the workdir and writes the output, and reports back. The loop decides what the
@@ -409,6 +410,8 @@ impl Supervisor {
             self.cfg.orchestrator.max_concurrent
         ));
         self.rescan();
+        // Cancels asked of a supervisor that died before it could finish them.
+        self.check_cancels();
         self.schedule();
 
         let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -1547,9 +1550,9 @@ impl Supervisor {
         let Some(run) = self.running.get(&id) else {
             return;
         };
-        // Crashed before the claim was done: nothing ran (`on_unclaimed` puts the file back if the
-        // claim got as far as `assigned/`). The "claimed" message may simply not be handled yet, so
-        // the claim record decides.
+        // Crashed before the claim was done: nothing ran, and the spool put the file back unless the
+        // claim record was written (then `on_unclaimed` does). The "claimed" message may simply not be
+        // handled yet, so the claim record decides.
         let unclaimed = (!run.claimed && !self.claim_on_disk(run))
             .then(|| Claimed::Failed(format!("internal error: {e}")));
         let attempt = Attempt {
@@ -1616,6 +1619,8 @@ impl Supervisor {
             console::error(&format!("cannot finish {id}: {e}"));
             return;
         }
+        // A cancel request, if any, is answered now that the task is terminal on disk.
+        let _ = std::fs::remove_file(self.layout.state_dir.join("cancel").join(&id));
         let secs: u64 = result
             .attempts
             .last()
@@ -1692,7 +1697,9 @@ impl Supervisor {
         });
     }
 
-    /// `orchestrate cancel` leaves `state_dir/cancel/<id>` and sends SIGUSR1.
+    /// `orchestrate cancel` leaves `state_dir/cancel/<id>` and sends SIGUSR1. The request stays
+    /// until the task is in `failed/`: a supervisor that dies before then finds it again at its next
+    /// start, when recovery has put the task back in `pending/`, and cancels it there.
     fn check_cancels(&mut self) {
         let dir = self.layout.state_dir.join("cancel");
         let Ok(rd) = std::fs::read_dir(&dir) else {
@@ -1701,12 +1708,21 @@ impl Supervisor {
         for e in rd.flatten() {
             let id = e.file_name().to_string_lossy().into_owned();
             if let Some(r) = self.running.get_mut(&id) {
-                console::info(&format!("cancelling {id}"));
-                r.cancelling = true;
-                let _ = r.stop.send(Some(Stop::Cancel));
-                let _ = std::fs::remove_file(e.path());
+                if !r.cancelling {
+                    console::info(&format!("cancelling {id}"));
+                    r.cancelling = true;
+                    let _ = r.stop.send(Some(Stop::Cancel));
+                }
             } else if self.sched.pending.contains_key(&id) {
                 self.fail_pending(&id, "cancelled by user");
+                let _ = std::fs::remove_file(e.path());
+            } else if !self.finishing.contains_key(&id)
+                && matches!(
+                    self.spool.settled_place(&id),
+                    Some(Place::Completed | Place::Failed)
+                )
+            {
+                // Finished, cancelled or not: nothing left to cancel.
                 let _ = std::fs::remove_file(e.path());
             }
         }
@@ -1793,7 +1809,6 @@ fn claim_task(
     Claimed::Ours
 }
 
-/// One attempt, start to end: prompt, snapshot, run, diff, output. Never touches the spool.
 /// How an attempt's start went, up to the agent's spawn.
 enum Begun {
     NotClaimed(Claimed),
@@ -1848,6 +1863,8 @@ fn begin(
     }
 }
 
+/// One attempt, start to end: claim, prompt, snapshot, run, diff, output. The claim is its only
+/// move in the spool; the loop makes every later one.
 async fn run_attempt(
     ctx: AttemptCtx,
     job: ClaimJob,
@@ -2041,7 +2058,11 @@ async fn run_attempt(
             (text_file, diff_file, diff.files)
         })
         .await
-        .expect("diff and output writer do not panic")
+        .unwrap_or_else(|e| {
+            // A bug of ours, after the agent ran: keep its outcome rather than run it again.
+            console::error(&format!("diff or output of {} failed: {e}", report.id));
+            (None, None, vec![])
+        })
     };
     report.text_file = text_file;
     report.diff_file = diff_file;

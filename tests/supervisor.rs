@@ -948,3 +948,46 @@ fn regression_a_retry_while_the_failure_is_being_committed_reruns_the_task() {
         Some(2)
     );
 }
+
+#[test]
+fn regression_a_cancel_survives_a_supervisor_killed_before_the_task_stopped() {
+    let p = Project::new();
+    let mut sup = p.start();
+    p.drop_task(
+        "c.yaml",
+        "description: \"@fake pidfile=c.pid ignore-term sleep=60\"\n",
+    );
+    wait_for("c running", Duration::from_secs(10), || {
+        p.path("c.pid").exists()
+    });
+    let mut cancel = p
+        .cmd(&["cancel", "c"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("cancel");
+    wait_for("cancel seen", Duration::from_secs(10), || {
+        sup.output().contains("cancelling c")
+    });
+    // The agent ignores SIGTERM, so the supervisor is inside its kill grace period: die there.
+    sup.sigkill();
+    // It would wait for the dead supervisor until its own deadline.
+    let _ = cancel.kill();
+    let _ = cancel.wait();
+    assert_eq!(p.tasks_in("assigned"), vec!["c"]);
+    let mut again = p.start();
+    wait_for(
+        "c failed after the restart",
+        Duration::from_secs(20),
+        || p.tasks_in("failed") == vec!["c"],
+    );
+    again.stop();
+    let r = p.result("failed", "c");
+    assert_eq!(r["error"], "cancelled by user", "{r}");
+    assert!(p.tasks_in("completed").is_empty() && p.tasks_in("pending").is_empty());
+    assert!(
+        p.files(".orchestrate/cancel").is_empty(),
+        "{:?}",
+        p.files(".orchestrate/cancel")
+    );
+}
