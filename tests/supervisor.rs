@@ -549,20 +549,34 @@ fn detach_and_stop() {
     });
 }
 
-#[test]
-fn regression_retry_while_the_supervisor_runs_reruns_instead_of_quarantining() {
+/// A task fails for good (max_retries 0), `orchestrate retry` puts it back, and it reruns and
+/// completes; nothing is quarantined. With `pause_at`, the retry comes while the supervisor is held at
+/// that commit point of the failure.
+fn retry_reruns_a_failed_task(pause_at: Option<&str>) {
     let p = Project::new();
-    let mut sup = p.start();
+    let env: Vec<(&str, &str)> = match pause_at {
+        Some(point) => vec![
+            ("ORCHESTRATE_PAUSE_AT", point),
+            ("ORCHESTRATE_PAUSE_MS", "1500"),
+        ],
+        None => vec![],
+    };
+    let mut sup = p.start_with_env(&env);
     p.drop_task(
-        "again.yaml",
-        "description: \"@fake fail-until=again.count:2\"\nmax_retries: 0\n",
+        "x.yaml",
+        "description: \"@fake fail-until=x.count:2\"\nmax_retries: 0\n",
     );
-    wait_for("again failed", Duration::from_secs(10), || {
-        p.tasks_in("failed") == vec!["again"]
-    });
-    p.run(&["retry", "again"]).assert_code(0);
-    wait_for("again completed", Duration::from_secs(10), || {
-        p.tasks_in("completed") == vec!["again"]
+    match pause_at {
+        Some(point) => wait_for("the commit to pause", Duration::from_secs(10), || {
+            sup.output().contains(&format!("paused at {point}"))
+        }),
+        None => wait_for("x failed", Duration::from_secs(10), || {
+            p.tasks_in("failed") == vec!["x"]
+        }),
+    }
+    p.run(&["retry", "x"]).assert_code(0);
+    wait_for("x completed", Duration::from_secs(15), || {
+        p.tasks_in("completed") == vec!["x"]
     });
     sup.stop();
     assert!(
@@ -571,11 +585,21 @@ fn regression_retry_while_the_supervisor_runs_reruns_instead_of_quarantining() {
         p.files("tasks/quarantine")
     );
     assert_eq!(
-        p.result("completed", "again")["attempts"]
+        p.result("completed", "x")["attempts"]
             .as_array()
             .map(Vec::len),
         Some(2)
     );
+}
+
+#[test]
+fn regression_retry_while_the_supervisor_runs_reruns_instead_of_quarantining() {
+    retry_reruns_a_failed_task(None);
+}
+
+#[test]
+fn regression_a_retry_while_the_failure_is_being_committed_reruns_the_task() {
+    retry_reruns_a_failed_task(Some("finish.after_rename"));
 }
 
 #[test]
@@ -604,10 +628,10 @@ fn regression_an_invalid_file_named_like_a_running_task_is_quarantined_not_faile
     );
 }
 
-#[test]
-fn regression_a_cancel_followed_by_a_shutdown_stays_cancelled() {
-    let p = Project::new();
-    let mut sup = p.start();
+/// A supervisor running task `c`, whose agent ignores SIGTERM, and `orchestrate cancel c` under way:
+/// the supervisor has seen the cancel and is inside its kill grace period.
+fn cancel_a_stubborn_task(p: &Project) -> (Supervisor, std::process::Child) {
+    let sup = p.start();
     p.drop_task(
         "c.yaml",
         "description: \"@fake pidfile=c.pid ignore-term sleep=60\"\n",
@@ -615,14 +639,22 @@ fn regression_a_cancel_followed_by_a_shutdown_stays_cancelled() {
     wait_for("c running", Duration::from_secs(10), || {
         p.path("c.pid").exists()
     });
-    let mut cancel = p
+    let cancel = p
         .cmd(&["cancel", "c"])
         .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
         .spawn()
         .expect("cancel");
     wait_for("cancel seen", Duration::from_secs(10), || {
         sup.output().contains("cancelling c")
     });
+    (sup, cancel)
+}
+
+#[test]
+fn regression_a_cancel_followed_by_a_shutdown_stays_cancelled() {
+    let p = Project::new();
+    let (mut sup, mut cancel) = cancel_a_stubborn_task(&p);
     assert!(sup.stop().success());
     let _ = wait_child(&mut cancel, Duration::from_secs(30));
     assert_eq!(
@@ -918,57 +950,9 @@ fn regression_a_rescan_during_a_claim_that_is_put_back_keeps_the_task_history() 
 }
 
 #[test]
-fn regression_a_retry_while_the_failure_is_being_committed_reruns_the_task() {
-    let p = Project::new();
-    let mut sup = p.start_with_env(&[
-        ("ORCHESTRATE_PAUSE_AT", "finish.after_rename"),
-        ("ORCHESTRATE_PAUSE_MS", "1500"),
-    ]);
-    p.drop_task(
-        "x.yaml",
-        "description: \"@fake fail-until=x.count:2\"\nmax_retries: 0\n",
-    );
-    wait_for("the commit to pause", Duration::from_secs(10), || {
-        sup.output().contains("paused at finish.after_rename")
-    });
-    p.run(&["retry", "x"]).assert_code(0);
-    wait_for("x completed", Duration::from_secs(15), || {
-        p.tasks_in("completed") == vec!["x"]
-    });
-    sup.stop();
-    assert!(
-        p.files("tasks/quarantine").is_empty(),
-        "{:?}",
-        p.files("tasks/quarantine")
-    );
-    assert_eq!(
-        p.result("completed", "x")["attempts"]
-            .as_array()
-            .map(Vec::len),
-        Some(2)
-    );
-}
-
-#[test]
 fn regression_a_cancel_survives_a_supervisor_killed_before_the_task_stopped() {
     let p = Project::new();
-    let mut sup = p.start();
-    p.drop_task(
-        "c.yaml",
-        "description: \"@fake pidfile=c.pid ignore-term sleep=60\"\n",
-    );
-    wait_for("c running", Duration::from_secs(10), || {
-        p.path("c.pid").exists()
-    });
-    let mut cancel = p
-        .cmd(&["cancel", "c"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("cancel");
-    wait_for("cancel seen", Duration::from_secs(10), || {
-        sup.output().contains("cancelling c")
-    });
+    let (mut sup, mut cancel) = cancel_a_stubborn_task(&p);
     // The agent ignores SIGTERM, so the supervisor is inside its kill grace period: die there.
     sup.sigkill();
     // It would wait for the dead supervisor until its own deadline.
