@@ -79,6 +79,12 @@ enum Claimed {
     Failed(String),
 }
 
+/// A scan of `pending/` in progress: the listing still to read, and what it has read.
+struct Scan {
+    queue: std::collections::VecDeque<(PathBuf, std::fs::Metadata)>,
+    seen: HashSet<PathBuf>,
+}
+
 /// A file in `pending/` that must stay unchanged for the settle period before it is read.
 struct Settling {
     sig: (u64, i128, u64),
@@ -135,6 +141,7 @@ pub struct Supervisor {
     sched: Scheduler,
     by_path: HashMap<PathBuf, String>,
     settling: HashMap<PathBuf, Settling>,
+    scan: Option<Scan>,
     running: HashMap<String, Running>,
     per_agent: HashMap<String, usize>,
     done: scheduler::Done,
@@ -258,6 +265,7 @@ impl Supervisor {
             sched: Scheduler::new(),
             by_path: HashMap::new(),
             settling: HashMap::new(),
+            scan: None,
             running: HashMap::new(),
             per_agent: HashMap::new(),
             done: HashMap::new(),
@@ -409,8 +417,9 @@ impl Supervisor {
             self.me.id,
             self.cfg.orchestrator.max_concurrent
         ));
+        // Cancels asked of a supervisor that died before it could finish them are looked at when
+        // the scan has read all of pending/ (and before, for whatever it has read by then).
         self.rescan();
-        // Cancels asked of a supervisor that died before it could finish them.
         self.check_cancels();
         self.schedule();
 
@@ -478,6 +487,9 @@ impl Supervisor {
                     }
                 }
                 _ = settle_tick.tick(), if !self.settling.is_empty() => self.check_settling(),
+                // Always ready while a scan is under way; select's random choice among the ready
+                // branches interleaves its chunks with everything else.
+                _ = std::future::ready(()), if self.scan.is_some() => self.scan_step(),
                 _ = tokio::time::sleep_until(wake.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)).into()), if wake.is_some() => {}
                 _ = heartbeat.tick() => {
                     self.heartbeat();
@@ -522,7 +534,11 @@ impl Supervisor {
     }
 
     fn nothing_left(&self) -> bool {
-        if !self.running.is_empty() || !self.settling.is_empty() || !self.finishing.is_empty() {
+        if !self.running.is_empty()
+            || !self.settling.is_empty()
+            || !self.finishing.is_empty()
+            || self.scan.is_some()
+        {
             return false;
         }
         // Pending tasks that can still make progress without new input: waiting on a retry back-off,
@@ -606,8 +622,9 @@ impl Supervisor {
     }
 
     /// The scan is the truth: look at every file in `pending/`, forget tasks whose file is gone.
+    /// The listing is taken now; the files are read a chunk per loop turn (`scan_step`), so a
+    /// backlog of 100,000 files does not hold up the attempts that finish meanwhile.
     fn rescan(&mut self) {
-        let mut seen = HashSet::new();
         let rd = match std::fs::read_dir(&self.spool.pending) {
             Ok(rd) => rd,
             Err(e) => {
@@ -633,13 +650,26 @@ impl Supervisor {
                 .cmp(&b.1.modified().ok())
                 .then(a.0.cmp(&b.0))
         });
-        for (i, (p, m)) in paths.into_iter().enumerate() {
-            // With a huge backlog, start work while reading it: priorities apply among the tasks
-            // read so far, and the rest join the queue in the same pass.
-            if i % 256 == 255 && self.running.len() < self.cfg.orchestrator.max_concurrent {
-                self.schedule();
-            }
-            seen.insert(p.clone());
+        // A scan still under way is superseded: this listing is newer.
+        self.scan = Some(Scan {
+            queue: paths.into(),
+            seen: HashSet::new(),
+        });
+        self.scan_step();
+    }
+
+    /// Read the next chunk of the scan's listing; at its end, forget what is gone. Priorities apply
+    /// among the tasks read so far: with a huge backlog, work starts while the rest is read.
+    fn scan_step(&mut self) {
+        const CHUNK: usize = 256;
+        let Some(mut scan) = self.scan.take() else {
+            return;
+        };
+        for _ in 0..CHUNK {
+            let Some((p, m)) = scan.queue.pop_front() else {
+                break;
+            };
+            scan.seen.insert(p.clone());
             // Unchanged known files need no second look.
             if let Some(id) = self.by_path.get(&p)
                 && self
@@ -658,17 +688,24 @@ impl Supervisor {
                 .is_some_and(|age| age >= Duration::from_millis(self.cfg.orchestrator.settle_ms));
             self.ingest_path(&p, quiet);
         }
+        if !scan.queue.is_empty() {
+            self.scan = Some(scan);
+            return;
+        }
+        let seen = scan.seen;
         let gone: Vec<PathBuf> = self
             .by_path
             .keys()
-            // Files written during this scan (subtask children) were not listed but are not gone.
+            // Files that arrived after the listing (subtask children, new drops) are not gone.
             .filter(|p| !seen.contains(*p) && !p.exists())
             .cloned()
             .collect();
         for p in gone {
             self.forget_path(&p);
         }
-        self.settling.retain(|p, _| seen.contains(p));
+        self.settling.retain(|p, _| seen.contains(p) || p.exists());
+        // Cancels for tasks that only this scan found again (requeued by recovery, say).
+        self.check_cancels();
     }
 
     fn forget_path(&mut self, p: &Path) {
