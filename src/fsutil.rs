@@ -322,6 +322,30 @@ mod tests {
         assert_eq!(parse_time(&fmt_time(b)), Some(b));
     }
 
+    /// Run `f` on `n` threads; their results come through the receiver.
+    fn callers<T: Send + 'static>(
+        n: usize,
+        f: impl Fn() -> T + Send + Sync + 'static,
+    ) -> std::sync::mpsc::Receiver<T> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let f = Arc::new(f);
+        for _ in 0..n {
+            let (tx, f) = (tx.clone(), f.clone());
+            std::thread::spawn(move || tx.send(f()));
+        }
+        rx
+    }
+
+    /// `n` results, each within 30 s: a lost wake-up fails the test instead of hanging it.
+    fn results<T>(rx: &std::sync::mpsc::Receiver<T>, n: usize) -> Vec<T> {
+        (0..n)
+            .map(|_| {
+                rx.recv_timeout(std::time::Duration::from_secs(30))
+                    .expect("a caller of sync never returned")
+            })
+            .collect()
+    }
+
     #[test]
     fn a_dir_fsync_in_flight_when_called_does_not_count() {
         let dir = tempfile::tempdir().unwrap();
@@ -333,7 +357,7 @@ mod tests {
             st.in_flight = true;
         }
         let (d, p) = (ds.clone(), dir.path().to_path_buf());
-        let caller = std::thread::spawn(move || d.sync(&p));
+        let caller = callers(1, move || d.sync(&p));
         let t0 = std::time::Instant::now();
         while ds.state.lock().unwrap().waiting == 0 {
             assert!(
@@ -348,7 +372,7 @@ mod tests {
             st.in_flight = false;
             ds.done.notify_all();
         }
-        caller.join().unwrap().unwrap();
+        results(&caller, 1).pop().unwrap().unwrap();
         let st = ds.state.lock().unwrap();
         assert_eq!(
             st.started, 2,
@@ -361,14 +385,10 @@ mod tests {
     fn concurrent_dir_fsyncs_all_return() {
         let dir = tempfile::tempdir().unwrap();
         let ds = Arc::new(DirSync::default());
-        let threads: Vec<_> = (0..8)
-            .map(|_| {
-                let (d, p) = (ds.clone(), dir.path().to_path_buf());
-                std::thread::spawn(move || (0..50).map(|_| d.sync(&p)).collect::<Vec<_>>())
-            })
-            .collect();
-        for t in threads {
-            assert!(t.join().unwrap().iter().all(|r| r.is_ok()));
+        let (d, p) = (ds.clone(), dir.path().to_path_buf());
+        let rx = callers(8, move || (0..50).map(|_| d.sync(&p)).collect::<Vec<_>>());
+        for r in results(&rx, 8) {
+            assert!(r.iter().all(|r| r.is_ok()));
         }
         let st = ds.state.lock().unwrap();
         assert!(!st.in_flight && st.waiting == 0 && st.finished == st.started);
@@ -379,16 +399,10 @@ mod tests {
         let parent = tempfile::tempdir().unwrap();
         let dir = parent.path().join("d");
         let ds = Arc::new(DirSync::default());
-        let threads: Vec<_> = (0..8)
-            .map(|_| {
-                let (d, p) = (ds.clone(), dir.clone());
-                std::thread::spawn(move || (0..20).map(|_| d.sync(&p)).collect::<Vec<_>>())
-            })
-            .collect();
-        for t in threads {
-            for r in t.join().unwrap() {
-                assert_eq!(r.unwrap_err().kind(), io::ErrorKind::NotFound);
-            }
+        let (d, p) = (ds.clone(), dir.clone());
+        let rx = callers(8, move || (0..20).map(|_| d.sync(&p)).collect::<Vec<_>>());
+        for r in results(&rx, 8).into_iter().flatten() {
+            assert_eq!(r.unwrap_err().kind(), io::ErrorKind::NotFound);
         }
         // The directory exists now: a new generation succeeds, and its caller is not handed the
         // earlier failures.

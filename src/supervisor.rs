@@ -417,10 +417,7 @@ impl Supervisor {
             self.me.id,
             self.cfg.orchestrator.max_concurrent
         ));
-        // Cancels asked of a supervisor that died before it could finish them are looked at when
-        // the scan has read all of pending/ (and before, for whatever it has read by then).
         self.rescan();
-        self.check_cancels();
         self.schedule();
 
         let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -688,6 +685,9 @@ impl Supervisor {
                 .is_some_and(|age| age >= Duration::from_millis(self.cfg.orchestrator.settle_ms));
             self.ingest_path(&p, quiet);
         }
+        // Cancels asked of a supervisor that died before it could finish them, for tasks this chunk
+        // found again (requeued by recovery, say): before the scheduler sees them.
+        self.check_cancels();
         if !scan.queue.is_empty() {
             self.scan = Some(scan);
             return;
@@ -704,8 +704,6 @@ impl Supervisor {
             self.forget_path(&p);
         }
         self.settling.retain(|p, _| seen.contains(p) || p.exists());
-        // Cancels for tasks that only this scan found again (requeued by recovery, say).
-        self.check_cancels();
     }
 
     fn forget_path(&mut self, p: &Path) {
@@ -1287,17 +1285,24 @@ impl Supervisor {
         }
     }
 
-    /// This start's claim record is in `assigned/`: the claim got at least that far.
-    fn claim_on_disk(&self, run: &Running) -> bool {
+    /// This claim's record is in `assigned/`: the claim got at least that far.
+    fn claim_on_disk(&self, claim: &Claim) -> bool {
         self.spool
-            .read_claim(&run.task.id)
-            .is_some_and(|c| c.instance == run.claim.instance && c.version == run.claim.version)
+            .read_claim(&claim.task_id)
+            .is_some_and(|c| c.instance == claim.instance && c.version == claim.version)
     }
 
-    /// The claim did not give us the task (see [`Claimed`]); nothing ran.
-    fn on_unclaimed(&mut self, run: Running, how: Claimed) {
-        let id = run.task.id.clone();
-        self.claiming.remove(&run.path);
+    /// The claim of `task` from `path` did not give us the task (see [`Claimed`]); nothing ran.
+    fn on_unclaimed(
+        &mut self,
+        task: &Task,
+        claim: &Claim,
+        path: &Path,
+        cancelling: bool,
+        how: Claimed,
+    ) {
+        let id = task.id.clone();
+        self.claiming.remove(path);
         match how {
             Claimed::Ours => {}
             Claimed::Lost => {
@@ -1307,28 +1312,28 @@ impl Supervisor {
                 console::error(&format!("claim of {id} failed: {e}"));
                 // Failed after the rename (the fsync, say): the file is in `assigned/` under our
                 // live claim, where nothing would look at it again until we stop. Put it back.
-                if self.claim_on_disk(&run) {
-                    match self.spool.unclaim(&id, &run.path) {
-                        Ok(()) => self.start_settling(&run.path, (0, 0, 0)),
+                if self.claim_on_disk(claim) {
+                    match self.spool.unclaim(&id, path) {
+                        Ok(()) => self.start_settling(path, (0, 0, 0)),
                         Err(e) => console::error(&format!("cannot return {id} to pending: {e:#}")),
                     }
                 }
             }
-            Claimed::Stopping if run.cancelling => {
+            Claimed::Stopping if cancelling => {
                 // `orchestrate cancel` saw the claim record before the agent started: the task ends
                 // cancelled, with no attempt, instead of going back to pending.
                 let _ = std::fs::remove_file(self.spool.history_path(&id));
                 let result = TaskResult::failed(
                     &id,
-                    run.claim.version + 1,
-                    &run.task.file.description,
-                    run.claim.history.clone(),
+                    claim.version + 1,
+                    &task.file.description,
+                    claim.history.clone(),
                     "cancelled by user".into(),
                 );
-                self.commit_terminal(&run.task, result);
+                self.commit_terminal(task, result);
             }
             Claimed::Changed | Claimed::Stopping => {
-                if let Err(e) = self.spool.unclaim(&id, &run.path) {
+                if let Err(e) = self.spool.unclaim(&id, path) {
                     console::error(&format!("cannot return {id} to pending: {e:#}"));
                     return;
                 }
@@ -1336,13 +1341,7 @@ impl Supervisor {
                     console::info(&format!(
                         "changed    {id}: file changed while being claimed; back to pending to settle"
                     ));
-                    self.settling.insert(
-                        run.path,
-                        Settling {
-                            sig: (0, 0, 0),
-                            since: Instant::now(),
-                        },
-                    );
+                    self.start_settling(path, (0, 0, 0));
                 }
             }
         }
@@ -1359,17 +1358,7 @@ impl Supervisor {
         match claim_task(&self.spool, &p.path, &claim, p.hash, None) {
             Claimed::Ours => {}
             how => {
-                let (stop, _) = watch::channel(None);
-                let run = Running {
-                    task: p.task,
-                    claim,
-                    stop,
-                    cancelling: false,
-                    path: p.path,
-                    start: 0,
-                    claimed: false,
-                };
-                self.on_unclaimed(run, how);
+                self.on_unclaimed(&p.task, &claim, &p.path, false, how);
                 return;
             }
         }
@@ -1449,7 +1438,7 @@ impl Supervisor {
         }
         self.state_dirty = true;
         if let Some(how) = r.unclaimed {
-            self.on_unclaimed(run, how);
+            self.on_unclaimed(&run.task, &run.claim, &run.path, run.cancelling, how);
             return;
         }
         // Normally gone already (the claim's message came first); a crashed attempt never sent it.
@@ -1590,7 +1579,7 @@ impl Supervisor {
         // Crashed before the claim was done: nothing ran, and the spool put the file back unless the
         // claim record was written (then `on_unclaimed` does). The "claimed" message may simply not be
         // handled yet, so the claim record decides.
-        let unclaimed = (!run.claimed && !self.claim_on_disk(run))
+        let unclaimed = (!run.claimed && !self.claim_on_disk(&run.claim))
             .then(|| Claimed::Failed(format!("internal error: {e}")));
         let attempt = Attempt {
             finished_at: Some(fsutil::now_rfc3339()),
@@ -1852,10 +1841,17 @@ enum Begun {
     Ready {
         started_at: String,
         t0: Instant,
-        prepared: Result<(PathBuf, String, PathBuf)>,
-        /// Taken when `prepared` is `Ok`. Boxed: a snapshot is large beside a `NotClaimed`.
-        snapshot: Option<Box<context::Snapshot>>,
+        /// Workdir, prompt, prompt file and the workdir's snapshot. Boxed: large beside a
+        /// `NotClaimed`.
+        prepared: Result<Box<Prepared>>,
     },
+}
+
+struct Prepared {
+    workdir: PathBuf,
+    prompt: String,
+    prompt_file: PathBuf,
+    snapshot: context::Snapshot,
 }
 
 /// Claim the task; once it is ours, tell the mirror and the loop, write the prompt and snapshot
@@ -1887,16 +1883,19 @@ fn begin(
     ));
     let started_at = fsutil::now_rfc3339();
     let t0 = Instant::now();
-    let prepared = prepare(ctx, task, claim);
-    let snapshot = prepared
-        .as_ref()
-        .ok()
-        .map(|(workdir, _, _)| Box::new(context::Snapshot::take(workdir, &ctx.layout, &ctx.cfg)));
+    let prepared = prepare(ctx, task, claim).map(|(workdir, prompt, prompt_file)| {
+        let snapshot = context::Snapshot::take(&workdir, &ctx.layout, &ctx.cfg);
+        Box::new(Prepared {
+            workdir,
+            prompt,
+            prompt_file,
+            snapshot,
+        })
+    });
     Begun::Ready {
         started_at,
         t0,
         prepared,
-        snapshot,
     }
 }
 
@@ -1920,7 +1919,7 @@ async fn run_attempt(
             Err(e) => Begun::NotClaimed(Claimed::Failed(format!("internal error: {e}"))),
         }
     };
-    let (started_at, t0, prepared, snapshot) = match begun {
+    let (started_at, t0, prepared) = match begun {
         Begun::NotClaimed(claimed) => {
             let attempt = Attempt::new(
                 claim.attempt,
@@ -1937,8 +1936,7 @@ async fn run_attempt(
             started_at,
             t0,
             prepared,
-            snapshot,
-        } => (started_at, t0, prepared, snapshot),
+        } => (started_at, t0, prepared),
     };
     let log_path = ctx.layout.log_path(&task.id, claim.attempt);
     let mut attempt = Attempt {
@@ -1951,8 +1949,13 @@ async fn run_attempt(
         )
     };
     let mut report = Report::new(&task.id, attempt.clone());
-    let (workdir, prompt, prompt_file) = match prepared {
-        Ok(v) => v,
+    let Prepared {
+        workdir,
+        prompt,
+        prompt_file,
+        snapshot,
+    } = match prepared {
+        Ok(v) => *v,
         Err(e) => {
             attempt.error = Some(ctx.redactor.redact(&format!("{e:#}")));
             attempt.finished_at = Some(fsutil::now_rfc3339());
@@ -1962,7 +1965,6 @@ async fn run_attempt(
             return report;
         }
     };
-    let snapshot = snapshot.expect("taken whenever the attempt was prepared");
     let agent_cfg = ctx.cfg.agents[&claim.agent].clone();
     let adapter = agents::adapter_for(agent_cfg.kind)
         .expect("the scheduler only picks agents with an adapter");
