@@ -1,8 +1,14 @@
-//! `config.yaml`: schema, defaults and validation.
+//! `config.yaml`: schema, defaults, and all of its validation.
 //!
 //! The repository's `config.yaml` is embedded as the default, so a bare `orchestrate start` in a folder
 //! without one behaves exactly like the documented file. Errors name the file, the key, and the line
 //! and column; a config error stops the start (exit code 2), it is never half-applied.
+//!
+//! [`Config::parse`] goes from raw input to ready objects in one pass: serde reads the text, `${VAR}`
+//! expansion fills values, and [`Config::compile`] checks every value and keeps what it compiled
+//! (routing regexes, review and diff-exclude globs) in the config itself, so nothing downstream parses
+//! a pattern again. This module owns what the configuration *means* (defaults, the project
+//! [`Layout`], the list of secret names); it never reads task files and never opens a database.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -10,6 +16,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
+use crate::layout::Layout;
+use crate::redact::Redactor;
 
 /// The documented default configuration (also what `orchestrate init` writes).
 pub const DEFAULT_CONFIG: &str = include_str!("../config.yaml");
@@ -106,6 +114,17 @@ impl AgentKind {
             AgentKind::Gemini => "gemini",
             AgentKind::Cursor => "cursor",
             AgentKind::Openai => "openai",
+        }
+    }
+
+    /// The environment variable the kind's CLI conventionally reads its API key from.
+    pub fn key_var(self) -> Option<&'static str> {
+        match self {
+            AgentKind::Claude => Some("ANTHROPIC_API_KEY"),
+            AgentKind::Codex | AgentKind::Openai => Some("OPENAI_API_KEY"),
+            AgentKind::Gemini => Some("GEMINI_API_KEY"),
+            AgentKind::Cursor => Some("CURSOR_API_KEY"),
+            AgentKind::Command => None,
         }
     }
 }
@@ -219,6 +238,9 @@ pub struct RoutingRule {
     #[serde(default)]
     pub matches: Option<String>,
     pub agent: String,
+    /// `matches`, compiled by [`Config::compile`].
+    #[serde(skip)]
+    pub regex: Option<regex::Regex>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -266,6 +288,9 @@ pub struct SecurityConfig {
     pub workspace_roots: Vec<PathBuf>,
     /// Globs; a diff touching one marks the result `review_required`.
     pub review_paths: Vec<String>,
+    /// `review_paths`, compiled by [`Config::compile`].
+    #[serde(skip)]
+    pub review_globs: Vec<glob::Pattern>,
 }
 
 impl Default for SecurityConfig {
@@ -279,6 +304,7 @@ impl Default for SecurityConfig {
             review_paths: ["package.json", "*.sql", "Dockerfile", ".github/**"]
                 .map(String::from)
                 .to_vec(),
+            review_globs: vec![],
         }
     }
 }
@@ -294,6 +320,9 @@ pub struct ContextConfig {
     pub max_snapshot_bytes: u64,
     /// Each context file (and dependency output) is cut to this many bytes in the prompt.
     pub max_context_file_bytes: u64,
+    /// `diff_exclude`, compiled by [`Config::compile`].
+    #[serde(skip)]
+    pub diff_exclude_globs: Vec<glob::Pattern>,
 }
 
 impl Default for ContextConfig {
@@ -303,21 +332,8 @@ impl Default for ContextConfig {
             max_diff_file_bytes: 1024 * 1024,
             max_snapshot_bytes: 256 * 1024 * 1024,
             max_context_file_bytes: 64 * 1024,
+            diff_exclude_globs: vec![],
         }
-    }
-}
-
-/// Parse options shared by the config and task parsers: duplicate keys are errors and the default
-/// budgets of serde-saphyr (events, aliases, depth) bound what a hostile file can cost.
-pub fn yaml_options() -> serde_saphyr::Options {
-    serde_saphyr::options! {
-        duplicate_keys: serde_saphyr::options::DuplicateKeyPolicy::Error,
-        budget: serde_saphyr::budget! {
-            max_events: 200_000,
-            max_aliases: 1_000,
-            max_anchors: 1_000,
-            max_depth: 64,
-        },
     }
 }
 
@@ -344,11 +360,11 @@ impl Config {
         let mut cfg: Config = if text.trim().is_empty() {
             Config::default()
         } else {
-            serde_saphyr::from_str_with_options(text, yaml_options())
+            serde_saphyr::from_str_with_options(text, crate::yaml::options())
                 .map_err(|e| ConfigError::from_yaml(source, &e))?
         };
         cfg.expand_env();
-        cfg.validate()
+        cfg.compile()
             .map_err(|(key, message)| ConfigError::Invalid {
                 source_name: source.to_string(),
                 line: find_key_line(text, &key),
@@ -380,16 +396,19 @@ impl Config {
         }
     }
 
-    fn validate(&self) -> Result<(), (String, String)> {
+    /// Check every value, and keep what had to be compiled to check it. Errors are `(key, message)`.
+    fn compile(&mut self) -> Result<(), (String, String)> {
         if let Some(url) = &self.database.url
-            && let Err(e) = crate::mirror::postgres::pg_config(url)
+            && let Err(e) = url.parse::<tokio_postgres::Config>()
         {
             return Err((
                 "database.url".into(),
-                format!("{e:#} (supported sslmode values: disable, prefer, require)"),
+                format!(
+                    "invalid database URL: {e} (supported sslmode values: disable, prefer, require)"
+                ),
             ));
         }
-        if !crate::mirror::postgres::valid_schema(&self.database.schema) {
+        if !valid_schema(&self.database.schema) {
             return Err((
                 "database.schema".into(),
                 "must be a lowercase SQL identifier (letters, digits, `_`; not starting with a digit)".into(),
@@ -520,14 +539,17 @@ impl Config {
                     format!("unknown agent `{}`", r.agent),
                 ));
             }
-            if let Some(re) = &r.matches
-                && let Err(e) = regex::Regex::new(re)
-            {
-                return Err((
-                    format!("routing.rules[{i}].matches"),
-                    format!("bad regex: {e}"),
-                ));
-            }
+        }
+        for (i, r) in self.routing.rules.iter_mut().enumerate() {
+            r.regex = match &r.matches {
+                Some(re) => Some(regex::Regex::new(re).map_err(|e| {
+                    (
+                        format!("routing.rules[{i}].matches"),
+                        format!("bad regex: {e}"),
+                    )
+                })?),
+                None => None,
+            };
         }
         if let Some(r) = &self.routing.router {
             match self.agents.get(&r.agent) {
@@ -550,23 +572,35 @@ impl Config {
                 Some(_) => {}
             }
         }
-        for (i, g) in self.security.review_paths.iter().enumerate() {
-            if let Err(e) = glob::Pattern::new(g) {
-                return Err((
-                    format!("security.review_paths[{i}]"),
-                    format!("bad glob: {e}"),
-                ));
-            }
-        }
-        for (i, g) in self.context.diff_exclude.iter().enumerate() {
-            if let Err(e) = glob::Pattern::new(g) {
-                return Err((
-                    format!("context.diff_exclude[{i}]"),
-                    format!("bad glob: {e}"),
-                ));
-            }
-        }
+        self.security.review_globs = globs("security.review_paths", &self.security.review_paths)?;
+        self.context.diff_exclude_globs =
+            globs("context.diff_exclude", &self.context.diff_exclude)?;
         Ok(())
+    }
+
+    /// The project's paths, with the configured folders taken from `root` when relative.
+    pub fn layout(&self, root: &Path) -> Layout {
+        let o = &self.orchestrator;
+        Layout::new(root, &o.tasks_dir, &o.context_dir, &o.state_dir)
+    }
+
+    /// Every environment variable whose value is a secret: `security.secrets`, each agent's
+    /// `api_key_env`, and the conventional key variable of each configured agent's kind (API keys
+    /// are secrets whether or not someone listed them).
+    pub fn secret_names(&self) -> Vec<String> {
+        let mut names = self.security.secrets.clone();
+        for a in self.agents.values() {
+            names.extend(a.api_key_env.clone());
+            names.extend(a.kind.key_var().map(String::from));
+        }
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// The one redactor for this configuration, from the current values of [`Config::secret_names`].
+    pub fn redactor(&self) -> Redactor {
+        Redactor::from_env(&self.secret_names())
     }
 
     /// Timeout for one attempt of a task on an agent: the task's own, else the agent's, else the queue's.
@@ -582,6 +616,26 @@ impl Config {
         };
         std::time::Duration::from_secs_f64(secs.clamp(0.001, 1e9))
     }
+}
+
+fn globs(key: &str, patterns: &[String]) -> Result<Vec<glob::Pattern>, (String, String)> {
+    patterns
+        .iter()
+        .enumerate()
+        .map(|(i, g)| {
+            glob::Pattern::new(g).map_err(|e| (format!("{key}[{i}]"), format!("bad glob: {e}")))
+        })
+        .collect()
+}
+
+/// A PostgreSQL schema name orchestrate accepts: a lowercase identifier that needs no quoting.
+pub fn valid_schema(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && (b[0].is_ascii_lowercase() || b[0] == b'_')
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_')
 }
 
 /// Expand `${VAR}` from the environment; an unset variable expands to nothing.

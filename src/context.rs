@@ -7,7 +7,7 @@
 //! after it. All writes are atomic. Secrets are redacted from everything written.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context as _, Result, bail};
@@ -15,153 +15,10 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::fsutil::{atomic_write, atomic_write_derived};
-use crate::task::{Attempt, Task};
-
-/// Replaces configured secret values with `***`.
-#[derive(Debug, Default)]
-pub struct Redactor {
-    secrets: Vec<String>,
-}
-
-impl Redactor {
-    /// Secrets are the current values of the environment variables named in `security.secrets`.
-    /// Very short values are skipped: redacting "1" everywhere would destroy the output and protect nothing.
-    pub fn from_env(names: &[String]) -> Redactor {
-        let mut secrets: Vec<String> = names
-            .iter()
-            .filter_map(|n| std::env::var(n).ok())
-            .filter(|v| v.len() >= 4)
-            .collect();
-        // Longest first so a secret containing another is replaced whole.
-        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
-        secrets.dedup();
-        Redactor { secrets }
-    }
-
-    pub fn redact(&self, s: &str) -> String {
-        let mut out = s.to_string();
-        for secret in &self.secrets {
-            if out.contains(secret.as_str()) {
-                out = out.replace(secret.as_str(), "***");
-            }
-        }
-        out
-    }
-
-    pub fn redact_bytes(&self, b: &[u8]) -> Vec<u8> {
-        if self.secrets.is_empty() {
-            return b.to_vec();
-        }
-        match std::str::from_utf8(b) {
-            Ok(s) => self.redact(s).into_bytes(),
-            Err(_) => {
-                let mut out = b.to_vec();
-                for secret in &self.secrets {
-                    out = replace_bytes(&out, secret.as_bytes(), b"***");
-                }
-                out
-            }
-        }
-    }
-}
-
-static GLOBAL_REDACTOR: std::sync::OnceLock<Redactor> = std::sync::OnceLock::new();
-
-/// Install the process-wide redactor used for records (result, claim and history files, mirror
-/// payloads, state files). The first call wins; the configuration does not change while we run.
-pub fn install_redactor(secrets: &[String]) {
-    let _ = GLOBAL_REDACTOR.set(Redactor::from_env(secrets));
-}
-
-/// Redact with the installed redactor (no-op before [`install_redactor`]).
-pub fn redact_record(s: String) -> String {
-    match GLOBAL_REDACTOR.get() {
-        Some(r) if !r.secrets.is_empty() => r.redact(&s),
-        _ => s,
-    }
-}
-
-fn replace_bytes(hay: &[u8], needle: &[u8], with: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(hay.len());
-    let mut i = 0;
-    while i < hay.len() {
-        if hay[i..].starts_with(needle) {
-            out.extend_from_slice(with);
-            i += needle.len();
-        } else {
-            out.push(hay[i]);
-            i += 1;
-        }
-    }
-    out
-}
-
-/// Paths of the project a run needs.
-#[derive(Debug, Clone)]
-pub struct Layout {
-    pub root: PathBuf,
-    pub context_dir: PathBuf,
-    pub tasks_dir: PathBuf,
-    pub state_dir: PathBuf,
-}
-
-impl Layout {
-    pub fn new(root: &Path, cfg: &Config) -> Layout {
-        let abs = |p: &Path| {
-            if p.is_absolute() {
-                p.to_path_buf()
-            } else {
-                root.join(p)
-            }
-        };
-        Layout {
-            root: root.to_path_buf(),
-            context_dir: normalize(&abs(&cfg.orchestrator.context_dir)),
-            tasks_dir: normalize(&abs(&cfg.orchestrator.tasks_dir)),
-            state_dir: normalize(&abs(&cfg.orchestrator.state_dir)),
-        }
-    }
-
-    pub fn output_path(&self, id: &str) -> PathBuf {
-        self.context_dir
-            .join("agent_outputs")
-            .join(format!("{id}_output.md"))
-    }
-
-    pub fn diff_path(&self, id: &str) -> PathBuf {
-        self.context_dir.join("diffs").join(format!("{id}.diff"))
-    }
-
-    pub fn log_path(&self, id: &str, attempt: u32) -> PathBuf {
-        self.context_dir
-            .join("logs")
-            .join(id)
-            .join(format!("attempt-{attempt}.log"))
-    }
-
-    /// A path relative to the project root, for records people read.
-    pub fn rel(&self, p: &Path) -> String {
-        p.strip_prefix(&self.root)
-            .unwrap_or(p)
-            .display()
-            .to_string()
-    }
-}
-
-/// Lexical normalization (`a/./b/../c` → `a/c`) without touching the file system.
-pub fn normalize(p: &Path) -> PathBuf {
-    let mut out = PathBuf::new();
-    for c in p.components() {
-        match c {
-            Component::CurDir => {}
-            Component::ParentDir => {
-                out.pop();
-            }
-            other => out.push(other),
-        }
-    }
-    out
-}
+use crate::layout::Layout;
+use crate::record::Attempt;
+use crate::redact::Redactor;
+use crate::task::Task;
 
 /// Resolve `rel` against `base` and require the result (symlinks followed) to stay inside one of `roots`.
 pub fn resolve_inside(base: &Path, rel: &str, roots: &[PathBuf], what: &str) -> Result<PathBuf> {
@@ -234,7 +91,7 @@ pub fn build_prompt(
         task.id,
         task.file.description.trim_end()
     ));
-    let overview = layout.context_dir.join("project_overview.md");
+    let overview = layout.project_overview();
     if let Ok(text) = read_capped(&overview, cap)
         && !text.trim().is_empty()
     {
@@ -258,10 +115,7 @@ pub fn build_prompt(
     if let Some(parent) = &task.file.parent {
         // Subtask: the whole task it is a step of, read from the parent's file (it waits in pending/).
         let n = task.id.rsplit('.').next().unwrap_or("?");
-        let parent_file = layout
-            .tasks_dir
-            .join("pending")
-            .join(format!("{parent}.yaml"));
+        let parent_file = Layout::task_file(&layout.pending, parent);
         let whole = crate::task::read_task(&parent_file, cfg.orchestrator.max_task_bytes)
             .map(|(t, _)| {
                 let steps = t.file.subtasks.len();
@@ -420,12 +274,7 @@ impl Snapshot {
     pub fn take(root: &Path, layout: &Layout, cfg: &Config) -> Snapshot {
         use std::os::unix::fs::MetadataExt;
         let excludes = Excludes {
-            names: cfg
-                .context
-                .diff_exclude
-                .iter()
-                .filter_map(|g| glob::Pattern::new(g).ok())
-                .collect(),
+            names: cfg.context.diff_exclude_globs.clone(),
             paths: vec![
                 layout.tasks_dir.clone(),
                 layout.context_dir.clone(),
@@ -611,12 +460,7 @@ pub struct DiffResult {
 
 /// Files in `files` that match a `security.review_paths` glob.
 pub fn review_matches(cfg: &Config, files: &[String]) -> Vec<String> {
-    let pats: Vec<glob::Pattern> = cfg
-        .security
-        .review_paths
-        .iter()
-        .filter_map(|g| glob::Pattern::new(g).ok())
-        .collect();
+    let pats = &cfg.security.review_globs;
     let opts = glob::MatchOptions {
         require_literal_separator: false,
         ..Default::default()
@@ -691,13 +535,11 @@ pub fn write_state_files(
     completed: &[CompletedEntry],
     counts: &BTreeMap<&'static str, usize>,
     running: &[(String, String, String)],
+    redactor: &Redactor,
 ) -> Result<()> {
-    let json = redact_record(serde_json::to_string_pretty(completed)?);
+    let json = redactor.redact_owned(serde_json::to_string_pretty(completed)?);
     // Both are rebuilt from the result files at every start: atomic for readers, no disk flush.
-    atomic_write_derived(
-        &layout.context_dir.join("completed_tasks.json"),
-        json.as_bytes(),
-    )?;
+    atomic_write_derived(&layout.completed_tasks(), json.as_bytes())?;
     let mut md = String::from("# Current state\n\n");
     md.push_str(&format!("Updated {}.\n\n", crate::fsutil::now_rfc3339()));
     md.push_str("| state | tasks |\n|---|---|\n");
@@ -728,8 +570,8 @@ pub fn write_state_files(
         }
     }
     atomic_write_derived(
-        &layout.context_dir.join("current_state.md"),
-        redact_record(md).as_bytes(),
+        &layout.current_state(),
+        redactor.redact_owned(md).as_bytes(),
     )?;
     Ok(())
 }
@@ -739,21 +581,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn redacts_longest_first() {
-        let r = Redactor {
-            secrets: vec!["abcdef".into(), "abcd".into()],
-        };
-        assert_eq!(r.redact("x abcdef abcd y"), "x *** *** y");
-        assert_eq!(r.redact_bytes(b"\xffabcd"), b"\xff***".to_vec());
-    }
-
-    #[test]
     fn diff_covers_text_binary_large_deleted_and_untouched() {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path().to_path_buf();
-        let mut cfg = Config::default();
+        let mut cfg = Config::parse("", "test").expect("the empty config is valid");
         cfg.context.max_diff_file_bytes = 1000;
-        let layout = Layout::new(&root, &cfg);
+        let layout = cfg.layout(&root);
         std::fs::write(root.join("keep.txt"), "a\nb\nc\n").expect("write");
         std::fs::write(root.join("touched.txt"), "same\n").expect("write");
         std::fs::write(root.join("gone.txt"), "bye\n").expect("write");
@@ -790,11 +623,6 @@ mod tests {
             "{}",
             d.text
         );
-    }
-
-    #[test]
-    fn normalize_removes_dots() {
-        assert_eq!(normalize(Path::new("/a/./b/../c")), PathBuf::from("/a/c"));
     }
 
     #[test]

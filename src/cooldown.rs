@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::fsutil;
-use crate::task::Outcome;
+use crate::record::Outcome;
 
 /// Without `cooldown_seconds`, the first back-off.
 pub const DEFAULT_COOLDOWN: Duration = Duration::from_secs(60);
@@ -44,9 +44,10 @@ pub struct Cooldowns {
 }
 
 impl Cooldowns {
-    /// Load what an earlier run left (expired entries keep their streak until a success).
-    pub fn load(state_dir: &Path) -> Cooldowns {
-        let path = state_dir.join("cooldowns.json");
+    /// Load what an earlier run left at `path` (`Layout::cooldowns`); expired entries keep their
+    /// streak until a success.
+    pub fn load(path: &Path) -> Cooldowns {
+        let path = path.to_path_buf();
         let map = std::fs::read(&path)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
@@ -58,8 +59,8 @@ impl Cooldowns {
     }
 
     /// Read-only view for the CLI.
-    pub fn read(state_dir: &Path) -> BTreeMap<String, Cooldown> {
-        Self::load(state_dir).map
+    pub fn read(path: &Path) -> BTreeMap<String, Cooldown> {
+        Self::load(path).map
     }
 
     /// Put `agent` into cooldown after a rate-limited attempt; returns when it ends.
@@ -154,7 +155,7 @@ mod tests {
     #[test]
     fn provider_time_wins_streak_grows_success_resets() {
         let dir = tempfile::tempdir().unwrap();
-        let mut c = Cooldowns::load(dir.path());
+        let mut c = Cooldowns::load(&dir.path().join("cooldowns.json"));
         let now = OffsetDateTime::now_utc();
         let until = c.rate_limited(
             "claude",
@@ -169,16 +170,19 @@ mod tests {
         assert_eq!(c.active(now).count(), 1);
         assert!(c.next_end(now).is_some());
         // Persisted for the CLI and the next start.
-        assert_eq!(Cooldowns::read(dir.path())["claude"].streak, 2);
+        assert_eq!(
+            Cooldowns::read(&dir.path().join("cooldowns.json"))["claude"].streak,
+            2
+        );
         c.succeeded("claude");
         assert_eq!(c.active(now).count(), 0);
-        assert!(Cooldowns::read(dir.path()).is_empty());
+        assert!(Cooldowns::read(&dir.path().join("cooldowns.json")).is_empty());
     }
 
     #[test]
     fn a_zero_retry_after_is_not_a_hot_loop() {
         let dir = tempfile::tempdir().unwrap();
-        let mut c = Cooldowns::load(dir.path());
+        let mut c = Cooldowns::load(&dir.path().join("cooldowns.json"));
         let base = Some(Duration::from_secs(10));
         let mut waits = vec![];
         for _ in 0..5 {

@@ -11,8 +11,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
+use crate::record::{Attempt, History, Terminal};
 use crate::router::Routed;
-use crate::task::{Attempt, History, Task, Terminal};
+use crate::task::Task;
 
 /// A task waiting in `pending/`.
 #[derive(Debug, Clone)]
@@ -452,11 +453,13 @@ fn rule_matches(rule: &crate::config::RoutingRule, task: &Task) -> bool {
     if !rule.labels.iter().all(|l| task.file.labels.contains(l)) {
         return false;
     }
-    if let Some(re) = &rule.matches {
-        match regex::Regex::new(re) {
-            Ok(re) if re.is_match(&task.file.description) => {}
-            _ => return false,
-        }
+    if rule.matches.is_some()
+        && !rule
+            .regex
+            .as_ref()
+            .is_some_and(|re| re.is_match(&task.file.description))
+    {
+        return false;
     }
     rule.task_type.is_some() || !rule.labels.is_empty() || rule.matches.is_some()
 }

@@ -21,24 +21,25 @@
 //! This module never runs agents and never talks to the mirror; it returns what it did.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
 use crate::failpoint;
 use crate::fsutil::{self, atomic_write, fsync_dir, move_unique, rename_noreplace};
-use crate::task::{self, Attempt, Claim, History, Outcome, TaskResult, Terminal};
+use crate::instance::Instance;
+use crate::layout::{Layout, file_stem};
+use crate::marker;
+use crate::record::{self, Attempt, Claim, History, Outcome, TaskResult, Terminal};
+use crate::redact::Redactor;
+use crate::task;
 
+/// The spool of one project: its folders and the redactor its records go through.
 #[derive(Debug, Clone)]
 pub struct Spool {
-    pub tasks_dir: PathBuf,
-    pub pending: PathBuf,
-    pub assigned: PathBuf,
-    pub completed: PathBuf,
-    pub failed: PathBuf,
-    pub quarantine: PathBuf,
-    pub state_dir: PathBuf,
+    layout: Layout,
+    redactor: Redactor,
 }
 
 /// Where a task id currently lives.
@@ -65,52 +66,51 @@ impl Place {
 pub struct SpoolLock(#[allow(dead_code)] File);
 
 impl Spool {
-    pub fn new(tasks_dir: &Path, state_dir: &Path) -> Spool {
+    pub fn new(layout: &Layout, redactor: Redactor) -> Spool {
         Spool {
-            tasks_dir: tasks_dir.to_path_buf(),
-            pending: tasks_dir.join("pending"),
-            assigned: tasks_dir.join("assigned"),
-            completed: tasks_dir.join("completed"),
-            failed: tasks_dir.join("failed"),
-            quarantine: tasks_dir.join("quarantine"),
-            state_dir: state_dir.to_path_buf(),
+            layout: layout.clone(),
+            redactor,
         }
     }
 
-    pub fn dirs(&self) -> [&Path; 5] {
-        [
-            &self.pending,
-            &self.assigned,
-            &self.completed,
-            &self.failed,
-            &self.quarantine,
-        ]
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    pub fn redactor(&self) -> &Redactor {
+        &self.redactor
+    }
+
+    /// One of our records as YAML, secrets redacted.
+    fn yaml<T: serde::Serialize>(&self, record: &T) -> String {
+        record::to_yaml(record, &self.redactor)
     }
 
     pub fn ensure_dirs(&self) -> Result<()> {
-        for d in self.dirs() {
+        for d in self.layout.spool_dirs() {
             fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
         }
-        fs::create_dir_all(self.state_dir.join("instances"))
-            .with_context(|| format!("cannot create {}", self.state_dir.display()))?;
+        fs::create_dir_all(self.layout.instances_dir())
+            .with_context(|| format!("cannot create {}", self.layout.state_dir.display()))?;
         Ok(())
     }
 
     /// Rename is atomic only within one file system; a spool split across mounts could lose tasks.
     pub fn check_same_fs(&self) -> Result<()> {
-        let first = fsutil::device_of(&self.pending)?;
+        let first = fsutil::device_of(&self.layout.pending)?;
         for d in self
-            .dirs()
+            .layout
+            .spool_dirs()
             .into_iter()
             .skip(1)
-            .chain([self.state_dir.as_path()])
+            .chain([self.layout.state_dir.as_path()])
         {
             if fsutil::device_of(d)? != first {
                 bail!(
                     "{} is on a different file system from {}: renames between them would not be atomic; \
                      keep tasks/ and the state directory on one file system",
                     d.display(),
-                    self.pending.display()
+                    self.layout.pending.display()
                 );
             }
         }
@@ -122,35 +122,34 @@ impl Spool {
             .create(true)
             .truncate(false)
             .write(true)
-            .open(self.state_dir.join("spool.lock"))?;
+            .open(self.layout.spool_lock())?;
         f.lock()?;
         Ok(SpoolLock(f))
     }
 
     pub fn dir(&self, place: Place) -> &Path {
         match place {
-            Place::Pending => &self.pending,
-            Place::Assigned => &self.assigned,
-            Place::Completed => &self.completed,
-            Place::Failed => &self.failed,
+            Place::Pending => &self.layout.pending,
+            Place::Assigned => &self.layout.assigned,
+            Place::Completed => &self.layout.completed,
+            Place::Failed => &self.layout.failed,
         }
     }
 
     pub fn task_path(&self, place: Place, id: &str) -> PathBuf {
-        self.dir(place).join(format!("{id}.yaml"))
+        Layout::task_file(self.dir(place), id)
     }
 
     pub fn claim_path(&self, id: &str) -> PathBuf {
-        self.assigned.join(format!("{id}.claim.yaml"))
+        self.layout.claim_path(id)
     }
 
     pub fn result_path(&self, t: Terminal, id: &str) -> PathBuf {
-        self.dir(terminal_place(t))
-            .join(format!("{id}_result.yaml"))
+        Layout::result_file(self.dir(terminal_place(t)), id)
     }
 
     pub fn history_path(&self, id: &str) -> PathBuf {
-        self.pending.join(format!(".{id}.history.yaml"))
+        self.layout.history_path(id)
     }
 
     /// Where the task with this id is outside `pending/` (pending files may have any name; the
@@ -162,15 +161,15 @@ impl Spool {
     }
 
     pub fn read_claim(&self, id: &str) -> Option<Claim> {
-        task::from_yaml(&fs::read_to_string(self.claim_path(id)).ok()?).ok()
+        record::from_yaml(&fs::read_to_string(self.claim_path(id)).ok()?).ok()
     }
 
     pub fn read_result(&self, t: Terminal, id: &str) -> Option<TaskResult> {
-        task::from_yaml(&fs::read_to_string(self.result_path(t, id)).ok()?).ok()
+        record::from_yaml(&fs::read_to_string(self.result_path(t, id)).ok()?).ok()
     }
 
     pub fn read_history(&self, id: &str) -> Option<History> {
-        task::from_yaml(&fs::read_to_string(self.history_path(id)).ok()?).ok()
+        record::from_yaml(&fs::read_to_string(self.history_path(id)).ok()?).ok()
     }
 
     /// Claim `src` (a file in `pending/`) as task `id`. Returns `false` when someone else took it first.
@@ -185,10 +184,9 @@ impl Spool {
             Err(e) => return Err(e).with_context(|| format!("cannot claim {}", src.display())),
         }
         failpoint::hit("claim.after_rename");
-        if let Err(e) = fsutil::atomic_write_before_commit(
-            &self.claim_path(id),
-            task::to_yaml(claim).as_bytes(),
-        ) {
+        if let Err(e) =
+            fsutil::atomic_write_before_commit(&self.claim_path(id), self.yaml(claim).as_bytes())
+        {
             // Disk full, say: no claim may be left without its record, so the task goes back.
             let _ = rename_noreplace(&dst, src);
             return Err(e).with_context(|| format!("cannot write claim for {id}"));
@@ -197,8 +195,8 @@ impl Spool {
         // Other supervisors need only see the record, so the lock ends here; the directory fsyncs
         // after it are shared with the claims and commits running beside this one.
         drop(lock);
-        fsync_dir(&self.assigned)?;
-        fsync_dir(&self.pending)?;
+        fsync_dir(&self.layout.assigned)?;
+        fsync_dir(&self.layout.pending)?;
         failpoint::hit("claim.after_fsync");
         // The history sidecar stays until the caller has checked the claimed file: an unclaim must
         // not lose it.
@@ -215,8 +213,8 @@ impl Spool {
         rename_noreplace(&self.task_path(Place::Assigned, id), original)
             .with_context(|| format!("cannot return {id} to pending"))?;
         let _ = fs::remove_file(self.claim_path(id));
-        fsync_dir(&self.assigned)?;
-        fsync_dir(&self.pending)?;
+        fsync_dir(&self.layout.assigned)?;
+        fsync_dir(&self.layout.pending)?;
         Ok(())
     }
 
@@ -225,7 +223,7 @@ impl Spool {
         if self.claim_path(&claim.task_id).exists() {
             let mut c = claim.clone();
             c.heartbeat_at = fsutil::now_rfc3339();
-            atomic_write(&self.claim_path(&c.task_id), task::to_yaml(&c).as_bytes())?;
+            atomic_write(&self.claim_path(&c.task_id), self.yaml(&c).as_bytes())?;
         }
         Ok(())
     }
@@ -238,7 +236,7 @@ impl Spool {
         // The task's rename into the same directory fsyncs it, making both names durable at once.
         fsutil::atomic_write_before_commit(
             &self.result_path(result.status, id),
-            task::to_yaml(result).as_bytes(),
+            self.yaml(result).as_bytes(),
         )
         .with_context(|| format!("cannot write result for {id}"))?;
         failpoint::hit("finish.after_result");
@@ -253,7 +251,7 @@ impl Spool {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 // A task with this id already finished (it was resurrected and slipped past the
                 // duplicate check on another host): keep both, never overwrite.
-                let q = move_unique(&from, &self.quarantine, &format!("{id}.yaml"))?;
+                let q = move_unique(&from, &self.layout.quarantine, &format!("{id}.yaml"))?;
                 write_reason(
                     &q,
                     &format!(
@@ -268,7 +266,7 @@ impl Spool {
         }
         failpoint::hit("finish.after_rename");
         fsync_dir(self.dir(place))?;
-        fsync_dir(&self.assigned)?;
+        fsync_dir(&self.layout.assigned)?;
         failpoint::hit("finish.after_fsync");
         let _ = fs::remove_file(self.claim_path(id));
         Ok(())
@@ -278,7 +276,7 @@ impl Spool {
     pub fn requeue(&self, history: &History) -> Result<()> {
         let id = &history.task_id;
         let _lock = self.lock()?;
-        atomic_write(&self.history_path(id), task::to_yaml(history).as_bytes())?;
+        atomic_write(&self.history_path(id), self.yaml(history).as_bytes())?;
         failpoint::hit("requeue.after_history");
         let from = self.task_path(Place::Assigned, id);
         let to = self.task_path(Place::Pending, id);
@@ -286,7 +284,7 @@ impl Spool {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 // Someone dropped a new file with this name meanwhile; theirs is the duplicate.
-                let q = move_unique(&to, &self.quarantine, &format!("{id}.yaml"))?;
+                let q = move_unique(&to, &self.layout.quarantine, &format!("{id}.yaml"))?;
                 write_reason(
                     &q,
                     &format!("task id {id} was already taken by a task in assigned/"),
@@ -296,8 +294,8 @@ impl Spool {
             Err(e) => return Err(e).with_context(|| format!("cannot requeue {id}")),
         }
         failpoint::hit("requeue.after_rename");
-        fsync_dir(&self.pending)?;
-        fsync_dir(&self.assigned)?;
+        fsync_dir(&self.layout.pending)?;
+        fsync_dir(&self.layout.assigned)?;
         let _ = fs::remove_file(self.claim_path(id));
         Ok(())
     }
@@ -307,7 +305,7 @@ impl Spool {
         let id = &result.task_id;
         atomic_write(
             &self.result_path(Terminal::Failed, id),
-            task::to_yaml(result).as_bytes(),
+            self.yaml(result).as_bytes(),
         )?;
         match rename_noreplace(src, &self.task_path(Place::Failed, id)) {
             Ok(()) => {}
@@ -318,26 +316,26 @@ impl Spool {
             }
             Err(e) => return Err(e).with_context(|| format!("cannot move {id} to failed")),
         }
-        fsync_dir(&self.failed)?;
-        fsync_dir(&self.pending)?;
+        fsync_dir(&self.layout.failed)?;
+        fsync_dir(&self.layout.pending)?;
         let _ = fs::remove_file(self.history_path(id));
         Ok(true)
     }
 
     /// Move a file that is not a valid task to `failed/` with `X.error.txt` beside it.
     pub fn reject(&self, src: &Path, name: &str, explanation: &str) -> Result<PathBuf> {
-        let dst = move_unique(src, &self.failed, name)
+        let dst = move_unique(src, &self.layout.failed, name)
             .with_context(|| format!("cannot move {} to failed/", src.display()))?;
-        fsync_dir(&self.pending)?;
-        let err = error_path(&dst);
+        fsync_dir(&self.layout.pending)?;
+        let err = Layout::error_path(&dst);
         atomic_write(&err, explanation.as_bytes())?;
         Ok(dst)
     }
 
     pub fn quarantine(&self, src: &Path, name: &str, reason: &str) -> Result<PathBuf> {
-        let dst = move_unique(src, &self.quarantine, name)
+        let dst = move_unique(src, &self.layout.quarantine, name)
             .with_context(|| format!("cannot move {} to quarantine/", src.display()))?;
-        fsync_dir(&self.pending)?;
+        fsync_dir(&self.layout.pending)?;
         write_reason(&dst, reason)?;
         Ok(dst)
     }
@@ -359,13 +357,13 @@ impl Spool {
             not_before: None,
             reason: Some("retried by user".into()),
         };
-        atomic_write(&self.history_path(id), task::to_yaml(&history).as_bytes())?;
+        atomic_write(&self.history_path(id), self.yaml(&history).as_bytes())?;
         rename_noreplace(&src, &self.task_path(Place::Pending, id))
             .with_context(|| format!("cannot move {id} back to pending"))?;
-        fsync_dir(&self.pending)?;
-        fsync_dir(&self.failed)?;
+        fsync_dir(&self.layout.pending)?;
+        fsync_dir(&self.layout.failed)?;
         let _ = fs::remove_file(self.result_path(Terminal::Failed, id));
-        let _ = fs::remove_file(error_path(&src));
+        let _ = fs::remove_file(Layout::error_path(&src));
         Ok(history)
     }
 
@@ -380,7 +378,7 @@ impl Spool {
         let mut out = Vec::new();
         let mut claims = Vec::new();
         let mut tasks = Vec::new();
-        for entry in fs::read_dir(&self.assigned)? {
+        for entry in fs::read_dir(&self.layout.assigned)? {
             let name = entry?.file_name().to_string_lossy().into_owned();
             if let Some(id) = name.strip_suffix(".claim.yaml") {
                 claims.push(id.to_string());
@@ -401,14 +399,14 @@ impl Spool {
         // Claims whose task is gone: the owner died after moving the task but before removing them.
         for id in claims.iter().filter(|c| !tasks.contains(c)) {
             if let Some(c) = self.read_claim(id)
-                && me.owner_alive(&c, &self.state_dir)
+                && me.owner_alive(&c, &self.layout)
             {
                 continue;
             }
             let _ = fs::remove_file(self.claim_path(id));
         }
         // History sidecars whose task left pending/ (claimed by an instance that died before removing it).
-        for entry in fs::read_dir(&self.pending)? {
+        for entry in fs::read_dir(&self.layout.pending)? {
             let name = entry?.file_name().to_string_lossy().into_owned();
             if let Some(id) = name
                 .strip_prefix('.')
@@ -418,9 +416,9 @@ impl Spool {
                 // A live claimer keeps it until its claim is checked: it may still put the task back.
                 && !self
                     .read_claim(id)
-                    .is_some_and(|c| me.owner_alive(&c, &self.state_dir))
+                    .is_some_and(|c| me.owner_alive(&c, &self.layout))
             {
-                let _ = fs::remove_file(self.pending.join(&name));
+                let _ = fs::remove_file(self.layout.pending.join(&name));
             }
         }
         Ok(out)
@@ -431,7 +429,7 @@ impl Spool {
     /// Rejected files whose explanation was lost to a crash between the move and the write. Only a
     /// crash leaves them, so this runs at start, not with every periodic recovery.
     pub fn repair_rejected(&self) -> Result<()> {
-        for entry in fs::read_dir(&self.failed)? {
+        for entry in fs::read_dir(&self.layout.failed)? {
             let path = entry?.path();
             let name = path
                 .file_name()
@@ -440,9 +438,9 @@ impl Spool {
             if !task::is_task_file_name(&name) || name.ends_with("_result.yaml") {
                 continue;
             }
-            let stem = task::file_stem(&name);
-            if !self.failed.join(format!("{stem}_result.yaml")).exists()
-                && !error_path(&path).exists()
+            let stem = file_stem(&name);
+            if !Layout::result_file(&self.layout.failed, stem).exists()
+                && !Layout::error_path(&path).exists()
             {
                 let msg = match task::read_task(&path, u64::MAX) {
                     Err(e) => e.render(&name),
@@ -450,7 +448,7 @@ impl Spool {
                         "{name}: rejected, but the reason was lost in a crash; run `orchestrate retry {stem}` to run it"
                     ),
                 };
-                atomic_write(&error_path(&path), msg.as_bytes())?;
+                atomic_write(&Layout::error_path(&path), msg.as_bytes())?;
             }
         }
         Ok(())
@@ -464,7 +462,7 @@ impl Spool {
     ) -> Result<Option<Recovered>> {
         let claim = self.read_claim(id);
         let owner_dead = match &claim {
-            Some(c) => !me.owner_alive(c, &self.state_dir),
+            Some(c) => !me.owner_alive(c, &self.layout),
             // No claim although we hold the spool lock: the claimer died between rename and write,
             // unless the task has just finished (a finish moves the task before it removes the
             // claim, and takes no lock).
@@ -495,11 +493,7 @@ impl Spool {
         if let Some(c) = &claim {
             // Its agent may still be running as an orphan: stop it before anyone can run the task again.
             if c.host == me.host && c.boot_id == me.boot_id {
-                let n = crate::process::kill_marked(&crate::process::run_marker(
-                    &c.instance,
-                    id,
-                    c.attempt,
-                ));
+                let n = marker::kill_marked(&marker::run_marker(&c.instance, id, c.attempt));
                 if n > 0 {
                     crate::console::info(&format!(
                         "recovery   {id}: killed {n} process(es) left by the stopped supervisor"
@@ -533,7 +527,7 @@ impl Spool {
             );
             atomic_write(
                 &self.result_path(Terminal::Failed, id),
-                task::to_yaml(&result).as_bytes(),
+                self.yaml(&result).as_bytes(),
             )?;
             self.move_beside_result(id, Place::Failed)?;
             return Ok(Some(Recovered::Finished(id.to_string(), Terminal::Failed)));
@@ -545,22 +539,22 @@ impl Spool {
             not_before: None,
             reason: Some("recovered from a stopped supervisor".into()),
         };
-        atomic_write(&self.history_path(id), task::to_yaml(&history).as_bytes())?;
+        atomic_write(&self.history_path(id), self.yaml(&history).as_bytes())?;
         let to = self.task_path(Place::Pending, id);
         if let Err(e) = rename_noreplace(&task_path, &to) {
             if e.kind() != io::ErrorKind::AlreadyExists {
                 return Err(e).with_context(|| format!("cannot requeue {id}"));
             }
             // A newcomer took the name meanwhile (sync, git): it is the duplicate, ours has history.
-            let q = move_unique(&to, &self.quarantine, &format!("{id}.yaml"))?;
+            let q = move_unique(&to, &self.layout.quarantine, &format!("{id}.yaml"))?;
             write_reason(
                 &q,
                 &format!("task id {id} was taken by a task being recovered from assigned/"),
             )?;
             rename_noreplace(&task_path, &to)?;
         }
-        fsync_dir(&self.pending)?;
-        fsync_dir(&self.assigned)?;
+        fsync_dir(&self.layout.pending)?;
+        fsync_dir(&self.layout.assigned)?;
         let _ = fs::remove_file(self.claim_path(id));
         Ok(Some(Recovered::Requeued(id.to_string())))
     }
@@ -573,24 +567,8 @@ pub fn terminal_place(t: Terminal) -> Place {
     }
 }
 
-/// `failed/X.yaml` → `failed/X.error.txt`.
-pub fn error_path(task_file: &Path) -> PathBuf {
-    let name = task_file
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    task_file.with_file_name(format!("{}.error.txt", task::file_stem(&name)))
-}
-
 fn write_reason(file: &Path, reason: &str) -> Result<()> {
-    let name = file
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    atomic_write(
-        &file.with_file_name(format!("{name}.reason.txt")),
-        format!("{reason}\n").as_bytes(),
-    )?;
+    atomic_write(&Layout::reason_path(file), format!("{reason}\n").as_bytes())?;
     Ok(())
 }
 
@@ -598,126 +576,4 @@ fn write_reason(file: &Path, reason: &str) -> Result<()> {
 pub enum Recovered {
     Requeued(String),
     Finished(String, Terminal),
-}
-
-/// This supervisor's identity and the lock that proves it is alive.
-pub struct Instance {
-    pub id: String,
-    pub host: String,
-    pub pid: u32,
-    pub boot_id: String,
-    pub started_at: String,
-    lock_file: Option<File>,
-}
-
-impl Instance {
-    /// Identity for a process that does not run tasks (CLI commands): it holds no lock.
-    pub fn observer() -> Instance {
-        Instance {
-            id: String::new(),
-            host: fsutil::hostname(),
-            pid: std::process::id(),
-            boot_id: fsutil::boot_id(),
-            started_at: fsutil::now_rfc3339(),
-            lock_file: None,
-        }
-    }
-
-    /// Create and lock `state_dir/instances/<id>.lock`, held until the process exits.
-    pub fn register(state_dir: &Path) -> Result<Instance> {
-        let mut me = Instance::observer();
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or_default();
-        me.id = format!("{}-{}-{:08x}", me.host, me.pid, nanos);
-        let dir = state_dir.join("instances");
-        fs::create_dir_all(&dir)?;
-        let path = dir.join(format!("{}.lock", me.id));
-        // Locked before it becomes visible under its real name: an observer that can lock a
-        // `.lock` file treats its owner as dead and deletes it, so a live instance's file must never
-        // be seen unlocked.
-        let tmp = dir.join(format!(".{}.tmp", me.id));
-        let mut f = OpenOptions::new().create_new(true).write(true).open(&tmp)?;
-        f.try_lock()
-            .map_err(|e| anyhow::anyhow!("cannot lock {}: {e:?}", tmp.display()))?;
-        writeln!(
-            f,
-            "pid: {}\nhost: {}\nboot_id: {}\nstarted_at: {}",
-            me.pid, me.host, me.boot_id, me.started_at
-        )?;
-        f.sync_all()?;
-        fs::rename(&tmp, &path)?;
-        me.lock_file = Some(f);
-        Ok(me)
-    }
-
-    pub fn lock_path(&self, state_dir: &Path) -> PathBuf {
-        state_dir
-            .join("instances")
-            .join(format!("{}.lock", self.id))
-    }
-
-    /// Whether the owner of a claim is alive. Claims from other hosts are assumed alive: we cannot
-    /// check them, and robbing a live owner would run the task twice.
-    pub fn owner_alive(&self, claim: &Claim, state_dir: &Path) -> bool {
-        if claim.instance == self.id && self.lock_file.is_some() {
-            return true;
-        }
-        if claim.host != self.host {
-            return true;
-        }
-        if claim.boot_id != self.boot_id {
-            return false;
-        }
-        // On the same boot a vanished pid is conclusive. The lock alone is not: a child caught
-        // between fork and exec shares the lock's open file description for a moment after its
-        // parent died.
-        if !fsutil::pid_alive(claim.pid) {
-            return false;
-        }
-        instance_lock_held(
-            &state_dir
-                .join("instances")
-                .join(format!("{}.lock", claim.instance)),
-        )
-    }
-}
-
-/// Whether some live process holds this instance lock file. A free lock file is removed.
-pub fn instance_lock_held(path: &Path) -> bool {
-    let Ok(f) = OpenOptions::new().write(true).open(path) else {
-        return false;
-    };
-    match f.try_lock() {
-        Ok(()) => {
-            let _ = fs::remove_file(path);
-            false
-        }
-        Err(_) => true,
-    }
-}
-
-/// Live supervisors on this tree: (pid, lock path), from the held instance locks.
-pub fn live_instances(state_dir: &Path) -> Vec<(u32, PathBuf)> {
-    let mut out = Vec::new();
-    let Ok(rd) = fs::read_dir(state_dir.join("instances")) else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let path = e.path();
-        if path.extension().is_some_and(|x| x == "lock") && instance_lock_held(&path) {
-            let pid = fs::read_to_string(&path)
-                .ok()
-                .and_then(|s| {
-                    s.lines()
-                        .next()
-                        .and_then(|l| l.strip_prefix("pid: "))
-                        .and_then(|p| p.trim().parse().ok())
-                })
-                .unwrap_or(0);
-            out.push((pid, path));
-        }
-    }
-    out
 }

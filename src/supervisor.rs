@@ -36,15 +36,19 @@ use tokio::task::JoinSet;
 use crate::agents::{self, RunRequest};
 use crate::config::Config;
 use crate::console;
-use crate::context::{self, CompletedEntry, Layout, Redactor};
+use crate::context::{self, CompletedEntry};
 use crate::cooldown::Cooldowns;
 use crate::fsutil;
+use crate::instance::Instance;
+use crate::layout::Layout;
 use crate::mirror::{self, Op, Writer};
 use crate::process::{self, Stop, StopKind};
+use crate::record::{Attempt, Claim, History, Outcome, TaskResult, Terminal};
+use crate::redact::Redactor;
 use crate::router::{self, Routed};
 use crate::scheduler::{self, Capacity, Decision, DepState, Pending, Scheduler};
-use crate::spool::{self, Instance, Place, Spool};
-use crate::task::{self, Attempt, Claim, History, Outcome, Task, TaskResult, Terminal};
+use crate::spool::{self, Place, Spool};
+use crate::task::{self, Task};
 use crate::watch::{self as watcher, Hint};
 
 pub struct Options {
@@ -196,7 +200,7 @@ const MAX_STORED_STEM: usize = 170;
 
 /// `name`, shortened if needed so it can be stored with its explanation; the note says what it was.
 fn storable_name(name: &str) -> (String, Option<String>) {
-    let stem = task::file_stem(name);
+    let stem = crate::layout::file_stem(name);
     if stem.len() <= MAX_STORED_STEM {
         return (name.to_string(), None);
     }
@@ -221,15 +225,16 @@ fn hash_bytes(b: &[u8]) -> u64 {
 
 impl Supervisor {
     pub fn new(cfg: Config, root: &Path, opts: Options) -> Result<Supervisor> {
-        let layout = Layout::new(root, &cfg);
-        let spool = Spool::new(&layout.tasks_dir, &layout.state_dir);
+        let layout = cfg.layout(root);
+        let redactor = cfg.redactor();
+        let spool = Spool::new(&layout, redactor.clone());
         spool.ensure_dirs()?;
         std::fs::create_dir_all(&layout.context_dir)?;
         spool.check_same_fs()?;
         fsutil::set_durable(cfg.orchestrator.durable);
-        let me = Instance::register(&layout.state_dir)?;
+        let me = Instance::register(&layout)?;
         let (mut writer, _handle) =
-            Writer::start(layout.state_dir.join("state.db"), me.host.clone())?;
+            Writer::start(layout.state_db(), me.host.clone(), redactor.clone())?;
         if let Some(url) = &cfg.database.url {
             // Never blocks the start: the writer connects (and reconnects) on its own thread.
             let pg = mirror::postgres::PgWriter::start(
@@ -238,21 +243,12 @@ impl Supervisor {
                 me.host.clone(),
                 spool.clone(),
                 cfg.orchestrator.max_task_bytes,
-                layout.state_dir.join("postgres.json"),
+                layout.postgres_health(),
             )?;
             writer = writer.with_postgres(pg);
         }
-        // API keys named per agent are secrets too, listed or not.
-        let mut secrets = cfg.security.secrets.clone();
-        secrets.extend(cfg.agents.values().filter_map(|a| a.api_key_env.clone()));
-        secrets.extend(
-            cfg.agents
-                .values()
-                .filter_map(|a| agents::default_key_var(a.kind).map(String::from)),
-        );
-        let redactor = Arc::new(Redactor::from_env(&secrets));
-        context::install_redactor(&secrets);
-        let cooldowns = Cooldowns::load(&layout.state_dir);
+        let redactor = Arc::new(redactor);
+        let cooldowns = Cooldowns::load(&layout.cooldowns());
         let (route_tx, route_rx) = mpsc::unbounded_channel();
         let (claimed_tx, claimed_rx) = mpsc::unbounded_channel();
         Ok(Supervisor {
@@ -319,7 +315,7 @@ impl Supervisor {
             "mirror reconciled: {} rows updated, {} removed",
             report.upserted, report.deleted
         ));
-        let conn = mirror::open(&self.layout.state_dir.join("state.db"))?;
+        let conn = mirror::open(&self.layout.state_db())?;
         for row in mirror::list(&conn, Some("completed"))? {
             self.done.insert(row.id.clone(), Terminal::Completed);
             self.completed.push(CompletedEntry {
@@ -336,12 +332,8 @@ impl Supervisor {
             .sort_by(|a, b| a.finished_at.cmp(&b.finished_at));
         // Rows of supervisors on this host that died without saying so (SIGKILL, power cut).
         for row in mirror::supervisors(&conn)? {
-            let lock = self
-                .layout
-                .state_dir
-                .join("instances")
-                .join(format!("{}.lock", row.instance));
-            if row.host == self.me.host && !spool::instance_lock_held(&lock) {
+            let lock = self.layout.instance_lock(&row.instance);
+            if row.host == self.me.host && !crate::instance::instance_lock_held(&lock) {
                 self.writer.send(Op::Supervisor {
                     instance: row.instance,
                     pid: row.pid,
@@ -406,14 +398,14 @@ impl Supervisor {
         self.startup()?;
         let (hint_tx, mut hints) = mpsc::unbounded_channel();
         let _watch = watcher::start(
-            &self.spool.pending,
+            &self.spool.layout().pending,
             Duration::from_secs(self.cfg.orchestrator.rescan_seconds),
             hint_tx,
         );
         console::info(&format!(
             "orchestrate {} watching {} (instance {}, max_concurrent {})",
             env!("CARGO_PKG_VERSION"),
-            self.layout.rel(&self.spool.pending),
+            self.layout.rel(&self.spool.layout().pending),
             self.me.id,
             self.cfg.orchestrator.max_concurrent
         ));
@@ -525,7 +517,7 @@ impl Supervisor {
             alive: false,
         });
         self.writer.flush();
-        let _ = std::fs::remove_file(self.me.lock_path(&self.layout.state_dir));
+        let _ = std::fs::remove_file(self.me.lock_path(&self.layout));
         console::info("supervisor stopped");
         Ok(())
     }
@@ -622,12 +614,12 @@ impl Supervisor {
     /// The listing is taken now; the files are read a chunk per loop turn (`scan_step`), so a
     /// backlog of 100,000 files does not hold up the attempts that finish meanwhile.
     fn rescan(&mut self) {
-        let rd = match std::fs::read_dir(&self.spool.pending) {
+        let rd = match std::fs::read_dir(&self.spool.layout().pending) {
             Ok(rd) => rd,
             Err(e) => {
                 console::warn(&format!(
                     "cannot list {}: {e}; recreating it",
-                    self.spool.pending.display()
+                    self.spool.layout().pending.display()
                 ));
                 let _ = self.spool.ensure_dirs();
                 return;
@@ -728,7 +720,9 @@ impl Supervisor {
         let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else {
             return;
         };
-        if path.parent() != Some(self.spool.pending.as_path()) || self.claiming.contains(path) {
+        if path.parent() != Some(self.spool.layout().pending.as_path())
+            || self.claiming.contains(path)
+        {
             return;
         }
         let meta = match std::fs::symlink_metadata(path) {
@@ -810,7 +804,7 @@ impl Supervisor {
     fn reject(&mut self, path: &Path, name: &str, explanation: &str) {
         // An invalid file named like a real task must not land beside that task in failed/ or be
         // mistaken for it: it goes to quarantine with the explanation.
-        let stem = task::file_stem(name);
+        let stem = crate::layout::file_stem(name);
         let clashes = self.in_hand(stem)
             || self.spool.settled_place(stem).is_some()
             || self.sched.pending.get(stem).is_some_and(|p| p.path != path);
@@ -995,12 +989,12 @@ impl Supervisor {
             let child = scheduler::subtask_file(parent, n);
             let name = format!("{id}.yaml");
             match fsutil::atomic_create(
-                &self.spool.pending,
+                &self.spool.layout().pending,
                 &name,
-                task::to_yaml(&child).as_bytes(),
+                crate::record::to_yaml(&child, &self.redactor).as_bytes(),
             ) {
                 Ok(true) => {
-                    let p = self.spool.pending.join(&name);
+                    let p = self.spool.layout().pending.join(&name);
                     let sig = std::fs::metadata(&p)
                         .map(|m| sig_of(&m))
                         .unwrap_or_default();
@@ -1646,7 +1640,7 @@ impl Supervisor {
             return;
         }
         // A cancel request, if any, is answered now that the task is terminal on disk.
-        let _ = std::fs::remove_file(self.layout.state_dir.join("cancel").join(&id));
+        let _ = std::fs::remove_file(self.layout.cancel_dir().join(&id));
         let secs: u64 = result
             .attempts
             .last()
@@ -1727,7 +1721,7 @@ impl Supervisor {
     /// until the task is in `failed/`: a supervisor that dies before then finds it again at its next
     /// start, when recovery has put the task back in `pending/`, and cancels it there.
     fn check_cancels(&mut self) {
-        let dir = self.layout.state_dir.join("cancel");
+        let dir = self.layout.cancel_dir();
         let Ok(rd) = std::fs::read_dir(&dir) else {
             return;
         };
@@ -1780,8 +1774,13 @@ impl Supervisor {
                 )
             })
             .collect();
-        if let Err(e) = context::write_state_files(&self.layout, &self.completed, &counts, &running)
-        {
+        if let Err(e) = context::write_state_files(
+            &self.layout,
+            &self.completed,
+            &counts,
+            &running,
+            &self.redactor,
+        ) {
             console::warn(&format!("cannot write context state files: {e:#}"));
         }
     }
@@ -1987,8 +1986,8 @@ async fn run_attempt(
     };
     let mut env = process::build_env(&ctx.cfg.security.env_allow, &inv.env);
     env.push((
-        process::RUN_MARKER.into(),
-        process::run_marker(&claim.instance, &task.id, claim.attempt),
+        crate::marker::RUN_MARKER.into(),
+        crate::marker::run_marker(&claim.instance, &task.id, claim.attempt),
     ));
     let spec = process::Spec {
         program: inv.program,
@@ -2003,7 +2002,7 @@ async fn run_attempt(
         log_path: log_path.clone(),
         max_log_bytes: ctx.cfg.orchestrator.max_log_bytes,
         redactor: ctx.redactor.clone(),
-        marker: process::run_marker(&claim.instance, &task.id, claim.attempt),
+        marker: crate::marker::run_marker(&claim.instance, &task.id, claim.attempt),
     };
     if crate::failpoint::armed("attempt.running") {
         tokio::spawn(async {
@@ -2149,12 +2148,7 @@ fn prepare(ctx: &AttemptCtx, task: &Task, claim: &Claim) -> Result<(PathBuf, Str
         task,
         &claim.history,
     )?);
-    let prompt_file = ctx
-        .layout
-        .context_dir
-        .join("logs")
-        .join(&task.id)
-        .join(format!("attempt-{}.prompt.md", claim.attempt));
+    let prompt_file = ctx.layout.prompt_path(&task.id, claim.attempt);
     std::fs::create_dir_all(prompt_file.parent().expect("has parent"))?;
     // A copy for people to read; it is rebuilt from the task for every attempt, so no fsync.
     fsutil::atomic_write_derived(&prompt_file, prompt.as_bytes())

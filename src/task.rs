@@ -1,14 +1,14 @@
 //! Task files (schema v1) and the records the spool writes beside them.
 //!
 //! Parsing is strict: unknown keys, duplicate keys, several documents, a missing description or a file
-//! over the size cap are errors with a line and column. Budgets in [`crate::config::yaml_options`] bound
+//! over the size cap are errors with a line and column. Budgets in [`crate::yaml::options`] bound
 //! the CPU and memory a hostile file can cost. Nothing here touches the file system except [`read_task`].
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::YamlProblem;
+use crate::yaml::{self, YamlProblem, key_lines};
 
 /// Longest task id (file names must stay well under 255 bytes with suffixes like `_result.yaml`).
 pub const MAX_ID_LEN: usize = 200;
@@ -139,12 +139,6 @@ pub fn is_conflict_copy(name: &str) -> bool {
         || name.contains("_conflict-")
 }
 
-pub fn file_stem(name: &str) -> &str {
-    name.strip_suffix(".yaml")
-        .or_else(|| name.strip_suffix(".yml"))
-        .unwrap_or(name)
-}
-
 /// Why a task file was rejected.
 #[derive(Debug, Clone)]
 pub struct TaskError {
@@ -198,7 +192,7 @@ pub fn parse_task(text: &str, stem: &str, source_name: &str) -> Result<Task, Tas
             "file contains NUL bytes (binary or UTF-16 file?)",
         ));
     }
-    if let Some(i) = yaml_lines(text)
+    if let Some(i) = yaml::lines(text)
         .position(|l| l.starts_with("<<<<<<< ") || l.starts_with(">>>>>>> ") || l == "=======")
     {
         return Err(TaskError {
@@ -215,27 +209,27 @@ pub fn parse_task(text: &str, stem: &str, source_name: &str) -> Result<Task, Tas
             "empty file: a task needs at least `description:`",
         ));
     }
-    let file: TaskFile = serde_saphyr::from_str_with_options(text, crate::config::yaml_options())
+    let file: TaskFile = serde_saphyr::from_str_with_options(text, crate::yaml::options())
         .map_err(|e| {
-        let mut problem = YamlProblem::from_saphyr(source_name, &e);
-        // A key given twice under two spellings (`prompt` is `description`) is caught by serde,
-        // which knows no position: point at the second one.
-        if problem.line.is_none()
-            && let Some(field) = problem
-                .message
-                .strip_prefix("duplicate field `")
-                .and_then(|r| r.split('`').next())
-        {
-            let mut lines = key_lines(text, field);
-            if field == "description" {
-                lines.extend(key_lines(text, "prompt"));
+            let mut problem = YamlProblem::from_saphyr(source_name, &e);
+            // A key given twice under two spellings (`prompt` is `description`) is caught by serde,
+            // which knows no position: point at the second one.
+            if problem.line.is_none()
+                && let Some(field) = problem
+                    .message
+                    .strip_prefix("duplicate field `")
+                    .and_then(|r| r.split('`').next())
+            {
+                let mut lines = key_lines(text, field);
+                if field == "description" {
+                    lines.extend(key_lines(text, "prompt"));
+                }
+                lines.sort_unstable();
+                problem.line = lines.get(1).or(lines.first()).copied();
+                problem.column = problem.line.map(|_| 1);
             }
-            lines.sort_unstable();
-            problem.line = lines.get(1).or(lines.first()).copied();
-            problem.column = problem.line.map(|_| 1);
-        }
-        TaskError { problem }
-    })?;
+            TaskError { problem }
+        })?;
     let id = match &file.id {
         Some(id) => id.clone(),
         None => stem.to_string(),
@@ -327,40 +321,6 @@ pub fn parse_task(text: &str, stem: &str, source_name: &str) -> Result<Task, Tas
     Ok(Task { id, file })
 }
 
-/// Lines (1-based) where `key` appears as a top-level key: at the start of an unindented line (plain,
-/// quoted, or `key :`, or as `? key`), or inside a flow mapping (`{a: 1, key: 2}`). For validation
-/// errors, which serde cannot place. Indented lines are skipped: they belong to nested values or block
-/// scalars (`description: |` followed by `  id: x` is text, not a key).
-fn key_lines(text: &str, key: &str) -> Vec<usize> {
-    let spellings = [key.to_string(), format!("\"{key}\""), format!("'{key}'")];
-    let flow = [format!("{{{key}:"), format!(", {key}:"), format!(",{key}:")];
-    let mut out: Vec<usize> = Vec::new();
-    for (i, l) in yaml_lines(text).enumerate() {
-        // A stray byte-order mark counts as blank (YAML parsers skip it; so must we).
-        let t = l.trim_start_matches('\u{feff}');
-        let t = t.strip_prefix("? ").unwrap_or(t);
-        let block = spellings.iter().any(|s| {
-            t.strip_prefix(s.as_str()).is_some_and(|rest| {
-                let rest = rest.trim_start_matches([' ', '\t']);
-                rest.starts_with(':') || (t.len() == s.len() && l.starts_with("? "))
-            })
-        });
-        if block || flow.iter().any(|f| l.contains(f.as_str())) {
-            out.push(i + 1);
-        }
-    }
-    out
-}
-
-/// Lines as YAML counts them: a line break is `\r\n`, `\n` or a lone `\r` (which `str::lines` does not
-/// split on), so line numbers agree with the parser's.
-fn yaml_lines(text: &str) -> impl Iterator<Item = &str> {
-    text.split('\n').flat_map(|l| {
-        let l = l.strip_suffix('\r').unwrap_or(l);
-        l.split('\r')
-    })
-}
-
 /// Read a task file with the size cap applied before reading.
 pub fn read_task(path: &Path, max_bytes: u64) -> Result<(Task, Vec<u8>), TaskError> {
     let name = path
@@ -404,231 +364,8 @@ pub fn read_task(path: &Path, max_bytes: u64) -> Result<(Task, Vec<u8>), TaskErr
             },
         }
     })?;
-    let task = parse_task(text, file_stem(&name), &name)?;
+    let task = parse_task(text, crate::layout::file_stem(&name), &name)?;
     Ok((task, bytes))
-}
-
-/// How an attempt ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    Completed,
-    AgentError,
-    Timeout,
-    Cancelled,
-    /// The supervisor stopped gracefully while it ran; does not count against `max_retries`.
-    Interrupted,
-    /// The supervisor died while it ran (found at recovery); counts against `max_retries`.
-    Lost,
-    RateLimited,
-    QuotaExhausted,
-    Auth,
-    BadOutput,
-}
-
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Completed => "completed",
-            Outcome::AgentError => "agent_error",
-            Outcome::Timeout => "timeout",
-            Outcome::Cancelled => "cancelled",
-            Outcome::Interrupted => "interrupted",
-            Outcome::Lost => "lost",
-            Outcome::RateLimited => "rate_limited",
-            Outcome::QuotaExhausted => "quota_exhausted",
-            Outcome::Auth => "auth",
-            Outcome::BadOutput => "bad_output",
-        }
-    }
-
-    /// Whether this attempt uses up one of the task's retries.
-    pub fn counts_as_failure(self) -> bool {
-        !matches!(
-            self,
-            Outcome::Completed
-                | Outcome::Interrupted
-                | Outcome::RateLimited
-                | Outcome::QuotaExhausted
-        )
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Attempt {
-    pub n: u32,
-    pub agent: String,
-    pub started_at: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub finished_at: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub duration_ms: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exit_code: Option<i32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub signal: Option<i32>,
-    pub outcome: Outcome,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cost_usd: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub input_tokens: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub output_tokens: Option<u64>,
-    /// The part of `input_tokens` served from the provider's prompt cache.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cached_tokens: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub session_id: Option<String>,
-    /// For rate limits: when the provider said the agent may be used again.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retry_at: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub log_file: Option<String>,
-}
-
-impl Attempt {
-    /// An attempt with only what every attempt has; the rest is filled in as it becomes known.
-    pub fn new(n: u32, agent: &str, started_at: &str, outcome: Outcome) -> Attempt {
-        Attempt {
-            n,
-            agent: agent.to_string(),
-            started_at: started_at.to_string(),
-            finished_at: None,
-            duration_ms: None,
-            exit_code: None,
-            signal: None,
-            outcome,
-            error: None,
-            cost_usd: None,
-            input_tokens: None,
-            output_tokens: None,
-            cached_tokens: None,
-            session_id: None,
-            retry_at: None,
-            log_file: None,
-        }
-    }
-}
-
-/// `assigned/X.claim.yaml`: who runs the task, since when, and everything earlier attempts left.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Claim {
-    pub task_id: String,
-    pub version: u64,
-    pub host: String,
-    pub pid: u32,
-    pub boot_id: String,
-    pub instance: String,
-    pub attempt: u32,
-    pub agent: String,
-    pub started_at: String,
-    pub heartbeat_at: String,
-    #[serde(default)]
-    pub history: Vec<Attempt>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub chosen_because: Option<String>,
-}
-
-/// `pending/.X.history.yaml`: what a requeued task carries back to `pending/` (hidden from the whitelist).
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
-pub struct History {
-    pub task_id: String,
-    pub version: u64,
-    #[serde(default)]
-    pub attempts: Vec<Attempt>,
-    /// Do not start the next attempt before this time (retry back-off).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub not_before: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Terminal {
-    Completed,
-    Failed,
-}
-
-impl Terminal {
-    pub fn dir_name(self) -> &'static str {
-        match self {
-            Terminal::Completed => "completed",
-            Terminal::Failed => "failed",
-        }
-    }
-}
-
-/// `completed/X_result.yaml` or `failed/X_result.yaml`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TaskResult {
-    pub task_id: String,
-    pub status: Terminal,
-    pub version: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub agent: Option<String>,
-    pub description: String,
-    pub finished_at: String,
-    #[serde(default)]
-    pub attempts: Vec<Attempt>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub output_file: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub diff_file: Option<String>,
-    #[serde(default)]
-    pub files_modified: Vec<String>,
-    #[serde(default)]
-    pub review_required: bool,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub review_files: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub chosen_because: Option<String>,
-}
-
-impl TaskResult {
-    /// A failure decided without (another) run: dependency failed, cycle, cancel, retries used up.
-    pub fn failed(
-        id: &str,
-        version: u64,
-        description: &str,
-        attempts: Vec<Attempt>,
-        error: String,
-    ) -> TaskResult {
-        TaskResult {
-            task_id: id.to_string(),
-            status: Terminal::Failed,
-            version,
-            agent: attempts.last().map(|a| a.agent.clone()),
-            description: description.to_string(),
-            finished_at: crate::fsutil::now_rfc3339(),
-            attempts,
-            output_file: None,
-            diff_file: None,
-            files_modified: vec![],
-            review_required: false,
-            review_files: vec![],
-            error: Some(error),
-            chosen_because: None,
-        }
-    }
-}
-
-/// Serialize one of our own records. These types contain nothing serde-saphyr cannot represent.
-pub fn to_yaml<T: Serialize>(v: &T) -> String {
-    // Every record we write goes through here, so this is where configured secrets are redacted.
-    crate::context::redact_record(
-        serde_saphyr::to_string(v).expect("records are plain data and always serialize"),
-    )
-}
-
-/// Parse one of our own records (claims, results, histories): trusted but still budgeted.
-pub fn from_yaml<T: for<'de> Deserialize<'de>>(text: &str) -> Result<T, String> {
-    serde_saphyr::from_str_with_options(text, crate::config::yaml_options())
-        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -785,32 +522,5 @@ mod tests {
         assert!(parse_task(bomb, "f", "t.yaml").is_err());
         let e = parse_task("<<<<<<< HEAD\ndescription: x\n", "f", "t.yaml").unwrap_err();
         assert_eq!(e.problem.line, Some(1));
-    }
-
-    #[test]
-    fn records_round_trip() {
-        let r = TaskResult {
-            task_id: "t".into(),
-            status: Terminal::Completed,
-            version: 3,
-            agent: Some("shell".into()),
-            description: "multi\nline: with colon".into(),
-            finished_at: "2026-01-01T00:00:00Z".into(),
-            attempts: vec![Attempt {
-                duration_ms: Some(5),
-                exit_code: Some(0),
-                ..Attempt::new(1, "shell", "2026-01-01T00:00:00Z", Outcome::Completed)
-            }],
-            output_file: None,
-            diff_file: None,
-            files_modified: vec!["a.txt".into()],
-            review_required: false,
-            review_files: vec![],
-            error: None,
-            chosen_because: None,
-        };
-        let back: TaskResult = from_yaml(&to_yaml(&r)).expect("round trip");
-        assert_eq!(back.description, r.description);
-        assert_eq!(back.attempts, r.attempts);
     }
 }

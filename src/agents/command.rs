@@ -7,7 +7,7 @@ use anyhow::Result;
 use super::{Adapter, AgentOutcome, Invocation, RunRequest, stderr_hint};
 use crate::config::{AgentConfig, PromptVia};
 use crate::process::Exit;
-use crate::task::Outcome;
+use crate::record::Outcome;
 
 pub struct CommandAdapter;
 

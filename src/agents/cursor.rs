@@ -12,7 +12,7 @@ use super::{
 };
 use crate::config::AgentConfig;
 use crate::process::Exit;
-use crate::task::Outcome;
+use crate::record::Outcome;
 
 pub struct CursorAdapter;
 

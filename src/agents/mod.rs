@@ -20,7 +20,7 @@ use anyhow::Result;
 
 use crate::config::{AgentConfig, AgentKind};
 use crate::process::Exit;
-use crate::task::Outcome;
+use crate::record::Outcome;
 
 /// What the adapter needs to know about the attempt.
 pub struct RunRequest<'a> {
@@ -120,17 +120,6 @@ pub fn install_hint(kind: AgentKind) -> Option<&'static str> {
     }
 }
 
-/// The environment variable a kind's CLI reads its API key from.
-pub fn default_key_var(kind: AgentKind) -> Option<&'static str> {
-    match kind {
-        AgentKind::Claude => Some("ANTHROPIC_API_KEY"),
-        AgentKind::Codex | AgentKind::Openai => Some("OPENAI_API_KEY"),
-        AgentKind::Gemini => Some("GEMINI_API_KEY"),
-        AgentKind::Cursor => Some("CURSOR_API_KEY"),
-        AgentKind::Command => None,
-    }
-}
-
 /// The agent's own `env`, plus its API key: taken from `api_key_env` (or the CLI's usual variable)
 /// in the supervisor's environment and handed over under the name the CLI reads. Agents do not
 /// inherit the supervisor's environment, so without this a key exported in the shell would not
@@ -140,7 +129,7 @@ pub fn agent_env(cfg: &AgentConfig) -> BTreeMap<String, String> {
     // An `openai` agent may point anywhere (a local server, a stranger's endpoint): it gets a key
     // only when its config names one, never the user's OpenAI key by default.
     let named_only = cfg.kind == AgentKind::Openai && cfg.api_key_env.is_none();
-    if let Some(target) = default_key_var(cfg.kind)
+    if let Some(target) = cfg.kind.key_var()
         && !named_only
         && !env.contains_key(target)
     {

@@ -18,7 +18,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::agents::AgentOutcome;
-use crate::task::Outcome;
+use crate::record::Outcome;
 
 /// One chat completion to run.
 #[derive(Debug, Clone)]

@@ -9,7 +9,7 @@ use crate::task::{self, TaskFile};
 /// The next free `task_NNN` across the whole tree.
 fn next_number(project: &Project) -> u64 {
     let mut max = 0;
-    for dir in project.spool.dirs() {
+    for dir in project.spool.layout().spool_dirs() {
         let Ok(rd) = std::fs::read_dir(dir) else {
             continue;
         };
@@ -43,10 +43,10 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
     else {
         unreachable!("dispatched on Add")
     };
-    if !project.spool.pending.is_dir() {
+    if !project.spool.layout().pending.is_dir() {
         bail!(UsageError(format!(
             "{} does not exist: run `orchestrate init` first (or pass -C DIR)",
-            project.spool.pending.display()
+            project.spool.layout().pending.display()
         )));
     }
     if let Some(a) = agent
@@ -82,7 +82,7 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
     for _ in 0..1000 {
         let tid = id.clone().unwrap_or_else(|| format!("task_{n:03}"));
         file.id = Some(tid.clone());
-        let text = task::to_yaml(&file);
+        let text = crate::record::to_yaml(&file, project.spool.redactor());
         // Validate exactly what we write: `add` must never produce a file the supervisor rejects.
         let parsed = task::parse_task(&text, &tid, "<new task>")
             .map_err(|e| UsageError(e.message().to_string()))?;
@@ -94,7 +94,7 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
             continue;
         }
         if crate::fsutil::atomic_create(
-            &project.spool.pending,
+            &project.spool.layout().pending,
             &format!("{tid}.yaml"),
             text.as_bytes(),
         )? {

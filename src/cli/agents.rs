@@ -66,7 +66,7 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
     let conn = project.mirror_read()?;
     let totals = mirror::agent_totals(&conn)?;
     let running = mirror::list(&conn, Some("running"))?;
-    let cooldowns = crate::cooldown::Cooldowns::read(&project.layout.state_dir);
+    let cooldowns = crate::cooldown::Cooldowns::read(&project.layout.cooldowns());
     let now = time::OffsetDateTime::now_utc();
     // Node CLIs take a second or so each to print a version: ask them all at once.
     let found_paths: Vec<Option<std::path::PathBuf>> = project

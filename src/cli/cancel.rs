@@ -8,8 +8,8 @@ use anyhow::{Result, bail};
 use super::{Cli, Project};
 use crate::error::UsageError;
 use crate::mirror::{self, Op};
+use crate::record::TaskResult;
 use crate::spool::Place;
-use crate::task::TaskResult;
 
 pub fn run(cli: &Cli, project: &Project, id: &str) -> Result<i32> {
     let spool = &project.spool;
@@ -26,7 +26,7 @@ pub fn run(cli: &Cli, project: &Project, id: &str) -> Result<i32> {
     // Pending: find its file (any name) by parsing pending/ if it is not `<id>.yaml`.
     let mut file = spool.task_path(Place::Pending, id);
     if !file.exists() {
-        let found = std::fs::read_dir(&spool.pending)?
+        let found = std::fs::read_dir(&spool.layout().pending)?
             .flatten()
             .map(|e| e.path())
             .find(|p| {
@@ -37,7 +37,7 @@ pub fn run(cli: &Cli, project: &Project, id: &str) -> Result<i32> {
             Some(p) => file = p,
             None => bail!(UsageError(format!(
                 "no task {id} in {}",
-                project.rel(&spool.tasks_dir)
+                project.rel(&spool.layout().tasks_dir)
             ))),
         }
     }
@@ -73,7 +73,7 @@ fn cancel_running(cli: &Cli, project: &Project, id: &str) -> Result<i32> {
     if claim.host != crate::fsutil::hostname() {
         bail!("task {id} runs on host {}; cancel it there", claim.host);
     }
-    let dir = project.layout.state_dir.join("cancel");
+    let dir = project.layout.cancel_dir();
     std::fs::create_dir_all(&dir)?;
     crate::fsutil::atomic_write(&dir.join(id), b"")?;
     // SAFETY: plain signal to the supervisor pid recorded in the claim.

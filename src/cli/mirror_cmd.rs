@@ -11,7 +11,7 @@ pub fn rebuild(cli: &Cli, project: &Project) -> Result<i32> {
     } else {
         println!(
             "mirror rebuilt from {}: {} task rows",
-            project.rel(&project.spool.tasks_dir),
+            project.rel(&project.spool.layout().tasks_dir),
             report.upserted
         );
     }

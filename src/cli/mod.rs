@@ -24,7 +24,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use crate::config::Config;
-use crate::context::Layout;
+use crate::layout::Layout;
 use crate::spool::Spool;
 
 #[derive(Debug, Parser)]
@@ -178,7 +178,7 @@ impl Project {
         let cfg_path = cli
             .config
             .clone()
-            .unwrap_or_else(|| root.join("config.yaml"));
+            .unwrap_or_else(|| Layout::config_file(&root));
         if cli.config.is_some() && !cfg_path.exists() {
             return Err(crate::error::UsageError(format!(
                 "config file {} does not exist",
@@ -187,9 +187,8 @@ impl Project {
             .into());
         }
         let cfg = Config::load(&cfg_path)?;
-        crate::context::install_redactor(&cfg.security.secrets);
-        let layout = Layout::new(&root, &cfg);
-        let spool = Spool::new(&layout.tasks_dir, &layout.state_dir);
+        let layout = cfg.layout(&root);
+        let spool = Spool::new(&layout, cfg.redactor());
         Ok(Project {
             root,
             cfg,
@@ -199,13 +198,13 @@ impl Project {
     }
 
     pub fn db_path(&self) -> PathBuf {
-        self.layout.state_dir.join("state.db")
+        self.layout.state_db()
     }
 
     /// A read connection to the mirror, building the mirror from the tree first if there is none.
     pub fn mirror_read(&self) -> Result<rusqlite::Connection> {
         if !self.db_path().exists() {
-            if !self.spool.pending.exists() {
+            if !self.spool.layout().pending.exists() {
                 return Err(crate::error::UsageError(format!(
                     "{} has no tasks/ folder: run `orchestrate init` first (or pass -C DIR)",
                     self.root.display()
@@ -236,7 +235,10 @@ impl Project {
         let r = (|| -> Result<()> {
             std::fs::create_dir_all(&self.layout.state_dir)?;
             let mut conn = crate::mirror::open(&self.db_path())?;
-            let mut ops = ops;
+            let mut ops: Vec<_> = ops
+                .into_iter()
+                .map(|op| op.redacted(self.spool.redactor()))
+                .collect();
             crate::mirror::apply(&mut conn, &crate::fsutil::hostname(), &mut ops)?;
             Ok(())
         })();

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use crate::agents::openai::{self, ChatError, ChatRequest};
-use crate::task::Outcome;
+use crate::record::Outcome;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct OpenaiAgentArgs {

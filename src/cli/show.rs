@@ -5,9 +5,10 @@ use serde::Serialize;
 
 use super::{Cli, Project};
 use crate::error::UsageError;
+use crate::layout::Layout;
 use crate::mirror;
-use crate::spool::{Place, error_path};
-use crate::task::Terminal;
+use crate::record::Terminal;
+use crate::spool::Place;
 
 #[derive(Serialize)]
 struct Shown {
@@ -16,8 +17,8 @@ struct Shown {
     file: Option<String>,
     task: Option<String>,
     note: Option<String>,
-    claim: Option<crate::task::Claim>,
-    result: Option<crate::task::TaskResult>,
+    claim: Option<crate::record::Claim>,
+    result: Option<crate::record::TaskResult>,
     error: Option<String>,
     output: Option<String>,
     diff: Option<String>,
@@ -34,7 +35,7 @@ pub fn run(cli: &Cli, project: &Project, id: &str) -> Result<i32> {
     let place = spool.settled_place(id).or_else(|| {
         let pending = row
             .as_ref()
-            .map(|r| spool.tasks_dir.join(&r.payload.file))
+            .map(|r| spool.layout().tasks_dir.join(&r.payload.file))
             .filter(|p| p.exists());
         pending.map(|_| Place::Pending).or_else(|| {
             spool
@@ -46,13 +47,13 @@ pub fn run(cli: &Cli, project: &Project, id: &str) -> Result<i32> {
     let Some(place) = place else {
         bail!(UsageError(format!(
             "no task {id} in {}",
-            project.rel(&spool.tasks_dir)
+            project.rel(&spool.layout().tasks_dir)
         )));
     };
     let file = match place {
         Place::Pending => row
             .as_ref()
-            .map(|r| spool.tasks_dir.join(&r.payload.file))
+            .map(|r| spool.layout().tasks_dir.join(&r.payload.file))
             .filter(|p| p.exists())
             .unwrap_or_else(|| spool.task_path(Place::Pending, id)),
         p => spool.task_path(p, id),
@@ -73,7 +74,7 @@ pub fn run(cli: &Cli, project: &Project, id: &str) -> Result<i32> {
         error: result
             .as_ref()
             .and_then(|r| r.error.clone())
-            .or_else(|| if place == Place::Failed { read(error_path(&file)) } else { None }),
+            .or_else(|| if place == Place::Failed { read(Layout::error_path(&file)) } else { None }),
         output: read(project.layout.output_path(id)),
         diff: read(project.layout.diff_path(id)),
         attempts: mirror::attempts_of(&conn, id)?

@@ -29,7 +29,7 @@ fn detach_start(cli: &Cli, project: &Project, verbose: u8) -> Result<i32> {
     use std::os::unix::process::CommandExt;
     let state = &project.layout.state_dir;
     std::fs::create_dir_all(state)?;
-    let log_path = state.join("supervisor.log");
+    let log_path = project.layout.supervisor_log();
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -59,11 +59,14 @@ fn detach_start(cli: &Cli, project: &Project, verbose: u8) -> Result<i32> {
         .spawn()
         .context("cannot start the background supervisor")?;
     let pid = child.id();
-    crate::fsutil::atomic_write(&state.join("supervisor.pid"), format!("{pid}\n").as_bytes())?;
+    crate::fsutil::atomic_write(
+        &project.layout.supervisor_pid(),
+        format!("{pid}\n").as_bytes(),
+    )?;
     // Wait until it holds its instance lock, so "started" means started (bounded).
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        if crate::spool::live_instances(state)
+        if crate::instance::live_instances(&project.layout)
             .iter()
             .any(|(p, _)| *p == pid)
         {
@@ -89,7 +92,7 @@ fn detach_start(cli: &Cli, project: &Project, verbose: u8) -> Result<i32> {
 }
 
 pub fn stop(project: &Project, timeout: u64) -> Result<i32> {
-    let live = crate::spool::live_instances(&project.layout.state_dir);
+    let live = crate::instance::live_instances(&project.layout);
     if live.is_empty() {
         println!("no supervisor is running");
         return Ok(0);
@@ -107,11 +110,11 @@ pub fn stop(project: &Project, timeout: u64) -> Result<i32> {
     loop {
         let still: Vec<u32> = live
             .iter()
-            .filter(|(_, path)| crate::spool::instance_lock_held(path))
+            .filter(|(_, path)| crate::instance::instance_lock_held(path))
             .map(|(p, _)| *p)
             .collect();
         if still.is_empty() {
-            let _ = std::fs::remove_file(project.layout.state_dir.join("supervisor.pid"));
+            let _ = std::fs::remove_file(project.layout.supervisor_pid());
             println!("stopped");
             return Ok(0);
         }

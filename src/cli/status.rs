@@ -97,7 +97,7 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
 
 fn local(project: &Project) -> Result<Status> {
     let conn = project.mirror_read()?;
-    let quarantined = std::fs::read_dir(&project.spool.quarantine)
+    let quarantined = std::fs::read_dir(&project.spool.layout().quarantine)
         .map(|rd| {
             rd.flatten()
                 .filter(|e| {
@@ -108,7 +108,7 @@ fn local(project: &Project) -> Result<Status> {
                 .count()
         })
         .unwrap_or(0);
-    let supervisors = crate::spool::live_instances(&project.layout.state_dir)
+    let supervisors = crate::instance::live_instances(&project.layout)
         .into_iter()
         .map(|(pid, path)| Supervisor {
             pid,
@@ -121,7 +121,7 @@ fn local(project: &Project) -> Result<Status> {
         })
         .collect();
     let postgres = project.cfg.database.url.as_ref().map(|_| {
-        std::fs::read(project.layout.state_dir.join("postgres.json"))
+        std::fs::read(project.layout.postgres_health())
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default()
@@ -139,13 +139,13 @@ fn local(project: &Project) -> Result<Status> {
             |r| r.get(0),
         )?,
         postgres,
-        cooldowns: cooling(&project.layout.state_dir),
+        cooldowns: cooling(&project.layout.cooldowns()),
     })
 }
 
-fn cooling(state_dir: &std::path::Path) -> Vec<CoolingAgent> {
+fn cooling(cooldowns: &std::path::Path) -> Vec<CoolingAgent> {
     let now = time::OffsetDateTime::now_utc();
-    crate::cooldown::Cooldowns::read(state_dir)
+    crate::cooldown::Cooldowns::read(cooldowns)
         .into_iter()
         .filter(|(_, c)| crate::cooldown::until_of(c).is_some_and(|u| u > now))
         .map(|(agent, c)| CoolingAgent {

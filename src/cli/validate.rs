@@ -26,7 +26,7 @@ pub fn run(cli: &Cli, files: &[PathBuf], check_config: bool) -> Result<i32> {
         let path = cli
             .config
             .clone()
-            .unwrap_or_else(|| root.join("config.yaml"));
+            .unwrap_or_else(|| crate::layout::Layout::config_file(&root));
         let text = std::fs::read_to_string(&path)
             .map_err(|e| UsageError(format!("{}: {e}", path.display())))?;
         return match Config::parse(&text, &path.display().to_string()) {
@@ -52,7 +52,7 @@ pub fn run(cli: &Cli, files: &[PathBuf], check_config: bool) -> Result<i32> {
     let cfg_path = cli
         .config
         .clone()
-        .unwrap_or_else(|| root.join("config.yaml"));
+        .unwrap_or_else(|| crate::layout::Layout::config_file(&root));
     let cfg = Config::load(&cfg_path)?;
     let mut findings = Vec::new();
     for f in files {

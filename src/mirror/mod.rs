@@ -16,8 +16,10 @@ use anyhow::{Context, Result};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
+use crate::record::{Attempt, TaskResult, Terminal};
+use crate::redact::Redactor;
 use crate::spool::{Place, Spool};
-use crate::task::{self, Attempt, Task, TaskResult, Terminal};
+use crate::task::{self, Task};
 
 pub mod postgres;
 
@@ -144,6 +146,45 @@ pub enum Op {
     },
 }
 
+impl Op {
+    /// The op with every free text a secret could hide in replaced by the redactor: descriptions,
+    /// errors, notes, changed files, session ids (ids and paths orchestrate chose are left alone: the
+    /// reconciler compares them with the tree). Every op reaches a database through here (the writer, the
+    /// reconcile plan and the CLI's writes), so no backend has to remember to redact.
+    pub fn redacted(self, r: &Redactor) -> Op {
+        let opt = |s: Option<String>| s.map(|s| r.redact_owned(s));
+        match self {
+            Op::Upsert { mut row, attempts } => {
+                let p = &mut row.payload;
+                p.description = r.redact_owned(std::mem::take(&mut p.description));
+                p.task_type = opt(p.task_type.take());
+                p.error = opt(p.error.take());
+                p.owner = opt(p.owner.take());
+                p.files_modified = p
+                    .files_modified
+                    .drain(..)
+                    .map(|s| r.redact_owned(s))
+                    .collect();
+                row.note = opt(row.note.take());
+                let attempts = attempts
+                    .into_iter()
+                    .map(|mut a| {
+                        a.error = opt(a.error.take());
+                        a.session_id = opt(a.session_id.take());
+                        a
+                    })
+                    .collect();
+                Op::Upsert { row, attempts }
+            }
+            Op::Note { id, note } => Op::Note {
+                id,
+                note: opt(note),
+            },
+            other => other,
+        }
+    }
+}
+
 pub fn open(path: &Path) -> Result<Connection> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
@@ -191,8 +232,7 @@ pub fn apply(conn: &mut Connection, host: &str, ops: &mut Vec<Op>) -> Result<usi
         for op in ops.drain(..) {
             match op {
                 Op::Upsert { row, attempts } => {
-                    let payload =
-                        crate::context::redact_record(serde_json::to_string(&row.payload)?);
+                    let payload = serde_json::to_string(&row.payload)?;
                     let changed = upsert.execute(params![
                         row.id,
                         row.version as i64,
@@ -277,12 +317,17 @@ pub fn apply(conn: &mut Connection, host: &str, ops: &mut Vec<Op>) -> Result<usi
 #[derive(Clone)]
 pub struct Writer {
     tx: mpsc::Sender<Op>,
+    redactor: Redactor,
     /// The PostgreSQL mirror, when configured: it gets a copy of every transition.
     pg: Option<postgres::PgWriter>,
 }
 
 impl Writer {
-    pub fn start(db: PathBuf, host: String) -> Result<(Writer, std::thread::JoinHandle<()>)> {
+    pub fn start(
+        db: PathBuf,
+        host: String,
+        redactor: Redactor,
+    ) -> Result<(Writer, std::thread::JoinHandle<()>)> {
         let mut conn = open(&db)?;
         let (tx, rx) = mpsc::channel::<Op>();
         let handle = std::thread::Builder::new()
@@ -349,7 +394,14 @@ impl Writer {
                     commit_with_retries(&mut conn, &host, &mut ops);
                 }
             })?;
-        Ok((Writer { tx, pg: None }, handle))
+        Ok((
+            Writer {
+                tx,
+                redactor,
+                pg: None,
+            },
+            handle,
+        ))
     }
 
     /// Reconcile with the tree on the writer's connection and wait for it (bounded).
@@ -386,6 +438,7 @@ impl Writer {
     }
 
     pub fn send(&self, op: Op) {
+        let op = op.redacted(&self.redactor);
         if let Some(pg) = &self.pg
             && !matches!(op, Op::Flush(_) | Op::Reconcile { .. })
         {
@@ -435,7 +488,7 @@ pub fn pending_row(
     spool: &Spool,
     task: &Task,
     file: &Path,
-    history: Option<&task::History>,
+    history: Option<&crate::record::History>,
 ) -> TaskRow {
     TaskRow {
         id: task.id.clone(),
@@ -448,7 +501,7 @@ pub fn pending_row(
             task_type: task.file.task_type.clone(),
             dependencies: task.file.dependencies.clone(),
             parent: task.file.parent.clone(),
-            file: rel_to(&spool.tasks_dir, file),
+            file: rel_to(&spool.layout().tasks_dir, file),
             attempts: history.map(|h| h.attempts.len() as u32).unwrap_or(0),
             error: None,
             not_before: history.and_then(|h| h.not_before.clone()),
@@ -459,7 +512,7 @@ pub fn pending_row(
     }
 }
 
-pub fn running_row(spool: &Spool, task: &Task, claim: &task::Claim) -> TaskRow {
+pub fn running_row(spool: &Spool, task: &Task, claim: &crate::record::Claim) -> TaskRow {
     TaskRow {
         id: task.id.clone(),
         version: claim.version,
@@ -472,7 +525,7 @@ pub fn running_row(spool: &Spool, task: &Task, claim: &task::Claim) -> TaskRow {
             dependencies: task.file.dependencies.clone(),
             parent: task.file.parent.clone(),
             file: rel_to(
-                &spool.tasks_dir,
+                &spool.layout().tasks_dir,
                 &spool.task_path(Place::Assigned, &task.id),
             ),
             attempts: claim.attempt,
@@ -500,7 +553,10 @@ pub fn terminal_row(spool: &Spool, result: &TaskResult, task: Option<&Task>) -> 
                 .map(|t| t.file.dependencies.clone())
                 .unwrap_or_default(),
             parent: task.and_then(|t| t.file.parent.clone()),
-            file: rel_to(&spool.tasks_dir, &spool.task_path(place, &result.task_id)),
+            file: rel_to(
+                &spool.layout().tasks_dir,
+                &spool.task_path(place, &result.task_id),
+            ),
             attempts: result.attempts.len() as u32,
             error: result.error.clone(),
             finished_at: Some(result.finished_at.clone()),
@@ -525,14 +581,14 @@ pub fn rejected_row(spool: &Spool, file: &Path, error: &str) -> TaskRow {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     TaskRow {
-        id: task::file_stem(&name).to_string(),
+        id: crate::layout::file_stem(&name).to_string(),
         // Above any pending version a file of that name might have had: rejection is final.
         version: 1,
         state: "failed".into(),
         agent: None,
         payload: Payload {
             description: String::new(),
-            file: rel_to(&spool.tasks_dir, file),
+            file: rel_to(&spool.layout().tasks_dir, file),
             error: Some(error.lines().next().unwrap_or_default().to_string()),
             ..Default::default()
         },
@@ -606,8 +662,8 @@ pub fn rows_from_tree(
                 continue;
             }
             let path = entry.path();
-            let rel = rel_to(&spool.tasks_dir, &path);
-            let stem = task::file_stem(&name).to_string();
+            let rel = rel_to(&spool.layout().tasks_dir, &path);
+            let stem = crate::layout::file_stem(&name).to_string();
             match place {
                 Place::Pending => {
                     // The id of a pending file is inside it; a file the mirror already lists is trusted.
@@ -653,7 +709,7 @@ pub fn rows_from_tree(
                         let task = task::read_task(&path, u64::MAX).ok().map(|(t, _)| t);
                         rows.push((terminal_row(spool, &r, task.as_ref()), r.attempts.clone()));
                     } else if place == Place::Failed {
-                        let err = std::fs::read_to_string(crate::spool::error_path(&path))
+                        let err = std::fs::read_to_string(crate::layout::Layout::error_path(&path))
                             .unwrap_or_default();
                         rows.push((rejected_row(spool, &path, &err), vec![]));
                     }
@@ -665,13 +721,13 @@ pub fn rows_from_tree(
 }
 
 /// The attempt a claim stands for, while it runs.
-pub fn running_attempt(c: &task::Claim) -> Attempt {
+pub fn running_attempt(c: &crate::record::Claim) -> Attempt {
     // `Interrupted` stands for "not finished": if the run is lost, recovery records it as such.
     Attempt::new(
         c.attempt,
         &c.agent,
         &c.started_at,
-        task::Outcome::Interrupted,
+        crate::record::Outcome::Interrupted,
     )
 }
 
@@ -733,13 +789,13 @@ pub fn reconcile_plan(
     // to the mirrors; writing the tree's state first would make its op stale and lose its event. Such
     // tasks are left to their writer, and a later reconcile catches them if that writer died.
     // A rebuild starts from empty tables: leaving anything out would only make it wrong for longer.
-    let others_live = !rebuild && crate::spool::live_instances(&spool.state_dir).len() > 1;
+    let others_live = !rebuild && crate::instance::live_instances(spool.layout()).len() > 1;
     let now = std::time::SystemTime::now();
     let recent = |rel: &str| {
         use std::os::unix::fs::MetadataExt;
         // A file gone since the tree was read has just moved: that is as recent as it gets.
         others_live
-            && std::fs::symlink_metadata(spool.tasks_dir.join(rel))
+            && std::fs::symlink_metadata(spool.layout().tasks_dir.join(rel))
                 .ok()
                 .is_none_or(|m| {
                     // ctime, not mtime: a rename between spool directories changes only the ctime.
@@ -777,13 +833,17 @@ pub fn reconcile_plan(
     for (id, (_, _, file)) in known.iter().filter(|(id, _)| !present.contains(*id)) {
         // Look again: a task renamed between two directory listings was in neither.
         if spool.settled_place(id).is_some()
-            || (!file.is_empty() && spool.tasks_dir.join(file).exists())
+            || (!file.is_empty() && spool.layout().tasks_dir.join(file).exists())
         {
             continue;
         }
         ops.push(Op::Delete(id.clone()));
         report.deleted += 1;
     }
+    let ops = ops
+        .into_iter()
+        .map(|op| op.redacted(spool.redactor()))
+        .collect();
     Ok((ops, report))
 }
 

@@ -311,7 +311,7 @@ pub async fn apply(client: &mut Client, host: &str, channel: &str, ops: &[Op]) -
     for op in ops {
         match op {
             Op::Upsert { row, attempts } => {
-                let payload = crate::context::redact_record(serde_json::to_string(&row.payload)?);
+                let payload = serde_json::to_string(&row.payload)?;
                 let version = row.version as i64;
                 let r = tx
                     .query_one(

@@ -1,0 +1,266 @@
+//! The records orchestrate writes beside task files: the claim (`assigned/X.claim.yaml`), the history
+//! a requeued task carries (`pending/.X.history.yaml`), each attempt, and the result
+//! (`completed/X_result.yaml`, `failed/X_result.yaml`).
+//!
+//! These are orchestrate's own files, apart from the task file schema people write (`task`). Every
+//! record is serialized through [`to_yaml`], which redacts secrets, and parsed through [`from_yaml`],
+//! which holds even our own files to the YAML budgets (a synced or hand-edited record may be
+//! anything). This module never touches the file system: the spool decides where records go.
+
+use serde::{Deserialize, Serialize};
+
+use crate::redact::Redactor;
+
+/// How an attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Completed,
+    AgentError,
+    Timeout,
+    Cancelled,
+    /// The supervisor stopped gracefully while it ran; does not count against `max_retries`.
+    Interrupted,
+    /// The supervisor died while it ran (found at recovery); counts against `max_retries`.
+    Lost,
+    RateLimited,
+    QuotaExhausted,
+    Auth,
+    BadOutput,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::AgentError => "agent_error",
+            Outcome::Timeout => "timeout",
+            Outcome::Cancelled => "cancelled",
+            Outcome::Interrupted => "interrupted",
+            Outcome::Lost => "lost",
+            Outcome::RateLimited => "rate_limited",
+            Outcome::QuotaExhausted => "quota_exhausted",
+            Outcome::Auth => "auth",
+            Outcome::BadOutput => "bad_output",
+        }
+    }
+
+    /// Whether this attempt uses up one of the task's retries.
+    pub fn counts_as_failure(self) -> bool {
+        !matches!(
+            self,
+            Outcome::Completed
+                | Outcome::Interrupted
+                | Outcome::RateLimited
+                | Outcome::QuotaExhausted
+        )
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Attempt {
+    pub n: u32,
+    pub agent: String,
+    pub started_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    pub outcome: Outcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_tokens: Option<u64>,
+    /// The part of `input_tokens` served from the provider's prompt cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    /// For rate limits: when the provider said the agent may be used again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_file: Option<String>,
+}
+
+impl Attempt {
+    /// An attempt with only what every attempt has; the rest is filled in as it becomes known.
+    pub fn new(n: u32, agent: &str, started_at: &str, outcome: Outcome) -> Attempt {
+        Attempt {
+            n,
+            agent: agent.to_string(),
+            started_at: started_at.to_string(),
+            finished_at: None,
+            duration_ms: None,
+            exit_code: None,
+            signal: None,
+            outcome,
+            error: None,
+            cost_usd: None,
+            input_tokens: None,
+            output_tokens: None,
+            cached_tokens: None,
+            session_id: None,
+            retry_at: None,
+            log_file: None,
+        }
+    }
+}
+
+/// `assigned/X.claim.yaml`: who runs the task, since when, and everything earlier attempts left.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claim {
+    pub task_id: String,
+    pub version: u64,
+    pub host: String,
+    pub pid: u32,
+    pub boot_id: String,
+    pub instance: String,
+    pub attempt: u32,
+    pub agent: String,
+    pub started_at: String,
+    pub heartbeat_at: String,
+    #[serde(default)]
+    pub history: Vec<Attempt>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chosen_because: Option<String>,
+}
+
+/// `pending/.X.history.yaml`: what a requeued task carries back to `pending/` (hidden from the whitelist).
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct History {
+    pub task_id: String,
+    pub version: u64,
+    #[serde(default)]
+    pub attempts: Vec<Attempt>,
+    /// Do not start the next attempt before this time (retry back-off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Terminal {
+    Completed,
+    Failed,
+}
+
+impl Terminal {
+    pub fn dir_name(self) -> &'static str {
+        match self {
+            Terminal::Completed => "completed",
+            Terminal::Failed => "failed",
+        }
+    }
+}
+
+/// `completed/X_result.yaml` or `failed/X_result.yaml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskResult {
+    pub task_id: String,
+    pub status: Terminal,
+    pub version: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    pub description: String,
+    pub finished_at: String,
+    #[serde(default)]
+    pub attempts: Vec<Attempt>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diff_file: Option<String>,
+    #[serde(default)]
+    pub files_modified: Vec<String>,
+    #[serde(default)]
+    pub review_required: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub review_files: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chosen_because: Option<String>,
+}
+
+impl TaskResult {
+    /// A failure decided without (another) run: dependency failed, cycle, cancel, retries used up.
+    pub fn failed(
+        id: &str,
+        version: u64,
+        description: &str,
+        attempts: Vec<Attempt>,
+        error: String,
+    ) -> TaskResult {
+        TaskResult {
+            task_id: id.to_string(),
+            status: Terminal::Failed,
+            version,
+            agent: attempts.last().map(|a| a.agent.clone()),
+            description: description.to_string(),
+            finished_at: crate::fsutil::now_rfc3339(),
+            attempts,
+            output_file: None,
+            diff_file: None,
+            files_modified: vec![],
+            review_required: false,
+            review_files: vec![],
+            error: Some(error),
+            chosen_because: None,
+        }
+    }
+}
+
+/// Serialize one of our own records. These types contain nothing serde-saphyr cannot represent.
+pub fn to_yaml<T: Serialize>(v: &T, redactor: &Redactor) -> String {
+    // Every record we write goes through here, so this is where configured secrets are redacted.
+    redactor.redact_owned(
+        serde_saphyr::to_string(v).expect("records are plain data and always serialize"),
+    )
+}
+
+/// Parse one of our own records (claims, results, histories): trusted but still budgeted.
+pub fn from_yaml<T: for<'de> Deserialize<'de>>(text: &str) -> Result<T, String> {
+    serde_saphyr::from_str_with_options(text, crate::yaml::options()).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip() {
+        let r = TaskResult {
+            task_id: "t".into(),
+            status: Terminal::Completed,
+            version: 3,
+            agent: Some("shell".into()),
+            description: "multi\nline: with colon".into(),
+            finished_at: "2026-01-01T00:00:00Z".into(),
+            attempts: vec![Attempt {
+                duration_ms: Some(5),
+                exit_code: Some(0),
+                ..Attempt::new(1, "shell", "2026-01-01T00:00:00Z", Outcome::Completed)
+            }],
+            output_file: None,
+            diff_file: None,
+            files_modified: vec!["a.txt".into()],
+            review_required: false,
+            review_files: vec![],
+            error: None,
+            chosen_because: None,
+        };
+        let back: TaskResult = from_yaml(&to_yaml(&r, &Redactor::none())).expect("round trip");
+        assert_eq!(back.description, r.description);
+        assert_eq!(back.attempts, r.attempts);
+    }
+}

@@ -1,0 +1,110 @@
+//! The one [`Redactor`]: replaces the values of secret environment variables with `***`.
+//!
+//! It is built once, from [`crate::config::Config::secret_names`] (every `security.secrets` entry,
+//! every agent's `api_key_env`, and the conventional key variable of each configured agent kind),
+//! and handed as a value to whoever writes: the spool's records, agent logs and outputs, state
+//! files and both databases' payloads. There is no process-wide copy, so no writer can end up with
+//! a narrower list than another.
+//!
+//! It never reads files and never logs; cloning it is cheap (the values are shared).
+
+use std::sync::Arc;
+
+/// Replaces secret values with `***`. Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct Redactor {
+    /// Longest first, so a secret containing another is replaced whole.
+    secrets: Arc<[String]>,
+}
+
+impl Redactor {
+    /// The current values of the environment variables `names`. Very short values are skipped:
+    /// redacting "1" everywhere would destroy the output and protect nothing.
+    pub fn from_env<S: AsRef<str>>(names: &[S]) -> Redactor {
+        Redactor::from_values(names.iter().filter_map(|n| std::env::var(n.as_ref()).ok()))
+    }
+
+    /// A redactor for these values (the environment is not read).
+    pub fn from_values(values: impl IntoIterator<Item = String>) -> Redactor {
+        let mut secrets: Vec<String> = values.into_iter().filter(|v| v.len() >= 4).collect();
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        secrets.dedup();
+        Redactor {
+            secrets: secrets.into(),
+        }
+    }
+
+    /// Redacts nothing: for tools that write no records (parsers under fuzzing, tests).
+    pub fn none() -> Redactor {
+        Redactor::default()
+    }
+
+    pub fn redact(&self, s: &str) -> String {
+        let mut out = s.to_string();
+        for secret in self.secrets.iter() {
+            if out.contains(secret.as_str()) {
+                out = out.replace(secret.as_str(), "***");
+            }
+        }
+        out
+    }
+
+    /// Like [`Redactor::redact`], taking ownership so the common case (nothing to hide) copies nothing.
+    pub fn redact_owned(&self, s: String) -> String {
+        if self.secrets.iter().any(|x| s.contains(x.as_str())) {
+            self.redact(&s)
+        } else {
+            s
+        }
+    }
+
+    pub fn redact_bytes(&self, b: &[u8]) -> Vec<u8> {
+        if self.secrets.is_empty() {
+            return b.to_vec();
+        }
+        match std::str::from_utf8(b) {
+            Ok(s) => self.redact(s).into_bytes(),
+            Err(_) => {
+                let mut out = b.to_vec();
+                for secret in self.secrets.iter() {
+                    out = replace_bytes(&out, secret.as_bytes(), b"***");
+                }
+                out
+            }
+        }
+    }
+}
+
+fn replace_bytes(hay: &[u8], needle: &[u8], with: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(hay.len());
+    let mut i = 0;
+    while i < hay.len() {
+        if hay[i..].starts_with(needle) {
+            out.extend_from_slice(with);
+            i += needle.len();
+        } else {
+            out.push(hay[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_longest_first() {
+        let r = Redactor::from_values(["abcd".to_string(), "abcdef".to_string()]);
+        assert_eq!(r.redact("x abcdef abcd y"), "x *** *** y");
+        assert_eq!(r.redact_bytes(b"\xffabcd"), b"\xff***".to_vec());
+        assert_eq!(r.redact_owned("abcdef!".into()), "***!");
+    }
+
+    #[test]
+    fn short_values_are_not_secrets() {
+        let r = Redactor::from_values(["1".to_string(), "abc".to_string()]);
+        assert_eq!(r.redact("1 abc"), "1 abc");
+    }
+}
