@@ -24,6 +24,7 @@ pub mod record;
 pub mod redact;
 pub mod router;
 pub mod scheduler;
+pub mod snapshot;
 pub mod spool;
 pub mod supervisor;
 pub mod task;

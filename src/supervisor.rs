@@ -1850,7 +1850,7 @@ struct Prepared {
     workdir: PathBuf,
     prompt: String,
     prompt_file: PathBuf,
-    snapshot: context::Snapshot,
+    snapshot: crate::snapshot::Snapshot,
 }
 
 /// Claim the task; once it is ours, tell the mirror and the loop, write the prompt and snapshot
@@ -1883,7 +1883,7 @@ fn begin(
     let started_at = fsutil::now_rfc3339();
     let t0 = Instant::now();
     let prepared = prepare(ctx, task, claim).map(|(workdir, prompt, prompt_file)| {
-        let snapshot = context::Snapshot::take(&workdir, &ctx.layout, &ctx.cfg);
+        let snapshot = crate::snapshot::Snapshot::take(&workdir, &ctx.layout, &ctx.cfg);
         Box::new(Prepared {
             workdir,
             prompt,
