@@ -319,8 +319,8 @@ impl Supervisor {
             "mirror reconciled: {} rows updated, {} removed",
             report.upserted, report.deleted
         ));
-        let conn = mirror::open(&self.layout.state_dir.join("state.db"))?;
-        for row in mirror::list(&conn, Some("completed"))? {
+        let conn = mirror::sqlite::open(&self.layout.state_dir.join("state.db"))?;
+        for row in mirror::sqlite::list(&conn, Some("completed"))? {
             self.done.insert(row.id.clone(), Terminal::Completed);
             self.completed.push(CompletedEntry {
                 id: row.id,
@@ -335,7 +335,7 @@ impl Supervisor {
         self.completed
             .sort_by(|a, b| a.finished_at.cmp(&b.finished_at));
         // Rows of supervisors on this host that died without saying so (SIGKILL, power cut).
-        for row in mirror::supervisors(&conn)? {
+        for row in mirror::sqlite::supervisors(&conn)? {
             let lock = self
                 .layout
                 .state_dir
@@ -351,7 +351,7 @@ impl Supervisor {
                 });
             }
         }
-        for row in mirror::list(&conn, Some("failed"))? {
+        for row in mirror::sqlite::list(&conn, Some("failed"))? {
             self.done.insert(row.id, Terminal::Failed);
         }
         self.writer.send(Op::Supervisor {
