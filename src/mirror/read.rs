@@ -63,6 +63,8 @@ impl Remote {
 }
 
 impl Source {
+    /// Open for one-shot reads. A PostgreSQL schema no supervisor has written to is an error here
+    /// (nothing to wait for), unlike in [`Source::follow`].
     pub fn reader(self) -> Result<Reader> {
         match self {
             Source::Sqlite(conn) => Ok(Reader::Sqlite(conn)),

@@ -23,10 +23,6 @@ use super::{
 use crate::spool::{Place, Spool};
 use crate::task::{self, Attempt, Terminal};
 
-fn place_state(place: Place) -> &'static str {
-    place.state()
-}
-
 /// Rows read from the tree with their attempts, and every id present in the tree.
 pub type TreeRows = (
     Vec<(TaskRow, Vec<Attempt>)>,
@@ -107,7 +103,7 @@ pub fn rows_from_tree(
                 }
                 Place::Assigned => {
                     present.insert(stem.clone());
-                    if matches(&stem, place_state(place), &rel) {
+                    if matches(&stem, place.state(), &rel) {
                         continue;
                     }
                     if let (Ok((t, _)), Some(c)) =
@@ -120,7 +116,7 @@ pub fn rows_from_tree(
                 }
                 Place::Completed | Place::Failed => {
                     present.insert(stem.clone());
-                    if matches(&stem, place_state(place), &rel) {
+                    if matches(&stem, place.state(), &rel) {
                         continue;
                     }
                     let t = if place == Place::Completed {

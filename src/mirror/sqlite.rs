@@ -7,9 +7,9 @@
 //! never wait for the writer, and a power cut can lose only the last commits, which the reconciler
 //! restores from the tree.
 //!
-//! This file never decides what a row should say (the row builders and the reconcile plan do) and
-//! never runs on the supervisor loop's thread: the [`Writer`](super::Writer) thread and the CLI's
-//! one-shot writes are its only writers.
+//! This file never decides what a row should say (the row builders and the reconcile plan do), and
+//! it never writes from the supervisor loop's thread: the [`Writer`](super::Writer) thread and the
+//! CLI's one-shot writes (`add`, `retry`, `cancel`, reconciles) are its only writers.
 
 use std::path::Path;
 use std::time::Duration;
