@@ -6,13 +6,14 @@
 //! agents` and `status` can say until when, and a restarted supervisor honours them.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::fsutil;
+use crate::layout::Layout;
 use crate::record::Outcome;
 
 /// Without `cooldown_seconds`, the first back-off.
@@ -44,10 +45,9 @@ pub struct Cooldowns {
 }
 
 impl Cooldowns {
-    /// Load what an earlier run left at `path` (`Layout::cooldowns`); expired entries keep their
-    /// streak until a success.
-    pub fn load(path: &Path) -> Cooldowns {
-        let path = path.to_path_buf();
+    /// Load what an earlier run left; expired entries keep their streak until a success.
+    pub fn load(layout: &Layout) -> Cooldowns {
+        let path = layout.cooldowns();
         let map = std::fs::read(&path)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
@@ -59,8 +59,8 @@ impl Cooldowns {
     }
 
     /// Read-only view for the CLI.
-    pub fn read(path: &Path) -> BTreeMap<String, Cooldown> {
-        Self::load(path).map
+    pub fn read(layout: &Layout) -> BTreeMap<String, Cooldown> {
+        Self::load(layout).map
     }
 
     /// Put `agent` into cooldown after a rate-limited attempt; returns when it ends.
@@ -142,6 +142,16 @@ fn backoff(base: Duration, streak: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
+
+    fn layout(dir: &Path) -> Layout {
+        Layout::new(
+            dir,
+            Path::new("tasks"),
+            Path::new("context"),
+            Path::new("state"),
+        )
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {
@@ -155,7 +165,7 @@ mod tests {
     #[test]
     fn provider_time_wins_streak_grows_success_resets() {
         let dir = tempfile::tempdir().unwrap();
-        let mut c = Cooldowns::load(&dir.path().join("cooldowns.json"));
+        let mut c = Cooldowns::load(&layout(dir.path()));
         let now = OffsetDateTime::now_utc();
         let until = c.rate_limited(
             "claude",
@@ -170,19 +180,16 @@ mod tests {
         assert_eq!(c.active(now).count(), 1);
         assert!(c.next_end(now).is_some());
         // Persisted for the CLI and the next start.
-        assert_eq!(
-            Cooldowns::read(&dir.path().join("cooldowns.json"))["claude"].streak,
-            2
-        );
+        assert_eq!(Cooldowns::read(&layout(dir.path()))["claude"].streak, 2);
         c.succeeded("claude");
         assert_eq!(c.active(now).count(), 0);
-        assert!(Cooldowns::read(&dir.path().join("cooldowns.json")).is_empty());
+        assert!(Cooldowns::read(&layout(dir.path())).is_empty());
     }
 
     #[test]
     fn a_zero_retry_after_is_not_a_hot_loop() {
         let dir = tempfile::tempdir().unwrap();
-        let mut c = Cooldowns::load(&dir.path().join("cooldowns.json"));
+        let mut c = Cooldowns::load(&layout(dir.path()));
         let base = Some(Duration::from_secs(10));
         let mut waits = vec![];
         for _ in 0..5 {

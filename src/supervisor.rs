@@ -248,7 +248,7 @@ impl Supervisor {
             writer = writer.with_postgres(pg);
         }
         let redactor = Arc::new(redactor);
-        let cooldowns = Cooldowns::load(&layout.cooldowns());
+        let cooldowns = Cooldowns::load(&layout);
         let (route_tx, route_rx) = mpsc::unbounded_channel();
         let (claimed_tx, claimed_rx) = mpsc::unbounded_channel();
         Ok(Supervisor {
@@ -315,8 +315,8 @@ impl Supervisor {
             "mirror reconciled: {} rows updated, {} removed",
             report.upserted, report.deleted
         ));
-        let conn = mirror::open(&self.layout.state_db())?;
-        for row in mirror::list(&conn, Some("completed"))? {
+        let conn = mirror::sqlite::open(&self.layout.state_db())?;
+        for row in mirror::sqlite::list(&conn, Some("completed"))? {
             self.done.insert(row.id.clone(), Terminal::Completed);
             self.completed.push(CompletedEntry {
                 id: row.id,
@@ -331,7 +331,7 @@ impl Supervisor {
         self.completed
             .sort_by(|a, b| a.finished_at.cmp(&b.finished_at));
         // Rows of supervisors on this host that died without saying so (SIGKILL, power cut).
-        for row in mirror::supervisors(&conn)? {
+        for row in mirror::sqlite::supervisors(&conn)? {
             let lock = self.layout.instance_lock(&row.instance);
             if row.host == self.me.host && !crate::instance::instance_lock_held(&lock) {
                 self.writer.send(Op::Supervisor {
@@ -343,7 +343,7 @@ impl Supervisor {
                 });
             }
         }
-        for row in mirror::list(&conn, Some("failed"))? {
+        for row in mirror::sqlite::list(&conn, Some("failed"))? {
             self.done.insert(row.id, Terminal::Failed);
         }
         self.writer.send(Op::Supervisor {

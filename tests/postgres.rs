@@ -338,3 +338,126 @@ fn remote_reads_fail_clearly_and_follow_waits_on_a_schema_nobody_wrote() {
     let out = remote(&["retry", "x"]).output().expect("run");
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// The same transitions written to both databases read back identically through the one read API.
+#[test]
+fn both_mirrors_answer_every_read_the_same() {
+    use orchestrate::mirror::read::Source;
+    use orchestrate::mirror::{Op, Payload, TaskRow, postgres, sqlite};
+    use orchestrate::record::{Attempt, Outcome};
+
+    let s = PgSchema::new("same_reads");
+    let mut ops = Vec::new();
+    for i in 0..12u32 {
+        let id = format!("t{i:02}");
+        let state = ["pending", "running", "completed", "failed"][i as usize % 4];
+        // Mixed case: both must sort agent names by bytes.
+        let agent = ["claude", "codex", "Gemini"][i as usize % 3];
+        // Ties on the second, so the order by id counts too.
+        let at = |ms: u32| format!("2025-03-04T05:06:{:02}.{ms:03}Z", i % 5);
+        let outcome = match state {
+            "running" => Some(Outcome::Interrupted),
+            "completed" => Some(Outcome::Completed),
+            "failed" => Some(Outcome::AgentError),
+            _ => None,
+        };
+        let attempts: Vec<Attempt> = outcome
+            .into_iter()
+            .map(|o| {
+                let mut a = Attempt::new(1, agent, &at(0), o);
+                if o != Outcome::Interrupted {
+                    a.finished_at = Some(at(500));
+                    a.exit_code = Some(i as i32 % 2);
+                    // Eighths add up exactly, in any order.
+                    a.cost_usd = Some(f64::from(i) / 8.0);
+                    a.input_tokens = Some(u64::from(i) * 100);
+                    a.output_tokens = Some(u64::from(i));
+                }
+                a
+            })
+            .collect();
+        ops.push(Op::Upsert {
+            row: TaskRow {
+                id: id.clone(),
+                version: 1 + u64::from(i % 4),
+                state: state.into(),
+                agent: outcome.map(|_| agent.to_string()),
+                payload: Payload {
+                    description: format!("task {i}"),
+                    priority: i64::from(i % 3),
+                    file: format!("{state}/{id}.yaml"),
+                    attempts: attempts.len() as u32,
+                    error: (state == "failed").then(|| "exit 1".to_string()),
+                    ..Default::default()
+                },
+                updated_at: at(0),
+                note: None,
+            },
+            attempts,
+        });
+        if state == "pending" && i % 8 == 0 {
+            ops.push(Op::Note {
+                id,
+                note: Some("waits for t01".into()),
+            });
+        }
+    }
+    ops.push(Op::Supervisor {
+        instance: "i1".into(),
+        pid: 7,
+        started_at: "2025-03-04T05:00:00.000Z".into(),
+        heartbeat_at: "2025-03-04T05:06:07.000Z".into(),
+        alive: true,
+    });
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("state.db");
+    let mut sqlite_ops = ops.clone();
+    sqlite::apply(&mut sqlite::open(&db).expect("open"), "h1", &mut sqlite_ops).expect("apply");
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(async {
+            let mut c = postgres::connect(&s.url(), &s.name).await?;
+            postgres::migrate(&mut c).await?;
+            postgres::apply(&mut c, "h1", &postgres::channel(&s.name), &ops).await
+        })
+        .expect("postgres write");
+
+    let conn = sqlite::open_read(&db).expect("open").expect("a database");
+    let lite = Source::Sqlite(conn).reader().expect("sqlite reader");
+    let pg = Source::Postgres {
+        url: s.url(),
+        schema: s.name.clone(),
+    }
+    .reader()
+    .expect("postgres reader");
+    assert!(lite.is_local() && !pg.is_local());
+    macro_rules! same {
+        ($($call:tt)*) => {{
+            let want = lite.$($call)*.expect("sqlite read");
+            assert_eq!(want, pg.$($call)*.expect("postgres read"), stringify!($($call)*));
+            want
+        }};
+    }
+    assert_eq!(same!(list(None)).len(), 12);
+    for state in ["pending", "running", "completed", "failed"] {
+        assert_eq!(same!(list(Some(state))).len(), 3);
+    }
+    for i in 0..12 {
+        let id = format!("t{i:02}");
+        assert!(same!(get(&id)).is_some());
+        same!(attempts_of(&id));
+    }
+    assert_eq!(same!(get("nope")), None);
+    assert_eq!(same!(waiting()).len(), 2);
+    assert_eq!(same!(counts()).len(), 4);
+    assert_eq!(same!(events_since(0, 100)).len(), 12);
+    assert_eq!(same!(events_since(3, 4)).first().map(|e| e.seq), Some(4));
+    assert_eq!(same!(max_seq()), 12);
+    assert_eq!(same!(supervisors()).len(), 1);
+    let totals = same!(agent_totals());
+    let names: Vec<&str> = totals.iter().map(|t| t.agent.as_str()).collect();
+    assert_eq!(names, ["Gemini", "claude", "codex"]);
+}

@@ -4,7 +4,6 @@ use anyhow::Result;
 use serde::Serialize;
 
 use super::{Cli, Project};
-use crate::mirror;
 
 #[derive(Serialize)]
 struct AgentInfo {
@@ -63,10 +62,10 @@ fn version_of(program: &std::path::Path) -> Option<String> {
 }
 
 pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
-    let conn = project.mirror_read()?;
-    let totals = mirror::agent_totals(&conn)?;
-    let running = mirror::list(&conn, Some("running"))?;
-    let cooldowns = crate::cooldown::Cooldowns::read(&project.layout.cooldowns());
+    let reader = project.reader(cli)?;
+    let totals = reader.agent_totals()?;
+    let running = reader.list(Some("running"))?;
+    let cooldowns = crate::cooldown::Cooldowns::read(&project.layout);
     let now = time::OffsetDateTime::now_utc();
     // Node CLIs take a second or so each to print a version: ask them all at once.
     let found_paths: Vec<Option<std::path::PathBuf>> = project

@@ -1,6 +1,7 @@
 //! Command-line interface: argument definitions, the project context every command starts from, and
-//! one module per subcommand. Read commands (`status`, `tasks`, `agents`, `show`) read the SQLite
-//! mirror and the tree and never need a running supervisor.
+//! one module per subcommand. Read commands (`status`, `tasks`, `agents`, `show`, `follow`) read the
+//! mirror through one read API ([`crate::mirror::read`]) and the tree, and never need a running
+//! supervisor; [`Project::source`] is the one place that picks the database they read.
 
 mod add;
 mod agents;
@@ -10,7 +11,6 @@ mod follow;
 mod init;
 mod mirror_cmd;
 mod openai_agent;
-mod remote;
 mod retry;
 mod show;
 mod start;
@@ -25,6 +25,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::Config;
 use crate::layout::Layout;
+use crate::mirror::read::{Reader, Source};
 use crate::spool::Spool;
 
 #[derive(Debug, Parser)]
@@ -201,8 +202,25 @@ impl Project {
         self.layout.state_db()
     }
 
+    /// Where read commands read: the PostgreSQL mirror named by `--database-url` (no folder needed),
+    /// else this folder's SQLite mirror.
+    pub fn source(&self, cli: &Cli) -> Result<Source> {
+        Ok(match &cli.database_url {
+            Some(url) => Source::Postgres {
+                url: url.clone(),
+                schema: self.cfg.database.schema.clone(),
+            },
+            None => Source::Sqlite(self.mirror_read()?),
+        })
+    }
+
+    /// The mirror to read from, connected (see [`Project::source`]).
+    pub fn reader(&self, cli: &Cli) -> Result<Reader> {
+        self.source(cli)?.reader()
+    }
+
     /// A read connection to the mirror, building the mirror from the tree first if there is none.
-    pub fn mirror_read(&self) -> Result<rusqlite::Connection> {
+    fn mirror_read(&self) -> Result<rusqlite::Connection> {
         if !self.db_path().exists() {
             if !self.spool.layout().pending.exists() {
                 return Err(crate::error::UsageError(format!(
@@ -213,14 +231,14 @@ impl Project {
             }
             self.reconcile(false)?;
         }
-        crate::mirror::open_read(&self.db_path())?.context("mirror database vanished")
+        crate::mirror::sqlite::open_read(&self.db_path())?.context("mirror database vanished")
     }
 
     /// Bring the mirror in line with the tree (`rebuild`: from empty tables).
-    pub fn reconcile(&self, rebuild: bool) -> Result<crate::mirror::ReconcileReport> {
+    pub fn reconcile(&self, rebuild: bool) -> Result<crate::mirror::reconcile::ReconcileReport> {
         std::fs::create_dir_all(&self.layout.state_dir)?;
-        let mut conn = crate::mirror::open(&self.db_path())?;
-        crate::mirror::reconcile(
+        let mut conn = crate::mirror::sqlite::open(&self.db_path())?;
+        crate::mirror::reconcile::reconcile(
             &mut conn,
             &self.spool,
             &crate::fsutil::hostname(),
@@ -234,12 +252,12 @@ impl Project {
     pub fn mirror_write(&self, ops: Vec<crate::mirror::Op>) {
         let r = (|| -> Result<()> {
             std::fs::create_dir_all(&self.layout.state_dir)?;
-            let mut conn = crate::mirror::open(&self.db_path())?;
+            let mut conn = crate::mirror::sqlite::open(&self.db_path())?;
             let mut ops: Vec<_> = ops
                 .into_iter()
                 .map(|op| op.redacted(self.spool.redactor()))
                 .collect();
-            crate::mirror::apply(&mut conn, &crate::fsutil::hostname(), &mut ops)?;
+            crate::mirror::sqlite::apply(&mut conn, &crate::fsutil::hostname(), &mut ops)?;
             Ok(())
         })();
         if let Err(e) = r {

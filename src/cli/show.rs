@@ -6,7 +6,7 @@ use serde::Serialize;
 use super::{Cli, Project};
 use crate::error::UsageError;
 use crate::layout::Layout;
-use crate::mirror;
+use crate::mirror::read::Reader;
 use crate::record::Terminal;
 use crate::spool::Place;
 
@@ -22,15 +22,16 @@ struct Shown {
     error: Option<String>,
     output: Option<String>,
     diff: Option<String>,
+    /// As JSON values, whose keys print sorted, as they always have.
     attempts: Vec<serde_json::Value>,
 }
 
 pub fn run(cli: &Cli, project: &Project, id: &str) -> Result<i32> {
-    if let Some(url) = &cli.database_url {
-        return remote(cli, url, &project.cfg.database.schema, id);
+    let reader = project.reader(cli)?;
+    if !reader.is_local() {
+        return remote(cli, &reader, id);
     }
-    let conn = project.mirror_read()?;
-    let row = mirror::get(&conn, id)?;
+    let row = reader.get(id)?;
     let spool = &project.spool;
     let place = spool.settled_place(id).or_else(|| {
         let pending = row
@@ -70,19 +71,25 @@ pub fn run(cli: &Cli, project: &Project, id: &str) -> Result<i32> {
         file: Some(project.rel(&file)),
         task: read(file.clone()),
         note: row.as_ref().and_then(|r| r.note.clone()),
-        claim: if place == Place::Assigned { spool.read_claim(id) } else { None },
-        error: result
-            .as_ref()
-            .and_then(|r| r.error.clone())
-            .or_else(|| if place == Place::Failed { read(Layout::error_path(&file)) } else { None }),
+        claim: if place == Place::Assigned {
+            spool.read_claim(id)
+        } else {
+            None
+        },
+        error: result.as_ref().and_then(|r| r.error.clone()).or_else(|| {
+            if place == Place::Failed {
+                read(Layout::error_path(&file))
+            } else {
+                None
+            }
+        }),
         output: read(project.layout.output_path(id)),
         diff: read(project.layout.diff_path(id)),
-        attempts: mirror::attempts_of(&conn, id)?
-            .into_iter()
-            .map(|(n, agent, started, finished, outcome, code)| {
-                serde_json::json!({"n": n, "agent": agent, "started_at": started, "finished_at": finished, "outcome": outcome, "exit_code": code})
-            })
-            .collect(),
+        attempts: reader
+            .attempts_of(id)?
+            .iter()
+            .map(serde_json::to_value)
+            .collect::<Result<_, _>>()?,
         result,
     };
     if cli.json {
@@ -155,24 +162,12 @@ pub fn run(cli: &Cli, project: &Project, id: &str) -> Result<i32> {
 }
 
 /// `show --database-url`: what the mirror knows, without the files (a remote device has none).
-fn remote(cli: &Cli, url: &str, schema: &str, id: &str) -> Result<i32> {
-    let (row, attempts) = super::remote::block_on(async {
-        let client = super::remote::connect_read_only(url, schema).await?;
-        Ok((
-            mirror::postgres::get(&client, id).await?,
-            mirror::postgres::attempts_of(&client, id).await?,
-        ))
-    })?;
+fn remote(cli: &Cli, reader: &Reader, id: &str) -> Result<i32> {
+    let (row, attempts) = (reader.get(id)?, reader.attempts_of(id)?);
     let Some(row) = row else {
         bail!(UsageError(format!("no task {id} in the database")));
     };
     if cli.json {
-        let attempts: Vec<serde_json::Value> = attempts
-            .into_iter()
-            .map(|(n, agent, started, finished, outcome, code)| {
-                serde_json::json!({"n": n, "agent": agent, "started_at": started, "finished_at": finished, "outcome": outcome, "exit_code": code})
-            })
-            .collect();
         super::print_json(&serde_json::json!({"task": row, "attempts": attempts}))?;
         return Ok(0);
     }
@@ -187,11 +182,17 @@ fn remote(cli: &Cli, url: &str, schema: &str, id: &str) -> Result<i32> {
     if let Some(e) = &row.payload.error {
         println!("error: {e}");
     }
-    for (n, agent, started, finished, outcome, code) in attempts {
+    for a in attempts {
         println!(
-            "  attempt {n} on {agent}: {outcome}{}, {started} → {}",
-            code.map(|c| format!(", exit {c}")).unwrap_or_default(),
-            finished.as_deref().unwrap_or("running")
+            "  attempt {} on {}: {}{}, {} → {}",
+            a.n,
+            a.agent,
+            a.outcome,
+            a.exit_code
+                .map(|c| format!(", exit {c}"))
+                .unwrap_or_default(),
+            a.started_at,
+            a.finished_at.as_deref().unwrap_or("running")
         );
     }
     println!("\n{}", row.payload.description.trim_end());

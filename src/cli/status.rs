@@ -7,7 +7,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use super::{Cli, Project, short};
-use crate::mirror::{self, TaskRow, postgres::Health};
+use crate::mirror::{TaskRow, postgres::Health};
 
 #[derive(Serialize)]
 struct Status {
@@ -88,27 +88,54 @@ fn waiting_of(rows: Vec<TaskRow>) -> Vec<Waiting> {
 }
 
 pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
-    let st = match &cli.database_url {
-        Some(url) => remote(url, &project.cfg.database.schema)?,
-        None => local(project)?,
+    let reader = project.reader(cli)?;
+    let mut st = Status {
+        source: reader.kind(),
+        counts: counts_of(reader.counts()?),
+        quarantined: None,
+        running: running_of(reader.list(Some("running"))?),
+        waiting: waiting_of(reader.waiting()?),
+        supervisors: vec![],
+        last_event_seq: reader.max_seq()?,
+        postgres: None,
+        cooldowns: vec![],
     };
+    if reader.is_local() {
+        add_local(&mut st, project);
+    } else {
+        // Heartbeat rows are all a reader without the folder can know about supervisors.
+        st.supervisors = reader
+            .supervisors()?
+            .into_iter()
+            .map(|s| Supervisor {
+                pid: s.pid,
+                instance: s.instance,
+                host: Some(s.host),
+                heartbeat_at: Some(s.heartbeat_at),
+            })
+            .collect();
+    }
     render(cli, &st)
 }
 
-fn local(project: &Project) -> Result<Status> {
-    let conn = project.mirror_read()?;
-    let quarantined = std::fs::read_dir(&project.spool.layout().quarantine)
-        .map(|rd| {
-            rd.flatten()
-                .filter(|e| {
-                    let n = e.file_name();
-                    let n = n.to_string_lossy();
-                    !n.ends_with(".reason.txt") && !n.starts_with('.')
-                })
-                .count()
-        })
-        .unwrap_or(0);
-    let supervisors = crate::instance::live_instances(&project.layout)
+/// What only the folder knows: quarantined files, live supervisors (their instance locks are the
+/// truth, where the mirror's heartbeat rows may outlive a killed one), cooldowns, and the
+/// PostgreSQL writer's health as the local supervisor last saw it.
+fn add_local(st: &mut Status, project: &Project) {
+    st.quarantined = Some(
+        std::fs::read_dir(&project.spool.layout().quarantine)
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| {
+                        let n = e.file_name();
+                        let n = n.to_string_lossy();
+                        !n.ends_with(".reason.txt") && !n.starts_with('.')
+                    })
+                    .count()
+            })
+            .unwrap_or(0),
+    );
+    st.supervisors = crate::instance::live_instances(&project.layout)
         .into_iter()
         .map(|(pid, path)| Supervisor {
             pid,
@@ -120,32 +147,18 @@ fn local(project: &Project) -> Result<Status> {
             heartbeat_at: None,
         })
         .collect();
-    let postgres = project.cfg.database.url.as_ref().map(|_| {
+    st.postgres = project.cfg.database.url.as_ref().map(|_| {
         std::fs::read(project.layout.postgres_health())
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default()
     });
-    Ok(Status {
-        source: "local",
-        counts: counts_of(mirror::counts(&conn)?),
-        quarantined: Some(quarantined),
-        running: running_of(mirror::list(&conn, Some("running"))?),
-        waiting: waiting_of(mirror::waiting(&conn)?),
-        supervisors,
-        last_event_seq: conn.query_row(
-            "SELECT coalesce(max(seq), 0) FROM task_events",
-            [],
-            |r| r.get(0),
-        )?,
-        postgres,
-        cooldowns: cooling(&project.layout.cooldowns()),
-    })
+    st.cooldowns = cooling(&project.layout);
 }
 
-fn cooling(cooldowns: &std::path::Path) -> Vec<CoolingAgent> {
+fn cooling(layout: &crate::layout::Layout) -> Vec<CoolingAgent> {
     let now = time::OffsetDateTime::now_utc();
-    crate::cooldown::Cooldowns::read(cooldowns)
+    crate::cooldown::Cooldowns::read(layout)
         .into_iter()
         .filter(|(_, c)| crate::cooldown::until_of(c).is_some_and(|u| u > now))
         .map(|(agent, c)| CoolingAgent {
@@ -155,32 +168,6 @@ fn cooling(cooldowns: &std::path::Path) -> Vec<CoolingAgent> {
             reason: c.reason,
         })
         .collect()
-}
-
-fn remote(url: &str, schema: &str) -> Result<Status> {
-    super::remote::block_on(async {
-        let client = super::remote::connect_read_only(url, schema).await?;
-        Ok(Status {
-            source: "postgres",
-            counts: counts_of(mirror::postgres::counts(&client).await?),
-            quarantined: None,
-            running: running_of(mirror::postgres::list(&client, Some("running")).await?),
-            waiting: waiting_of(mirror::postgres::list(&client, Some("pending")).await?),
-            supervisors: mirror::postgres::supervisors(&client)
-                .await?
-                .into_iter()
-                .map(|s| Supervisor {
-                    pid: s.pid,
-                    instance: s.instance,
-                    host: Some(s.host),
-                    heartbeat_at: Some(s.heartbeat_at),
-                })
-                .collect(),
-            last_event_seq: mirror::postgres::max_seq(&client).await?,
-            postgres: None,
-            cooldowns: vec![],
-        })
-    })
 }
 
 fn render(cli: &Cli, st: &Status) -> Result<i32> {

@@ -4,7 +4,6 @@ use anyhow::{Result, bail};
 
 use super::{Cli, Project, short};
 use crate::error::UsageError;
-use crate::mirror;
 
 pub fn run(cli: &Cli, project: &Project, status: Option<&str>) -> Result<i32> {
     if let Some(s) = status
@@ -14,14 +13,7 @@ pub fn run(cli: &Cli, project: &Project, status: Option<&str>) -> Result<i32> {
             "--status must be pending, running, completed or failed, not `{s}`"
         )));
     }
-    let rows = match &cli.database_url {
-        Some(url) => super::remote::block_on(async {
-            let client =
-                super::remote::connect_read_only(url, &project.cfg.database.schema).await?;
-            mirror::postgres::list(&client, status).await
-        })?,
-        None => mirror::list(&project.mirror_read()?, status)?,
-    };
+    let rows = project.reader(cli)?.list(status)?;
     if cli.json {
         super::print_json(&rows)?;
         return Ok(0);

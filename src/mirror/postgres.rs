@@ -1,34 +1,33 @@
 //! The PostgreSQL mirror: the same rows as SQLite, for remote readers and `LISTEN` subscribers.
 //!
-//! # Theory of operation
-//!
-//! One writer (its own thread and runtime, so a slow or dead server never touches the supervisor)
-//! receives the same [`Op`]s as the SQLite writer. It keeps them in a bounded queue while the server
-//! is away, reconnects with exponential backoff, and on every (re)connect migrates the schema and
-//! reconciles from the tree before replaying the queue: whatever was dropped or half-written comes
-//! back from the files, and version guards make replays harmless.
-//!
-//! Each batch is one transaction that first takes `pg_advisory_xact_lock`, so writers from several
-//! supervisors commit one at a time and `task_events.seq` grows in commit order: a follower reading
+//! This file owns the connection (URL, TLS, schema), the migrations and the batched write. Each batch
+//! is one transaction that first takes `pg_advisory_xact_lock`, so writers from several supervisors
+//! commit one at a time and `task_events.seq` grows in commit order: a follower reading
 //! `seq > cursor` can never skip an event that commits later with a lower number. The batch ends with
 //! one `pg_notify(channel, max_seq)`; the payload is only the sequence number.
+//!
+//! - [`writer`]: the writer thread that feeds batches in, queues while the server is away and
+//!   reconciles on every (re)connect;
+//! - [`read`]: read-only sessions and the queries behind [`Reader`](super::read::Reader).
+//!
+//! Nothing here may run on the supervisor loop's thread: a slow or dead server must never touch it
+//! (the writer has its own thread and runtime; readers are CLI commands).
 
-use std::collections::VecDeque;
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
-use serde::Serialize;
-use tokio_postgres::Client;
+use futures_util::StreamExt;
+use tokio_postgres::{AsyncMessage, Client};
 
-use super::{Known, Op, ReconcileReport, TaskRow};
-use crate::spool::Spool;
+use super::Op;
+
+pub mod read;
+pub mod writer;
+
+pub use writer::{Health, PgWriter};
 
 /// Bump when the schema changes; migrations below bring older schemas forward.
 const SCHEMA_VERSION: i32 = 1;
-/// Ops kept while the server is unreachable; beyond this the oldest are dropped and the reconcile
-/// on reconnect restores the rows from the tree.
-const MAX_QUEUE: usize = 100_000;
 /// Arbitrary constants naming our advisory locks (migrations, event sequencing).
 const MIGRATE_LOCK: i64 = 0x6f72_6368_0001;
 const EVENTS_LOCK: i64 = 0x6f72_6368_0002;
@@ -160,7 +159,7 @@ impl rustls::client::danger::ServerCertVerifier for EncryptOnly {
 
 /// Connect for writing: the schema is created if missing.
 pub async fn connect(url: &str, schema: &str) -> Result<Client> {
-    let client = open(url).await?;
+    let (client, _) = open(url).await?;
     client
         .batch_execute(&format!(
             "CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema}"
@@ -170,40 +169,27 @@ pub async fn connect(url: &str, schema: &str) -> Result<Client> {
     Ok(client)
 }
 
-/// Connect for reading: the schema must exist (a typo must not create an empty one).
-pub async fn connect_existing(url: &str, schema: &str) -> Result<Client> {
-    anyhow::ensure!(valid_schema(schema), "invalid schema name `{schema}`");
-    let client = open(url).await?;
-    // One question answers both "does the schema exist" and "has a supervisor written to it".
-    let ready: bool = client
-        .query_one(
-            "SELECT to_regclass($1) IS NOT NULL",
-            &[&format!("{schema}.task_events")],
-        )
-        .await?
-        .get(0);
-    if !ready {
-        return Err(anyhow::Error::new(Permanent(format!(
-            "schema `{schema}` has no orchestrate tables in that database: no supervisor has written to it yet, \
-             or the schema name is wrong (database.schema in the config file)"
-        ))));
-    }
-    client
-        .batch_execute(&format!("SET search_path TO {schema}"))
-        .await?;
-    Ok(client)
-}
+/// The `NOTIFY`s a connection hears, one `()` each (only a session that `LISTEN`s hears any). The
+/// channel closes when the connection ends, which is how a follower learns that it did.
+pub type Notifications = tokio::sync::mpsc::UnboundedReceiver<()>;
 
-async fn open(url: &str) -> Result<Client> {
-    let (client, conn) = pg_config(url)?
+/// Open a connection and drive it on the current runtime, forwarding its notifications.
+async fn open(url: &str) -> Result<(Client, Notifications)> {
+    let (client, mut conn) = pg_config(url)?
         .connect(tls()?)
         .await
         .context("cannot connect to PostgreSQL")?;
+    let (tx, notes) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         // Ends when the client is dropped or the server goes away; the error surfaces on the next query.
-        let _ = conn.await;
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(msg)) = messages.next().await {
+            if let AsyncMessage::Notification(_) = msg {
+                let _ = tx.send(());
+            }
+        }
     });
-    Ok(client)
+    Ok((client, notes))
 }
 
 /// Create or upgrade the tables. Safe when several supervisors start at once: the DDL runs under an
@@ -388,7 +374,8 @@ pub async fn apply(client: &mut Client, host: &str, channel: &str, ops: &[Op]) -
                         .await?;
                 }
             }
-            // Local-only operations: flushes are answered by the SQLite writer, reconciles run below.
+            // Local-only operations: flushes are answered by the SQLite writer, reconciles run in the
+            // writer thread (`writer`).
             Op::Flush(_) | Op::Reconcile { .. } => {}
         }
     }
@@ -401,464 +388,4 @@ pub async fn apply(client: &mut Client, host: &str, channel: &str, ops: &[Op]) -
     }
     tx.commit().await?;
     Ok(max_seq)
-}
-
-async fn known_rows(client: &Client) -> Result<Known> {
-    let rows = client
-        .query(
-            "SELECT id, state, version, coalesce(payload->>'file', '') FROM tasks",
-            &[],
-        )
-        .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| {
-            (
-                r.get::<_, String>(0),
-                (
-                    r.get::<_, String>(1),
-                    r.get::<_, i64>(2) as u64,
-                    r.get::<_, String>(3),
-                ),
-            )
-        })
-        .collect())
-}
-
-/// What would bring the database in line with the tree (the same plan as the SQLite reconciler).
-pub async fn reconcile_plan(
-    client: &Client,
-    spool: &Spool,
-    max_task_bytes: u64,
-) -> Result<(Vec<Op>, ReconcileReport)> {
-    let known = known_rows(client).await?;
-    let spool = spool.clone();
-    tokio::task::spawn_blocking(move || {
-        super::reconcile_plan(&spool, max_task_bytes, &known, false, false)
-    })
-    .await
-    .context("reconcile planning failed")?
-}
-
-/// What `orchestrate status` shows about the PostgreSQL mirror (`state_dir/postgres.json`).
-#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
-pub struct Health {
-    pub connected: bool,
-    pub last_ok_at: Option<String>,
-    pub last_error: Option<String>,
-    /// Transitions waiting to be written.
-    pub queued: usize,
-    /// Transitions dropped while the server was away (restored from the tree on reconnect).
-    pub dropped: u64,
-    pub last_seq: i64,
-    /// Age of the oldest transition not yet written, in milliseconds.
-    pub lag_ms: u64,
-}
-
-/// Handle to the PostgreSQL writer thread.
-#[derive(Clone)]
-pub struct PgWriter {
-    // Unbounded and synchronous to send into: the supervisor must never wait for the database.
-    tx: tokio::sync::mpsc::UnboundedSender<Op>,
-}
-
-impl PgWriter {
-    pub fn start(
-        url: String,
-        schema: String,
-        host: String,
-        spool: Spool,
-        max_task_bytes: u64,
-        health_file: PathBuf,
-    ) -> Result<PgWriter> {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Op>();
-        std::thread::Builder::new()
-            .name("postgres-writer".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        crate::console::error(&format!(
-                            "postgres mirror: cannot start its runtime: {e}"
-                        ));
-                        return;
-                    }
-                };
-                rt.block_on(run_writer(
-                    url,
-                    schema,
-                    host,
-                    spool,
-                    max_task_bytes,
-                    health_file,
-                    rx,
-                ));
-            })?;
-        Ok(PgWriter { tx })
-    }
-
-    pub fn send(&self, op: Op) {
-        let _ = self.tx.send(op);
-    }
-
-    /// Wait (at most `limit`) until what was sent before is in the database, or the writer gave up
-    /// for now because the server is unreachable.
-    pub fn flush(&self, limit: Duration) {
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.send(Op::Flush(tx));
-        let _ = rx.recv_timeout(limit);
-    }
-}
-
-async fn run_writer(
-    url: String,
-    schema: String,
-    host: String,
-    spool: Spool,
-    max_task_bytes: u64,
-    health_file: PathBuf,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<Op>,
-) {
-    let channel = channel(&schema);
-    let mut queue: VecDeque<(Instant, Op)> = VecDeque::new();
-    let mut health = Health::default();
-    let mut backoff = Duration::from_millis(200);
-    let mut client: Option<Client> = None;
-    let mut open = true;
-    let mut next_reconcile = Instant::now();
-    let mut needs_reconcile = true;
-    // Waiting `flush` callers: answered once the queue is written, or at once while the server is
-    // away (waiting would not help, and the tree holds everything).
-    let mut flushes: Vec<std::sync::mpsc::Sender<()>> = Vec::new();
-    loop {
-        // Take what has arrived; wait briefly when idle so a burst lands in one transaction.
-        // Idle: wait up to 200 ms for the first op; once one is here, only 3 ms more for company.
-        let mut deadline =
-            Instant::now() + Duration::from_millis(if queue.is_empty() { 200 } else { 3 });
-        // The deadline is checked before each receive: `timeout` polls the receive first, so a
-        // steady stream of ops would otherwise keep us here forever.
-        while open && Instant::now() < deadline {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, rx.recv()).await {
-                Ok(Some(op)) => {
-                    accept(op, &mut queue, &mut flushes, &mut health);
-                    deadline = deadline.min(Instant::now() + Duration::from_millis(3));
-                }
-                Err(_) => break,
-                Ok(None) => open = false,
-            }
-        }
-        if client.as_ref().is_none_or(|c| c.is_closed()) {
-            client = None;
-            match connect_and_migrate(&url, &schema).await {
-                Ok(c) => {
-                    client = Some(c);
-                    backoff = Duration::from_millis(200);
-                    health.connected = true;
-                    health.last_error = None;
-                    health.last_ok_at = Some(crate::fsutil::now_rfc3339());
-                    // After the queue is replayed (so every transition it holds gets its event), the
-                    // tree fills in whatever the queue lost while the server was away.
-                    needs_reconcile = true;
-                }
-                Err(e) => {
-                    let msg = format!("{e:#}");
-                    // Say it once at the default level; the retries are for -v.
-                    if health.connected || health.last_error.is_none() {
-                        crate::console::warn(&format!(
-                            "postgres mirror: {msg}; tasks keep running, retrying with backoff"
-                        ));
-                    } else {
-                        crate::console::debug(&format!(
-                            "postgres mirror: {msg}; retrying in {} ms",
-                            backoff.as_millis()
-                        ));
-                    }
-                    health.connected = false;
-                    health.last_error = Some(msg);
-                    for f in flushes.drain(..) {
-                        let _ = f.send(());
-                    }
-                    if !open {
-                        write_health(&health_file, &mut health, &queue);
-                        return;
-                    }
-                    // Wait out the backoff in one-second steps, taking ops and keeping the health
-                    // file (and so the lag `status` shows) current.
-                    let until = Instant::now() + backoff;
-                    while open && Instant::now() < until {
-                        write_health(&health_file, &mut health, &queue);
-                        let step = until
-                            .saturating_duration_since(Instant::now())
-                            .min(Duration::from_secs(1));
-                        if let Ok(op) = tokio::time::timeout(step, rx.recv()).await {
-                            match op {
-                                Some(op) => accept(op, &mut queue, &mut flushes, &mut health),
-                                None => open = false,
-                            }
-                        }
-                        for f in flushes.drain(..) {
-                            let _ = f.send(());
-                        }
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
-                    continue;
-                }
-            }
-        }
-        let c = client.as_mut().expect("connected above");
-        while !queue.is_empty() {
-            let n = queue.len().min(500);
-            let batch: Vec<Op> = queue.iter().take(n).map(|(_, op)| op.clone()).collect();
-            match apply(c, &host, &channel, &batch).await {
-                Ok(seq) => {
-                    queue.drain(..n);
-                    health.last_seq = health.last_seq.max(seq);
-                    health.last_ok_at = Some(crate::fsutil::now_rfc3339());
-                }
-                Err(e) => {
-                    // Keep the batch: it is replayed after reconnecting, and version guards make that safe.
-                    health.connected = false;
-                    health.last_error = Some(format!("{e:#}"));
-                    crate::console::warn(&format!(
-                        "postgres mirror: write failed, will reconnect: {e:#}"
-                    ));
-                    client = None;
-                    break;
-                }
-            }
-        }
-        if let Some(c) = client.as_mut()
-            && queue.is_empty()
-            && (needs_reconcile || Instant::now() >= next_reconcile)
-        {
-            // Also the periodic safety net: whatever was lost anywhere comes back from the files.
-            match reconcile_plan(c, &spool, max_task_bytes).await {
-                Ok((plan, report)) => {
-                    // The tree was read first; what was sent meanwhile joins the queue, and the plan
-                    // leaves those tasks to it (see `without_queued`).
-                    while let Ok(op) = rx.try_recv() {
-                        accept(op, &mut queue, &mut flushes, &mut health);
-                    }
-                    let queued: Vec<Op> = queue.iter().map(|(_, op)| op.clone()).collect();
-                    let now = Instant::now();
-                    queue.extend(
-                        super::without_queued(plan, &queued)
-                            .into_iter()
-                            .map(|op| (now, op)),
-                    );
-                    needs_reconcile = false;
-                    // Tasks left to another writer are looked at again soon, in case it died.
-                    next_reconcile = Instant::now()
-                        + if report.skipped_recent > 0 {
-                            super::RECENT + Duration::from_secs(5)
-                        } else {
-                            Duration::from_secs(300)
-                        };
-                    // Write the plan now (and whatever came with it), not after the next wait.
-                    continue;
-                }
-                Err(e) => {
-                    crate::console::warn(&format!("postgres mirror: reconcile failed: {e:#}"));
-                    health.connected = false;
-                    health.last_error = Some(format!("{e:#}"));
-                    client = None;
-                }
-            }
-            next_reconcile = Instant::now() + Duration::from_secs(300);
-        }
-        write_health(&health_file, &mut health, &queue);
-        if queue.is_empty() || client.is_none() {
-            for f in flushes.drain(..) {
-                let _ = f.send(());
-            }
-        }
-        if !open && queue.is_empty() {
-            return;
-        }
-        if !open && client.is_none() {
-            // Shutting down with the server away: the tree holds everything; the next start reconciles.
-            return;
-        }
-    }
-}
-
-/// Take one op from the supervisor: flushes wait for the queue, local-only ops are ignored.
-fn accept(
-    op: Op,
-    queue: &mut VecDeque<(Instant, Op)>,
-    flushes: &mut Vec<std::sync::mpsc::Sender<()>>,
-    health: &mut Health,
-) {
-    match op {
-        Op::Flush(reply) => flushes.push(reply),
-        Op::Reconcile { .. } => {}
-        op => {
-            queue.push_back((Instant::now(), op));
-            if queue.len() > MAX_QUEUE {
-                queue.pop_front();
-                health.dropped += 1;
-            }
-        }
-    }
-}
-
-async fn connect_and_migrate(url: &str, schema: &str) -> Result<Client> {
-    let mut c = connect(url, schema).await?;
-    migrate(&mut c).await?;
-    Ok(c)
-}
-
-fn write_health(path: &std::path::Path, health: &mut Health, queue: &VecDeque<(Instant, Op)>) {
-    health.queued = queue.len();
-    health.lag_ms = queue
-        .front()
-        .map(|(t, _)| t.elapsed().as_millis() as u64)
-        .unwrap_or(0);
-    if let Ok(json) = serde_json::to_vec_pretty(health) {
-        let _ = crate::fsutil::atomic_write(path, &json);
-    }
-}
-
-// ---- reads (for --database-url and follow) -----------------------------------------------------
-
-fn row_from_pg(r: &tokio_postgres::Row) -> TaskRow {
-    let payload: serde_json::Value = r.get(4);
-    TaskRow {
-        id: r.get(0),
-        version: r.get::<_, i64>(1) as u64,
-        state: r.get(2),
-        agent: r.get(3),
-        payload: serde_json::from_value(payload).unwrap_or_default(),
-        updated_at: r.get(5),
-        note: r.get(6),
-    }
-}
-
-const ROW_COLUMNS: &str = "id, version, state, agent, payload, \
-    to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), note";
-
-pub async fn list(client: &Client, state: Option<&str>) -> Result<Vec<TaskRow>> {
-    let rows =
-        match state {
-            Some(s) => client
-                .query(
-                    &format!(
-                        "SELECT {ROW_COLUMNS} FROM tasks WHERE state = $1 ORDER BY updated_at, id"
-                    ),
-                    &[&s],
-                )
-                .await?,
-            None => {
-                client
-                    .query(
-                        &format!("SELECT {ROW_COLUMNS} FROM tasks ORDER BY updated_at, id"),
-                        &[],
-                    )
-                    .await?
-            }
-        };
-    Ok(rows.iter().map(row_from_pg).collect())
-}
-
-pub async fn get(client: &Client, id: &str) -> Result<Option<TaskRow>> {
-    Ok(client
-        .query_opt(
-            &format!("SELECT {ROW_COLUMNS} FROM tasks WHERE id = $1"),
-            &[&id],
-        )
-        .await?
-        .as_ref()
-        .map(row_from_pg))
-}
-
-pub async fn counts(client: &Client) -> Result<Vec<(String, usize)>> {
-    let rows = client
-        .query(
-            "SELECT state, count(*) FROM tasks GROUP BY state ORDER BY state",
-            &[],
-        )
-        .await?;
-    Ok(rows
-        .iter()
-        .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as usize))
-        .collect())
-}
-
-pub async fn events_since(client: &Client, seq: i64, limit: i64) -> Result<Vec<super::Event>> {
-    let rows = client
-        .query(
-            "SELECT seq, host, task_id, version, state,
-                    to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')
-             FROM task_events WHERE seq > $1 ORDER BY seq LIMIT $2",
-            &[&seq, &limit],
-        )
-        .await?;
-    Ok(rows
-        .iter()
-        .map(|r| super::Event {
-            seq: r.get(0),
-            host: r.get(1),
-            task_id: r.get(2),
-            version: r.get::<_, i64>(3) as u64,
-            state: r.get(4),
-            at: r.get(5),
-        })
-        .collect())
-}
-
-pub async fn max_seq(client: &Client) -> Result<i64> {
-    Ok(client
-        .query_one("SELECT coalesce(max(seq), 0) FROM task_events", &[])
-        .await?
-        .get(0))
-}
-
-pub async fn supervisors(client: &Client) -> Result<Vec<super::SupervisorRow>> {
-    let rows = client
-        .query(
-            "SELECT host, instance, pid,
-                    to_char(started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
-                    to_char(heartbeat_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')
-             FROM supervisors ORDER BY started_at",
-            &[],
-        )
-        .await?;
-    Ok(rows
-        .iter()
-        .map(|r| super::SupervisorRow {
-            host: r.get(0),
-            instance: r.get(1),
-            pid: r.get::<_, i32>(2) as u32,
-            started_at: r.get(3),
-            heartbeat_at: r.get(4),
-        })
-        .collect())
-}
-
-pub async fn attempts_of(client: &Client, id: &str) -> Result<Vec<super::AttemptLine>> {
-    let rows = client
-        .query(
-            "SELECT n, agent, to_char(started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
-                    to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), outcome, exit_code
-             FROM attempts WHERE task_id = $1 ORDER BY n",
-            &[&id],
-        )
-        .await?;
-    Ok(rows
-        .iter()
-        .map(|r| {
-            (
-                r.get::<_, i32>(0) as u32,
-                r.get(1),
-                r.get(2),
-                r.get(3),
-                r.get(4),
-                r.get(5),
-            )
-        })
-        .collect())
 }

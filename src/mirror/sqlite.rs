@@ -1,0 +1,375 @@
+//! The SQLite mirror (`state_dir/state.db`): schema, connections, batched writes and reads.
+//!
+//! It answers the read commands fast and feeds local followers. Writes come in batches, one
+//! transaction each: version-guarded upserts (`WHERE excluded.version > tasks.version`, so a stale or
+//! replayed transition can never move a task backwards) and one `task_events` row per applied
+//! transition, with a sequence number. WAL and `synchronous=NORMAL`: readers on their own connections
+//! never wait for the writer, and a power cut can lose only the last commits, which the reconciler
+//! restores from the tree.
+//!
+//! This file never decides what a row should say (the row builders and the reconcile plan do), and
+//! it never writes from the supervisor loop's thread: the [`Writer`](super::Writer) thread and the
+//! CLI's one-shot writes (`add`, `retry`, `cancel`, reconciles) are its only writers.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::reconcile::Known;
+use super::{AgentTotals, AttemptLine, Event, Op, SupervisorRow, TaskRow};
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS tasks(
+    id TEXT PRIMARY KEY,
+    version INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    agent TEXT,
+    payload TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    note TEXT
+);
+CREATE INDEX IF NOT EXISTS tasks_state ON tasks(state);
+CREATE TABLE IF NOT EXISTS attempts(
+    task_id TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    agent TEXT NOT NULL,
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    outcome TEXT NOT NULL,
+    exit_code INTEGER,
+    cost_usd REAL,
+    input_tokens INTEGER,
+    output_tokens INTEGER,
+    session_id TEXT,
+    PRIMARY KEY(task_id, n)
+);
+CREATE TABLE IF NOT EXISTS task_events(
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    host TEXT NOT NULL,
+    task_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    at TEXT NOT NULL,
+    UNIQUE(task_id, version)
+);
+CREATE TABLE IF NOT EXISTS supervisors(
+    host TEXT NOT NULL,
+    instance TEXT PRIMARY KEY,
+    pid INTEGER NOT NULL,
+    started_at TEXT NOT NULL,
+    heartbeat_at TEXT NOT NULL
+);
+"#;
+
+pub fn open(path: &Path) -> Result<Connection> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let conn = Connection::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.execute_batch(SCHEMA)?;
+    Ok(conn)
+}
+
+/// Open for reading only; `None` when there is no database yet.
+pub fn open_read(path: &Path) -> Result<Option<Connection>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let conn = Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    Ok(Some(conn))
+}
+
+/// Apply a batch of operations in one transaction. Returns the number of events written.
+pub fn apply(conn: &mut Connection, host: &str, ops: &mut Vec<Op>) -> Result<usize> {
+    let tx = conn.transaction()?;
+    let mut events = 0;
+    let mut replies = Vec::new();
+    {
+        let mut upsert = tx.prepare_cached(
+            "INSERT INTO tasks(id, version, state, agent, payload, updated_at, note) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT(id) DO UPDATE SET version = excluded.version, state = excluded.state, agent = excluded.agent,
+               payload = excluded.payload, updated_at = excluded.updated_at, note = excluded.note
+             WHERE excluded.version > tasks.version",
+        )?;
+        let mut event = tx.prepare_cached(
+            "INSERT OR IGNORE INTO task_events(host, task_id, version, state, at) VALUES(?1, ?2, ?3, ?4, ?5)",
+        )?;
+        let mut attempt = tx.prepare_cached(
+            "INSERT OR REPLACE INTO attempts(task_id, n, agent, started_at, finished_at, outcome, exit_code, cost_usd,
+               input_tokens, output_tokens, session_id) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        )?;
+        for op in ops.drain(..) {
+            match op {
+                Op::Upsert { row, attempts } => {
+                    let payload = serde_json::to_string(&row.payload)?;
+                    let changed = upsert.execute(params![
+                        row.id,
+                        row.version as i64,
+                        row.state,
+                        row.agent,
+                        payload,
+                        row.updated_at,
+                        row.note
+                    ])?;
+                    if changed == 0 {
+                        continue;
+                    }
+                    events += event.execute(params![
+                        host,
+                        row.id,
+                        row.version as i64,
+                        row.state,
+                        row.updated_at
+                    ])?;
+                    for a in &attempts {
+                        attempt.execute(params![
+                            row.id,
+                            a.n,
+                            a.agent,
+                            a.started_at,
+                            a.finished_at,
+                            a.outcome.as_str(),
+                            a.exit_code,
+                            a.cost_usd,
+                            a.input_tokens.map(|v| v as i64),
+                            a.output_tokens.map(|v| v as i64),
+                            a.session_id
+                        ])?;
+                    }
+                }
+                Op::Note { id, note } => {
+                    tx.execute(
+                        "UPDATE tasks SET note = ?2 WHERE id = ?1",
+                        params![id, note],
+                    )?;
+                }
+                Op::Delete(id) => {
+                    tx.execute("DELETE FROM tasks WHERE id = ?1", params![id])?;
+                    tx.execute("DELETE FROM attempts WHERE task_id = ?1", params![id])?;
+                }
+                Op::Supervisor {
+                    instance,
+                    pid,
+                    started_at,
+                    heartbeat_at,
+                    alive,
+                } => {
+                    if alive {
+                        tx.execute(
+                            "INSERT INTO supervisors(host, instance, pid, started_at, heartbeat_at) VALUES(?1, ?2, ?3, ?4, ?5)
+                             ON CONFLICT(instance) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+                            params![host, instance, pid, started_at, heartbeat_at],
+                        )?;
+                    } else {
+                        tx.execute(
+                            "DELETE FROM supervisors WHERE instance = ?1",
+                            params![instance],
+                        )?;
+                    }
+                }
+                // Answered once the commit holding everything sent before them is durable.
+                Op::Flush(reply) => replies.push(reply),
+                Op::Reconcile { .. } => {
+                    unreachable!("the writer thread runs reconciles outside batches")
+                }
+            }
+        }
+    }
+    tx.commit()?;
+    for r in replies {
+        let _ = r.send(());
+    }
+    Ok(events)
+}
+
+/// Apply a batch, up to three tries 50 ms apart, on the writer thread (never the loop). `ops` ends
+/// empty either way: a batch that still fails is dropped, and the tree still has it.
+pub fn commit_with_retries(conn: &mut Connection, host: &str, ops: &mut Vec<Op>) {
+    if ops.is_empty() {
+        return;
+    }
+    for attempt in 1..=3 {
+        let mut batch = std::mem::take(ops);
+        let keep = batch.clone();
+        match apply(conn, host, &mut batch) {
+            Ok(_) => return,
+            Err(e) => {
+                crate::console::warn(&format!("mirror: write failed (try {attempt} of 3): {e:#}"));
+                *ops = keep;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+    // Given up on this batch: the next reconcile rebuilds what it held from the tree.
+    ops.clear();
+}
+
+/// What the mirror holds per task, for the reconcile plan.
+pub fn known_rows(conn: &Connection) -> Result<Known> {
+    let mut stmt =
+        conn.prepare("SELECT id, state, version, json_extract(payload, '$.file') FROM tasks")?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            (
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)? as u64,
+                r.get::<_, Option<String>>(3)?.unwrap_or_default(),
+            ),
+        ))
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+// ---- reads (through `read::Reader` for the surfaces) --------------------------------------------
+
+fn row_from_sql(r: &rusqlite::Row) -> rusqlite::Result<TaskRow> {
+    let payload: String = r.get(4)?;
+    Ok(TaskRow {
+        id: r.get(0)?,
+        version: r.get::<_, i64>(1)? as u64,
+        state: r.get(2)?,
+        agent: r.get(3)?,
+        payload: serde_json::from_str(&payload).unwrap_or_default(),
+        updated_at: r.get(5)?,
+        note: r.get(6)?,
+    })
+}
+
+pub fn list(conn: &Connection, state: Option<&str>) -> Result<Vec<TaskRow>> {
+    let sql = "SELECT id, version, state, agent, payload, updated_at, note FROM tasks";
+    let mut out = Vec::new();
+    match state {
+        Some(s) => {
+            let mut stmt =
+                conn.prepare(&format!("{sql} WHERE state = ?1 ORDER BY updated_at, id"))?;
+            for r in stmt.query_map([s], row_from_sql)? {
+                out.push(r?);
+            }
+        }
+        None => {
+            let mut stmt = conn.prepare(&format!("{sql} ORDER BY updated_at, id"))?;
+            for r in stmt.query_map([], row_from_sql)? {
+                out.push(r?);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Pending tasks with a wait reason, without loading the rest of the pending set.
+pub fn waiting(conn: &Connection) -> Result<Vec<TaskRow>> {
+    let mut stmt = conn.prepare(
+        "SELECT id, version, state, agent, payload, updated_at, note FROM tasks
+         WHERE state = 'pending' AND note IS NOT NULL ORDER BY updated_at, id",
+    )?;
+    let rows = stmt.query_map([], row_from_sql)?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+pub fn get(conn: &Connection, id: &str) -> Result<Option<TaskRow>> {
+    Ok(conn
+        .query_row(
+            "SELECT id, version, state, agent, payload, updated_at, note FROM tasks WHERE id = ?1",
+            [id],
+            row_from_sql,
+        )
+        .optional()?)
+}
+
+pub fn counts(conn: &Connection) -> Result<Vec<(String, usize)>> {
+    let mut stmt =
+        conn.prepare("SELECT state, count(*) FROM tasks GROUP BY state ORDER BY state")?;
+    let rows = stmt.query_map([], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as usize))
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+pub fn agent_totals(conn: &Connection) -> Result<Vec<AgentTotals>> {
+    let mut stmt = conn.prepare(
+        "SELECT agent, count(*), sum(outcome = 'completed'), sum(outcome != 'completed' AND finished_at IS NOT NULL),
+                coalesce(sum(cost_usd), 0), coalesce(sum(input_tokens), 0), coalesce(sum(output_tokens), 0)
+         FROM attempts GROUP BY agent ORDER BY agent",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(AgentTotals {
+            agent: r.get(0)?,
+            attempts: r.get::<_, i64>(1)? as u64,
+            completed: r.get::<_, i64>(2)? as u64,
+            failed: r.get::<_, i64>(3)? as u64,
+            cost_usd: r.get(4)?,
+            input_tokens: r.get::<_, i64>(5)? as u64,
+            output_tokens: r.get::<_, i64>(6)? as u64,
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+pub fn events_since(conn: &Connection, seq: i64, limit: usize) -> Result<Vec<Event>> {
+    let mut stmt = conn.prepare(
+        "SELECT seq, host, task_id, version, state, at FROM task_events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(params![seq, limit as i64], |r| {
+        Ok(Event {
+            seq: r.get(0)?,
+            host: r.get(1)?,
+            task_id: r.get(2)?,
+            version: r.get::<_, i64>(3)? as u64,
+            state: r.get(4)?,
+            at: r.get(5)?,
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// The latest event's sequence number (0 when there is none).
+pub fn max_seq(conn: &Connection) -> Result<i64> {
+    Ok(
+        conn.query_row("SELECT coalesce(max(seq), 0) FROM task_events", [], |r| {
+            r.get(0)
+        })?,
+    )
+}
+
+pub fn supervisors(conn: &Connection) -> Result<Vec<SupervisorRow>> {
+    let mut stmt = conn.prepare(
+        "SELECT host, instance, pid, started_at, heartbeat_at FROM supervisors ORDER BY started_at",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(SupervisorRow {
+            host: r.get(0)?,
+            instance: r.get(1)?,
+            pid: r.get(2)?,
+            started_at: r.get(3)?,
+            heartbeat_at: r.get(4)?,
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+pub fn attempts_of(conn: &Connection, id: &str) -> Result<Vec<AttemptLine>> {
+    let mut stmt = conn.prepare(
+        "SELECT n, agent, started_at, finished_at, outcome, exit_code FROM attempts WHERE task_id = ?1 ORDER BY n",
+    )?;
+    let rows = stmt.query_map([id], |r| {
+        Ok(AttemptLine {
+            n: r.get(0)?,
+            agent: r.get(1)?,
+            started_at: r.get(2)?,
+            finished_at: r.get(3)?,
+            outcome: r.get(4)?,
+            exit_code: r.get(5)?,
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
