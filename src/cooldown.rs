@@ -149,7 +149,7 @@ mod tests {
             dir,
             Path::new("tasks"),
             Path::new("context"),
-            Path::new("state"),
+            Path::new("."),
         )
     }
 

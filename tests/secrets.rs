@@ -3,8 +3,10 @@
 //! A secret is the value of an environment variable named in one of three ways: by an agent's
 //! `api_key_env`, in `security.secrets`, or as the conventional key variable of a configured agent's
 //! kind. Agents of several kinds print those values in their answers, errors, stderr and session
-//! ids; afterwards no file under the project (tree, context, logs, state files, the SQLite mirror,
-//! the supervisor's log) and no row of the PostgreSQL mirror may contain any of them.
+//! ids, and one task's own description carries them; afterwards no file under the project (tree,
+//! context, logs, state files, the SQLite mirror, the supervisor's log) and no row of the PostgreSQL
+//! mirror may contain any of them. The one exception is the task file a person wrote: it keeps what
+//! they wrote.
 //!
 //! The agents are small scripts that print each CLI's recorded output shape (see
 //! `tests/fixtures/agents`) with the secrets spliced in: a real CLI chooses its own session ids, so
@@ -123,8 +125,16 @@ security:
             &format!("description: report what you know\nagent: {a}\n"),
         );
     }
+    // Text that reaches records without passing through an agent: the description (copied into the
+    // result file, the state files and both mirrors' payloads).
+    let all = SECRETS.map(|(_, v)| v).join(" ");
+    p.drop_task(
+        "t_described.yaml",
+        &format!("description: \"use {all}\"\nagent: shell\n"),
+    );
+    let tasks = agents.len() + 1;
     wait_for("every task to finish", Duration::from_secs(60), || {
-        p.tasks_in("completed").len() + p.tasks_in("failed").len() == agents.len()
+        p.tasks_in("completed").len() + p.tasks_in("failed").len() == tasks
     });
     // Outcomes as the scripts meant them: the secrets went through every path (answer, error, session).
     assert_eq!(
@@ -142,15 +152,17 @@ security:
             .is_some_and(|e| e.contains("turn failed")),
         "{r}"
     );
-    wait_for(
-        "the PostgreSQL mirror to catch up",
-        Duration::from_secs(30),
-        || {
-            schema
-                .count_or_zero("SELECT count(*) FROM tasks WHERE state IN ('completed', 'failed')")
-                == agents.len() as i64
-        },
-    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while schema.states() != p.tree_states() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the PostgreSQL mirror did not catch up in 30 s: {:?} vs the tree's {:?}\n{}",
+            schema.states(),
+            p.tree_states(),
+            sup.output()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(sup.stop().success(), "{}", sup.output());
 
     let mut files = 0;
@@ -158,6 +170,9 @@ security:
         let entry = entry.expect("walk the project");
         if !entry.file_type().is_file() {
             continue;
+        }
+        if entry.path().ends_with("tasks/failed/t_described.yaml") {
+            continue; // the task file as its author wrote it
         }
         files += 1;
         let bytes = std::fs::read(entry.path()).expect("read");
@@ -205,8 +220,5 @@ security:
             );
         }
     }
-    assert_eq!(
-        schema.count("SELECT count(*) FROM attempts"),
-        agents.len() as i64
-    );
+    assert_eq!(schema.count("SELECT count(*) FROM attempts"), tasks as i64);
 }
