@@ -15,6 +15,7 @@ pub mod cooldown;
 pub mod error;
 pub mod failpoint;
 pub mod fsutil;
+pub mod llm;
 pub mod mirror;
 pub mod process;
 pub mod router;
