@@ -11,17 +11,21 @@
 use serde_json::Value;
 
 use super::http_error::{QUOTE_BYTES, classify_http_error, provider_message, truncate};
+use super::sse::SseParser;
 use super::{ChatError, ChatReply};
 use crate::task::Outcome;
 
-/// What the events of one answer add up to.
+/// What the body of one answer adds up to, fed as it arrives.
 #[derive(Default)]
 pub(super) struct Accumulator {
+    parser: SseParser,
+    /// Events the parser finished in the current chunk; kept between chunks for its allocation.
+    pending: Vec<String>,
     reply: ChatReply,
     /// Some event carried a non-empty `choices` array.
     saw_choices: bool,
     events: usize,
-    pub(super) done: bool,
+    done: bool,
     reasoning_chars: usize,
     finish_reason: Option<String>,
     /// An `{"error": …}` object sent inside a 200 stream (OpenRouter does this).
@@ -31,7 +35,22 @@ pub(super) struct Accumulator {
 }
 
 impl Accumulator {
-    pub(super) fn on_event(&mut self, data: &str, on_delta: &mut dyn FnMut(&str)) {
+    /// Adds the next piece of the body, cut anywhere.
+    pub(super) fn push(&mut self, bytes: &[u8], on_delta: &mut dyn FnMut(&str)) {
+        self.parser.push(bytes, &mut self.pending);
+        let mut events = std::mem::take(&mut self.pending);
+        for data in events.drain(..) {
+            self.on_event(&data, on_delta);
+        }
+        self.pending = events;
+    }
+
+    /// The server said `[DONE]`: reading on would only wait for it to close the connection.
+    pub(super) fn is_done(&self) -> bool {
+        self.done
+    }
+
+    fn on_event(&mut self, data: &str, on_delta: &mut dyn FnMut(&str)) {
         self.events += 1;
         let trimmed = data.trim();
         if trimmed == "[DONE]" {
@@ -110,13 +129,20 @@ impl Accumulator {
         }
     }
 
-    pub(super) fn into_reply(
+    /// The body ended (or said `[DONE]`); `raw` is all of it, for servers that answered plain JSON
+    /// and for quoting what came when it is no answer.
+    pub(super) fn finish(
         mut self,
         url: &str,
         status: u16,
         raw: &[u8],
         on_delta: &mut dyn FnMut(&str),
     ) -> Result<ChatReply, ChatError> {
+        let mut events = std::mem::take(&mut self.pending);
+        self.parser.finish(&mut events);
+        for data in events {
+            self.on_event(&data, on_delta);
+        }
         if self.events == 0 {
             // No SSE at all: a plain JSON answer (or error) to a streaming request.
             let body = String::from_utf8_lossy(raw);
@@ -181,26 +207,15 @@ impl Accumulator {
 pub(super) mod tests {
     use super::*;
 
-    use crate::llm::sse::SseParser;
-
-    /// Feeds `body` to the parser in pieces of `step` bytes and adds the events up, as `chat` does.
+    /// Feeds `body` in pieces of `step` bytes and adds it up, as `chat` does.
     fn accumulate(body: &[u8], step: usize) -> (Result<ChatReply, ChatError>, Vec<String>) {
-        let mut parser = SseParser::default();
         let mut acc = Accumulator::default();
         let mut deltas = Vec::new();
         let mut on_delta = |d: &str| deltas.push(d.to_string());
-        let mut events = Vec::new();
         for piece in body.chunks(step.max(1)) {
-            parser.push(piece, &mut events);
-            for e in events.drain(..) {
-                acc.on_event(&e, &mut on_delta);
-            }
+            acc.push(piece, &mut on_delta);
         }
-        parser.finish(&mut events);
-        for e in events.drain(..) {
-            acc.on_event(&e, &mut on_delta);
-        }
-        let result = acc.into_reply("http://h/v1/chat/completions", 200, body, &mut on_delta);
+        let result = acc.finish("http://h/v1/chat/completions", 200, body, &mut on_delta);
         (result, deltas)
     }
 

@@ -25,7 +25,6 @@ use std::time::Duration;
 use crate::task::Outcome;
 use completion::Accumulator;
 use http_error::{chain, classify_http_error, retry_after, transport_error};
-use sse::SseParser;
 
 /// One chat completion to run.
 #[derive(Debug, Clone)]
@@ -163,10 +162,8 @@ async fn chat_inner(
 
     // Parse as SSE whatever the content type says, and keep the raw body too: some servers answer
     // plain JSON despite `stream: true`, which yields no SSE events and is parsed whole at the end.
-    let mut parser = SseParser::default();
     let mut acc = Accumulator::default();
     let mut raw: Vec<u8> = Vec::new();
-    let mut events = Vec::new();
     loop {
         let chunk = match resp.chunk().await {
             Ok(Some(c)) => c,
@@ -191,19 +188,12 @@ async fn chat_inner(
             ));
         }
         raw.extend_from_slice(&chunk);
-        parser.push(&chunk, &mut events);
-        for data in events.drain(..) {
-            acc.on_event(&data, on_delta);
-        }
-        if acc.done {
+        acc.push(&chunk, on_delta);
+        if acc.is_done() {
             break;
         }
     }
-    parser.finish(&mut events);
-    for data in events.drain(..) {
-        acc.on_event(&data, on_delta);
-    }
-    acc.into_reply(url, status.as_u16(), &raw, on_delta)
+    acc.finish(url, status.as_u16(), &raw, on_delta)
 }
 
 /// A client for one request. Loopback servers are reached directly even when a proxy is set in
