@@ -17,6 +17,7 @@ pub mod failpoint;
 pub mod fsutil;
 pub mod instance;
 pub mod layout;
+pub mod llm;
 pub mod marker;
 pub mod mirror;
 pub mod process;

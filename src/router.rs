@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::agents::openai::{ChatRequest, chat};
 use crate::config::{AgentKind, Config};
+use crate::llm::{ChatRequest, chat};
 use crate::task::Task;
 
 /// Without `routing.router.timeout_seconds`.

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use crate::agents::openai::{self, ChatError, ChatRequest};
+use crate::agents::openai::agent_stdout;
+use crate::llm::{self, ChatError, ChatRequest};
 use crate::record::Outcome;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -72,7 +73,7 @@ pub fn run(args: OpenaiAgentArgs) -> Result<i32> {
                 let _ = err.flush();
                 ends_with_newline = delta.ends_with('\n');
             };
-            let result = runtime.block_on(openai::chat(&req, &mut on_delta));
+            let result = runtime.block_on(llm::chat(&req, &mut on_delta));
             if !ends_with_newline {
                 eprintln!();
             }
@@ -85,7 +86,7 @@ pub fn run(args: OpenaiAgentArgs) -> Result<i32> {
     };
 
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{}", openai::agent_stdout(&result))
+    writeln!(out, "{}", agent_stdout(&result))
         .and_then(|()| out.flush())
         .context("writing the result to stdout")?;
     Ok(if result.is_ok() { 0 } else { 1 })
