@@ -182,13 +182,22 @@ fn text_and_tokens(which: Cli) {
         );
     }
     assert_eq!(server.conversations(which.api()), 1);
-    // The totals reach `orchestrate agents`.
-    let agents = p.run(&["agents", "--json"]).assert_code(0).json();
-    let me = agents
-        .as_array()
-        .and_then(|v| v.iter().find(|a| a["name"] == "agent"))
-        .expect("agent listed")
-        .clone();
+    // The totals reach `orchestrate agents` once the mirror has the terminal transition (it may lag
+    // the tree by a few milliseconds, more on a busy machine).
+    let me_of = || {
+        let agents = p.run(&["agents", "--json"]).assert_code(0).json();
+        agents
+            .as_array()
+            .and_then(|v| v.iter().find(|a| a["name"] == "agent"))
+            .expect("agent listed")
+            .clone()
+    };
+    wait_for(
+        "the mirror to count the attempt",
+        Duration::from_secs(30),
+        || me_of()["running"] == 0,
+    );
+    let me = me_of();
     assert_eq!(me["completed"], 1, "{me}");
     assert_eq!(
         me["output_tokens"].as_u64(),
