@@ -59,15 +59,6 @@ pub fn is_permanent(e: &anyhow::Error) -> bool {
     })
 }
 
-pub fn valid_schema(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= 63
-        && (b[0].is_ascii_lowercase() || b[0] == b'_')
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_')
-}
-
 /// The NOTIFY channel for a schema.
 pub fn channel(schema: &str) -> String {
     if schema == "public" {

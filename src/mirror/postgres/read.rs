@@ -9,7 +9,8 @@
 use anyhow::Result;
 use tokio_postgres::Client;
 
-use super::{Notifications, Permanent, channel, open, valid_schema};
+use super::{Notifications, Permanent, channel, open};
+use crate::config::valid_schema;
 use crate::mirror::{AgentTotals, AttemptLine, Event, SupervisorRow, TaskRow};
 
 /// A read-only session on a schema a supervisor has written to. A schema without our tables is a
