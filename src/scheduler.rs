@@ -4,15 +4,17 @@
 //! priorities are never starved), then FIFO by arrival. A task is runnable when every dependency has
 //! completed, its retry back-off has passed, and an agent can take it within `max_concurrent` and the
 //! agent's `max_instances`. This module keeps no files and spawns nothing: the supervisor asks it for
-//! decisions and carries them out.
+//! decisions and carries them out. A task that cannot run gets a typed [`WaitReason`]; the note people
+//! read is rendered from it, and the supervisor decides on the variant, never on the text.
 
 use std::collections::{BTreeMap, HashMap};
+use std::fmt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::router::Routed;
-use crate::task::{Attempt, History, Task, Terminal};
+use crate::task::{Attempt, History, Outcome, Task, Terminal};
 
 /// A task waiting in `pending/`.
 #[derive(Debug, Clone)]
@@ -28,7 +30,7 @@ pub struct Pending {
     pub history: History,
     pub not_before: Option<Instant>,
     /// The reason it is waiting, as last reported to the mirror.
-    pub note: Option<String>,
+    pub note: Option<WaitReason>,
 }
 
 impl Pending {
@@ -90,6 +92,132 @@ pub enum DepState {
     Missing,
 }
 
+impl DepState {
+    fn as_str(self) -> &'static str {
+        match self {
+            DepState::Completed => "completed",
+            DepState::Failed => "failed",
+            DepState::Pending => "pending",
+            DepState::Running => "running",
+            DepState::Missing => "not found in the tree",
+        }
+    }
+}
+
+/// Why a pending task does not run now. `Display` gives the note shown by `status` and stored in
+/// the mirror; code that must know whether the wait ends by itself matches on the variant.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WaitReason {
+    /// Dependencies (or a parent's subtasks) that have not completed, with where each stands.
+    Dependencies(Vec<(String, DepState)>),
+    /// A retry back-off; `until` is the time the task's history records.
+    NotBefore { until: Option<String> },
+    /// Nothing names an agent: no `agent:`, no matching rule, no fallback.
+    NoAgent,
+    /// Every one of the `max_concurrent` slots is taken.
+    AtCapacity { slots: usize },
+    /// Every instance of the agent the routing chose is busy.
+    AgentBusy {
+        agent: String,
+        running: usize,
+        max: usize,
+    },
+    /// No agent in the task's chain can run, each for its reason.
+    AgentUnavailable(Vec<Unavailable>),
+    /// The router is being asked which agent fits.
+    AskingRouter { router: String },
+    /// Enough router questions are outstanding already; this one waits its turn.
+    RouterBusy { router: String, outstanding: usize },
+}
+
+impl WaitReason {
+    /// The wait ends by itself when an agent's cooldown does: `--once` stays for it.
+    pub fn waits_for_cooldown(&self) -> bool {
+        matches!(self, WaitReason::AgentUnavailable(why)
+            if why.iter().any(|u| matches!(u, Unavailable::CoolingDown { .. })))
+    }
+}
+
+impl fmt::Display for WaitReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WaitReason::Dependencies(deps) => {
+                f.write_str("waiting for ")?;
+                for (i, (dep, state)) in deps.iter().enumerate() {
+                    let sep = if i == 0 { "" } else { ", " };
+                    write!(f, "{sep}{dep} ({})", state.as_str())?;
+                }
+                Ok(())
+            }
+            // A stable note (not a countdown) so the mirror is not rewritten on every pass.
+            WaitReason::NotBefore { until } => write!(
+                f,
+                "retry back-off until {}",
+                until.as_deref().unwrap_or("later")
+            ),
+            WaitReason::NoAgent => f.write_str(
+                "no agent: name one with `agent:` in the task, or set routing.fallback in config.yaml",
+            ),
+            WaitReason::AtCapacity { slots } => {
+                write!(f, "all {slots} slots busy (max_concurrent)")
+            }
+            WaitReason::AgentBusy {
+                agent,
+                running,
+                max,
+            } => write!(f, "waiting for a free {agent} instance ({running}/{max})"),
+            WaitReason::AgentUnavailable(why) => write!(f, "no agent available: {}", join(why)),
+            WaitReason::AskingRouter { router } => {
+                write!(f, "asking the router ({router}) which agent fits")
+            }
+            WaitReason::RouterBusy {
+                router,
+                outstanding,
+            } => write!(
+                f,
+                "waiting to ask the router ({router}): {outstanding} questions outstanding"
+            ),
+        }
+    }
+}
+
+/// Why an agent cannot take a task now.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Unavailable {
+    /// Resting after a rate limit or an exhausted quota.
+    CoolingDown {
+        agent: String,
+        until: String,
+        outcome: Outcome,
+    },
+    /// Cannot run at all (not installed, no adapter), in the words of `agents::unavailable_reason`.
+    Missing(String),
+}
+
+impl fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Unavailable::CoolingDown {
+                agent,
+                until,
+                outcome,
+            } => write!(
+                f,
+                "agent {agent}: cooling down until {until} ({})",
+                outcome.as_str()
+            ),
+            Unavailable::Missing(reason) => f.write_str(reason),
+        }
+    }
+}
+
+fn join(why: &[Unavailable]) -> String {
+    why.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// What to do with one pending task now.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
@@ -100,13 +228,15 @@ pub enum Decision {
     /// All children of a subtask parent completed: finish it without an agent.
     CompleteParent,
     Fail(String),
-    Wait(String),
+    Wait(WaitReason),
     /// Ask the router which agent fits, then decide again with its answer.
     Route,
 }
 
 pub struct Scheduler {
-    pub pending: HashMap<String, Pending>,
+    /// Private: every change goes through `insert` and `remove`, which keep `order` and
+    /// `with_edges` in step.
+    pending: HashMap<String, Pending>,
     next_seq: u64,
     /// Pending ids in run order: (effective priority, arrival seq, id), best first. Kept sorted as tasks
     /// arrive instead of sorting the whole set on every pass; entries of tasks that left are skipped
@@ -176,6 +306,47 @@ impl Scheduler {
         let p = self.pending.remove(id)?;
         self.with_edges -= usize::from(!p.waits_for().is_empty());
         Some(p)
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Pending> {
+        self.pending.get(id)
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.pending.contains_key(id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Record why `id` waits. Returns the new note when it differs from the last one (then the
+    /// mirror must hear of it), `None` when it is unchanged or the task is not pending.
+    pub fn set_note(&mut self, id: &str, reason: WaitReason) -> Option<&WaitReason> {
+        let p = self.pending.get_mut(id)?;
+        if p.note.as_ref() == Some(&reason) {
+            return None;
+        }
+        p.note = Some(reason);
+        p.note.as_ref()
+    }
+
+    /// Some pending task waits for an agent's cooldown to end (as of the last pass that noted it).
+    pub fn waits_for_cooldown(&self) -> bool {
+        self.pending
+            .values()
+            .any(|p| p.note.as_ref().is_some_and(WaitReason::waits_for_cooldown))
+    }
+
+    /// Some pending task is in a retry back-off that ends after `now`.
+    pub fn backing_off(&self, now: Instant) -> bool {
+        self.pending
+            .values()
+            .any(|p| p.not_before.is_some_and(|t| t > now))
     }
 
     /// Pending ids in the order they should be considered. The caller hands the list back with
@@ -288,7 +459,7 @@ pub struct Capacity<'a> {
     pub running_total: usize,
     pub running_per_agent: &'a HashMap<String, usize>,
     /// Agents that cannot run now, with the reason (not installed, no adapter, cooling down).
-    pub unavailable: &'a HashMap<String, String>,
+    pub unavailable: &'a HashMap<String, Unavailable>,
 }
 
 /// Decide for one pending task. `dep_state` answers where a dependency stands.
@@ -312,13 +483,13 @@ pub fn decide(
                     format!("dependency {dep} failed")
                 });
             }
-            DepState::Pending => waiting_on.push(format!("{dep} (pending)")),
-            DepState::Running => waiting_on.push(format!("{dep} (running)")),
-            DepState::Missing => waiting_on.push(format!("{dep} (not found in the tree)")),
+            state @ (DepState::Pending | DepState::Running | DepState::Missing) => {
+                waiting_on.push((dep, state));
+            }
         }
     }
     if !waiting_on.is_empty() {
-        return Decision::Wait(format!("waiting for {}", waiting_on.join(", ")));
+        return Decision::Wait(WaitReason::Dependencies(waiting_on));
     }
     if parent {
         return Decision::CompleteParent;
@@ -326,9 +497,9 @@ pub fn decide(
     if let Some(t) = p.not_before
         && t > now
     {
-        // A stable note (not a countdown) so the mirror is not rewritten on every pass.
-        let at = p.history.not_before.as_deref().unwrap_or("later");
-        return Decision::Wait(format!("retry back-off until {at}"));
+        return Decision::Wait(WaitReason::NotBefore {
+            until: p.history.not_before.clone(),
+        });
     }
     // After a real failure, the agent that failed goes to the back of the chain when the config
     // asks for a second opinion.
@@ -404,16 +575,12 @@ pub fn choose_agent(
         chain.push((a, why));
     }
     if chain.is_empty() {
-        return Decision::Wait(
-            "no agent: name one with `agent:` in the task, or set routing.fallback in config.yaml"
-                .into(),
-        );
+        return Decision::Wait(WaitReason::NoAgent);
     }
     if cap.running_total >= cfg.orchestrator.max_concurrent {
-        return Decision::Wait(format!(
-            "all {} slots busy (max_concurrent)",
-            cfg.orchestrator.max_concurrent
-        ));
+        return Decision::Wait(WaitReason::AtCapacity {
+            slots: cfg.orchestrator.max_concurrent,
+        });
     }
     let mut skipped = Vec::new();
     for (name, why) in &chain {
@@ -425,22 +592,23 @@ pub fn choose_agent(
         let running = cap.running_per_agent.get(name).copied().unwrap_or(0);
         if running >= agent.max_instances {
             // Busy is not unavailable: wait for the agent the routing chose rather than spill over.
-            return Decision::Wait(format!(
-                "waiting for a free {name} instance ({running}/{})",
-                agent.max_instances
-            ));
+            return Decision::Wait(WaitReason::AgentBusy {
+                agent: name.clone(),
+                running,
+                max: agent.max_instances,
+            });
         }
         let because = if skipped.is_empty() {
             why.clone()
         } else {
-            format!("{why}; skipped: {}", skipped.join("; "))
+            format!("{why}; skipped: {}", join(&skipped))
         };
         return Decision::Run {
             agent: name.clone(),
             because,
         };
     }
-    Decision::Wait(format!("no agent available: {}", skipped.join("; ")))
+    Decision::Wait(WaitReason::AgentUnavailable(skipped))
 }
 
 fn rule_matches(rule: &crate::config::RoutingRule, task: &Task) -> bool {
@@ -570,7 +738,10 @@ mod tests {
         assert!(
             matches!(choose_agent(&cfg, &t, &cap, None, None), Decision::Run { agent, .. } if agent == "a")
         );
-        unavailable.insert("a".to_string(), "a missing".to_string());
+        unavailable.insert(
+            "a".to_string(),
+            Unavailable::Missing("a missing".to_string()),
+        );
         let cap = Capacity {
             running_total: 0,
             running_per_agent: &per,
@@ -602,7 +773,7 @@ mod tests {
         };
         let t = parse_task("description: x\n", "t", "t").expect("task");
         assert!(
-            matches!(choose_agent(&cfg, &t, &cap, None, None), Decision::Wait(w) if w.contains("free a"))
+            matches!(choose_agent(&cfg, &t, &cap, None, None), Decision::Wait(w) if w.to_string().contains("free a"))
         );
     }
 
@@ -624,6 +795,172 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// The notes `status` shows are rendered from the typed reasons; their text is what it was when
+    /// they were strings.
+    #[test]
+    fn wait_notes_read_as_before() {
+        let cooling = Unavailable::CoolingDown {
+            agent: "a".into(),
+            until: "2030-01-01T00:00:00Z".into(),
+            outcome: Outcome::RateLimited,
+        };
+        let cases = [
+            (
+                WaitReason::Dependencies(vec![
+                    ("x".into(), DepState::Pending),
+                    ("y".into(), DepState::Running),
+                    ("z".into(), DepState::Missing),
+                ]),
+                "waiting for x (pending), y (running), z (not found in the tree)",
+            ),
+            (
+                WaitReason::NotBefore {
+                    until: Some("2030-01-01T00:00:00Z".into()),
+                },
+                "retry back-off until 2030-01-01T00:00:00Z",
+            ),
+            (
+                WaitReason::NotBefore { until: None },
+                "retry back-off until later",
+            ),
+            (
+                WaitReason::NoAgent,
+                "no agent: name one with `agent:` in the task, or set routing.fallback in config.yaml",
+            ),
+            (
+                WaitReason::AtCapacity { slots: 4 },
+                "all 4 slots busy (max_concurrent)",
+            ),
+            (
+                WaitReason::AgentBusy {
+                    agent: "a".into(),
+                    running: 1,
+                    max: 1,
+                },
+                "waiting for a free a instance (1/1)",
+            ),
+            (
+                WaitReason::AgentUnavailable(vec![
+                    cooling.clone(),
+                    Unavailable::Missing("agent b: `b` not found on PATH".into()),
+                ]),
+                "no agent available: agent a: cooling down until 2030-01-01T00:00:00Z (rate_limited); agent b: `b` not found on PATH",
+            ),
+            (
+                WaitReason::AskingRouter {
+                    router: "local".into(),
+                },
+                "asking the router (local) which agent fits",
+            ),
+            (
+                WaitReason::RouterBusy {
+                    router: "local".into(),
+                    outstanding: 2,
+                },
+                "waiting to ask the router (local): 2 questions outstanding",
+            ),
+        ];
+        for (reason, text) in cases {
+            assert_eq!(reason.to_string(), text);
+        }
+    }
+
+    #[test]
+    fn only_a_cooldown_among_the_reasons_is_waiting_for_a_cooldown() {
+        let cooling = Unavailable::CoolingDown {
+            agent: "a".into(),
+            until: "2030-01-01T00:00:00Z".into(),
+            outcome: Outcome::QuotaExhausted,
+        };
+        let missing = Unavailable::Missing("agent b: `b` not found on PATH".into());
+        assert!(WaitReason::AgentUnavailable(vec![missing.clone(), cooling]).waits_for_cooldown());
+        assert!(!WaitReason::AgentUnavailable(vec![missing]).waits_for_cooldown());
+        assert!(!WaitReason::AtCapacity { slots: 1 }.waits_for_cooldown());
+        assert!(!WaitReason::NotBefore { until: None }.waits_for_cooldown());
+    }
+
+    #[test]
+    fn decisions_carry_typed_wait_reasons() {
+        let cfg = cfg();
+        let per = HashMap::new();
+        let unavailable = HashMap::from([
+            (
+                "a".to_string(),
+                Unavailable::CoolingDown {
+                    agent: "a".into(),
+                    until: "2030-01-01T00:00:00Z".into(),
+                    outcome: Outcome::RateLimited,
+                },
+            ),
+            ("b".to_string(), Unavailable::Missing("b missing".into())),
+        ]);
+        let cap = Capacity {
+            running_total: 0,
+            running_per_agent: &per,
+            unavailable: &unavailable,
+        };
+        let mut s = Scheduler::new();
+        pending(&mut s, "description: x\ndependencies: [d1, d2]\n", "t");
+        let now = Instant::now();
+        let states = |d: &str| {
+            if d == "d1" {
+                DepState::Completed
+            } else {
+                DepState::Running
+            }
+        };
+        let p = s.get("t").expect("pending");
+        assert_eq!(
+            decide(&cfg, p, now, &cap, &states, None),
+            Decision::Wait(WaitReason::Dependencies(vec![(
+                "d2".into(),
+                DepState::Running
+            )]))
+        );
+        pending(&mut s, "description: x\n", "u");
+        let p = s.get("u").expect("pending");
+        match decide(&cfg, p, now, &cap, &states, None) {
+            Decision::Wait(w @ WaitReason::AgentUnavailable(_)) => assert!(w.waits_for_cooldown()),
+            other => panic!("{other:?}"),
+        }
+        let mut p = p.clone();
+        p.not_before = Some(now + Duration::from_secs(60));
+        assert_eq!(
+            decide(&cfg, &p, now, &cap, &states, None),
+            Decision::Wait(WaitReason::NotBefore { until: None })
+        );
+    }
+
+    #[test]
+    fn notes_change_only_when_the_reason_does() {
+        let mut s = Scheduler::new();
+        pending(&mut s, "description: x\n", "t");
+        let busy = WaitReason::AtCapacity { slots: 1 };
+        assert_eq!(s.set_note("t", busy.clone()), Some(&busy));
+        assert_eq!(s.set_note("t", busy.clone()), None);
+        assert!(s.set_note("t", WaitReason::NoAgent).is_some());
+        assert!(s.set_note("gone", WaitReason::NoAgent).is_none());
+        assert!(!s.waits_for_cooldown());
+        let cooling = WaitReason::AgentUnavailable(vec![Unavailable::CoolingDown {
+            agent: "a".into(),
+            until: "2030-01-01T00:00:00Z".into(),
+            outcome: Outcome::RateLimited,
+        }]);
+        assert!(s.set_note("t", cooling).is_some());
+        assert!(s.waits_for_cooldown());
+    }
+
+    #[test]
+    fn backing_off_looks_at_every_pending_task() {
+        let mut s = Scheduler::new();
+        pending(&mut s, "description: x\n", "t");
+        let now = Instant::now();
+        assert!(!s.backing_off(now));
+        s.pending.get_mut("t").expect("t").not_before = Some(now + Duration::from_secs(5));
+        assert!(s.backing_off(now));
+        assert!(!s.backing_off(now + Duration::from_secs(6)));
     }
 
     #[test]

@@ -28,7 +28,7 @@ impl Supervisor {
         if self.in_hand(id) {
             return DepState::Running;
         }
-        if self.sched.pending.contains_key(id) {
+        if self.sched.contains(id) {
             return DepState::Pending;
         }
         // Finished or claimed by another supervisor sharing the tree.
@@ -61,7 +61,7 @@ impl Supervisor {
             let mut map = HashMap::new();
             for (name, a) in &self.cfg.agents {
                 if let Some(r) = agents::unavailable_reason(name, a) {
-                    map.insert(name.clone(), r);
+                    map.insert(name.clone(), Unavailable::Missing(r));
                 }
             }
             self.unavailable = Some((Instant::now(), map));
@@ -75,13 +75,13 @@ impl Supervisor {
         let now = Instant::now();
         let wall = time::OffsetDateTime::now_utc();
         for (agent, c) in self.cooldowns.active(wall) {
-            unavailable.entry(agent.to_string()).or_insert_with(|| {
-                format!(
-                    "agent {agent}: cooling down until {} ({})",
-                    c.until,
-                    c.outcome.as_str()
-                )
-            });
+            unavailable
+                .entry(agent.to_string())
+                .or_insert_with(|| Unavailable::CoolingDown {
+                    agent: agent.to_string(),
+                    until: c.until.clone(),
+                    outcome: c.outcome,
+                });
         }
 
         let cfg = self.cfg.clone();
@@ -105,7 +105,7 @@ impl Supervisor {
                 break;
             }
             let id = &entry.2;
-            let Some(p) = self.sched.pending.get(id).filter(|p| p.seq == entry.1) else {
+            let Some(p) = self.sched.get(id).filter(|p| p.seq == entry.1) else {
                 continue;
             };
             if full && let Some(t) = p.not_before.filter(|t| *t > now) {
@@ -124,18 +124,8 @@ impl Supervisor {
                 Decision::CompleteParent => self.complete_parent(id),
                 Decision::Fail(reason) => self.fail_pending(id, &reason),
                 Decision::Wait(reason) => {
-                    let p = self
-                        .sched
-                        .pending
-                        .get_mut(id)
-                        .expect("present: looked up above");
-                    if p.note.as_deref() != Some(reason.as_str()) {
-                        console::debug(&format!("waiting    {id}: {reason}"));
-                        p.note = Some(reason.clone());
-                        self.writer.send(Op::Note {
-                            id: id.clone(),
-                            note: Some(reason),
-                        });
+                    if let Some(note) = self.note(id, reason) {
+                        console::debug(&format!("waiting    {id}: {note}"));
                     }
                 }
             }
@@ -148,7 +138,7 @@ impl Supervisor {
         if self.routes.contains_key(id) {
             return;
         }
-        let Some(p) = self.sched.pending.get_mut(id) else {
+        let Some(task) = self.sched.get(id).map(|p| p.task.clone()) else {
             return;
         };
         let router = self
@@ -161,25 +151,19 @@ impl Supervisor {
         // A burst of unrouted tasks must not become a burst of requests to one local model.
         let asking = self.routes.values().filter(|r| r.is_none()).count();
         if asking >= self.cfg.orchestrator.max_concurrent.max(1) {
-            let note =
-                format!("waiting to ask the router ({router}): {asking} questions outstanding");
-            if p.note.as_deref() != Some(note.as_str()) {
-                p.note = Some(note.clone());
-                self.writer.send(Op::Note {
-                    id: id.to_string(),
-                    note: Some(note),
-                });
-            }
+            self.note(
+                id,
+                WaitReason::RouterBusy {
+                    router,
+                    outstanding: asking,
+                },
+            );
             return;
         }
-        let note = format!("asking the router ({router}) which agent fits");
-        p.note = Some(note.clone());
-        self.writer.send(Op::Note {
-            id: id.to_string(),
-            note: Some(note),
-        });
+        // A task is asked about once (see `routes`), so this note is always new.
+        self.note(id, WaitReason::AskingRouter { router });
         self.routes.insert(id.to_string(), None);
-        let (cfg, task, tx) = (self.cfg.clone(), p.task.clone(), self.route_tx.clone());
+        let (cfg, tx) = (self.cfg.clone(), self.route_tx.clone());
         let id = id.to_string();
         // Its own small runtime on a blocking thread: the HTTP client's stream is not `Send`.
         tokio::task::spawn_blocking(move || {
@@ -197,6 +181,16 @@ impl Supervisor {
         });
     }
 
+    /// Tell the mirror why `id` waits, when that changed; returns the new note then.
+    fn note(&mut self, id: &str, reason: WaitReason) -> Option<String> {
+        let note = self.sched.set_note(id, reason)?.to_string();
+        self.writer.send(Op::Note {
+            id: id.to_string(),
+            note: Some(note.clone()),
+        });
+        Some(note)
+    }
+
     pub(super) fn on_routed(&mut self, id: String, routed: Routed) {
         if routed.agent.is_none() {
             console::warn(&format!("router     {id}: {}", routed.because));
@@ -204,7 +198,7 @@ impl Supervisor {
             console::debug(&format!("router     {id}: {}", routed.because));
         }
         // Only for tasks still waiting for it; one that left pending meanwhile is forgotten.
-        if self.sched.pending.contains_key(&id) {
+        if self.sched.contains(&id) {
             self.routes.insert(id, Some(routed));
             self.full_pass_due = true;
         } else {

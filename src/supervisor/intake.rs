@@ -119,11 +119,7 @@ impl Supervisor {
             scan.seen.insert(p.clone());
             // Unchanged known files need no second look.
             if let Some(id) = self.by_path.get(&p)
-                && self
-                    .sched
-                    .pending
-                    .get(id)
-                    .is_some_and(|pd| pd.sig == sig_of(&m))
+                && self.sched.get(id).is_some_and(|pd| pd.sig == sig_of(&m))
             {
                 continue;
             }
@@ -159,7 +155,7 @@ impl Supervisor {
     pub(super) fn forget_path(&mut self, p: &Path) {
         if let Some(id) = self.by_path.remove(p) {
             // The file may have been claimed (by us, then it is in `running`) or removed by the user.
-            if self.sched.pending.get(&id).is_some_and(|pd| pd.path == p) {
+            if self.sched.get(&id).is_some_and(|pd| pd.path == p) {
                 self.sched.remove(&id);
                 self.routes.remove(&id);
                 self.cycles_dirty = true;
@@ -198,7 +194,7 @@ impl Supervisor {
         }
         let sig = sig_of(&meta);
         if let Some(id) = self.by_path.get(path)
-            && self.sched.pending.get(id).is_some_and(|p| p.sig == sig)
+            && self.sched.get(id).is_some_and(|p| p.sig == sig)
         {
             return;
         }
@@ -263,7 +259,7 @@ impl Supervisor {
         let stem = task::file_stem(name);
         let clashes = self.in_hand(stem)
             || self.spool.settled_place(stem).is_some()
-            || self.sched.pending.get(stem).is_some_and(|p| p.path != path);
+            || self.sched.get(stem).is_some_and(|p| p.path != path);
         if clashes {
             self.quarantine(
                 path,
@@ -321,7 +317,7 @@ impl Supervisor {
         };
         let id = task.id.clone();
         // One id, one task: a second file with a known id is a resurrection or a copy, never run.
-        if let Some(other) = self.sched.pending.get(&id).map(|p| p.path.clone())
+        if let Some(other) = self.sched.get(&id).map(|p| p.path.clone())
             && other != path
         {
             self.quarantine(
@@ -373,8 +369,8 @@ impl Supervisor {
         if !task.file.subtasks.is_empty() {
             self.expand_subtasks(&task);
         }
-        let is_new = !self.sched.pending.contains_key(&id);
-        let seq = match self.sched.pending.get(&id) {
+        let is_new = !self.sched.contains(&id);
+        let seq = match self.sched.get(&id) {
             Some(p) => p.seq,
             None => self.sched.next_seq(),
         };
@@ -436,7 +432,7 @@ impl Supervisor {
     pub(super) fn expand_subtasks(&mut self, parent: &Task) {
         for n in 1..=parent.file.subtasks.len() {
             let id = scheduler::subtask_id(&parent.id, n);
-            if self.sched.pending.contains_key(&id)
+            if self.sched.contains(&id)
                 || self.spool.settled_place(&id).is_some()
                 || self.done.contains_key(&id)
             {

@@ -42,7 +42,9 @@ use crate::fsutil;
 use crate::mirror::{self, Op, Writer};
 use crate::process::{self, Stop, StopKind};
 use crate::router::{self, Routed};
-use crate::scheduler::{self, Capacity, Decision, DepState, Pending, Scheduler};
+use crate::scheduler::{
+    self, Capacity, Decision, DepState, Pending, Scheduler, Unavailable, WaitReason,
+};
 use crate::spool::{self, Instance, Place, Spool};
 use crate::task::{self, Attempt, Claim, History, Outcome, Task, TaskResult, Terminal};
 use crate::watch::{self as watcher, Hint};
@@ -97,7 +99,7 @@ pub struct Supervisor {
     /// When the earliest retry back-off ends, as far as known.
     next_wake: Option<Instant>,
     /// Agents that cannot run and why, with when that was checked.
-    unavailable: Option<(Instant, HashMap<String, String>)>,
+    unavailable: Option<(Instant, HashMap<String, Unavailable>)>,
     /// Agents resting after a rate limit.
     cooldowns: Cooldowns,
     /// The router's answers, by task, and the tasks it is being asked about (`None`).
@@ -283,8 +285,8 @@ impl Supervisor {
                     self.heartbeat();
                     // Answers for tasks that left pending without starting (failed, cancelled,
                     // deleted): a task re-created under the same id is asked afresh.
-                    let pending = &self.sched.pending;
-                    self.routes.retain(|id, _| pending.contains_key(id));
+                    let pending = &self.sched;
+                    self.routes.retain(|id, _| pending.contains(id));
                     // Refresh every waiting task's note now and then, even while all slots are busy.
                     self.full_pass_due = true;
                     // A cancel whose SIGUSR1 came before our handler existed is still seen.
@@ -329,8 +331,6 @@ impl Supervisor {
         {
             return false;
         }
-        // Pending tasks that can still make progress without new input: waiting on a retry back-off,
-        // or on a dependency that itself can run.
         // A task waiting for the router's answer will go on when it comes.
         if self.routes.values().any(Option::is_none) {
             return false;
@@ -341,24 +341,13 @@ impl Supervisor {
             .cooldowns
             .next_end(time::OffsetDateTime::now_utc())
             .is_some()
-            && self.sched.pending.values().any(|p| {
-                p.note
-                    .as_deref()
-                    .is_some_and(|n| n.contains("cooling down until"))
-            })
+            && self.sched.waits_for_cooldown()
         {
             return false;
         }
-        let now = Instant::now();
-        !self.sched.pending.values().any(|p| {
-            p.not_before.is_some_and(|t| t > now)
-                || p.waits_for().iter().any(|d| {
-                    self.sched
-                        .pending
-                        .get(d)
-                        .is_some_and(|dp| dp.not_before.is_some_and(|t| t > now))
-                })
-        })
+        // A task in a retry back-off runs when it ends (and so may a task that depends on it: such a
+        // dependency is pending itself, so the same check covers it).
+        !self.sched.backing_off(Instant::now())
     }
 
     /// The earliest retry back-off still ahead, from the last full pass and later requeues. When it

@@ -134,7 +134,7 @@ impl Supervisor {
                     r.cancelling = true;
                     let _ = r.stop.send(Some(Stop::Cancel));
                 }
-            } else if self.sched.pending.contains_key(&id) {
+            } else if self.sched.contains(&id) {
                 self.fail_pending(&id, "cancelled by user");
                 let _ = std::fs::remove_file(e.path());
             } else if !self.finishing.contains_key(&id)
@@ -152,7 +152,7 @@ impl Supervisor {
     pub(super) fn write_state_files(&mut self) {
         self.state_dirty = false;
         let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
-        counts.insert("pending", self.sched.pending.len());
+        counts.insert("pending", self.sched.len());
         // A finishing task is still running as far as anyone reading the tree can tell.
         counts.insert("running", self.running.len() + self.finishing.len());
         let (mut c, mut f) = (0, 0);
