@@ -84,7 +84,7 @@ pub(super) fn claim_task(
         Ok(false) => return Claimed::Lost,
         Err(e) => return Claimed::Failed(format!("{e:#}")),
     }
-    let now_bytes = std::fs::read(spool.task_path(Place::Assigned, id)).unwrap_or_default();
+    let now_bytes = spool.read_assigned(id).unwrap_or_default();
     if hash_bytes(&now_bytes) != hash {
         return Claimed::Changed;
     }
@@ -92,7 +92,7 @@ pub(super) fn claim_task(
         return Claimed::Stopping;
     }
     // Only now is the history carried by the claim alone.
-    let _ = std::fs::remove_file(spool.history_path(id));
+    spool.drop_history(id);
     Claimed::Ours
 }
 

@@ -47,7 +47,7 @@ impl Supervisor {
             Claimed::Stopping if cancelling => {
                 // `orchestrate cancel` saw the claim record before the agent started: the task ends
                 // cancelled, with no attempt, instead of going back to pending.
-                let _ = std::fs::remove_file(self.spool.history_path(&id));
+                self.spool.drop_history(&id);
                 let result = TaskResult::failed(
                     &id,
                     claim.version + 1,
@@ -284,7 +284,7 @@ impl Supervisor {
             return;
         }
         // A cancel request, if any, is answered now that the task is terminal on disk.
-        let _ = std::fs::remove_file(self.layout.state_dir.join("cancel").join(&id));
+        self.spool.drop_cancel_request(&id);
         let secs: u64 = result
             .attempts
             .last()

@@ -440,11 +440,10 @@ impl Supervisor {
             }
             let child = scheduler::subtask_file(parent, n);
             let name = format!("{id}.yaml");
-            match fsutil::atomic_create(
-                &self.spool.pending,
-                &name,
-                task::to_yaml(&child).as_bytes(),
-            ) {
+            match self
+                .spool
+                .add_pending(&name, task::to_yaml(&child).as_bytes())
+            {
                 Ok(true) => {
                     let p = self.spool.pending.join(&name);
                     let sig = std::fs::metadata(&p)

@@ -122,12 +122,7 @@ impl Supervisor {
     /// until the task is in `failed/`: a supervisor that dies before then finds it again at its next
     /// start, when recovery has put the task back in `pending/`, and cancels it there.
     pub(super) fn check_cancels(&mut self) {
-        let dir = self.layout.state_dir.join("cancel");
-        let Ok(rd) = std::fs::read_dir(&dir) else {
-            return;
-        };
-        for e in rd.flatten() {
-            let id = e.file_name().to_string_lossy().into_owned();
+        for id in self.spool.cancel_requests() {
             if let Some(r) = self.running.get_mut(&id) {
                 if !r.cancelling {
                     console::info(&format!("cancelling {id}"));
@@ -136,7 +131,7 @@ impl Supervisor {
                 }
             } else if self.sched.contains(&id) {
                 self.fail_pending(&id, "cancelled by user");
-                let _ = std::fs::remove_file(e.path());
+                self.spool.drop_cancel_request(&id);
             } else if !self.finishing.contains_key(&id)
                 && matches!(
                     self.spool.settled_place(&id),
@@ -144,7 +139,7 @@ impl Supervisor {
                 )
             {
                 // Finished, cancelled or not: nothing left to cancel.
-                let _ = std::fs::remove_file(e.path());
+                self.spool.drop_cancel_request(&id);
             }
         }
     }
