@@ -1,6 +1,29 @@
-//! The attempt, off the loop.
+//! One attempt, off the loop: claim the task (the rename, the claim record and their fsyncs), tell
+//! the mirror and the loop, write the prompt and snapshot the workdir, run the agent through
+//! `process`, diff the workdir, write the output, and report back.
+//!
+//! Everything here runs in the attempt's own tokio task and on blocking threads, beside other
+//! attempts, claims and commits. It never touches the loop's state: it learns what it needs when it
+//! is launched and reports back (a `Report` when it ends, a "claimed" message once the claim is
+//! durable). The claim is its only move in the spool; the loop makes every later one.
 
-use super::*;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use tokio::sync::{mpsc, watch};
+
+use super::intake::hash_bytes;
+use crate::agents::{self, RunRequest};
+use crate::config::Config;
+use crate::console;
+use crate::context::{self, Layout, Redactor};
+use crate::fsutil;
+use crate::mirror::{self, Op, Writer};
+use crate::process::{self, Stop, StopKind};
+use crate::spool::Spool;
+use crate::task::{Attempt, Claim, Outcome, Task};
 
 /// How claiming a task came out.
 pub(super) enum Claimed {
@@ -97,7 +120,7 @@ pub(super) fn claim_task(
 }
 
 /// How an attempt's start went, up to the agent's spawn.
-pub(super) enum Begun {
+enum Begun {
     NotClaimed(Claimed),
     Ready {
         started_at: String,
@@ -108,16 +131,16 @@ pub(super) enum Begun {
     },
 }
 
-pub(super) struct Prepared {
-    pub(super) workdir: PathBuf,
-    pub(super) prompt: String,
-    pub(super) prompt_file: PathBuf,
-    pub(super) snapshot: context::Snapshot,
+struct Prepared {
+    workdir: PathBuf,
+    prompt: String,
+    prompt_file: PathBuf,
+    snapshot: context::Snapshot,
 }
 
 /// Claim the task; once it is ours, tell the mirror and the loop, write the prompt and snapshot
 /// the workdir.
-pub(super) fn begin(
+fn begin(
     ctx: &AttemptCtx,
     job: ClaimJob,
     task: &Task,
@@ -392,18 +415,14 @@ pub(super) async fn run_attempt(
 
 /// The session to continue: the previous attempt ran on this same agent and was cut short (timeout,
 /// supervisor shutdown), so the agent picks up where it was rather than starting over.
-pub(super) fn resumable_session(claim: &Claim) -> Option<&str> {
+fn resumable_session(claim: &Claim) -> Option<&str> {
     let last = claim.history.last()?;
     (last.agent == claim.agent && matches!(last.outcome, Outcome::Timeout | Outcome::Interrupted))
         .then_some(last.session_id.as_deref())
         .flatten()
 }
 
-pub(super) fn prepare(
-    ctx: &AttemptCtx,
-    task: &Task,
-    claim: &Claim,
-) -> Result<(PathBuf, String, PathBuf)> {
+fn prepare(ctx: &AttemptCtx, task: &Task, claim: &Claim) -> Result<(PathBuf, String, PathBuf)> {
     let workdir = context::task_workdir(&ctx.layout, &ctx.cfg, task)?;
     if !workdir.is_dir() {
         anyhow::bail!("workdir {} is not a directory", workdir.display());

@@ -1,228 +1,381 @@
-//! Reports, results and commits.
+//! Finishing an attempt. Its report becomes a [`Verdict`], a pure function of the report and the
+//! task's facts (`verdict`, unit-tested below); the verdict becomes a requeue (interrupted by a
+//! shutdown, or rate-limited: the agent cools down), a retry after a back-off, or a terminal result.
+//! A terminal result is committed off the loop (`Commits`: result file, rename, fsyncs on a blocking
+//! thread) and recorded once the commit is back (`on_committed`).
+//!
+//! Owns the commits in flight. It never starts an attempt and never reads `pending/`: a requeued
+//! task goes back to intake as an `Action`. A task has at most one commit in flight, and the loop
+//! counts it as in hand until the commit is back, so its transitions stay in order.
 
-use super::*;
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::task::{Id, JoinError, JoinSet};
+
+use super::attempt::{Claimed, Report};
+use super::events::Action;
+use super::{Env, Supervisor};
+use crate::config::Config;
+use crate::console;
+use crate::context;
+use crate::fsutil;
+use crate::mirror::{self, Op};
+use crate::process::StopKind;
+use crate::scheduler;
+use crate::spool::{Place, Spool};
+use crate::task::{Attempt, Claim, History, Outcome, Task, TaskResult, Terminal};
+
+/// What an attempt's report means for its task.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Verdict {
+    /// A supervisor shutdown stopped it before it completed: back to `pending/`, no retry used.
+    Interrupted,
+    /// The agent hit a rate limit or its quota: not the task's fault and not a failed attempt. The
+    /// agent rests, and the task goes back to `pending/` at once, where the scheduler hands it to
+    /// the next agent in its chain.
+    CoolDown,
+    /// A failure with retries left (`failures` so far): back to `pending/`, to run after `delay`.
+    Retry { failures: u32, delay: Duration },
+    /// Finished for good: completed, or failed with `error`.
+    Done {
+        status: Terminal,
+        error: Option<String>,
+    },
+}
+
+/// The facts a verdict is made from.
+pub(super) struct Judged<'a> {
+    /// The attempt that just ended.
+    pub(super) attempt: &'a Attempt,
+    /// The task's attempts before it.
+    pub(super) earlier: &'a [Attempt],
+    /// Why the supervisor stopped the agent, if it did.
+    pub(super) stopped: Option<StopKind>,
+    /// The task itself is at fault (bad workdir, missing context file): retrying cannot help.
+    pub(super) permanent: bool,
+    pub(super) max_retries: u32,
+}
+
+/// Decide what an attempt's report means. Pure: no clock, no disk, no state.
+pub(super) fn verdict(j: &Judged, cfg: &Config) -> Verdict {
+    let outcome = j.attempt.outcome;
+    if j.stopped == Some(StopKind::Shutdown) && outcome != Outcome::Completed {
+        return Verdict::Interrupted;
+    }
+    if matches!(outcome, Outcome::RateLimited | Outcome::QuotaExhausted) && j.stopped.is_none() {
+        return Verdict::CoolDown;
+    }
+    let failures = j
+        .earlier
+        .iter()
+        .chain([j.attempt])
+        .filter(|a| a.outcome.counts_as_failure())
+        .count() as u32;
+    let retryable = outcome != Outcome::Completed
+        && outcome != Outcome::Cancelled
+        && !j.permanent
+        && failures <= j.max_retries;
+    if retryable {
+        let delay = scheduler::retry_delay(cfg, failures);
+        return Verdict::Retry { failures, delay };
+    }
+    let error = match outcome {
+        Outcome::Completed => None,
+        Outcome::Cancelled => Some("cancelled by user".into()),
+        _ if j.permanent => j.attempt.error.clone(),
+        _ => Some(format!(
+            "{} (after {failures} failed attempt(s); max_retries {})",
+            j.attempt.error.as_deref().unwrap_or(outcome.as_str()),
+            j.max_retries
+        )),
+    };
+    let status = if outcome == Outcome::Completed {
+        Terminal::Completed
+    } else {
+        Terminal::Failed
+    };
+    Verdict::Done { status, error }
+}
 
 /// A terminal commit, done: the task, its result, and whether the spool took it.
 pub(super) struct Committed {
-    pub(super) task: Task,
-    pub(super) result: TaskResult,
-    pub(super) outcome: Result<(), String>,
+    task: Task,
+    result: TaskResult,
+    outcome: Result<(), String>,
+}
+
+/// Terminal commits (result file, task rename, fsyncs) run on blocking threads, several at once,
+/// so the loop goes on claiming while the disk works.
+#[derive(Default)]
+pub(super) struct Commits {
+    tasks: JoinSet<Committed>,
+    /// The tasks whose commit is under way, by the commit's task id.
+    finishing: HashMap<String, Id>,
+}
+
+impl Commits {
+    pub(super) fn contains(&self, id: &str) -> bool {
+        self.finishing.contains_key(id)
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.finishing.len()
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.finishing.is_empty()
+    }
+
+    /// Some commit's thread has not been joined yet.
+    pub(super) fn has_tasks(&self) -> bool {
+        !self.tasks.is_empty()
+    }
+
+    /// Hand the result to a blocking thread that commits it; `on_committed` takes it from there.
+    pub(super) fn start(&mut self, spool: &Spool, task: Task, result: TaskResult) {
+        let id = result.task_id.clone();
+        let spool = spool.clone();
+        let handle = self.tasks.spawn_blocking(move || {
+            let outcome = spool.finish(&result).map_err(|e| format!("{e:#}"));
+            Committed {
+                task,
+                result,
+                outcome,
+            }
+        });
+        self.finishing.insert(id, handle.id());
+    }
+
+    pub(super) async fn join_next(&mut self) -> Option<Result<Committed, JoinError>> {
+        self.tasks.join_next().await
+    }
+
+    pub(super) fn try_join_next(&mut self) -> Option<Result<Committed, JoinError>> {
+        self.tasks.try_join_next()
+    }
+
+    /// A commit is back: it is no longer under way. `None` for a commit that crashed.
+    fn done(&mut self, done: Result<Committed, JoinError>) -> Option<Committed> {
+        match done {
+            Ok(c) => {
+                self.finishing.remove(&c.result.task_id);
+                Some(c)
+            }
+            Err(e) => {
+                // A bug of ours: the claim stays, and recovery at the next start settles the task.
+                self.finishing.retain(|id, h| {
+                    let it = *h == e.id();
+                    if it {
+                        console::error(&format!("commit of {id} crashed: {e}"));
+                    }
+                    !it
+                });
+                None
+            }
+        }
+    }
+}
+
+/// This claim's record is in `assigned/`: the claim got at least that far.
+pub(super) fn claim_on_disk(spool: &Spool, claim: &Claim) -> bool {
+    spool
+        .read_claim(&claim.task_id)
+        .is_some_and(|c| c.instance == claim.instance && c.version == claim.version)
+}
+
+/// The claim of `task` from `path` did not give us the task (see [`Claimed`]); nothing ran.
+pub(super) fn unclaimed(
+    env: &Env,
+    task: &Task,
+    claim: &Claim,
+    path: &Path,
+    cancelling: bool,
+    how: Claimed,
+) -> Vec<Action> {
+    let id = &task.id;
+    let spool = &env.spool;
+    match how {
+        Claimed::Ours => {}
+        Claimed::Lost => {
+            console::debug(&format!("lost race  {id}: claimed by another supervisor"));
+        }
+        Claimed::Failed(e) => {
+            console::error(&format!("claim of {id} failed: {e}"));
+            // Failed after the rename (the fsync, say): the file is in `assigned/` under our
+            // live claim, where nothing would look at it again until we stop. Put it back.
+            if claim_on_disk(spool, claim) {
+                match spool.unclaim(id, path) {
+                    Ok(()) => return vec![Action::Settle(path.to_path_buf())],
+                    Err(e) => console::error(&format!("cannot return {id} to pending: {e:#}")),
+                }
+            }
+        }
+        Claimed::Stopping if cancelling => {
+            // `orchestrate cancel` saw the claim record before the agent started: the task ends
+            // cancelled, with no attempt, instead of going back to pending.
+            spool.drop_history(id);
+            let result = TaskResult::failed(
+                id,
+                claim.version + 1,
+                &task.file.description,
+                claim.history.clone(),
+                "cancelled by user".into(),
+            );
+            return vec![Action::commit(task, result)];
+        }
+        Claimed::Changed | Claimed::Stopping => {
+            if let Err(e) = spool.unclaim(id, path) {
+                console::error(&format!("cannot return {id} to pending: {e:#}"));
+                return vec![];
+            }
+            if matches!(how, Claimed::Changed) {
+                console::info(&format!(
+                    "changed    {id}: file changed while being claimed; back to pending to settle"
+                ));
+                return vec![Action::Settle(path.to_path_buf())];
+            }
+        }
+    }
+    vec![]
+}
+
+/// Move a running task back to `pending/` with its history; intake reads it again at once.
+fn requeue(env: &Env, task: &Task, history: History, why: &str) -> Vec<Action> {
+    let id = &task.id;
+    if let Err(e) = env.spool.requeue(&history) {
+        console::error(&format!("cannot requeue {id}: {e:#}"));
+        return vec![];
+    }
+    console::info(&format!("requeued   {id}: {why}"));
+    vec![Action::Reread(env.spool.task_path(Place::Pending, id))]
 }
 
 impl Supervisor {
-    /// This claim's record is in `assigned/`: the claim got at least that far.
-    pub(super) fn claim_on_disk(&self, claim: &Claim) -> bool {
-        self.spool
-            .read_claim(&claim.task_id)
-            .is_some_and(|c| c.instance == claim.instance && c.version == claim.version)
-    }
-
-    /// The claim of `task` from `path` did not give us the task (see [`Claimed`]); nothing ran.
-    pub(super) fn on_unclaimed(
-        &mut self,
-        task: &Task,
-        claim: &Claim,
-        path: &Path,
-        cancelling: bool,
-        how: Claimed,
-    ) {
-        let id = task.id.clone();
-        self.claiming.remove(path);
-        match how {
-            Claimed::Ours => {}
-            Claimed::Lost => {
-                console::debug(&format!("lost race  {id}: claimed by another supervisor"));
-            }
-            Claimed::Failed(e) => {
-                console::error(&format!("claim of {id} failed: {e}"));
-                // Failed after the rename (the fsync, say): the file is in `assigned/` under our
-                // live claim, where nothing would look at it again until we stop. Put it back.
-                if self.claim_on_disk(claim) {
-                    match self.spool.unclaim(&id, path) {
-                        Ok(()) => self.start_settling(path, (0, 0, 0)),
-                        Err(e) => console::error(&format!("cannot return {id} to pending: {e:#}")),
-                    }
-                }
-            }
-            Claimed::Stopping if cancelling => {
-                // `orchestrate cancel` saw the claim record before the agent started: the task ends
-                // cancelled, with no attempt, instead of going back to pending.
-                self.spool.drop_history(&id);
-                let result = TaskResult::failed(
-                    &id,
-                    claim.version + 1,
-                    &task.file.description,
-                    claim.history.clone(),
-                    "cancelled by user".into(),
-                );
-                self.commit_terminal(task, result);
-            }
-            Claimed::Changed | Claimed::Stopping => {
-                if let Err(e) = self.spool.unclaim(&id, path) {
-                    console::error(&format!("cannot return {id} to pending: {e:#}"));
-                    return;
-                }
-                if matches!(how, Claimed::Changed) {
-                    console::info(&format!(
-                        "changed    {id}: file changed while being claimed; back to pending to settle"
-                    ));
-                    self.start_settling(path, (0, 0, 0));
-                }
-            }
-        }
-    }
-
-    pub(super) fn on_report(&mut self, r: Report) {
-        let Some(run) = self.running.remove(&r.id) else {
-            return;
+    /// An attempt reported back: its slot is free, and the verdict says what becomes of the task.
+    pub(super) fn on_report(&mut self, r: Report) -> Vec<Action> {
+        let Some(run) = self.runs.end(&r.id) else {
+            return vec![];
         };
-        if let Some(n) = self.per_agent.get_mut(&run.claim.agent) {
-            *n = n.saturating_sub(1);
-        }
         self.state_dirty = true;
+        // Normally released already (the claim's message came first); a crashed attempt never sent it.
+        self.intake.release(&run.path);
         if let Some(how) = r.unclaimed {
-            self.on_unclaimed(&run.task, &run.claim, &run.path, run.cancelling, how);
-            return;
+            return unclaimed(
+                &self.env,
+                &run.task,
+                &run.claim,
+                &run.path,
+                run.cancelling,
+                how,
+            );
         }
-        // Normally gone already (the claim's message came first); a crashed attempt never sent it.
-        self.claiming.remove(&run.path);
+        let env = &self.env;
+        let max_retries = env.max_retries_of(&run.task);
+        let judged = Judged {
+            attempt: &r.attempt,
+            earlier: &run.claim.history,
+            stopped: r.stopped,
+            permanent: r.permanent,
+            max_retries,
+        };
+        let verdict = verdict(&judged, &env.cfg);
         let mut attempts = run.claim.history.clone();
         attempts.push(r.attempt.clone());
         let outcome = r.attempt.outcome;
-        let rel = |p: &Option<PathBuf>| p.as_ref().map(|p| self.layout.rel(p));
-        if r.stopped == Some(StopKind::Shutdown) && outcome != Outcome::Completed {
-            let history = History {
-                task_id: r.id.clone(),
-                version: run.claim.version + 1,
-                attempts,
-                not_before: None,
-                reason: Some("interrupted by a supervisor shutdown".into()),
-            };
-            self.requeue(&run.task, history, "interrupted by shutdown");
-            return;
-        }
-        let agent = run.claim.agent.clone();
-        if matches!(outcome, Outcome::RateLimited | Outcome::QuotaExhausted) && r.stopped.is_none()
-        {
-            // Not the task's fault and not a failed attempt: the agent rests, and the task goes back
-            // to pending at once, where the scheduler hands it to the next agent in its chain.
-            let base = self.cfg.agents[&agent]
-                .cooldown_seconds
-                .map(Duration::from_secs);
-            let error = r
-                .attempt
-                .error
-                .clone()
-                .unwrap_or_else(|| outcome.as_str().into());
-            let until = self
-                .cooldowns
-                .rate_limited(&agent, outcome, r.retry_after, base, &error);
-            let until = fsutil::fmt_time(until);
-            console::warn(&format!(
-                "cooldown   {agent} until {until}: {} ({error})",
-                outcome.as_str()
-            ));
-            self.full_pass_due = true;
-            let history = History {
-                task_id: r.id.clone(),
-                version: run.claim.version + 1,
-                attempts,
-                not_before: None,
-                reason: Some(format!(
-                    "{} on {agent}; cooling down until {until}",
-                    outcome.as_str()
-                )),
-            };
-            self.requeue(
-                &run.task,
-                history,
-                &format!("{} on {agent}: re-dispatched", outcome.as_str()),
-            );
-            return;
-        }
-        if outcome == Outcome::Completed {
-            self.cooldowns.succeeded(&agent);
-        }
-        let failures = attempts
-            .iter()
-            .filter(|a| a.outcome.counts_as_failure())
-            .count() as u32;
-        let max_retries = self.max_retries_of(&run.task);
-        let retryable = outcome != Outcome::Completed
-            && outcome != Outcome::Cancelled
-            && !r.permanent
-            && failures <= max_retries;
-        if retryable {
-            let delay = scheduler::retry_delay(&self.cfg, failures);
-            let at = time::OffsetDateTime::now_utc() + delay;
-            let history = History {
-                task_id: r.id.clone(),
-                version: run.claim.version + 1,
-                attempts,
-                not_before: Some(fsutil::fmt_time(at)),
-                reason: r.attempt.error.clone(),
-            };
-            let why = format!(
-                "{}: {}; retry {failures} of {max_retries} in {:.0} s",
-                outcome.as_str(),
-                r.attempt.error.as_deref().unwrap_or("-"),
-                delay.as_secs_f64()
-            );
-            self.requeue(&run.task, history, &why);
-            return;
-        }
-        let review = context::review_matches(&self.cfg, &r.files_modified);
-        let status = if outcome == Outcome::Completed {
-            Terminal::Completed
-        } else {
-            Terminal::Failed
-        };
-        let result = TaskResult {
+        let agent = &run.claim.agent;
+        let history = |not_before, reason| History {
             task_id: r.id.clone(),
-            status,
             version: run.claim.version + 1,
-            agent: Some(run.claim.agent.clone()),
-            description: run.task.file.description.clone(),
-            finished_at: r
-                .attempt
-                .finished_at
-                .clone()
-                .unwrap_or_else(fsutil::now_rfc3339),
-            attempts,
-            output_file: rel(&r.text_file),
-            diff_file: rel(&r.diff_file),
-            files_modified: r.files_modified.clone(),
-            review_required: !review.is_empty(),
-            review_files: review,
-            error: match outcome {
-                Outcome::Completed => None,
-                Outcome::Cancelled => Some("cancelled by user".into()),
-                _ if r.permanent => r.attempt.error.clone(),
-                _ => Some(format!(
-                    "{} (after {failures} failed attempt(s); max_retries {max_retries})",
-                    r.attempt.error.as_deref().unwrap_or(outcome.as_str())
-                )),
-            },
-            chosen_because: run.claim.chosen_because.clone(),
+            attempts: attempts.clone(),
+            not_before,
+            reason,
         };
-        self.commit_terminal(&run.task, result);
+        match verdict {
+            Verdict::Interrupted => {
+                let reason = "interrupted by a supervisor shutdown";
+                let history = history(None, Some(reason.into()));
+                requeue(env, &run.task, history, "interrupted by shutdown")
+            }
+            Verdict::CoolDown => {
+                let base = env.cfg.agents[agent]
+                    .cooldown_seconds
+                    .map(Duration::from_secs);
+                let error = r
+                    .attempt
+                    .error
+                    .clone()
+                    .unwrap_or_else(|| outcome.as_str().into());
+                let until = self
+                    .dispatch
+                    .cool_down(agent, outcome, r.retry_after, base, &error);
+                let until = fsutil::fmt_time(until);
+                let outcome = outcome.as_str();
+                console::warn(&format!(
+                    "cooldown   {agent} until {until}: {outcome} ({error})"
+                ));
+                let reason = format!("{outcome} on {agent}; cooling down until {until}");
+                let history = history(None, Some(reason));
+                let why = format!("{outcome} on {agent}: re-dispatched");
+                requeue(env, &run.task, history, &why)
+            }
+            Verdict::Retry { failures, delay } => {
+                let at = time::OffsetDateTime::now_utc() + delay;
+                let history = history(Some(fsutil::fmt_time(at)), r.attempt.error.clone());
+                let why = format!(
+                    "{}: {}; retry {failures} of {max_retries} in {:.0} s",
+                    outcome.as_str(),
+                    r.attempt.error.as_deref().unwrap_or("-"),
+                    delay.as_secs_f64()
+                );
+                requeue(env, &run.task, history, &why)
+            }
+            Verdict::Done { status, error } => {
+                if status == Terminal::Completed {
+                    self.dispatch.succeeded(agent);
+                }
+                let rel = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| env.layout.rel(p));
+                let review = context::review_matches(&env.cfg, &r.files_modified);
+                let result = TaskResult {
+                    task_id: r.id.clone(),
+                    status,
+                    version: run.claim.version + 1,
+                    agent: Some(agent.clone()),
+                    description: run.task.file.description.clone(),
+                    finished_at: r
+                        .attempt
+                        .finished_at
+                        .clone()
+                        .unwrap_or_else(fsutil::now_rfc3339),
+                    attempts,
+                    output_file: rel(&r.text_file),
+                    diff_file: rel(&r.diff_file),
+                    files_modified: r.files_modified.clone(),
+                    review_required: !review.is_empty(),
+                    review_files: review,
+                    error,
+                    chosen_because: run.claim.chosen_because.clone(),
+                };
+                vec![Action::commit(&run.task, result)]
+            }
+        }
     }
 
-    /// An attempt task panicked (a bug in orchestrate, not the agent's fault): record it as a failed
-    /// attempt so the task retries or fails like any other, and its slot is released.
-    pub(super) fn on_attempt_crash(&mut self, e: tokio::task::JoinError) {
-        let Some(id) = self.attempt_ids.remove(&e.id()) else {
+    /// An attempt task panicked (a bug in orchestrate, not the agent's fault): the report to handle
+    /// in its place, a failed attempt, so the task retries or fails like any other and its slot is
+    /// released.
+    pub(super) fn crash_report(&mut self, e: JoinError) -> Option<Report> {
+        let Some(id) = self.runs.joined(e.id()) else {
             console::error(&format!("attempt task failed: {e}"));
-            return;
+            return None;
         };
         console::error(&format!("attempt of {id} crashed: {e}"));
-        let Some(run) = self.running.get(&id) else {
-            return;
-        };
+        let run = self.runs.get(&id)?;
         // Crashed before the claim was done: nothing ran, and the spool put the file back unless the
-        // claim record was written (then `on_unclaimed` does). The "claimed" message may simply not be
+        // claim record was written (then `unclaimed` does). The "claimed" message may simply not be
         // handled yet, so the claim record decides.
-        let unclaimed = (!run.claimed && !self.claim_on_disk(&run.claim))
+        let unclaimed = (!run.claimed && !claim_on_disk(&self.env.spool, &run.claim))
             .then(|| Claimed::Failed(format!("internal error: {e}")));
         let attempt = Attempt {
             finished_at: Some(fsutil::now_rfc3339()),
@@ -234,57 +387,30 @@ impl Supervisor {
                 Outcome::AgentError,
             )
         };
-        self.on_report(Report {
+        Some(Report {
             unclaimed,
             ..Report::new(&id, attempt)
-        });
+        })
     }
 
-    /// Hand the result to a blocking thread that commits it; `on_committed` takes it from there.
-    pub(super) fn commit_terminal(&mut self, task: &Task, result: TaskResult) {
-        let id = result.task_id.clone();
-        let spool = self.spool.clone();
-        let task = task.clone();
-        let handle = self.commits.spawn_blocking(move || {
-            let outcome = spool.finish(&result).map_err(|e| format!("{e:#}"));
-            Committed {
-                task,
-                result,
-                outcome,
-            }
-        });
-        self.finishing.insert(id, handle.id());
-    }
-
-    pub(super) fn on_committed(&mut self, done: Result<Committed, tokio::task::JoinError>) {
-        let Committed {
+    /// A commit is back: the task is terminal on disk; tell the console, the mirror and the ledger.
+    pub(super) fn on_committed(&mut self, done: Result<Committed, JoinError>) {
+        let Some(Committed {
             task,
             result,
             outcome,
-        } = match done {
-            Ok(c) => c,
-            Err(e) => {
-                // A bug of ours: the claim stays, and recovery at the next start settles the task.
-                self.finishing.retain(|id, h| {
-                    let it = *h == e.id();
-                    if it {
-                        console::error(&format!("commit of {id} crashed: {e}"));
-                    }
-                    !it
-                });
-                return;
-            }
+        }) = self.commits.done(done)
+        else {
+            return;
         };
-        let task = &task;
-        let id = result.task_id.clone();
-        self.finishing.remove(&id);
+        let id = &result.task_id;
         if let Err(e) = outcome {
             // The claim stays; recovery at the next start finishes the move from the result file.
             console::error(&format!("cannot finish {id}: {e}"));
             return;
         }
         // A cancel request, if any, is answered now that the task is terminal on disk.
-        self.spool.drop_cancel_request(&id);
+        self.env.spool.drop_cancel_request(id);
         let secs: u64 = result
             .attempts
             .last()
@@ -311,36 +437,166 @@ impl Supervisor {
                 result.error.as_deref().unwrap_or("-")
             )),
         }
-        self.writer.send(Op::Upsert {
-            row: mirror::terminal_row(&self.spool, &result, Some(task)),
+        self.env.writer.send(Op::Upsert {
+            row: mirror::terminal_row(&self.env.spool, &result, Some(&task)),
             attempts: result.attempts.clone(),
         });
-        if result.status == Terminal::Completed {
-            self.completed.push(CompletedEntry {
-                id: id.clone(),
-                description: result.description.clone(),
-                agent: result.agent.clone(),
-                finished_at: result.finished_at.clone(),
-                output_file: result.output_file.clone(),
-                diff_file: result.diff_file.clone(),
-                files_modified: result.files_modified.clone(),
-            });
-        }
-        self.done.insert(id, result.status);
+        self.ledger.record_result(&result);
         self.state_dirty = true;
     }
+}
 
-    pub(super) fn requeue(&mut self, task: &Task, history: History, why: &str) {
-        let id = task.id.clone();
-        if let Err(e) = self.spool.requeue(&history) {
-            console::error(&format!("cannot requeue {id}: {e:#}"));
-            return;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> Config {
+        Config::parse(
+            "agents:\n  a: {kind: command, command: sh}\ntask_queue: {retry_delay_seconds: 60}\n",
+            "c.yaml",
+        )
+        .expect("valid config")
+    }
+
+    fn attempt(outcome: Outcome, error: Option<&str>) -> Attempt {
+        Attempt {
+            error: error.map(String::from),
+            ..Attempt::new(1, "a", "2030-01-01T00:00:00Z", outcome)
         }
-        console::info(&format!("requeued   {id}: {why}"));
-        let path = self.spool.task_path(Place::Pending, &id);
-        let sig = std::fs::metadata(&path)
-            .map(|m| sig_of(&m))
-            .unwrap_or_default();
-        self.ingest_ready(&path, &format!("{id}.yaml"), sig);
+    }
+
+    /// The verdict on `this` after `earlier`, with `max_retries` 2.
+    fn judge(
+        this: &Attempt,
+        earlier: &[Attempt],
+        stopped: Option<StopKind>,
+        permanent: bool,
+    ) -> Verdict {
+        let j = Judged {
+            attempt: this,
+            earlier,
+            stopped,
+            permanent,
+            max_retries: 2,
+        };
+        verdict(&j, &cfg())
+    }
+
+    fn failed(error: &str) -> Verdict {
+        Verdict::Done {
+            status: Terminal::Failed,
+            error: Some(error.into()),
+        }
+    }
+
+    #[test]
+    fn a_completed_attempt_completes_the_task() {
+        let done = Verdict::Done {
+            status: Terminal::Completed,
+            error: None,
+        };
+        assert_eq!(
+            judge(&attempt(Outcome::Completed, None), &[], None, false),
+            done
+        );
+        // Even when a shutdown came while it finished: the work is done.
+        let stopped = Some(StopKind::Shutdown);
+        let this = attempt(Outcome::Completed, None);
+        assert_eq!(judge(&this, &[], stopped, false), done);
+    }
+
+    #[test]
+    fn a_shutdown_interrupts_without_using_a_retry() {
+        let this = attempt(
+            Outcome::Interrupted,
+            Some("interrupted by a supervisor shutdown"),
+        );
+        let earlier = [
+            attempt(Outcome::AgentError, None),
+            attempt(Outcome::AgentError, None),
+        ];
+        // Two failures already and max_retries 2: still requeued, not failed.
+        let v = judge(&this, &earlier, Some(StopKind::Shutdown), false);
+        assert_eq!(v, Verdict::Interrupted);
+        // A failure the agent had on its own during the shutdown is stopped all the same.
+        let this = attempt(Outcome::AgentError, Some("exit 1"));
+        let v = judge(&this, &[], Some(StopKind::Shutdown), false);
+        assert_eq!(v, Verdict::Interrupted);
+    }
+
+    #[test]
+    fn a_rate_limit_or_quota_cools_the_agent_down_without_using_a_retry() {
+        for outcome in [Outcome::RateLimited, Outcome::QuotaExhausted] {
+            let this = attempt(outcome, Some("429"));
+            assert_eq!(judge(&this, &[], None, false), Verdict::CoolDown);
+        }
+        // Only when the agent stopped by itself: one the supervisor stopped is not re-dispatched.
+        let this = attempt(Outcome::RateLimited, Some("429"));
+        let v = judge(&this, &[], Some(StopKind::Cancelled), false);
+        assert_ne!(v, Verdict::CoolDown);
+    }
+
+    #[test]
+    fn a_failure_with_retries_left_retries_after_a_doubling_back_off() {
+        let this = attempt(Outcome::AgentError, Some("exit 1"));
+        let first = Verdict::Retry {
+            failures: 1,
+            delay: Duration::from_secs(60),
+        };
+        assert_eq!(judge(&this, &[], None, false), first);
+        // Rate limits and interruptions before it do not count as failures.
+        let earlier = [
+            attempt(Outcome::RateLimited, None),
+            attempt(Outcome::Interrupted, None),
+            attempt(Outcome::Timeout, None),
+        ];
+        let second = Verdict::Retry {
+            failures: 2,
+            delay: Duration::from_secs(120),
+        };
+        assert_eq!(judge(&this, &earlier, None, false), second);
+    }
+
+    #[test]
+    fn the_last_allowed_failure_fails_the_task_and_says_so() {
+        let earlier = [
+            attempt(Outcome::AgentError, None),
+            attempt(Outcome::Lost, None),
+        ];
+        let this = attempt(Outcome::Timeout, Some("timed out after 10 s"));
+        assert_eq!(
+            judge(&this, &earlier, None, false),
+            failed("timed out after 10 s (after 3 failed attempt(s); max_retries 2)")
+        );
+        // Without an error text, the outcome names the failure.
+        let this = attempt(Outcome::BadOutput, None);
+        assert_eq!(
+            judge(&this, &earlier, None, false),
+            failed("bad_output (after 3 failed attempt(s); max_retries 2)")
+        );
+    }
+
+    #[test]
+    fn a_permanent_failure_fails_at_once_with_its_own_error() {
+        let this = attempt(
+            Outcome::AgentError,
+            Some("workdir ./nope is not a directory"),
+        );
+        assert_eq!(
+            judge(&this, &[], None, true),
+            failed("workdir ./nope is not a directory")
+        );
+    }
+
+    #[test]
+    fn a_cancel_fails_the_task_at_once() {
+        let this = attempt(Outcome::Cancelled, Some("cancelled by user"));
+        assert_eq!(
+            judge(&this, &[], Some(StopKind::Cancelled), false),
+            failed("cancelled by user")
+        );
+        // Whatever else the attempt said, and with retries left.
+        let this = attempt(Outcome::Cancelled, Some("something else"));
+        assert_eq!(judge(&this, &[], None, false), failed("cancelled by user"));
     }
 }

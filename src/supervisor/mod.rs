@@ -2,112 +2,157 @@
 //!
 //! # Theory of operation
 //!
-//! One tokio task owns all state. It reacts to: watcher hints (a file in `pending/` may be ready),
-//! finished attempts and commits, the settle ticker (files seen only by scans or modify events must
-//! stay unchanged for `settle_ms`), retry back-off timers, the heartbeat/rescan ticker, and signals.
-//! After each reaction it asks the scheduler which pending tasks can run, and starts them.
+//! One tokio task owns all state. Its `select!` turns each source into an [`Event`]: watcher hints
+//! (a file in `pending/` may be ready, or everything must be looked at again), a chunk of a scan
+//! to read, the settle ticker (files seen only by scans or modify events must stay unchanged for
+//! `settle_ms`), attempts' claim news and reports, finished commits, the router's answers, retry
+//! back-off timers, the heartbeat, the state-files ticker, and signals. It decides nothing there:
+//! [`Supervisor::handle`] decides what each event means and runs the phases it calls for. After
+//! each turn the dispatch phase asks the scheduler which pending tasks can run, and starts them.
+//!
+//! The state lives in the part that owns it: `Intake` (the pending queue and what is known about
+//! the files in `pending/`), `Dispatch` (router answers, cooldowns, wake-ups), `Runs` (attempts in
+//! flight), `Commits` (terminal commits in flight) and `Ledger` (what has finished). A handler
+//! changes only what it owns; what others must do comes back as [`Action`]s, which
+//! [`Supervisor::apply`] carries out at once, in order.
 //!
 //! Claims and terminal commits do not wait on the loop (requeues for retries, heartbeats and the
-//! rare paths still do). An attempt runs as its own tokio task: on a blocking
-//! thread it claims the task through the spool (the rename, the claim record, their fsyncs), tells the
-//! loop and the mirror, assembles the prompt and snapshots the workdir; then it runs the agent through
-//! `process`, diffs the workdir and writes the output, and reports back. The loop decides what the
-//! outcome means (retry, cooldown, done) and hands a terminal result to another blocking thread that
-//! commits it (result file, rename, fsyncs). Several claims and commits are on the disk at once, and
-//! their directory fsyncs are shared (`fsutil::fsync_dir`). Each task has at most one such job at a
-//! time, and the loop holds it as running or finishing until the job is back, so its transitions stay
-//! in order. Each transition is mirrored after the file moved and is durable: the mirror may lag the
-//! tree, never lead it.
+//! rare paths still do). An attempt runs as its own tokio task (`attempt.rs`): on a blocking
+//! thread it claims the task through the spool (the rename, the claim record, their fsyncs), tells
+//! the loop and the mirror, assembles the prompt and snapshots the workdir; then it runs the agent
+//! through `process`, diffs the workdir and writes the output, and reports back. The loop decides
+//! what the outcome means (`finish.rs`: retry, cooldown, done) and hands a terminal result to
+//! another blocking thread that commits it (result file, rename, fsyncs). Several claims and
+//! commits are on the disk at once, and their directory fsyncs are shared (`fsutil::fsync_dir`).
+//! Each task has at most one such job at a time, and the loop holds it as running or finishing
+//! until the job is back, so its transitions stay in order. Each transition is mirrored after the
+//! file moved and is durable: the mirror may lag the tree, never lead it.
 //!
 //! Shutdown (SIGINT/SIGTERM): stop claiming, SIGTERM every running agent group, wait for the grace
 //! period, SIGKILL; interrupted tasks go back to `pending/` without using up a retry. A second signal
 //! kills at once.
+//!
+//! # Where things are
+//!
+//! - `events.rs`: every event the loop reacts to, every action one part may ask of another.
+//! - `mod.rs` (here): the loop, `handle`, `apply`, and when the loop may end.
+//! - `intake.rs`: `pending/`: scans, settling, reading, rejecting, quarantining, subtasks.
+//! - `dispatch.rs`: what runs next (scheduler, router), and starting it.
+//! - `runs.rs`: the attempts in flight.
+//! - `attempt.rs`: one attempt, off the loop.
+//! - `finish.rs`: a report's verdict (a pure function), requeues, retries, terminal commits.
+//! - `ledger.rs`: what has finished.
+//! - `recovery.rs`: start-up recovery, the heartbeat, cancels, state files.
+//!
+//! This file holds no task state and does no file work of its own beyond the final clean-up.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::hash::{Hash, Hasher};
-use std::path::{Path, PathBuf};
+mod attempt;
+mod dispatch;
+mod events;
+mod finish;
+mod intake;
+mod ledger;
+mod recovery;
+mod runs;
+
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
-use tokio::sync::{mpsc, watch};
-use tokio::task::JoinSet;
+use anyhow::Result;
+use tokio::sync::mpsc;
 
-use crate::agents::{self, RunRequest};
+use crate::agents;
 use crate::config::Config;
 use crate::console;
-use crate::context::{self, CompletedEntry, Layout, Redactor};
+use crate::context::{self, Layout, Redactor};
 use crate::cooldown::Cooldowns;
 use crate::fsutil;
 use crate::mirror::{self, Op, Writer};
-use crate::process::{self, Stop, StopKind};
-use crate::router::{self, Routed};
-use crate::scheduler::{
-    self, Capacity, Decision, DepState, Pending, Scheduler, Unavailable, WaitReason,
-};
-use crate::spool::{self, Instance, Place, Spool};
-use crate::task::{self, Attempt, Claim, History, Outcome, Task, TaskResult, Terminal};
-use crate::watch::{self as watcher, Hint};
+use crate::router::Routed;
+use crate::spool::{Instance, Spool};
+use crate::task::Task;
+use crate::watch as watcher;
+
+use dispatch::Dispatch;
+use events::{Action, Commit, Event};
+use finish::Commits;
+use intake::Intake;
+use ledger::Ledger;
+use runs::Runs;
 
 pub struct Options {
     pub once: bool,
 }
 
-mod attempt;
-mod dispatch;
-mod finish;
-mod intake;
-mod recovery;
-
-use attempt::*;
-use dispatch::*;
-use finish::*;
-use intake::*;
-
-pub struct Supervisor {
+/// What every part of the loop reads and none owns.
+pub(super) struct Env {
     cfg: Arc<Config>,
     layout: Layout,
     spool: Spool,
     me: Instance,
     writer: Writer,
     redactor: Arc<Redactor>,
-    sched: Scheduler,
-    by_path: HashMap<PathBuf, String>,
-    settling: HashMap<PathBuf, Settling>,
-    scan: Option<Scan>,
-    running: HashMap<String, Running>,
-    per_agent: HashMap<String, usize>,
-    done: scheduler::Done,
-    completed: Vec<CompletedEntry>,
-    attempts: JoinSet<Report>,
-    /// Which task each attempt runs, so a panicked attempt still releases its task.
-    attempt_ids: HashMap<tokio::task::Id, String>,
-    /// Terminal commits (result file, task rename, fsyncs) run on blocking threads, several at once,
-    /// so the loop goes on claiming while the disk works; a task is `finishing` until its commit
-    /// is back.
-    commits: JoinSet<Committed>,
-    finishing: HashMap<String, tokio::task::Id>,
-    /// `pending/` files being claimed right now: the watcher's and the scan's news of them is ours.
-    claiming: HashSet<PathBuf>,
-    /// "Claimed" news from attempts, by task and start: a message from an earlier start of the
-    /// same task (its report was handled first and the task started again) must not count.
-    claimed_tx: mpsc::UnboundedSender<(String, u64)>,
-    claimed_rx: Option<mpsc::UnboundedReceiver<(String, u64)>>,
-    starts: u64,
-    /// The next scheduling pass looks at every pending task (see `schedule`).
-    full_pass_due: bool,
-    /// When the earliest retry back-off ends, as far as known.
-    next_wake: Option<Instant>,
-    /// Agents that cannot run and why, with when that was checked.
-    unavailable: Option<(Instant, HashMap<String, Unavailable>)>,
-    /// Agents resting after a rate limit.
-    cooldowns: Cooldowns,
-    /// The router's answers, by task, and the tasks it is being asked about (`None`).
-    routes: HashMap<String, Option<Routed>>,
-    route_tx: mpsc::UnboundedSender<(String, Routed)>,
-    route_rx: Option<mpsc::UnboundedReceiver<(String, Routed)>>,
+}
+
+impl Env {
+    fn max_retries_of(&self, task: &Task) -> u32 {
+        task.file
+            .max_retries
+            .unwrap_or(self.cfg.task_queue.max_retries)
+    }
+
+    /// This supervisor's row in the mirror: alive (with a fresh heartbeat), or stopped.
+    fn announce(&self, alive: bool) {
+        self.writer.send(Op::Supervisor {
+            instance: self.me.id.clone(),
+            pid: self.me.pid,
+            started_at: self.me.started_at.clone(),
+            heartbeat_at: fsutil::now_rfc3339(),
+            alive,
+        });
+    }
+}
+
+/// A read-only look at the parts a decision depends on but does not own.
+pub(super) struct View<'a> {
+    env: &'a Env,
+    runs: &'a Runs,
+    commits: &'a Commits,
+    ledger: &'a Ledger,
+    shutting_down: bool,
+}
+
+impl View<'_> {
+    /// Running, or finishing: the task is ours and out of `pending/`.
+    fn in_hand(&self, id: &str) -> bool {
+        self.runs.contains(id) || self.commits.contains(id)
+    }
+
+    /// Its terminal commit is under way, and no new attempt of it runs.
+    fn committing(&self, id: &str) -> bool {
+        self.commits.contains(id) && !self.runs.contains(id)
+    }
+}
+
+/// The receiving ends of the channels the loop's helpers report on; `run` takes them.
+struct Inbox {
+    claimed: mpsc::UnboundedReceiver<(String, u64)>,
+    routed: mpsc::UnboundedReceiver<(String, Routed)>,
+}
+
+pub struct Supervisor {
+    env: Env,
+    intake: Intake,
+    dispatch: Dispatch,
+    runs: Runs,
+    commits: Commits,
+    ledger: Ledger,
+    inbox: Option<Inbox>,
+    /// `current_state.md` and `completed_tasks.json` are behind.
     state_dirty: bool,
-    cycles_dirty: bool,
+    /// SIGINT and SIGTERM seen: the first stops gracefully, the second kills.
+    signals: u32,
     shutting_down: bool,
     opts: Options,
 }
@@ -145,246 +190,330 @@ impl Supervisor {
         );
         let redactor = Arc::new(Redactor::from_env(&secrets));
         context::install_redactor(&secrets);
-        let cooldowns = Cooldowns::load(&layout.state_dir);
-        let (route_tx, route_rx) = mpsc::unbounded_channel();
-        let (claimed_tx, claimed_rx) = mpsc::unbounded_channel();
+        let (dispatch, routed) = Dispatch::new(Cooldowns::load(&layout.state_dir));
+        let (runs, claimed) = Runs::new();
         Ok(Supervisor {
-            cfg: Arc::new(cfg),
-            layout,
-            spool,
-            me,
-            writer,
-            redactor,
-            sched: Scheduler::new(),
-            by_path: HashMap::new(),
-            settling: HashMap::new(),
-            scan: None,
-            running: HashMap::new(),
-            per_agent: HashMap::new(),
-            done: HashMap::new(),
-            completed: Vec::new(),
-            attempts: JoinSet::new(),
-            attempt_ids: HashMap::new(),
-            commits: JoinSet::new(),
-            finishing: HashMap::new(),
-            claiming: HashSet::new(),
-            claimed_tx,
-            claimed_rx: Some(claimed_rx),
-            starts: 0,
-            full_pass_due: true,
-            next_wake: None,
-            unavailable: None,
-            cooldowns,
-            routes: HashMap::new(),
-            route_tx,
-            route_rx: Some(route_rx),
+            env: Env {
+                cfg: Arc::new(cfg),
+                layout,
+                spool,
+                me,
+                writer,
+                redactor,
+            },
+            intake: Intake::new(),
+            dispatch,
+            runs,
+            commits: Commits::default(),
+            ledger: Ledger::default(),
+            inbox: Some(Inbox { claimed, routed }),
             state_dirty: true,
-            cycles_dirty: true,
+            signals: 0,
             shutting_down: false,
             opts,
         })
     }
 
     pub fn instance_id(&self) -> &str {
-        &self.me.id
-    }
-
-    fn max_retries_of(&self, task: &Task) -> u32 {
-        task.file
-            .max_retries
-            .unwrap_or(self.cfg.task_queue.max_retries)
+        &self.env.me.id
     }
 
     pub async fn run(mut self) -> Result<()> {
         self.startup()?;
         let (hint_tx, mut hints) = mpsc::unbounded_channel();
         let _watch = watcher::start(
-            &self.spool.pending,
-            Duration::from_secs(self.cfg.orchestrator.rescan_seconds),
+            &self.env.spool.pending,
+            Duration::from_secs(self.env.cfg.orchestrator.rescan_seconds),
             hint_tx,
         );
         console::info(&format!(
             "orchestrate {} watching {} (instance {}, max_concurrent {})",
             env!("CARGO_PKG_VERSION"),
-            self.layout.rel(&self.spool.pending),
-            self.me.id,
-            self.cfg.orchestrator.max_concurrent
+            self.env.layout.rel(&self.env.spool.pending),
+            self.env.me.id,
+            self.env.cfg.orchestrator.max_concurrent
         ));
-        self.rescan();
-        self.schedule();
+        self.scan_pending();
+        self.dispatch_phase();
 
-        let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-        let mut sigterm =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        let mut sigusr1 =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let mut sigusr1 = signal(SignalKind::user_defined1())?;
         let mut heartbeat = tokio::time::interval(Duration::from_secs(
-            self.cfg.orchestrator.heartbeat_seconds.max(1),
+            self.env.cfg.orchestrator.heartbeat_seconds.max(1),
         ));
         heartbeat.tick().await;
         // An interval, not a sleep re-armed each pass: a steady stream of events must not starve it.
         let mut settle_tick = tokio::time::interval(Duration::from_millis(
-            (self.cfg.orchestrator.settle_ms / 4).clamp(10, 250),
+            (self.env.cfg.orchestrator.settle_ms / 4).clamp(10, 250),
         ));
         settle_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut state_tick = tokio::time::interval(Duration::from_millis(250));
-        let mut signals = 0;
-        let mut routes = self.route_rx.take().expect("run is called once");
-        let mut claimed = self.claimed_rx.take().expect("run is called once");
+        let Inbox {
+            mut claimed,
+            mut routed,
+        } = self.inbox.take().expect("run is called once");
         loop {
             if self.opts.once && self.nothing_left() {
                 console::info("nothing left to run (--once)");
                 break;
             }
-            if self.shutting_down && self.running.is_empty() && self.commits.is_empty() {
+            if self.shutting_down && self.runs.is_empty() && !self.commits.has_tasks() {
                 break;
             }
-            let wake = self.next_wakeup();
-            tokio::select! {
+            let wake = self.dispatch.wake_deadline();
+            let far = || Instant::now() + Duration::from_secs(3600);
+            // Only sources into events. Where one source has several ready at once, they are all
+            // taken in this turn: a burst is handled in one turn with one dispatch after it.
+            let events = tokio::select! {
                 Some(h) = hints.recv() => {
-                    self.on_hint(h);
-                    // Take whatever else is queued before scheduling: a burst is handled in one pass.
+                    let mut events = vec![Event::from(h)];
                     while let Ok(h) = hints.try_recv() {
-                        self.on_hint(h);
+                        events.push(Event::from(h));
                     }
+                    events
                 }
-                Some(done) = self.attempts.join_next_with_id(), if !self.attempts.is_empty() => {
-                    let mut done = Some(done);
-                    // Every attempt that has finished by now, in this one turn.
-                    while let Some(d) = done {
-                        match d {
-                            Ok((tid, report)) => {
-                                self.attempt_ids.remove(&tid);
-                                self.on_report(report);
-                            }
-                            Err(e) => self.on_attempt_crash(e),
-                        }
-                        done = self.attempts.try_join_next_with_id();
+                Some(ended) = self.runs.join_next(), if self.runs.has_tasks() => {
+                    let mut events = vec![Event::AttemptEnded(ended)];
+                    while let Some(ended) = self.runs.try_join_next() {
+                        events.push(Event::AttemptEnded(ended));
                     }
+                    events
                 }
-                Some(done) = self.commits.join_next(), if !self.commits.is_empty() => {
-                    let mut done = Some(done);
-                    while let Some(d) = done {
-                        self.on_committed(d);
-                        done = self.commits.try_join_next();
+                Some(done) = self.commits.join_next(), if self.commits.has_tasks() => {
+                    let mut events = vec![Event::Committed(done)];
+                    while let Some(done) = self.commits.try_join_next() {
+                        events.push(Event::Committed(done));
                     }
+                    events
                 }
-                Some((id, routed)) = routes.recv() => self.on_routed(id, routed),
+                Some((id, routed)) = routed.recv() => vec![Event::Routed { id, routed }],
                 Some((id, start)) = claimed.recv() => {
-                    self.on_claimed(&id, start);
+                    let mut events = vec![Event::Claimed { id, start }];
                     while let Ok((id, start)) = claimed.try_recv() {
-                        self.on_claimed(&id, start);
+                        events.push(Event::Claimed { id, start });
                     }
+                    events
                 }
-                _ = settle_tick.tick(), if !self.settling.is_empty() => self.check_settling(),
+                _ = settle_tick.tick(), if self.intake.is_settling() => vec![Event::SettleTick],
                 // Always ready while a scan is under way; select's random choice among the ready
                 // branches interleaves its chunks with everything else.
-                _ = std::future::ready(()), if self.scan.is_some() => self.scan_step(),
-                _ = tokio::time::sleep_until(wake.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)).into()), if wake.is_some() => {}
-                _ = heartbeat.tick() => {
-                    self.heartbeat();
-                    // Answers for tasks that left pending without starting (failed, cancelled,
-                    // deleted): a task re-created under the same id is asked afresh.
-                    let pending = &self.sched;
-                    self.routes.retain(|id, _| pending.contains(id));
-                    // Refresh every waiting task's note now and then, even while all slots are busy.
-                    self.full_pass_due = true;
-                    // A cancel whose SIGUSR1 came before our handler existed is still seen.
-                    self.check_cancels();
+                _ = std::future::ready(()), if self.intake.is_scanning() => vec![Event::ScanChunk],
+                _ = tokio::time::sleep_until(wake.unwrap_or_else(far).into()), if wake.is_some() => {
+                    vec![Event::WakeUp]
                 }
-                _ = state_tick.tick(), if self.state_dirty => self.write_state_files(),
-                _ = sigusr1.recv() => self.check_cancels(),
-                _ = sigint.recv() => { signals += 1; self.shutdown(signals); }
-                _ = sigterm.recv() => { signals += 1; self.shutdown(signals); }
+                _ = heartbeat.tick() => vec![Event::Heartbeat],
+                _ = state_tick.tick(), if self.state_dirty => vec![Event::StateTick],
+                _ = sigusr1.recv() => vec![Event::CancelRequested],
+                _ = sigint.recv() => vec![Event::StopRequested],
+                _ = sigterm.recv() => vec![Event::StopRequested],
+            };
+            for event in events {
+                self.handle(event);
             }
             if !self.shutting_down {
-                self.schedule();
+                self.dispatch_phase();
             }
         }
         self.write_state_files();
+        let env = &self.env;
         // Leave the mirror agreeing with the tree: files quarantined or removed while we ran may
         // have rows that only a reconcile clears.
-        if let Err(e) =
-            self.writer
-                .reconcile(&self.spool, self.cfg.orchestrator.max_task_bytes, false)
+        if let Err(e) = env
+            .writer
+            .reconcile(&env.spool, env.cfg.orchestrator.max_task_bytes, false)
         {
             console::warn(&format!("final mirror reconcile failed: {e}"));
         }
-        self.writer.send(Op::Supervisor {
-            instance: self.me.id.clone(),
-            pid: self.me.pid,
-            started_at: self.me.started_at.clone(),
-            heartbeat_at: fsutil::now_rfc3339(),
-            alive: false,
-        });
-        self.writer.flush();
-        let _ = std::fs::remove_file(self.me.lock_path(&self.layout.state_dir));
+        env.announce(false);
+        env.writer.flush();
+        let _ = std::fs::remove_file(env.me.lock_path(&env.layout.state_dir));
         console::info("supervisor stopped");
         Ok(())
     }
 
+    /// Decide what an event means, and run the phases it calls for.
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Arrived(path) => self.ingest(&path, true),
+            Event::Changed(path) => self.ingest(&path, false),
+            Event::Rescan => {
+                self.scan_pending();
+                // Claims of supervisors that died since we started (another one sharing the tree).
+                let recovered = self.recover();
+                self.apply(recovered);
+                let env = &self.env;
+                env.writer
+                    .reconcile_later(&env.spool, env.cfg.orchestrator.max_task_bytes);
+            }
+            Event::ScanChunk => self.scan_chunk(),
+            Event::SettleTick => {
+                let (intake, _, view) = self.parts();
+                let settled = intake.settle_tick(&view);
+                self.apply(settled);
+            }
+            Event::Claimed { id, start } => {
+                if let Some(path) = self.runs.claimed(&id, start) {
+                    self.intake.release(&path);
+                }
+            }
+            Event::AttemptEnded(Ok((tid, report))) => {
+                self.runs.joined(tid);
+                let next = self.on_report(report);
+                self.apply(next);
+            }
+            Event::AttemptEnded(Err(e)) => {
+                if let Some(report) = self.crash_report(e) {
+                    let next = self.on_report(report);
+                    self.apply(next);
+                }
+            }
+            Event::Committed(done) => self.on_committed(done),
+            Event::Routed { id, routed } => {
+                self.dispatch.on_routed(&self.intake.queue, id, routed);
+            }
+            // The dispatch after every turn lets the task whose back-off ended run; at the top of
+            // the next turn `wake_deadline` sees the time has passed and asks for a full pass.
+            Event::WakeUp => {}
+            Event::Heartbeat => self.on_heartbeat(),
+            Event::StateTick => self.write_state_files(),
+            Event::CancelRequested => {
+                let cancels = self.check_cancels();
+                self.apply(cancels);
+            }
+            Event::StopRequested => self.on_stop_signal(),
+        }
+    }
+
+    /// Carry out actions at once, in order, each one's own follow-ups before the next.
+    fn apply(&mut self, actions: Vec<Action>) {
+        let mut stack = actions;
+        stack.reverse();
+        while let Some(action) = stack.pop() {
+            let mut more = self.carry_out(action);
+            more.reverse();
+            stack.append(&mut more);
+        }
+    }
+
+    fn carry_out(&mut self, action: Action) -> Vec<Action> {
+        match action {
+            Action::Queued { id, not_before } => self.dispatch.queued(&id, not_before),
+            Action::Left(id) => self.dispatch.forget(&id),
+            Action::Reopened(id) => self.ledger.reopen(&id),
+            Action::Ingest(path) => {
+                let (intake, _, view) = self.parts();
+                return intake.ingest(&view, &path, true);
+            }
+            Action::Reread(path) => {
+                let (intake, _, view) = self.parts();
+                return intake.reread(&view, &path);
+            }
+            Action::Settle(path) => self.intake.settle(&path),
+            Action::Start { id, agent, because } => self.start(&id, &agent, &because),
+            Action::CompleteParent(id) => return self.complete_parent(&id),
+            Action::Fail { id, reason } => self.fail_pending(&id, &reason),
+            Action::CancelAnswered(id) => self.env.spool.drop_cancel_request(&id),
+            Action::Commit(commit) => {
+                let Commit { task, result } = *commit;
+                self.commits.start(&self.env.spool, task, result);
+            }
+        }
+        vec![]
+    }
+
+    /// The parts a handler may change, and a view of the rest.
+    fn parts(&mut self) -> (&mut Intake, &mut Dispatch, View<'_>) {
+        let Supervisor {
+            env,
+            intake,
+            dispatch,
+            runs,
+            commits,
+            ledger,
+            shutting_down,
+            ..
+        } = self;
+        let view = View {
+            env,
+            runs,
+            commits,
+            ledger,
+            shutting_down: *shutting_down,
+        };
+        (intake, dispatch, view)
+    }
+
+    fn ingest(&mut self, path: &Path, complete: bool) {
+        let (intake, _, view) = self.parts();
+        let next = intake.ingest(&view, path, complete);
+        self.apply(next);
+    }
+
+    /// Take a new listing of `pending/` and read its first chunk.
+    fn scan_pending(&mut self) {
+        let (intake, _, view) = self.parts();
+        if intake.rescan(&view) {
+            self.scan_chunk();
+        }
+    }
+
+    /// The scan's next chunk, in its phases.
+    fn scan_chunk(&mut self) {
+        if !self.intake.is_scanning() {
+            return;
+        }
+        let (intake, _, view) = self.parts();
+        let read = intake.scan_chunk(&view);
+        self.apply(read);
+        // Cancels asked of a supervisor that died before it could finish them, for tasks this chunk
+        // found again (requeued by recovery, say): before the scheduler sees them.
+        let cancels = self.check_cancels();
+        self.apply(cancels);
+        let (intake, _, view) = self.parts();
+        let gone = intake.end_scan(&view);
+        self.apply(gone);
+    }
+
+    /// SIGINT or SIGTERM: the first stops claiming and stops the agents gracefully; the second
+    /// kills them.
+    fn on_stop_signal(&mut self) {
+        self.signals += 1;
+        if self.signals == 1 {
+            console::info(&format!(
+                "stopping: no new claims; {} running agent(s) get SIGTERM, then SIGKILL after {} s (signal again to kill now)",
+                self.runs.len(),
+                self.env.cfg.orchestrator.kill_grace_seconds
+            ));
+            self.shutting_down = true;
+            self.runs.shut_down();
+        } else {
+            console::info("second signal: killing running agents now");
+            self.runs.kill_all();
+        }
+    }
+
+    /// `--once` may stop: nothing runs or waits for something that will come without new input.
     fn nothing_left(&self) -> bool {
-        if !self.running.is_empty()
-            || !self.settling.is_empty()
-            || !self.finishing.is_empty()
-            || self.scan.is_some()
+        if !self.runs.is_empty()
+            || self.intake.is_settling()
+            || !self.commits.is_empty()
+            || self.intake.is_scanning()
         {
             return false;
         }
         // A task waiting for the router's answer will go on when it comes.
-        if self.routes.values().any(Option::is_none) {
+        if self.dispatch.asking_router() {
             return false;
         }
         // A task waiting for an agent's cooldown to end will run when it does (one that waits for
         // something else, say a CLI that is not installed, does not keep `--once` alive).
-        if self
-            .cooldowns
-            .next_end(time::OffsetDateTime::now_utc())
-            .is_some()
-            && self.sched.waits_for_cooldown()
-        {
+        if self.dispatch.cooling_down() && self.intake.queue.waits_for_cooldown() {
             return false;
         }
         // A task in a retry back-off runs when it ends (and so may a task that depends on it: such a
         // dependency is pending itself, so the same check covers it).
-        !self.sched.backing_off(Instant::now())
-    }
-
-    /// The earliest retry back-off still ahead, from the last full pass and later requeues. When it
-    /// has passed, the next pass is a full one that finds the next.
-    fn next_wakeup(&mut self) -> Option<Instant> {
-        match self.next_wake {
-            Some(t) if t > Instant::now() => Some(t),
-            Some(_) => {
-                self.next_wake = None;
-                self.full_pass_due = true;
-                None
-            }
-            None => None,
-        }
-    }
-
-    fn shutdown(&mut self, n: u32) {
-        if n == 1 {
-            console::info(&format!(
-                "stopping: no new claims; {} running agent(s) get SIGTERM, then SIGKILL after {} s (signal again to kill now)",
-                self.running.len(),
-                self.cfg.orchestrator.kill_grace_seconds
-            ));
-            self.shutting_down = true;
-            for r in self.running.values().filter(|r| !r.cancelling) {
-                let _ = r.stop.send(Some(Stop::Shutdown));
-            }
-        } else {
-            console::info("second signal: killing running agents now");
-            for r in self.running.values() {
-                let _ = r.stop.send(Some(Stop::KillNow));
-            }
-        }
-    }
-
-    /// Running, or finishing: the task is ours and out of `pending/`.
-    fn in_hand(&self, id: &str) -> bool {
-        self.running.contains_key(id) || self.finishing.contains_key(id)
+        !self.intake.queue.backing_off(Instant::now())
     }
 }
