@@ -679,6 +679,14 @@ mod tests {
         .expect("valid config")
     }
 
+    fn cooling(outcome: Outcome) -> Unavailable {
+        Unavailable::CoolingDown {
+            agent: "a".into(),
+            until: "2030-01-01T00:00:00Z".into(),
+            outcome,
+        }
+    }
+
     #[test]
     fn priority_then_fifo() {
         let mut s = Scheduler::new();
@@ -801,11 +809,6 @@ mod tests {
     /// they were strings.
     #[test]
     fn wait_notes_read_as_before() {
-        let cooling = Unavailable::CoolingDown {
-            agent: "a".into(),
-            until: "2030-01-01T00:00:00Z".into(),
-            outcome: Outcome::RateLimited,
-        };
         let cases = [
             (
                 WaitReason::Dependencies(vec![
@@ -843,7 +846,7 @@ mod tests {
             ),
             (
                 WaitReason::AgentUnavailable(vec![
-                    cooling.clone(),
+                    cooling(Outcome::RateLimited),
                     Unavailable::Missing("agent b: `b` not found on PATH".into()),
                 ]),
                 "no agent available: agent a: cooling down until 2030-01-01T00:00:00Z (rate_limited); agent b: `b` not found on PATH",
@@ -869,13 +872,9 @@ mod tests {
 
     #[test]
     fn only_a_cooldown_among_the_reasons_is_waiting_for_a_cooldown() {
-        let cooling = Unavailable::CoolingDown {
-            agent: "a".into(),
-            until: "2030-01-01T00:00:00Z".into(),
-            outcome: Outcome::QuotaExhausted,
-        };
+        let quota = cooling(Outcome::QuotaExhausted);
         let missing = Unavailable::Missing("agent b: `b` not found on PATH".into());
-        assert!(WaitReason::AgentUnavailable(vec![missing.clone(), cooling]).waits_for_cooldown());
+        assert!(WaitReason::AgentUnavailable(vec![missing.clone(), quota]).waits_for_cooldown());
         assert!(!WaitReason::AgentUnavailable(vec![missing]).waits_for_cooldown());
         assert!(!WaitReason::AtCapacity { slots: 1 }.waits_for_cooldown());
         assert!(!WaitReason::NotBefore { until: None }.waits_for_cooldown());
@@ -886,14 +885,7 @@ mod tests {
         let cfg = cfg();
         let per = HashMap::new();
         let unavailable = HashMap::from([
-            (
-                "a".to_string(),
-                Unavailable::CoolingDown {
-                    agent: "a".into(),
-                    until: "2030-01-01T00:00:00Z".into(),
-                    outcome: Outcome::RateLimited,
-                },
-            ),
+            ("a".to_string(), cooling(Outcome::RateLimited)),
             ("b".to_string(), Unavailable::Missing("b missing".into())),
         ]);
         let cap = Capacity {
@@ -943,12 +935,8 @@ mod tests {
         assert!(s.set_note("t", WaitReason::NoAgent).is_some());
         assert!(s.set_note("gone", WaitReason::NoAgent).is_none());
         assert!(!s.waits_for_cooldown());
-        let cooling = WaitReason::AgentUnavailable(vec![Unavailable::CoolingDown {
-            agent: "a".into(),
-            until: "2030-01-01T00:00:00Z".into(),
-            outcome: Outcome::RateLimited,
-        }]);
-        assert!(s.set_note("t", cooling).is_some());
+        let rested = WaitReason::AgentUnavailable(vec![cooling(Outcome::RateLimited)]);
+        assert!(s.set_note("t", rested).is_some());
         assert!(s.waits_for_cooldown());
     }
 

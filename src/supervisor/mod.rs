@@ -43,6 +43,7 @@
 //! - `finish.rs`: a report's verdict (a pure function), requeues, retries, terminal commits.
 //! - `ledger.rs`: what has finished.
 //! - `recovery.rs`: start-up recovery, the heartbeat, cancels, state files.
+//! - `tests.rs`: the loop's decisions, event by event, without agents.
 //!
 //! This file holds no task state and does no file work of its own beyond the final clean-up.
 
@@ -54,6 +55,8 @@ mod intake;
 mod ledger;
 mod recovery;
 mod runs;
+#[cfg(test)]
+mod tests;
 
 use std::path::Path;
 use std::sync::Arc;
