@@ -5,13 +5,16 @@
 //! is asked. Each decision that changes something comes back as an `Action` that the loop carries
 //! out before the next task is decided: a start takes a slot, a failure decides its dependents.
 //! Starting an attempt writes its claim record and launches it through `Runs`; a parent whose
-//! subtasks all completed is claimed and finished right here, without an agent.
+//! subtasks all completed is claimed and finished right here, without an agent. A claim that did
+//! not give us the task (lost to another supervisor, the file changed, a stop or a cancel came
+//! first) is undone here too (`unclaimed`).
 //!
 //! Owns the router's answers, the cooldowns, which agents can run (looked up at most once a
 //! second) and when to wake for the next retry back-off. It never runs an agent and never reads a
 //! task file; the only disk work on the loop is the rare claim of a finished parent.
 
 use std::collections::{HashMap, VecDeque};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use time::OffsetDateTime;
@@ -19,7 +22,6 @@ use tokio::sync::mpsc;
 
 use super::attempt::{Claimed, claim_task};
 use super::events::Action;
-use super::finish::unclaimed;
 use super::{Env, Supervisor, View};
 use crate::agents;
 use crate::config::Config;
@@ -32,8 +34,8 @@ use crate::router::{self, Routed};
 use crate::scheduler::{
     self, Capacity, Decision, DepState, Pending, Scheduler, Unavailable, WaitReason,
 };
-use crate::spool::{Instance, Place};
-use crate::task::{Claim, Outcome, TaskResult, Terminal};
+use crate::spool::{Instance, Place, Spool};
+use crate::task::{Claim, Outcome, Task, TaskResult, Terminal};
 
 pub(super) struct Dispatch {
     /// The next pass looks at every pending task (see `begin_pass`).
@@ -388,6 +390,69 @@ fn claim_record(me: &Instance, p: &Pending, agent: &str, because: &str) -> Claim
     }
 }
 
+/// This claim's record is in `assigned/`: the claim got at least that far.
+pub(super) fn claim_on_disk(spool: &Spool, claim: &Claim) -> bool {
+    spool
+        .read_claim(&claim.task_id)
+        .is_some_and(|c| c.instance == claim.instance && c.version == claim.version)
+}
+
+/// The claim of `task` from `path` did not give us the task (see [`Claimed`]); nothing ran.
+pub(super) fn unclaimed(
+    env: &Env,
+    task: &Task,
+    claim: &Claim,
+    path: &Path,
+    cancelling: bool,
+    how: Claimed,
+) -> Vec<Action> {
+    let id = &task.id;
+    let spool = &env.spool;
+    match how {
+        Claimed::Ours => {}
+        Claimed::Lost => {
+            console::debug(&format!("lost race  {id}: claimed by another supervisor"));
+        }
+        Claimed::Failed(e) => {
+            console::error(&format!("claim of {id} failed: {e}"));
+            // Failed after the rename (the fsync, say): the file is in `assigned/` under our
+            // live claim, where nothing would look at it again until we stop. Put it back.
+            if claim_on_disk(spool, claim) {
+                match spool.unclaim(id, path) {
+                    Ok(()) => return vec![Action::Settle(path.to_path_buf())],
+                    Err(e) => console::error(&format!("cannot return {id} to pending: {e:#}")),
+                }
+            }
+        }
+        Claimed::Stopping if cancelling => {
+            // `orchestrate cancel` saw the claim record before the agent started: the task ends
+            // cancelled, with no attempt, instead of going back to pending.
+            spool.drop_history(id);
+            let result = TaskResult::failed(
+                id,
+                claim.version + 1,
+                &task.file.description,
+                claim.history.clone(),
+                "cancelled by user".into(),
+            );
+            return vec![Action::commit(task, result)];
+        }
+        Claimed::Changed | Claimed::Stopping => {
+            if let Err(e) = spool.unclaim(id, path) {
+                console::error(&format!("cannot return {id} to pending: {e:#}"));
+                return vec![];
+            }
+            if matches!(how, Claimed::Changed) {
+                console::info(&format!(
+                    "changed    {id}: file changed while being claimed; back to pending to settle"
+                ));
+                return vec![Action::Settle(path.to_path_buf())];
+            }
+        }
+    }
+    vec![]
+}
+
 impl Supervisor {
     /// The dispatch phase, after every turn: fail tasks caught in dependency cycles, then start
     /// what can run.
@@ -484,34 +549,5 @@ impl Supervisor {
             chosen_because: Some("all subtasks completed".into()),
         };
         vec![Action::commit(&p.task, result)]
-    }
-
-    /// Fail a pending task without running it.
-    pub(super) fn fail_pending(&mut self, id: &str, reason: &str) {
-        self.dispatch.forget(id);
-        let Some(p) = self.intake.take(id) else {
-            return;
-        };
-        let result = TaskResult::failed(
-            id,
-            p.history.version + 1,
-            &p.task.file.description,
-            p.history.attempts.clone(),
-            reason.to_string(),
-        );
-        let spool = &self.env.spool;
-        match spool.fail_pending(&p.path, &result) {
-            Ok(true) => {
-                console::info(&format!("failed     {id}: {reason}"));
-                self.env.writer.send(Op::Upsert {
-                    row: crate::mirror::terminal_row(spool, &result, Some(&p.task)),
-                    attempts: result.attempts.clone(),
-                });
-                self.ledger.record(id.to_string(), Terminal::Failed);
-                self.state_dirty = true;
-            }
-            Ok(false) => {}
-            Err(e) => console::error(&format!("cannot fail {id}: {e:#}")),
-        }
     }
 }

@@ -2,19 +2,20 @@
 //! task's facts (`verdict`, unit-tested below); the verdict becomes a requeue (interrupted by a
 //! shutdown, or rate-limited: the agent cools down), a retry after a back-off, or a terminal result.
 //! A terminal result is committed off the loop (`Commits`: result file, rename, fsyncs on a blocking
-//! thread) and recorded once the commit is back (`on_committed`).
+//! thread) and recorded once the commit is back (`on_committed`). A pending task that must not run
+//! (a failed dependency, a cycle, a cancel) is failed here without an attempt (`fail_pending`).
 //!
 //! Owns the commits in flight. It never starts an attempt and never reads `pending/`: a requeued
 //! task goes back to intake as an `Action`. A task has at most one commit in flight, and the loop
 //! counts it as in hand until the commit is back, so its transitions stay in order.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::time::Duration;
 
 use tokio::task::{Id, JoinError, JoinSet};
 
 use super::attempt::{Claimed, Report};
+use super::dispatch::{claim_on_disk, unclaimed};
 use super::events::Action;
 use super::{Env, Supervisor};
 use crate::config::Config;
@@ -25,7 +26,7 @@ use crate::mirror::{self, Op};
 use crate::process::StopKind;
 use crate::scheduler;
 use crate::spool::{Place, Spool};
-use crate::task::{Attempt, Claim, History, Outcome, Task, TaskResult, Terminal};
+use crate::task::{Attempt, History, Outcome, Task, TaskResult, Terminal};
 
 /// What an attempt's report means for its task.
 #[derive(Debug, Clone, PartialEq)]
@@ -176,69 +177,6 @@ impl Commits {
             }
         }
     }
-}
-
-/// This claim's record is in `assigned/`: the claim got at least that far.
-pub(super) fn claim_on_disk(spool: &Spool, claim: &Claim) -> bool {
-    spool
-        .read_claim(&claim.task_id)
-        .is_some_and(|c| c.instance == claim.instance && c.version == claim.version)
-}
-
-/// The claim of `task` from `path` did not give us the task (see [`Claimed`]); nothing ran.
-pub(super) fn unclaimed(
-    env: &Env,
-    task: &Task,
-    claim: &Claim,
-    path: &Path,
-    cancelling: bool,
-    how: Claimed,
-) -> Vec<Action> {
-    let id = &task.id;
-    let spool = &env.spool;
-    match how {
-        Claimed::Ours => {}
-        Claimed::Lost => {
-            console::debug(&format!("lost race  {id}: claimed by another supervisor"));
-        }
-        Claimed::Failed(e) => {
-            console::error(&format!("claim of {id} failed: {e}"));
-            // Failed after the rename (the fsync, say): the file is in `assigned/` under our
-            // live claim, where nothing would look at it again until we stop. Put it back.
-            if claim_on_disk(spool, claim) {
-                match spool.unclaim(id, path) {
-                    Ok(()) => return vec![Action::Settle(path.to_path_buf())],
-                    Err(e) => console::error(&format!("cannot return {id} to pending: {e:#}")),
-                }
-            }
-        }
-        Claimed::Stopping if cancelling => {
-            // `orchestrate cancel` saw the claim record before the agent started: the task ends
-            // cancelled, with no attempt, instead of going back to pending.
-            spool.drop_history(id);
-            let result = TaskResult::failed(
-                id,
-                claim.version + 1,
-                &task.file.description,
-                claim.history.clone(),
-                "cancelled by user".into(),
-            );
-            return vec![Action::commit(task, result)];
-        }
-        Claimed::Changed | Claimed::Stopping => {
-            if let Err(e) = spool.unclaim(id, path) {
-                console::error(&format!("cannot return {id} to pending: {e:#}"));
-                return vec![];
-            }
-            if matches!(how, Claimed::Changed) {
-                console::info(&format!(
-                    "changed    {id}: file changed while being claimed; back to pending to settle"
-                ));
-                return vec![Action::Settle(path.to_path_buf())];
-            }
-        }
-    }
-    vec![]
 }
 
 /// Move a running task back to `pending/` with its history; intake reads it again at once.
@@ -443,6 +381,35 @@ impl Supervisor {
         });
         self.ledger.record_result(&result);
         self.state_dirty = true;
+    }
+
+    /// Fail a pending task without running it.
+    pub(super) fn fail_pending(&mut self, id: &str, reason: &str) {
+        self.dispatch.forget(id);
+        let Some(p) = self.intake.take(id) else {
+            return;
+        };
+        let result = TaskResult::failed(
+            id,
+            p.history.version + 1,
+            &p.task.file.description,
+            p.history.attempts.clone(),
+            reason.to_string(),
+        );
+        let spool = &self.env.spool;
+        match spool.fail_pending(&p.path, &result) {
+            Ok(true) => {
+                console::info(&format!("failed     {id}: {reason}"));
+                self.env.writer.send(Op::Upsert {
+                    row: crate::mirror::terminal_row(spool, &result, Some(&p.task)),
+                    attempts: result.attempts.clone(),
+                });
+                self.ledger.record(id.to_string(), Terminal::Failed);
+                self.state_dirty = true;
+            }
+            Ok(false) => {}
+            Err(e) => console::error(&format!("cannot fail {id}: {e:#}")),
+        }
     }
 }
 

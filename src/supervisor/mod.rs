@@ -267,37 +267,19 @@ impl Supervisor {
             }
             let wake = self.dispatch.wake_deadline();
             let far = || Instant::now() + Duration::from_secs(3600);
-            // Only sources into events. Where one source has several ready at once, they are all
-            // taken in this turn: a burst is handled in one turn with one dispatch after it.
+            // Only sources into events.
             let events = tokio::select! {
-                Some(h) = hints.recv() => {
-                    let mut events = vec![Event::from(h)];
-                    while let Ok(h) = hints.try_recv() {
-                        events.push(Event::from(h));
-                    }
-                    events
-                }
+                Some(h) = hints.recv() => burst(h, || hints.try_recv().ok(), Event::from),
                 Some(ended) = self.runs.join_next(), if self.runs.has_tasks() => {
-                    let mut events = vec![Event::AttemptEnded(ended)];
-                    while let Some(ended) = self.runs.try_join_next() {
-                        events.push(Event::AttemptEnded(ended));
-                    }
-                    events
+                    burst(ended, || self.runs.try_join_next(), Event::AttemptEnded)
                 }
                 Some(done) = self.commits.join_next(), if self.commits.has_tasks() => {
-                    let mut events = vec![Event::Committed(done)];
-                    while let Some(done) = self.commits.try_join_next() {
-                        events.push(Event::Committed(done));
-                    }
-                    events
+                    burst(done, || self.commits.try_join_next(), Event::Committed)
                 }
                 Some((id, routed)) = routed.recv() => vec![Event::Routed { id, routed }],
-                Some((id, start)) = claimed.recv() => {
-                    let mut events = vec![Event::Claimed { id, start }];
-                    while let Ok((id, start)) = claimed.try_recv() {
-                        events.push(Event::Claimed { id, start });
-                    }
-                    events
+                Some(news) = claimed.recv() => {
+                    let event = |(id, start)| Event::Claimed { id, start };
+                    burst(news, || claimed.try_recv().ok(), event)
                 }
                 _ = settle_tick.tick(), if self.intake.is_settling() => vec![Event::SettleTick],
                 // Always ready while a scan is under way; select's random choice among the ready
@@ -519,4 +501,13 @@ impl Supervisor {
         // dependency is pending itself, so the same check covers it).
         !self.intake.queue.backing_off(Instant::now())
     }
+}
+
+/// `first` and whatever else its source has ready now, as events: a burst is handled in one turn,
+/// with one dispatch after it.
+fn burst<T>(first: T, more: impl FnMut() -> Option<T>, event: impl Fn(T) -> Event) -> Vec<Event> {
+    std::iter::once(first)
+        .chain(std::iter::from_fn(more))
+        .map(event)
+        .collect()
 }
