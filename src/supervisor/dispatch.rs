@@ -283,6 +283,7 @@ pub(super) struct Pass {
 impl Pass {
     /// The next thing to do. Waits are noted (and routers asked) here; anything else comes back
     /// for the loop to carry out before it asks again. `None`: the pass is over.
+    #[must_use = "the actions are the rest of the work: apply them"]
     pub(super) fn next(
         &mut self,
         dispatch: &mut Dispatch,
@@ -398,6 +399,7 @@ pub(super) fn claim_on_disk(spool: &Spool, claim: &Claim) -> bool {
 }
 
 /// The claim of `task` from `path` did not give us the task (see [`Claimed`]); nothing ran.
+#[must_use = "the actions are the rest of the work: apply them"]
 pub(super) fn unclaimed(
     env: &Env,
     task: &Task,
@@ -505,6 +507,7 @@ impl Supervisor {
     }
 
     /// Finish a parent whose subtasks all completed: its output is theirs, one after the other.
+    #[must_use = "the actions are the rest of the work: apply them"]
     pub(super) fn complete_parent(&mut self, id: &str) -> Vec<Action> {
         let Some(p) = self.intake.take(id) else {
             return vec![];

@@ -180,6 +180,7 @@ impl Commits {
 }
 
 /// Move a running task back to `pending/` with its history; intake reads it again at once.
+#[must_use = "the actions are the rest of the work: apply them"]
 fn requeue(env: &Env, task: &Task, history: History, why: &str) -> Vec<Action> {
     let id = &task.id;
     if let Err(e) = env.spool.requeue(&history) {
@@ -192,6 +193,7 @@ fn requeue(env: &Env, task: &Task, history: History, why: &str) -> Vec<Action> {
 
 impl Supervisor {
     /// An attempt reported back: its slot is free, and the verdict says what becomes of the task.
+    #[must_use = "the actions are the rest of the work: apply them"]
     pub(super) fn on_report(&mut self, r: Report) -> Vec<Action> {
         let Some(run) = self.runs.end(&r.id) else {
             return vec![];

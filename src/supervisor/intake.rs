@@ -92,6 +92,7 @@ fn storable_name(name: &str) -> (String, Option<String>) {
     (short, Some(note))
 }
 
+/// A task file's content hash: the claim hashes the file again, so it runs the file that was read.
 pub(super) fn hash_bytes(b: &[u8]) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     b.hash(&mut h);
@@ -185,6 +186,7 @@ impl Intake {
 
     /// Read the next chunk of the scan's listing. Priorities apply among the tasks read so far:
     /// with a huge backlog, work starts while the rest is read.
+    #[must_use = "the actions are the rest of the work: apply them"]
     pub(super) fn scan_chunk(&mut self, view: &View) -> Vec<Action> {
         let mut out = vec![];
         let Some(mut scan) = self.scan.take() else {
@@ -215,6 +217,7 @@ impl Intake {
     }
 
     /// If the scan has read its whole listing: forget the tasks whose file is gone, and end it.
+    #[must_use = "the actions are the rest of the work: apply them"]
     pub(super) fn end_scan(&mut self, view: &View) -> Vec<Action> {
         let mut out = vec![];
         let Some(scan) = self.scan.take_if(|s| s.queue.is_empty()) else {
@@ -236,6 +239,7 @@ impl Intake {
     }
 
     /// Files that kept still for the settle period are read, oldest first.
+    #[must_use = "the actions are the rest of the work: apply them"]
     pub(super) fn settle_tick(&mut self, view: &View) -> Vec<Action> {
         let mut out = vec![];
         let settle = Duration::from_millis(view.env.cfg.orchestrator.settle_ms);
@@ -256,6 +260,7 @@ impl Intake {
 
     /// News of a file in `pending/`; `complete`: it arrived whole (renamed in, closed by its writer,
     /// put back by recovery), so it need not settle.
+    #[must_use = "the actions are the rest of the work: apply them"]
     pub(super) fn ingest(&mut self, view: &View, path: &Path, complete: bool) -> Vec<Action> {
         let mut out = vec![];
         self.ingest_path(view, path, complete, &mut out);
@@ -263,6 +268,7 @@ impl Intake {
     }
 
     /// A requeue has just put `path` back: read it now.
+    #[must_use = "the actions are the rest of the work: apply them"]
     pub(super) fn reread(&mut self, view: &View, path: &Path) -> Vec<Action> {
         let mut out = vec![];
         let name = path

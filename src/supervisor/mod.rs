@@ -89,7 +89,7 @@ pub struct Options {
 }
 
 /// What every part of the loop reads and none owns.
-pub(super) struct Env {
+struct Env {
     cfg: Arc<Config>,
     layout: Layout,
     spool: Spool,
@@ -118,7 +118,7 @@ impl Env {
 }
 
 /// A read-only look at the parts a decision depends on but does not own.
-pub(super) struct View<'a> {
+struct View<'a> {
     env: &'a Env,
     runs: &'a Runs,
     commits: &'a Commits,
@@ -382,6 +382,7 @@ impl Supervisor {
         }
     }
 
+    #[must_use = "the actions are the rest of the work: apply them"]
     fn carry_out(&mut self, action: Action) -> Vec<Action> {
         match action {
             Action::Queued { id, not_before } => self.dispatch.queued(&id, not_before),

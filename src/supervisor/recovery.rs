@@ -79,6 +79,7 @@ impl Supervisor {
 
     /// Claims whose supervisor died are settled by the spool: finished ones are recorded here, and
     /// requeued ones come back for intake to read.
+    #[must_use = "the actions are the rest of the work: apply them"]
     pub(super) fn recover(&mut self) -> Vec<Action> {
         let env = &self.env;
         let default = env.cfg.task_queue.max_retries;
@@ -148,6 +149,7 @@ impl Supervisor {
     /// `orchestrate cancel` leaves `state_dir/cancel/<id>` and sends SIGUSR1. The request stays
     /// until the task is in `failed/`: a supervisor that dies before then finds it again at its next
     /// start, when recovery has put the task back in `pending/`, and cancels it there.
+    #[must_use = "the actions are the rest of the work: apply them"]
     pub(super) fn check_cancels(&mut self) -> Vec<Action> {
         let mut out = vec![];
         for id in self.env.spool.cancel_requests() {

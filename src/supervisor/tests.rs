@@ -140,8 +140,7 @@ fn once_stays_for_a_retry_back_off_and_not_for_a_task_nothing_can_run() {
 fn once_stays_for_a_task_that_waits_for_a_cooldown() {
     let (_dir, mut sup) = supervisor(CONFIG);
     let until = Some(Duration::from_secs(60));
-    let _ = sup
-        .dispatch
+    sup.dispatch
         .cool_down("a", Outcome::RateLimited, until, None, "429");
     let path = drop_file(&sup, "t.yaml", "description: x\n");
     sup.handle(Event::Arrived(path));
