@@ -12,8 +12,9 @@
 //!
 //! The state lives in the part that owns it: `Intake` (the pending queue and what is known about
 //! the files in `pending/`), `Dispatch` (router answers, cooldowns, wake-ups), `Runs` (attempts in
-//! flight), `Commits` (terminal commits in flight) and `Ledger` (what has finished). A handler
-//! changes only what it owns; what others must do comes back as [`Action`]s, which
+//! flight), `Commits` (terminal commits in flight) and `Ledger` (what has finished), and changes
+//! only through that part's methods. Handlers never call each other: the work that must follow
+//! (read a requeued file, fail a task, commit a result) comes back as [`Action`]s, which
 //! [`Supervisor::apply`] carries out at once, in order.
 //!
 //! Claims and terminal commits do not wait on the loop (requeues for retries, heartbeats and the
