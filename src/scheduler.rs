@@ -4,7 +4,10 @@
 //! priorities are never starved), then FIFO by arrival. A task is runnable when every dependency has
 //! completed, its retry back-off has passed, and an agent can take it within `max_concurrent` and the
 //! agent's `max_instances`. This module keeps no files and spawns nothing: the supervisor asks it for
-//! decisions and carries them out.
+//! decisions and carries them out. A task that cannot run gets a typed [`WaitReason`]; the note people
+//! read is rendered from it, and the supervisor decides on the variant, never on the text.
+
+mod wait;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -14,6 +17,8 @@ use crate::config::Config;
 use crate::record::{Attempt, History, Terminal};
 use crate::router::Routed;
 use crate::task::Task;
+
+pub use wait::{Unavailable, WaitReason};
 
 /// A task waiting in `pending/`.
 #[derive(Debug, Clone)]
@@ -29,7 +34,7 @@ pub struct Pending {
     pub history: History,
     pub not_before: Option<Instant>,
     /// The reason it is waiting, as last reported to the mirror.
-    pub note: Option<String>,
+    pub note: Option<WaitReason>,
 }
 
 impl Pending {
@@ -101,13 +106,15 @@ pub enum Decision {
     /// All children of a subtask parent completed: finish it without an agent.
     CompleteParent,
     Fail(String),
-    Wait(String),
+    Wait(WaitReason),
     /// Ask the router which agent fits, then decide again with its answer.
     Route,
 }
 
 pub struct Scheduler {
-    pub pending: HashMap<String, Pending>,
+    /// Private: every change goes through `insert` and `remove`, which keep `order` and
+    /// `with_edges` in step.
+    pending: HashMap<String, Pending>,
     next_seq: u64,
     /// Pending ids in run order: (effective priority, arrival seq, id), best first. Kept sorted as tasks
     /// arrive instead of sorting the whole set on every pass; entries of tasks that left are skipped
@@ -177,6 +184,47 @@ impl Scheduler {
         let p = self.pending.remove(id)?;
         self.with_edges -= usize::from(!p.waits_for().is_empty());
         Some(p)
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Pending> {
+        self.pending.get(id)
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.pending.contains_key(id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Record why `id` waits. Returns the new note when it differs from the last one (then the
+    /// mirror must hear of it), `None` when it is unchanged or the task is not pending.
+    pub fn set_note(&mut self, id: &str, reason: WaitReason) -> Option<&WaitReason> {
+        let p = self.pending.get_mut(id)?;
+        if p.note.as_ref() == Some(&reason) {
+            return None;
+        }
+        p.note = Some(reason);
+        p.note.as_ref()
+    }
+
+    /// Some pending task waits for an agent's cooldown to end (as of the last pass that noted it).
+    pub fn waits_for_cooldown(&self) -> bool {
+        self.pending
+            .values()
+            .any(|p| p.note.as_ref().is_some_and(WaitReason::waits_for_cooldown))
+    }
+
+    /// Some pending task is in a retry back-off that ends after `now`.
+    pub fn backing_off(&self, now: Instant) -> bool {
+        self.pending
+            .values()
+            .any(|p| p.not_before.is_some_and(|t| t > now))
     }
 
     /// Pending ids in the order they should be considered. The caller hands the list back with
@@ -289,7 +337,7 @@ pub struct Capacity<'a> {
     pub running_total: usize,
     pub running_per_agent: &'a HashMap<String, usize>,
     /// Agents that cannot run now, with the reason (not installed, no adapter, cooling down).
-    pub unavailable: &'a HashMap<String, String>,
+    pub unavailable: &'a HashMap<String, Unavailable>,
 }
 
 /// Decide for one pending task. `dep_state` answers where a dependency stands.
@@ -313,13 +361,13 @@ pub fn decide(
                     format!("dependency {dep} failed")
                 });
             }
-            DepState::Pending => waiting_on.push(format!("{dep} (pending)")),
-            DepState::Running => waiting_on.push(format!("{dep} (running)")),
-            DepState::Missing => waiting_on.push(format!("{dep} (not found in the tree)")),
+            state @ (DepState::Pending | DepState::Running | DepState::Missing) => {
+                waiting_on.push((dep, state));
+            }
         }
     }
     if !waiting_on.is_empty() {
-        return Decision::Wait(format!("waiting for {}", waiting_on.join(", ")));
+        return Decision::Wait(WaitReason::Dependencies(waiting_on));
     }
     if parent {
         return Decision::CompleteParent;
@@ -327,9 +375,9 @@ pub fn decide(
     if let Some(t) = p.not_before
         && t > now
     {
-        // A stable note (not a countdown) so the mirror is not rewritten on every pass.
-        let at = p.history.not_before.as_deref().unwrap_or("later");
-        return Decision::Wait(format!("retry back-off until {at}"));
+        return Decision::Wait(WaitReason::NotBefore {
+            until: p.history.not_before.clone(),
+        });
     }
     // After a real failure, the agent that failed goes to the back of the chain when the config
     // asks for a second opinion.
@@ -405,16 +453,12 @@ pub fn choose_agent(
         chain.push((a, why));
     }
     if chain.is_empty() {
-        return Decision::Wait(
-            "no agent: name one with `agent:` in the task, or set routing.fallback in config.yaml"
-                .into(),
-        );
+        return Decision::Wait(WaitReason::NoAgent);
     }
     if cap.running_total >= cfg.orchestrator.max_concurrent {
-        return Decision::Wait(format!(
-            "all {} slots busy (max_concurrent)",
-            cfg.orchestrator.max_concurrent
-        ));
+        return Decision::Wait(WaitReason::AtCapacity {
+            slots: cfg.orchestrator.max_concurrent,
+        });
     }
     let mut skipped = Vec::new();
     for (name, why) in &chain {
@@ -426,22 +470,23 @@ pub fn choose_agent(
         let running = cap.running_per_agent.get(name).copied().unwrap_or(0);
         if running >= agent.max_instances {
             // Busy is not unavailable: wait for the agent the routing chose rather than spill over.
-            return Decision::Wait(format!(
-                "waiting for a free {name} instance ({running}/{})",
-                agent.max_instances
-            ));
+            return Decision::Wait(WaitReason::AgentBusy {
+                agent: name.clone(),
+                running,
+                max: agent.max_instances,
+            });
         }
         let because = if skipped.is_empty() {
             why.clone()
         } else {
-            format!("{why}; skipped: {}", skipped.join("; "))
+            format!("{why}; skipped: {}", wait::join(&skipped))
         };
         return Decision::Run {
             agent: name.clone(),
             because,
         };
     }
-    Decision::Wait(format!("no agent available: {}", skipped.join("; ")))
+    Decision::Wait(WaitReason::AgentUnavailable(skipped))
 }
 
 fn rule_matches(rule: &crate::config::RoutingRule, task: &Task) -> bool {
@@ -475,164 +520,4 @@ pub fn retry_delay(cfg: &Config, failures: u32) -> Duration {
 pub type Done = HashMap<String, Terminal>;
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::task::parse_task;
-
-    fn pending(s: &mut Scheduler, yaml: &str, id: &str) {
-        let task = parse_task(yaml, id, "t.yaml").expect("valid task");
-        let seq = s.next_seq();
-        s.insert(Pending {
-            task,
-            path: PathBuf::from(format!("{id}.yaml")),
-            hash: 0,
-            sig: (0, 0, 0),
-            seq,
-            enqueued: Instant::now(),
-            history: History::default(),
-            not_before: None,
-            note: None,
-        });
-    }
-
-    fn order(s: &mut Scheduler, now: Instant) -> Vec<String> {
-        let o = s.take_order(&cfg(), now);
-        let ids = o
-            .iter()
-            .filter(|e| s.is_current(e))
-            .map(|e| e.2.clone())
-            .collect();
-        s.put_order(o);
-        ids
-    }
-
-    fn cfg() -> Config {
-        Config::parse(
-            "agents:\n  a: {kind: command, command: sh, max_instances: 1}\n  b: {kind: command, command: sh}\nrouting:\n  fallback: [a, b]\n  rules: [{type: docs, agent: b}]\n",
-            "c.yaml",
-        )
-        .expect("valid config")
-    }
-
-    #[test]
-    fn priority_then_fifo() {
-        let mut s = Scheduler::new();
-        pending(&mut s, "description: x\npriority: low\n", "l1");
-        pending(&mut s, "description: x\n", "n1");
-        pending(&mut s, "description: x\npriority: high\n", "h1");
-        pending(&mut s, "description: x\n", "n2");
-        assert_eq!(order(&mut s, Instant::now()), vec!["h1", "n1", "n2", "l1"]);
-        // Kept in order as tasks arrive and leave, without a full sort.
-        pending(&mut s, "description: x\npriority: high\n", "h2");
-        s.remove("n1");
-        assert_eq!(order(&mut s, Instant::now()), vec!["h1", "h2", "n2", "l1"]);
-    }
-
-    #[test]
-    fn aging_promotes_low() {
-        let mut s = Scheduler::new();
-        pending(&mut s, "description: x\npriority: low\n", "l1");
-        pending(&mut s, "description: x\n", "n1");
-        let later = Instant::now() + Duration::from_secs(31 * 60);
-        s.pending.get_mut("n1").expect("n1").enqueued = later;
-        // l1 has waited 31 minutes (aging 30): it now ranks with normal and arrived first.
-        assert_eq!(order(&mut s, later), vec!["l1", "n1"]);
-    }
-
-    #[test]
-    fn finds_cycles_and_only_cycles() {
-        let mut s = Scheduler::new();
-        pending(&mut s, "description: x\ndependencies: [b]\n", "a");
-        pending(&mut s, "description: x\ndependencies: [c]\n", "b");
-        pending(&mut s, "description: x\ndependencies: [a]\n", "c");
-        pending(&mut s, "description: x\ndependencies: [a]\n", "d");
-        let c = s.cycles();
-        assert_eq!(c.keys().cloned().collect::<Vec<_>>(), vec!["a", "b", "c"]);
-        assert!(c["a"].contains("a → b → c → a"), "{}", c["a"]);
-    }
-
-    #[test]
-    fn routing_prefers_task_then_rule_then_fallback() {
-        let cfg = cfg();
-        let per = HashMap::new();
-        let mut unavailable = HashMap::new();
-        let cap = Capacity {
-            running_total: 0,
-            running_per_agent: &per,
-            unavailable: &unavailable,
-        };
-        let t = parse_task("description: x\nagent: b\n", "t", "t").expect("task");
-        assert!(
-            matches!(choose_agent(&cfg, &t, &cap, None, None), Decision::Run { agent, .. } if agent == "b")
-        );
-        let t = parse_task("description: x\ntype: docs\n", "t", "t").expect("task");
-        assert!(
-            matches!(choose_agent(&cfg, &t, &cap, None, None), Decision::Run { agent, .. } if agent == "b")
-        );
-        let t = parse_task("description: x\n", "t", "t").expect("task");
-        assert!(
-            matches!(choose_agent(&cfg, &t, &cap, None, None), Decision::Run { agent, .. } if agent == "a")
-        );
-        unavailable.insert("a".to_string(), "a missing".to_string());
-        let cap = Capacity {
-            running_total: 0,
-            running_per_agent: &per,
-            unavailable: &unavailable,
-        };
-        match choose_agent(&cfg, &t, &cap, None, None) {
-            Decision::Run { agent, because } => {
-                assert_eq!(agent, "b");
-                assert!(because.contains("a missing"));
-            }
-            other => panic!("{other:?}"),
-        }
-        let t = parse_task("description: x\nagent: zz\n", "t", "t").expect("task");
-        assert!(matches!(
-            choose_agent(&cfg, &t, &cap, None, None),
-            Decision::Fail(_)
-        ));
-    }
-
-    #[test]
-    fn busy_agent_waits_instead_of_spilling() {
-        let cfg = cfg();
-        let per = HashMap::from([("a".to_string(), 1usize)]);
-        let unavailable = HashMap::new();
-        let cap = Capacity {
-            running_total: 1,
-            running_per_agent: &per,
-            unavailable: &unavailable,
-        };
-        let t = parse_task("description: x\n", "t", "t").expect("task");
-        assert!(
-            matches!(choose_agent(&cfg, &t, &cap, None, None), Decision::Wait(w) if w.contains("free a"))
-        );
-    }
-
-    #[test]
-    fn failed_agent_goes_to_the_back_of_the_chain() {
-        let cfg = cfg();
-        let per = HashMap::new();
-        let unavailable = HashMap::new();
-        let cap = Capacity {
-            running_total: 0,
-            running_per_agent: &per,
-            unavailable: &unavailable,
-        };
-        let t = parse_task("description: x\n", "t", "t").expect("task");
-        match choose_agent(&cfg, &t, &cap, Some("a"), None) {
-            Decision::Run { agent, because } => {
-                assert_eq!(agent, "b");
-                assert!(because.contains("handed over from a"), "{because}");
-            }
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn backoff_doubles() {
-        let cfg = cfg();
-        assert_eq!(retry_delay(&cfg, 1), Duration::from_secs(60));
-        assert_eq!(retry_delay(&cfg, 3), Duration::from_secs(240));
-    }
-}
+mod tests;

@@ -203,8 +203,35 @@ impl Spool {
         Ok(true)
     }
 
+    /// Remove the history sidecar of `id`: its claim carries the history now (or the task ends).
     pub fn drop_history(&self, id: &str) {
         let _ = fs::remove_file(self.history_path(id));
+    }
+
+    /// The bytes of a task file just claimed, to check it is the file that was parsed.
+    pub fn read_assigned(&self, id: &str) -> io::Result<Vec<u8>> {
+        fs::read(self.task_path(Place::Assigned, id))
+    }
+
+    /// Drop a new task file into `pending/` as `name`; `false` when that name is taken.
+    pub fn add_pending(&self, name: &str, bytes: &[u8]) -> io::Result<bool> {
+        fsutil::atomic_create(&self.layout.pending, name, bytes)
+    }
+
+    /// Ids with a cancel request: `orchestrate cancel` leaves `state_dir/cancel/<id>`, and the
+    /// request stays until the task is terminal.
+    pub fn cancel_requests(&self) -> Vec<String> {
+        let Ok(rd) = fs::read_dir(self.layout.cancel_dir()) else {
+            return vec![];
+        };
+        rd.flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+
+    /// The cancel request for `id` is answered (or moot).
+    pub fn drop_cancel_request(&self, id: &str) {
+        let _ = fs::remove_file(self.layout.cancel_dir().join(id));
     }
 
     /// Put a just-claimed file back under its original name (it changed after we read it).

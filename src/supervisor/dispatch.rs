@@ -1,0 +1,558 @@
+//! What runs next, and starting it.
+//!
+//! After every turn of the loop, a pass goes through the pending queue in run order and asks the
+//! scheduler about each task; a task whose agent only the router can choose waits while the router
+//! is asked. Each decision that changes something comes back as an `Action` that the loop carries
+//! out before the next task is decided: a start takes a slot, a failure decides its dependents.
+//! Starting an attempt writes its claim record and launches it through `Runs`; a parent whose
+//! subtasks all completed is claimed and finished right here, without an agent. A claim that did
+//! not give us the task (lost to another supervisor, the file changed, a stop or a cancel came
+//! first) is undone here too (`unclaimed`).
+//!
+//! Owns the router's answers, the cooldowns, which agents can run (looked up at most once a
+//! second) and when to wake for the next retry back-off. It never runs an agent and never reads a
+//! task file; the only disk work on the loop is the rare claim of a finished parent.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+
+use super::attempt::{Claimed, claim_task};
+use super::events::Action;
+use super::{Env, Supervisor, View};
+use crate::agents;
+use crate::config::Config;
+use crate::console;
+use crate::context;
+use crate::cooldown::Cooldowns;
+use crate::fsutil;
+use crate::instance::Instance;
+use crate::mirror::Op;
+use crate::record::{Claim, Outcome, TaskResult, Terminal};
+use crate::router::{self, Routed};
+use crate::scheduler::{
+    self, Capacity, Decision, DepState, Pending, Scheduler, Unavailable, WaitReason,
+};
+use crate::spool::{Place, Spool};
+use crate::task::Task;
+
+pub(super) struct Dispatch {
+    /// The next pass looks at every pending task (see `begin_pass`).
+    full_pass_due: bool,
+    /// When the earliest retry back-off ends, as far as known.
+    next_wake: Option<Instant>,
+    /// Agents that cannot run and why, with when that was checked.
+    unavailable: Option<(Instant, HashMap<String, Unavailable>)>,
+    /// Agents resting after a rate limit.
+    cooldowns: Cooldowns,
+    /// The router's answers, by task, and the tasks it is being asked about (`None`).
+    routes: HashMap<String, Option<Routed>>,
+    route_tx: mpsc::UnboundedSender<(String, Routed)>,
+}
+
+impl Dispatch {
+    /// The router's answers arrive on the receiver.
+    pub(super) fn new(
+        cooldowns: Cooldowns,
+    ) -> (Dispatch, mpsc::UnboundedReceiver<(String, Routed)>) {
+        let (route_tx, route_rx) = mpsc::unbounded_channel();
+        let dispatch = Dispatch {
+            full_pass_due: true,
+            next_wake: None,
+            unavailable: None,
+            cooldowns,
+            routes: HashMap::new(),
+            route_tx,
+        };
+        (dispatch, route_rx)
+    }
+
+    /// `id` entered the queue or changed: an earlier router answer no longer applies, and its
+    /// retry back-off, if any, ends at `not_before`.
+    pub(super) fn queued(&mut self, id: &str, not_before: Option<Instant>) {
+        if let Some(t) = not_before {
+            self.wake_at(t);
+        }
+        self.routes.remove(id);
+    }
+
+    /// `id` left the queue: a task re-created under the same id is asked afresh.
+    pub(super) fn forget(&mut self, id: &str) {
+        self.routes.remove(id);
+    }
+
+    /// Answers for tasks that left the queue by a way that did not say so.
+    pub(super) fn forget_answers_not_in(&mut self, queue: &Scheduler) {
+        self.routes.retain(|id, _| queue.contains(id));
+    }
+
+    /// The next pass looks at every pending task, even while all slots are busy.
+    pub(super) fn want_full_pass(&mut self) {
+        self.full_pass_due = true;
+    }
+
+    fn wake_at(&mut self, t: Instant) {
+        self.next_wake = Some(self.next_wake.map_or(t, |w| w.min(t)));
+    }
+
+    /// Some task waits for the router's answer.
+    pub(super) fn asking_router(&self) -> bool {
+        self.routes.values().any(Option::is_none)
+    }
+
+    /// Some agent is cooling down.
+    pub(super) fn cooling_down(&self) -> bool {
+        self.cooldowns.next_end(OffsetDateTime::now_utc()).is_some()
+    }
+
+    /// `agent` hit a rate limit or its quota: it rests until the time returned, and the next pass
+    /// looks at every task again.
+    pub(super) fn cool_down(
+        &mut self,
+        agent: &str,
+        outcome: Outcome,
+        retry_after: Option<Duration>,
+        base: Option<Duration>,
+        error: &str,
+    ) -> OffsetDateTime {
+        self.full_pass_due = true;
+        self.cooldowns
+            .rate_limited(agent, outcome, retry_after, base, error)
+    }
+
+    pub(super) fn succeeded(&mut self, agent: &str) {
+        self.cooldowns.succeeded(agent);
+    }
+
+    /// The earliest retry back-off still ahead, from the last full pass and later requeues. When it
+    /// has passed, the next pass is a full one that finds the next.
+    pub(super) fn wake_deadline(&mut self) -> Option<Instant> {
+        match self.next_wake {
+            Some(t) if t > Instant::now() => Some(t),
+            Some(_) => {
+                self.next_wake = None;
+                self.full_pass_due = true;
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// The router answered about `id`.
+    pub(super) fn on_routed(&mut self, queue: &Scheduler, id: String, routed: Routed) {
+        if routed.agent.is_none() {
+            console::warn(&format!("router     {id}: {}", routed.because));
+        } else {
+            console::debug(&format!("router     {id}: {}", routed.because));
+        }
+        // Only for tasks still waiting for it; one that left pending meanwhile is forgotten.
+        if queue.contains(&id) {
+            self.routes.insert(id, Some(routed));
+            self.full_pass_due = true;
+        } else {
+            self.routes.remove(&id);
+        }
+    }
+
+    /// Which agents cannot run now, and why: not installed (looked up at most once a second: a
+    /// PATH lookup per agent on every pass would be the scheduler's main cost in a burst, and
+    /// installs are not that quick) or cooling down.
+    fn availability(&mut self, cfg: &Config, wall: OffsetDateTime) -> HashMap<String, Unavailable> {
+        let fresh = self
+            .unavailable
+            .as_ref()
+            .is_some_and(|(at, _)| at.elapsed() < Duration::from_secs(1));
+        if !fresh {
+            let mut map = HashMap::new();
+            for (name, a) in &cfg.agents {
+                if let Some(r) = agents::unavailable_reason(name, a) {
+                    map.insert(name.clone(), Unavailable::Missing(r));
+                }
+            }
+            self.unavailable = Some((Instant::now(), map));
+        }
+        // A handful of entries: cloned, so the pass may hold it while it changes the rest.
+        let mut unavailable = self
+            .unavailable
+            .as_ref()
+            .map(|(_, m)| m.clone())
+            .unwrap_or_default();
+        for (agent, c) in self.cooldowns.active(wall) {
+            unavailable
+                .entry(agent.to_string())
+                .or_insert_with(|| Unavailable::CoolingDown {
+                    agent: agent.to_string(),
+                    until: c.until.clone(),
+                    outcome: c.outcome,
+                });
+        }
+        unavailable
+    }
+
+    /// Begin a scheduling pass. A full pass looks at every pending task (wait notes, back-off
+    /// wake-ups); otherwise the pass ends once every slot is taken, so a long queue costs nothing
+    /// while agents are busy. `None`: every slot is taken and no full pass is due.
+    pub(super) fn begin_pass(
+        &mut self,
+        cfg: &Config,
+        running: usize,
+        queue: &mut Scheduler,
+    ) -> Option<Pass> {
+        let now = Instant::now();
+        let wall = OffsetDateTime::now_utc();
+        let unavailable = self.availability(cfg, wall);
+        let full = std::mem::take(&mut self.full_pass_due);
+        if !full && running >= cfg.orchestrator.max_concurrent {
+            return None;
+        }
+        if full {
+            self.next_wake = None;
+        }
+        if let Some(d) = self.cooldowns.next_end(wall) {
+            // Wake when the first cooldown ends, so the tasks waiting for it are looked at again.
+            self.wake_at(now + d);
+        }
+        Some(Pass {
+            order: queue.take_order(cfg, now),
+            at: 0,
+            full,
+            now,
+            unavailable,
+        })
+    }
+
+    /// Ask the router about a task, once; it waits with a note until the answer comes.
+    fn ask_router(&mut self, env: &Env, queue: &mut Scheduler, id: &str) {
+        if self.routes.contains_key(id) || !queue.contains(id) {
+            return;
+        }
+        let router = env
+            .cfg
+            .routing
+            .router
+            .as_ref()
+            .map(|r| r.agent.clone())
+            .unwrap_or_default();
+        // A burst of unrouted tasks must not become a burst of requests to one local model.
+        let asking = self.routes.values().filter(|r| r.is_none()).count();
+        if asking >= env.cfg.orchestrator.max_concurrent.max(1) {
+            let busy = WaitReason::RouterBusy {
+                router,
+                outstanding: asking,
+            };
+            note(env, queue, id, busy);
+            return;
+        }
+        // A task is asked about once (see `routes`), so this note is always new.
+        note(env, queue, id, WaitReason::AskingRouter { router });
+        self.routes.insert(id.to_string(), None);
+        let task = queue
+            .get(id)
+            .map(|p| p.task.clone())
+            .expect("checked above");
+        let (cfg, tx, id) = (env.cfg.clone(), self.route_tx.clone(), id.to_string());
+        // Its own small runtime on a blocking thread: the HTTP client's stream is not `Send`.
+        tokio::task::spawn_blocking(move || {
+            let routed = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(router::route(&cfg, &task)),
+                Err(e) => Routed {
+                    agent: None,
+                    because: format!("router not asked ({e}); routing.fallback"),
+                },
+            };
+            let _ = tx.send((id, routed));
+        });
+    }
+}
+
+/// One scheduling pass: the queue's run order, taken for the length of the pass (see
+/// `Scheduler::take_order`), and what it found at its start.
+pub(super) struct Pass {
+    order: VecDeque<(i64, u64, String)>,
+    /// The next entry of `order` to look at.
+    at: usize,
+    full: bool,
+    now: Instant,
+    unavailable: HashMap<String, Unavailable>,
+}
+
+impl Pass {
+    /// The next thing to do. Waits are noted (and routers asked) here; anything else comes back
+    /// for the loop to carry out before it asks again. `None`: the pass is over.
+    #[must_use = "the actions are the rest of the work: apply them"]
+    pub(super) fn next(
+        &mut self,
+        dispatch: &mut Dispatch,
+        queue: &mut Scheduler,
+        view: &View,
+    ) -> Option<Action> {
+        let cfg = &view.env.cfg;
+        while let Some(entry) = self.order.get(self.at) {
+            self.at += 1;
+            if !self.full && view.runs.len() >= cfg.orchestrator.max_concurrent {
+                self.at = self.order.len();
+                return None;
+            }
+            let id = &entry.2;
+            let Some(p) = queue.get(id).filter(|p| p.seq == entry.1) else {
+                continue;
+            };
+            if self.full
+                && let Some(t) = p.not_before.filter(|t| *t > self.now)
+            {
+                dispatch.wake_at(t);
+            }
+            let cap = Capacity {
+                running_total: view.runs.len(),
+                running_per_agent: view.runs.per_agent(),
+                unavailable: &self.unavailable,
+            };
+            let routed = dispatch.routes.get(id).and_then(Option::as_ref);
+            let dep_state = |d: &str| dep_state(view, queue, d);
+            match scheduler::decide(cfg, p, self.now, &cap, &dep_state, routed) {
+                Decision::Route => dispatch.ask_router(view.env, queue, id),
+                Decision::Wait(reason) => {
+                    if let Some(note) = note(view.env, queue, id, reason) {
+                        console::debug(&format!("waiting    {id}: {note}"));
+                    }
+                }
+                Decision::Run { agent, because } => {
+                    let id = id.clone();
+                    return Some(Action::Start { id, agent, because });
+                }
+                Decision::CompleteParent => return Some(Action::CompleteParent(id.clone())),
+                Decision::Fail(reason) => {
+                    let id = id.clone();
+                    return Some(Action::Fail { id, reason });
+                }
+            }
+        }
+        None
+    }
+
+    /// Hand the order back to the queue.
+    pub(super) fn end(self, queue: &mut Scheduler) {
+        queue.put_order(self.order);
+    }
+}
+
+/// Tell the mirror why `id` waits, when that changed; returns the new note then.
+fn note(env: &Env, queue: &mut Scheduler, id: &str, reason: WaitReason) -> Option<String> {
+    let note = queue.set_note(id, reason)?.to_string();
+    env.writer.send(Op::Note {
+        id: id.to_string(),
+        note: Some(note.clone()),
+    });
+    Some(note)
+}
+
+fn dep_state(view: &View, queue: &Scheduler, id: &str) -> DepState {
+    if let Some(t) = view.ledger.status(id) {
+        return match t {
+            Terminal::Completed => DepState::Completed,
+            Terminal::Failed => DepState::Failed,
+        };
+    }
+    if view.in_hand(id) {
+        return DepState::Running;
+    }
+    if queue.contains(id) {
+        return DepState::Pending;
+    }
+    // Finished or claimed by another supervisor sharing the tree.
+    match view.env.spool.settled_place(id) {
+        Some(Place::Completed) => DepState::Completed,
+        Some(Place::Failed) => DepState::Failed,
+        Some(Place::Assigned) => DepState::Running,
+        Some(Place::Pending) => DepState::Pending,
+        None => DepState::Missing,
+    }
+}
+
+fn claim_record(me: &Instance, p: &Pending, agent: &str, because: &str) -> Claim {
+    let now = fsutil::now_rfc3339();
+    Claim {
+        task_id: p.task.id.clone(),
+        version: p.history.version + 1,
+        host: me.host.clone(),
+        pid: me.pid,
+        boot_id: me.boot_id.clone(),
+        instance: me.id.clone(),
+        attempt: p.history.attempts.len() as u32 + 1,
+        agent: agent.to_string(),
+        started_at: now.clone(),
+        heartbeat_at: now,
+        history: p.history.attempts.clone(),
+        chosen_because: Some(because.to_string()),
+    }
+}
+
+/// This claim's record is in `assigned/`: the claim got at least that far.
+pub(super) fn claim_on_disk(spool: &Spool, claim: &Claim) -> bool {
+    spool
+        .read_claim(&claim.task_id)
+        .is_some_and(|c| c.instance == claim.instance && c.version == claim.version)
+}
+
+/// The claim of `task` from `path` did not give us the task (see [`Claimed`]); nothing ran.
+#[must_use = "the actions are the rest of the work: apply them"]
+pub(super) fn unclaimed(
+    env: &Env,
+    task: &Task,
+    claim: &Claim,
+    path: &Path,
+    cancelling: bool,
+    how: Claimed,
+) -> Vec<Action> {
+    let id = &task.id;
+    let spool = &env.spool;
+    match how {
+        Claimed::Ours => {}
+        Claimed::Lost => {
+            console::debug(&format!("lost race  {id}: claimed by another supervisor"));
+        }
+        Claimed::Failed(e) => {
+            console::error(&format!("claim of {id} failed: {e}"));
+            // Failed after the rename (the fsync, say): the file is in `assigned/` under our
+            // live claim, where nothing would look at it again until we stop. Put it back.
+            if claim_on_disk(spool, claim) {
+                match spool.unclaim(id, path) {
+                    Ok(()) => return vec![Action::Settle(path.to_path_buf())],
+                    Err(e) => console::error(&format!("cannot return {id} to pending: {e:#}")),
+                }
+            }
+        }
+        Claimed::Stopping if cancelling => {
+            // `orchestrate cancel` saw the claim record before the agent started: the task ends
+            // cancelled, with no attempt, instead of going back to pending.
+            spool.drop_history(id);
+            let result = TaskResult::failed(
+                id,
+                claim.version + 1,
+                &task.file.description,
+                claim.history.clone(),
+                "cancelled by user".into(),
+            );
+            return vec![Action::commit(task, result)];
+        }
+        Claimed::Changed | Claimed::Stopping => {
+            if let Err(e) = spool.unclaim(id, path) {
+                console::error(&format!("cannot return {id} to pending: {e:#}"));
+                return vec![];
+            }
+            if matches!(how, Claimed::Changed) {
+                console::info(&format!(
+                    "changed    {id}: file changed while being claimed; back to pending to settle"
+                ));
+                return vec![Action::Settle(path.to_path_buf())];
+            }
+        }
+    }
+    vec![]
+}
+
+impl Supervisor {
+    /// The dispatch phase, after every turn: fail tasks caught in dependency cycles, then start
+    /// what can run.
+    pub(super) fn dispatch_phase(&mut self) {
+        if self.shutting_down {
+            return;
+        }
+        if self.intake.cycles_due() {
+            let cycles = self.intake.queue.cycles().into_iter();
+            let reason = |cycle| format!("dependency cycle: {cycle}");
+            self.apply(
+                cycles
+                    .map(|(id, cycle)| Action::Fail {
+                        id,
+                        reason: reason(cycle),
+                    })
+                    .collect(),
+            );
+        }
+        let Some(mut pass) =
+            self.dispatch
+                .begin_pass(&self.env.cfg, self.runs.len(), &mut self.intake.queue)
+        else {
+            return;
+        };
+        loop {
+            let next = {
+                let (intake, dispatch, view) = self.parts();
+                pass.next(dispatch, &mut intake.queue, &view)
+            };
+            let Some(action) = next else {
+                break;
+            };
+            self.apply(vec![action]);
+        }
+        pass.end(&mut self.intake.queue);
+    }
+
+    /// Start a pending task: launch the attempt that claims it and runs it.
+    pub(super) fn start(&mut self, id: &str, agent: &str, because: &str) {
+        let Some(p) = self.intake.take(id) else {
+            return;
+        };
+        self.intake.hold(&p.path);
+        let claim = claim_record(&self.env.me, &p, agent, because);
+        // A retry asks again: the answer may differ once an agent has failed it.
+        self.dispatch.forget(id);
+        self.runs.launch(&self.env, p, claim, because);
+        self.state_dirty = true;
+    }
+
+    /// Finish a parent whose subtasks all completed: its output is theirs, one after the other.
+    #[must_use = "the actions are the rest of the work: apply them"]
+    pub(super) fn complete_parent(&mut self, id: &str) -> Vec<Action> {
+        let Some(p) = self.intake.take(id) else {
+            return vec![];
+        };
+        let env = &self.env;
+        let claim = claim_record(&env.me, &p, "-", "all subtasks completed");
+        // Rare and quick (no agent runs): claimed on the loop.
+        match claim_task(&env.spool, &p.path, &claim, p.hash, None) {
+            Claimed::Ours => {}
+            how => return unclaimed(env, &p.task, &claim, &p.path, false, how),
+        }
+        let mut text = String::new();
+        for i in 1..=p.task.file.subtasks.len() {
+            let child = scheduler::subtask_id(id, i);
+            if let Ok(t) = std::fs::read_to_string(env.layout.output_path(&child)) {
+                text.push_str(&t);
+                text.push('\n');
+            }
+        }
+        let header = context::OutputHeader {
+            task: &p.task,
+            agent: "-",
+            attempt: claim.attempt,
+            duration: Duration::ZERO,
+            exit: "all subtasks completed".into(),
+        };
+        let output = context::write_output(&env.layout, &header, &text, &env.redactor).ok();
+        let result = TaskResult {
+            task_id: id.to_string(),
+            status: Terminal::Completed,
+            version: claim.version + 1,
+            agent: None,
+            description: p.task.file.description.clone(),
+            finished_at: fsutil::now_rfc3339(),
+            attempts: claim.history.clone(),
+            output_file: output.map(|o| env.layout.rel(&o)),
+            diff_file: None,
+            files_modified: vec![],
+            review_required: false,
+            review_files: vec![],
+            error: None,
+            chosen_because: Some("all subtasks completed".into()),
+        };
+        vec![Action::commit(&p.task, result)]
+    }
+}

@@ -1,0 +1,114 @@
+//! The loop's vocabulary: the `Event`s its sources become, and the `Action`s its handlers hand back.
+//!
+//! Read this file first to know everything that can happen to a running supervisor and everything
+//! one part of it may ask of another. It holds no state and does nothing: `mod.rs` makes the events
+//! and carries out the actions.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use tokio::task::{Id, JoinError};
+
+use super::attempt::Report;
+use super::finish::Committed;
+use crate::record::TaskResult;
+use crate::router::Routed;
+use crate::task::Task;
+use crate::watch::Hint;
+
+/// Something happened. The `select!` in `Supervisor::run` only turns its sources into these;
+/// `Supervisor::handle` decides what each one means.
+pub(super) enum Event {
+    /// The watcher saw a file arrive whole in `pending/` (renamed in, or closed by its writer).
+    Arrived(PathBuf),
+    /// The watcher saw a file in `pending/` appear or change: it must settle before it is read.
+    Changed(PathBuf),
+    /// The watcher overflowed or failed, or its periodic rescan is due: events are hints, the scan
+    /// is the truth, so look at everything again.
+    Rescan,
+    /// The scan under way has more of its listing to read (one chunk per turn).
+    ScanChunk,
+    /// The settle ticker: files that kept still for the settle period can be read.
+    SettleTick,
+    /// An attempt's claim is durable and its file has left `pending/`, for this start of the task.
+    Claimed { id: String, start: u64 },
+    /// An attempt's task ended: its report, or the panic that ended it.
+    AttemptEnded(Result<(Id, Report), JoinError>),
+    /// A terminal commit is back from its blocking thread.
+    Committed(Result<Committed, JoinError>),
+    /// The router answered which agent fits a task.
+    Routed { id: String, routed: Routed },
+    /// The earliest known retry back-off or cooldown has ended.
+    WakeUp,
+    /// The heartbeat ticker.
+    Heartbeat,
+    /// The state-files ticker, while `current_state.md` and `completed_tasks.json` are behind.
+    StateTick,
+    /// SIGUSR1: `orchestrate cancel` left a request.
+    CancelRequested,
+    /// SIGINT or SIGTERM.
+    StopRequested,
+}
+
+impl From<Hint> for Event {
+    fn from(h: Hint) -> Event {
+        match h {
+            Hint::Complete(p) => Event::Arrived(p),
+            Hint::Changed(p) => Event::Changed(p),
+            Hint::Rescan => Event::Rescan,
+        }
+    }
+}
+
+/// What a handler leaves for others to do. Handlers never call each other: each changes only the
+/// state it owns and returns these, and `Supervisor::apply` carries them out at once, in order,
+/// each action's own follow-ups before the next action (the order the work had when the handlers
+/// called each other directly).
+#[must_use]
+pub(super) enum Action {
+    /// A task entered `pending/`, or its file changed there: whatever the router said about it no
+    /// longer applies, and its retry back-off, if it has one, ends at `not_before`.
+    Queued {
+        id: String,
+        not_before: Option<Instant>,
+    },
+    /// A task left `pending/` without starting (its file went, or was moved away).
+    Left(String),
+    /// A finished task is pending again (`orchestrate retry`, or its result removed by hand).
+    Reopened(String),
+    /// Look at a file in `pending/` that is whole (recovery put it back).
+    Ingest(PathBuf),
+    /// Read a file a requeue has just put back into `pending/`.
+    Reread(PathBuf),
+    /// A claimed file went back to `pending/`: it must settle before it is read again.
+    Settle(PathBuf),
+    /// Claim a pending task and run it on `agent`.
+    Start {
+        id: String,
+        agent: String,
+        because: String,
+    },
+    /// Finish a parent whose subtasks all completed, without an agent.
+    CompleteParent(String),
+    /// Fail a pending task without running it.
+    Fail { id: String, reason: String },
+    /// The cancel request for a task has been carried out.
+    CancelAnswered(String),
+    /// Commit a terminal result off the loop.
+    Commit(Box<Commit>),
+}
+
+/// A terminal result to commit, and the task it ends.
+pub(super) struct Commit {
+    pub(super) task: Task,
+    pub(super) result: TaskResult,
+}
+
+impl Action {
+    pub(super) fn commit(task: &Task, result: TaskResult) -> Action {
+        Action::Commit(Box::new(Commit {
+            task: task.clone(),
+            result,
+        }))
+    }
+}

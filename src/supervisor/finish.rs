@@ -1,0 +1,572 @@
+//! Finishing an attempt. Its report becomes a [`Verdict`], a pure function of the report and the
+//! task's facts (`verdict`, unit-tested below); the verdict becomes a requeue (interrupted by a
+//! shutdown, or rate-limited: the agent cools down), a retry after a back-off, or a terminal result.
+//! A terminal result is committed off the loop (`Commits`: result file, rename, fsyncs on a blocking
+//! thread) and recorded once the commit is back (`on_committed`). A pending task that must not run
+//! (a failed dependency, a cycle, a cancel) is failed here without an attempt (`fail_pending`).
+//!
+//! Owns the commits in flight. It never starts an attempt and never reads `pending/`: a requeued
+//! task goes back to intake as an `Action`. A task has at most one commit in flight, and the loop
+//! counts it as in hand until the commit is back, so its transitions stay in order.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio::task::{Id, JoinError, JoinSet};
+
+use super::attempt::{Claimed, Report};
+use super::dispatch::{claim_on_disk, unclaimed};
+use super::events::Action;
+use super::{Env, Supervisor};
+use crate::config::Config;
+use crate::console;
+use crate::context;
+use crate::fsutil;
+use crate::mirror::{self, Op};
+use crate::process::StopKind;
+use crate::record::{Attempt, History, Outcome, TaskResult, Terminal};
+use crate::scheduler;
+use crate::spool::{Place, Spool};
+use crate::task::Task;
+
+/// What an attempt's report means for its task.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Verdict {
+    /// A supervisor shutdown stopped it before it completed: back to `pending/`, no retry used.
+    Interrupted,
+    /// The agent hit a rate limit or its quota: not the task's fault and not a failed attempt. The
+    /// agent rests, and the task goes back to `pending/` at once, where the scheduler hands it to
+    /// the next agent in its chain.
+    CoolDown,
+    /// A failure with retries left (`failures` so far): back to `pending/`, to run after `delay`.
+    Retry { failures: u32, delay: Duration },
+    /// Finished for good: completed, or failed with `error`.
+    Done {
+        status: Terminal,
+        error: Option<String>,
+    },
+}
+
+/// The facts a verdict is made from.
+pub(super) struct Judged<'a> {
+    /// The attempt that just ended.
+    pub(super) attempt: &'a Attempt,
+    /// The task's attempts before it.
+    pub(super) earlier: &'a [Attempt],
+    /// Why the supervisor stopped the agent, if it did.
+    pub(super) stopped: Option<StopKind>,
+    /// The task itself is at fault (bad workdir, missing context file): retrying cannot help.
+    pub(super) permanent: bool,
+    pub(super) max_retries: u32,
+}
+
+/// Decide what an attempt's report means. Pure: no clock, no disk, no state.
+pub(super) fn verdict(j: &Judged, cfg: &Config) -> Verdict {
+    let outcome = j.attempt.outcome;
+    if j.stopped == Some(StopKind::Shutdown) && outcome != Outcome::Completed {
+        return Verdict::Interrupted;
+    }
+    if matches!(outcome, Outcome::RateLimited | Outcome::QuotaExhausted) && j.stopped.is_none() {
+        return Verdict::CoolDown;
+    }
+    let failures = j
+        .earlier
+        .iter()
+        .chain([j.attempt])
+        .filter(|a| a.outcome.counts_as_failure())
+        .count() as u32;
+    let retryable = outcome != Outcome::Completed
+        && outcome != Outcome::Cancelled
+        && !j.permanent
+        && failures <= j.max_retries;
+    if retryable {
+        let delay = scheduler::retry_delay(cfg, failures);
+        return Verdict::Retry { failures, delay };
+    }
+    let error = match outcome {
+        Outcome::Completed => None,
+        Outcome::Cancelled => Some("cancelled by user".into()),
+        _ if j.permanent => j.attempt.error.clone(),
+        _ => Some(format!(
+            "{} (after {failures} failed attempt(s); max_retries {})",
+            j.attempt.error.as_deref().unwrap_or(outcome.as_str()),
+            j.max_retries
+        )),
+    };
+    let status = if outcome == Outcome::Completed {
+        Terminal::Completed
+    } else {
+        Terminal::Failed
+    };
+    Verdict::Done { status, error }
+}
+
+/// A terminal commit, done: the task, its result, and whether the spool took it.
+pub(super) struct Committed {
+    task: Task,
+    result: TaskResult,
+    outcome: Result<(), String>,
+}
+
+/// Terminal commits (result file, task rename, fsyncs) run on blocking threads, several at once,
+/// so the loop goes on claiming while the disk works.
+#[derive(Default)]
+pub(super) struct Commits {
+    tasks: JoinSet<Committed>,
+    /// The tasks whose commit is under way, by the commit's task id.
+    finishing: HashMap<String, Id>,
+}
+
+impl Commits {
+    pub(super) fn contains(&self, id: &str) -> bool {
+        self.finishing.contains_key(id)
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.finishing.len()
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.finishing.is_empty()
+    }
+
+    /// Some commit's thread has not been joined yet.
+    pub(super) fn has_tasks(&self) -> bool {
+        !self.tasks.is_empty()
+    }
+
+    /// Hand the result to a blocking thread that commits it; `on_committed` takes it from there.
+    pub(super) fn start(&mut self, spool: &Spool, task: Task, result: TaskResult) {
+        let id = result.task_id.clone();
+        let spool = spool.clone();
+        let handle = self.tasks.spawn_blocking(move || {
+            let outcome = spool.finish(&result).map_err(|e| format!("{e:#}"));
+            Committed {
+                task,
+                result,
+                outcome,
+            }
+        });
+        self.finishing.insert(id, handle.id());
+    }
+
+    pub(super) async fn join_next(&mut self) -> Option<Result<Committed, JoinError>> {
+        self.tasks.join_next().await
+    }
+
+    pub(super) fn try_join_next(&mut self) -> Option<Result<Committed, JoinError>> {
+        self.tasks.try_join_next()
+    }
+
+    /// A commit is back: it is no longer under way. `None` for a commit that crashed.
+    fn done(&mut self, done: Result<Committed, JoinError>) -> Option<Committed> {
+        match done {
+            Ok(c) => {
+                self.finishing.remove(&c.result.task_id);
+                Some(c)
+            }
+            Err(e) => {
+                // A bug of ours: the claim stays, and recovery at the next start settles the task.
+                self.finishing.retain(|id, h| {
+                    let it = *h == e.id();
+                    if it {
+                        console::error(&format!("commit of {id} crashed: {e}"));
+                    }
+                    !it
+                });
+                None
+            }
+        }
+    }
+}
+
+/// Move a running task back to `pending/` with its history; intake reads it again at once.
+#[must_use = "the actions are the rest of the work: apply them"]
+fn requeue(env: &Env, task: &Task, history: History, why: &str) -> Vec<Action> {
+    let id = &task.id;
+    if let Err(e) = env.spool.requeue(&history) {
+        console::error(&format!("cannot requeue {id}: {e:#}"));
+        return vec![];
+    }
+    console::info(&format!("requeued   {id}: {why}"));
+    vec![Action::Reread(env.spool.task_path(Place::Pending, id))]
+}
+
+impl Supervisor {
+    /// An attempt reported back: its slot is free, and the verdict says what becomes of the task.
+    #[must_use = "the actions are the rest of the work: apply them"]
+    pub(super) fn on_report(&mut self, r: Report) -> Vec<Action> {
+        let Some(run) = self.runs.end(&r.id) else {
+            return vec![];
+        };
+        self.state_dirty = true;
+        // Normally released already (the claim's message came first); a crashed attempt never sent it.
+        self.intake.release(&run.path);
+        if let Some(how) = r.unclaimed {
+            return unclaimed(
+                &self.env,
+                &run.task,
+                &run.claim,
+                &run.path,
+                run.cancelling,
+                how,
+            );
+        }
+        let env = &self.env;
+        let max_retries = env.max_retries_of(&run.task);
+        let judged = Judged {
+            attempt: &r.attempt,
+            earlier: &run.claim.history,
+            stopped: r.stopped,
+            permanent: r.permanent,
+            max_retries,
+        };
+        let verdict = verdict(&judged, &env.cfg);
+        let mut attempts = run.claim.history.clone();
+        attempts.push(r.attempt.clone());
+        let outcome = r.attempt.outcome;
+        let agent = &run.claim.agent;
+        let history = |not_before, reason| History {
+            task_id: r.id.clone(),
+            version: run.claim.version + 1,
+            attempts: attempts.clone(),
+            not_before,
+            reason,
+        };
+        match verdict {
+            Verdict::Interrupted => {
+                let reason = "interrupted by a supervisor shutdown";
+                let history = history(None, Some(reason.into()));
+                requeue(env, &run.task, history, "interrupted by shutdown")
+            }
+            Verdict::CoolDown => {
+                let base = env.cfg.agents[agent]
+                    .cooldown_seconds
+                    .map(Duration::from_secs);
+                let error = r
+                    .attempt
+                    .error
+                    .clone()
+                    .unwrap_or_else(|| outcome.as_str().into());
+                let until = self
+                    .dispatch
+                    .cool_down(agent, outcome, r.retry_after, base, &error);
+                let until = fsutil::fmt_time(until);
+                let outcome = outcome.as_str();
+                console::warn(&format!(
+                    "cooldown   {agent} until {until}: {outcome} ({error})"
+                ));
+                let reason = format!("{outcome} on {agent}; cooling down until {until}");
+                let history = history(None, Some(reason));
+                let why = format!("{outcome} on {agent}: re-dispatched");
+                requeue(env, &run.task, history, &why)
+            }
+            Verdict::Retry { failures, delay } => {
+                let at = time::OffsetDateTime::now_utc() + delay;
+                let history = history(Some(fsutil::fmt_time(at)), r.attempt.error.clone());
+                let why = format!(
+                    "{}: {}; retry {failures} of {max_retries} in {:.0} s",
+                    outcome.as_str(),
+                    r.attempt.error.as_deref().unwrap_or("-"),
+                    delay.as_secs_f64()
+                );
+                requeue(env, &run.task, history, &why)
+            }
+            Verdict::Done { status, error } => {
+                if status == Terminal::Completed {
+                    self.dispatch.succeeded(agent);
+                }
+                let rel = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| env.layout.rel(p));
+                let review = context::review_matches(&env.cfg, &r.files_modified);
+                let result = TaskResult {
+                    task_id: r.id.clone(),
+                    status,
+                    version: run.claim.version + 1,
+                    agent: Some(agent.clone()),
+                    description: run.task.file.description.clone(),
+                    finished_at: r
+                        .attempt
+                        .finished_at
+                        .clone()
+                        .unwrap_or_else(fsutil::now_rfc3339),
+                    attempts,
+                    output_file: rel(&r.text_file),
+                    diff_file: rel(&r.diff_file),
+                    files_modified: r.files_modified.clone(),
+                    review_required: !review.is_empty(),
+                    review_files: review,
+                    error,
+                    chosen_because: run.claim.chosen_because.clone(),
+                };
+                vec![Action::commit(&run.task, result)]
+            }
+        }
+    }
+
+    /// An attempt task panicked (a bug in orchestrate, not the agent's fault): the report to handle
+    /// in its place, a failed attempt, so the task retries or fails like any other and its slot is
+    /// released.
+    pub(super) fn crash_report(&mut self, e: JoinError) -> Option<Report> {
+        let Some(id) = self.runs.joined(e.id()) else {
+            console::error(&format!("attempt task failed: {e}"));
+            return None;
+        };
+        console::error(&format!("attempt of {id} crashed: {e}"));
+        let run = self.runs.get(&id)?;
+        // Crashed before the claim was done: nothing ran, and the spool put the file back unless the
+        // claim record was written (then `unclaimed` does). The "claimed" message may simply not be
+        // handled yet, so the claim record decides.
+        let unclaimed = (!run.claimed && !claim_on_disk(&self.env.spool, &run.claim))
+            .then(|| Claimed::Failed(format!("internal error: {e}")));
+        let attempt = Attempt {
+            finished_at: Some(fsutil::now_rfc3339()),
+            error: Some(format!("internal error while running the attempt: {e}")),
+            ..Attempt::new(
+                run.claim.attempt,
+                &run.claim.agent,
+                &run.claim.started_at,
+                Outcome::AgentError,
+            )
+        };
+        Some(Report {
+            unclaimed,
+            ..Report::new(&id, attempt)
+        })
+    }
+
+    /// A commit is back: the task is terminal on disk; tell the console, the mirror and the ledger.
+    pub(super) fn on_committed(&mut self, done: Result<Committed, JoinError>) {
+        let Some(Committed {
+            task,
+            result,
+            outcome,
+        }) = self.commits.done(done)
+        else {
+            return;
+        };
+        let id = &result.task_id;
+        if let Err(e) = outcome {
+            // The claim stays; recovery at the next start finishes the move from the result file.
+            console::error(&format!("cannot finish {id}: {e}"));
+            return;
+        }
+        // A cancel request, if any, is answered now that the task is terminal on disk.
+        self.env.spool.drop_cancel_request(id);
+        let secs: u64 = result
+            .attempts
+            .last()
+            .and_then(|a| a.duration_ms)
+            .unwrap_or(0);
+        match result.status {
+            Terminal::Completed => console::info(&format!(
+                "completed  {id} on {} in {:.2} s{}{}",
+                result.agent.as_deref().unwrap_or("-"),
+                secs as f64 / 1000.0,
+                if result.files_modified.is_empty() {
+                    String::new()
+                } else {
+                    format!(", changed {}", result.files_modified.len())
+                },
+                if result.review_required {
+                    format!(" — REVIEW REQUIRED: {}", result.review_files.join(", "))
+                } else {
+                    String::new()
+                }
+            )),
+            Terminal::Failed => console::info(&format!(
+                "failed     {id}: {}",
+                result.error.as_deref().unwrap_or("-")
+            )),
+        }
+        self.env.writer.send(Op::Upsert {
+            row: mirror::terminal_row(&self.env.spool, &result, Some(&task)),
+            attempts: result.attempts.clone(),
+        });
+        self.ledger.record_result(&result);
+        self.state_dirty = true;
+    }
+
+    /// Fail a pending task without running it.
+    pub(super) fn fail_pending(&mut self, id: &str, reason: &str) {
+        self.dispatch.forget(id);
+        let Some(p) = self.intake.take(id) else {
+            return;
+        };
+        let result = TaskResult::failed(
+            id,
+            p.history.version + 1,
+            &p.task.file.description,
+            p.history.attempts.clone(),
+            reason.to_string(),
+        );
+        let spool = &self.env.spool;
+        match spool.fail_pending(&p.path, &result) {
+            Ok(true) => {
+                console::info(&format!("failed     {id}: {reason}"));
+                self.env.writer.send(Op::Upsert {
+                    row: crate::mirror::terminal_row(spool, &result, Some(&p.task)),
+                    attempts: result.attempts.clone(),
+                });
+                self.ledger.record(id.to_string(), Terminal::Failed);
+                self.state_dirty = true;
+            }
+            Ok(false) => {}
+            Err(e) => console::error(&format!("cannot fail {id}: {e:#}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> Config {
+        Config::parse(
+            "agents:\n  a: {kind: command, command: sh}\ntask_queue: {retry_delay_seconds: 60}\n",
+            "c.yaml",
+        )
+        .expect("valid config")
+    }
+
+    fn attempt(outcome: Outcome, error: Option<&str>) -> Attempt {
+        Attempt {
+            error: error.map(String::from),
+            ..Attempt::new(1, "a", "2030-01-01T00:00:00Z", outcome)
+        }
+    }
+
+    /// The verdict on `this` after `earlier`, with `max_retries` 2.
+    fn judge(
+        this: &Attempt,
+        earlier: &[Attempt],
+        stopped: Option<StopKind>,
+        permanent: bool,
+    ) -> Verdict {
+        let j = Judged {
+            attempt: this,
+            earlier,
+            stopped,
+            permanent,
+            max_retries: 2,
+        };
+        verdict(&j, &cfg())
+    }
+
+    fn failed(error: &str) -> Verdict {
+        Verdict::Done {
+            status: Terminal::Failed,
+            error: Some(error.into()),
+        }
+    }
+
+    #[test]
+    fn a_completed_attempt_completes_the_task() {
+        let done = Verdict::Done {
+            status: Terminal::Completed,
+            error: None,
+        };
+        assert_eq!(
+            judge(&attempt(Outcome::Completed, None), &[], None, false),
+            done
+        );
+        // Even when a shutdown came while it finished: the work is done.
+        let stopped = Some(StopKind::Shutdown);
+        let this = attempt(Outcome::Completed, None);
+        assert_eq!(judge(&this, &[], stopped, false), done);
+    }
+
+    #[test]
+    fn a_shutdown_interrupts_without_using_a_retry() {
+        let this = attempt(
+            Outcome::Interrupted,
+            Some("interrupted by a supervisor shutdown"),
+        );
+        let earlier = [
+            attempt(Outcome::AgentError, None),
+            attempt(Outcome::AgentError, None),
+        ];
+        // Two failures already and max_retries 2: still requeued, not failed.
+        let v = judge(&this, &earlier, Some(StopKind::Shutdown), false);
+        assert_eq!(v, Verdict::Interrupted);
+        // A failure the agent had on its own during the shutdown is stopped all the same.
+        let this = attempt(Outcome::AgentError, Some("exit 1"));
+        let v = judge(&this, &[], Some(StopKind::Shutdown), false);
+        assert_eq!(v, Verdict::Interrupted);
+    }
+
+    #[test]
+    fn a_rate_limit_or_quota_cools_the_agent_down_without_using_a_retry() {
+        for outcome in [Outcome::RateLimited, Outcome::QuotaExhausted] {
+            let this = attempt(outcome, Some("429"));
+            assert_eq!(judge(&this, &[], None, false), Verdict::CoolDown);
+        }
+        // Only when the agent stopped by itself: one the supervisor stopped is not re-dispatched.
+        let this = attempt(Outcome::RateLimited, Some("429"));
+        let v = judge(&this, &[], Some(StopKind::Cancelled), false);
+        assert_ne!(v, Verdict::CoolDown);
+    }
+
+    #[test]
+    fn a_failure_with_retries_left_retries_after_a_doubling_back_off() {
+        let this = attempt(Outcome::AgentError, Some("exit 1"));
+        let first = Verdict::Retry {
+            failures: 1,
+            delay: Duration::from_secs(60),
+        };
+        assert_eq!(judge(&this, &[], None, false), first);
+        // Rate limits and interruptions before it do not count as failures.
+        let earlier = [
+            attempt(Outcome::RateLimited, None),
+            attempt(Outcome::Interrupted, None),
+            attempt(Outcome::Timeout, None),
+        ];
+        let second = Verdict::Retry {
+            failures: 2,
+            delay: Duration::from_secs(120),
+        };
+        assert_eq!(judge(&this, &earlier, None, false), second);
+    }
+
+    #[test]
+    fn the_last_allowed_failure_fails_the_task_and_says_so() {
+        let earlier = [
+            attempt(Outcome::AgentError, None),
+            attempt(Outcome::Lost, None),
+        ];
+        let this = attempt(Outcome::Timeout, Some("timed out after 10 s"));
+        assert_eq!(
+            judge(&this, &earlier, None, false),
+            failed("timed out after 10 s (after 3 failed attempt(s); max_retries 2)")
+        );
+        // Without an error text, the outcome names the failure.
+        let this = attempt(Outcome::BadOutput, None);
+        assert_eq!(
+            judge(&this, &earlier, None, false),
+            failed("bad_output (after 3 failed attempt(s); max_retries 2)")
+        );
+    }
+
+    #[test]
+    fn a_permanent_failure_fails_at_once_with_its_own_error() {
+        let this = attempt(
+            Outcome::AgentError,
+            Some("workdir ./nope is not a directory"),
+        );
+        assert_eq!(
+            judge(&this, &[], None, true),
+            failed("workdir ./nope is not a directory")
+        );
+    }
+
+    #[test]
+    fn a_cancel_fails_the_task_at_once() {
+        let this = attempt(Outcome::Cancelled, Some("cancelled by user"));
+        assert_eq!(
+            judge(&this, &[], Some(StopKind::Cancelled), false),
+            failed("cancelled by user")
+        );
+        // Whatever else the attempt said, and with retries left.
+        let this = attempt(Outcome::Cancelled, Some("something else"));
+        assert_eq!(judge(&this, &[], None, false), failed("cancelled by user"));
+    }
+}

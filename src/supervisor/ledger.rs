@@ -1,0 +1,79 @@
+//! The finished-task ledger: which tasks are terminal as far as this supervisor knows, and the
+//! completed ones with what they left behind (for `completed_tasks.json` and `current_state.md`).
+//!
+//! Owns that record and nothing else. It never reads or moves task files: the loop tells it what
+//! finished (a commit came back, recovery finished a move, the mirror said so at start) and what is
+//! pending again.
+
+use crate::context::CompletedEntry;
+use crate::record::{TaskResult, Terminal};
+use crate::scheduler;
+
+#[derive(Default)]
+pub(super) struct Ledger {
+    done: scheduler::Done,
+    completed: Vec<CompletedEntry>,
+}
+
+impl Ledger {
+    pub(super) fn status(&self, id: &str) -> Option<Terminal> {
+        self.done.get(id).copied()
+    }
+
+    pub(super) fn is_done(&self, id: &str) -> bool {
+        self.done.contains_key(id)
+    }
+
+    /// `id` is terminal (its details, if completed, are not known here).
+    pub(super) fn record(&mut self, id: String, status: Terminal) {
+        self.done.insert(id, status);
+    }
+
+    /// A result this supervisor committed.
+    pub(super) fn record_result(&mut self, result: &TaskResult) {
+        if result.status == Terminal::Completed {
+            self.completed.push(CompletedEntry {
+                id: result.task_id.clone(),
+                description: result.description.clone(),
+                agent: result.agent.clone(),
+                finished_at: result.finished_at.clone(),
+                output_file: result.output_file.clone(),
+                diff_file: result.diff_file.clone(),
+                files_modified: result.files_modified.clone(),
+            });
+        }
+        self.done.insert(result.task_id.clone(), result.status);
+    }
+
+    /// Completed tasks known from the mirror at start, in any order.
+    pub(super) fn load_completed(&mut self, entries: Vec<CompletedEntry>) {
+        for e in entries {
+            self.done.insert(e.id.clone(), Terminal::Completed);
+            self.completed.push(e);
+        }
+        self.completed
+            .sort_by(|a, b| a.finished_at.cmp(&b.finished_at));
+    }
+
+    /// Back in `pending/`: the tree says it is not finished any more, so neither are we.
+    pub(super) fn reopen(&mut self, id: &str) {
+        self.done.remove(id);
+        self.completed.retain(|c| c.id != id);
+    }
+
+    /// (completed, failed)
+    pub(super) fn counts(&self) -> (usize, usize) {
+        let (mut c, mut f) = (0, 0);
+        for t in self.done.values() {
+            match t {
+                Terminal::Completed => c += 1,
+                Terminal::Failed => f += 1,
+            }
+        }
+        (c, f)
+    }
+
+    pub(super) fn completed(&self) -> &[CompletedEntry] {
+        &self.completed
+    }
+}

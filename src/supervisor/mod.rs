@@ -1,0 +1,508 @@
+//! The supervisor: the loop that turns files into runs and runs into files.
+//!
+//! # Theory of operation
+//!
+//! One tokio task owns all state. Its `select!` turns each source into an [`Event`]: watcher hints
+//! (a file in `pending/` may be ready, or everything must be looked at again), a chunk of a scan
+//! to read, the settle ticker (files seen only by scans or modify events must stay unchanged for
+//! `settle_ms`), attempts' claim news and reports, finished commits, the router's answers, retry
+//! back-off timers, the heartbeat, the state-files ticker, and signals. It decides nothing there:
+//! [`Supervisor::handle`] decides what each event means and runs the phases it calls for. After
+//! each turn the dispatch phase asks the scheduler which pending tasks can run, and starts them.
+//!
+//! The state lives in the part that owns it: `Intake` (the pending queue and what is known about
+//! the files in `pending/`), `Dispatch` (router answers, cooldowns, wake-ups), `Runs` (attempts in
+//! flight), `Commits` (terminal commits in flight) and `Ledger` (what has finished), and changes
+//! only through that part's methods. Handlers never call each other: the work that must follow
+//! (read a requeued file, fail a task, commit a result) comes back as [`Action`]s, which
+//! [`Supervisor::apply`] carries out at once, in order.
+//!
+//! Claims and terminal commits do not wait on the loop (requeues for retries, heartbeats and the
+//! rare paths still do). An attempt runs as its own tokio task (`attempt.rs`): on a blocking
+//! thread it claims the task through the spool (the rename, the claim record, their fsyncs), tells
+//! the loop and the mirror, assembles the prompt and snapshots the workdir; then it runs the agent
+//! through `process`, diffs the workdir and writes the output, and reports back. The loop decides
+//! what the outcome means (`finish.rs`: retry, cooldown, done) and hands a terminal result to
+//! another blocking thread that commits it (result file, rename, fsyncs). Several claims and
+//! commits are on the disk at once, and their directory fsyncs are shared (`fsutil::fsync_dir`).
+//! Each task has at most one such job at a time, and the loop holds it as running or finishing
+//! until the job is back, so its transitions stay in order. Each transition is mirrored after the
+//! file moved and is durable: the mirror may lag the tree, never lead it.
+//!
+//! Shutdown (SIGINT/SIGTERM): stop claiming, SIGTERM every running agent group, wait for the grace
+//! period, SIGKILL; interrupted tasks go back to `pending/` without using up a retry. A second signal
+//! kills at once.
+//!
+//! # Where things are
+//!
+//! - `events.rs`: every event the loop reacts to, every action one part may ask of another.
+//! - `mod.rs` (here): the loop, `handle`, `apply`, and when the loop may end.
+//! - `intake.rs`: `pending/`: scans, settling, reading, rejecting, quarantining, subtasks.
+//! - `dispatch.rs`: what runs next (scheduler, router), and starting it.
+//! - `runs.rs`: the attempts in flight.
+//! - `attempt.rs`: one attempt, off the loop.
+//! - `finish.rs`: a report's verdict (a pure function), requeues, retries, terminal commits.
+//! - `ledger.rs`: what has finished.
+//! - `recovery.rs`: start-up recovery, the heartbeat, cancels, state files.
+//! - `tests.rs`: the loop's decisions, event by event, without agents.
+//!
+//! This file holds no task state and does no file work of its own beyond the final clean-up.
+
+mod attempt;
+mod dispatch;
+mod events;
+mod finish;
+mod intake;
+mod ledger;
+mod recovery;
+mod runs;
+#[cfg(test)]
+mod tests;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::console;
+use crate::cooldown::Cooldowns;
+use crate::fsutil;
+use crate::instance::Instance;
+use crate::layout::Layout;
+use crate::mirror::{self, Op, Writer};
+use crate::redact::Redactor;
+use crate::router::Routed;
+use crate::spool::Spool;
+use crate::task::Task;
+use crate::watch as watcher;
+
+use dispatch::Dispatch;
+use events::{Action, Commit, Event};
+use finish::Commits;
+use intake::Intake;
+use ledger::Ledger;
+use runs::Runs;
+
+pub struct Options {
+    pub once: bool,
+}
+
+/// What every part of the loop reads and none owns.
+struct Env {
+    cfg: Arc<Config>,
+    layout: Layout,
+    spool: Spool,
+    me: Instance,
+    writer: Writer,
+    redactor: Arc<Redactor>,
+}
+
+impl Env {
+    fn max_retries_of(&self, task: &Task) -> u32 {
+        task.file
+            .max_retries
+            .unwrap_or(self.cfg.task_queue.max_retries)
+    }
+
+    /// This supervisor's row in the mirror: alive (with a fresh heartbeat), or stopped.
+    fn announce(&self, alive: bool) {
+        self.writer.send(Op::Supervisor {
+            instance: self.me.id.clone(),
+            pid: self.me.pid,
+            started_at: self.me.started_at.clone(),
+            heartbeat_at: fsutil::now_rfc3339(),
+            alive,
+        });
+    }
+}
+
+/// A read-only look at the parts a decision depends on but does not own.
+struct View<'a> {
+    env: &'a Env,
+    runs: &'a Runs,
+    commits: &'a Commits,
+    ledger: &'a Ledger,
+    shutting_down: bool,
+}
+
+impl View<'_> {
+    /// Running, or finishing: the task is ours and out of `pending/`.
+    fn in_hand(&self, id: &str) -> bool {
+        self.runs.contains(id) || self.commits.contains(id)
+    }
+
+    /// Its terminal commit is under way, and no new attempt of it runs.
+    fn committing(&self, id: &str) -> bool {
+        self.commits.contains(id) && !self.runs.contains(id)
+    }
+}
+
+/// The receiving ends of the channels the loop's helpers report on; `run` takes them.
+struct Inbox {
+    claimed: mpsc::UnboundedReceiver<(String, u64)>,
+    routed: mpsc::UnboundedReceiver<(String, Routed)>,
+}
+
+pub struct Supervisor {
+    env: Env,
+    intake: Intake,
+    dispatch: Dispatch,
+    runs: Runs,
+    commits: Commits,
+    ledger: Ledger,
+    inbox: Option<Inbox>,
+    /// `current_state.md` and `completed_tasks.json` are behind.
+    state_dirty: bool,
+    /// SIGINT and SIGTERM seen: the first stops gracefully, the second kills.
+    signals: u32,
+    shutting_down: bool,
+    opts: Options,
+}
+
+impl Supervisor {
+    pub fn new(cfg: Config, root: &Path, opts: Options) -> Result<Supervisor> {
+        let layout = cfg.layout(root);
+        let redactor = cfg.redactor();
+        let spool = Spool::new(&layout, redactor.clone());
+        spool.ensure_dirs()?;
+        std::fs::create_dir_all(&layout.context_dir)?;
+        spool.check_same_fs()?;
+        fsutil::set_durable(cfg.orchestrator.durable);
+        let me = Instance::register(&layout)?;
+        let (mut writer, _handle) =
+            Writer::start(layout.state_db(), me.host.clone(), redactor.clone())?;
+        if let Some(url) = &cfg.database.url {
+            // Never blocks the start: the writer connects (and reconnects) on its own thread.
+            let pg = mirror::postgres::PgWriter::start(
+                url.clone(),
+                cfg.database.schema.clone(),
+                me.host.clone(),
+                spool.clone(),
+                cfg.orchestrator.max_task_bytes,
+                layout.postgres_health(),
+            )?;
+            writer = writer.with_postgres(pg);
+        }
+        let redactor = Arc::new(redactor);
+        let (dispatch, routed) = Dispatch::new(Cooldowns::load(&layout));
+        let (runs, claimed) = Runs::new();
+        Ok(Supervisor {
+            env: Env {
+                cfg: Arc::new(cfg),
+                layout,
+                spool,
+                me,
+                writer,
+                redactor,
+            },
+            intake: Intake::new(),
+            dispatch,
+            runs,
+            commits: Commits::default(),
+            ledger: Ledger::default(),
+            inbox: Some(Inbox { claimed, routed }),
+            state_dirty: true,
+            signals: 0,
+            shutting_down: false,
+            opts,
+        })
+    }
+
+    pub fn instance_id(&self) -> &str {
+        &self.env.me.id
+    }
+
+    pub async fn run(mut self) -> Result<()> {
+        self.startup()?;
+        let (hint_tx, mut hints) = mpsc::unbounded_channel();
+        let _watch = watcher::start(
+            &self.env.spool.layout().pending,
+            Duration::from_secs(self.env.cfg.orchestrator.rescan_seconds),
+            hint_tx,
+        );
+        console::info(&format!(
+            "orchestrate {} watching {} (instance {}, max_concurrent {})",
+            env!("CARGO_PKG_VERSION"),
+            self.env.layout.rel(&self.env.spool.layout().pending),
+            self.env.me.id,
+            self.env.cfg.orchestrator.max_concurrent
+        ));
+        self.scan_pending();
+        self.dispatch_phase();
+
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let mut sigusr1 = signal(SignalKind::user_defined1())?;
+        let mut heartbeat = tokio::time::interval(Duration::from_secs(
+            self.env.cfg.orchestrator.heartbeat_seconds.max(1),
+        ));
+        heartbeat.tick().await;
+        // An interval, not a sleep re-armed each pass: a steady stream of events must not starve it.
+        let mut settle_tick = tokio::time::interval(Duration::from_millis(
+            (self.env.cfg.orchestrator.settle_ms / 4).clamp(10, 250),
+        ));
+        settle_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut state_tick = tokio::time::interval(Duration::from_millis(250));
+        let Inbox {
+            mut claimed,
+            mut routed,
+        } = self.inbox.take().expect("run is called once");
+        loop {
+            if self.opts.once && self.nothing_left() {
+                console::info("nothing left to run (--once)");
+                break;
+            }
+            if self.shutting_down && self.runs.is_empty() && !self.commits.has_tasks() {
+                break;
+            }
+            let wake = self.dispatch.wake_deadline();
+            let far = || Instant::now() + Duration::from_secs(3600);
+            // Only sources into events.
+            let events = tokio::select! {
+                Some(h) = hints.recv() => burst(h, || hints.try_recv().ok(), Event::from),
+                Some(ended) = self.runs.join_next(), if self.runs.has_tasks() => {
+                    burst(ended, || self.runs.try_join_next(), Event::AttemptEnded)
+                }
+                Some(done) = self.commits.join_next(), if self.commits.has_tasks() => {
+                    burst(done, || self.commits.try_join_next(), Event::Committed)
+                }
+                Some((id, routed)) = routed.recv() => vec![Event::Routed { id, routed }],
+                Some(news) = claimed.recv() => {
+                    let event = |(id, start)| Event::Claimed { id, start };
+                    burst(news, || claimed.try_recv().ok(), event)
+                }
+                _ = settle_tick.tick(), if self.intake.is_settling() => vec![Event::SettleTick],
+                // Always ready while a scan is under way; select's random choice among the ready
+                // branches interleaves its chunks with everything else.
+                _ = std::future::ready(()), if self.intake.is_scanning() => vec![Event::ScanChunk],
+                _ = tokio::time::sleep_until(wake.unwrap_or_else(far).into()), if wake.is_some() => {
+                    vec![Event::WakeUp]
+                }
+                _ = heartbeat.tick() => vec![Event::Heartbeat],
+                _ = state_tick.tick(), if self.state_dirty => vec![Event::StateTick],
+                _ = sigusr1.recv() => vec![Event::CancelRequested],
+                _ = sigint.recv() => vec![Event::StopRequested],
+                _ = sigterm.recv() => vec![Event::StopRequested],
+            };
+            for event in events {
+                self.handle(event);
+            }
+            if !self.shutting_down {
+                self.dispatch_phase();
+            }
+        }
+        self.write_state_files();
+        let env = &self.env;
+        // Leave the mirror agreeing with the tree: files quarantined or removed while we ran may
+        // have rows that only a reconcile clears.
+        if let Err(e) = env
+            .writer
+            .reconcile(&env.spool, env.cfg.orchestrator.max_task_bytes, false)
+        {
+            console::warn(&format!("final mirror reconcile failed: {e}"));
+        }
+        env.announce(false);
+        env.writer.flush();
+        let _ = std::fs::remove_file(env.me.lock_path(&env.layout));
+        console::info("supervisor stopped");
+        Ok(())
+    }
+
+    /// Decide what an event means, and run the phases it calls for.
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Arrived(path) => self.ingest(&path, true),
+            Event::Changed(path) => self.ingest(&path, false),
+            Event::Rescan => {
+                self.scan_pending();
+                // Claims of supervisors that died since we started (another one sharing the tree).
+                let recovered = self.recover();
+                self.apply(recovered);
+                let env = &self.env;
+                env.writer
+                    .reconcile_later(&env.spool, env.cfg.orchestrator.max_task_bytes);
+            }
+            Event::ScanChunk => self.scan_chunk(),
+            Event::SettleTick => {
+                let (intake, _, view) = self.parts();
+                let settled = intake.settle_tick(&view);
+                self.apply(settled);
+            }
+            Event::Claimed { id, start } => {
+                if let Some(path) = self.runs.claimed(&id, start) {
+                    self.intake.release(&path);
+                }
+            }
+            Event::AttemptEnded(Ok((tid, report))) => {
+                self.runs.joined(tid);
+                let next = self.on_report(report);
+                self.apply(next);
+            }
+            Event::AttemptEnded(Err(e)) => {
+                if let Some(report) = self.crash_report(e) {
+                    let next = self.on_report(report);
+                    self.apply(next);
+                }
+            }
+            Event::Committed(done) => self.on_committed(done),
+            Event::Routed { id, routed } => {
+                self.dispatch.on_routed(&self.intake.queue, id, routed);
+            }
+            // The dispatch after every turn lets the task whose back-off ended run; at the top of
+            // the next turn `wake_deadline` sees the time has passed and asks for a full pass.
+            Event::WakeUp => {}
+            Event::Heartbeat => self.on_heartbeat(),
+            Event::StateTick => self.write_state_files(),
+            Event::CancelRequested => {
+                let cancels = self.check_cancels();
+                self.apply(cancels);
+            }
+            Event::StopRequested => self.on_stop_signal(),
+        }
+    }
+
+    /// Carry out actions at once, in order, each one's own follow-ups before the next.
+    fn apply(&mut self, actions: Vec<Action>) {
+        let mut stack = actions;
+        stack.reverse();
+        while let Some(action) = stack.pop() {
+            let mut more = self.carry_out(action);
+            more.reverse();
+            stack.append(&mut more);
+        }
+    }
+
+    #[must_use = "the actions are the rest of the work: apply them"]
+    fn carry_out(&mut self, action: Action) -> Vec<Action> {
+        match action {
+            Action::Queued { id, not_before } => self.dispatch.queued(&id, not_before),
+            Action::Left(id) => self.dispatch.forget(&id),
+            Action::Reopened(id) => self.ledger.reopen(&id),
+            Action::Ingest(path) => {
+                let (intake, _, view) = self.parts();
+                return intake.ingest(&view, &path, true);
+            }
+            Action::Reread(path) => {
+                let (intake, _, view) = self.parts();
+                return intake.reread(&view, &path);
+            }
+            Action::Settle(path) => self.intake.settle(&path),
+            Action::Start { id, agent, because } => self.start(&id, &agent, &because),
+            Action::CompleteParent(id) => return self.complete_parent(&id),
+            Action::Fail { id, reason } => self.fail_pending(&id, &reason),
+            Action::CancelAnswered(id) => self.env.spool.drop_cancel_request(&id),
+            Action::Commit(commit) => {
+                let Commit { task, result } = *commit;
+                self.commits.start(&self.env.spool, task, result);
+            }
+        }
+        vec![]
+    }
+
+    /// The parts a handler may change, and a view of the rest.
+    fn parts(&mut self) -> (&mut Intake, &mut Dispatch, View<'_>) {
+        let Supervisor {
+            env,
+            intake,
+            dispatch,
+            runs,
+            commits,
+            ledger,
+            shutting_down,
+            ..
+        } = self;
+        let view = View {
+            env,
+            runs,
+            commits,
+            ledger,
+            shutting_down: *shutting_down,
+        };
+        (intake, dispatch, view)
+    }
+
+    fn ingest(&mut self, path: &Path, complete: bool) {
+        let (intake, _, view) = self.parts();
+        let next = intake.ingest(&view, path, complete);
+        self.apply(next);
+    }
+
+    /// Take a new listing of `pending/` and read its first chunk.
+    fn scan_pending(&mut self) {
+        let (intake, _, view) = self.parts();
+        if intake.rescan(&view) {
+            self.scan_chunk();
+        }
+    }
+
+    /// The scan's next chunk, in its phases.
+    fn scan_chunk(&mut self) {
+        if !self.intake.is_scanning() {
+            return;
+        }
+        let (intake, _, view) = self.parts();
+        let read = intake.scan_chunk(&view);
+        self.apply(read);
+        // Cancels asked of a supervisor that died before it could finish them, for tasks this chunk
+        // found again (requeued by recovery, say): before the scheduler sees them.
+        let cancels = self.check_cancels();
+        self.apply(cancels);
+        let (intake, _, view) = self.parts();
+        let gone = intake.end_scan(&view);
+        self.apply(gone);
+    }
+
+    /// SIGINT or SIGTERM: the first stops claiming and stops the agents gracefully; the second
+    /// kills them.
+    fn on_stop_signal(&mut self) {
+        self.signals += 1;
+        if self.signals == 1 {
+            console::info(&format!(
+                "stopping: no new claims; {} running agent(s) get SIGTERM, then SIGKILL after {} s (signal again to kill now)",
+                self.runs.len(),
+                self.env.cfg.orchestrator.kill_grace_seconds
+            ));
+            self.shutting_down = true;
+            self.runs.shut_down();
+        } else {
+            console::info("second signal: killing running agents now");
+            self.runs.kill_all();
+        }
+    }
+
+    /// `--once` may stop: nothing runs or waits for something that will come without new input.
+    fn nothing_left(&self) -> bool {
+        if !self.runs.is_empty()
+            || self.intake.is_settling()
+            || !self.commits.is_empty()
+            || self.intake.is_scanning()
+        {
+            return false;
+        }
+        // A task waiting for the router's answer will go on when it comes.
+        if self.dispatch.asking_router() {
+            return false;
+        }
+        // A task waiting for an agent's cooldown to end will run when it does (one that waits for
+        // something else, say a CLI that is not installed, does not keep `--once` alive).
+        if self.dispatch.cooling_down() && self.intake.queue.waits_for_cooldown() {
+            return false;
+        }
+        // A task in a retry back-off runs when it ends (and so may a task that depends on it: such a
+        // dependency is pending itself, so the same check covers it).
+        !self.intake.queue.backing_off(Instant::now())
+    }
+}
+
+/// `first` and whatever else its source has ready now, as events: a burst is handled in one turn,
+/// with one dispatch after it.
+fn burst<T>(first: T, more: impl FnMut() -> Option<T>, event: impl Fn(T) -> Event) -> Vec<Event> {
+    std::iter::once(first)
+        .chain(std::iter::from_fn(more))
+        .map(event)
+        .collect()
+}
