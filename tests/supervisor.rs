@@ -971,7 +971,8 @@ fn regression_a_cancel_survives_a_supervisor_killed_before_the_task_stopped() {
     assert!(p.tasks_in("completed").is_empty() && p.tasks_in("pending").is_empty());
     assert!(
         p.files(".orchestrate/cancel").is_empty(),
-        "{:?}",
-        p.files(".orchestrate/cancel")
+        "{:?}\n{}",
+        p.files(".orchestrate/cancel"),
+        again.output()
     );
 }

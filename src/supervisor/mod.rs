@@ -216,6 +216,13 @@ impl Supervisor {
     }
 
     pub async fn run(mut self) -> Result<()> {
+        // Signals first: start-up already moves files (recovery, cancels, the first claims), and a
+        // SIGTERM in that window must be a graceful stop at the first turn of the loop, not the
+        // default action killing the process between two steps of one transition.
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let mut sigusr1 = signal(SignalKind::user_defined1())?;
         self.startup()?;
         let (hint_tx, mut hints) = mpsc::unbounded_channel();
         let _watch = watcher::start(
@@ -233,10 +240,6 @@ impl Supervisor {
         self.scan_pending();
         self.dispatch_phase();
 
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut sigint = signal(SignalKind::interrupt())?;
-        let mut sigterm = signal(SignalKind::terminate())?;
-        let mut sigusr1 = signal(SignalKind::user_defined1())?;
         let mut heartbeat = tokio::time::interval(Duration::from_secs(
             self.env.cfg.orchestrator.heartbeat_seconds.max(1),
         ));
