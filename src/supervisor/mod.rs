@@ -2,20 +2,20 @@
 //!
 //! # Theory of operation
 //!
-//! One tokio task owns all state. Its `select!` turns each source into an [`Event`]: watcher hints
+//! One tokio task owns all state. Its `select!` turns each source into an `Event`: watcher hints
 //! (a file in `pending/` may be ready, or everything must be looked at again), a chunk of a scan
 //! to read, the settle ticker (files seen only by scans or modify events must stay unchanged for
 //! `settle_ms`), attempts' claim news and reports, finished commits, the router's answers, retry
 //! back-off timers, the heartbeat, the state-files ticker, and signals. It decides nothing there:
-//! [`Supervisor::handle`] decides what each event means and runs the phases it calls for. After
+//! `Supervisor::handle` decides what each event means and runs the phases it calls for. After
 //! each turn the dispatch phase asks the scheduler which pending tasks can run, and starts them.
 //!
 //! The state lives in the part that owns it: `Intake` (the pending queue and what is known about
 //! the files in `pending/`), `Dispatch` (router answers, cooldowns, wake-ups), `Runs` (attempts in
 //! flight), `Commits` (terminal commits in flight) and `Ledger` (what has finished), and changes
 //! only through that part's methods. Handlers never call each other: the work that must follow
-//! (read a requeued file, fail a task, commit a result) comes back as [`Action`]s, which
-//! [`Supervisor::apply`] carries out at once, in order.
+//! (read a requeued file, fail a task, commit a result) comes back as `Action`s, which
+//! `Supervisor::apply` carries out at once, in order.
 //!
 //! Claims and terminal commits do not wait on the loop (requeues for retries, heartbeats and the
 //! rare paths still do). An attempt runs as its own tokio task (`attempt.rs`): on a blocking
