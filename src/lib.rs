@@ -1,7 +1,10 @@
 //! orchestrate: a supervisor for AI coding-agent CLIs, driven by a folder of YAML task files.
 //!
-//! Data flows one way: `watch` → `spool` → `scheduler` → `process`/`agents` → `context` → `spool` →
-//! `mirror`. The files are the truth; the mirror can be rebuilt from them at any time.
+//! Data flows one way: `watch` → `supervisor` (intake) → `scheduler` → `supervisor` (attempt:
+//! `spool`, `process`/`agents`, `snapshot`, `context`) → `spool` → `mirror`. The files are the truth;
+//! the mirror can be rebuilt from them at any time. The modules are layered (leaves, records,
+//! mechanisms, agents, context, mirror, decisions, the loop, surfaces): `docs/architecture.md`
+//! explains them and `tests/layering.rs` keeps them so.
 
 // Unit tests may unwrap: a panic is exactly how a test should fail.
 #![cfg_attr(test, allow(clippy::unwrap_used))]

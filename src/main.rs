@@ -1,3 +1,6 @@
+//! The `orchestrate` binary: parse the arguments, run the command, turn its error into an exit code.
+//! Everything else is in the library (`cli` decides what each command does).
+
 use clap::Parser;
 
 fn main() {

@@ -1,8 +1,9 @@
-//! Task files (schema v1) and the records the spool writes beside them.
+//! Task files (schema v1): what people write into `pending/`, and the names the spool accepts.
 //!
 //! Parsing is strict: unknown keys, duplicate keys, several documents, a missing description or a file
 //! over the size cap are errors with a line and column. Budgets in [`crate::yaml::options`] bound
-//! the CPU and memory a hostile file can cost. Nothing here touches the file system except [`read_task`].
+//! the CPU and memory a hostile file can cost. The records orchestrate writes beside a task are in
+//! `record`. Nothing here touches the file system except [`read_task`], and nothing here writes.
 
 use std::path::Path;
 
