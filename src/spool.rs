@@ -218,6 +218,14 @@ impl Spool {
         fsutil::atomic_create(&self.layout.pending, name, bytes)
     }
 
+    /// Ask the supervisor that runs `id` to cancel it (`orchestrate cancel`, which then signals it).
+    pub fn request_cancel(&self, id: &str) -> Result<()> {
+        let dir = self.layout.cancel_dir();
+        fs::create_dir_all(&dir)?;
+        atomic_write(&dir.join(id), b"")?;
+        Ok(())
+    }
+
     /// Ids with a cancel request: `orchestrate cancel` leaves `state_dir/cancel/<id>`, and the
     /// request stays until the task is terminal.
     pub fn cancel_requests(&self) -> Vec<String> {

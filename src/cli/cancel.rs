@@ -73,9 +73,7 @@ fn cancel_running(cli: &Cli, project: &Project, id: &str) -> Result<i32> {
     if claim.host != crate::fsutil::hostname() {
         bail!("task {id} runs on host {}; cancel it there", claim.host);
     }
-    let dir = project.layout.cancel_dir();
-    std::fs::create_dir_all(&dir)?;
-    crate::fsutil::atomic_write(&dir.join(id), b"")?;
+    spool.request_cancel(id)?;
     // SAFETY: plain signal to the supervisor pid recorded in the claim.
     unsafe {
         libc::kill(claim.pid as i32, libc::SIGUSR1);
