@@ -3,9 +3,10 @@
 //! (`completed/X_result.yaml`, `failed/X_result.yaml`).
 //!
 //! These are orchestrate's own files, apart from the task file schema people write (`task`). Every
-//! record is serialized through [`to_yaml`], which redacts secrets, and parsed through [`from_yaml`],
-//! which holds even our own files to the YAML budgets (a synced or hand-edited record may be
-//! anything). This module never touches the file system: the spool decides where records go.
+//! record is serialized through [`to_yaml`], which redacts the secrets in its free text (see
+//! [`Record`]), and parsed through [`from_yaml`], which holds even our own files to the YAML budgets
+//! (a synced or hand-edited record may be anything). This module never touches the file system: the
+//! spool decides where records go.
 
 use serde::{Deserialize, Serialize};
 
@@ -220,12 +221,69 @@ impl TaskResult {
     }
 }
 
-/// Serialize one of our own records. These types contain nothing serde-saphyr cannot represent.
-pub fn to_yaml<T: Serialize>(v: &T, redactor: &Redactor) -> String {
-    // Every record we write goes through here, so this is where configured secrets are redacted.
-    redactor.redact_owned(
-        serde_saphyr::to_string(v).expect("records are plain data and always serialize"),
-    )
+/// A record whose free text may carry a secret (an agent's error, a session id, a description).
+///
+/// Redaction works on the fields, before serializing: replacing a secret in the YAML text would
+/// rewrite ids, agent names and paths that happen to contain it, and a value that starts with it
+/// would read back as a YAML alias (`***`), making the record unreadable.
+pub trait Record: Serialize + Clone {
+    fn redact(&mut self, r: &Redactor);
+}
+
+fn redact_opt(s: &mut Option<String>, r: &Redactor) {
+    if let Some(v) = s.take() {
+        *s = Some(r.redact_owned(v));
+    }
+}
+
+impl Record for Attempt {
+    fn redact(&mut self, r: &Redactor) {
+        redact_opt(&mut self.error, r);
+        redact_opt(&mut self.session_id, r);
+    }
+}
+
+impl Record for Claim {
+    fn redact(&mut self, r: &Redactor) {
+        self.history.iter_mut().for_each(|a| a.redact(r));
+        redact_opt(&mut self.chosen_because, r);
+    }
+}
+
+impl Record for History {
+    fn redact(&mut self, r: &Redactor) {
+        self.attempts.iter_mut().for_each(|a| a.redact(r));
+        redact_opt(&mut self.reason, r);
+    }
+}
+
+impl Record for TaskResult {
+    fn redact(&mut self, r: &Redactor) {
+        self.description = r.redact_owned(std::mem::take(&mut self.description));
+        self.attempts.iter_mut().for_each(|a| a.redact(r));
+        redact_opt(&mut self.error, r);
+        redact_opt(&mut self.chosen_because, r);
+        for f in self
+            .files_modified
+            .iter_mut()
+            .chain(self.review_files.iter_mut())
+        {
+            *f = r.redact_owned(std::mem::take(f));
+        }
+    }
+}
+
+/// Serialize one of our own records, secrets redacted. Every record the spool writes goes through
+/// here. These types contain nothing serde-saphyr cannot represent.
+pub fn to_yaml<T: Record>(v: &T, redactor: &Redactor) -> String {
+    let text =
+        |v: &T| serde_saphyr::to_string(v).expect("records are plain data and always serialize");
+    if redactor.is_empty() {
+        return text(v);
+    }
+    let mut v = v.clone();
+    v.redact(redactor);
+    text(&v)
 }
 
 /// Parse one of our own records (claims, results, histories): trusted but still budgeted.
@@ -262,5 +320,23 @@ mod tests {
         let back: TaskResult = from_yaml(&to_yaml(&r, &Redactor::none())).expect("round trip");
         assert_eq!(back.description, r.description);
         assert_eq!(back.attempts, r.attempts);
+    }
+
+    #[test]
+    fn redaction_touches_free_text_only_and_the_record_still_reads() {
+        let r = Redactor::from_values(["ollama".to_string()]);
+        let result = TaskResult {
+            attempts: vec![Attempt {
+                session_id: Some("ollama-session".into()),
+                ..Attempt::new(1, "ollama", "2026-01-01T00:00:00Z", Outcome::AgentError)
+            }],
+            ..TaskResult::failed("deploy-ollama", 2, "ollama is down", vec![], "x".into())
+        };
+        let text = to_yaml(&result, &r);
+        let back: TaskResult = from_yaml(&text).expect("a redacted record still parses");
+        assert_eq!(back.task_id, "deploy-ollama", "{text}");
+        assert_eq!(back.attempts[0].agent, "ollama", "{text}");
+        assert_eq!(back.description, "*** is down", "{text}");
+        assert_eq!(back.attempts[0].session_id.as_deref(), Some("***-session"));
     }
 }

@@ -39,6 +39,11 @@ impl Redactor {
         Redactor::default()
     }
 
+    /// Whether there is nothing to redact (no secret variable is set).
+    pub fn is_empty(&self) -> bool {
+        self.secrets.is_empty()
+    }
+
     pub fn redact(&self, s: &str) -> String {
         let mut out = s.to_string();
         for secret in self.secrets.iter() {

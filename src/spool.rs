@@ -81,8 +81,14 @@ impl Spool {
         &self.redactor
     }
 
+    fn write_reason(&self, file: &Path, reason: &str) -> Result<()> {
+        let reason = self.redactor.redact(reason);
+        atomic_write(&Layout::reason_path(file), format!("{reason}\n").as_bytes())?;
+        Ok(())
+    }
+
     /// One of our records as YAML, secrets redacted.
-    fn yaml<T: serde::Serialize>(&self, record: &T) -> String {
+    fn yaml<T: record::Record>(&self, record: &T) -> String {
         record::to_yaml(record, &self.redactor)
     }
 
@@ -287,7 +293,7 @@ impl Spool {
                 // A task with this id already finished (it was resurrected and slipped past the
                 // duplicate check on another host): keep both, never overwrite.
                 let q = move_unique(&from, &self.layout.quarantine, &format!("{id}.yaml"))?;
-                write_reason(
+                self.write_reason(
                     &q,
                     &format!(
                         "task {id} finished twice; the earlier copy is in {}",
@@ -320,7 +326,7 @@ impl Spool {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 // Someone dropped a new file with this name meanwhile; theirs is the duplicate.
                 let q = move_unique(&to, &self.layout.quarantine, &format!("{id}.yaml"))?;
-                write_reason(
+                self.write_reason(
                     &q,
                     &format!("task id {id} was already taken by a task in assigned/"),
                 )?;
@@ -363,7 +369,8 @@ impl Spool {
             .with_context(|| format!("cannot move {} to failed/", src.display()))?;
         fsync_dir(&self.layout.pending)?;
         let err = Layout::error_path(&dst);
-        atomic_write(&err, explanation.as_bytes())?;
+        // The explanation quotes the file; the file stays as its author wrote it, the quote does not.
+        atomic_write(&err, self.redactor.redact(explanation).as_bytes())?;
         Ok(dst)
     }
 
@@ -371,7 +378,7 @@ impl Spool {
         let dst = move_unique(src, &self.layout.quarantine, name)
             .with_context(|| format!("cannot move {} to quarantine/", src.display()))?;
         fsync_dir(&self.layout.pending)?;
-        write_reason(&dst, reason)?;
+        self.write_reason(&dst, reason)?;
         Ok(dst)
     }
 
@@ -483,7 +490,10 @@ impl Spool {
                         "{name}: rejected, but the reason was lost in a crash; run `orchestrate retry {stem}` to run it"
                     ),
                 };
-                atomic_write(&Layout::error_path(&path), msg.as_bytes())?;
+                atomic_write(
+                    &Layout::error_path(&path),
+                    self.redactor.redact(&msg).as_bytes(),
+                )?;
             }
         }
         Ok(())
@@ -582,7 +592,7 @@ impl Spool {
             }
             // A newcomer took the name meanwhile (sync, git): it is the duplicate, ours has history.
             let q = move_unique(&to, &self.layout.quarantine, &format!("{id}.yaml"))?;
-            write_reason(
+            self.write_reason(
                 &q,
                 &format!("task id {id} was taken by a task being recovered from assigned/"),
             )?;
@@ -600,11 +610,6 @@ pub fn terminal_place(t: Terminal) -> Place {
         Terminal::Completed => Place::Completed,
         Terminal::Failed => Place::Failed,
     }
-}
-
-fn write_reason(file: &Path, reason: &str) -> Result<()> {
-    atomic_write(&Layout::reason_path(file), format!("{reason}\n").as_bytes())?;
-    Ok(())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

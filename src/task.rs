@@ -89,6 +89,14 @@ pub struct Task {
     pub file: TaskFile,
 }
 
+impl TaskFile {
+    /// The file as orchestrate writes it (`orchestrate add`, subtask children). Never redacted: a
+    /// task file says what its author asked for, and `***` in a prompt would change the task.
+    pub fn to_yaml(&self) -> String {
+        serde_saphyr::to_string(self).expect("a task file is plain data and always serializes")
+    }
+}
+
 impl Task {
     pub fn priority(&self) -> i64 {
         self.file.priority.map(Priority::rank).unwrap_or(1)

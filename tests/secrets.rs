@@ -125,17 +125,54 @@ security:
             &format!("description: report what you know\nagent: {a}\n"),
         );
     }
-    // Text that reaches records without passing through an agent: the description (copied into the
-    // result file, the state files and both mirrors' payloads).
+    // Text that reaches records without passing through an agent: a description (copied into the
+    // result file, the state files and both mirrors' payloads) that starts with a secret (a record
+    // redacted as text would read back as a YAML alias), a file whose parse error quotes one, a task
+    // added through the CLI, and one that stays pending (the reconciler writes its row).
     let all = SECRETS.map(|(_, v)| v).join(" ");
     p.drop_task(
         "t_described.yaml",
-        &format!("description: \"use {all}\"\nagent: shell\n"),
+        &format!("description: \"{all} are the keys\"\nagent: shell\n"),
     );
-    let tasks = agents.len() + 1;
+    p.drop_task(
+        "t_broken.yaml",
+        &format!("description: \"use {all}\nagent: [\n"),
+    );
+    p.drop_task(
+        "t_waiting.yaml",
+        &format!("description: \"later: {all}\"\ndependencies: [never_done]\n"),
+    );
+    let added = p
+        .cmd(&[
+            "add",
+            "--id",
+            "t_added",
+            "--after",
+            "never_done",
+            &format!("added: {all}"),
+        ])
+        .envs(SECRETS)
+        .output()
+        .expect("add");
+    assert!(added.status.success(), "{added:?}");
+    // The files their authors wrote keep what they wrote; everything derived from them must not.
+    let authored = [
+        "tasks/failed/t_described.yaml",
+        "tasks/failed/t_broken.yaml",
+        "tasks/pending/t_waiting.yaml",
+        "tasks/pending/t_added.yaml",
+    ];
+    let tasks = agents.len() + 2;
     wait_for("every task to finish", Duration::from_secs(60), || {
         p.tasks_in("completed").len() + p.tasks_in("failed").len() == tasks
     });
+    let r = p.result("failed", "t_described");
+    assert_eq!(r["description"], "*** *** *** are the keys", "{r}");
+    // The file is moved first and explained right after.
+    wait_for("t_broken explained", Duration::from_secs(10), || {
+        p.path("tasks/failed/t_broken.error.txt").exists()
+    });
+    assert!(p.read("tasks/failed/t_broken.error.txt").contains("***"));
     // Outcomes as the scripts meant them: the secrets went through every path (answer, error, session).
     assert_eq!(
         p.tasks_in("completed"),
@@ -164,6 +201,19 @@ security:
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(sup.stop().success(), "{}", sup.output());
+    // Rows as the supervisor and the CLI (`add`) wrote them, before a rebuild replaces them.
+    assert_no_row_leaks(&p, &schema);
+    // The reconciler writes rows from the tree: the waiting task's row comes from its own file.
+    let rebuilt = p
+        .cmd(&["mirror", "rebuild"])
+        .envs(SECRETS)
+        .output()
+        .expect("mirror rebuild");
+    assert!(rebuilt.status.success(), "{rebuilt:?}");
+    assert!(
+        p.mirror_states()
+            .contains(&("t_waiting".to_string(), "pending".to_string()))
+    );
 
     let mut files = 0;
     for entry in walkdir::WalkDir::new(p.root()) {
@@ -171,8 +221,8 @@ security:
         if !entry.file_type().is_file() {
             continue;
         }
-        if entry.path().ends_with("tasks/failed/t_described.yaml") {
-            continue; // the task file as its author wrote it
+        if authored.iter().any(|a| entry.path().ends_with(a)) {
+            continue;
         }
         files += 1;
         let bytes = std::fs::read(entry.path()).expect("read");
@@ -185,7 +235,16 @@ security:
     }
     assert!(files > 20, "only {files} files searched");
 
-    // Every row of every table, as text, in both databases.
+    assert_no_row_leaks(&p, &schema);
+    // Every finished task ran once, but the broken file, which never became a task.
+    assert_eq!(
+        schema.count("SELECT count(*) FROM attempts"),
+        tasks as i64 - 1
+    );
+}
+
+/// Every row of every table, as text, in both databases.
+fn assert_no_row_leaks(p: &Project, schema: &PgSchema) {
     let db = p.db();
     for table in ["tasks", "attempts", "task_events", "supervisors"] {
         let mut st = db
@@ -220,5 +279,4 @@ security:
             );
         }
     }
-    assert_eq!(schema.count("SELECT count(*) FROM attempts"), tasks as i64);
 }

@@ -106,7 +106,7 @@ fn check_task(t: &Task, stem: &str) {
 /// orchestrate writes task files with `to_yaml` and reads them back with the same parser: what it
 /// writes must parse, to the same task.
 fn round_trip(file: &TaskFile, stem: &str, id: &str, what: &str) {
-    let text = orchestrate::record::to_yaml(file, &orchestrate::redact::Redactor::none());
+    let text = file.to_yaml();
     match task::parse_task(&text, stem, "<written>") {
         Ok(back) => {
             assert_eq!(&back.file, file, "{what}: re-parse differs\n--- written:\n{text}");

@@ -82,7 +82,7 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
     for _ in 0..1000 {
         let tid = id.clone().unwrap_or_else(|| format!("task_{n:03}"));
         file.id = Some(tid.clone());
-        let text = crate::record::to_yaml(&file, project.spool.redactor());
+        let text = file.to_yaml();
         // Validate exactly what we write: `add` must never produce a file the supervisor rejects.
         let parsed = task::parse_task(&text, &tid, "<new task>")
             .map_err(|e| UsageError(e.message().to_string()))?;

@@ -405,7 +405,9 @@ impl Intake {
             Ok(dst) => {
                 console::info(&format!(
                     "rejected   {name}: {} → {}",
-                    explanation.lines().next().unwrap_or_default(),
+                    spool
+                        .redactor()
+                        .redact(explanation.lines().next().unwrap_or_default()),
                     layout.rel(&dst)
                 ));
                 view.env.writer.send(Op::Upsert {
@@ -559,7 +561,8 @@ impl Intake {
         };
         match view.env.spool.quarantine(path, &stored, &reason) {
             Ok(dst) => console::info(&format!(
-                "quarantine {name}: {reason} → {}",
+                "quarantine {name}: {} → {}",
+                view.env.spool.redactor().redact(&reason),
                 view.env.layout.rel(&dst)
             )),
             Err(e) => console::warn(&format!("cannot quarantine {name}: {e:#}")),
@@ -581,10 +584,7 @@ impl Intake {
             }
             let child = scheduler::subtask_file(parent, n);
             let name = format!("{id}.yaml");
-            match spool.add_pending(
-                &name,
-                crate::record::to_yaml(&child, spool.redactor()).as_bytes(),
-            ) {
+            match spool.add_pending(&name, child.to_yaml().as_bytes()) {
                 Ok(true) => {
                     let p = spool.layout().pending.join(&name);
                     let sig = std::fs::metadata(&p)
