@@ -5,7 +5,7 @@
 //! and column; a config error stops the start (exit code 2), it is never half-applied.
 //!
 //! [`Config::parse`] goes from raw input to ready objects in one pass: serde reads the text, `${VAR}`
-//! expansion fills values, and [`Config::compile`] checks every value and keeps what it compiled
+//! expansion fills values, and `Config::compile` checks every value and keeps what it compiled
 //! (routing regexes, review and diff-exclude globs) in the config itself, so nothing downstream parses
 //! a pattern again. This module owns what the configuration *means* (defaults, the project
 //! [`Layout`], the list of secret names); it never reads task files and never opens a database.
@@ -238,7 +238,7 @@ pub struct RoutingRule {
     #[serde(default)]
     pub matches: Option<String>,
     pub agent: String,
-    /// `matches`, compiled by [`Config::compile`].
+    /// `matches`, compiled by `Config::compile`.
     #[serde(skip)]
     pub regex: Option<regex::Regex>,
 }
@@ -288,7 +288,7 @@ pub struct SecurityConfig {
     pub workspace_roots: Vec<PathBuf>,
     /// Globs; a diff touching one marks the result `review_required`.
     pub review_paths: Vec<String>,
-    /// `review_paths`, compiled by [`Config::compile`].
+    /// `review_paths`, compiled by `Config::compile`.
     #[serde(skip)]
     pub review_globs: Vec<glob::Pattern>,
 }
@@ -320,7 +320,7 @@ pub struct ContextConfig {
     pub max_snapshot_bytes: u64,
     /// Each context file (and dependency output) is cut to this many bytes in the prompt.
     pub max_context_file_bytes: u64,
-    /// `diff_exclude`, compiled by [`Config::compile`].
+    /// `diff_exclude`, compiled by `Config::compile`.
     #[serde(skip)]
     pub diff_exclude_globs: Vec<glob::Pattern>,
 }
@@ -532,15 +532,14 @@ impl Config {
                 ));
             }
         }
-        for (i, r) in self.routing.rules.iter().enumerate() {
-            if !known(&r.agent) {
+        // One pass, in rule order, so the first bad rule is the one reported.
+        for (i, r) in self.routing.rules.iter_mut().enumerate() {
+            if !self.agents.contains_key(&r.agent) {
                 return Err((
                     format!("routing.rules[{i}].agent"),
                     format!("unknown agent `{}`", r.agent),
                 ));
             }
-        }
-        for (i, r) in self.routing.rules.iter_mut().enumerate() {
             r.regex = match &r.matches {
                 Some(re) => Some(regex::Regex::new(re).map_err(|e| {
                     (

@@ -103,6 +103,14 @@ impl Task {
     }
 }
 
+/// A task file's content hash: a claim hashes the file again, so it runs the file that was read.
+pub fn content_hash(bytes: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
+}
+
 /// Names the spool accepts for tasks and agents: no path separators, no leading dot or dash.
 pub fn valid_name(s: &str) -> bool {
     s.len() <= MAX_ID_LEN && name_chars_ok(s)

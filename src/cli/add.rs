@@ -93,12 +93,12 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
             n += 1;
             continue;
         }
-        if crate::fsutil::atomic_create(
-            &project.spool.layout().pending,
-            &format!("{tid}.yaml"),
-            text.as_bytes(),
-        )? {
-            let path = project.spool.task_path(crate::spool::Place::Pending, &tid);
+        let path = project.spool.task_path(crate::spool::Place::Pending, &tid);
+        let name = path
+            .file_name()
+            .expect("a task path has a file name")
+            .to_string_lossy();
+        if project.spool.add_pending(&name, text.as_bytes())? {
             project.mirror_write(vec![crate::mirror::Op::Upsert {
                 row: crate::mirror::pending_row(&project.spool, &parsed, &path, None),
                 attempts: vec![],

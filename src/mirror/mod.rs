@@ -73,6 +73,10 @@ pub struct Payload {
     pub cost_usd: Option<f64>,
 }
 
+/// What a mirror holds per task, as the reconciler compares it with the tree: (state, version, task
+/// file relative to the tasks dir).
+pub type Known = std::collections::HashMap<String, (String, u64, String)>;
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TaskRow {
     pub id: String,

@@ -18,7 +18,8 @@ use rusqlite::Connection;
 use serde::Serialize;
 
 use super::{
-    Op, TaskRow, pending_row, rejected_row, rel_to, running_attempt, running_row, terminal_row,
+    Known, Op, TaskRow, pending_row, rejected_row, rel_to, running_attempt, running_row,
+    terminal_row,
 };
 use crate::record::{Attempt, Terminal};
 use crate::spool::{Place, Spool};
@@ -181,9 +182,6 @@ pub fn without_queued(plan: Vec<Op>, queued: &[Op]) -> Vec<Op> {
         })
         .collect()
 }
-
-/// What a mirror holds per task: (state, version, task file relative to the tasks dir).
-pub type Known = HashMap<String, (String, u64, String)>;
 
 /// The operations that bring a mirror holding `known` in line with the tree. Shared by the SQLite
 /// and PostgreSQL backends so both reconcile by the same rules.

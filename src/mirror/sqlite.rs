@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::reconcile::Known;
+use super::Known;
 use super::{AgentTotals, AttemptLine, Event, Op, SupervisorRow, TaskRow};
 
 const SCHEMA: &str = r#"

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use tokio::sync::{mpsc, watch};
 
-use super::intake::hash_bytes;
+use super::events::{Claimed, Report};
 use crate::agents::{self, RunRequest};
 use crate::config::Config;
 use crate::console;
@@ -27,52 +27,6 @@ use crate::record::{Attempt, Claim, Outcome};
 use crate::redact::Redactor;
 use crate::spool::Spool;
 use crate::task::Task;
-
-/// How claiming a task came out.
-pub(super) enum Claimed {
-    /// Ours: in `assigned/` with a durable claim record.
-    Ours,
-    /// Another supervisor sharing the tree took it first (or the file is gone).
-    Lost,
-    /// The file is not what was parsed (a writer is still at it): it goes back to settle.
-    Changed,
-    /// The supervisor began to stop before the agent started: the task goes back untouched.
-    Stopping,
-    Failed(String),
-}
-
-/// What an attempt task reports back.
-pub(super) struct Report {
-    pub(super) id: String,
-    pub(super) attempt: Attempt,
-    pub(super) text_file: Option<PathBuf>,
-    pub(super) diff_file: Option<PathBuf>,
-    pub(super) files_modified: Vec<String>,
-    /// The task itself is at fault (bad workdir, missing context file): retrying cannot help.
-    pub(super) permanent: bool,
-    pub(super) stopped: Option<StopKind>,
-    /// For rate limits: when the provider said to come back.
-    pub(super) retry_after: Option<Duration>,
-    /// Set when the claim did not give us the task: nothing ran.
-    pub(super) unclaimed: Option<Claimed>,
-}
-
-impl Report {
-    /// An attempt that got nowhere beyond `attempt` says.
-    pub(super) fn new(id: &str, attempt: Attempt) -> Report {
-        Report {
-            id: id.to_string(),
-            attempt,
-            text_file: None,
-            diff_file: None,
-            files_modified: vec![],
-            permanent: false,
-            stopped: None,
-            retry_after: None,
-            unclaimed: None,
-        }
-    }
-}
 
 #[derive(Clone)]
 pub(super) struct AttemptCtx {
@@ -111,7 +65,7 @@ pub(super) fn claim_task(
         Err(e) => return Claimed::Failed(format!("{e:#}")),
     }
     let now_bytes = spool.read_assigned(id).unwrap_or_default();
-    if hash_bytes(&now_bytes) != hash {
+    if crate::task::content_hash(&now_bytes) != hash {
         return Claimed::Changed;
     }
     if stop.is_some_and(|s| s.borrow().is_some()) {
@@ -201,7 +155,7 @@ pub(super) async fn run_attempt(
         let (ctx, task, claim, stop) = (ctx.clone(), task.clone(), claim.clone(), stop.clone());
         match tokio::task::spawn_blocking(move || begin(&ctx, job, &task, &claim, &stop)).await {
             Ok(b) => b,
-            // A bug of ours: `on_attempt_crash` looks at the claim record to decide what ran.
+            // A bug of ours: `Supervisor::crash_report` looks at the claim record to decide what ran.
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(e) => Begun::NotClaimed(Claimed::Failed(format!("internal error: {e}"))),
         }

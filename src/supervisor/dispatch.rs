@@ -20,8 +20,9 @@ use std::time::{Duration, Instant};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
-use super::attempt::{Claimed, claim_task};
+use super::attempt::claim_task;
 use super::events::Action;
+use super::events::Claimed;
 use super::{Env, Supervisor, View};
 use crate::agents;
 use crate::config::Config;

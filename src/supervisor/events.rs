@@ -1,17 +1,17 @@
 //! The loop's vocabulary: the `Event`s its sources become, and the `Action`s its handlers hand back.
 //!
 //! Read this file first to know everything that can happen to a running supervisor and everything
-//! one part of it may ask of another. It holds no state and does nothing: `mod.rs` makes the events
-//! and carries out the actions.
+//! one part of it may ask of another, with the messages the off-loop jobs send back (an attempt's
+//! `Report`, a commit's `Committed`). It holds no state and does nothing: `mod.rs` makes the events
+//! and carries out the actions. It uses none of its sibling files, so every part can use it.
 
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::task::{Id, JoinError};
 
-use super::attempt::Report;
-use super::finish::Committed;
-use crate::record::TaskResult;
+use crate::process::StopKind;
+use crate::record::{Attempt, TaskResult};
 use crate::router::Routed;
 use crate::task::Task;
 use crate::watch::Hint;
@@ -111,4 +111,57 @@ impl Action {
             result,
         }))
     }
+}
+
+/// How claiming a task came out.
+pub(super) enum Claimed {
+    /// Ours: in `assigned/` with a durable claim record.
+    Ours,
+    /// Another supervisor sharing the tree took it first (or the file is gone).
+    Lost,
+    /// The file is not what was parsed (a writer is still at it): it goes back to settle.
+    Changed,
+    /// The supervisor began to stop before the agent started: the task goes back untouched.
+    Stopping,
+    Failed(String),
+}
+
+/// What an attempt task reports back.
+pub(super) struct Report {
+    pub(super) id: String,
+    pub(super) attempt: Attempt,
+    pub(super) text_file: Option<PathBuf>,
+    pub(super) diff_file: Option<PathBuf>,
+    pub(super) files_modified: Vec<String>,
+    /// The task itself is at fault (bad workdir, missing context file): retrying cannot help.
+    pub(super) permanent: bool,
+    pub(super) stopped: Option<StopKind>,
+    /// For rate limits: when the provider said to come back.
+    pub(super) retry_after: Option<Duration>,
+    /// Set when the claim did not give us the task: nothing ran.
+    pub(super) unclaimed: Option<Claimed>,
+}
+
+impl Report {
+    /// An attempt that got nowhere beyond `attempt` says.
+    pub(super) fn new(id: &str, attempt: Attempt) -> Report {
+        Report {
+            id: id.to_string(),
+            attempt,
+            text_file: None,
+            diff_file: None,
+            files_modified: vec![],
+            permanent: false,
+            stopped: None,
+            retry_after: None,
+            unclaimed: None,
+        }
+    }
+}
+
+/// A terminal commit, done: the task, its result, and whether the spool took it.
+pub(super) struct Committed {
+    pub(super) task: Task,
+    pub(super) result: TaskResult,
+    pub(super) outcome: Result<(), String>,
 }

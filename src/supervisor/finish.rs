@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use tokio::task::{Id, JoinError, JoinSet};
 
-use super::attempt::{Claimed, Report};
 use super::dispatch::{claim_on_disk, unclaimed};
 use super::events::Action;
+use super::events::{Claimed, Committed, Report};
 use super::{Env, Supervisor};
 use crate::config::Config;
 use crate::console;
@@ -99,13 +99,6 @@ pub(super) fn verdict(j: &Judged, cfg: &Config) -> Verdict {
         Terminal::Failed
     };
     Verdict::Done { status, error }
-}
-
-/// A terminal commit, done: the task, its result, and whether the spool took it.
-pub(super) struct Committed {
-    task: Task,
-    result: TaskResult,
-    outcome: Result<(), String>,
 }
 
 /// Terminal commits (result file, task rename, fsyncs) run on blocking threads, several at once,

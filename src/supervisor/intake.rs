@@ -14,7 +14,6 @@
 //! `Action`s.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -91,13 +90,6 @@ fn storable_name(name: &str) -> (String, Option<String>) {
         name.escape_debug()
     );
     (short, Some(note))
-}
-
-/// A task file's content hash: the claim hashes the file again, so it runs the file that was read.
-pub(super) fn hash_bytes(b: &[u8]) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    b.hash(&mut h);
-    h.finish()
 }
 
 impl Intake {
@@ -285,7 +277,7 @@ impl Intake {
 
     fn forget_path(&mut self, view: &View, p: &Path, out: &mut Vec<Action>) {
         if let Some(id) = self.by_path.remove(p) {
-            // The file may have been claimed (by us, then it is in `running`) or removed by the user.
+            // The file may have been claimed (by us, then `Runs` has it) or removed by the user.
             if self.queue.get(&id).is_some_and(|pd| pd.path == p) {
                 self.queue.remove(&id);
                 self.cycles_dirty = true;
@@ -535,7 +527,7 @@ impl Intake {
         self.queue.insert(Pending {
             task,
             path: path.to_path_buf(),
-            hash: hash_bytes(&bytes),
+            hash: task::content_hash(&bytes),
             sig,
             seq,
             enqueued: Instant::now(),

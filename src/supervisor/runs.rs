@@ -13,7 +13,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::{Id, JoinError, JoinSet};
 
 use super::Env;
-use super::attempt::{AttemptCtx, ClaimJob, Report, run_attempt};
+use super::attempt::{AttemptCtx, ClaimJob, run_attempt};
+use super::events::Report;
 use crate::mirror;
 use crate::process::Stop;
 use crate::record::Claim;

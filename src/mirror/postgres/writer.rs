@@ -20,8 +20,9 @@ use serde::Serialize;
 use tokio_postgres::Client;
 
 use super::{apply, channel, connect, migrate};
+use crate::mirror::Known;
 use crate::mirror::Op;
-use crate::mirror::reconcile::{self, Known, ReconcileReport};
+use crate::mirror::reconcile::{self, ReconcileReport};
 use crate::spool::Spool;
 
 /// Ops kept while the server is unreachable; beyond this the oldest are dropped and the reconcile
