@@ -1,5 +1,7 @@
 //! Console lines for the foreground supervisor: one line per transition, `-v` for more.
 //! Library code calls these instead of printing directly so the verbosity is decided in one place.
+//!
+//! It never decides anything and never redacts: what reaches it was redacted where it came from.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 

@@ -4,6 +4,8 @@
 //! (or an exponential back-off from `cooldown_seconds` when none was given) while its tasks go to the
 //! next agent in the chain. Cooldowns are written to `state_dir/cooldowns.json` so `orchestrate
 //! agents` and `status` can say until when, and a restarted supervisor honours them.
+//!
+//! It decides nothing about tasks: it only remembers which agents rest, and until when.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

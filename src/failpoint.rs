@@ -8,6 +8,8 @@
 //!
 //! Unset (always, outside tests), a point costs two relaxed atomic loads after the first call.
 //! The points are listed in [`POINTS`] so the suite can be sure it covers every one.
+//!
+//! It must never do anything when its variables are unset.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};

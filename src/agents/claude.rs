@@ -1,6 +1,8 @@
 //! Claude Code: `claude -p --output-format json`, the prompt on stdin. The answer is one JSON object
 //! (`result`, `total_cost_usd`, `usage`, `session_id`); API failures come back in that same object
 //! with `is_error: true` and `api_error_status`, and exit code 1.
+//!
+//! This file builds the invocation and reads the output; it never runs the process or touches files.
 
 use anyhow::Result;
 use serde_json::Value;

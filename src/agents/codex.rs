@@ -2,6 +2,8 @@
 //! close). stdout is JSONL: `thread.started{thread_id}`, `item.completed{item}` for messages, commands
 //! and file changes, `turn.completed{usage}` or `turn.failed{error}`. Bare `error` events are retry
 //! notices, not failures. Codex reports no cost; prices in config turn its tokens into one.
+//!
+//! This file builds the invocation and reads the output; it never runs the process or touches files.
 
 use anyhow::Result;
 use serde_json::Value;

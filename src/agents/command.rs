@@ -1,6 +1,8 @@
 //! The `command` kind: any executable. The prompt goes into the argument list through placeholders
 //! (`{prompt}`, `{description}`, `{prompt_file}`, `{task_id}`, `{workdir}`) or, when no argument
 //! mentions the prompt, on stdin. Exit code 0 is success and stdout is the agent's answer.
+//!
+//! This file builds the invocation and reads the output; it never runs the process or touches files.
 
 use anyhow::Result;
 

@@ -2,6 +2,8 @@
 //! (`type: "result"`, `is_error`, `result`, `session_id`); failures exit non-zero with text on
 //! stderr. Cursor has no documented base-URL override and no npm package, so it is the one CLI
 //! whose tests use hand-written outputs (in the documented shape) rather than recordings.
+//!
+//! This file builds the invocation and reads the output; it never runs the process or touches files.
 
 use anyhow::Result;
 use serde_json::Value;

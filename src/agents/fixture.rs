@@ -1,5 +1,7 @@
 //! Recorded outputs of the real CLIs (tests/fixtures/agents/<cli>/<case>.{stdout,stderr,code}),
 //! turned back into the [`Exit`] the process module would have produced.
+//!
+//! Tests only; it never runs a CLI.
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -2,6 +2,8 @@
 //! (`response`, `stats.models.<model>.tokens`, `session_id`). Fatal errors print nothing on stdout,
 //! `{"error": {"message", "code"}}` on stderr, and exit with the HTTP status & 0xFF (429 → 173).
 //! Gemini reports no cost; prices in config turn its tokens into one.
+//!
+//! This file builds the invocation and reads the output; it never runs the process or touches files.
 
 use anyhow::Result;
 use serde_json::Value;

@@ -1,4 +1,6 @@
 //! `orchestrate add`: write a valid task file atomically and print its id.
+//!
+//! It goes through the spool like any other way in and never talks to a running supervisor.
 
 use anyhow::{Result, bail};
 

@@ -1,4 +1,6 @@
 //! `orchestrate agents`: what is configured, whether it can run, and what it has done.
+//!
+//! It only reads (the configuration, the mirror, cooldowns, `--version` of each CLI).
 
 use anyhow::Result;
 use serde::Serialize;

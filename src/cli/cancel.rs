@@ -1,5 +1,7 @@
 //! `orchestrate cancel ID`: a pending task goes straight to failed/; a running one is stopped by its
 //! supervisor (asked through `state_dir/cancel/ID` and SIGUSR1), which then moves it to failed/.
+//!
+//! It never kills an agent itself: only the supervisor that owns the claim stops what it runs.
 
 use std::time::{Duration, Instant};
 

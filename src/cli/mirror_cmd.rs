@@ -1,4 +1,6 @@
 //! `orchestrate mirror rebuild`.
+//!
+//! It rewrites only the SQLite mirror, from the tree; it never touches a task file.
 
 use anyhow::Result;
 

@@ -5,6 +5,8 @@
 //! the end stdout gets ONE JSON line, which `agents::openai::parse_agent_stdout` reads:
 //! `{"text", "input_tokens", "output_tokens", "cached_tokens", "model"}` with exit code 0, or
 //! `{"error": {"outcome", "message", "retry_after_seconds"}}` with exit code 1.
+//!
+//! It never reads or writes files.
 
 use std::io::{Read, Write};
 use std::time::Duration;

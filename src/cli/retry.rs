@@ -1,4 +1,6 @@
 //! `orchestrate retry ID`: failed → pending, attempt history kept.
+//!
+//! It moves files only through the spool; it never runs the task itself.
 
 use anyhow::Result;
 

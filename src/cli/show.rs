@@ -1,4 +1,6 @@
 //! `orchestrate show ID`: everything about one task, from the tree (the truth) and the mirror.
+//!
+//! It only reads.
 
 use anyhow::{Result, bail};
 use serde::Serialize;

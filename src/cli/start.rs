@@ -1,4 +1,6 @@
 //! `orchestrate start` (foreground, `--once`, `--detach`) and `orchestrate stop`.
+//!
+//! Everything the supervisor does is in `supervisor`; this file only starts it, detaches it or stops it.
 
 use std::time::{Duration, Instant};
 

@@ -1,5 +1,7 @@
 //! `orchestrate status`: counts, what runs, what waits and why, who supervises, and how the
 //! PostgreSQL mirror is doing. With `--database-url` it answers from PostgreSQL alone (no folder needed).
+//!
+//! It only reads, through the mirror's read API and the folder.
 
 use std::collections::BTreeMap;
 

@@ -1,4 +1,6 @@
 //! `orchestrate tasks [--status S]`.
+//!
+//! It only reads, through the mirror's read API.
 
 use anyhow::{Result, bail};
 

@@ -1,5 +1,7 @@
 //! `orchestrate validate FILE...`: lint task files (or the config) for CI jobs that commit them.
 //! Prints `file:line:column: error: message` per problem; exit 1 if any file is invalid.
+//!
+//! It only reads; nothing is moved or written.
 
 use std::path::PathBuf;
 
