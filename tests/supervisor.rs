@@ -976,3 +976,28 @@ fn regression_a_cancel_survives_a_supervisor_killed_before_the_task_stopped() {
         again.output()
     );
 }
+
+#[test]
+fn regression_completed_tasks_json_keeps_output_and_diff_files_across_restarts() {
+    let p = Project::new();
+    p.drop_task("first.yaml", "description: \"@fake print=one\"\n");
+    p.run(&["start", "--once"]).assert_code(0);
+    p.drop_task("second.yaml", "description: \"@fake print=two\"\n");
+    p.run(&["start", "--once"]).assert_code(0);
+    let list: serde_json::Value =
+        serde_json::from_str(&p.read("context/completed_tasks.json")).expect("json");
+    let entries = list.as_array().expect("a list");
+    assert_eq!(entries.len(), 2, "{list}");
+    for e in entries {
+        // The first entry comes from what the second start knew of the first run.
+        assert_eq!(
+            e["output_file"],
+            format!(
+                "context/agent_outputs/{}_output.md",
+                e["id"].as_str().expect("id")
+            ),
+            "{list}"
+        );
+        assert!(e["diff_file"].is_string(), "{list}");
+    }
+}

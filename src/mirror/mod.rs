@@ -71,6 +71,11 @@ pub struct Payload {
     pub files_modified: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost_usd: Option<f64>,
+    /// A finished task's output and diff, relative to the project root (as its result file says).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diff_file: Option<String>,
 }
 
 /// What a mirror holds per task, as the reconciler compares it with the tree: (state, version, task
@@ -436,6 +441,8 @@ pub fn terminal_row(spool: &Spool, result: &TaskResult, task: Option<&Task>) -> 
                 let c: f64 = result.attempts.iter().filter_map(|a| a.cost_usd).sum();
                 (c > 0.0).then_some(c)
             },
+            output_file: result.output_file.clone(),
+            diff_file: result.diff_file.clone(),
             ..Default::default()
         },
         updated_at: result.finished_at.clone(),

@@ -43,14 +43,25 @@ impl Supervisor {
         let conn = mirror::sqlite::open(&env.layout.state_db())?;
         let completed = mirror::sqlite::list(&conn, Some("completed"))?
             .into_iter()
-            .map(|row| CompletedEntry {
-                id: row.id,
-                description: row.payload.description,
-                agent: row.agent,
-                finished_at: row.payload.finished_at.unwrap_or(row.updated_at),
-                output_file: None,
-                diff_file: None,
-                files_modified: row.payload.files_modified,
+            .map(|row| {
+                let (mut output_file, mut diff_file) =
+                    (row.payload.output_file, row.payload.diff_file);
+                // Rows mirrored before the mirror kept these: the result file has them.
+                if output_file.is_none()
+                    && diff_file.is_none()
+                    && let Some(r) = env.spool.read_result(Terminal::Completed, &row.id)
+                {
+                    (output_file, diff_file) = (r.output_file, r.diff_file);
+                }
+                CompletedEntry {
+                    id: row.id,
+                    description: row.payload.description,
+                    agent: row.agent,
+                    finished_at: row.payload.finished_at.unwrap_or(row.updated_at),
+                    output_file,
+                    diff_file,
+                    files_modified: row.payload.files_modified,
+                }
             })
             .collect();
         self.ledger.load_completed(completed);
