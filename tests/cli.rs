@@ -70,6 +70,15 @@ fn add_writes_valid_tasks_with_unique_ids() {
     bad.assert_code(2);
     assert!(bad.stderr().contains("unknown agent `nope`"));
     p.run(&["add", "x", "--priority", "urgent"]).assert_code(2);
+    // A dependency that exists nowhere is a typo, not a wait.
+    let bad = p.run(&["add", "x", "--after", "nosuch"]);
+    bad.assert_code(2);
+    assert!(
+        bad.stderr().contains("no task nosuch exists"),
+        "{}",
+        bad.stderr()
+    );
+    assert!(!p.path("tasks/pending/task_004.yaml").exists());
 }
 
 #[test]

@@ -148,7 +148,7 @@ security:
             "--id",
             "t_added",
             "--after",
-            "never_done",
+            "t_waiting",
             &format!("added: {all}"),
         ])
         .envs(SECRETS)

@@ -65,6 +65,24 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
                 .join(", ")
         )));
     }
+    // A task file may name a dependency that has not arrived yet (the next `git pull` brings it);
+    // `add` is typed by a person, for whom a dependency that exists nowhere is a mistake.
+    for dep in after {
+        let known = project.spool.settled_place(dep).is_some()
+            || project
+                .spool
+                .task_path(crate::spool::Place::Pending, dep)
+                .exists()
+            || match crate::mirror::sqlite::open_read(&project.db_path())? {
+                Some(conn) => crate::mirror::sqlite::get(&conn, dep)?.is_some(),
+                None => false,
+            };
+        if !known {
+            bail!(UsageError(format!(
+                "--after {dep}: no task {dep} exists (pending, running, completed or failed)"
+            )));
+        }
+    }
     let mut file = TaskFile {
         id: None,
         description: description.clone(),

@@ -80,7 +80,7 @@ pub enum Command {
         priority: Option<crate::task::Priority>,
         #[arg(long)]
         agent: Option<String>,
-        /// Run only after this task completed (repeatable).
+        /// Run only after this task completed (repeatable; it must exist).
         #[arg(long = "after", value_name = "ID")]
         after: Vec<String>,
         /// A file to include in the prompt (repeatable).

@@ -14,7 +14,7 @@ impl DepState {
             DepState::Failed => "failed",
             DepState::Pending => "pending",
             DepState::Running => "running",
-            DepState::Missing => "not found in the tree",
+            DepState::Missing => "no such task exists yet",
         }
     }
 }
@@ -158,7 +158,7 @@ pub(super) mod tests {
                     ("y".into(), DepState::Running),
                     ("z".into(), DepState::Missing),
                 ]),
-                "waiting for x (pending), y (running), z (not found in the tree)",
+                "waiting for x (pending), y (running), z (no such task exists yet)",
             ),
             (
                 WaitReason::NotBefore {
