@@ -137,9 +137,11 @@ fn from_error(e: &Value, exit: &Exit) -> AgentOutcome {
         text: exit.stdout.clone(),
         ..AgentOutcome::failed(
             outcome,
+            // Gemini puts its exit code (1) in `code` when it has no HTTP status: only a status
+            // is worth naming as one.
             match code {
-                Some(c) => format!("API error {c}: {one}"),
-                None => one,
+                Some(c) if (100..600).contains(&c) => format!("API error {c}: {one}"),
+                _ => one,
             },
         )
     }
@@ -182,5 +184,21 @@ mod tests {
         let o = GeminiAdapter.parse(&exit_from("{\"unexpected\": true}", "", Some(0)));
         assert_eq!(o.outcome, Outcome::BadOutput);
         assert_eq!(o.text, "{\"unexpected\": true}");
+    }
+
+    #[test]
+    fn an_exit_code_in_the_error_is_not_called_an_api_error() {
+        let o = GeminiAdapter.parse(&exit_from(
+            "",
+            r#"{"error":{"type":"Error","message":"fetch failed","code":1}}"#,
+            Some(1),
+        ));
+        assert_eq!(o.error.as_deref(), Some("fetch failed"));
+        let o = GeminiAdapter.parse(&exit_from(
+            "",
+            r#"{"error":{"message":"Internal error","code":500}}"#,
+            Some(244),
+        ));
+        assert_eq!(o.error.as_deref(), Some("API error 500: Internal error"));
     }
 }
