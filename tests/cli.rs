@@ -19,6 +19,51 @@ fn init_lays_out_the_project() {
     assert!(again.stdout().contains("already set up"));
 }
 
+/// The `next:` line `init` prints works when pasted into a shell, with the default configuration.
+#[test]
+fn regression_the_hint_init_prints_works_as_typed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = std::process::Command::new(BIN)
+        .arg("-C")
+        .arg(dir.path())
+        .arg("init")
+        .output()
+        .expect("init");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let hint = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("next: "))
+        .unwrap_or_else(|| panic!("no next: line in {stdout}"));
+    let bin_dir = std::path::Path::new(BIN).parent().expect("bin dir");
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", hint])
+        .current_dir(dir.path())
+        .env("PATH", path)
+        .env_remove("DATABASE_URL")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("sh");
+    let status =
+        wait_child(&mut child, std::time::Duration::from_secs(60)).expect("the hint finishes");
+    assert!(status.success(), "`{hint}` failed: {status:?}");
+    let done = std::fs::read_dir(dir.path().join("tasks/completed"))
+        .expect("completed/")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with("_result.yaml"))
+        .count();
+    assert_eq!(done, 1, "`{hint}` did not complete a task");
+    let output =
+        std::fs::read_to_string(dir.path().join("context/agent_outputs/task_001_output.md"))
+            .expect("output");
+    assert!(output.contains("hello from orchestrate"), "{output}");
+}
+
 #[test]
 fn add_writes_valid_tasks_with_unique_ids() {
     let p = Project::new();

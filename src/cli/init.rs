@@ -5,6 +5,10 @@ use anyhow::{Context, Result};
 use super::Cli;
 use crate::config::DEFAULT_CONFIG;
 
+/// What `init` suggests to try first; `tests/cli.rs` runs it as printed.
+pub const NEXT: &str =
+    "orchestrate add --agent shell \"echo hello from orchestrate\" && orchestrate start --once";
+
 const OVERVIEW: &str = "# Project overview\n\nDescribe the project here: what it is, how it is built and tested, and the conventions\nagents must follow. Every prompt orchestrate sends includes this file.\n";
 
 pub fn run(cli: &Cli) -> Result<i32> {
@@ -58,7 +62,8 @@ pub fn run(cli: &Cli) -> Result<i32> {
         for c in created {
             println!("  created {c}");
         }
-        println!("next: orchestrate add \"describe a task\" --agent shell, then orchestrate start");
+        // A line that works when pasted as it is: the `shell` agent runs the description as a command.
+        println!("next: {NEXT}");
     }
     Ok(0)
 }
