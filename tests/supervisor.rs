@@ -1001,3 +1001,22 @@ fn regression_completed_tasks_json_keeps_output_and_diff_files_across_restarts()
         assert!(e["diff_file"].is_string(), "{list}");
     }
 }
+
+#[test]
+fn regression_a_second_supervisor_says_it_shares_the_tree() {
+    let p = Project::new();
+    let mut first = p.start();
+    let mut second = p.start();
+    let said = format!(
+        "another supervisor is running on this tree (pid {}); they will share the work",
+        first.pid()
+    );
+    // Both write to one log, where the first one's `watching` already stands: wait for the line.
+    wait_for(
+        "the second supervisor to say so",
+        Duration::from_secs(15),
+        || second.output().contains(&said),
+    );
+    assert!(second.stop().success());
+    assert!(first.stop().success());
+}
