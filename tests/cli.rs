@@ -259,3 +259,46 @@ fn tasks_for_unavailable_agents_fall_back_or_wait_with_a_reason() {
     // Named agent missing: falls down the chain too.
     assert_eq!(p.result("completed", "named")["agent"], "fake");
 }
+
+#[test]
+fn tasks_takes_a_limit_active_and_quarantined() {
+    let p = Project::new();
+    for d in ["one", "two", "three"] {
+        p.run(&["add", d]).assert_code(0);
+    }
+    let last_two = p
+        .run(&["tasks", "--json", "--limit", "2"])
+        .assert_code(0)
+        .json();
+    let ids: Vec<&str> = last_two
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter_map(|r| r["id"].as_str())
+        .collect();
+    assert_eq!(ids, vec!["task_002", "task_003"], "{last_two}");
+    // Nothing runs without a supervisor: `active` is `running`.
+    let active = p
+        .run(&["tasks", "--json", "--status", "active"])
+        .assert_code(0)
+        .json();
+    assert_eq!(active, serde_json::json!([]));
+    std::fs::write(p.path("tasks/quarantine/dup.yaml"), "description: x\n").expect("write");
+    std::fs::write(
+        p.path("tasks/quarantine/dup.yaml.reason.txt"),
+        "task id dup already exists in completed/\n",
+    )
+    .expect("write");
+    let q = p
+        .run(&["tasks", "--json", "--status", "quarantined"])
+        .assert_code(0)
+        .json();
+    assert_eq!(
+        q,
+        serde_json::json!([{
+            "file": "tasks/quarantine/dup.yaml",
+            "reason": "task id dup already exists in completed/"
+        }])
+    );
+    p.run(&["tasks", "--status", "nonsense"]).assert_code(2);
+}

@@ -102,9 +102,13 @@ pub enum Command {
     Status,
     /// List tasks.
     Tasks {
-        /// Only tasks in this state (pending, running, completed, failed).
+        /// Only tasks in this state (pending, running or active, completed, failed), or the files in
+        /// quarantine/ (quarantined).
         #[arg(long)]
         status: Option<String>,
+        /// Only the N most recently updated (listed oldest first, like `tail`).
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
     },
     /// Configured agents: installed or not, running instances, totals.
     Agents,
@@ -313,9 +317,9 @@ pub fn run(cli: Cli) -> Result<i32> {
             default_sigpipe();
             status::run(&cli, &Project::load(&cli)?)
         }
-        Command::Tasks { status } => {
+        Command::Tasks { status, limit } => {
             default_sigpipe();
-            tasks::run(&cli, &Project::load(&cli)?, status.as_deref())
+            tasks::run(&cli, &Project::load(&cli)?, status.as_deref(), *limit)
         }
         Command::Agents => {
             default_sigpipe();

@@ -1,4 +1,4 @@
-//! `orchestrate tasks [--status S]`.
+//! `orchestrate tasks [--status S] [--limit N]`.
 //!
 //! It only reads, through the mirror's read API.
 
@@ -7,15 +7,28 @@ use anyhow::{Result, bail};
 use super::{Cli, Project, short};
 use crate::error::UsageError;
 
-pub fn run(cli: &Cli, project: &Project, status: Option<&str>) -> Result<i32> {
+pub fn run(
+    cli: &Cli,
+    project: &Project,
+    status: Option<&str>,
+    limit: Option<usize>,
+) -> Result<i32> {
+    // `active` is what people call a running task.
+    let status = status.map(|s| if s == "active" { "running" } else { s });
+    if status == Some("quarantined") {
+        return quarantined(cli, project, limit);
+    }
     if let Some(s) = status
         && !["pending", "running", "completed", "failed"].contains(&s)
     {
         bail!(UsageError(format!(
-            "--status must be pending, running, completed or failed, not `{s}`"
+            "--status must be pending, running (or active), completed, failed or quarantined, not `{s}`"
         )));
     }
-    let rows = project.reader(cli)?.list(status)?;
+    let mut rows = project.reader(cli)?.list(status)?;
+    if let Some(n) = limit {
+        rows.drain(..rows.len().saturating_sub(n));
+    }
     if cli.json {
         super::print_json(&rows)?;
         return Ok(0);
@@ -54,6 +67,60 @@ pub fn run(cli: &Cli, project: &Project, status: Option<&str>) -> Result<i32> {
             r.updated_at,
             desc
         )?;
+    }
+    Ok(0)
+}
+
+/// The files in `quarantine/` and why each is there (its `.reason.txt`): they are not tasks, so the
+/// mirror does not list them.
+fn quarantined(cli: &Cli, project: &Project, limit: Option<usize>) -> Result<i32> {
+    if cli.database_url.is_some() {
+        bail!(UsageError(
+            "--status quarantined reads the folder; it does not work with --database-url".into()
+        ));
+    }
+    let dir = &project.layout.quarantine;
+    let mut files: Vec<(std::time::SystemTime, String)> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let keep = !name.starts_with('.') && !name.ends_with(".reason.txt");
+                    let when = e.metadata().and_then(|m| m.modified()).ok()?;
+                    keep.then_some((when, name))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    if let Some(n) = limit {
+        files.drain(..files.len().saturating_sub(n));
+    }
+    let listed: Vec<serde_json::Value> = files
+        .iter()
+        .map(|(_, name)| {
+            let reason =
+                std::fs::read_to_string(crate::layout::Layout::reason_path(&dir.join(name)))
+                    .unwrap_or_default();
+            serde_json::json!({
+                "file": project.rel(&dir.join(name)),
+                "reason": reason.trim_end(),
+            })
+        })
+        .collect();
+    if cli.json {
+        super::print_json(&listed)?;
+        return Ok(0);
+    }
+    if listed.is_empty() {
+        println!("no quarantined files");
+    }
+    for q in listed {
+        println!(
+            "{}  {}",
+            q["file"].as_str().unwrap_or_default(),
+            short(q["reason"].as_str().unwrap_or_default(), 100)
+        );
     }
     Ok(0)
 }
