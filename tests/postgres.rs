@@ -98,7 +98,7 @@ fn a_late_follower_receives_every_event_once_and_in_order() {
     drop_tasks(&p, "b", 20, "@fake print=ok");
     let status = wait_child(&mut f, Duration::from_secs(60)).expect("follower got all 120 events");
     assert!(status.success());
-    sup.stop();
+    assert!(sup.stop().success(), "{}", sup.output());
     let seqs = followed_seqs(&p.read("follow.out"));
     assert_gap_free(&seqs, 120);
     let all: Vec<i64> = s

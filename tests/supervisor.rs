@@ -373,7 +373,7 @@ fn retry_keeps_history_and_cancel_works_for_pending_and_running() {
     );
     assert!(process_gone(read_pid(&p.path("busy.pid"))));
     p.run(&["cancel", "busy"]).assert_code(2);
-    sup.stop();
+    assert!(sup.stop().success(), "{}", sup.output());
 }
 
 #[test]
@@ -427,7 +427,7 @@ fn a_task_file_renamed_in_is_claimed_without_waiting_for_a_scan() {
     wait_for("quick completed", Duration::from_secs(10), || {
         p.tasks_in("completed") == vec!["quick"]
     });
-    sup.stop();
+    assert!(sup.stop().success(), "{}", sup.output());
 }
 
 #[test]
@@ -446,7 +446,7 @@ fn files_written_in_place_are_read_after_they_settle() {
     wait_for("slow completed", Duration::from_secs(10), || {
         p.tasks_in("completed") == vec!["slow"]
     });
-    sup.stop();
+    assert!(sup.stop().success(), "{}", sup.output());
     assert!(
         p.read("context/agent_outputs/slow_output.md")
             .contains("whole")
@@ -578,7 +578,7 @@ fn retry_reruns_a_failed_task(pause_at: Option<&str>) {
     wait_for("x completed", Duration::from_secs(15), || {
         p.tasks_in("completed") == vec!["x"]
     });
-    sup.stop();
+    assert!(sup.stop().success(), "{}", sup.output());
     assert!(
         p.files("tasks/quarantine").is_empty(),
         "{:?}",
@@ -615,7 +615,7 @@ fn regression_an_invalid_file_named_like_a_running_task_is_quarantined_not_faile
     wait_for("z completed", Duration::from_secs(15), || {
         p.tasks_in("completed").contains(&"z".to_string())
     });
-    sup.stop();
+    assert!(sup.stop().success(), "{}", sup.output());
     assert_eq!(p.tasks_in("completed"), vec!["a", "z"]);
     assert!(
         p.files("tasks/failed").is_empty(),
@@ -905,7 +905,7 @@ fn regression_a_cancel_while_the_claim_is_under_way_cancels_before_the_agent_sta
         p.tasks_in("failed") == vec!["c"]
     });
     let _ = wait_child(&mut cancel, Duration::from_secs(30));
-    sup.stop();
+    assert!(sup.stop().success(), "{}", sup.output());
     assert!(!p.path("c.pid").exists(), "the agent ran after the cancel");
     let r = p.result("failed", "c");
     assert_eq!(r["error"], "cancelled by user", "{r}");
@@ -937,7 +937,7 @@ fn regression_a_rescan_during_a_claim_that_is_put_back_keeps_the_task_history() 
     wait_for("h completed", Duration::from_secs(20), || {
         p.tasks_in("completed") == vec!["h"]
     });
-    sup.stop();
+    assert!(sup.stop().success(), "{}", sup.output());
     assert!(sup.output().contains("file changed while being claimed"));
     let r = p.result("completed", "h");
     let attempts = r["attempts"].as_array().expect("attempts");
@@ -965,7 +965,7 @@ fn regression_a_cancel_survives_a_supervisor_killed_before_the_task_stopped() {
         Duration::from_secs(20),
         || p.tasks_in("failed") == vec!["c"],
     );
-    again.stop();
+    assert!(again.stop().success(), "{}", again.output());
     let r = p.result("failed", "c");
     assert_eq!(r["error"], "cancelled by user", "{r}");
     assert!(p.tasks_in("completed").is_empty() && p.tasks_in("pending").is_empty());
