@@ -468,6 +468,23 @@ impl Config {
                     "a `command` agent needs the program to run".into(),
                 ));
             }
+            // `command: "claude --flag"` (a shape people copy from elsewhere) names no program: the
+            // agent would be "not found" at run time. A path that exists may have spaces.
+            if let Some(cmd) = &a.command
+                && let Some((program, flags)) = cmd.trim().split_once(char::is_whitespace)
+                && !Path::new(cmd).exists()
+            {
+                let flags: Vec<&str> = flags.split_whitespace().collect();
+                return Err((
+                    format!("agents.{name}.command"),
+                    format!(
+                        "`{cmd}` is a program with flags: put the program in `command: {program}` and the flags in `args: [{}]`; \
+                         permission modes have their own key, `permissions` (and `--dangerously-skip-permissions` as root needs \
+                         `IS_SANDBOX: \"1\"` under the agent's `env`)",
+                        flags.join(", ")
+                    ),
+                ));
+            }
             if a.kind == AgentKind::Openai {
                 for (key, v) in [("base_url", &a.base_url), ("model", &a.model)] {
                     if v.as_deref().is_none_or(|v| v.trim().is_empty()) {
@@ -683,6 +700,26 @@ fn find_key_line(text: &str, key: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_command_with_flags_in_it_is_refused_with_the_fix() {
+        let e = Config::parse(
+            "agents:\n  claude:\n    kind: claude\n    command: \"claude --dangerously-skip-permissions\"\n",
+            "c.yaml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("c.yaml:4: `agents.claude.command`"), "{e}");
+        assert!(
+            e.contains("`command: claude`")
+                && e.contains("`args: [--dangerously-skip-permissions]`"),
+            "{e}"
+        );
+        assert!(
+            e.contains("`permissions`") && e.contains("IS_SANDBOX"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn default_config_parses_and_validates() {
