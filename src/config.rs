@@ -360,8 +360,15 @@ impl Config {
         let mut cfg: Config = if text.trim().is_empty() {
             Config::default()
         } else {
-            serde_saphyr::from_str_with_options(text, crate::yaml::options())
-                .map_err(|e| ConfigError::from_yaml(source, &e))?
+            serde_saphyr::from_str_with_options(text, crate::yaml::options()).map_err(|e| {
+                let mut err = ConfigError::from_yaml(source, &e);
+                if let ConfigError::Yaml { problem, .. } = &mut err
+                    && let Some(h) = hint(text, &problem.message, problem.line)
+                {
+                    problem.message = format!("{}; {h}", problem.message);
+                }
+                err
+            })?
         };
         cfg.expand_env();
         cfg.compile()
@@ -634,6 +641,33 @@ impl Config {
     }
 }
 
+/// What to write instead, for keys people bring from other tools' configs (and the specification
+/// orchestrate grew from), and for an agent without `kind`. `line` is where the parser stopped.
+fn hint(text: &str, message: &str, line: Option<usize>) -> Option<String> {
+    if message.starts_with("missing field `kind`") {
+        return Some(
+            "every agent needs `kind`: one of command, claude, codex, gemini, cursor, openai"
+                .into(),
+        );
+    }
+    let field = message.strip_prefix("unknown field `")?.split('`').next()?;
+    // The section is the nearest unindented key at or above the line.
+    let section = text
+        .lines()
+        .take(line?)
+        .filter(|l| !l.starts_with([' ', '\t', '#', '-']) && l.contains(':'))
+        .last()?
+        .split(':')
+        .next()?
+        .trim();
+    Some(match (section, field) {
+        ("task_queue", "database") => "the SQLite mirror is always `state_dir/state.db` (see `orchestrator.state_dir`); PostgreSQL is `database.url`".into(),
+        ("context", "directory") => "the context folder is `orchestrator.context_dir`".into(),
+        ("context", "update_on_completion") => "context files are always updated when a task finishes; remove this key".into(),
+        _ => return None,
+    })
+}
+
 fn globs(key: &str, patterns: &[String]) -> Result<Vec<glob::Pattern>, (String, String)> {
     patterns
         .iter()
@@ -700,6 +734,29 @@ fn find_key_line(text: &str, key: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_from_elsewhere_get_a_hint() {
+        let err = |text: &str| Config::parse(text, "c.yaml").unwrap_err().to_string();
+        let e = err("task_queue:\n  max_retries: 2\n  database: sqlite:///x.db\n");
+        assert!(e.starts_with("c.yaml:3:3: unknown field `database`"), "{e}");
+        assert!(
+            e.contains("`state_dir/state.db`") && e.contains("`database.url`"),
+            "{e}"
+        );
+        let e = err("context:\n  directory: ./context\n");
+        assert!(e.contains("`orchestrator.context_dir`"), "{e}");
+        let e = err("context:\n  update_on_completion: true\n");
+        assert!(e.contains("always updated"), "{e}");
+        let e = err("agents:\n  a:\n    command: x\n");
+        assert!(
+            e.contains("missing field `kind`; every agent needs `kind`: one of command, claude"),
+            "{e}"
+        );
+        // Other unknown keys keep the parser's message alone.
+        let e = err("orchestrator:\n  nope: 1\n");
+        assert!(!e.contains(';'), "{e}");
+    }
 
     #[test]
     fn a_command_with_flags_in_it_is_refused_with_the_fix() {
