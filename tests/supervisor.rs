@@ -1020,3 +1020,38 @@ fn regression_a_second_supervisor_says_it_shares_the_tree() {
     assert!(second.stop().success());
     assert!(first.stop().success());
 }
+
+#[test]
+fn status_shows_how_long_a_task_runs_its_log_and_whole_reasons_when_piped() {
+    let p = Project::new();
+    let mut sup = p.start();
+    p.drop_task(
+        "slow.yaml",
+        "description: \"@fake pidfile=slow.pid sleep=30\"\n",
+    );
+    let deps: Vec<String> = (0..12)
+        .map(|i| format!("a_dependency_named_at_length_{i}"))
+        .collect();
+    p.drop_task(
+        "blocked.yaml",
+        &format!("description: x\ndependencies: [{}]\n", deps.join(", ")),
+    );
+    wait_for("slow running", Duration::from_secs(10), || {
+        p.path("slow.pid").exists()
+    });
+    wait_for(
+        "blocked to wait with a note",
+        Duration::from_secs(10),
+        || p.run(&["status"]).stdout().contains("blocked"),
+    );
+    let out = p.run(&["status"]).assert_code(0).stdout();
+    assert!(
+        out.contains("attempt 1, running ") && out.contains("log context/logs/slow/attempt-1.log"),
+        "{out}"
+    );
+    // Piped, the reason is whole: the last dependency is named, not cut off.
+    assert!(out.contains(&deps[11]), "{out}");
+    let json = p.run(&["status", "--json"]).assert_code(0).json();
+    assert!(json["running"][0]["elapsed_seconds"].is_u64(), "{json}");
+    assert!(sup.stop().success(), "{}", sup.output());
+}

@@ -42,6 +42,10 @@ struct Running {
     agent: Option<String>,
     since: Option<String>,
     attempt: u32,
+    /// How long the attempt has run, by this machine's clock.
+    elapsed_seconds: Option<u64>,
+    /// The attempt's log so far, relative to the project root.
+    log: String,
 }
 
 #[derive(Serialize)]
@@ -67,15 +71,55 @@ fn counts_of(rows: Vec<(String, usize)>) -> BTreeMap<String, usize> {
     counts
 }
 
-fn running_of(rows: Vec<TaskRow>) -> Vec<Running> {
+fn running_of(rows: Vec<TaskRow>, layout: &crate::layout::Layout) -> Vec<Running> {
+    let now = time::OffsetDateTime::now_utc();
     rows.into_iter()
-        .map(|r| Running {
-            id: r.id,
-            agent: r.agent,
-            since: r.payload.started_at,
-            attempt: r.payload.attempts,
+        .map(|r| {
+            let elapsed_seconds = r
+                .payload
+                .started_at
+                .as_deref()
+                .and_then(crate::fsutil::parse_time)
+                .map(|t| (now - t).whole_seconds().max(0) as u64);
+            Running {
+                log: layout.rel(&layout.log_path(&r.id, r.payload.attempts.max(1))),
+                id: r.id,
+                agent: r.agent,
+                since: r.payload.started_at,
+                attempt: r.payload.attempts,
+                elapsed_seconds,
+            }
         })
         .collect()
+}
+
+/// `2m13s`, `1h04m`, `9s`.
+fn duration_text(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
+        s => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+    }
+}
+
+/// How many characters of a reason fit after the id column: all of them when the output is not a
+/// terminal (a pipe or a file wants the whole text), else the terminal's width.
+fn reason_width() -> usize {
+    use std::io::IsTerminal;
+    if !std::io::stdout().is_terminal() {
+        return usize::MAX;
+    }
+    // SAFETY: TIOCGWINSZ fills a winsize we own; a failure leaves it zeroed.
+    let cols = unsafe {
+        let mut ws: libc::winsize = std::mem::zeroed();
+        libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws);
+        ws.ws_col as usize
+    };
+    if cols == 0 {
+        100
+    } else {
+        cols.saturating_sub(23).max(40)
+    }
 }
 
 fn waiting_of(rows: Vec<TaskRow>) -> Vec<Waiting> {
@@ -95,7 +139,7 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
         source: reader.kind(),
         counts: counts_of(reader.counts()?),
         quarantined: None,
-        running: running_of(reader.list(Some("running"))?),
+        running: running_of(reader.list(Some("running"))?, &project.layout),
         waiting: waiting_of(reader.waiting()?),
         supervisors: vec![],
         last_event_seq: reader.max_seq()?,
@@ -247,18 +291,24 @@ fn render(cli: &Cli, st: &Status) -> Result<i32> {
         println!("\nrunning:");
         for r in &st.running {
             println!(
-                "  {:<20} {:<10} attempt {} since {}",
+                "  {:<20} {:<10} attempt {}, running {} (since {}), log {}",
                 r.id,
                 r.agent.as_deref().unwrap_or("-"),
                 r.attempt,
-                r.since.as_deref().unwrap_or("-")
+                r.elapsed_seconds
+                    .map(duration_text)
+                    .as_deref()
+                    .unwrap_or("-"),
+                r.since.as_deref().unwrap_or("-"),
+                r.log
             );
         }
     }
     if !st.waiting.is_empty() {
         println!("\nwaiting:");
+        let width = reason_width();
         for w in st.waiting.iter().take(20) {
-            println!("  {:<20} {}", w.id, short(&w.reason, 100));
+            println!("  {:<20} {}", w.id, short(&w.reason, width));
         }
         if st.waiting.len() > 20 {
             println!(
@@ -268,4 +318,16 @@ fn render(cli: &Cli, st: &Status) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_like_a_clock() {
+        assert_eq!(duration_text(9), "9s");
+        assert_eq!(duration_text(133), "2m13s");
+        assert_eq!(duration_text(3840), "1h04m");
+    }
 }
