@@ -1055,3 +1055,41 @@ fn status_shows_how_long_a_task_runs_its_log_and_whole_reasons_when_piped() {
     assert!(json["running"][0]["elapsed_seconds"].is_u64(), "{json}");
     assert!(sup.stop().success(), "{}", sup.output());
 }
+
+#[test]
+fn follow_lines_carry_the_agent_and_why_a_task_failed() {
+    let p = Project::new();
+    p.drop_task(
+        "bad.yaml",
+        "description: \"@fake stderr=the-disk-is-on-fire exit=3\"\nmax_retries: 0\n",
+    );
+    p.run(&["start", "--once"]).assert_code(0);
+    let json = p
+        .run(&["follow", "--json", "--since", "0", "--limit", "3"])
+        .assert_code(0)
+        .stdout();
+    let failed: serde_json::Value = json
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json line"))
+        .find(|e| e["state"] == "failed")
+        .unwrap_or_else(|| panic!("no failed event in {json}"));
+    assert_eq!(failed["agent"], "fake", "{failed}");
+    assert!(
+        failed["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("exited with code 3") && e.contains("the-disk-is-on-fire")),
+        "{failed}"
+    );
+    let human = p
+        .run(&["follow", "--since", "0", "--limit", "3"])
+        .assert_code(0)
+        .stdout();
+    let line = human
+        .lines()
+        .find(|l| l.contains(" failed "))
+        .unwrap_or_else(|| panic!("no failed line in {human}"));
+    assert!(
+        line.contains(" fake ") && line.contains(": exited with code 3"),
+        "{line}"
+    );
+}

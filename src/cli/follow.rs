@@ -23,11 +23,21 @@ impl Printer {
         if self.json {
             writeln!(out, "{}", serde_json::to_string(e)?)?;
         } else {
-            writeln!(
+            write!(
                 out,
-                "{:>7} {} {:<24} {:<10} v{} ({})",
-                e.seq, e.at, e.task_id, e.state, e.version, e.host
+                "{:>7} {} {:<24} {:<10} {:<10} v{} ({})",
+                e.seq,
+                e.at,
+                e.task_id,
+                e.state,
+                e.agent.as_deref().unwrap_or("-"),
+                e.version,
+                e.host
             )?;
+            match &e.error {
+                Some(err) => writeln!(out, ": {}", super::short(err, 200))?,
+                None => writeln!(out)?,
+            }
         }
         out.flush()?;
         self.printed += 1;

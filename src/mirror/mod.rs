@@ -148,6 +148,13 @@ pub struct Event {
     pub version: u64,
     pub state: String,
     pub at: String,
+    /// The task's agent as its row names it when the event is read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// Why it failed: only on a `failed` event, and only while the task's row is still that
+    /// transition (a retried task's old failure has its result file, not a current row).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// A supervisor as its heartbeat row tells it.

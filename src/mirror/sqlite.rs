@@ -317,7 +317,11 @@ pub fn agent_totals(conn: &Connection) -> Result<Vec<AgentTotals>> {
 
 pub fn events_since(conn: &Connection, seq: i64, limit: usize) -> Result<Vec<Event>> {
     let mut stmt = conn.prepare(
-        "SELECT seq, host, task_id, version, state, at FROM task_events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        "SELECT e.seq, e.host, e.task_id, e.version, e.state, e.at, t.agent,
+                CASE WHEN e.state = 'failed' AND t.version = e.version
+                     THEN json_extract(t.payload, '$.error') END
+         FROM task_events e LEFT JOIN tasks t ON t.id = e.task_id
+         WHERE e.seq > ?1 ORDER BY e.seq LIMIT ?2",
     )?;
     let rows = stmt.query_map(params![seq, limit as i64], |r| {
         Ok(Event {
@@ -327,6 +331,8 @@ pub fn events_since(conn: &Connection, seq: i64, limit: usize) -> Result<Vec<Eve
             version: r.get::<_, i64>(3)? as u64,
             state: r.get(4)?,
             at: r.get(5)?,
+            agent: r.get(6)?,
+            error: r.get(7)?,
         })
     })?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)

@@ -169,9 +169,12 @@ pub async fn events_since(client: &Client, seq: i64, limit: usize) -> Result<Vec
     let rows = client
         .query(
             concat!(
-                "SELECT seq, host, task_id, version, state, ",
-                text_time!("at"),
-                " FROM task_events WHERE seq > $1 ORDER BY seq LIMIT $2"
+                "SELECT e.seq, e.host, e.task_id, e.version, e.state, ",
+                text_time!("e.at"),
+                ", t.agent, CASE WHEN e.state = 'failed' AND t.version = e.version",
+                " THEN t.payload->>'error' END",
+                " FROM task_events e LEFT JOIN tasks t ON t.id = e.task_id",
+                " WHERE e.seq > $1 ORDER BY e.seq LIMIT $2"
             ),
             &[&seq, &(limit as i64)],
         )
@@ -185,6 +188,8 @@ pub async fn events_since(client: &Client, seq: i64, limit: usize) -> Result<Vec
             version: r.get::<_, i64>(3) as u64,
             state: r.get(4),
             at: r.get(5),
+            agent: r.get(6),
+            error: r.get(7),
         })
         .collect())
 }
