@@ -409,6 +409,27 @@ impl Spool {
         Ok(history)
     }
 
+    /// `retry` of a task that waits out a retry back-off in `pending/`: it may run at once. The
+    /// history loses its `not_before`, and the task file is written again with the same bytes (a new
+    /// inode), so the supervisor reads the file and its history again. Under the spool lock, so a
+    /// claim cannot move the file away in between. `false`: the task is not waiting for a back-off.
+    pub fn run_now(&self, id: &str) -> Result<bool> {
+        let _lock = self.lock()?;
+        let path = self.task_path(Place::Pending, id);
+        let Some(mut history) = self.read_history(id) else {
+            return Ok(false);
+        };
+        if history.not_before.is_none() || !path.exists() {
+            return Ok(false);
+        }
+        history.not_before = None;
+        history.reason = Some("retried by user: runs now".into());
+        atomic_write(&self.history_path(id), self.yaml(&history).as_bytes())?;
+        let bytes = fs::read(&path)?;
+        atomic_write(&path, &bytes)?;
+        Ok(true)
+    }
+
     /// Find claims left by dead supervisors on this host and put their tasks back in a terminal place
     /// or in `pending/`. `max_retries` gives the retry budget of a task (from its file and the config).
     pub fn recover(

@@ -1093,3 +1093,36 @@ fn follow_lines_carry_the_agent_and_why_a_task_failed() {
         "{line}"
     );
 }
+
+#[test]
+fn retry_of_a_task_in_its_back_off_runs_it_now() {
+    // A back-off of ten minutes: only `retry` can make it run within the test's bound.
+    let p = Project::with_config(
+        &test_config("").replace("retry_delay_seconds: 0.2", "retry_delay_seconds: 600"),
+    );
+    let mut sup = p.start();
+    p.drop_task(
+        "flaky.yaml",
+        "description: \"@fake fail-until=flaky.count:2\"\n",
+    );
+    wait_for("flaky in its back-off", Duration::from_secs(20), || {
+        p.run(&["status"]).stdout().contains("retry back-off until")
+    });
+    let r = p.run(&["retry", "flaky"]);
+    r.assert_code(0);
+    assert!(
+        r.stdout().contains("runs as soon as a slot is free"),
+        "{}",
+        r.stdout()
+    );
+    wait_for("flaky completed", Duration::from_secs(20), || {
+        p.tasks_in("completed") == vec!["flaky"]
+    });
+    let result = p.result("completed", "flaky");
+    assert_eq!(
+        result["attempts"].as_array().map(Vec::len),
+        Some(2),
+        "{result}"
+    );
+    assert!(sup.stop().success(), "{}", sup.output());
+}

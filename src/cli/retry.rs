@@ -1,4 +1,5 @@
-//! `orchestrate retry ID`: failed → pending, attempt history kept.
+//! `orchestrate retry ID`: failed → pending, attempt history kept; a task waiting out a retry
+//! back-off in pending/ runs now.
 //!
 //! It moves files only through the spool; it never runs the task itself.
 
@@ -9,6 +10,14 @@ use crate::mirror::{self, Op};
 use crate::spool::Place;
 
 pub fn run(cli: &Cli, project: &Project, id: &str) -> Result<i32> {
+    if project.spool.settled_place(id).is_none() && project.spool.run_now(id)? {
+        if cli.json {
+            super::print_json(&serde_json::json!({"id": id, "state": "pending", "runs": "now"}))?;
+        } else {
+            println!("{id}: its retry back-off is over; it runs as soon as a slot is free");
+        }
+        return Ok(0);
+    }
     let history = project.spool.retry(id)?;
     let path = project.spool.task_path(Place::Pending, id);
     if let Ok((task, _)) = crate::task::read_task(&path, u64::MAX) {
