@@ -275,12 +275,45 @@ pub struct CompletedEntry {
     pub files_modified: Vec<String>,
 }
 
-/// Regenerate `completed_tasks.json` and `current_state.md` from the supervisor's view.
+/// A task that failed, for the recent failures in `current_state.md`.
+#[derive(Debug, Clone)]
+pub struct FailedEntry {
+    pub id: String,
+    pub agent: Option<String>,
+    pub finished_at: String,
+    pub error: String,
+}
+
+/// What `current_state.md` shows besides the completed tasks.
+pub struct StateView<'a> {
+    pub counts: &'a BTreeMap<&'static str, usize>,
+    /// (id, agent, started at)
+    pub running: &'a [(String, String, String)],
+    /// (id, why it waits)
+    pub waiting: &'a [(String, String)],
+    /// Oldest first.
+    pub failed: &'a [&'a FailedEntry],
+}
+
+/// How long since `since` (RFC 3339), as `2m13s`; empty when it cannot be read.
+fn elapsed_since(since: &str) -> String {
+    let Some(t) = crate::fsutil::parse_time(since) else {
+        return String::new();
+    };
+    let s = (time::OffsetDateTime::now_utc() - t).whole_seconds().max(0);
+    match s {
+        s if s < 60 => format!(", {s}s"),
+        s if s < 3600 => format!(", {}m{:02}s", s / 60, s % 60),
+        s => format!(", {}h{:02}m", s / 3600, s % 3600 / 60),
+    }
+}
+
+/// Regenerate `completed_tasks.json` and `current_state.md` (the at-a-glance page a phone syncing
+/// the folder reads: counts, running, waiting and why, recent failures and why, recent completions).
 pub fn write_state_files(
     layout: &Layout,
     completed: &[CompletedEntry],
-    counts: &BTreeMap<&'static str, usize>,
-    running: &[(String, String, String)],
+    view: &StateView,
     redactor: &Redactor,
 ) -> Result<()> {
     let json = redactor.redact_owned(serde_json::to_string_pretty(completed)?);
@@ -289,13 +322,36 @@ pub fn write_state_files(
     let mut md = String::from("# Current state\n\n");
     md.push_str(&format!("Updated {}.\n\n", crate::fsutil::now_rfc3339()));
     md.push_str("| state | tasks |\n|---|---|\n");
-    for (k, v) in counts {
+    for (k, v) in view.counts {
         md.push_str(&format!("| {k} | {v} |\n"));
     }
-    if !running.is_empty() {
+    if !view.running.is_empty() {
         md.push_str("\n## Running\n\n");
-        for (id, agent, since) in running {
-            md.push_str(&format!("- {id} on {agent} since {since}\n"));
+        for (id, agent, since) in view.running {
+            md.push_str(&format!(
+                "- {id} on {agent} since {since}{}\n",
+                elapsed_since(since)
+            ));
+        }
+    }
+    if !view.waiting.is_empty() {
+        md.push_str("\n## Waiting\n\n");
+        for (id, why) in view.waiting.iter().take(20) {
+            md.push_str(&format!("- {id}: {}\n", first_line(why, 200)));
+        }
+        if view.waiting.len() > 20 {
+            md.push_str(&format!("- … and {} more\n", view.waiting.len() - 20));
+        }
+    }
+    if !view.failed.is_empty() {
+        md.push_str("\n## Recently failed\n\n");
+        for f in view.failed.iter().rev() {
+            md.push_str(&format!(
+                "- {} ({}): {}\n",
+                f.id,
+                f.agent.as_deref().unwrap_or("-"),
+                first_line(&f.error, 200)
+            ));
         }
     }
     let recent: Vec<&CompletedEntry> = completed.iter().rev().take(20).collect();

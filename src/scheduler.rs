@@ -213,6 +213,13 @@ impl Scheduler {
         p.note.as_ref()
     }
 
+    /// Pending tasks that wait, with why (as of the last pass that noted it), in no order.
+    pub fn waiting(&self) -> impl Iterator<Item = (&str, &WaitReason)> {
+        self.pending
+            .iter()
+            .filter_map(|(id, p)| p.note.as_ref().map(|n| (id.as_str(), n)))
+    }
+
     /// Some pending task waits for an agent's cooldown to end (as of the last pass that noted it).
     pub fn waits_for_cooldown(&self) -> bool {
         self.pending

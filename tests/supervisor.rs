@@ -1126,3 +1126,31 @@ fn retry_of_a_task_in_its_back_off_runs_it_now() {
     );
     assert!(sup.stop().success(), "{}", sup.output());
 }
+
+#[test]
+fn current_state_md_shows_waiting_and_failed_tasks_and_follows_a_cancel() {
+    let p = Project::new();
+    let mut sup = p.start();
+    p.drop_task("blocked.yaml", "description: x\ndependencies: [nosuch]\n");
+    p.drop_task(
+        "broke.yaml",
+        "description: \"@fake stderr=boom exit=3\"\nmax_retries: 0\n",
+    );
+    let state = || std::fs::read_to_string(p.path("context/current_state.md")).unwrap_or_default();
+    wait_for(
+        "the waiting and the failed task on the page",
+        Duration::from_secs(20),
+        || {
+            let s = state();
+            s.contains("## Waiting\n\n- blocked: waiting for nosuch (no such task exists yet)")
+                && s.contains("## Recently failed\n\n- broke (fake): exited with code 3")
+        },
+    );
+    p.run(&["cancel", "blocked"]).assert_code(0);
+    wait_for(
+        "the cancelled task to leave the page's waiting list",
+        Duration::from_secs(20),
+        || !state().contains("- blocked:"),
+    );
+    assert!(sup.stop().success(), "{}", sup.output());
+}

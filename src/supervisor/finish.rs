@@ -400,7 +400,7 @@ impl Supervisor {
                     row: crate::mirror::terminal_row(spool, &result, Some(&p.task)),
                     attempts: result.attempts.clone(),
                 });
-                self.ledger.record(id.to_string(), Terminal::Failed);
+                self.ledger.record_result(&result);
                 self.state_dirty = true;
             }
             Ok(false) => {}

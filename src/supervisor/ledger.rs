@@ -5,14 +5,21 @@
 //! finished (a commit came back, recovery finished a move, the mirror said so at start) and what is
 //! pending again.
 
-use crate::context::CompletedEntry;
+use std::collections::VecDeque;
+
+use crate::context::{CompletedEntry, FailedEntry};
 use crate::record::{TaskResult, Terminal};
 use crate::scheduler;
+
+/// How many recent failures `current_state.md` lists.
+const RECENT_FAILURES: usize = 20;
 
 #[derive(Default)]
 pub(super) struct Ledger {
     done: scheduler::Done,
     completed: Vec<CompletedEntry>,
+    /// The latest failures, oldest first.
+    failed: VecDeque<FailedEntry>,
 }
 
 impl Ledger {
@@ -41,8 +48,36 @@ impl Ledger {
                 diff_file: result.diff_file.clone(),
                 files_modified: result.files_modified.clone(),
             });
+        } else {
+            self.push_failed(FailedEntry {
+                id: result.task_id.clone(),
+                agent: result.agent.clone(),
+                finished_at: result.finished_at.clone(),
+                error: result.error.clone().unwrap_or_default(),
+            });
         }
         self.done.insert(result.task_id.clone(), result.status);
+    }
+
+    /// Failed tasks known from the mirror at start, in any order.
+    pub(super) fn load_failed(&mut self, mut entries: Vec<FailedEntry>) {
+        entries.sort_by(|a, b| a.finished_at.cmp(&b.finished_at));
+        for e in entries {
+            self.done.insert(e.id.clone(), Terminal::Failed);
+            self.push_failed(e);
+        }
+    }
+
+    fn push_failed(&mut self, e: FailedEntry) {
+        self.failed.retain(|f| f.id != e.id);
+        self.failed.push_back(e);
+        while self.failed.len() > RECENT_FAILURES {
+            self.failed.pop_front();
+        }
+    }
+
+    pub(super) fn recent_failures(&self) -> impl Iterator<Item = &FailedEntry> {
+        self.failed.iter()
     }
 
     /// Completed tasks known from the mirror at start, in any order.
@@ -59,6 +94,7 @@ impl Ledger {
     pub(super) fn reopen(&mut self, id: &str) {
         self.done.remove(id);
         self.completed.retain(|c| c.id != id);
+        self.failed.retain(|f| f.id != id);
     }
 
     /// (completed, failed)

@@ -329,6 +329,15 @@ impl Supervisor {
 
     /// Decide what an event means, and run the phases it calls for.
     fn handle(&mut self, event: Event) {
+        // `current_state.md` follows every transition (written at most every 250 ms): any event
+        // may change what it shows but its own tick and the periodic rescan (what the rescan finds
+        // arrives as events of its own), and the heartbeat only moves the clocks of running tasks.
+        // An idle supervisor leaves the file alone, so a syncing phone is not woken for nothing.
+        match &event {
+            Event::StateTick | Event::Rescan => {}
+            Event::Heartbeat => self.state_dirty |= !self.runs.is_empty(),
+            _ => self.state_dirty = true,
+        }
         match event {
             Event::Arrived(path) => self.ingest(&path, true),
             Event::Changed(path) => self.ingest(&path, false),

@@ -14,7 +14,7 @@ use anyhow::Result;
 use super::Supervisor;
 use super::events::Action;
 use crate::console;
-use crate::context::{self, CompletedEntry};
+use crate::context::{self, CompletedEntry, FailedEntry, StateView};
 use crate::mirror::{self, Op};
 use crate::record::Terminal;
 use crate::spool::{Place, Recovered};
@@ -78,9 +78,16 @@ impl Supervisor {
                 });
             }
         }
-        for row in mirror::sqlite::list(&conn, Some("failed"))? {
-            self.ledger.record(row.id, Terminal::Failed);
-        }
+        let failed = mirror::sqlite::list(&conn, Some("failed"))?
+            .into_iter()
+            .map(|row| FailedEntry {
+                finished_at: row.payload.finished_at.unwrap_or(row.updated_at),
+                error: row.payload.error.unwrap_or_default(),
+                agent: row.agent,
+                id: row.id,
+            })
+            .collect();
+        self.ledger.load_failed(failed);
         env.announce(true);
         Ok(())
     }
@@ -204,14 +211,24 @@ impl Supervisor {
                 )
             })
             .collect();
+        let mut waiting: Vec<(String, String)> = self
+            .intake
+            .queue
+            .waiting()
+            .map(|(id, why)| (id.to_string(), why.to_string()))
+            .collect();
+        waiting.sort();
+        let failed: Vec<&FailedEntry> = self.ledger.recent_failures().collect();
+        let view = StateView {
+            counts: &counts,
+            running: &running,
+            waiting: &waiting,
+            failed: &failed,
+        };
         let layout = &self.env.layout;
-        if let Err(e) = context::write_state_files(
-            layout,
-            self.ledger.completed(),
-            &counts,
-            &running,
-            &self.env.redactor,
-        ) {
+        if let Err(e) =
+            context::write_state_files(layout, self.ledger.completed(), &view, &self.env.redactor)
+        {
             console::warn(&format!("cannot write context state files: {e:#}"));
         }
     }
