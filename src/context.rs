@@ -295,19 +295,6 @@ pub struct StateView<'a> {
     pub failed: &'a [&'a FailedEntry],
 }
 
-/// How long since `since` (RFC 3339), as `2m13s`; empty when it cannot be read.
-fn elapsed_since(since: &str) -> String {
-    let Some(t) = crate::fsutil::parse_time(since) else {
-        return String::new();
-    };
-    let s = (time::OffsetDateTime::now_utc() - t).whole_seconds().max(0);
-    match s {
-        s if s < 60 => format!(", {s}s"),
-        s if s < 3600 => format!(", {}m{:02}s", s / 60, s % 60),
-        s => format!(", {}h{:02}m", s / 3600, s % 3600 / 60),
-    }
-}
-
 /// Regenerate `completed_tasks.json` and `current_state.md` (the at-a-glance page a phone syncing
 /// the folder reads: counts, running, waiting and why, recent failures and why, recent completions).
 pub fn write_state_files(
@@ -328,10 +315,10 @@ pub fn write_state_files(
     if !view.running.is_empty() {
         md.push_str("\n## Running\n\n");
         for (id, agent, since) in view.running {
-            md.push_str(&format!(
-                "- {id} on {agent} since {since}{}\n",
-                elapsed_since(since)
-            ));
+            let elapsed = crate::fsutil::seconds_since(since)
+                .map(|s| format!(", {}", crate::fsutil::duration_text(s)))
+                .unwrap_or_default();
+            md.push_str(&format!("- {id} on {agent} since {since}{elapsed}\n"));
         }
     }
     if !view.waiting.is_empty() {

@@ -275,6 +275,21 @@ pub fn parse_time(s: &str) -> Option<time::OffsetDateTime> {
     time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()
 }
 
+/// A duration as people read a clock: `9s`, `2m13s`, `1h04m`.
+pub fn duration_text(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
+        s => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+    }
+}
+
+/// Seconds from `since` (RFC 3339) to now; `None` when it cannot be read.
+pub fn seconds_since(since: &str) -> Option<u64> {
+    let t = parse_time(since)?;
+    Some((time::OffsetDateTime::now_utc() - t).whole_seconds().max(0) as u64)
+}
+
 /// The kernel's boot id: a pid recorded before a reboot means nothing after it.
 pub fn boot_id() -> String {
     fs::read_to_string("/proc/sys/kernel/random/boot_id")
@@ -312,6 +327,13 @@ pub fn device_of(p: &Path) -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_read_like_a_clock() {
+        assert_eq!(duration_text(9), "9s");
+        assert_eq!(duration_text(133), "2m13s");
+        assert_eq!(duration_text(3840), "1h04m");
+    }
 
     #[test]
     fn timestamps_are_fixed_width_and_sort_as_strings() {

@@ -72,15 +72,13 @@ fn counts_of(rows: Vec<(String, usize)>) -> BTreeMap<String, usize> {
 }
 
 fn running_of(rows: Vec<TaskRow>, layout: &crate::layout::Layout) -> Vec<Running> {
-    let now = time::OffsetDateTime::now_utc();
     rows.into_iter()
         .map(|r| {
             let elapsed_seconds = r
                 .payload
                 .started_at
                 .as_deref()
-                .and_then(crate::fsutil::parse_time)
-                .map(|t| (now - t).whole_seconds().max(0) as u64);
+                .and_then(crate::fsutil::seconds_since);
             Running {
                 log: layout.rel(&layout.log_path(&r.id, r.payload.attempts.max(1))),
                 id: r.id,
@@ -91,15 +89,6 @@ fn running_of(rows: Vec<TaskRow>, layout: &crate::layout::Layout) -> Vec<Running
             }
         })
         .collect()
-}
-
-/// `2m13s`, `1h04m`, `9s`.
-fn duration_text(secs: u64) -> String {
-    match secs {
-        s if s < 60 => format!("{s}s"),
-        s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
-        s => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
-    }
 }
 
 /// How many characters of a reason fit after the id column: all of them when the output is not a
@@ -296,7 +285,7 @@ fn render(cli: &Cli, st: &Status) -> Result<i32> {
                 r.agent.as_deref().unwrap_or("-"),
                 r.attempt,
                 r.elapsed_seconds
-                    .map(duration_text)
+                    .map(crate::fsutil::duration_text)
                     .as_deref()
                     .unwrap_or("-"),
                 r.since.as_deref().unwrap_or("-"),
@@ -318,16 +307,4 @@ fn render(cli: &Cli, st: &Status) -> Result<i32> {
         }
     }
     Ok(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_read_like_a_clock() {
-        assert_eq!(duration_text(9), "9s");
-        assert_eq!(duration_text(133), "2m13s");
-        assert_eq!(duration_text(3840), "1h04m");
-    }
 }
