@@ -19,15 +19,20 @@ pub struct ClaudeAdapter;
 
 impl Adapter for ClaudeAdapter {
     fn invocation(&self, name: &str, cfg: &AgentConfig, req: &RunRequest) -> Result<Invocation> {
-        let mut args: Vec<String> = vec![
-            "-p".into(),
-            "--output-format".into(),
-            "json".into(),
-            // Without a mode that accepts edits, writes are denied silently and the run "succeeds".
-            "--permission-mode".into(),
-            permissions(cfg, "acceptEdits").into(),
-        ];
-        if let Some(m) = &cfg.model {
+        let mut args: Vec<String> = vec!["-p".into(), "--output-format".into(), "json".into()];
+        // Without a mode that accepts edits, writes are denied silently and the run "succeeds".
+        if !super::user_sets(
+            cfg,
+            &["--permission-mode", "--dangerously-skip-permissions"],
+        ) {
+            args.extend([
+                "--permission-mode".into(),
+                permissions(cfg, "acceptEdits").into(),
+            ]);
+        }
+        if let Some(m) = &cfg.model
+            && !super::user_sets(cfg, &["--model"])
+        {
             args.extend(["--model".into(), m.clone()]);
         }
         let session = super::session_args(req, &mut args);

@@ -36,14 +36,25 @@ impl Adapter for CodexAdapter {
         // The default sandbox is read-only: edits would fail. `exec resume` has no --sandbox flag,
         // so there it is set as a config override.
         let sandbox = permissions(cfg, "workspace-write");
-        if req.resume_session.is_some() {
+        if super::user_sets(
+            cfg,
+            &[
+                "--sandbox",
+                "-s",
+                "--dangerously-bypass-approvals-and-sandbox",
+            ],
+        ) {
+            // The user's own flag decides.
+        } else if req.resume_session.is_some() {
             args.extend(["-c".into(), format!("sandbox_mode={}", toml_str(sandbox))]);
         } else {
             args.extend(["--sandbox".into(), sandbox.into()]);
         }
         // Workdirs need not be git repositories; orchestrate snapshots and diffs them itself.
         args.push("--skip-git-repo-check".into());
-        if let Some(m) = &cfg.model {
+        if let Some(m) = &cfg.model
+            && !super::user_sets(cfg, &["--model", "-m"])
+        {
             args.extend(["--model".into(), m.clone()]);
         }
         if let Some(url) = &cfg.base_url {

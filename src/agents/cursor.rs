@@ -21,11 +21,13 @@ pub struct CursorAdapter;
 impl Adapter for CursorAdapter {
     fn invocation(&self, name: &str, cfg: &AgentConfig, req: &RunRequest) -> Result<Invocation> {
         let mut args: Vec<String> = vec!["-p".into(), "--output-format".into(), "json".into()];
-        if permissions(cfg, "force") == "force" {
+        if permissions(cfg, "force") == "force" && !super::user_sets(cfg, &["--force", "-f"]) {
             // Without it, cursor-agent only proposes changes in print mode.
             args.push("--force".into());
         }
-        if let Some(m) = &cfg.model {
+        if let Some(m) = &cfg.model
+            && !super::user_sets(cfg, &["--model", "-m"])
+        {
             args.extend(["--model".into(), m.clone()]);
         }
         if let Some(s) = req.resume_session {

@@ -20,17 +20,22 @@ pub struct GeminiAdapter;
 
 impl Adapter for GeminiAdapter {
     fn invocation(&self, name: &str, cfg: &AgentConfig, req: &RunRequest) -> Result<Invocation> {
-        let mut args: Vec<String> = vec![
-            "--output-format".into(),
-            "json".into(),
-            // The default mode asks before each edit, and nobody is there to answer.
-            "--approval-mode".into(),
-            permissions(cfg, "auto_edit").into(),
-            // Headless runs refuse folders not trusted interactively beforehand; the workdir was
-            // chosen by whoever configured orchestrate and checked against workspace_roots.
-            "--skip-trust".into(),
-        ];
-        if let Some(m) = &cfg.model {
+        let mut args: Vec<String> = vec!["--output-format".into(), "json".into()];
+        // The default mode asks before each edit, and nobody is there to answer.
+        if !super::user_sets(cfg, &["--approval-mode", "--yolo", "-y"]) {
+            args.extend([
+                "--approval-mode".into(),
+                permissions(cfg, "auto_edit").into(),
+            ]);
+        }
+        // Headless runs refuse folders not trusted interactively beforehand; the workdir was
+        // chosen by whoever configured orchestrate and checked against workspace_roots.
+        if !super::user_sets(cfg, &["--skip-trust"]) {
+            args.push("--skip-trust".into());
+        }
+        if let Some(m) = &cfg.model
+            && !super::user_sets(cfg, &["--model", "-m"])
+        {
             args.extend(["--model".into(), m.clone()]);
         }
         let session = super::session_args(req, &mut args);

@@ -352,6 +352,18 @@ pub fn permissions<'a>(cfg: &'a AgentConfig, default: &'a str) -> &'a str {
     cfg.permissions.as_deref().unwrap_or(default)
 }
 
+/// Whether the user's `args` already set one of `flags` (as `--flag value` or `--flag=value`).
+/// Where they do, the user's value wins and the adapter leaves its own out: CLIs refuse a flag
+/// given twice (`--sandbox … cannot be used multiple times`) or merge it into nonsense
+/// (`auto_edit,auto_edit`).
+pub fn user_sets(cfg: &AgentConfig, flags: &[&str]) -> bool {
+    cfg.args.iter().any(|a| {
+        flags
+            .iter()
+            .any(|f| a == f || a.strip_prefix(f).is_some_and(|rest| rest.starts_with('=')))
+    })
+}
+
 /// Why an agent cannot take work right now, if it cannot.
 pub fn unavailable_reason(name: &str, cfg: &AgentConfig) -> Option<String> {
     if adapter_for(cfg.kind).is_none() {
@@ -427,6 +439,63 @@ pub fn stderr_hint(exit: &Exit) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The user's own flag wins over the adapter's, and is passed once.
+    #[test]
+    fn a_flag_in_the_users_args_is_not_passed_twice() {
+        let cfg = |kind: &str, args: &str| -> AgentConfig {
+            crate::config::Config::parse(
+                &format!("agents:\n  a:\n    kind: {kind}\n    model: m1\n    args: [{args}]\n"),
+                "c.yaml",
+            )
+            .expect("config")
+            .agents["a"]
+                .clone()
+        };
+        let dir = std::path::Path::new("/tmp");
+        let req = RunRequest {
+            task_id: "t",
+            description: "d",
+            prompt: "p",
+            prompt_file: dir,
+            workdir: dir,
+            resume_session: None,
+        };
+        let count =
+            |args: &[String], flag: &str| args.iter().filter(|a| a.starts_with(flag)).count();
+        for (kind, user, flag) in [
+            ("codex", "--sandbox, danger-full-access", "--sandbox"),
+            ("gemini", "--approval-mode, yolo", "--approval-mode"),
+            ("claude", "--permission-mode=plan", "--permission-mode"),
+            ("cursor", "--model, m2", "--model"),
+        ] {
+            let c = cfg(kind, user);
+            let inv = adapter_for(c.kind)
+                .expect("adapter")
+                .invocation("a", &c, &req)
+                .expect("invocation");
+            assert_eq!(count(&inv.args, flag), 1, "{kind}: {:?}", inv.args);
+            let last = user.split(", ").last().expect("a value");
+            assert!(
+                inv.args.iter().any(|a| a.ends_with(last)),
+                "{kind}: {:?}",
+                inv.args
+            );
+        }
+        // Without the user's flag, the adapter's own is there.
+        let c = cfg("codex", "");
+        let inv = adapter_for(c.kind)
+            .expect("adapter")
+            .invocation("a", &c, &req)
+            .expect("invocation");
+        assert!(
+            inv.args
+                .windows(2)
+                .any(|w| w == ["--sandbox", "workspace-write"]),
+            "{:?}",
+            inv.args
+        );
+    }
 
     #[test]
     fn retry_after_phrases() {
