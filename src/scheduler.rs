@@ -462,6 +462,19 @@ pub fn choose_agent(
     if chain.is_empty() {
         return Decision::Wait(WaitReason::NoAgent);
     }
+    // A task no agent of its chain can run says so even while the slots are full: a free slot
+    // would not help it, and "all slots busy" would hide what must be fixed.
+    if chain
+        .iter()
+        .all(|(name, _)| cap.unavailable.contains_key(name))
+    {
+        return Decision::Wait(WaitReason::AgentUnavailable(
+            chain
+                .iter()
+                .filter_map(|(name, _)| cap.unavailable.get(name).cloned())
+                .collect(),
+        ));
+    }
     if cap.running_total >= cfg.orchestrator.max_concurrent {
         return Decision::Wait(WaitReason::AtCapacity {
             slots: cfg.orchestrator.max_concurrent,

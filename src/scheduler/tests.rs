@@ -139,6 +139,39 @@ fn busy_agent_waits_instead_of_spilling() {
 }
 
 #[test]
+fn a_task_no_agent_can_run_says_so_even_when_every_slot_is_busy() {
+    let cfg = Config::parse(
+        "orchestrator: {max_concurrent: 1}\nagents:\n  a: {kind: command, command: sh}\n  b: {kind: command, command: sh}\nrouting:\n  fallback: [a]\n",
+        "c.yaml",
+    )
+    .expect("config");
+    let per = HashMap::from([("b".to_string(), 1usize)]);
+    let unavailable = HashMap::from([(
+        "a".to_string(),
+        Unavailable::Missing("agent a: `nope` not found on PATH".into()),
+    )]);
+    let cap = Capacity {
+        running_total: 1,
+        running_per_agent: &per,
+        unavailable: &unavailable,
+    };
+    let t = parse_task("description: x\n", "t", "t").expect("task");
+    match choose_agent(&cfg, &t, &cap, None, None) {
+        Decision::Wait(w) => assert_eq!(
+            w.to_string(),
+            "no agent available: agent a: `nope` not found on PATH"
+        ),
+        other => panic!("{other:?}"),
+    }
+    // One that could run when a slot frees up waits for the slot.
+    let t = parse_task("description: x\nagent: b\n", "t", "t").expect("task");
+    assert!(matches!(
+        choose_agent(&cfg, &t, &cap, None, None),
+        Decision::Wait(WaitReason::AtCapacity { slots: 1 })
+    ));
+}
+
+#[test]
 fn failed_agent_goes_to_the_back_of_the_chain() {
     let cfg = cfg();
     let per = HashMap::new();
