@@ -416,6 +416,9 @@ mod tests {
             ("description: d\n'agent': a/b\n", 2),
             ("description: d\ntimeout_minutes : -1\n", 2),
             ("description: |\n  id: old\nid: ../x\n", 3),
+            // Found by the fuzzer: node properties before the key.
+            ("!t agent: s\"\ndescription: d\n", 1),
+            ("description: d\n&a agent: a/b\n", 2),
         ] {
             let e = parse_task(text, "t", "t.yaml").unwrap_err();
             let r = e.render("t.yaml");

@@ -90,7 +90,13 @@ pub fn key_lines(text: &str, key: &str) -> Vec<usize> {
     for (i, l) in lines(text).enumerate() {
         // A stray byte-order mark counts as blank (YAML parsers skip it; so must we).
         let t = l.trim_start_matches('\u{feff}');
-        let t = t.strip_prefix("? ").unwrap_or(t);
+        let mut t = t.strip_prefix("? ").unwrap_or(t);
+        // Node properties before the key (`!tag agent: x`, `&anchor agent: x`) belong to the key.
+        while t.starts_with(['!', '&'])
+            && let Some(i) = t.find([' ', '\t'])
+        {
+            t = t[i..].trim_start_matches([' ', '\t']);
+        }
         let block = spellings.iter().any(|s| {
             t.strip_prefix(s.as_str()).is_some_and(|rest| {
                 let rest = rest.trim_start_matches([' ', '\t']);
