@@ -284,13 +284,18 @@ pub struct FailedEntry {
     pub error: String,
 }
 
+/// How many waiting tasks `current_state.md` lists by name.
+pub const WAITING_SHOWN: usize = 20;
+
 /// What `current_state.md` shows besides the completed tasks.
 pub struct StateView<'a> {
     pub counts: &'a BTreeMap<&'static str, usize>,
     /// (id, agent, started at)
     pub running: &'a [(String, String, String)],
-    /// (id, why it waits)
+    /// (id, why it waits): the first [`WAITING_SHOWN`] by id.
     pub waiting: &'a [(String, String)],
+    /// How many wait in all.
+    pub waiting_total: usize,
     /// Oldest first.
     pub failed: &'a [&'a FailedEntry],
 }
@@ -323,11 +328,14 @@ pub fn write_state_files(
     }
     if !view.waiting.is_empty() {
         md.push_str("\n## Waiting\n\n");
-        for (id, why) in view.waiting.iter().take(20) {
+        for (id, why) in view.waiting {
             md.push_str(&format!("- {id}: {}\n", first_line(why, 200)));
         }
-        if view.waiting.len() > 20 {
-            md.push_str(&format!("- … and {} more\n", view.waiting.len() - 20));
+        if view.waiting_total > view.waiting.len() {
+            md.push_str(&format!(
+                "- … and {} more\n",
+                view.waiting_total - view.waiting.len()
+            ));
         }
     }
     if !view.failed.is_empty() {

@@ -166,6 +166,11 @@ impl Layout {
         self.state_dir.join("cancel")
     }
 
+    /// The request `orchestrate cancel` leaves for the supervisor that runs `id`.
+    pub fn cancel_request(&self, id: &str) -> PathBuf {
+        self.cancel_dir().join(id)
+    }
+
     pub fn instances_dir(&self) -> PathBuf {
         self.state_dir.join("instances")
     }

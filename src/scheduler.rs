@@ -462,29 +462,18 @@ pub fn choose_agent(
     if chain.is_empty() {
         return Decision::Wait(WaitReason::NoAgent);
     }
-    // A task no agent of its chain can run says so even while the slots are full: a free slot
-    // would not help it, and "all slots busy" would hide what must be fixed.
-    if chain
-        .iter()
-        .all(|(name, _)| cap.unavailable.contains_key(name))
-    {
-        return Decision::Wait(WaitReason::AgentUnavailable(
-            chain
-                .iter()
-                .filter_map(|(name, _)| cap.unavailable.get(name).cloned())
-                .collect(),
-        ));
-    }
-    if cap.running_total >= cfg.orchestrator.max_concurrent {
-        return Decision::Wait(WaitReason::AtCapacity {
-            slots: cfg.orchestrator.max_concurrent,
-        });
-    }
     let mut skipped = Vec::new();
     for (name, why) in &chain {
         if let Some(reason) = cap.unavailable.get(name) {
             skipped.push(reason.clone());
             continue;
+        }
+        // Slots are looked at only once an agent could take the task: a task no agent of its chain
+        // can run says so even while every slot is busy (a free slot would not help it).
+        if cap.running_total >= cfg.orchestrator.max_concurrent {
+            return Decision::Wait(WaitReason::AtCapacity {
+                slots: cfg.orchestrator.max_concurrent,
+            });
         }
         let agent = &cfg.agents[name];
         let running = cap.running_per_agent.get(name).copied().unwrap_or(0);

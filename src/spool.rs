@@ -224,11 +224,28 @@ impl Spool {
         fsutil::atomic_create(&self.layout.pending, name, bytes)
     }
 
+    /// The files in `quarantine/` (not their `.reason.txt`), oldest first.
+    pub fn quarantined(&self) -> Vec<PathBuf> {
+        let Ok(rd) = fs::read_dir(&self.layout.quarantine) else {
+            return vec![];
+        };
+        let mut files: Vec<(std::time::SystemTime, PathBuf)> = rd
+            .flatten()
+            .filter(|e| {
+                let n = e.file_name();
+                let n = n.to_string_lossy();
+                !n.ends_with(".reason.txt") && !n.starts_with('.')
+            })
+            .filter_map(|e| Some((e.metadata().and_then(|m| m.modified()).ok()?, e.path())))
+            .collect();
+        files.sort();
+        files.into_iter().map(|(_, p)| p).collect()
+    }
+
     /// Ask the supervisor that runs `id` to cancel it (`orchestrate cancel`, which then signals it).
     pub fn request_cancel(&self, id: &str) -> Result<()> {
-        let dir = self.layout.cancel_dir();
-        fs::create_dir_all(&dir)?;
-        atomic_write(&dir.join(id), b"")?;
+        fs::create_dir_all(self.layout.cancel_dir())?;
+        atomic_write(&self.layout.cancel_request(id), b"")?;
         Ok(())
     }
 
@@ -245,7 +262,7 @@ impl Spool {
 
     /// The cancel request for `id` is answered (or moot).
     pub fn drop_cancel_request(&self, id: &str) {
-        let _ = fs::remove_file(self.layout.cancel_dir().join(id));
+        let _ = fs::remove_file(self.layout.cancel_request(id));
     }
 
     /// Put a just-claimed file back under its original name (it changed after we read it).

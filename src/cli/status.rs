@@ -157,19 +157,7 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
 /// truth, where the mirror's heartbeat rows may outlive a killed one), cooldowns, and the
 /// PostgreSQL writer's health as the local supervisor last saw it.
 fn add_local(st: &mut Status, project: &Project) {
-    st.quarantined = Some(
-        std::fs::read_dir(&project.spool.layout().quarantine)
-            .map(|rd| {
-                rd.flatten()
-                    .filter(|e| {
-                        let n = e.file_name();
-                        let n = n.to_string_lossy();
-                        !n.ends_with(".reason.txt") && !n.starts_with('.')
-                    })
-                    .count()
-            })
-            .unwrap_or(0),
-    );
+    st.quarantined = Some(project.spool.quarantined().len());
     st.supervisors = crate::instance::live_instances(&project.layout)
         .into_iter()
         .map(|(pid, path)| Supervisor {

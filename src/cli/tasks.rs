@@ -79,31 +79,17 @@ fn quarantined(cli: &Cli, project: &Project, limit: Option<usize>) -> Result<i32
             "--status quarantined reads the folder; it does not work with --database-url".into()
         ));
     }
-    let dir = &project.layout.quarantine;
-    let mut files: Vec<(std::time::SystemTime, String)> = std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .filter_map(|e| {
-                    let name = e.file_name().to_string_lossy().into_owned();
-                    let keep = !name.starts_with('.') && !name.ends_with(".reason.txt");
-                    let when = e.metadata().and_then(|m| m.modified()).ok()?;
-                    keep.then_some((when, name))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    files.sort();
+    let mut files = project.spool.quarantined();
     if let Some(n) = limit {
         files.drain(..files.len().saturating_sub(n));
     }
     let listed: Vec<serde_json::Value> = files
         .iter()
-        .map(|(_, name)| {
-            let reason =
-                std::fs::read_to_string(crate::layout::Layout::reason_path(&dir.join(name)))
-                    .unwrap_or_default();
+        .map(|path| {
+            let reason = std::fs::read_to_string(crate::layout::Layout::reason_path(path))
+                .unwrap_or_default();
             serde_json::json!({
-                "file": project.rel(&dir.join(name)),
+                "file": project.rel(path),
                 "reason": reason.trim_end(),
             })
         })

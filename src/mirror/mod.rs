@@ -27,7 +27,7 @@ use std::time::Duration;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
-use crate::record::{Attempt, TaskResult};
+use crate::record::{Attempt, Record, TaskResult};
 use crate::redact::Redactor;
 use crate::spool::{Place, Spool};
 use crate::task::Task;
@@ -203,8 +203,7 @@ impl Op {
                 let attempts = attempts
                     .into_iter()
                     .map(|mut a| {
-                        a.error = opt(a.error.take());
-                        a.session_id = opt(a.session_id.take());
+                        a.redact(r);
                         a
                     })
                     .collect();

@@ -211,18 +211,26 @@ impl Supervisor {
                 )
             })
             .collect();
-        let mut waiting: Vec<(String, String)> = self
-            .intake
-            .queue
-            .waiting()
+        // The page lists the first few waiting tasks by id; with a backlog of 100,000 only those
+        // few are formatted, every quarter second while things change.
+        let mut all: Vec<(&str, &crate::scheduler::WaitReason)> =
+            self.intake.queue.waiting().collect();
+        let waiting_total = all.len();
+        if all.len() > context::WAITING_SHOWN {
+            all.select_nth_unstable_by_key(context::WAITING_SHOWN - 1, |(id, _)| *id);
+            all.truncate(context::WAITING_SHOWN);
+        }
+        all.sort_unstable_by_key(|(id, _)| *id);
+        let waiting: Vec<(String, String)> = all
+            .into_iter()
             .map(|(id, why)| (id.to_string(), why.to_string()))
             .collect();
-        waiting.sort();
         let failed: Vec<&FailedEntry> = self.ledger.recent_failures().collect();
         let view = StateView {
             counts: &counts,
             running: &running,
             waiting: &waiting,
+            waiting_total,
             failed: &failed,
         };
         let layout = &self.env.layout;
