@@ -298,6 +298,9 @@ pub struct StateView<'a> {
     pub waiting_total: usize,
     /// Oldest first.
     pub failed: &'a [&'a FailedEntry],
+    /// (file, who holds it open for writing and for how long): files in `pending/` not read yet
+    /// because a writer has held them open for a long while.
+    pub being_written: &'a [(String, String)],
 }
 
 /// Regenerate `completed_tasks.json` and `current_state.md` (the at-a-glance page a phone syncing
@@ -336,6 +339,12 @@ pub fn write_state_files(
                 "- … and {} more\n",
                 view.waiting_total - view.waiting.len()
             ));
+        }
+    }
+    if !view.being_written.is_empty() {
+        md.push_str("\n## Still being written\n\n");
+        for (file, who) in view.being_written {
+            md.push_str(&format!("- {file}: {who}\n"));
         }
     }
     if !view.failed.is_empty() {

@@ -33,4 +33,5 @@ pub mod spool;
 pub mod supervisor;
 pub mod task;
 pub mod watch;
+pub mod writers;
 pub mod yaml;

@@ -14,8 +14,11 @@ use tokio::sync::mpsc;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Hint {
-    /// A file is known complete: it arrived by rename or its writer closed it.
-    Complete(PathBuf),
+    /// A file was renamed into the folder: whole, the protocol that needs no other proof.
+    Renamed(PathBuf),
+    /// A writer closed a file. Not proof that it is whole: another process (a child that inherited
+    /// the descriptor's parent, say) may still hold it open for writing.
+    Closed(PathBuf),
     /// A file appeared or changed; it must settle before it is read.
     Changed(PathBuf),
     /// Look at the whole directory again.
@@ -140,17 +143,17 @@ fn classify(ev: &notify::Event) -> Vec<Hint> {
     }
     match ev.kind {
         EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
-            ev.paths.iter().cloned().map(Hint::Complete).collect()
+            ev.paths.iter().cloned().map(Hint::Renamed).collect()
         }
         EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => ev
             .paths
             .get(1)
             .cloned()
-            .map(Hint::Complete)
+            .map(Hint::Renamed)
             .into_iter()
             .collect(),
         EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
-            ev.paths.iter().cloned().map(Hint::Complete).collect()
+            ev.paths.iter().cloned().map(Hint::Closed).collect()
         }
         EventKind::Create(CreateKind::Folder) => vec![Hint::Rescan],
         EventKind::Create(_) | EventKind::Modify(_) => {

@@ -454,6 +454,58 @@ fn files_written_in_place_are_read_after_they_settle() {
 }
 
 #[test]
+fn a_file_still_open_for_writing_is_not_run_before_its_writer_is_done() {
+    let p = Project::new();
+    let mut sup = p.start();
+    // A shell writes the first lines, and a child holding the same descriptor waits; when the
+    // child exits (a close-write the watcher sees) the shell still holds the file and writes the
+    // dependency last.
+    let mut writer = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(
+            "{ printf 'description: \"@fake print=deploying\"\\n'; \
+               sleep 0.3; \
+               n=0; while [ ! -e go ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n+1)); done; \
+               echo 'dependencies: [tests_must_pass_first]'; } > tasks/pending/slowC.yaml",
+        )
+        .current_dir(p.root())
+        .spawn()
+        .expect("spawn the writer");
+    let mut seen = String::new();
+    wait_for("status to name the writer", Duration::from_secs(10), || {
+        seen = p.run(&["status"]).stdout();
+        seen.contains("tasks/pending/slowC.yaml: still open for writing by pid")
+    });
+    // Long past the settle period (100 ms) and the child's close: still not read.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        p.files("tasks/pending"),
+        vec!["slowC.yaml"],
+        "{}",
+        sup.output()
+    );
+    assert!(p.mirror_states().is_empty(), "{:?}", p.mirror_states());
+
+    std::fs::write(p.path("go"), "").expect("let the writer finish");
+    assert!(
+        wait_child(&mut writer, Duration::from_secs(10)).is_some_and(|s| s.success()),
+        "the writer did not finish"
+    );
+    let mut status = String::new();
+    wait_for(
+        "slowC to wait for its dependency",
+        Duration::from_secs(10),
+        || {
+            status = p.run(&["status"]).stdout();
+            status.contains("slowC") && status.contains("tests_must_pass_first")
+        },
+    );
+    assert!(!status.contains("being written"), "{status}");
+    assert!(p.tasks_in("completed").is_empty(), "{}", sup.output());
+    assert!(sup.stop().success(), "{}", sup.output());
+}
+
+#[test]
 fn outputs_are_capped_and_secrets_redacted() {
     let cfg = test_config("")
         .replace(

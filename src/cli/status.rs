@@ -26,6 +26,17 @@ struct Status {
     postgres: Option<Health>,
     /// Agents resting after a rate limit, and until when (only known locally).
     cooldowns: Vec<CoolingAgent>,
+    /// Task files in `pending/` that a process holds open for writing right now: not read until
+    /// it closes them (only known locally).
+    being_written: Vec<BeingWritten>,
+}
+
+#[derive(Serialize)]
+struct BeingWritten {
+    /// Relative to the project root.
+    file: String,
+    pid: u32,
+    command: String,
 }
 
 #[derive(Serialize)]
@@ -134,6 +145,7 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
         last_event_seq: reader.max_seq()?,
         postgres: None,
         cooldowns: vec![],
+        being_written: vec![],
     };
     if reader.is_local() {
         add_local(&mut st, project);
@@ -177,6 +189,17 @@ fn add_local(st: &mut Status, project: &Project) {
             .unwrap_or_default()
     });
     st.cooldowns = cooling(&project.layout);
+    let pending = &project.layout.pending;
+    st.being_written = crate::writers::open_for_writing(pending)
+        .into_iter()
+        .filter(|(name, _)| crate::task::is_task_file_name(&name.to_string_lossy()))
+        .map(|(name, w)| BeingWritten {
+            file: project.layout.rel(&pending.join(name)),
+            pid: w.pid,
+            command: w.command,
+        })
+        .collect();
+    st.being_written.sort_by(|a, b| a.file.cmp(&b.file));
 }
 
 fn cooling(layout: &crate::layout::Layout) -> Vec<CoolingAgent> {
@@ -279,6 +302,16 @@ fn render(cli: &Cli, st: &Status) -> Result<i32> {
                 r.since.as_deref().unwrap_or("-"),
                 r.log
             );
+        }
+    }
+    if !st.being_written.is_empty() {
+        println!("\nbeing written (read once the writer closes the file):");
+        for b in &st.being_written {
+            let who = crate::writers::Writer {
+                pid: b.pid,
+                command: b.command.clone(),
+            };
+            println!("  {}: still open for writing by {who}", b.file);
         }
     }
     if !st.waiting.is_empty() {

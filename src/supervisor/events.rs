@@ -19,8 +19,11 @@ use crate::watch::Hint;
 /// Something happened. The `select!` in `Supervisor::run` only turns its sources into these;
 /// `Supervisor::handle` decides what each one means.
 pub(super) enum Event {
-    /// The watcher saw a file arrive whole in `pending/` (renamed in, or closed by its writer).
+    /// The watcher saw a file arrive whole in `pending/`: renamed in.
     Arrived(PathBuf),
+    /// The watcher saw a writer close a file in `pending/`: it is read once no process holds it
+    /// open for writing any more.
+    Closed(PathBuf),
     /// The watcher saw a file in `pending/` appear or change: it must settle before it is read.
     Changed(PathBuf),
     /// The watcher overflowed or failed, or its periodic rescan is due: events are hints, the scan
@@ -53,7 +56,8 @@ pub(super) enum Event {
 impl From<Hint> for Event {
     fn from(h: Hint) -> Event {
         match h {
-            Hint::Complete(p) => Event::Arrived(p),
+            Hint::Renamed(p) => Event::Arrived(p),
+            Hint::Closed(p) => Event::Closed(p),
             Hint::Changed(p) => Event::Changed(p),
             Hint::Rescan => Event::Rescan,
         }

@@ -5,8 +5,11 @@
 //!
 //! Events are hints, the scan is the truth: the watcher's news is read at once, and a scan lists
 //! the whole folder (at start, periodically, after a watcher overflow) and reads it a chunk per
-//! loop turn. A file seen only by a scan or by modify events must keep its size, mtime and inode
-//! for `settle_ms` before it is read.
+//! loop turn. A file renamed into `pending/` is read at once. Any other file is read only when no
+//! process holds it open for writing (`writers`), and one seen only by modify events or by a scan
+//! while it was fresh must first keep its size, mtime and inode for `settle_ms`. A file still open
+//! for writing is held and looked at again when a writer closes it or every second; after
+//! [`OPEN_NOTE_AFTER`] the console and `current_state.md` say who holds it.
 //!
 //! Owns the pending queue (the scheduler's `Pending` tasks), which file holds which task, the files
 //! settling, the scan under way and the files being claimed. It never starts, stops or finishes a
@@ -25,6 +28,7 @@ use crate::mirror::{self, Op};
 use crate::record::History;
 use crate::scheduler::{self, Pending, Scheduler};
 use crate::task::{self, Task};
+use crate::writers::{self, Writer};
 
 /// (size, mtime in ns, inode): a file that keeps these is unchanged.
 type Sig = (u64, i128, u64);
@@ -44,6 +48,33 @@ struct Settling {
 /// How many files of a scan's listing are read per loop turn.
 const CHUNK: usize = 256;
 
+/// How a file came to our attention, which decides what must be true before it is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Arrival {
+    /// Renamed into `pending/` (the safe protocol) or put back by us: whole, read at once.
+    Renamed,
+    /// A writer closed it, or a scan found it quiet: read once no process holds it open for writing.
+    Closed,
+    /// Seen appearing or changing: it must keep still for the settle period, then as `Closed`.
+    Changed,
+}
+
+/// A file that some process still holds open for writing.
+pub(super) struct Held {
+    pub(super) writer: Writer,
+    /// When we first found it open.
+    pub(super) since: Instant,
+    next_look: Instant,
+    noted: bool,
+}
+
+/// How often a held file is looked at again when no close-write news of it comes.
+const HELD_RECHECK: Duration = Duration::from_secs(1);
+
+/// A writer holding a file this long is worth a line in the console and `current_state.md`: a
+/// generous bound, since slow writers (a phone syncing over a bad network) are legitimate.
+pub(super) const OPEN_NOTE_AFTER: Duration = Duration::from_secs(30);
+
 #[derive(Default)]
 pub(super) struct Intake {
     /// The pending tasks; the scheduler decides among them.
@@ -51,11 +82,24 @@ pub(super) struct Intake {
     /// Which pending task each file in `pending/` holds.
     by_path: HashMap<PathBuf, String>,
     settling: HashMap<PathBuf, Settling>,
+    /// Files some process still holds open for writing.
+    held: HashMap<PathBuf, Held>,
     scan: Option<Scan>,
     /// `pending/` files being claimed right now: the watcher's and the scan's news of them is ours.
     claiming: HashSet<PathBuf>,
     /// The pending set changed since dependency cycles were last looked for.
     cycles_dirty: bool,
+    /// Something a reader of `current_state.md` sees has changed since `take_news`: a file was
+    /// read, turned away, or noted as held open too long. Settle ticks come four times a second
+    /// while a file is held, and must not rewrite the page each time.
+    news: bool,
+    /// Files a writer closed, to be looked at on the next settle tick: a burst of in-place writes
+    /// (a `git pull`) costs one look at `/proc` per tick, not one per file.
+    closed: HashSet<PathBuf>,
+    /// Who holds files of `pending/` open for writing, while a batch is open (`Some`): found once
+    /// per batch (one walk of `/proc`), and only if some file in it needs the answer. A batch is a
+    /// settle tick or a scan chunk.
+    writers: Option<Option<HashMap<std::ffi::OsString, Writer>>>,
 }
 
 fn sig_of(m: &std::fs::Metadata) -> Sig {
@@ -100,8 +144,60 @@ impl Intake {
         }
     }
 
+    /// Files wait to be read: closed by a writer, settling, or held open by a writer.
     pub(super) fn is_settling(&self) -> bool {
-        !self.settling.is_empty()
+        !self.settling.is_empty() || !self.held.is_empty() || !self.closed.is_empty()
+    }
+
+    /// Share one look at who holds files open for writing among everything until `end_batch`.
+    /// `false`: a batch was open already (and stays open).
+    fn begin_batch(&mut self) -> bool {
+        if self.writers.is_some() {
+            return false;
+        }
+        self.writers = Some(None);
+        true
+    }
+
+    fn end_batch(&mut self, began: bool) {
+        if began {
+            self.writers = None;
+        }
+    }
+
+    /// Who holds `name` in `pending/` open for writing, if anyone.
+    fn writer_of(&mut self, view: &View, name: &str) -> Option<Writer> {
+        let found = match &mut self.writers {
+            Some(found) => found,
+            // Outside a batch: a look of its own.
+            None => {
+                return writers::open_for_writing(&view.env.spool.layout().pending)
+                    .remove(std::ffi::OsStr::new(name));
+            }
+        };
+        found
+            .get_or_insert_with(|| writers::open_for_writing(&view.env.spool.layout().pending))
+            .get(std::ffi::OsStr::new(name))
+            .cloned()
+    }
+
+    /// Whether the settling and held files changed anything a reader sees since the last call.
+    pub(super) fn take_news(&mut self) -> bool {
+        std::mem::take(&mut self.news)
+    }
+
+    /// Pretend every held file was found open `by` earlier and is due for another look.
+    #[cfg(test)]
+    pub(super) fn backdate_held(&mut self, by: Duration) {
+        for h in self.held.values_mut() {
+            h.since -= by;
+            h.next_look = Instant::now();
+        }
+    }
+
+    /// The files held open for writing, with who holds them.
+    pub(super) fn held(&self) -> impl Iterator<Item = (&Path, &Held)> {
+        self.held.iter().map(|(p, h)| (p.as_path(), h))
     }
 
     pub(super) fn is_scanning(&self) -> bool {
@@ -186,6 +282,7 @@ impl Intake {
             return out;
         };
         let settle = Duration::from_millis(view.env.cfg.orchestrator.settle_ms);
+        let batch = self.begin_batch();
         for _ in 0..CHUNK {
             let Some((p, m)) = scan.queue.pop_front() else {
                 break;
@@ -197,14 +294,21 @@ impl Intake {
             {
                 continue;
             }
-            // A file nobody has written to for the settle period is as good as closed by its writer.
+            // A file nobody has written to for the settle period need not settle again; it is
+            // still read only when no process holds it open for writing.
             let quiet = m
                 .modified()
                 .ok()
                 .and_then(|t| t.elapsed().ok())
                 .is_some_and(|age| age >= settle);
-            self.ingest_path(view, &p, quiet, &mut out);
+            let arrival = if quiet {
+                Arrival::Closed
+            } else {
+                Arrival::Changed
+            };
+            self.ingest_path(view, &p, arrival, &mut out);
         }
+        self.end_batch(batch);
         self.scan = Some(scan);
         out
     }
@@ -228,6 +332,7 @@ impl Intake {
             self.forget_path(view, &p, &mut out);
         }
         self.settling.retain(|p, _| seen.contains(p) || p.exists());
+        self.held.retain(|p, _| seen.contains(p) || p.exists());
         out
     }
 
@@ -244,19 +349,40 @@ impl Intake {
             .map(|(p, s)| (s.sig.1, p.clone()))
             .collect();
         ready.sort();
+        let batch = self.begin_batch();
+        let mut closed: Vec<PathBuf> = self.closed.drain().collect();
+        closed.sort();
+        for p in closed {
+            self.ingest_path(view, &p, Arrival::Closed, &mut out);
+        }
         for (_, p) in ready {
             // Re-stat: ingest_path restarts the clock if the file changed since it was last seen.
-            self.ingest_path(view, &p, false, &mut out);
+            self.ingest_path(view, &p, Arrival::Changed, &mut out);
         }
+        let now = Instant::now();
+        let due: Vec<PathBuf> = self
+            .held
+            .iter()
+            .filter(|(p, h)| h.next_look <= now && !self.settling.contains_key(*p))
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in due {
+            self.ingest_path(view, &p, Arrival::Closed, &mut out);
+        }
+        self.end_batch(batch);
         out
     }
 
-    /// News of a file in `pending/`; `complete`: it arrived whole (renamed in, closed by its writer,
-    /// put back by recovery), so it need not settle.
+    /// News of a file in `pending/`, and how it came. A file a writer closed is looked at on the
+    /// next settle tick, with the others closed meanwhile.
     #[must_use = "the actions are the rest of the work: apply them"]
-    pub(super) fn ingest(&mut self, view: &View, path: &Path, complete: bool) -> Vec<Action> {
+    pub(super) fn ingest(&mut self, view: &View, path: &Path, arrival: Arrival) -> Vec<Action> {
         let mut out = vec![];
-        self.ingest_path(view, path, complete, &mut out);
+        if arrival == Arrival::Closed {
+            self.closed.insert(path.to_path_buf());
+            return out;
+        }
+        self.ingest_path(view, path, arrival, &mut out);
         out
     }
 
@@ -290,7 +416,7 @@ impl Intake {
         }
     }
 
-    fn ingest_path(&mut self, view: &View, path: &Path, complete: bool, out: &mut Vec<Action>) {
+    fn ingest_path(&mut self, view: &View, path: &Path, arrival: Arrival, out: &mut Vec<Action>) {
         if view.shutting_down {
             return;
         }
@@ -306,6 +432,7 @@ impl Intake {
             Ok(m) => m,
             Err(_) => {
                 self.settling.remove(path);
+                self.held.remove(path);
                 self.forget_path(view, path, out);
                 return;
             }
@@ -328,7 +455,7 @@ impl Intake {
             self.reject(view, path, &name, "not a regular file (directory, symlink, FIFO or device); task files must be plain files", out);
             return;
         }
-        if !complete {
+        if arrival == Arrival::Changed {
             match self.settling.get_mut(path) {
                 Some(s) if s.sig == sig => {
                     if s.since.elapsed()
@@ -349,7 +476,38 @@ impl Intake {
             }
         }
         self.settling.remove(path);
+        if arrival != Arrival::Renamed
+            && let Some(writer) = self.writer_of(view, &name)
+        {
+            self.hold_open(view, path, writer);
+            return;
+        }
+        self.held.remove(path);
+        self.news = true;
         self.ingest_ready(view, path, &name, sig, out);
+    }
+
+    /// `path` is still open for writing by `writer`: look again when a writer closes it, or soon.
+    fn hold_open(&mut self, view: &View, path: &Path, writer: Writer) {
+        let now = Instant::now();
+        let held = self.held.entry(path.to_path_buf()).or_insert(Held {
+            writer: writer.clone(),
+            since: now,
+            next_look: now,
+            noted: false,
+        });
+        held.writer = writer;
+        held.next_look = now + HELD_RECHECK;
+        if !held.noted && held.since.elapsed() >= OPEN_NOTE_AFTER {
+            held.noted = true;
+            self.news = true;
+            console::warn(&format!(
+                "{} is still open for writing by {} after {}; it is read once its writer closes it",
+                view.env.layout.rel(path),
+                held.writer,
+                fsutil::duration_text(held.since.elapsed().as_secs())
+            ));
+        }
     }
 
     /// Watch `path` until it has kept `sig` for the settle period.
@@ -371,6 +529,7 @@ impl Intake {
         explanation: &str,
         out: &mut Vec<Action>,
     ) {
+        self.news = true;
         let (spool, layout) = (&view.env.spool, &view.env.layout);
         // An invalid file named like a real task must not land beside that task in failed/ or be
         // mistaken for it: it goes to quarantine with the explanation.
@@ -546,6 +705,7 @@ impl Intake {
         reason: &str,
         out: &mut Vec<Action>,
     ) {
+        self.news = true;
         let (stored, note) = storable_name(name);
         let reason = match &note {
             Some(n) => format!("{reason}\n{n}"),

@@ -82,7 +82,7 @@ use crate::watch as watcher;
 use dispatch::Dispatch;
 use events::{Action, Commit, Event};
 use finish::Commits;
-use intake::Intake;
+use intake::{Arrival, Intake};
 use ledger::Ledger;
 use runs::Runs;
 
@@ -334,13 +334,15 @@ impl Supervisor {
         // arrives as events of its own), and the heartbeat only moves the clocks of running tasks.
         // An idle supervisor leaves the file alone, so a syncing phone is not woken for nothing.
         match &event {
-            Event::StateTick | Event::Rescan => {}
+            // The settle ticker says itself whether it changed anything (below).
+            Event::StateTick | Event::Rescan | Event::SettleTick => {}
             Event::Heartbeat => self.state_dirty |= !self.runs.is_empty(),
             _ => self.state_dirty = true,
         }
         match event {
-            Event::Arrived(path) => self.ingest(&path, true),
-            Event::Changed(path) => self.ingest(&path, false),
+            Event::Arrived(path) => self.ingest(&path, Arrival::Renamed),
+            Event::Closed(path) => self.ingest(&path, Arrival::Closed),
+            Event::Changed(path) => self.ingest(&path, Arrival::Changed),
             Event::Rescan => {
                 self.scan_pending();
                 // Claims of supervisors that died since we started (another one sharing the tree).
@@ -354,6 +356,7 @@ impl Supervisor {
             Event::SettleTick => {
                 let (intake, _, view) = self.parts();
                 let settled = intake.settle_tick(&view);
+                self.state_dirty |= self.intake.take_news();
                 self.apply(settled);
             }
             Event::Claimed { id, start } => {
@@ -408,7 +411,7 @@ impl Supervisor {
             Action::Reopened(id) => self.ledger.reopen(&id),
             Action::Ingest(path) => {
                 let (intake, _, view) = self.parts();
-                return intake.ingest(&view, &path, true);
+                return intake.ingest(&view, &path, Arrival::Renamed);
             }
             Action::Reread(path) => {
                 let (intake, _, view) = self.parts();
@@ -449,9 +452,9 @@ impl Supervisor {
         (intake, dispatch, view)
     }
 
-    fn ingest(&mut self, path: &Path, complete: bool) {
+    fn ingest(&mut self, path: &Path, arrival: Arrival) {
         let (intake, _, view) = self.parts();
-        let next = intake.ingest(&view, path, complete);
+        let next = intake.ingest(&view, path, arrival);
         self.apply(next);
     }
 

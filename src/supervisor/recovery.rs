@@ -226,12 +226,30 @@ impl Supervisor {
             .map(|(id, why)| (id.to_string(), why.to_string()))
             .collect();
         let failed: Vec<&FailedEntry> = self.ledger.recent_failures().collect();
+        let mut being_written: Vec<(String, String)> = self
+            .intake
+            .held()
+            .filter(|(_, h)| h.since.elapsed() >= super::intake::OPEN_NOTE_AFTER)
+            .map(|(p, h)| {
+                let secs = h.since.elapsed().as_secs();
+                (
+                    self.env.layout.rel(p),
+                    format!(
+                        "still open for writing by {} ({}); read once its writer closes it",
+                        h.writer,
+                        crate::fsutil::duration_text(secs)
+                    ),
+                )
+            })
+            .collect();
+        being_written.sort();
         let view = StateView {
             counts: &counts,
             running: &running,
             waiting: &waiting,
             waiting_total,
             failed: &failed,
+            being_written: &being_written,
         };
         let layout = &self.env.layout;
         if let Err(e) =

@@ -61,6 +61,76 @@ fn a_file_seen_changing_settles_before_it_is_read() {
 }
 
 #[test]
+fn a_file_still_open_for_writing_is_not_read_until_its_writer_closes_it() {
+    use std::io::Write;
+    let (_dir, mut sup) = supervisor(CONFIG);
+    let path = drop_file(&sup, "t.yaml", "description: x\n");
+    // A child that inherited the descriptor closed it (close-write news), but we still write.
+    let mut writer = std::fs::File::options()
+        .append(true)
+        .open(&path)
+        .expect("open for writing");
+    sup.handle(Event::Closed(path.clone()));
+    assert!(
+        !sup.intake.queue.contains("t"),
+        "read while open for writing"
+    );
+    // A scan that finds it quiet does not read it either.
+    sup.handle(Event::Rescan);
+    sup.handle(Event::ScanChunk);
+    assert!(!sup.intake.queue.contains("t"));
+    let held: Vec<_> = sup.intake.held().collect();
+    assert_eq!(held.len(), 1);
+    assert_eq!(held[0].1.writer.pid, std::process::id());
+    assert!(
+        sup.intake.is_settling(),
+        "a held file keeps the settle ticker going"
+    );
+
+    // Held for long: the page a phone reads says who holds it.
+    sup.intake.backdate_held(intake::OPEN_NOTE_AFTER);
+    sup.handle(Event::SettleTick);
+    assert!(sup.state_dirty, "the note is news for current_state.md");
+    sup.write_state_files();
+    let page = std::fs::read_to_string(sup.env.layout.current_state()).expect("current_state.md");
+    assert!(
+        page.contains("## Still being written")
+            && page.contains(&format!(
+                "tasks/pending/t.yaml: still open for writing by pid {}",
+                std::process::id()
+            )),
+        "{page}"
+    );
+
+    writer.write_all(b"dependencies: [t0]\n").expect("write");
+    drop(writer);
+    sup.handle(Event::Closed(path));
+    sup.handle(Event::SettleTick);
+    // Read whole: with what was written last.
+    assert_eq!(
+        sup.intake
+            .queue
+            .get("t")
+            .map(|p| p.task.file.dependencies.clone()),
+        Some(vec!["t0".to_string()])
+    );
+    assert_eq!(sup.intake.held().count(), 0);
+}
+
+#[test]
+fn a_file_renamed_in_is_read_at_once() {
+    let (_dir, mut sup) = supervisor(CONFIG);
+    let path = drop_file(&sup, "t.yaml", "description: x\n");
+    // Renaming is the protocol that needs no look at writers: even one still open is read.
+    let _writer = std::fs::File::options()
+        .append(true)
+        .open(&path)
+        .expect("open for writing");
+    sup.handle(Event::Arrived(path));
+    assert!(sup.intake.queue.contains("t"));
+}
+
+#[test]
 fn a_cancel_fails_a_pending_task_without_running_it() {
     let (_dir, mut sup) = supervisor(CONFIG);
     let path = drop_file(&sup, "t.yaml", "description: x\n");
