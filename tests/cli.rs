@@ -619,3 +619,44 @@ fn man_pages_need_no_project_and_render() {
         }
     }
 }
+
+#[test]
+fn a_permission_flag_in_args_is_a_note_and_a_contradiction_an_error() {
+    let with_codex = |extra: &str| {
+        test_config("").replace(
+            "routing:",
+            &format!(
+                "  codex:\n    kind: codex\n    command: codex-not-installed-here\n{extra}    args: [--sandbox, workspace-write]\nrouting:"
+            ),
+        )
+    };
+    let note = "note: agents.codex.args sets `--sandbox workspace-write`; orchestrate passes your value \
+                and not its own. The config key `permissions: workspace-write` says the same.";
+    let p = Project::with_config(&with_codex(""));
+    let r = p.run(&["validate", "--check-config"]);
+    r.assert_code(0);
+    assert!(r.stderr().contains(note), "{}", r.stderr());
+    assert!(r.stdout().ends_with("config.yaml: ok\n"), "{}", r.stdout());
+    // `start` says it once, as it starts.
+    let r = p.run(&["start", "--once"]);
+    r.assert_code(0);
+    assert_eq!(
+        r.stdout().matches("agents.codex.args sets").count(),
+        1,
+        "{}",
+        r.stdout()
+    );
+    // With `permissions` saying otherwise, the flag would silently win: refused, naming both.
+    let p = Project::with_config(&with_codex("    permissions: read-only\n"));
+    let r = p.run(&["validate", "--check-config"]);
+    r.assert_code(1);
+    assert!(
+        r.stderr().contains("`agents.codex.permissions`")
+            && r.stderr().contains(
+                "`permissions: read-only` and `--sandbox workspace-write` in `agents.codex.args` disagree"
+            ),
+        "{}",
+        r.stderr()
+    );
+    p.run(&["start", "--once"]).assert_code(2);
+}
