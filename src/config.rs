@@ -32,6 +32,11 @@ pub struct Config {
     pub task_queue: TaskQueueConfig,
     pub security: SecurityConfig,
     pub context: ContextConfig,
+    /// What validation noticed that is not wrong but worth saying (a permission flag in an agent's
+    /// `args` that a config key says too). `validate --check-config` prints them and `start` logs them
+    /// once; nothing else reads them.
+    #[serde(skip)]
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -117,6 +122,77 @@ impl AgentKind {
         }
     }
 
+    /// The values `permissions` takes for this kind: the CLI's own names for its modes.
+    pub fn permission_modes(self) -> &'static [&'static str] {
+        match self {
+            AgentKind::Claude => &[
+                "acceptEdits",
+                "auto",
+                "bypassPermissions",
+                "manual",
+                "dontAsk",
+                "plan",
+            ],
+            AgentKind::Codex => &["read-only", "workspace-write", "danger-full-access"],
+            AgentKind::Gemini => &["default", "auto_edit", "yolo", "plan"],
+            AgentKind::Cursor => &["default", "force"],
+            AgentKind::Command | AgentKind::Openai => &[],
+        }
+    }
+
+    /// The flags of this kind's CLI that set what `permissions` sets: the one table the adapters
+    /// (which leave their own permission flag out when `args` hold one of these) and validation
+    /// (which names the equivalent key, or refuses a contradiction) both read.
+    pub fn permission_flags(self) -> &'static [PermissionFlag] {
+        use FlagValue::{Follows, Implies, Means};
+        match self {
+            AgentKind::Claude => {
+                const FLAGS: &[PermissionFlag] = &[
+                    PermissionFlag::new("--permission-mode", Follows),
+                    PermissionFlag::new(
+                        "--dangerously-skip-permissions",
+                        Means("bypassPermissions"),
+                    ),
+                ];
+                FLAGS
+            }
+            // `-a`/`--ask-for-approval` are not here: they choose approvals, not the sandbox that
+            // `permissions` chooses, and `codex exec` (0.169) refuses them. `--full-auto` is the
+            // sandbox alias of older releases (0.169 refuses it too); whoever still writes it gets
+            // the key named.
+            AgentKind::Codex => {
+                const FLAGS: &[PermissionFlag] = &[
+                    PermissionFlag::new("--sandbox", Follows),
+                    PermissionFlag::new("-s", Follows),
+                    PermissionFlag::new(
+                        "--dangerously-bypass-approvals-and-sandbox",
+                        Means("danger-full-access"),
+                    ),
+                    PermissionFlag::new("--full-auto", Means("workspace-write")),
+                    // Refused by codex together with `--sandbox`.
+                    PermissionFlag::new("--approve-for-me", Implies("workspace-write")),
+                ];
+                FLAGS
+            }
+            AgentKind::Gemini => {
+                const FLAGS: &[PermissionFlag] = &[
+                    PermissionFlag::new("--approval-mode", Follows),
+                    PermissionFlag::new("--yolo", Means("yolo")),
+                    PermissionFlag::new("-y", Means("yolo")),
+                ];
+                FLAGS
+            }
+            AgentKind::Cursor => {
+                const FLAGS: &[PermissionFlag] = &[
+                    PermissionFlag::new("--force", Means("force")),
+                    PermissionFlag::new("-f", Means("force")),
+                ];
+                FLAGS
+            }
+            AgentKind::Command | AgentKind::Openai => &[],
+        }
+    }
+
     /// The environment variable the kind's CLI conventionally reads its API key from.
     pub fn key_var(self) -> Option<&'static str> {
         match self {
@@ -168,7 +244,8 @@ pub struct AgentConfig {
     /// How much the agent may do unattended, in its own CLI's terms: claude `--permission-mode`
     /// (default acceptEdits), codex `--sandbox` (default workspace-write), gemini `--approval-mode`
     /// (default auto_edit), cursor `force` to pass `--force`. Without it edits are refused or wait
-    /// for a human who is not there.
+    /// for a human who is not there. A permission flag in `args` wins over it (see
+    /// [`AgentKind::permission_flags`]); the two saying different things is an error.
     #[serde(default)]
     pub permissions: Option<String>,
     /// Prices in USD per million tokens, to compute a cost for CLIs that report only tokens.
@@ -201,7 +278,96 @@ fn one() -> usize {
     1
 }
 
+/// A flag of an agent CLI that says what the agent's `permissions` key says (see
+/// [`AgentKind::permission_flags`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PermissionFlag {
+    pub flag: &'static str,
+    pub value: FlagValue,
+}
+
+/// Which `permissions` value a [`PermissionFlag`] stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlagValue {
+    /// The value that follows the flag is the mode: `--sandbox read-only`, `--sandbox=read-only`, and
+    /// for a short flag `-sread-only`.
+    Follows,
+    /// The flag alone is this mode.
+    Means(&'static str),
+    /// The flag chooses this mode and does more that `permissions` cannot say.
+    Implies(&'static str),
+}
+
+impl PermissionFlag {
+    const fn new(flag: &'static str, value: FlagValue) -> PermissionFlag {
+        PermissionFlag { flag, value }
+    }
+
+    /// The mode `arg` (followed by `next`) sets if it is this flag: `None` if it is another argument,
+    /// `Some(None)` if the flag's value is missing. The second element says whether `next` was used.
+    fn matches<'a>(&self, arg: &'a str, next: Option<&'a str>) -> Option<(Option<&'a str>, bool)> {
+        let short = !self.flag.starts_with("--");
+        let attached = arg.strip_prefix(self.flag)?;
+        match self.value {
+            FlagValue::Follows if attached.is_empty() => Some((next, next.is_some())),
+            FlagValue::Follows => match attached.strip_prefix('=') {
+                Some(v) => Some((Some(v), false)),
+                // `-sread-only`; a long flag is only ever followed by `=` (`--sandboxes` is not it).
+                None if short => Some((Some(attached), false)),
+                None => None,
+            },
+            FlagValue::Means(m) | FlagValue::Implies(m) => {
+                (attached.is_empty() || attached.starts_with('=')).then_some((Some(m), false))
+            }
+        }
+    }
+}
+
+/// A permission flag found in an agent's `args`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PermissionArg {
+    /// As the user wrote it, value included (`--sandbox workspace-write`).
+    pub written: String,
+    pub flag: PermissionFlag,
+    /// The `permissions` value it stands for; `None` when the flag's value is missing.
+    pub mode: Option<String>,
+}
+
 impl AgentConfig {
+    /// The permission flags in `args` (see [`AgentKind::permission_flags`]), in order. Nothing after
+    /// `--` is a flag.
+    pub fn permission_args(&self) -> Vec<PermissionArg> {
+        let flags = self.kind.permission_flags();
+        let mut found = Vec::new();
+        let mut i = 0;
+        while i < self.args.len() && self.args[i] != "--" {
+            let arg = self.args[i].as_str();
+            let next = self.args.get(i + 1).map(String::as_str);
+            i += 1;
+            if let Some((flag, (mode, used_next))) =
+                flags.iter().find_map(|f| Some((*f, f.matches(arg, next)?)))
+            {
+                let written = match (used_next, next) {
+                    (true, Some(v)) => format!("{arg} {v}"),
+                    _ => arg.to_string(),
+                };
+                i += usize::from(used_next);
+                found.push(PermissionArg {
+                    written,
+                    flag,
+                    mode: mode.map(String::from),
+                });
+            }
+        }
+        found
+    }
+
+    /// Whether `args` choose the permission mode themselves: then the adapter passes no permission
+    /// flag of its own (a CLI refuses a flag given twice, or `--sandbox` beside `--approve-for-me`).
+    pub fn args_set_permissions(&self) -> bool {
+        !self.permission_args().is_empty()
+    }
+
     /// The executable this agent runs.
     pub fn program(&self, name: &str) -> String {
         self.command.clone().unwrap_or_else(|| match self.kind {
@@ -456,6 +622,7 @@ impl Config {
                 return Err((k.into(), "must be a non-negative number".into()));
             }
         }
+        let mut notes = Vec::new();
         for (name, a) in &self.agents {
             if !crate::task::valid_name(name) {
                 return Err((
@@ -517,20 +684,7 @@ impl Config {
                 ));
             }
             if let Some(p) = &a.permissions {
-                let allowed: &[&str] = match a.kind {
-                    AgentKind::Claude => &[
-                        "acceptEdits",
-                        "auto",
-                        "bypassPermissions",
-                        "manual",
-                        "dontAsk",
-                        "plan",
-                    ],
-                    AgentKind::Codex => &["read-only", "workspace-write", "danger-full-access"],
-                    AgentKind::Gemini => &["default", "auto_edit", "yolo", "plan"],
-                    AgentKind::Cursor => &["default", "force"],
-                    AgentKind::Command | AgentKind::Openai => &[],
-                };
+                let allowed = a.kind.permission_modes();
                 if !allowed.contains(&p.as_str()) {
                     return Err((
                         format!("agents.{name}.permissions"),
@@ -546,7 +700,9 @@ impl Config {
                     ));
                 }
             }
+            notes.extend(permission_args_note(name, a)?);
         }
+        self.notes = notes;
         let known = |n: &str| self.agents.contains_key(n);
         for (i, n) in self.routing.fallback.iter().enumerate() {
             if !known(n) {
@@ -638,6 +794,72 @@ impl Config {
             (None, None) => self.task_queue.timeout_minutes * 60.0,
         };
         std::time::Duration::from_secs_f64(secs.clamp(0.001, 1e9))
+    }
+}
+
+/// A permission flag in an agent's `args` is the user's choice and wins (the adapter leaves its own
+/// out); this says which `permissions` value means the same, as a note. A flag without its value,
+/// two flags that disagree, or a flag that disagrees with `permissions` is an error: only the flag
+/// would reach the CLI, and the key would be silently ignored.
+fn permission_args_note(name: &str, a: &AgentConfig) -> Result<Option<String>, (String, String)> {
+    let found = a.permission_args();
+    let Some(first) = found.first() else {
+        return Ok(None);
+    };
+    let modes = a.kind.permission_modes().join(", ");
+    let args_key = format!("agents.{name}.args");
+    if let Some(x) = found.iter().find(|x| x.mode.is_none()) {
+        return Err((
+            args_key,
+            format!(
+                "`{}` is the last argument: its value is missing (one of: {modes})",
+                x.written
+            ),
+        ));
+    }
+    if let Some(x) = found.iter().find(|x| x.mode != first.mode) {
+        return Err((
+            args_key,
+            format!(
+                "`{}` and `{}` set different permission modes; keep one",
+                first.written, x.written
+            ),
+        ));
+    }
+    let mode = first.mode.as_deref().unwrap_or_default();
+    let written = &first.written;
+    match &a.permissions {
+        Some(p) if p != mode => Err((
+            format!("agents.{name}.permissions"),
+            format!(
+                "`permissions: {p}` and `{written}` in `{args_key}` disagree: orchestrate passes the flag in `args` \
+                 and not the key, so keep one of them"
+            ),
+        )),
+        Some(p) => Ok(Some(format!(
+            "{args_key} sets `{written}`, which chooses `{p}` already: orchestrate passes the flag and not \
+             the key, so `permissions: {p}` can go."
+        ))),
+        None => {
+            let yours = match first.flag.value {
+                FlagValue::Follows => "your value",
+                FlagValue::Means(_) | FlagValue::Implies(_) => "your flag",
+            };
+            let then =
+                format!("{args_key} sets `{written}`; orchestrate passes {yours} and not its own.");
+            Ok(Some(match first.flag.value {
+                _ if !a.kind.permission_modes().contains(&mode) => format!(
+                    "{then} `{mode}` is not a value the `permissions` key knows (one of: {modes}), so `args` is the place for it."
+                ),
+                FlagValue::Implies(_) => format!(
+                    "{then} The config key `permissions: {mode}` chooses the same mode, without the rest of what `{}` does.",
+                    first.flag.flag
+                ),
+                FlagValue::Follows | FlagValue::Means(_) => {
+                    format!("{then} The config key `permissions: {mode}` says the same.")
+                }
+            }))
+        }
     }
 }
 
@@ -774,6 +996,168 @@ mod tests {
         );
         assert!(
             e.contains("`permissions`") && e.contains("IS_SANDBOX"),
+            "{e}"
+        );
+    }
+
+    fn agent(kind: &str, extra: &str) -> String {
+        format!("agents:\n  a:\n    kind: {kind}\n{extra}")
+    }
+
+    #[test]
+    fn a_permission_flag_in_args_is_accepted_with_a_note_naming_the_key() {
+        for (kind, args, written, key) in [
+            (
+                "codex",
+                "[--sandbox, workspace-write]",
+                "--sandbox workspace-write",
+                "permissions: workspace-write",
+            ),
+            (
+                "codex",
+                "[-sread-only]",
+                "-sread-only",
+                "permissions: read-only",
+            ),
+            (
+                "codex",
+                "[--dangerously-bypass-approvals-and-sandbox]",
+                "--dangerously-bypass-approvals-and-sandbox",
+                "permissions: danger-full-access",
+            ),
+            (
+                "claude",
+                "[--permission-mode=plan]",
+                "--permission-mode=plan",
+                "permissions: plan",
+            ),
+            (
+                "claude",
+                "[--dangerously-skip-permissions]",
+                "--dangerously-skip-permissions",
+                "permissions: bypassPermissions",
+            ),
+            ("gemini", "[-y]", "-y", "permissions: yolo"),
+            (
+                "gemini",
+                "[--approval-mode, auto_edit]",
+                "--approval-mode auto_edit",
+                "permissions: auto_edit",
+            ),
+            ("cursor", "[--force]", "--force", "permissions: force"),
+        ] {
+            let cfg = Config::parse(&agent(kind, &format!("    args: {args}\n")), "c.yaml")
+                .unwrap_or_else(|e| panic!("{kind} {args}: {e}"));
+            assert_eq!(cfg.notes.len(), 1, "{kind} {args}: {:?}", cfg.notes);
+            let n = &cfg.notes[0];
+            assert!(
+                n.starts_with(&format!(
+                    "agents.a.args sets `{written}`; orchestrate passes your"
+                )),
+                "{n}"
+            );
+            assert!(n.contains(&format!("`{key}` says the same")), "{n}");
+        }
+        // A flag that does more than the key can say is not called the same.
+        let cfg = Config::parse(&agent("codex", "    args: [--approve-for-me]\n"), "c.yaml")
+            .expect("valid");
+        assert!(
+            cfg.notes[0]
+                .contains("`permissions: workspace-write` chooses the same mode, without the rest"),
+            "{:?}",
+            cfg.notes
+        );
+        // A mode the key does not know is the user's to pass.
+        let cfg = Config::parse(
+            &agent("claude", "    args: [--permission-mode, newMode]\n"),
+            "c.yaml",
+        )
+        .expect("valid");
+        assert!(
+            cfg.notes[0].contains("`newMode` is not a value the `permissions` key knows"),
+            "{:?}",
+            cfg.notes
+        );
+        // The same choice in both places: valid, and the key is redundant.
+        let cfg = Config::parse(
+            &agent(
+                "codex",
+                "    permissions: read-only\n    args: [--sandbox=read-only]\n",
+            ),
+            "c.yaml",
+        )
+        .expect("valid");
+        assert_eq!(
+            cfg.notes,
+            [
+                "agents.a.args sets `--sandbox=read-only`, which chooses `read-only` already: orchestrate passes \
+              the flag and not the key, so `permissions: read-only` can go."
+            ]
+        );
+    }
+
+    #[test]
+    fn args_without_a_permission_flag_give_no_note() {
+        for (kind, args) in [
+            // Not permission flags, though they begin like one or sit after `--`.
+            ("codex", "[--sandboxes, x, --model, m]"),
+            ("codex", "[--, --sandbox, read-only]"),
+            ("gemini", "[--yolo-mode]"),
+            ("cursor", "[--format, json]"),
+            ("command", "[--force]"),
+        ] {
+            let text = if kind == "command" {
+                agent(kind, &format!("    command: x\n    args: {args}\n"))
+            } else {
+                agent(kind, &format!("    args: {args}\n"))
+            };
+            let cfg = Config::parse(&text, "c.yaml").unwrap_or_else(|e| panic!("{e}"));
+            assert!(cfg.notes.is_empty(), "{kind} {args}: {:?}", cfg.notes);
+            assert!(!cfg.agents["a"].args_set_permissions(), "{kind} {args}");
+        }
+        assert!(
+            Config::parse(DEFAULT_CONFIG, "config.yaml")
+                .expect("valid")
+                .notes
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_permission_flag_that_contradicts_is_an_error_naming_both() {
+        let err = |text: String| Config::parse(&text, "c.yaml").unwrap_err().to_string();
+        let e = err(agent(
+            "codex",
+            "    permissions: read-only\n    args: [--sandbox, workspace-write]\n",
+        ));
+        assert!(e.starts_with("c.yaml:4: `agents.a.permissions`"), "{e}");
+        assert!(
+            e.ends_with(
+                "`permissions: read-only` and `--sandbox workspace-write` in `agents.a.args` disagree: \
+                 orchestrate passes the flag in `args` and not the key, so keep one of them"
+            ),
+            "{e}"
+        );
+        let e = err(agent(
+            "cursor",
+            "    permissions: default\n    args: [-f]\n",
+        ));
+        assert!(
+            e.contains("`permissions: default` and `-f` in `agents.a.args` disagree"),
+            "{e}"
+        );
+        let e = err(agent(
+            "gemini",
+            "    args: [--approval-mode, plan, --yolo]\n",
+        ));
+        assert!(e.contains("`agents.a.args`"), "{e}");
+        assert!(
+            e.contains("`--approval-mode plan` and `--yolo` set different permission modes"),
+            "{e}"
+        );
+        let e = err(agent("claude", "    args: [--permission-mode]\n"));
+        assert!(
+            e.contains("`--permission-mode` is the last argument: its value is missing (one of: acceptEdits"),
             "{e}"
         );
     }

@@ -21,10 +21,7 @@ impl Adapter for ClaudeAdapter {
     fn invocation(&self, name: &str, cfg: &AgentConfig, req: &RunRequest) -> Result<Invocation> {
         let mut args: Vec<String> = vec!["-p".into(), "--output-format".into(), "json".into()];
         // Without a mode that accepts edits, writes are denied silently and the run "succeeds".
-        if !super::user_sets(
-            cfg,
-            &["--permission-mode", "--dangerously-skip-permissions"],
-        ) {
+        if !cfg.args_set_permissions() {
             args.extend([
                 "--permission-mode".into(),
                 permissions(cfg, "acceptEdits").into(),

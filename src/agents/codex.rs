@@ -36,14 +36,7 @@ impl Adapter for CodexAdapter {
         // The default sandbox is read-only: edits would fail. `exec resume` has no --sandbox flag,
         // so there it is set as a config override.
         let sandbox = permissions(cfg, "workspace-write");
-        if super::user_sets(
-            cfg,
-            &[
-                "--sandbox",
-                "-s",
-                "--dangerously-bypass-approvals-and-sandbox",
-            ],
-        ) {
+        if cfg.args_set_permissions() {
             // The user's own flag decides.
         } else if req.resume_session.is_some() {
             args.extend(["-c".into(), format!("sandbox_mode={}", toml_str(sandbox))]);

@@ -21,7 +21,7 @@ pub struct CursorAdapter;
 impl Adapter for CursorAdapter {
     fn invocation(&self, name: &str, cfg: &AgentConfig, req: &RunRequest) -> Result<Invocation> {
         let mut args: Vec<String> = vec!["-p".into(), "--output-format".into(), "json".into()];
-        if permissions(cfg, "force") == "force" && !super::user_sets(cfg, &["--force", "-f"]) {
+        if permissions(cfg, "force") == "force" && !cfg.args_set_permissions() {
             // Without it, cursor-agent only proposes changes in print mode.
             args.push("--force".into());
         }

@@ -22,7 +22,7 @@ impl Adapter for GeminiAdapter {
     fn invocation(&self, name: &str, cfg: &AgentConfig, req: &RunRequest) -> Result<Invocation> {
         let mut args: Vec<String> = vec!["--output-format".into(), "json".into()];
         // The default mode asks before each edit, and nobody is there to answer.
-        if !super::user_sets(cfg, &["--approval-mode", "--yolo", "-y"]) {
+        if !cfg.args_set_permissions() {
             args.extend([
                 "--approval-mode".into(),
                 permissions(cfg, "auto_edit").into(),

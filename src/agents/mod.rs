@@ -355,7 +355,8 @@ pub fn permissions<'a>(cfg: &'a AgentConfig, default: &'a str) -> &'a str {
 /// Whether the user's `args` already set one of `flags` (as `--flag value` or `--flag=value`).
 /// Where they do, the user's value wins and the adapter leaves its own out: CLIs refuse a flag
 /// given twice (`--sandbox … cannot be used multiple times`) or merge it into nonsense
-/// (`auto_edit,auto_edit`).
+/// (`auto_edit,auto_edit`). Permission flags are looked up in their own table instead
+/// ([`AgentConfig::args_set_permissions`]), which validation shares.
 pub fn user_sets(cfg: &AgentConfig, flags: &[&str]) -> bool {
     cfg.args.iter().any(|a| {
         flags
@@ -495,6 +496,56 @@ mod tests {
             "{:?}",
             inv.args
         );
+    }
+
+    /// A permission flag of the shared table in `args` (any spelling of it) keeps the adapter's own
+    /// permission flag out, on a fresh run and on a resumed one.
+    #[test]
+    fn any_permission_flag_in_args_replaces_the_adapters_own() {
+        let dir = std::path::Path::new("/tmp");
+        for (kind, user, own) in [
+            ("codex", "--approve-for-me", "sandbox"),
+            ("codex", "-sread-only", "sandbox"),
+            (
+                "claude",
+                "--dangerously-skip-permissions",
+                "--permission-mode",
+            ),
+            ("gemini", "-y", "--approval-mode"),
+        ] {
+            let cfg = crate::config::Config::parse(
+                &format!("agents:\n  a:\n    kind: {kind}\n    args: [{user}]\n"),
+                "c.yaml",
+            )
+            .expect("config")
+            .agents["a"]
+                .clone();
+            for resume in [None, Some("s-1")] {
+                let req = RunRequest {
+                    task_id: "t",
+                    description: "d",
+                    prompt: "p",
+                    prompt_file: dir,
+                    workdir: dir,
+                    resume_session: resume,
+                };
+                let inv = adapter_for(cfg.kind)
+                    .expect("adapter")
+                    .invocation("a", &cfg, &req)
+                    .expect("invocation");
+                assert!(
+                    !inv.args.iter().any(|a| a != user && a.contains(own)),
+                    "{kind} {user} {resume:?}: {:?}",
+                    inv.args
+                );
+                assert_eq!(
+                    inv.args.iter().filter(|a| *a == user).count(),
+                    1,
+                    "{kind}: {:?}",
+                    inv.args
+                );
+            }
+        }
     }
 
     #[test]

@@ -6,9 +6,11 @@
 mod add;
 mod agents;
 mod cancel;
+mod completions;
 mod fake_agent;
 mod follow;
 mod init;
+mod man;
 mod mirror_cmd;
 mod openai_agent;
 mod retry;
@@ -133,6 +135,19 @@ pub enum Command {
         /// Exit after this many events.
         #[arg(long)]
         limit: Option<u64>,
+    },
+    /// Print the completion script for a shell to stdout (needs no project).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout, or write one page per subcommand into a folder (needs no
+    /// project).
+    Man {
+        /// Write one page per subcommand (orchestrate.1, orchestrate-add.1 and so on) into this
+        /// folder, created if missing, and print their paths.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
     },
     /// Mirror maintenance.
     Mirror {
@@ -296,6 +311,15 @@ pub fn run(cli: Cli) -> Result<i32> {
         .into());
     }
     match &cli.command {
+        // Generated from the argument definitions alone: no project, configuration or tree is read.
+        Command::Completions { shell } => {
+            default_sigpipe();
+            completions::run(*shell)
+        }
+        Command::Man { dir } => {
+            default_sigpipe();
+            man::run(dir.as_deref())
+        }
         Command::FakeAgent { prompt, directives } => fake_agent::run(prompt.clone(), directives),
         Command::OpenaiAgent(args) => openai_agent::run(args.clone()),
         Command::Init => init::run(&cli),

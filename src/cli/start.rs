@@ -15,6 +15,10 @@ pub fn start(cli: &Cli, once: bool, detach: bool, verbose: u8) -> Result<i32> {
         return detach_start(cli, &project, verbose);
     }
     crate::console::set_level(&project.cfg.orchestrator.log_level, verbose);
+    // Once per start, before the loop: the configuration does not change while it runs.
+    for n in &project.cfg.notes {
+        crate::console::info(&format!("note: {n}"));
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .worker_threads(2)

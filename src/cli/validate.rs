@@ -1,5 +1,7 @@
 //! `orchestrate validate FILE...`: lint task files (or the config) for CI jobs that commit them.
-//! Prints `file:line:column: error: message` per problem; exit 1 if any file is invalid.
+//! Prints `file:line:column: error: message` per problem; exit 1 if any file is invalid. With
+//! `--check-config`, the configuration's notes (valid, but worth knowing) come first, as
+//! `file: note: message`.
 //!
 //! It only reads; nothing is moved or written.
 
@@ -32,7 +34,11 @@ pub fn run(cli: &Cli, files: &[PathBuf], check_config: bool) -> Result<i32> {
         let text = std::fs::read_to_string(&path)
             .map_err(|e| UsageError(format!("{}: {e}", path.display())))?;
         return match Config::parse(&text, &path.display().to_string()) {
-            Ok(_) => {
+            Ok(cfg) => {
+                // Notes are not errors: the file is valid, and CI jobs keep exit 0.
+                for n in &cfg.notes {
+                    eprintln!("{}: note: {n}", path.display());
+                }
                 println!("{}: ok", path.display());
                 Ok(0)
             }
