@@ -364,7 +364,8 @@ fn visible_subcommands(dir: &std::path::Path) -> Vec<String> {
     names
 }
 
-/// A program on PATH, or `None` after saying that the check needing it is skipped.
+/// A program on PATH, or `None` after saying that the check needing it is skipped (the test's other
+/// checks still run). With `CI` set nothing may be skipped: `.ci/run` installs these programs.
 fn installed(program: &str, check: &str) -> Option<std::path::PathBuf> {
     let found = std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
@@ -372,6 +373,10 @@ fn installed(program: &str, check: &str) -> Option<std::path::PathBuf> {
             .find(|p| p.is_file())
     });
     if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{program} is not installed and CI is set: {check} must run (.ci/run installs it)"
+        );
         eprintln!("SKIPPED: {program} is not installed; {check} not run");
     }
     found
