@@ -1,9 +1,11 @@
 //! End-to-end tests with the real agent CLIs (Claude Code, Codex, Gemini CLI, installed pinned by
-//! `.ci/run` into tools/agents/node_modules) talking to a scripted model server on 127.0.0.1, and
+//! `tools/test` into tools/agents/node_modules) talking to a scripted model server on 127.0.0.1, and
 //! the `openai` kind and the router against the same server's chat-completions endpoint.
 //!
-//! Without the CLIs these tests say so and skip; with `CI` set they fail instead, so CI cannot pass
-//! by skipping them.
+//! A test that drives a CLI lives in a module named after it (`claude::`, `codex::`, `gemini::`); one
+//! that drives two lives in both (`claude::codex::`). That is how `tools/test` finds, by name alone,
+//! the tests to skip on a machine without a CLI. Run any other way, a test whose CLI is missing fails
+//! and says so: it never passes without running. The `openai` and router tests need no CLI.
 
 mod common;
 
@@ -13,28 +15,26 @@ use std::time::Duration;
 use common::model_server::{self, Api, ModelServer, Reply};
 use common::*;
 
-/// The CLI's installed binary, or `None` (after saying why) when it is missing outside CI.
-fn cli(name: &str) -> Option<PathBuf> {
+/// The CLI's installed binary (from ORCHESTRATE_AGENT_BIN_DIR when set). The test fails when it is
+/// missing, or when the test is outside the CLI's module, where `tools/test` could not skip it.
+#[track_caller]
+fn cli(name: &str) -> PathBuf {
+    assert_grouped(name, None, name);
     let dir = std::env::var_os("ORCHESTRATE_AGENT_BIN_DIR")
+        .filter(|d| !d.is_empty())
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tools/agents/node_modules/.bin")
         });
     let bin = dir.join(name);
-    if bin.is_file() {
-        return Some(bin);
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!(
-            "{} is missing and CI is set: install the pinned CLIs with `npm ci --prefix tools/agents`",
-            bin.display()
-        );
-    }
-    eprintln!(
-        "SKIPPED: {} not installed (npm ci --prefix tools/agents)",
+    assert!(
+        bin.is_file(),
+        "{name} is missing: {} does not exist. Install the pinned CLIs with \
+         `npm ci --prefix tools/agents`, or run the tests with tools/test, which installs them and \
+         skips the {name} tests when it cannot (and fails under CI).",
         bin.display()
     );
-    None
+    bin
 }
 
 /// Which real CLI, and how it reaches the model server.
@@ -146,9 +146,7 @@ fn wait_terminal(p: &Project, id: &str, limit: Duration) -> (String, serde_json:
 }
 
 fn text_and_tokens(which: Cli) {
-    let Some(bin) = cli(which.bin_name()) else {
-        return;
-    };
+    let bin = cli(which.bin_name());
     let server = ModelServer::start();
     server.script(which.api(), vec![Reply::Text("The answer is 42.".into())]);
     let p = project(&[("agent", which, bin)], &server, "");
@@ -212,9 +210,7 @@ fn text_and_tokens(which: Cli) {
 }
 
 fn writes_a_file(which: Cli) {
-    let Some(bin) = cli(which.bin_name()) else {
-        return;
-    };
+    let bin = cli(which.bin_name());
     let server = ModelServer::start();
     server.script(
         which.api(),
@@ -248,9 +244,7 @@ fn writes_a_file(which: Cli) {
 }
 
 fn hang_is_killed_at_the_timeout(which: Cli) {
-    let Some(bin) = cli(which.bin_name()) else {
-        return;
-    };
+    let bin = cli(which.bin_name());
     let server = ModelServer::start();
     server.script(which.api(), vec![Reply::Hang]);
     let p = project(&[("agent", which, bin)], &server, "");
@@ -279,56 +273,8 @@ fn hang_is_killed_at_the_timeout(which: Cli) {
     assert!(sup.stop().success(), "{}", sup.output());
 }
 
-#[test]
-fn claude_answers_text_with_tokens_and_cost() {
-    text_and_tokens(Cli::Claude);
-}
-
-#[test]
-fn codex_answers_text_with_tokens() {
-    text_and_tokens(Cli::Codex);
-}
-
-#[test]
-fn gemini_answers_text_with_tokens() {
-    text_and_tokens(Cli::Gemini);
-}
-
-#[test]
-fn claude_writes_a_file_that_reaches_the_diff() {
-    writes_a_file(Cli::Claude);
-}
-
-#[test]
-fn codex_writes_a_file_that_reaches_the_diff() {
-    writes_a_file(Cli::Codex);
-}
-
-#[test]
-fn gemini_writes_a_file_that_reaches_the_diff() {
-    writes_a_file(Cli::Gemini);
-}
-
-#[test]
-fn claude_hung_model_is_killed_at_the_timeout() {
-    hang_is_killed_at_the_timeout(Cli::Claude);
-}
-
-#[test]
-fn codex_hung_model_is_killed_at_the_timeout() {
-    hang_is_killed_at_the_timeout(Cli::Codex);
-}
-
-#[test]
-fn gemini_hung_model_is_killed_at_the_timeout() {
-    hang_is_killed_at_the_timeout(Cli::Gemini);
-}
-
-#[test]
 fn rate_limit_sends_the_task_down_the_fallback_chain_and_cools_the_agent() {
-    let (Some(claude), Some(codex)) = (cli("claude"), cli("codex")) else {
-        return;
-    };
+    let (claude, codex) = (cli("claude"), cli("codex"));
     let server = ModelServer::start();
     server.script(
         Api::Anthropic,
@@ -544,9 +490,7 @@ fn router_nonsense_or_silence_falls_back_to_the_chain() {
 }
 
 fn a_retry_after_a_timeout_resumes_the_session(which: Cli) {
-    let Some(bin) = cli(which.bin_name()) else {
-        return;
-    };
+    let bin = cli(which.bin_name());
     let server = ModelServer::start();
     server.script(
         which.api(),
@@ -585,21 +529,6 @@ fn a_retry_after_a_timeout_resumes_the_session(which: Cli) {
 }
 
 #[test]
-fn a_retry_after_a_timeout_resumes_the_claude_session() {
-    a_retry_after_a_timeout_resumes_the_session(Cli::Claude);
-}
-
-#[test]
-fn a_retry_after_a_timeout_resumes_the_codex_session() {
-    a_retry_after_a_timeout_resumes_the_session(Cli::Codex);
-}
-
-#[test]
-fn a_retry_after_a_timeout_resumes_the_gemini_session() {
-    a_retry_after_a_timeout_resumes_the_session(Cli::Gemini);
-}
-
-#[test]
 fn start_once_waits_for_the_router_before_exiting() {
     let server = ModelServer::start();
     server.script(
@@ -618,4 +547,86 @@ fn start_once_waits_for_the_router_before_exiting() {
     p.run(&["start", "--once"]).assert_code(0);
     assert_eq!(p.tasks_in("completed"), vec!["once".to_string()]);
     assert_eq!(p.result("completed", "once")["agent"], "writer");
+}
+
+// ---- the tests of each CLI, in modules named after what they need ----------------------------------
+
+mod claude {
+    use super::*;
+
+    #[test]
+    fn answers_text_with_tokens_and_cost() {
+        text_and_tokens(Cli::Claude);
+    }
+
+    #[test]
+    fn writes_a_file_that_reaches_the_diff() {
+        writes_a_file(Cli::Claude);
+    }
+
+    #[test]
+    fn hung_model_is_killed_at_the_timeout() {
+        hang_is_killed_at_the_timeout(Cli::Claude);
+    }
+
+    #[test]
+    fn a_retry_after_a_timeout_resumes_the_session() {
+        super::a_retry_after_a_timeout_resumes_the_session(Cli::Claude);
+    }
+
+    /// Claude rate-limited, codex next in the chain.
+    mod codex {
+        #[test]
+        fn rate_limit_sends_the_task_down_the_fallback_chain_and_cools_the_agent() {
+            super::super::rate_limit_sends_the_task_down_the_fallback_chain_and_cools_the_agent();
+        }
+    }
+}
+
+mod codex {
+    use super::*;
+
+    #[test]
+    fn answers_text_with_tokens() {
+        text_and_tokens(Cli::Codex);
+    }
+
+    #[test]
+    fn writes_a_file_that_reaches_the_diff() {
+        writes_a_file(Cli::Codex);
+    }
+
+    #[test]
+    fn hung_model_is_killed_at_the_timeout() {
+        hang_is_killed_at_the_timeout(Cli::Codex);
+    }
+
+    #[test]
+    fn a_retry_after_a_timeout_resumes_the_session() {
+        super::a_retry_after_a_timeout_resumes_the_session(Cli::Codex);
+    }
+}
+
+mod gemini {
+    use super::*;
+
+    #[test]
+    fn answers_text_with_tokens() {
+        text_and_tokens(Cli::Gemini);
+    }
+
+    #[test]
+    fn writes_a_file_that_reaches_the_diff() {
+        writes_a_file(Cli::Gemini);
+    }
+
+    #[test]
+    fn hung_model_is_killed_at_the_timeout() {
+        hang_is_killed_at_the_timeout(Cli::Gemini);
+    }
+
+    #[test]
+    fn a_retry_after_a_timeout_resumes_the_session() {
+        super::a_retry_after_a_timeout_resumes_the_session(Cli::Gemini);
+    }
 }

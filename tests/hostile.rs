@@ -139,10 +139,16 @@ fn set_mtime(path: &Path, t: SystemTime) {
 
 /// Ids that completed exactly once with a single attempt; the rest are counted as lost.
 fn lost_unless_completed_once(p: &Project, ids: &[&str]) -> usize {
+    not_completed_once(p, ids).len()
+}
+
+/// The ids that are not in `completed/` with a single attempt.
+fn not_completed_once<'a>(p: &Project, ids: &[&'a str]) -> Vec<&'a str> {
     let done = p.tasks_in("completed");
     ids.iter()
         .filter(|id| !(done.iter().any(|d| d == *id) && attempts_in(p, "completed", id) == 1))
-        .count()
+        .copied()
+        .collect()
 }
 
 // ---- editors, git, sync clients, phones ------------------------------------------------------------
@@ -621,8 +627,11 @@ fn with_the_watcher_off_the_periodic_scan_alone_processes_everything() {
 fn pending_replaced_by_a_full_directory_and_the_whole_tree_recreated_are_picked_up() {
     // The periodic rescan is an hour away: only the watcher (re-armed on the new directory) can see.
     let p = Project::with_config(&config_with(&[("rescan_seconds", "3600")], ""));
+    // Each task counts its runs in counts/ (outside tasks/, so the counts outlive the tree).
+    std::fs::create_dir_all(p.path("counts")).expect("mkdir");
+    let body = |id: &str| format!("description: \"@fake fail-until=counts/{id}:1 print={id}\"\n");
     let mut sup = p.start();
-    p.drop_task("before.yaml", "description: \"@fake print=before\"\n");
+    p.drop_task("before.yaml", &body("before"));
     wait_for("before completed", Duration::from_secs(10), || {
         p.tasks_in("completed") == vec!["before"]
     });
@@ -631,12 +640,9 @@ fn pending_replaced_by_a_full_directory_and_the_whole_tree_recreated_are_picked_
     // the folder): rename it over pending/.
     let staging = p.path("tasks/staging");
     std::fs::create_dir(&staging).expect("mkdir");
-    for i in 0..10 {
-        std::fs::write(
-            staging.join(format!("full{i}.yaml")),
-            format!("description: \"@fake print=full_{i}\"\n"),
-        )
-        .expect("write");
+    let full: Vec<String> = (0..10).map(|i| format!("full{i}")).collect();
+    for id in &full {
+        std::fs::write(staging.join(format!("{id}.yaml")), body(id)).expect("write");
     }
     std::fs::remove_dir_all(p.path("tasks/pending")).expect("rm pending");
     std::fs::rename(&staging, p.path("tasks/pending")).expect("rename in");
@@ -646,13 +652,14 @@ fn pending_replaced_by_a_full_directory_and_the_whole_tree_recreated_are_picked_
         || p.tasks_in("completed").len() == 11,
     );
     // Then a task dropped into it is seen at once, not an hour later.
-    p.drop_task(
-        "after_swap.yaml",
-        "description: \"@fake print=after_swap\"\n",
-    );
+    p.drop_task("after_swap.yaml", &body("after_swap"));
     wait_for("after_swap completed", Duration::from_secs(10), || {
         p.tasks_in("completed").len() == 12
     });
+    // The twelve of the first tree, accounted for before it goes: each completed with one attempt.
+    let mut first: Vec<&str> = vec!["before", "after_swap"];
+    first.extend(full.iter().map(String::as_str));
+    let mut lost = not_completed_once(&p, &first);
 
     // The whole tasks/ tree deleted and re-created (as `git checkout` restores it, with every folder).
     std::fs::remove_dir_all(p.path("tasks")).expect("rm -r tasks");
@@ -661,11 +668,9 @@ fn pending_replaced_by_a_full_directory_and_the_whole_tree_recreated_are_picked_
     for d in ["pending", "assigned", "completed", "failed", "quarantine"] {
         std::fs::create_dir_all(p.path(&format!("tasks/{d}"))).expect("mkdir");
     }
-    for i in 0..5 {
-        p.drop_task(
-            &format!("re{i}.yaml"),
-            &format!("description: \"@fake print=recreated_{i}\"\n"),
-        );
+    let again = ["re0", "re1", "re2", "re3", "re4"];
+    for id in again {
+        p.drop_task(&format!("{id}.yaml"), &body(id));
     }
     wait_for(
         "the five in the recreated tree completed",
@@ -674,11 +679,25 @@ fn pending_replaced_by_a_full_directory_and_the_whole_tree_recreated_are_picked_
     );
     assert_alive(&mut sup);
     assert!(sup.stop().success(), "{}", sup.output());
-    let ids = ["re0", "re1", "re2", "re3", "re4"];
+    // Every task thrown ran exactly once, across both trees: none lost, none run twice.
+    lost.extend(not_completed_once(&p, &again));
+    let thrown: Vec<&str> = first.iter().chain(&again).copied().collect();
+    for id in &thrown {
+        let runs = std::fs::read_to_string(p.path(&format!("counts/{id}"))).unwrap_or_default();
+        if runs.trim() != "1" {
+            eprintln!("{id} ran {} times", runs.trim().parse::<u32>().unwrap_or(0));
+            lost.push(*id);
+        }
+    }
+    lost.sort_unstable();
+    lost.dedup();
+    if !lost.is_empty() {
+        eprintln!("lost: {lost:?}");
+    }
     report(
         "pending-replaced-and-tree-recreated",
-        17,
-        lost_unless_completed_once(&p, &ids),
+        thrown.len(),
+        lost.len(),
     );
 }
 

@@ -1,4 +1,5 @@
-//! The PostgreSQL mirror against the real server on 127.0.0.1:5432, each test in its own schema.
+//! The PostgreSQL mirror against the real server (`common::pg_url`), each test in its own schema.
+//! The whole binary needs the server: `tools/test` skips it when the server is down.
 
 mod common;
 
@@ -134,7 +135,7 @@ fn terminating_the_writer_and_follower_connections_mid_run_loses_nothing() {
 #[test]
 fn a_database_outage_never_stops_the_supervisor_and_ends_consistent() {
     let s = PgSchema::new("outage");
-    let proxy = Proxy::start("127.0.0.1:5432");
+    let proxy = Proxy::start();
     let p = Project::with_config(&pg_config(&s.url_on(&proxy.url()), &s.name));
     let mut sup = p.start();
     drop_tasks(&p, "o", 10, "@fake print=before");

@@ -1069,6 +1069,13 @@ fn regression_a_second_supervisor_says_it_shares_the_tree() {
         Duration::from_secs(15),
         || second.output().contains(&said),
     );
+    // It says so before it handles SIGTERM; its own `watching` line comes after (a second one in
+    // the shared log), and only then can it stop gracefully.
+    wait_for(
+        "the second supervisor to watch",
+        Duration::from_secs(15),
+        || second.output().matches(" watching ").count() == 2,
+    );
     assert!(second.stop().success());
     assert!(first.stop().success());
 }

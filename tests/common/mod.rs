@@ -346,12 +346,119 @@ pub fn read_pid(path: &Path) -> u32 {
         .expect("pid")
 }
 
+// ---- What a test needs from the machine ------------------------------------------------------------
+//
+// `tools/test` skips the tests that need a part the machine lacks (PostgreSQL, an agent CLI) by their
+// names alone: the `postgres` test binary and modules named `postgres`, and modules named after each
+// CLI. A test that needs a part and sits outside its group could not be skipped, so it fails here on
+// every machine; and a test run without a part it needs fails, saying what is missing: it never
+// passes without doing its work.
+
+/// Whether the running test sits in a module named `module`, at any depth. libtest names each
+/// test's thread after the test (`claude::codex::name`); another thread cannot tell, so it passes.
+fn test_in_module(module: &str) -> bool {
+    let thread = std::thread::current();
+    let Some(name) = thread.name() else {
+        return true;
+    };
+    // The modules are every part but the last, which is the test's own name.
+    name.rsplit_once("::")
+        .is_some_and(|(modules, _)| modules.split("::").any(|m| m == module))
+}
+
+/// Fail the running test unless `tools/test` can select it by its name as one that needs `part`:
+/// it sits in the test binary `binary` (when given) or in a module named `module`.
+#[track_caller]
+pub fn assert_grouped(part: &str, binary: Option<&str>, module: &str) {
+    let in_binary = binary.is_some_and(|b| b == env!("CARGO_CRATE_NAME"));
+    if !in_binary && !test_in_module(module) {
+        let test = std::thread::current().name().unwrap_or("?").to_string();
+        let place = match binary {
+            Some(b) => format!("in tests/{b}.rs or in a module named `{module}`"),
+            None => format!("in a module named `{module}`"),
+        };
+        panic!(
+            "test `{test}` in tests/{}.rs needs {part} but is not {place}: tools/test could not \
+             skip it on a machine without {part}; move it there (see docs/testing.md)",
+            env!("CARGO_CRATE_NAME")
+        );
+    }
+}
+
 // ---- PostgreSQL ------------------------------------------------------------------------------------
 
-/// The test server (the machine's PostgreSQL; `.ci/run` makes sure it is up).
+/// The test server when ORCHESTRATE_TEST_DATABASE_URL names none. `tools/test` reads this line to
+/// check the same server, so keep it on one line as it is.
+pub const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// The test server, after making sure (once per test process) that the test may use it and that it
+/// answers; otherwise the test fails, saying what is missing.
 pub fn pg_url() -> String {
-    std::env::var("ORCHESTRATE_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+    static READY: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let url = std::env::var("ORCHESTRATE_TEST_DATABASE_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| DEFAULT_PG_URL.into());
+    assert_grouped("PostgreSQL", Some("postgres"), "postgres");
+    if let Err(e) = READY.get_or_init(|| pg_reachable(&url)) {
+        panic!(
+            "PostgreSQL is missing: {e}. This test needs it: start the server (the default, \
+             {DEFAULT_PG_URL}, lets user postgres into database test without a password) or point \
+             ORCHESTRATE_TEST_DATABASE_URL at another. tools/test skips the PostgreSQL tests when \
+             the server is down (and fails under CI)."
+        );
+    }
+    url
+}
+
+/// Whether a connection to `url` opens within ten seconds. On a thread of its own, so that it may
+/// be called from inside a runtime too.
+fn pg_reachable(url: &str) -> Result<(), String> {
+    let url = url.to_string();
+    std::thread::spawn(move || pg_connects(&url))
+        .join()
+        .expect("the PostgreSQL check panicked")
+}
+
+fn pg_connects(url: &str) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        match tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio_postgres::connect(url, tokio_postgres::NoTls),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => {
+                // tokio-postgres keeps the reason (connection refused, no such database, ...) in
+                // the source.
+                let why = std::error::Error::source(&e).map(|s| format!(" ({s})"));
+                Err(format!(
+                    "cannot connect to {url}: {e}{}",
+                    why.unwrap_or_default()
+                ))
+            }
+            Err(_) => Err(format!("no answer from {url} within 10 s")),
+        }
+    })
+}
+
+/// `host:port` of the test server, for a proxy in front of it.
+pub fn pg_addr() -> String {
+    let url = pg_url();
+    let config: tokio_postgres::Config = url
+        .parse()
+        .unwrap_or_else(|e| panic!("ORCHESTRATE_TEST_DATABASE_URL {url}: {e}"));
+    let host = match config.get_hosts() {
+        [tokio_postgres::config::Host::Tcp(h)] => h.clone(),
+        _ => panic!("{url}: a proxy needs the URL to name one TCP host"),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!("{host}:{port}")
 }
 
 /// A schema of its own for one test, dropped when the test ends.
@@ -437,14 +544,15 @@ impl Drop for PgSchema {
 }
 
 fn pg_client<T>(f: impl AsyncFnOnce(&tokio_postgres::Client) -> T) -> T {
+    let url = pg_url();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let (client, conn) = tokio_postgres::connect(&pg_url(), tokio_postgres::NoTls)
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
             .await
-            .expect("the test PostgreSQL server is reachable (see .ci/run)");
+            .unwrap_or_else(|e| panic!("PostgreSQL at {url}: {e}"));
         tokio::spawn(conn);
         f(&client).await
     })
@@ -490,13 +598,15 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn start(target: &str) -> Proxy {
+    /// A proxy in front of the test server ([`pg_addr`]).
+    pub fn start() -> Proxy {
+        let target = pg_addr();
         use std::sync::atomic::Ordering;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::<std::net::TcpStream>::new()));
-        let (cut2, conns2, target) = (cut.clone(), conns.clone(), target.to_string());
+        let (cut2, conns2) = (cut.clone(), conns.clone());
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
                 if cut2.load(Ordering::SeqCst) {
@@ -527,8 +637,14 @@ impl Proxy {
         Proxy { port, cut, conns }
     }
 
+    /// The test server's URL with the proxy in place of the server.
     pub fn url(&self) -> String {
-        pg_url().replace("127.0.0.1:5432", &format!("127.0.0.1:{}", self.port))
+        let (url, addr) = (pg_url(), pg_addr());
+        assert!(
+            url.contains(&addr),
+            "{url} does not spell out {addr}, which the proxy must replace"
+        );
+        url.replacen(&addr, &format!("127.0.0.1:{}", self.port), 1)
     }
 
     pub fn cut(&self) {
