@@ -30,6 +30,9 @@ use crate::layout::Layout;
 use crate::mirror::read::{Reader, Source};
 use crate::spool::Spool;
 
+/// The help heading of the options every command takes, so a command's own options stand apart.
+const GLOBAL: &str = "Global options";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "orchestrate",
@@ -38,16 +41,16 @@ use crate::spool::Spool;
 )]
 pub struct Cli {
     /// Project root (holds config.yaml, tasks/ and context/); default: the current directory.
-    #[arg(short = 'C', long, global = true, env = "ORCHESTRATE_ROOT")]
+    #[arg(short = 'C', long, global = true, env = "ORCHESTRATE_ROOT", help_heading = GLOBAL)]
     pub root: Option<PathBuf>,
     /// Configuration file; default: <root>/config.yaml, else the built-in defaults.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = GLOBAL)]
     pub config: Option<PathBuf>,
-    /// Machine-readable output (read commands).
-    #[arg(long, global = true)]
+    /// Machine-readable output (JSON).
+    #[arg(long, global = true, help_heading = GLOBAL)]
     pub json: bool,
     /// Read from this PostgreSQL mirror instead of the local folder (status, tasks, show, follow).
-    #[arg(long, global = true, value_name = "URL")]
+    #[arg(long, global = true, value_name = "URL", help_heading = GLOBAL)]
     pub database_url: Option<String>,
     #[command(subcommand)]
     pub command: Command,
@@ -77,9 +80,12 @@ pub enum Command {
     },
     /// Write a new task into tasks/pending/ and print its id.
     Add {
+        /// What to do: the prompt's first part (the `shell` agent runs it as a command).
         description: String,
+        /// high, normal (default), low, or an integer (larger runs sooner).
         #[arg(long, value_parser = parse_priority)]
         priority: Option<crate::task::Priority>,
+        /// A configured agent; default: routing decides (rules, router, then routing.fallback).
         #[arg(long)]
         agent: Option<String>,
         /// Run only after this task completed (repeatable; it must exist).
@@ -88,12 +94,16 @@ pub enum Command {
         /// A file to include in the prompt (repeatable).
         #[arg(long = "context", value_name = "FILE")]
         context: Vec<String>,
+        /// Free text that routing rules can match.
         #[arg(long = "type")]
         task_type: Option<String>,
+        /// Where the agent runs, relative to the project root; default: the root.
         #[arg(long)]
         workdir: Option<String>,
+        /// Time limit of one attempt; default: the agent's, else task_queue.timeout_minutes.
         #[arg(long)]
         timeout_minutes: Option<f64>,
+        /// Failed attempts retried this many times; default: task_queue.max_retries.
         #[arg(long)]
         max_retries: Option<u32>,
         /// Use this id instead of the next task_NNN.
