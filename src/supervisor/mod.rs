@@ -171,18 +171,6 @@ impl Supervisor {
         std::fs::create_dir_all(&layout.context_dir)?;
         spool.check_same_fs()?;
         fsutil::set_durable(cfg.orchestrator.durable);
-        // Several supervisors may share a tree (claims are renames): say so, it is rarely by accident
-        // and never silent.
-        let others: Vec<String> = crate::instance::live_instances(&layout)
-            .into_iter()
-            .map(|(pid, _)| pid.to_string())
-            .collect();
-        if !others.is_empty() {
-            console::info(&format!(
-                "another supervisor is running on this tree (pid {}); they will share the work",
-                others.join(", ")
-            ));
-        }
         let me = Instance::register(&layout)?;
         let (mut writer, _handle) =
             Writer::start(layout.state_db(), me.host.clone(), redactor.clone())?;
@@ -235,6 +223,19 @@ impl Supervisor {
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigterm = signal(SignalKind::terminate())?;
         let mut sigusr1 = signal(SignalKind::user_defined1())?;
+        // Several supervisors may share a tree (claims are renames): say so, it is rarely by accident
+        // and never silent. Said once the signals are ours, so a stop right after it is graceful.
+        let others: Vec<String> = crate::instance::live_instances(&self.env.layout)
+            .into_iter()
+            .filter(|(pid, _)| *pid != self.env.me.pid)
+            .map(|(pid, _)| pid.to_string())
+            .collect();
+        if !others.is_empty() {
+            console::info(&format!(
+                "another supervisor is running on this tree (pid {}); they will share the work",
+                others.join(", ")
+            ));
+        }
         self.startup()?;
         let (hint_tx, mut hints) = mpsc::unbounded_channel();
         let _watch = watcher::start(
