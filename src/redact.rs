@@ -6,15 +6,24 @@
 //! files and both databases' payloads. There is no process-wide copy, so no writer can end up with
 //! a narrower list than another.
 //!
-//! It never reads files and never logs; cloning it is cheap (the values are shared).
+//! It never reads files and never logs; cloning it is cheap, and clones share their values: when a
+//! reloaded configuration names more secrets, [`Redactor::widen`] on any clone widens them all. The
+//! list only grows while a supervisor runs; a value once secret stays redacted.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
-/// Replaces secret values with `***`. Cheap to clone.
+/// Replaces secret values with `***`. Cheap to clone; clones share one list.
 #[derive(Debug, Clone, Default)]
 pub struct Redactor {
     /// Longest first, so a secret containing another is replaced whole.
-    secrets: Arc<[String]>,
+    secrets: Arc<RwLock<Arc<[String]>>>,
+}
+
+/// Longest first (ties by value, so duplicates meet and go).
+fn ordered(mut secrets: Vec<String>) -> Arc<[String]> {
+    secrets.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+    secrets.dedup();
+    secrets.into()
 }
 
 impl Redactor {
@@ -26,12 +35,29 @@ impl Redactor {
 
     /// A redactor for these values (the environment is not read).
     pub fn from_values(values: impl IntoIterator<Item = String>) -> Redactor {
-        let mut secrets: Vec<String> = values.into_iter().filter(|v| v.len() >= 4).collect();
-        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
-        secrets.dedup();
+        let secrets: Vec<String> = values.into_iter().filter(|v| v.len() >= 4).collect();
         Redactor {
-            secrets: secrets.into(),
+            secrets: Arc::new(RwLock::new(ordered(secrets))),
         }
+    }
+
+    /// The list as it is now (a reload may widen it at any time).
+    fn secrets(&self) -> Arc<[String]> {
+        self.secrets
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Add `more`'s values to this redactor and every clone of it. Whether it added any.
+    pub fn widen(&self, more: &Redactor) -> bool {
+        let extra = more.secrets();
+        let mut list = self.secrets.write().unwrap_or_else(|e| e.into_inner());
+        if extra.iter().all(|v| list.contains(v)) {
+            return false;
+        }
+        *list = ordered(list.iter().chain(extra.iter()).cloned().collect());
+        true
     }
 
     /// Redacts nothing: for tools that write no records (parsers under fuzzing, tests).
@@ -41,12 +67,12 @@ impl Redactor {
 
     /// Whether there is nothing to redact (no secret variable is set).
     pub fn is_empty(&self) -> bool {
-        self.secrets.is_empty()
+        self.secrets().is_empty()
     }
 
     pub fn redact(&self, s: &str) -> String {
         let mut out = s.to_string();
-        for secret in self.secrets.iter() {
+        for secret in self.secrets().iter() {
             if out.contains(secret.as_str()) {
                 out = out.replace(secret.as_str(), "***");
             }
@@ -56,7 +82,7 @@ impl Redactor {
 
     /// Like [`Redactor::redact`], taking ownership so the common case (nothing to hide) copies nothing.
     pub fn redact_owned(&self, s: String) -> String {
-        if self.secrets.iter().any(|x| s.contains(x.as_str())) {
+        if self.secrets().iter().any(|x| s.contains(x.as_str())) {
             self.redact(&s)
         } else {
             s
@@ -64,14 +90,15 @@ impl Redactor {
     }
 
     pub fn redact_bytes(&self, b: &[u8]) -> Vec<u8> {
-        if self.secrets.is_empty() {
+        let secrets = self.secrets();
+        if secrets.is_empty() {
             return b.to_vec();
         }
         match std::str::from_utf8(b) {
             Ok(s) => self.redact(s).into_bytes(),
             Err(_) => {
                 let mut out = b.to_vec();
-                for secret in self.secrets.iter() {
+                for secret in secrets.iter() {
                     out = replace_bytes(&out, secret.as_bytes(), b"***");
                 }
                 out
@@ -105,6 +132,18 @@ mod tests {
         assert_eq!(r.redact("x abcdef abcd y"), "x *** *** y");
         assert_eq!(r.redact_bytes(b"\xffabcd"), b"\xff***".to_vec());
         assert_eq!(r.redact_owned("abcdef!".into()), "***!");
+    }
+
+    #[test]
+    fn widening_one_clone_widens_them_all() {
+        let r = Redactor::from_values(["first-secret".to_string()]);
+        let held_elsewhere = r.clone();
+        assert!(!r.widen(&Redactor::from_values(["first-secret".to_string()])));
+        assert!(r.widen(&Redactor::from_values(["second-secret".to_string()])));
+        assert_eq!(
+            held_elsewhere.redact("first-secret second-secret"),
+            "*** ***"
+        );
     }
 
     #[test]

@@ -506,6 +506,64 @@ fn a_file_still_open_for_writing_is_not_run_before_its_writer_is_done() {
 }
 
 #[test]
+fn config_changes_apply_while_running_and_invalid_ones_are_refused() {
+    let p = Project::new();
+    let mut sup = p.start();
+    wait_for("the supervisor to watch", Duration::from_secs(10), || {
+        sup.output().contains("watching")
+    });
+    // An agent added to config.yaml, and a task for it at once: no waiting for the next look.
+    let with_echoer = test_config("").replace(
+        "routing:",
+        "  echoer:\n    kind: command\n    command: echo\n    args: [echoed]\nrouting:",
+    );
+    std::fs::write(p.path("config.yaml"), &with_echoer).expect("write config");
+    p.run(&["add", "--agent", "echoer", "hello"]).assert_code(0);
+    wait_for(
+        "the echoer task to complete",
+        Duration::from_secs(10),
+        || p.tasks_in("completed") == vec!["task_001"],
+    );
+    assert!(
+        p.read("context/agent_outputs/task_001_output.md")
+            .contains("echoed"),
+        "{}",
+        sup.output()
+    );
+    assert!(
+        sup.output().contains("agents.echoer added"),
+        "{}",
+        sup.output()
+    );
+
+    // An invalid file is refused with its error; the running configuration stays.
+    std::fs::write(p.path("config.yaml"), "agents: [unclosed\n").expect("write config");
+    wait_for("the refusal", Duration::from_secs(10), || {
+        sup.output()
+            .contains("changed but is not valid; keeping the running configuration")
+    });
+    p.drop_task("after.yaml", "agent: echoer\ndescription: still here\n");
+    wait_for(
+        "a task on the kept configuration",
+        Duration::from_secs(10),
+        || p.tasks_in("completed").contains(&"after".to_string()),
+    );
+
+    // What cannot change under a running supervisor is named, and kept.
+    std::fs::write(
+        p.path("config.yaml"),
+        with_echoer.replace("rescan_seconds: 2", "rescan_seconds: 7"),
+    )
+    .expect("write config");
+    wait_for("the restart note", Duration::from_secs(10), || {
+        sup.output().contains(
+            "needs a restart to apply (running value kept): orchestrator.rescan_seconds 2 → 7",
+        )
+    });
+    assert!(sup.stop().success(), "{}", sup.output());
+}
+
+#[test]
 fn outputs_are_capped_and_secrets_redacted() {
     let cfg = test_config("")
         .replace(

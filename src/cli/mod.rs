@@ -192,6 +192,8 @@ fn parse_priority(s: &str) -> Result<crate::task::Priority, String> {
 pub struct Project {
     pub root: PathBuf,
     pub cfg: Config,
+    /// The file `cfg` came from (it may not exist: then the built-in default applies).
+    pub config_path: PathBuf,
     pub layout: Layout,
     pub spool: Spool,
 }
@@ -222,6 +224,7 @@ impl Project {
         Ok(Project {
             root,
             cfg,
+            config_path: std::path::absolute(&cfg_path).unwrap_or(cfg_path),
             layout,
             spool,
         })

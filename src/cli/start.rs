@@ -15,7 +15,7 @@ pub fn start(cli: &Cli, once: bool, detach: bool, verbose: u8) -> Result<i32> {
         return detach_start(cli, &project, verbose);
     }
     crate::console::set_level(&project.cfg.orchestrator.log_level, verbose);
-    // Once per start, before the loop: the configuration does not change while it runs.
+    // Once per start, before the loop; a reload says its own notes.
     for n in &project.cfg.notes {
         crate::console::info(&format!("note: {n}"));
     }
@@ -24,7 +24,12 @@ pub fn start(cli: &Cli, once: bool, detach: bool, verbose: u8) -> Result<i32> {
         .worker_threads(2)
         .build()?;
     let root = project.root.clone();
-    let sup = Supervisor::new(project.cfg, &root, Options { once })?;
+    let options = Options {
+        once,
+        config_file: Some(project.config_path.clone()),
+        verbose,
+    };
+    let sup = Supervisor::new(project.cfg, &root, options)?;
     rt.block_on(sup.run())?;
     // Agents' stdin writers may still be parked; do not wait for them.
     rt.shutdown_timeout(Duration::from_millis(100));

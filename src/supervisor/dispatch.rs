@@ -491,9 +491,27 @@ impl Supervisor {
             let Some(action) = next else {
                 break;
             };
+            if let Action::Fail { id, .. } = &action
+                && self.names_unknown_agent(id)
+                && self.reload_config()
+            {
+                // `add --agent new` right after the agent was added to config.yaml: the file is
+                // ahead of the last look at it. Decide again with what it says now.
+                pass.end(&mut self.intake.queue);
+                return self.dispatch_phase();
+            }
             self.apply(vec![action]);
         }
         pass.end(&mut self.intake.queue);
+    }
+
+    /// The pending task `id` names an agent the running configuration does not have.
+    fn names_unknown_agent(&self, id: &str) -> bool {
+        self.intake
+            .queue
+            .get(id)
+            .and_then(|p| p.task.file.agent.as_ref())
+            .is_some_and(|a| !self.env.cfg.agents.contains_key(a))
     }
 
     /// Start a pending task: launch the attempt that claims it and runs it.

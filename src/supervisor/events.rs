@@ -47,6 +47,8 @@ pub(super) enum Event {
     Heartbeat,
     /// The state-files ticker, while `current_state.md` and `completed_tasks.json` are behind.
     StateTick,
+    /// The configuration-file ticker: apply the file if it changed.
+    ConfigCheck,
     /// SIGUSR1: `orchestrate cancel` left a request.
     CancelRequested,
     /// SIGINT or SIGTERM.

@@ -55,6 +55,7 @@ mod finish;
 mod intake;
 mod ledger;
 mod recovery;
+mod reload;
 mod runs;
 #[cfg(test)]
 mod tests;
@@ -86,8 +87,13 @@ use intake::{Arrival, Intake};
 use ledger::Ledger;
 use runs::Runs;
 
+#[derive(Default)]
 pub struct Options {
     pub once: bool,
+    /// The configuration file to follow while running (`None`: the configuration never changes).
+    pub config_file: Option<std::path::PathBuf>,
+    /// `-v` count, for the log level a reloaded configuration sets.
+    pub verbose: u8,
 }
 
 /// What every part of the loop reads and none owns.
@@ -154,6 +160,8 @@ pub struct Supervisor {
     commits: Commits,
     ledger: Ledger,
     inbox: Option<Inbox>,
+    /// The configuration file, looked at every second for a change to apply.
+    config_file: Option<reload::ConfigFile>,
     /// `current_state.md` and `completed_tasks.json` are behind.
     state_dirty: bool,
     /// SIGINT and SIGTERM seen: the first stops gracefully, the second kills.
@@ -204,6 +212,7 @@ impl Supervisor {
             commits: Commits::default(),
             ledger: Ledger::default(),
             inbox: Some(Inbox { claimed, routed }),
+            config_file: opts.config_file.clone().map(reload::ConfigFile::new),
             state_dirty: true,
             signals: 0,
             shutting_down: false,
@@ -253,15 +262,10 @@ impl Supervisor {
         self.scan_pending();
         self.dispatch_phase();
 
-        let mut heartbeat = tokio::time::interval(Duration::from_secs(
-            self.env.cfg.orchestrator.heartbeat_seconds.max(1),
-        ));
-        heartbeat.tick().await;
-        // An interval, not a sleep re-armed each pass: a steady stream of events must not starve it.
-        let mut settle_tick = tokio::time::interval(Duration::from_millis(
-            (self.env.cfg.orchestrator.settle_ms / 4).clamp(10, 250),
-        ));
-        settle_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (mut heartbeat, mut settle_tick) = self.tickers();
+        let mut periods = self.periods();
+        let mut config_tick = tokio::time::interval(reload::CHECK_EVERY);
+        config_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut state_tick = tokio::time::interval(Duration::from_millis(250));
         let Inbox {
             mut claimed,
@@ -299,6 +303,7 @@ impl Supervisor {
                     vec![Event::WakeUp]
                 }
                 _ = heartbeat.tick() => vec![Event::Heartbeat],
+                _ = config_tick.tick(), if self.config_file.is_some() => vec![Event::ConfigCheck],
                 _ = state_tick.tick(), if self.state_dirty => vec![Event::StateTick],
                 _ = sigusr1.recv() => vec![Event::CancelRequested],
                 _ = sigint.recv() => vec![Event::StopRequested],
@@ -306,6 +311,11 @@ impl Supervisor {
             };
             for event in events {
                 self.handle(event);
+            }
+            if self.periods() != periods {
+                // A reloaded configuration changed how often they tick.
+                periods = self.periods();
+                (heartbeat, settle_tick) = self.tickers();
             }
             if !self.shutting_down {
                 self.dispatch_phase();
@@ -328,6 +338,44 @@ impl Supervisor {
         Ok(())
     }
 
+    /// The heartbeat and settle periods, as the running configuration sets them.
+    fn periods(&self) -> (u64, u64) {
+        let o = &self.env.cfg.orchestrator;
+        (o.heartbeat_seconds, o.settle_ms)
+    }
+
+    fn tickers(&self) -> (tokio::time::Interval, tokio::time::Interval) {
+        let o = &self.env.cfg.orchestrator;
+        let start = tokio::time::Instant::now();
+        // The heartbeat's first tick is a period away, not at once: the start-up already did its work.
+        let period = Duration::from_secs(o.heartbeat_seconds.max(1));
+        let heartbeat = tokio::time::interval_at(start + period, period);
+        // An interval, not a sleep re-armed each pass: a steady stream of events must not starve it.
+        let mut settle_tick =
+            tokio::time::interval(Duration::from_millis((o.settle_ms / 4).clamp(10, 250)));
+        settle_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        (heartbeat, settle_tick)
+    }
+
+    /// If the configuration file changed and is valid: run with it from now on. Whether it did.
+    fn reload_config(&mut self) -> bool {
+        let Some(file) = &mut self.config_file else {
+            return false;
+        };
+        let Some(reload) = file.check(&self.env.cfg, &self.env.redactor) else {
+            return false;
+        };
+        let cfg = reload.cfg;
+        // New agents' keys are secrets from now on, everywhere a record is written.
+        self.env.redactor.widen(&cfg.redactor());
+        fsutil::set_durable(cfg.orchestrator.durable);
+        console::set_level(&cfg.orchestrator.log_level, self.opts.verbose);
+        self.env.cfg = Arc::new(cfg);
+        // Limits, agents and routing changed: every pending task is decided again.
+        self.dispatch.want_full_pass();
+        true
+    }
+
     /// Decide what an event means, and run the phases it calls for.
     fn handle(&mut self, event: Event) {
         // `current_state.md` follows every transition (written at most every 250 ms): any event
@@ -336,7 +384,7 @@ impl Supervisor {
         // An idle supervisor leaves the file alone, so a syncing phone is not woken for nothing.
         match &event {
             // The settle ticker says itself whether it changed anything (below).
-            Event::StateTick | Event::Rescan | Event::SettleTick => {}
+            Event::StateTick | Event::Rescan | Event::SettleTick | Event::ConfigCheck => {}
             Event::Heartbeat => self.state_dirty |= !self.runs.is_empty(),
             _ => self.state_dirty = true,
         }
@@ -377,6 +425,9 @@ impl Supervisor {
                 }
             }
             Event::Committed(done) => self.on_committed(done),
+            Event::ConfigCheck => {
+                self.state_dirty |= self.reload_config();
+            }
             Event::Routed { id, routed } => {
                 self.dispatch.on_routed(&self.intake.queue, id, routed);
             }

@@ -11,7 +11,15 @@ use crate::record::{History, Outcome, TaskResult, Terminal};
 fn supervisor(config: &str) -> (tempfile::TempDir, Supervisor) {
     let dir = tempfile::tempdir().expect("temp dir");
     let cfg = Config::parse(config, "config.yaml").expect("valid config");
-    let sup = Supervisor::new(cfg, dir.path(), Options { once: true }).expect("supervisor");
+    let sup = Supervisor::new(
+        cfg,
+        dir.path(),
+        Options {
+            once: true,
+            ..Default::default()
+        },
+    )
+    .expect("supervisor");
     (dir, sup)
 }
 
