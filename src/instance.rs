@@ -5,6 +5,10 @@
 //! before it requeues anything: a live owner is never robbed, and an owner on another host is assumed
 //! alive (we cannot check it). A lock file nobody holds is removed when it is found.
 //!
+//! The same file carries the instance's current problems (a commit `tasks/` refuses, say) for
+//! `status` to show: a fixed-size area reserved at registration and overwritten in place, so it can
+//! be written even when the disk is full and nothing else can.
+//!
 //! This module never moves task files; the spool decides what a dead owner's claim becomes.
 
 use std::fs::{self, File, OpenOptions};
@@ -25,7 +29,14 @@ pub struct Instance {
     pub boot_id: String,
     pub started_at: String,
     lock_file: Option<File>,
+    /// Where the problems area starts in the lock file.
+    problems_at: u64,
 }
+
+/// The line before the problems area of an instance file.
+const PROBLEMS_MARK: &str = "problems:\n";
+/// The size of the problems area: what does not fit is cut.
+const PROBLEMS_BYTES: usize = 4096;
 
 impl Instance {
     /// Identity for a process that does not run tasks (CLI commands): it holds no lock.
@@ -37,6 +48,7 @@ impl Instance {
             boot_id: fsutil::boot_id(),
             started_at: fsutil::now_rfc3339(),
             lock_file: None,
+            problems_at: 0,
         }
     }
 
@@ -58,15 +70,34 @@ impl Instance {
         let mut f = OpenOptions::new().create_new(true).write(true).open(&tmp)?;
         f.try_lock()
             .map_err(|e| anyhow::anyhow!("cannot lock {}: {e:?}", tmp.display()))?;
-        writeln!(
-            f,
-            "pid: {}\nhost: {}\nboot_id: {}\nstarted_at: {}",
+        let header = format!(
+            "pid: {}\nhost: {}\nboot_id: {}\nstarted_at: {}\n{PROBLEMS_MARK}",
             me.pid, me.host, me.boot_id, me.started_at
-        )?;
+        );
+        f.write_all(header.as_bytes())?;
+        // Reserved now, while there is room: later writes overwrite it in place.
+        f.write_all(&[b' '; PROBLEMS_BYTES])?;
+        me.problems_at = header.len() as u64;
         f.sync_all()?;
         fs::rename(&tmp, &path)?;
         me.lock_file = Some(f);
         Ok(me)
+    }
+
+    /// Say what is wrong now (empty: nothing), for `status`. Written in place into space reserved
+    /// at registration, so it needs no free space; a text too long is cut.
+    pub fn set_problems(&self, text: &str) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let Some(f) = &self.lock_file else {
+            return Ok(());
+        };
+        let mut cut = text.len().min(PROBLEMS_BYTES);
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let mut area = vec![b' '; PROBLEMS_BYTES];
+        area[..cut].copy_from_slice(&text.as_bytes()[..cut]);
+        f.write_all_at(&area, self.problems_at)
     }
 
     pub fn lock_path(&self, layout: &Layout) -> PathBuf {
@@ -107,6 +138,17 @@ pub fn instance_lock_held(path: &Path) -> bool {
         }
         Err(_) => true,
     }
+}
+
+/// What the instance whose lock file is `path` last said is wrong (empty: nothing).
+pub fn problems_of(path: &Path) -> String {
+    fs::read_to_string(path)
+        .ok()
+        .and_then(|s| {
+            s.split_once(PROBLEMS_MARK)
+                .map(|(_, p)| p.trim().to_string())
+        })
+        .unwrap_or_default()
 }
 
 /// Live supervisors on this tree: (pid, lock path), from the held instance locks.

@@ -156,6 +156,20 @@ impl Layout {
         self.state_dir.join("cooldowns.json")
     }
 
+    /// Outcomes known but not yet on disk in `tasks/` (a full disk, a busy lock): kept here, when
+    /// possible, so a restart commits them instead of running the agent again.
+    pub fn unfinished_dir(&self) -> PathBuf {
+        self.state_dir.join("unfinished")
+    }
+
+    pub fn unfinished_result(&self, id: &str) -> PathBuf {
+        self.unfinished_dir().join(format!("{id}.result.yaml"))
+    }
+
+    pub fn unfinished_history(&self, id: &str) -> PathBuf {
+        self.unfinished_dir().join(format!("{id}.history.yaml"))
+    }
+
     /// Taken around every spool transition by every supervisor and command sharing the tree.
     pub fn spool_lock(&self) -> PathBuf {
         self.state_dir.join("spool.lock")

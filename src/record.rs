@@ -145,6 +145,10 @@ pub struct History {
     /// Do not start the next attempt before this time (retry back-off).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_before: Option<String>,
+    /// The back-off's length in seconds: a clock changed since `not_before` was written cannot
+    /// make the wait longer than this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_seconds: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }

@@ -384,6 +384,7 @@ pub fn decide(
     {
         return Decision::Wait(WaitReason::NotBefore {
             until: p.history.not_before.clone(),
+            why: p.history.reason.clone(),
         });
     }
     // After a real failure, the agent that failed goes to the back of the chain when the config
@@ -522,7 +523,22 @@ fn rule_matches(rule: &crate::config::RoutingRule, task: &Task) -> bool {
 pub fn retry_delay(cfg: &Config, failures: u32) -> Duration {
     let base = cfg.task_queue.retry_delay_seconds;
     let secs = base * 2f64.powi(failures.saturating_sub(1).min(20) as i32);
-    Duration::from_secs_f64(secs.min(3600.0))
+    Duration::from_secs_f64(secs.min(MAX_RETRY_DELAY.as_secs_f64()))
+}
+
+/// No retry back-off is longer.
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(3600);
+
+/// What is left of a back-off that ends at `not_before` (wall clock) and lasts `length`: never more
+/// than its length (or, for records that did not say, [`MAX_RETRY_DELAY`]), whatever the clock did
+/// since it was written (set back two hours, say).
+pub fn backoff_left(
+    not_before: time::OffsetDateTime,
+    length: Option<Duration>,
+    now: time::OffsetDateTime,
+) -> Duration {
+    let left = (not_before - now).as_seconds_f64().max(0.0);
+    Duration::from_secs_f64(left).min(length.unwrap_or(MAX_RETRY_DELAY))
 }
 
 /// Ids of terminal tasks, as the supervisor knows them.
@@ -530,3 +546,30 @@ pub type Done = HashMap<String, Terminal>;
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod backoff_tests {
+    use super::*;
+
+    #[test]
+    fn a_clock_set_back_cannot_stretch_a_back_off_beyond_its_length() {
+        let now = time::OffsetDateTime::now_utc();
+        let written = now - time::Duration::hours(2);
+        // Written 80 s ahead of a clock that was then two hours ahead of now.
+        let not_before = written + time::Duration::hours(2) + time::Duration::seconds(80);
+        let length = Some(Duration::from_secs(80));
+        assert_eq!(
+            backoff_left(not_before, length, now),
+            Duration::from_secs(80)
+        );
+        let later = now + time::Duration::hours(2);
+        assert_eq!(
+            backoff_left(not_before + time::Duration::hours(2), length, now),
+            Duration::from_secs(80)
+        );
+        assert_eq!(backoff_left(now, length, later), Duration::ZERO);
+        // An old record without its length: at most the longest back-off there is.
+        let far = now + time::Duration::days(3);
+        assert_eq!(backoff_left(far, None, now), MAX_RETRY_DELAY);
+    }
+}

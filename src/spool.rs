@@ -16,13 +16,17 @@
 //! where a task sits in `assigned/` without a claim; recovery takes the same lock, so a task without a
 //! claim can only mean a claimer that died. Each running instance holds an exclusive lock on its own
 //! file under `state_dir/instances/`; a claim whose instance lock is free (or whose boot id changed)
-//! belongs to a dead supervisor and is recovered. A live owner is never robbed.
+//! belongs to a dead supervisor and is recovered. A live owner is never robbed. The supervisor's loop
+//! only ever tries the lock (`requeue`, `unclaim`, `recover` fail at once when it is busy, and the
+//! caller tries again later), so a peer stopped while holding it cannot freeze it; a claim, on its
+//! blocking thread, and the commands wait a bounded while.
 //!
 //! This module never runs agents and never talks to the mirror; it returns what it did.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
@@ -64,6 +68,11 @@ impl Place {
 
 /// Held while the spool lock is taken; dropping it unlocks.
 pub struct SpoolLock(#[allow(dead_code)] File);
+
+/// How long the supervisor's loop waits for the spool lock: not at all.
+pub const NO_WAIT: Duration = Duration::ZERO;
+/// How long a blocking thread (a claim) or a command (`retry`) waits for it.
+pub const WAIT: Duration = Duration::from_secs(10);
 
 impl Spool {
     pub fn new(layout: &Layout, redactor: Redactor) -> Spool {
@@ -123,14 +132,38 @@ impl Spool {
         Ok(())
     }
 
-    pub fn lock(&self) -> io::Result<SpoolLock> {
+    /// Take the spool lock, waiting at most `wait` for another holder to let go. The supervisor's
+    /// loop never waits (`NO_WAIT`): a peer that is stopped (SIGSTOP, a debugger, a laptop lid)
+    /// while it holds the lock must not freeze it; what it could not do is tried again later.
+    /// Blocking threads and commands wait a bounded while (`WAIT`), then fail saying why.
+    pub fn lock_within(&self, wait: Duration) -> io::Result<SpoolLock> {
+        let path = self.layout.spool_lock();
         let f = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(self.layout.spool_lock())?;
-        f.lock()?;
-        Ok(SpoolLock(f))
+            .open(&path)?;
+        let deadline = std::time::Instant::now() + wait;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            match f.try_lock() {
+                Ok(()) => return Ok(SpoolLock(f)),
+                Err(std::fs::TryLockError::Error(e)) => return Err(e),
+                Err(std::fs::TryLockError::WouldBlock) => {}
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!(
+                        "the spool lock {} is held by another supervisor (busy, or stopped while holding it)",
+                        path.display()
+                    ),
+                ));
+            }
+            std::thread::sleep(pause.min(deadline - now));
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
     }
 
     pub fn dir(&self, place: Place) -> &Path {
@@ -181,7 +214,7 @@ impl Spool {
     /// Claim `src` (a file in `pending/`) as task `id`. Returns `false` when someone else took it first.
     pub fn claim(&self, src: &Path, claim: &Claim) -> Result<bool> {
         let id = &claim.task_id;
-        let lock = self.lock()?;
+        let lock = self.lock_within(WAIT)?;
         let dst = self.task_path(Place::Assigned, id);
         failpoint::hit("claim.before_rename");
         match rename_noreplace(src, &dst) {
@@ -267,7 +300,7 @@ impl Spool {
 
     /// Put a just-claimed file back under its original name (it changed after we read it).
     pub fn unclaim(&self, id: &str, original: &Path) -> Result<()> {
-        let _lock = self.lock()?;
+        let _lock = self.lock_within(NO_WAIT)?;
         rename_noreplace(&self.task_path(Place::Assigned, id), original)
             .with_context(|| format!("cannot return {id} to pending"))?;
         let _ = fs::remove_file(self.claim_path(id));
@@ -332,8 +365,14 @@ impl Spool {
 
     /// Move a running task back to `pending/` carrying its history (retry, interrupted, recovered).
     pub fn requeue(&self, history: &History) -> Result<()> {
+        let _lock = self.lock_within(NO_WAIT)?;
+        self.requeue_locked(history, "already taken by a task in assigned/")
+    }
+
+    /// `requeue` under the spool lock; `taken` says why a newcomer under the same name is the
+    /// duplicate.
+    fn requeue_locked(&self, history: &History, taken: &str) -> Result<()> {
         let id = &history.task_id;
-        let _lock = self.lock()?;
         atomic_write(&self.history_path(id), self.yaml(history).as_bytes())?;
         failpoint::hit("requeue.after_history");
         let from = self.task_path(Place::Assigned, id);
@@ -341,12 +380,10 @@ impl Spool {
         match rename_noreplace(&from, &to) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                // Someone dropped a new file with this name meanwhile; theirs is the duplicate.
+                // Someone dropped a new file with this name meanwhile (sync, git); theirs is the
+                // duplicate, ours has history.
                 let q = move_unique(&to, &self.layout.quarantine, &format!("{id}.yaml"))?;
-                self.write_reason(
-                    &q,
-                    &format!("task id {id} was already taken by a task in assigned/"),
-                )?;
+                self.write_reason(&q, &format!("task id {id} was {taken}"))?;
                 rename_noreplace(&from, &to)?;
             }
             Err(e) => return Err(e).with_context(|| format!("cannot requeue {id}")),
@@ -356,6 +393,32 @@ impl Spool {
         fsync_dir(&self.layout.assigned)?;
         let _ = fs::remove_file(self.claim_path(id));
         Ok(())
+    }
+
+    /// Keep a finished attempt's result in the state directory while `tasks/` refuses it.
+    pub fn keep_unfinished_result(&self, result: &TaskResult) -> Result<()> {
+        fs::create_dir_all(self.layout.unfinished_dir())?;
+        atomic_write(
+            &self.layout.unfinished_result(&result.task_id),
+            self.yaml(result).as_bytes(),
+        )?;
+        Ok(())
+    }
+
+    /// Keep a requeue's history in the state directory while `tasks/` refuses it.
+    pub fn keep_unfinished_history(&self, history: &History) -> Result<()> {
+        fs::create_dir_all(self.layout.unfinished_dir())?;
+        atomic_write(
+            &self.layout.unfinished_history(&history.task_id),
+            self.yaml(history).as_bytes(),
+        )?;
+        Ok(())
+    }
+
+    /// The transition kept for `id` is on disk now.
+    pub fn drop_unfinished(&self, id: &str) {
+        let _ = fs::remove_file(self.layout.unfinished_result(id));
+        let _ = fs::remove_file(self.layout.unfinished_history(id));
     }
 
     /// Fail a task that never ran from `pending/` (failed dependency, cycle, cancel).
@@ -401,7 +464,7 @@ impl Spool {
 
     /// `retry`: move a failed task back to `pending/`, keeping its attempts in the history sidecar.
     pub fn retry(&self, id: &str) -> Result<History> {
-        let _lock = self.lock()?;
+        let _lock = self.lock_within(WAIT)?;
         let src = self.task_path(Place::Failed, id);
         if !src.exists() {
             bail!(crate::error::UsageError(format!(
@@ -414,6 +477,7 @@ impl Spool {
             version: result.as_ref().map(|r| r.version + 1).unwrap_or(2),
             attempts: result.map(|r| r.attempts).unwrap_or_default(),
             not_before: None,
+            backoff_seconds: None,
             reason: Some("retried by user".into()),
         };
         atomic_write(&self.history_path(id), self.yaml(&history).as_bytes())?;
@@ -431,7 +495,7 @@ impl Spool {
     /// inode), so the supervisor reads the file and its history again. Under the spool lock, so a
     /// claim cannot move the file away in between. `false`: the task is not waiting for a back-off.
     pub fn run_now(&self, id: &str) -> Result<bool> {
-        let _lock = self.lock()?;
+        let _lock = self.lock_within(WAIT)?;
         let path = self.task_path(Place::Pending, id);
         let Some(mut history) = self.read_history(id) else {
             return Ok(false);
@@ -454,7 +518,7 @@ impl Spool {
         me: &Instance,
         max_retries: &dyn Fn(&Path) -> u32,
     ) -> Result<Vec<Recovered>> {
-        let _lock = self.lock()?;
+        let _lock = self.lock_within(NO_WAIT)?;
         let mut out = Vec::new();
         let mut claims = Vec::new();
         let mut tasks = Vec::new();
@@ -557,6 +621,25 @@ impl Spool {
         // Finished but not yet moved: complete the move, never run it again. A result older than
         // the claim is a leftover of an earlier life of the task (retried), not this attempt's.
         let claim_version = claim.as_ref().map(|c| c.version).unwrap_or(0);
+        // An outcome its supervisor knew but could not put in `tasks/` (disk full): commit it.
+        let kept_result: Option<TaskResult> = fs::read_to_string(self.layout.unfinished_result(id))
+            .ok()
+            .and_then(|t| record::from_yaml(&t).ok())
+            .filter(|r: &TaskResult| r.version > claim_version);
+        if let Some(result) = kept_result {
+            self.finish(&result)?;
+            self.drop_unfinished(id);
+            return Ok(Some(Recovered::Finished(id.to_string(), result.status)));
+        }
+        let kept_history: Option<History> = fs::read_to_string(self.layout.unfinished_history(id))
+            .ok()
+            .and_then(|t| record::from_yaml(&t).ok())
+            .filter(|h: &History| h.version > claim_version);
+        if let Some(history) = kept_history {
+            self.requeue_locked(&history, "taken by a task being recovered from assigned/")?;
+            self.drop_unfinished(id);
+            return Ok(Some(Recovered::Requeued(id.to_string())));
+        }
         for t in [Terminal::Completed, Terminal::Failed] {
             if self
                 .read_result(t, id)
@@ -620,25 +703,10 @@ impl Spool {
             version,
             attempts,
             not_before: None,
+            backoff_seconds: None,
             reason: Some("recovered from a stopped supervisor".into()),
         };
-        atomic_write(&self.history_path(id), self.yaml(&history).as_bytes())?;
-        let to = self.task_path(Place::Pending, id);
-        if let Err(e) = rename_noreplace(&task_path, &to) {
-            if e.kind() != io::ErrorKind::AlreadyExists {
-                return Err(e).with_context(|| format!("cannot requeue {id}"));
-            }
-            // A newcomer took the name meanwhile (sync, git): it is the duplicate, ours has history.
-            let q = move_unique(&to, &self.layout.quarantine, &format!("{id}.yaml"))?;
-            self.write_reason(
-                &q,
-                &format!("task id {id} was taken by a task being recovered from assigned/"),
-            )?;
-            rename_noreplace(&task_path, &to)?;
-        }
-        fsync_dir(&self.layout.pending)?;
-        fsync_dir(&self.layout.assigned)?;
-        let _ = fs::remove_file(self.claim_path(id));
+        self.requeue_locked(&history, "taken by a task being recovered from assigned/")?;
         Ok(Some(Recovered::Requeued(id.to_string())))
     }
 }

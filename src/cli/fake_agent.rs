@@ -3,7 +3,7 @@
 //!
 //! `sleep=SECS` `ignore-term` `grandchild=PIDFILE` `flood=BYTES` `write=PATH:CONTENT` `stderr=TEXT`
 //! `print=TEXT` `echo-prompt` `env=NAME` `fail-until=COUNTERFILE:N` `close-pipes` `exit=CODE`
-//! `escape=PIDFILE` (a grandchild that leaves the process group with setsid) `pidfile=PATH` (own pid) `lock=PATH` (hold an exclusive lock while running; if another run holds it,
+//! `wait-for=PATH` (until PATH exists, at most 120 s) `escape=PIDFILE` (a grandchild that leaves the process group with setsid) `pidfile=PATH` (own pid) `lock=PATH` (hold an exclusive lock while running; if another run holds it,
 //! append "OVERLAP" to PATH.overlap and exit 42: proves a task never runs twice at once)
 //!
 //! Without directives it prints one line naming the task and exits 0.
@@ -57,6 +57,12 @@ pub fn run(prompt: Option<String>, args: &[String]) -> Result<i32> {
         }
         None => None,
     };
+    if let Some(path) = get("wait-for") {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while !std::path::Path::new(&path).exists() && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
     if has("ignore-term") {
         // SAFETY: installing SIG_IGN for SIGTERM is sound at any point.
         unsafe {

@@ -57,6 +57,8 @@ struct Running {
     elapsed_seconds: Option<u64>,
     /// The attempt's log so far, relative to the project root.
     log: String,
+    /// Why its end is not on disk yet (`cannot finish: No space left on device; trying again`).
+    note: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -71,6 +73,8 @@ struct Supervisor {
     instance: String,
     host: Option<String>,
     heartbeat_at: Option<String>,
+    /// What it says is wrong now (only known locally): a finish the disk refuses, say.
+    problems: Vec<String>,
 }
 
 fn counts_of(rows: Vec<(String, usize)>) -> BTreeMap<String, usize> {
@@ -97,6 +101,7 @@ fn running_of(rows: Vec<TaskRow>, layout: &crate::layout::Layout) -> Vec<Running
                 since: r.payload.started_at,
                 attempt: r.payload.attempts,
                 elapsed_seconds,
+                note: r.note,
             }
         })
         .collect()
@@ -159,6 +164,7 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
                 instance: s.instance,
                 host: Some(s.host),
                 heartbeat_at: Some(s.heartbeat_at),
+                problems: vec![],
             })
             .collect();
     }
@@ -180,6 +186,10 @@ fn add_local(st: &mut Status, project: &Project) {
                 .unwrap_or_default(),
             host: None,
             heartbeat_at: None,
+            problems: crate::instance::problems_of(&path)
+                .lines()
+                .map(String::from)
+                .collect(),
         })
         .collect();
     st.postgres = project.cfg.database.url.as_ref().map(|_| {
@@ -245,6 +255,9 @@ fn render(cli: &Cli, st: &Status) -> Result<i32> {
                 ),
                 _ => println!("supervisor: running, pid {} ({})", s.pid, s.instance),
             }
+            for p in &s.problems {
+                println!("  problem: {p}");
+            }
         }
     }
     if let Some(h) = &st.postgres {
@@ -291,7 +304,7 @@ fn render(cli: &Cli, st: &Status) -> Result<i32> {
         println!("\nrunning:");
         for r in &st.running {
             println!(
-                "  {:<20} {:<10} attempt {}, running {} (since {}), log {}",
+                "  {:<20} {:<10} attempt {}, running {} (since {}), log {}{}",
                 r.id,
                 r.agent.as_deref().unwrap_or("-"),
                 r.attempt,
@@ -300,7 +313,11 @@ fn render(cli: &Cli, st: &Status) -> Result<i32> {
                     .as_deref()
                     .unwrap_or("-"),
                 r.since.as_deref().unwrap_or("-"),
-                r.log
+                r.log,
+                r.note
+                    .as_deref()
+                    .map(|n| format!(" — {n}"))
+                    .unwrap_or_default()
             );
         }
     }

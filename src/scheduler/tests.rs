@@ -232,7 +232,10 @@ fn decisions_carry_typed_wait_reasons() {
     p.not_before = Some(now + Duration::from_secs(60));
     assert_eq!(
         decide(&cfg, &p, now, &cap, &states, None),
-        Decision::Wait(WaitReason::NotBefore { until: None })
+        Decision::Wait(WaitReason::NotBefore {
+            until: None,
+            why: None
+        })
     );
 }
 

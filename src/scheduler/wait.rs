@@ -25,8 +25,11 @@ impl DepState {
 pub enum WaitReason {
     /// Dependencies (or a parent's subtasks) that have not completed, with where each stands.
     Dependencies(Vec<(String, DepState)>),
-    /// A retry back-off; `until` is the time the task's history records.
-    NotBefore { until: Option<String> },
+    /// A retry back-off; `until` is the time the task's history records, `why` its reason.
+    NotBefore {
+        until: Option<String>,
+        why: Option<String>,
+    },
     /// Nothing names an agent: no `agent:`, no matching rule, no fallback.
     NoAgent,
     /// Every one of the `max_concurrent` slots is taken.
@@ -65,11 +68,13 @@ impl fmt::Display for WaitReason {
                 Ok(())
             }
             // A stable note (not a countdown) so the mirror is not rewritten on every pass.
-            WaitReason::NotBefore { until } => write!(
-                f,
-                "retry back-off until {}",
-                until.as_deref().unwrap_or("later")
-            ),
+            WaitReason::NotBefore { until, why } => {
+                write!(f, "retry back-off until {}", until.as_deref().unwrap_or("later"))?;
+                match why {
+                    Some(w) => write!(f, " (after: {w})"),
+                    None => Ok(()),
+                }
+            }
             WaitReason::NoAgent => f.write_str(
                 "no agent: name one with `agent:` in the task, or set routing.fallback in config.yaml",
             ),
@@ -163,11 +168,15 @@ pub(super) mod tests {
             (
                 WaitReason::NotBefore {
                     until: Some("2030-01-01T00:00:00Z".into()),
+                    why: Some("exit code 1".into()),
                 },
-                "retry back-off until 2030-01-01T00:00:00Z",
+                "retry back-off until 2030-01-01T00:00:00Z (after: exit code 1)",
             ),
             (
-                WaitReason::NotBefore { until: None },
+                WaitReason::NotBefore {
+                    until: None,
+                    why: None,
+                },
                 "retry back-off until later",
             ),
             (
@@ -219,6 +228,12 @@ pub(super) mod tests {
         assert!(WaitReason::AgentUnavailable(vec![missing.clone(), quota]).waits_for_cooldown());
         assert!(!WaitReason::AgentUnavailable(vec![missing]).waits_for_cooldown());
         assert!(!WaitReason::AtCapacity { slots: 1 }.waits_for_cooldown());
-        assert!(!WaitReason::NotBefore { until: None }.waits_for_cooldown());
+        assert!(
+            !WaitReason::NotBefore {
+                until: None,
+                why: None
+            }
+            .waits_for_cooldown()
+        );
     }
 }

@@ -198,7 +198,13 @@ pub(super) async fn run_attempt(
     } = match prepared {
         Ok(v) => *v,
         Err(e) => {
-            attempt.error = Some(ctx.redactor.redact(&format!("{e:#}")));
+            let error = ctx.redactor.redact(&format!("{e:#}"));
+            if environment_fault(&e) {
+                // The disk's fault, not the task's: it waits, and no attempt is counted.
+                report.environment = Some(error);
+                return report;
+            }
+            attempt.error = Some(error);
             attempt.finished_at = Some(fsutil::now_rfc3339());
             attempt.duration_ms = Some(t0.elapsed().as_millis() as u64);
             report.attempt = attempt;
@@ -370,6 +376,26 @@ pub(super) async fn run_attempt(
     report
 }
 
+/// Whether `e` is the environment's fault rather than the task's: a full, read-only or failing
+/// disk, or no file handles left. Retrying the same task later can succeed; failing it cannot help.
+fn environment_fault(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<std::io::Error>())
+        .any(|io| {
+            matches!(
+                io.raw_os_error(),
+                Some(
+                    libc::ENOSPC
+                        | libc::EROFS
+                        | libc::EDQUOT
+                        | libc::EIO
+                        | libc::EMFILE
+                        | libc::ENFILE
+                )
+            )
+        })
+}
+
 /// The session to continue: the previous attempt ran on this same agent and was cut short (timeout,
 /// supervisor shutdown), so the agent picks up where it was rather than starting over.
 fn resumable_session(claim: &Claim) -> Option<&str> {
@@ -391,9 +417,15 @@ fn prepare(ctx: &AttemptCtx, task: &Task, claim: &Claim) -> Result<(PathBuf, Str
         &claim.history,
     )?);
     let prompt_file = ctx.layout.prompt_path(&task.id, claim.attempt);
-    std::fs::create_dir_all(prompt_file.parent().expect("has parent"))?;
+    let prompt_dir = prompt_file.parent().expect("has parent");
+    std::fs::create_dir_all(prompt_dir)
+        .with_context(|| format!("cannot create {}", ctx.layout.rel(prompt_dir)))?;
     // A copy for people to read; it is rebuilt from the task for every attempt, so no fsync.
-    fsutil::atomic_write_derived(&prompt_file, prompt.as_bytes())
-        .context("cannot write the prompt file")?;
+    fsutil::atomic_write_derived(&prompt_file, prompt.as_bytes()).with_context(|| {
+        format!(
+            "cannot write the prompt file {}",
+            ctx.layout.rel(&prompt_file)
+        )
+    })?;
     Ok((workdir, prompt, prompt_file))
 }

@@ -423,10 +423,11 @@ pub(super) fn unclaimed(
             // Failed after the rename (the fsync, say): the file is in `assigned/` under our
             // live claim, where nothing would look at it again until we stop. Put it back.
             if claim_on_disk(spool, claim) {
-                match spool.unclaim(id, path) {
-                    Ok(()) => return vec![Action::Settle(path.to_path_buf())],
-                    Err(e) => console::error(&format!("cannot return {id} to pending: {e:#}")),
-                }
+                return super::finish::unclaim(env, id, path.to_path_buf(), true);
+            }
+            // Never renamed (the spool lock was busy, say): the file is still in `pending/`.
+            if path.exists() {
+                return vec![Action::Settle(path.to_path_buf())];
             }
         }
         Claimed::Stopping if cancelling => {
@@ -443,16 +444,13 @@ pub(super) fn unclaimed(
             return vec![Action::commit(task, result)];
         }
         Claimed::Changed | Claimed::Stopping => {
-            if let Err(e) = spool.unclaim(id, path) {
-                console::error(&format!("cannot return {id} to pending: {e:#}"));
-                return vec![];
-            }
-            if matches!(how, Claimed::Changed) {
+            let changed = matches!(how, Claimed::Changed);
+            if changed {
                 console::info(&format!(
                     "changed    {id}: file changed while being claimed; back to pending to settle"
                 ));
-                return vec![Action::Settle(path.to_path_buf())];
             }
+            return super::finish::unclaim(env, id, path.to_path_buf(), changed);
         }
     }
     vec![]

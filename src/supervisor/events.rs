@@ -49,6 +49,8 @@ pub(super) enum Event {
     StateTick,
     /// The configuration-file ticker: apply the file if it changed.
     ConfigCheck,
+    /// The earliest held transition (one `tasks/` refused) is due to be tried again.
+    RetryHeld,
     /// SIGUSR1: `orchestrate cancel` left a request.
     CancelRequested,
     /// SIGINT or SIGTERM.
@@ -102,6 +104,8 @@ pub(super) enum Action {
     CancelAnswered(String),
     /// Commit a terminal result off the loop.
     Commit(Box<Commit>),
+    /// `tasks/` refused a transition (with the error): hold it and try again later.
+    Defer(Box<super::finish::Deferred>, String),
 }
 
 /// A terminal result to commit, and the task it ends.
@@ -146,6 +150,9 @@ pub(super) struct Report {
     pub(super) retry_after: Option<Duration>,
     /// Set when the claim did not give us the task: nothing ran.
     pub(super) unclaimed: Option<Claimed>,
+    /// The environment kept the agent from starting (a full or read-only `context/`): not the
+    /// task's fault, so no attempt is counted and the task waits.
+    pub(super) environment: Option<String>,
 }
 
 impl Report {
@@ -161,6 +168,7 @@ impl Report {
             stopped: None,
             retry_after: None,
             unclaimed: None,
+            environment: None,
         }
     }
 }

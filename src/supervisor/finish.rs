@@ -5,12 +5,19 @@
 //! thread) and recorded once the commit is back (`on_committed`). A pending task that must not run
 //! (a failed dependency, a cycle, a cancel) is failed here without an attempt (`fail_pending`).
 //!
-//! Owns the commits in flight. It never starts an attempt and never reads `pending/`: a requeued
-//! task goes back to intake as an `Action`. A task has at most one commit in flight, and the loop
-//! counts it as in hand until the commit is back, so its transitions stay in order.
+//! A transition `tasks/` refuses (a full or read-only disk, the spool lock held by a stopped peer) is
+//! never dropped: its outcome is held (`Held`) in memory and, when the state directory takes it,
+//! in `state_dir/unfinished/` (so a restart commits it instead of running the agent again), and it
+//! is tried again with back-off. The task stays in hand meanwhile, its mirror row says why.
+//!
+//! Owns the commits in flight and the held ones. It never starts an attempt and never reads
+//! `pending/`: a requeued task goes back to intake as an `Action`. A task has at most one commit in
+//! flight or held, and the loop counts it as in hand until the commit is back, so its transitions
+//! stay in order.
 
-use std::collections::HashMap;
-use std::time::Duration;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use tokio::task::{Id, JoinError, JoinSet};
 
@@ -101,6 +108,46 @@ pub(super) fn verdict(j: &Judged, cfg: &Config) -> Verdict {
     Verdict::Done { status, error }
 }
 
+/// A transition `tasks/` refused, to be tried again.
+pub(super) enum Deferred {
+    /// A terminal result (the agent's outcome is known: it must never run again for it).
+    Finish { task: Task, result: TaskResult },
+    /// Back to `pending/` with this history.
+    Requeue {
+        task: Task,
+        history: History,
+        why: String,
+    },
+    /// A just-claimed file back to `pending/` under its name (`settle`: read it again after).
+    Unclaim {
+        id: String,
+        path: PathBuf,
+        settle: bool,
+    },
+}
+
+impl Deferred {
+    fn id(&self) -> &str {
+        match self {
+            Deferred::Finish { task, .. } | Deferred::Requeue { task, .. } => &task.id,
+            Deferred::Unclaim { id, .. } => id,
+        }
+    }
+}
+
+/// A deferred transition with what went wrong and when to try again.
+pub(super) struct Held {
+    what: Deferred,
+    pub(super) error: String,
+    tries: u32,
+    next: Instant,
+}
+
+/// The first retry of a refused transition comes after this; each next waits twice as long.
+const HELD_FIRST: Duration = Duration::from_secs(1);
+/// No retry of a refused transition waits longer.
+const HELD_MAX: Duration = Duration::from_secs(30);
+
 /// Terminal commits (result file, task rename, fsyncs) run on blocking threads, several at once,
 /// so the loop goes on claiming while the disk works.
 #[derive(Default)]
@@ -108,19 +155,78 @@ pub(super) struct Commits {
     tasks: JoinSet<Committed>,
     /// The tasks whose commit is under way, by the commit's task id.
     finishing: HashMap<String, Id>,
+    /// Transitions `tasks/` refused, by task id.
+    held: BTreeMap<String, Held>,
+    /// Tries so far of a held transition that is being tried again right now.
+    retrying: HashMap<String, (u32, String)>,
 }
 
 impl Commits {
     pub(super) fn contains(&self, id: &str) -> bool {
-        self.finishing.contains_key(id)
+        self.finishing.contains_key(id) || self.held.contains_key(id)
     }
 
     pub(super) fn len(&self) -> usize {
-        self.finishing.len()
+        self.finishing.len() + self.held.len()
     }
 
     pub(super) fn is_empty(&self) -> bool {
-        self.finishing.is_empty()
+        self.finishing.is_empty() && self.held.is_empty()
+    }
+
+    /// The held transitions, by task id.
+    pub(super) fn held(&self) -> impl Iterator<Item = (&str, &Held)> {
+        self.held.iter().map(|(id, h)| (id.as_str(), h))
+    }
+
+    /// When the earliest held transition is due again.
+    pub(super) fn next_retry(&self) -> Option<Instant> {
+        self.held.values().map(|h| h.next).min()
+    }
+
+    /// Keep `what` to try again later; the tries it had, if it was being retried. `true` the first
+    /// time (say it loudly), and whenever the error changes.
+    fn hold(&mut self, what: Deferred, error: String) -> (bool, u32) {
+        let id = what.id().to_string();
+        let (tries, last) = self.retrying.remove(&id).unwrap_or((0, String::new()));
+        let tries = tries + 1;
+        let wait = HELD_FIRST
+            .saturating_mul(1 << (tries - 1).min(16))
+            .min(HELD_MAX);
+        let news = tries == 1 || last != error;
+        self.held.insert(
+            id,
+            Held {
+                what,
+                error,
+                tries,
+                next: Instant::now() + wait,
+            },
+        );
+        (news, tries)
+    }
+
+    /// The held transitions due now, taken out to be tried again.
+    fn take_due(&mut self, now: Instant) -> Vec<Deferred> {
+        let due: Vec<String> = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.next <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        due.into_iter()
+            .filter_map(|id| self.held.remove(&id))
+            .map(|h| {
+                self.retrying
+                    .insert(h.what.id().to_string(), (h.tries, h.error));
+                h.what
+            })
+            .collect()
+    }
+
+    /// `id`'s transition landed: whether it had been held (and so kept in the state directory).
+    fn landed(&mut self, id: &str) -> Option<u32> {
+        self.retrying.remove(id).map(|(tries, _)| tries)
     }
 
     /// Some commit's thread has not been joined yet.
@@ -173,13 +279,35 @@ impl Commits {
     }
 }
 
+/// Return a just-claimed file to `pending/` (`settle`: read it again once it settled); a refusal
+/// is held and tried again.
+#[must_use = "the actions are the rest of the work: apply them"]
+pub(super) fn unclaim(env: &Env, id: &str, path: PathBuf, settle: bool) -> Vec<Action> {
+    match env.spool.unclaim(id, &path) {
+        Ok(()) if settle => vec![Action::Settle(path)],
+        Ok(()) => vec![],
+        Err(e) => {
+            let what = Deferred::Unclaim {
+                id: id.to_string(),
+                path,
+                settle,
+            };
+            vec![Action::Defer(Box::new(what), format!("{e:#}"))]
+        }
+    }
+}
+
 /// Move a running task back to `pending/` with its history; intake reads it again at once.
 #[must_use = "the actions are the rest of the work: apply them"]
 fn requeue(env: &Env, task: &Task, history: History, why: &str) -> Vec<Action> {
     let id = &task.id;
     if let Err(e) = env.spool.requeue(&history) {
-        console::error(&format!("cannot requeue {id}: {e:#}"));
-        return vec![];
+        let what = Deferred::Requeue {
+            task: task.clone(),
+            history,
+            why: why.to_string(),
+        };
+        return vec![Action::Defer(Box::new(what), format!("{e:#}"))];
     }
     console::info(&format!("requeued   {id}: {why}"));
     vec![Action::Reread(env.spool.task_path(Place::Pending, id))]
@@ -206,6 +334,27 @@ impl Supervisor {
             );
         }
         let env = &self.env;
+        if let Some(problem) = r.environment {
+            // Not the task's fault: back to pending with its history as it was (no attempt
+            // counted), to wait a while; its wait note says why.
+            let delay = scheduler::retry_delay(&env.cfg, 1);
+            let at = time::OffsetDateTime::now_utc() + delay;
+            let history = History {
+                task_id: r.id.clone(),
+                version: run.claim.version + 1,
+                attempts: run.claim.history.clone(),
+                not_before: Some(fsutil::fmt_time(at)),
+                backoff_seconds: Some(delay.as_secs_f64()),
+                reason: Some(format!(
+                    "{problem} (the environment's fault, not the task's)"
+                )),
+            };
+            let why = format!(
+                "{problem}; not counted as an attempt, trying again in {:.0} s",
+                delay.as_secs_f64()
+            );
+            return requeue(env, &run.task, history, &why);
+        }
         let max_retries = env.max_retries_of(&run.task);
         let judged = Judged {
             attempt: &r.attempt,
@@ -224,6 +373,7 @@ impl Supervisor {
             version: run.claim.version + 1,
             attempts: attempts.clone(),
             not_before,
+            backoff_seconds: None,
             reason,
         };
         match verdict {
@@ -256,7 +406,8 @@ impl Supervisor {
             }
             Verdict::Retry { failures, delay } => {
                 let at = time::OffsetDateTime::now_utc() + delay;
-                let history = history(Some(fsutil::fmt_time(at)), r.attempt.error.clone());
+                let mut history = history(Some(fsutil::fmt_time(at)), r.attempt.error.clone());
+                history.backoff_seconds = Some(delay.as_secs_f64());
                 let why = format!(
                     "{}: {}; retry {failures} of {max_retries} in {:.0} s",
                     outcome.as_str(),
@@ -337,12 +488,14 @@ impl Supervisor {
         else {
             return;
         };
-        let id = &result.task_id;
+        let id = result.task_id.clone();
+        let id = &id;
         if let Err(e) = outcome {
-            // The claim stays; recovery at the next start finishes the move from the result file.
-            console::error(&format!("cannot finish {id}: {e}"));
+            // The claim stays, and so does the outcome: never run the agent again for it.
+            self.defer(Deferred::Finish { task, result }, e);
             return;
         }
+        self.landed(id);
         // A cancel request, if any, is answered now that the task is terminal on disk.
         self.env.spool.drop_cancel_request(id);
         let secs: u64 = result
@@ -377,6 +530,104 @@ impl Supervisor {
         });
         self.ledger.record_result(&result);
         self.state_dirty = true;
+    }
+
+    /// `tasks/` refused a transition: hold it, keep it in the state directory when possible, say so
+    /// (on the console and in the task's mirror row), and try again later.
+    pub(super) fn defer(&mut self, what: Deferred, error: String) {
+        let id = what.id().to_string();
+        let kept = match &what {
+            Deferred::Finish { result, .. } => Some(self.env.spool.keep_unfinished_result(result)),
+            Deferred::Requeue { history, .. } => {
+                Some(self.env.spool.keep_unfinished_history(history))
+            }
+            Deferred::Unclaim { .. } => None,
+        };
+        let (news, tries) = self.commits.hold(what, error.clone());
+        self.state_dirty = true;
+        if !news {
+            return;
+        }
+        let verb = match self.commits.held.get(&id).map(|h| &h.what) {
+            Some(Deferred::Requeue { .. }) | Some(Deferred::Unclaim { .. }) => "requeue",
+            _ => "finish",
+        };
+        let mut line =
+            format!("cannot {verb} {id}: {error}; its outcome is kept and the move is tried again");
+        if tries > 1 {
+            line.push_str(&format!(" (try {tries})"));
+        }
+        if let Some(Err(e)) = &kept {
+            line.push_str(&format!(
+                "; it could not be kept in the state directory either ({e:#}): a restart before it lands runs the task again"
+            ));
+        }
+        console::error(&line);
+        self.say_problems();
+        self.env.writer.send(Op::Note {
+            id: id.clone(),
+            note: Some(format!("cannot {verb}: {error}; trying again")),
+        });
+    }
+
+    /// Try the held transitions that are due again.
+    #[must_use = "the actions are the rest of the work: apply them"]
+    pub(super) fn retry_held(&mut self) -> Vec<Action> {
+        let mut out = vec![];
+        for what in self.commits.take_due(Instant::now()) {
+            match what {
+                Deferred::Finish { task, result } => {
+                    self.commits.start(&self.env.spool, task, result);
+                }
+                Deferred::Requeue { task, history, why } => {
+                    let next = requeue(&self.env, &task, history, &why);
+                    self.landed_unless_deferred(&task.id, &next);
+                    out.extend(next);
+                }
+                Deferred::Unclaim { id, path, settle } => {
+                    let next = unclaim(&self.env, &id, path, settle);
+                    self.landed_unless_deferred(&id, &next);
+                    out.extend(next);
+                }
+            }
+        }
+        out
+    }
+
+    fn landed_unless_deferred(&mut self, id: &str, next: &[Action]) {
+        if !next.iter().any(|a| matches!(a, Action::Defer(..))) {
+            self.landed(id);
+        }
+    }
+
+    /// A held transition landed: its kept copy and its note go.
+    fn landed(&mut self, id: &str) {
+        if let Some(tries) = self.commits.landed(id) {
+            self.env.spool.drop_unfinished(id);
+            self.env.writer.send(Op::Note {
+                id: id.to_string(),
+                note: None,
+            });
+            console::info(&format!("landed     {id}: after {tries} refused tries"));
+            self.say_problems();
+        }
+    }
+
+    /// The held transitions, where `status` reads them even when the disk is full (the mirror,
+    /// on the same disk, may not take the note).
+    fn say_problems(&self) {
+        let text: Vec<String> = self
+            .commits
+            .held()
+            .map(|(id, h)| {
+                let verb = match h.what {
+                    Deferred::Finish { .. } => "finish",
+                    _ => "requeue",
+                };
+                format!("cannot {verb} {id}: {}; trying again", h.error)
+            })
+            .collect();
+        let _ = self.env.me.set_problems(&text.join("\n"));
     }
 
     /// Fail a pending task without running it.

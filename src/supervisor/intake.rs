@@ -642,15 +642,16 @@ impl Intake {
             version: 1,
             ..Default::default()
         });
+        let length = history
+            .backoff_seconds
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map(Duration::from_secs_f64);
         let not_before = history
             .not_before
             .as_deref()
             .and_then(fsutil::parse_time)
             .map(|t| {
-                let left = (t - time::OffsetDateTime::now_utc())
-                    .as_seconds_f64()
-                    .max(0.0);
-                Instant::now() + Duration::from_secs_f64(left.min(86400.0 * 30.0))
+                Instant::now() + scheduler::backoff_left(t, length, time::OffsetDateTime::now_utc())
             });
         if !task.file.subtasks.is_empty() {
             self.expand_subtasks(view, &task, out);

@@ -280,6 +280,7 @@ impl Supervisor {
                 break;
             }
             let wake = self.dispatch.wake_deadline();
+            let held = self.commits.next_retry();
             let far = || Instant::now() + Duration::from_secs(3600);
             // Only sources into events.
             let events = tokio::select! {
@@ -301,6 +302,9 @@ impl Supervisor {
                 _ = std::future::ready(()), if self.intake.is_scanning() => vec![Event::ScanChunk],
                 _ = tokio::time::sleep_until(wake.unwrap_or_else(far).into()), if wake.is_some() => {
                     vec![Event::WakeUp]
+                }
+                _ = tokio::time::sleep_until(held.unwrap_or_else(far).into()), if held.is_some() => {
+                    vec![Event::RetryHeld]
                 }
                 _ = heartbeat.tick() => vec![Event::Heartbeat],
                 _ = config_tick.tick(), if self.config_file.is_some() => vec![Event::ConfigCheck],
@@ -428,6 +432,10 @@ impl Supervisor {
             Event::ConfigCheck => {
                 self.state_dirty |= self.reload_config();
             }
+            Event::RetryHeld => {
+                let next = self.retry_held();
+                self.apply(next);
+            }
             Event::Routed { id, routed } => {
                 self.dispatch.on_routed(&self.intake.queue, id, routed);
             }
@@ -478,6 +486,7 @@ impl Supervisor {
                 let Commit { task, result } = *commit;
                 self.commits.start(&self.env.spool, task, result);
             }
+            Action::Defer(what, error) => self.defer(*what, error),
         }
         vec![]
     }

@@ -159,6 +159,13 @@ impl Supervisor {
                 console::warn(&format!("heartbeat for {} failed: {e:#}", r.claim.task_id));
             }
         }
+        // Tasks whose finish `tasks/` refused are still ours. Quietly: their trouble is said already,
+        // and the heartbeat most likely fails for the same reason.
+        for (id, _) in self.commits.held() {
+            if let Some(claim) = self.env.spool.read_claim(id) {
+                let _ = self.env.spool.heartbeat(&claim);
+            }
+        }
     }
 
     /// `orchestrate cancel` leaves `state_dir/cancel/<id>` and sends SIGUSR1. The request stays

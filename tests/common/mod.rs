@@ -205,6 +205,13 @@ impl Project {
             .expect("rename into pending");
     }
 
+    /// [`Project::drop_task`] into another folder (a `tasks_dir` configured elsewhere).
+    pub fn drop_task_in(&self, pending: &Path, name: &str, yaml: &str) {
+        let tmp = pending.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, yaml).expect("write temp");
+        std::fs::rename(&tmp, pending.join(name)).expect("rename into pending");
+    }
+
     /// Give the task files in `pending/` modification times a minute in the past, one second apart
     /// in the order given: the start-up scan then finds them all ready at once, in that arrival order.
     pub fn age_pending(&self, names: &[&str]) {
@@ -676,4 +683,62 @@ pub fn followed_seqs(out: &str) -> Vec<i64> {
                 .expect("seq")
         })
         .collect()
+}
+
+/// Fails unless the tests run as root (they mount file systems); `tools/test` skips the modules
+/// named `root` elsewhere, so this only fires when a test outside one of them needs it.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "this test mounts file systems and needs root; tools/test skips the `root` modules when not root"
+    );
+}
+
+/// A tmpfs of `size` (as mount(8) takes it, e.g. `1m`) mounted at a fresh folder, unmounted on drop.
+pub struct Tmpfs {
+    pub dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    pub fn mount(size: &str) -> Tmpfs {
+        require_root();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(ok.success(), "mount -t tmpfs failed");
+        Tmpfs { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Write zeros into `name` until the file system is full.
+    pub fn fill(&self, name: &str) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.path().join(name)).expect("create filler");
+        let block = vec![0u8; 64 * 1024];
+        loop {
+            if f.write_all(&block).is_err() {
+                break;
+            }
+        }
+        // Smaller pieces, so not even a page is left.
+        let small = [0u8; 512];
+        while f.write_all(&small).is_ok() {}
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
 }
