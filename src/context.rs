@@ -312,6 +312,7 @@ pub fn write_state_files(
     redactor: &Redactor,
 ) -> Result<()> {
     let json = redactor.redact_owned(serde_json::to_string_pretty(completed)?);
+    let json = crate::console::json_visible(&json);
     // Both are rebuilt from the result files at every start: atomic for readers, no disk flush.
     atomic_write_derived(&layout.completed_tasks(), json.as_bytes())?;
     let mut md = String::from("# Current state\n\n");
@@ -370,14 +371,24 @@ pub fn write_state_files(
                 if c.files_modified.is_empty() {
                     String::new()
                 } else {
-                    format!(" — changed {}", c.files_modified.join(", "))
+                    let files: Vec<String> = c
+                        .files_modified
+                        .iter()
+                        .map(|f| crate::console::quote_path(f.as_bytes()))
+                        .collect();
+                    format!(" — changed {}", files.join(", "))
                 }
             ));
         }
     }
+    // A page people print: what agents and task files wrote is shown, not obeyed (escape sequences,
+    // overrides), and file names are quoted as in the diffs; completed_tasks.json has them as JSON
+    // escapes.
+    // Redacted first: a secret is matched as it was written.
+    let md = redactor.redact_owned(md);
     atomic_write_derived(
         &layout.current_state(),
-        redactor.redact_owned(md).as_bytes(),
+        crate::console::visible(&md).as_bytes(),
     )?;
     Ok(())
 }

@@ -2,7 +2,7 @@
 //!
 //! Exit codes: 0 ok, 1 the operation failed, 2 usage or configuration error. Domain modules return
 //! these or `anyhow` errors; only `main` decides the code, by looking for a [`UsageError`] or
-//! [`ConfigError`] in the chain.
+//! [`ConfigError`] in the chain, or an [`OutputClosed`], which ends a command quietly with 0.
 
 use thiserror::Error;
 
@@ -42,8 +42,22 @@ impl ConfigError {
 #[error("{0}")]
 pub struct UsageError(pub String);
 
+/// Standard output was closed by its reader (`orchestrate tasks | head`). Like ripgrep, a command
+/// then stops writing and ends quietly with success: the reader had what it wanted.
+#[derive(Debug, Error)]
+#[error("standard output was closed")]
+pub struct OutputClosed;
+
+/// Whether the error is a closed standard output, which ends a command quietly.
+pub fn output_closed(err: &anyhow::Error) -> bool {
+    err.chain().any(|c| c.is::<OutputClosed>())
+}
+
 /// The exit code for an error chain.
 pub fn exit_code(err: &anyhow::Error) -> i32 {
+    if output_closed(err) {
+        return 0;
+    }
     for cause in err.chain() {
         if cause.is::<UsageError>() || cause.is::<ConfigError>() {
             return 2;

@@ -84,7 +84,10 @@ pub fn hit(point: &str) {
         && p.point == point
         && p.seen.fetch_add(1, Ordering::SeqCst) + 1 == p.nth
     {
-        eprintln!("paused at {point} for {} ms", how_long.as_millis());
+        say(&format!(
+            "paused at {point} for {} ms",
+            how_long.as_millis()
+        ));
         std::thread::sleep(*how_long);
     }
     let Some(t) = target() else { return };
@@ -92,10 +95,17 @@ pub fn hit(point: &str) {
         return;
     }
     if t.seen.fetch_add(1, Ordering::SeqCst) + 1 == t.nth {
-        eprintln!("crash injected at {point}");
+        say(&format!("crash injected at {point}"));
         // SAFETY: signalling ourselves.
         unsafe {
             libc::kill(libc::getpid(), libc::SIGKILL);
         }
     }
+}
+
+/// A line to stderr, at once (the process may be killed right after it) and whatever became of
+/// stderr: a failed write is ignored, never a panic.
+fn say(text: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{text}");
 }

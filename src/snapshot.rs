@@ -5,13 +5,15 @@
 //! `context.max_snapshot_bytes` in all), shared with the previous snapshot of the same workdir when
 //! nothing changed, so back-to-back tasks in one folder cost a stat per file. The spool, context and
 //! state folders, `.git`, `target`, `node_modules` and `context.diff_exclude` are never looked at.
-//! This module only reads the workdir; it never writes anywhere.
+//! Paths in the diff's headers are quoted the way git quotes them (`"a/x\ny"`), so no file name can
+//! add a line of its own to a diff. This module only reads the workdir; it never writes anywhere.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::config::Config;
+use crate::console::quote_path;
 use crate::layout::Layout;
 
 /// What a file looked like before the run.
@@ -194,11 +196,18 @@ impl Snapshot {
             {
                 continue;
             }
-            files.push(name.clone());
+            files.push(name);
+            // Quoted as git quotes them: a name with a line break or an escape sequence stays on
+            // its header line, and cannot pass for a header of its own.
+            let raw = {
+                use std::os::unix::ffi::OsStrExt;
+                rel.as_os_str().as_bytes()
+            };
+            let quoted = |prefix: &str| quote_path(&[prefix.as_bytes(), raw].concat());
             let (a_name, b_name) = match change {
-                Change::Added => ("/dev/null".to_string(), format!("b/{name}")),
-                Change::Deleted(_) => (format!("a/{name}"), "/dev/null".to_string()),
-                Change::Modified(_) => (format!("a/{name}"), format!("b/{name}")),
+                Change::Added => ("/dev/null".to_string(), quoted("b/")),
+                Change::Deleted(_) => (quoted("a/"), "/dev/null".to_string()),
+                Change::Modified(_) => (quoted("a/"), quoted("b/")),
             };
             let is_symlink = match &change {
                 Change::Deleted(o) | Change::Modified(o) => o.symlink,
@@ -229,7 +238,8 @@ impl Snapshot {
                 _ => {
                     let size = std::fs::symlink_metadata(&new_path).map(|m| m.len()).ok();
                     text.push_str(&format!(
-                        "diff --orchestrate {a_name} {b_name}\nFile {name} changed{} (too large to diff, limit {} bytes)\n",
+                        "diff --orchestrate {a_name} {b_name}\nFile {} changed{} (too large to diff, limit {} bytes)\n",
+                        quoted(""),
                         size.map(|s| format!(", now {s} bytes")).unwrap_or_default(),
                         self.max_file
                     ));
@@ -312,6 +322,33 @@ mod tests {
         );
         assert!(
             !d.text.contains("touched.txt") && !d.text.contains("ignored.o"),
+            "{}",
+            d.text
+        );
+    }
+
+    #[test]
+    fn names_with_line_breaks_are_quoted_in_headers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().to_path_buf();
+        let cfg = Config::parse("", "test").expect("the empty config is valid");
+        let layout = cfg.layout(&root);
+        let snap = Snapshot::take(&root, &layout, &cfg);
+        // A name cannot hold a slash, but it can hold line breaks.
+        let name = "x\n+++ evil\ndiff --git evil evil";
+        std::fs::write(root.join(name), "hi\n").expect("write");
+        let d = snap.diff();
+        assert_eq!(d.files, vec![name.to_string()]);
+        let quoted = "\"b/x\\n+++ evil\\ndiff --git evil evil\"";
+        assert!(d.text.contains(&format!("+++ {quoted}\n")), "{}", d.text);
+        let headers: Vec<&str> = d
+            .text
+            .lines()
+            .filter(|l| l.starts_with("+++") || l.starts_with("diff "))
+            .collect();
+        assert_eq!(headers.len(), 2, "{}", d.text);
+        assert!(
+            !d.text.lines().any(|l| l.starts_with("diff --git")),
             "{}",
             d.text
         );

@@ -60,7 +60,7 @@ mod root {
         );
         let assigned = fs.path().join("tasks/assigned/t.claim.yaml");
         wait_for("t to run", Duration::from_secs(10), || assigned.exists());
-        fs.fill("fill");
+        let _ = fs.fill("fill");
         std::fs::write(&go, "").expect("let the agent finish");
         wait_for("the refusal", Duration::from_secs(20), || {
             sup.output().contains("cannot finish t:")
@@ -193,7 +193,7 @@ mod root {
         );
         let p = Project::with_config(&config.replace("max_retries: 1", "max_retries: 0"));
         let mut sup = p.start();
-        fs.fill("fill");
+        let _ = fs.fill("fill");
         p.drop_task("t.yaml", "description: \"@fake print=ran\"\n");
         let mut status = String::new();
         wait_for("t to wait, saying why", Duration::from_secs(20), || {

@@ -126,7 +126,9 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
             if cli.json {
                 super::print_json(&serde_json::json!({ "id": tid, "file": project.rel(&path) }))?;
             } else {
-                println!("{tid}");
+                let mut out = super::Out::new();
+                outln!(out, "{tid}")?;
+                out.flush()?;
             }
             return Ok(0);
         }

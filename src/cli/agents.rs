@@ -143,10 +143,18 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
         super::print_json(&out)?;
         return Ok(0);
     }
-    println!(
+    let mut w = super::Out::new();
+    outln!(
+        w,
         "{:<10} {:<8} {:>7} {:>8} {:>9} {:>9} {:>15}  STATUS",
-        "AGENT", "KIND", "RUNNING", "ATTEMPTS", "COMPLETED", "COST", "TOKENS IN/OUT"
-    );
+        "AGENT",
+        "KIND",
+        "RUNNING",
+        "ATTEMPTS",
+        "COMPLETED",
+        "COST",
+        "TOKENS IN/OUT"
+    )?;
     for a in out {
         let status = match (&a.problem, &a.cooldown_until) {
             (Some(p), _) => p.clone(),
@@ -163,7 +171,8 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
                     .unwrap_or_default()
             ),
         };
-        println!(
+        outln!(
+            w,
             "{:<10} {:<8} {:>7} {:>8} {:>9} {:>9} {:>15}  {}",
             a.name,
             a.kind,
@@ -173,7 +182,8 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
             format!("${:.4}", a.cost_usd),
             format!("{}/{}", a.input_tokens, a.output_tokens),
             status
-        );
+        )?;
     }
+    w.flush()?;
     Ok(0)
 }

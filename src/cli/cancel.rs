@@ -103,7 +103,8 @@ fn report(cli: &Cli, id: &str, what: &str) -> Result<()> {
     if cli.json {
         super::print_json(&serde_json::json!({"id": id, "result": what}))
     } else {
-        println!("{id}: {what}");
-        Ok(())
+        let mut out = super::Out::new();
+        outln!(out, "{id}: {what}")?;
+        out.flush()
     }
 }

@@ -12,7 +12,12 @@ use super::Cli;
 pub fn run(shell: Shell) -> Result<i32> {
     let mut cmd = visible_command();
     let name = cmd.get_name().to_string();
-    clap_complete::generate(shell, &mut cmd, name, &mut std::io::stdout().lock());
+    // Into memory first: clap_complete panics on a failed write, and stdout may be a closed pipe.
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut cmd, name, &mut script);
+    let mut out = super::Out::new();
+    out.bytes(&script)?;
+    out.flush()?;
     Ok(0)
 }
 

@@ -13,18 +13,16 @@ struct Printer {
     json: bool,
     printed: u64,
     limit: Option<u64>,
+    out: super::Out,
 }
 
 impl Printer {
     /// Print one event; returns true once the limit is reached.
     fn print(&mut self, e: &Event) -> Result<bool> {
-        use std::io::Write;
-        let mut out = std::io::stdout().lock();
         if self.json {
-            writeln!(out, "{}", serde_json::to_string(e)?)?;
+            self.out.json(&serde_json::to_string(e)?)?;
         } else {
-            write!(
-                out,
+            let mut line = format!(
                 "{:>7} {} {:<24} {:<10} {:<10} v{} ({})",
                 e.seq,
                 e.at,
@@ -33,13 +31,14 @@ impl Printer {
                 e.agent.as_deref().unwrap_or("-"),
                 e.version,
                 e.host
-            )?;
-            match &e.error {
-                Some(err) => writeln!(out, ": {}", super::short(err, 200))?,
-                None => writeln!(out)?,
+            );
+            if let Some(err) = &e.error {
+                line.push_str(&format!(": {}", super::short(err, 200)));
             }
+            self.out.line(&line)?;
         }
-        out.flush()?;
+        // Each event as it happens, not when a buffer fills.
+        self.out.flush()?;
         self.printed += 1;
         Ok(self.limit.is_some_and(|l| self.printed >= l))
     }
@@ -50,6 +49,7 @@ pub fn run(cli: &Cli, project: &Project, since: Option<i64>, limit: Option<u64>)
         json: cli.json,
         printed: 0,
         limit,
+        out: super::Out::new(),
     };
     if limit == Some(0) {
         return Ok(0);
@@ -57,7 +57,12 @@ pub fn run(cli: &Cli, project: &Project, since: Option<i64>, limit: Option<u64>)
     project.source(cli)?.follow(
         since,
         |e| p.print(e),
-        |e, wait| eprintln!("follow: {e:#}; reconnecting in {:.1} s", wait.as_secs_f64()),
+        |e, wait| {
+            super::note(&format!(
+                "follow: {e:#}; reconnecting in {:.1} s",
+                wait.as_secs_f64()
+            ))
+        },
     )?;
     Ok(0)
 }

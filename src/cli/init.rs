@@ -55,15 +55,17 @@ pub fn run(cli: &Cli) -> Result<i32> {
         std::fs::write(&gi, s)?;
         created.push(".gitignore".into());
     }
+    let mut out = super::Out::new();
     if created.is_empty() {
-        println!("{} is already set up", root.display());
+        outln!(out, "{} is already set up", root.display())?;
     } else {
-        println!("initialised {}:", root.display());
+        outln!(out, "initialised {}:", root.display())?;
         for c in created {
-            println!("  created {c}");
+            outln!(out, "  created {c}")?;
         }
         // A line that works when pasted as it is: the `shell` agent runs the description as a command.
-        println!("next: {NEXT}");
+        outln!(out, "next: {NEXT}")?;
     }
+    out.flush()?;
     Ok(0)
 }

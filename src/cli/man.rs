@@ -5,7 +5,6 @@
 //!
 //! It needs no project and reads no configuration; it writes only into DIR.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -19,8 +18,10 @@ pub fn run(dir: Option<&Path>) -> Result<i32> {
     cmd.build();
     match dir {
         None => {
-            let mut out = std::io::stdout().lock();
-            page(cmd).render(&mut out)?;
+            let mut roff = Vec::new();
+            page(cmd).render(&mut roff)?;
+            let mut out = super::Out::new();
+            out.bytes(&roff)?;
             out.flush()?;
         }
         Some(dir) => {
@@ -28,9 +29,11 @@ pub fn run(dir: Option<&Path>) -> Result<i32> {
                 .with_context(|| format!("cannot create {}", dir.display()))?;
             let mut written = Vec::new();
             write_pages(cmd, dir, &mut written)?;
+            let mut out = super::Out::new();
             for p in written {
-                println!("{}", p.display());
+                outln!(out, "{}", p.display())?;
             }
+            out.flush()?;
         }
     }
     Ok(0)

@@ -11,11 +11,14 @@ pub fn rebuild(cli: &Cli, project: &Project) -> Result<i32> {
     if cli.json {
         super::print_json(&report)?;
     } else {
-        println!(
+        let mut out = super::Out::new();
+        outln!(
+            out,
             "mirror rebuilt from {}: {} task rows",
             project.rel(&project.spool.layout().tasks_dir),
             report.upserted
-        );
+        )?;
+        out.flush()?;
     }
     Ok(0)
 }

@@ -2,6 +2,20 @@
 //! one module per subcommand. Read commands (`status`, `tasks`, `agents`, `show`, `follow`) read the
 //! mirror through one read API ([`crate::mirror::read`]) and the tree, and never need a running
 //! supervisor; [`Project::source`] is the one place that picks the database they read.
+//!
+//! Commands print through [`Out`] (`outln!`), never `println!`: human text has its control
+//! characters made visible by [`crate::console::visible`], JSON by [`crate::console::json_visible`],
+//! and a closed stdout ends the command quietly ([`crate::error::OutputClosed`]) instead of a panic.
+
+/// One line of human-readable text to an [`Out`]: `outln!(out, "format", args)?`.
+macro_rules! outln {
+    ($out:expr) => {
+        $out.line("")
+    };
+    ($out:expr, $($arg:tt)*) => {
+        $out.line(&format!($($arg)*))
+    };
+}
 
 mod add;
 mod agents;
@@ -294,20 +308,12 @@ impl Project {
         })();
         if let Err(e) = r {
             // The file operation already happened and the tree is the truth; the next reconcile fixes this.
-            eprintln!("warning: mirror not updated: {e:#}");
+            note(&format!("warning: mirror not updated: {e:#}"));
         }
     }
 
     pub fn rel(&self, p: &Path) -> String {
         self.layout.rel(p)
-    }
-}
-
-/// Read commands must not die of SIGPIPE's EPIPE panic when piped into `head`.
-fn default_sigpipe() {
-    // SAFETY: resetting a signal disposition to its default is always sound.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 
@@ -325,14 +331,8 @@ pub fn run(cli: Cli) -> Result<i32> {
     }
     match &cli.command {
         // Generated from the argument definitions alone: no project, configuration or tree is read.
-        Command::Completions { shell } => {
-            default_sigpipe();
-            completions::run(*shell)
-        }
-        Command::Man { dir } => {
-            default_sigpipe();
-            man::run(dir.as_deref())
-        }
+        Command::Completions { shell } => completions::run(*shell),
+        Command::Man { dir } => man::run(dir.as_deref()),
         Command::FakeAgent { prompt, directives } => fake_agent::run(prompt.clone(), directives),
         Command::OpenaiAgent(args) => openai_agent::run(args.clone()),
         Command::Init => init::run(&cli),
@@ -345,31 +345,17 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Validate {
             files,
             check_config,
-        } => {
-            default_sigpipe();
-            validate::run(&cli, files, *check_config)
-        }
+        } => validate::run(&cli, files, *check_config),
         Command::Add { .. } => add::run(&cli, &Project::load(&cli)?),
-        Command::Status => {
-            default_sigpipe();
-            status::run(&cli, &Project::load(&cli)?)
-        }
+        Command::Status => status::run(&cli, &Project::load(&cli)?),
         Command::Tasks { status, limit } => {
-            default_sigpipe();
             tasks::run(&cli, &Project::load(&cli)?, status.as_deref(), *limit)
         }
-        Command::Agents => {
-            default_sigpipe();
-            agents::run(&cli, &Project::load(&cli)?)
-        }
-        Command::Show { id } => {
-            default_sigpipe();
-            show::run(&cli, &Project::load(&cli)?, id)
-        }
+        Command::Agents => agents::run(&cli, &Project::load(&cli)?),
+        Command::Show { id } => show::run(&cli, &Project::load(&cli)?, id),
         Command::Retry { id } => retry::run(&cli, &Project::load(&cli)?, id),
         Command::Cancel { id } => cancel::run(&cli, &Project::load(&cli)?, id),
         Command::Follow { since, limit } => {
-            default_sigpipe();
             follow::run(&cli, &Project::load(&cli)?, *since, *limit)
         }
         Command::Mirror {
@@ -380,8 +366,80 @@ pub fn run(cli: Cli) -> Result<i32> {
 
 /// Print JSON to stdout.
 pub fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
-    Ok(())
+    let mut out = Out::new();
+    out.json(&serde_json::to_string_pretty(v)?)?;
+    out.flush()
+}
+
+/// Standard output for what a command prints: buffered, every write checked. Human text goes
+/// through [`crate::console::visible`] (an agent's escape sequences are shown, not obeyed), JSON
+/// through [`crate::console::json_visible`]. A reader that went away (`| head`) makes the write fail
+/// with [`crate::error::OutputClosed`], which ends the command quietly with success, as ripgrep
+/// does; any other write error is an error of the command. Call [`Out::flush`] at the end: dropping
+/// an `Out` flushes too, but cannot report a failure.
+pub struct Out(std::io::BufWriter<std::io::StdoutLock<'static>>);
+
+impl Out {
+    pub fn new() -> Out {
+        Out(std::io::BufWriter::new(std::io::stdout().lock()))
+    }
+
+    /// One line of human-readable text (the line feed is added).
+    pub fn line(&mut self, text: &str) -> Result<()> {
+        use std::io::Write;
+        let shown = crate::console::visible(text);
+        self.0
+            .write_all(shown.as_bytes())
+            .and_then(|()| self.0.write_all(b"\n"))
+            .map_err(output_error)
+    }
+
+    /// One JSON document or JSON line (the line feed is added).
+    pub fn json(&mut self, text: &str) -> Result<()> {
+        use std::io::Write;
+        let shown = crate::console::json_visible(text);
+        self.0
+            .write_all(shown.as_bytes())
+            .and_then(|()| self.0.write_all(b"\n"))
+            .map_err(output_error)
+    }
+
+    /// Bytes as they are, for output that is not text for a terminal (a man page, a completion
+    /// script: both generated from our own definitions).
+    pub fn bytes(&mut self, bytes: &[u8]) -> Result<()> {
+        use std::io::Write;
+        self.0.write_all(bytes).map_err(output_error)
+    }
+
+    pub fn flush(&mut self) -> Result<()> {
+        use std::io::Write;
+        self.0.flush().map_err(output_error)
+    }
+}
+
+impl Default for Out {
+    fn default() -> Out {
+        Out::new()
+    }
+}
+
+fn output_error(e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        crate::error::OutputClosed.into()
+    } else {
+        anyhow::Error::new(e).context("cannot write to standard output")
+    }
+}
+
+/// A line to stderr (a warning beside a command's result), control characters made visible. A
+/// stderr that cannot be written to is ignored: there is nowhere else to say it.
+pub fn note(text: &str) {
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "{}",
+        crate::console::visible(text)
+    );
 }
 
 /// Shorten to one line of at most `n` characters, for tables.

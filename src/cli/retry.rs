@@ -14,7 +14,12 @@ pub fn run(cli: &Cli, project: &Project, id: &str) -> Result<i32> {
         if cli.json {
             super::print_json(&serde_json::json!({"id": id, "state": "pending", "runs": "now"}))?;
         } else {
-            println!("{id}: its retry back-off is over; it runs as soon as a slot is free");
+            let mut out = super::Out::new();
+            outln!(
+                out,
+                "{id}: its retry back-off is over; it runs as soon as a slot is free"
+            )?;
+            out.flush()?;
         }
         return Ok(0);
     }
@@ -32,10 +37,13 @@ pub fn run(cli: &Cli, project: &Project, id: &str) -> Result<i32> {
             &serde_json::json!({"id": id, "state": "pending", "previous_attempts": history.attempts.len()}),
         )?;
     } else {
-        println!(
+        let mut out = super::Out::new();
+        outln!(
+            out,
             "{id}: back in pending ({} earlier attempt(s) kept)",
             history.attempts.len()
-        );
+        )?;
+        out.flush()?;
     }
     Ok(0)
 }

@@ -98,27 +98,35 @@ pub fn run(cli: &Cli, project: &Project, id: &str) -> Result<i32> {
         super::print_json(&shown)?;
         return Ok(0);
     }
-    println!(
+    let mut out = super::Out::new();
+    outln!(
+        out,
         "task {} — {} ({})",
         shown.id,
         shown.state,
         shown.file.as_deref().unwrap_or("-")
-    );
+    )?;
     if let Some(n) = &shown.note {
-        println!("waiting: {n}");
+        outln!(out, "waiting: {n}")?;
     }
     if let Some(c) = &shown.claim {
-        println!(
+        outln!(
+            out,
             "running on {} since {} (attempt {}, {} pid {})",
-            c.agent, c.started_at, c.attempt, c.host, c.pid
-        );
+            c.agent,
+            c.started_at,
+            c.attempt,
+            c.host,
+            c.pid
+        )?;
     }
     if let Some(e) = &shown.error {
-        println!("error: {}", e.trim_end());
+        outln!(out, "error: {}", e.trim_end())?;
     }
     if let Some(r) = &shown.result {
         for a in &r.attempts {
-            println!(
+            outln!(
+                out,
                 "  attempt {} on {}: {}{}{}",
                 a.n,
                 a.agent,
@@ -130,36 +138,44 @@ pub fn run(cli: &Cli, project: &Project, id: &str) -> Result<i32> {
                     .as_deref()
                     .map(|e| format!(" — {}", super::short(e, 100)))
                     .unwrap_or_default()
-            );
+            )?;
         }
         if r.review_required {
-            println!("REVIEW REQUIRED: touches {}", r.review_files.join(", "));
+            let files: Vec<String> = r
+                .review_files
+                .iter()
+                .map(|f| crate::console::quote_path(f.as_bytes()))
+                .collect();
+            outln!(out, "REVIEW REQUIRED: touches {}", files.join(", "))?;
         }
         if let Some(why) = &r.chosen_because {
-            println!("agent chosen: {why}");
+            outln!(out, "agent chosen: {why}")?;
         }
     }
     if let Some(t) = &shown.task {
-        println!("\n--- task file ---\n{}", t.trim_end());
+        outln!(out, "\n--- task file ---\n{}", t.trim_end())?;
     }
     if let Some(o) = &shown.output {
-        println!(
+        outln!(
+            out,
             "\n--- output ({}) ---\n{}",
             project.rel(&project.layout.output_path(id)),
             o.trim_end()
-        );
+        )?;
     }
     if let Some(d) = &shown.diff {
         if d.is_empty() {
-            println!("\n--- diff: no files changed ---");
+            outln!(out, "\n--- diff: no files changed ---")?;
         } else {
-            println!(
+            outln!(
+                out,
                 "\n--- diff ({}) ---\n{}",
                 project.rel(&project.layout.diff_path(id)),
                 d.trim_end()
-            );
+            )?;
         }
     }
+    out.flush()?;
     Ok(0)
 }
 
@@ -173,19 +189,25 @@ fn remote(cli: &Cli, reader: &Reader, id: &str) -> Result<i32> {
         super::print_json(&serde_json::json!({"task": row, "attempts": attempts}))?;
         return Ok(0);
     }
-    println!(
+    let mut out = super::Out::new();
+    outln!(
+        out,
         "task {} — {} (v{}, updated {})",
-        row.id, row.state, row.version, row.updated_at
-    );
-    println!("agent: {}", row.agent.as_deref().unwrap_or("-"));
+        row.id,
+        row.state,
+        row.version,
+        row.updated_at
+    )?;
+    outln!(out, "agent: {}", row.agent.as_deref().unwrap_or("-"))?;
     if let Some(n) = &row.note {
-        println!("waiting: {n}");
+        outln!(out, "waiting: {n}")?;
     }
     if let Some(e) = &row.payload.error {
-        println!("error: {e}");
+        outln!(out, "error: {e}")?;
     }
     for a in attempts {
-        println!(
+        outln!(
+            out,
             "  attempt {} on {}: {}{}, {} → {}",
             a.n,
             a.agent,
@@ -195,8 +217,9 @@ fn remote(cli: &Cli, reader: &Reader, id: &str) -> Result<i32> {
                 .unwrap_or_default(),
             a.started_at,
             a.finished_at.as_deref().unwrap_or("running")
-        );
+        )?;
     }
-    println!("\n{}", row.payload.description.trim_end());
+    outln!(out, "\n{}", row.payload.description.trim_end())?;
+    out.flush()?;
     Ok(0)
 }

@@ -81,10 +81,13 @@ fn detach_start(cli: &Cli, project: &Project, verbose: u8) -> Result<i32> {
             .iter()
             .any(|(p, _)| *p == pid)
         {
-            println!(
+            let mut out = super::Out::new();
+            outln!(
+                out,
                 "supervisor started in the background (pid {pid}); log: {}",
                 project.rel(&log_path)
-            );
+            )?;
+            out.flush()?;
             return Ok(0);
         }
         if !crate::fsutil::pid_alive(pid) {
@@ -94,18 +97,24 @@ fn detach_start(cli: &Cli, project: &Project, verbose: u8) -> Result<i32> {
     }
     let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
     let last: Vec<&str> = tail.lines().rev().take(5).collect();
-    eprintln!(
+    super::note(&format!(
         "error: the background supervisor did not start; last lines of {}:\n{}",
         project.rel(&log_path),
         last.into_iter().rev().collect::<Vec<_>>().join("\n")
-    );
+    ));
     Ok(1)
 }
 
 pub fn stop(project: &Project, timeout: u64) -> Result<i32> {
     let live = crate::instance::live_instances(&project.layout);
+    // Said as it happens, and only said: a closed stdout must not cut the wait short, since the
+    // exit code tells whether the supervisors stopped.
+    let mut out = super::Out::new();
+    let mut say = |text: &str| {
+        let _ = out.line(text).and_then(|()| out.flush());
+    };
     if live.is_empty() {
-        println!("no supervisor is running");
+        say("no supervisor is running");
         return Ok(0);
     }
     for (pid, _) in &live {
@@ -114,7 +123,7 @@ pub fn stop(project: &Project, timeout: u64) -> Result<i32> {
             unsafe {
                 libc::kill(*pid as i32, libc::SIGTERM);
             }
-            println!("sent SIGTERM to supervisor pid {pid}");
+            say(&format!("sent SIGTERM to supervisor pid {pid}"));
         }
     }
     let deadline = Instant::now() + Duration::from_secs(timeout);
@@ -126,11 +135,13 @@ pub fn stop(project: &Project, timeout: u64) -> Result<i32> {
             .collect();
         if still.is_empty() {
             let _ = std::fs::remove_file(project.layout.supervisor_pid());
-            println!("stopped");
+            say("stopped");
             return Ok(0);
         }
         if Instant::now() >= deadline {
-            eprintln!("error: still running after {timeout} s: pid {still:?}");
+            super::note(&format!(
+                "error: still running after {timeout} s: pid {still:?}"
+            ));
             return Ok(1);
         }
         std::thread::sleep(Duration::from_millis(50));

@@ -231,8 +231,10 @@ fn render(cli: &Cli, st: &Status) -> Result<i32> {
         super::print_json(st)?;
         return Ok(0);
     }
+    let mut out = super::Out::new();
     let c = &st.counts;
-    println!(
+    outln!(
+        out,
         "tasks: {} pending, {} running, {} completed, {} failed{}",
         c["pending"],
         c["running"],
@@ -241,28 +243,33 @@ fn render(cli: &Cli, st: &Status) -> Result<i32> {
         st.quarantined
             .map(|q| format!(", {q} quarantined"))
             .unwrap_or_default()
-    );
+    )?;
     if st.supervisors.is_empty() && st.source == "postgres" {
-        println!("supervisor: none has a heartbeat in this database");
+        outln!(out, "supervisor: none has a heartbeat in this database")?;
     } else if st.supervisors.is_empty() {
-        println!("supervisor: not running (start one with `orchestrate start`)");
+        outln!(
+            out,
+            "supervisor: not running (start one with `orchestrate start`)"
+        )?;
     } else {
         for s in &st.supervisors {
-            match (&s.host, &s.heartbeat_at) {
-                (Some(h), Some(hb)) => println!(
+            let line = match (&s.host, &s.heartbeat_at) {
+                (Some(h), Some(hb)) => format!(
                     "supervisor: {h} pid {} ({}), last heartbeat {hb}",
                     s.pid, s.instance
                 ),
-                _ => println!("supervisor: running, pid {} ({})", s.pid, s.instance),
-            }
+                _ => format!("supervisor: running, pid {} ({})", s.pid, s.instance),
+            };
+            outln!(out, "{line}")?;
             for p in &s.problems {
-                println!("  problem: {p}");
+                outln!(out, "  problem: {p}")?;
             }
         }
     }
     if let Some(h) = &st.postgres {
         if h.connected {
-            println!(
+            outln!(
+                out,
                 "postgres mirror: connected, {} queued (lag {} ms), last event {}{}",
                 h.queued,
                 h.lag_ms,
@@ -275,9 +282,10 @@ fn render(cli: &Cli, st: &Status) -> Result<i32> {
                 } else {
                     String::new()
                 }
-            );
+            )?;
         } else {
-            println!(
+            outln!(
+                out,
                 "postgres mirror: NOT CONNECTED ({}), {} queued (lag {} ms); tasks keep running, the mirror catches up on reconnect",
                 h.last_error
                     .as_deref()
@@ -285,25 +293,27 @@ fn render(cli: &Cli, st: &Status) -> Result<i32> {
                     .unwrap_or_else(|| "no supervisor has connected yet".into()),
                 h.queued,
                 h.lag_ms
-            );
+            )?;
         }
     }
     if st.source == "postgres" {
-        println!("(from PostgreSQL; last event {})", st.last_event_seq);
+        outln!(out, "(from PostgreSQL; last event {})", st.last_event_seq)?;
     }
     for c in &st.cooldowns {
-        println!(
+        outln!(
+            out,
             "cooldown: {} until {} ({}: {})",
             c.agent,
             c.until,
             c.outcome,
             short(&c.reason, 80)
-        );
+        )?;
     }
     if !st.running.is_empty() {
-        println!("\nrunning:");
+        outln!(out, "\nrunning:")?;
         for r in &st.running {
-            println!(
+            outln!(
+                out,
                 "  {:<20} {:<10} attempt {}, running {} (since {}), log {}{}",
                 r.id,
                 r.agent.as_deref().unwrap_or("-"),
@@ -318,31 +328,36 @@ fn render(cli: &Cli, st: &Status) -> Result<i32> {
                     .as_deref()
                     .map(|n| format!(" — {n}"))
                     .unwrap_or_default()
-            );
+            )?;
         }
     }
     if !st.being_written.is_empty() {
-        println!("\nbeing written (read once the writer closes the file):");
+        outln!(
+            out,
+            "\nbeing written (read once the writer closes the file):"
+        )?;
         for b in &st.being_written {
             let who = crate::writers::Writer {
                 pid: b.pid,
                 command: b.command.clone(),
             };
-            println!("  {}: still open for writing by {who}", b.file);
+            outln!(out, "  {}: still open for writing by {who}", b.file)?;
         }
     }
     if !st.waiting.is_empty() {
-        println!("\nwaiting:");
+        outln!(out, "\nwaiting:")?;
         let width = reason_width();
         for w in st.waiting.iter().take(20) {
-            println!("  {:<20} {}", w.id, short(&w.reason, width));
+            outln!(out, "  {:<20} {}", w.id, short(&w.reason, width))?;
         }
         if st.waiting.len() > 20 {
-            println!(
+            outln!(
+                out,
                 "  … and {} more (orchestrate tasks --status pending)",
                 st.waiting.len() - 20
-            );
+            )?;
         }
     }
+    out.flush()?;
     Ok(0)
 }

@@ -33,19 +33,24 @@ pub fn run(
         super::print_json(&rows)?;
         return Ok(0);
     }
+    let mut out = super::Out::new();
     if rows.is_empty() {
-        println!(
+        outln!(
+            out,
             "no tasks{}",
             status.map(|s| format!(" in state {s}")).unwrap_or_default()
-        );
+        )?;
+        out.flush()?;
         return Ok(0);
     }
-    use std::io::Write;
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    writeln!(
+    outln!(
         out,
         "{:<20} {:<10} {:<10} {:>3} {:<24} DESCRIPTION",
-        "ID", "STATE", "AGENT", "TRY", "UPDATED"
+        "ID",
+        "STATE",
+        "AGENT",
+        "TRY",
+        "UPDATED"
     )?;
     for r in rows {
         let desc = match (&r.note, &r.payload.error) {
@@ -57,7 +62,7 @@ pub fn run(
             }
             _ => short(&r.payload.description, 80),
         };
-        writeln!(
+        outln!(
             out,
             "{:<20} {:<10} {:<10} {:>3} {:<24} {}",
             r.id,
@@ -68,6 +73,7 @@ pub fn run(
             desc
         )?;
     }
+    out.flush()?;
     Ok(0)
 }
 
@@ -98,15 +104,19 @@ fn quarantined(cli: &Cli, project: &Project, limit: Option<usize>) -> Result<i32
         super::print_json(&listed)?;
         return Ok(0);
     }
+    let mut out = super::Out::new();
     if listed.is_empty() {
-        println!("no quarantined files");
+        outln!(out, "no quarantined files")?;
     }
     for q in listed {
-        println!(
+        outln!(
+            out,
             "{}  {}",
-            q["file"].as_str().unwrap_or_default(),
+            // A file name with a line break stays on its line.
+            crate::console::quote_path(q["file"].as_str().unwrap_or_default().as_bytes()),
             short(q["reason"].as_str().unwrap_or_default(), 100)
-        );
+        )?;
     }
+    out.flush()?;
     Ok(0)
 }

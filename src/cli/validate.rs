@@ -37,17 +37,19 @@ pub fn run(cli: &Cli, files: &[PathBuf], check_config: bool) -> Result<i32> {
             Ok(cfg) => {
                 // Notes are not errors: the file is valid, and CI jobs keep exit 0.
                 for n in &cfg.notes {
-                    eprintln!("{}: note: {n}", path.display());
+                    super::note(&format!("{}: note: {n}", path.display()));
                 }
-                println!("{}: ok", path.display());
+                let mut out = super::Out::new();
+                outln!(out, "{}: ok", path.display())?;
+                out.flush()?;
                 Ok(0)
             }
             Err(e) => {
-                eprintln!("{e}");
+                super::note(&e.to_string());
                 if let crate::error::ConfigError::Yaml { problem, .. } = &e
                     && let Some(x) = &problem.excerpt
                 {
-                    eprintln!("{x}");
+                    super::note(x);
                 }
                 Ok(1)
             }
@@ -63,6 +65,8 @@ pub fn run(cli: &Cli, files: &[PathBuf], check_config: bool) -> Result<i32> {
         .unwrap_or_else(|| crate::layout::Layout::config_file(&root));
     let cfg = Config::load(&cfg_path)?;
     let mut findings = Vec::new();
+    // Flushed after each line: the errors go to stderr, and the two stay in order on a terminal.
+    let mut out = super::Out::new();
     for f in files {
         let shown = f.display().to_string();
         let finding = match crate::task::read_task(f, cfg.orchestrator.max_task_bytes) {
@@ -90,20 +94,17 @@ pub fn run(cli: &Cli, files: &[PathBuf], check_config: bool) -> Result<i32> {
             },
             Err(e) => {
                 if !cli.json {
-                    eprintln!("{}: error: {}", e.problem.at(&shown), e.message());
+                    super::note(&format!("{}: error: {}", e.problem.at(&shown), e.message()));
                     if let Some(x) = &e.problem.excerpt {
-                        eprintln!(
-                            "{}",
-                            x.replace(
-                                &format!(
+                        super::note(&x.replace(
+                            &format!(
                                     "{}:",
                                     f.file_name()
                                         .map(|n| n.to_string_lossy().into_owned())
                                         .unwrap_or_default()
                                 ),
-                                &format!("{shown}:")
-                            )
-                        );
+                            &format!("{shown}:"),
+                        ));
                     }
                 }
                 Finding {
@@ -118,12 +119,17 @@ pub fn run(cli: &Cli, files: &[PathBuf], check_config: bool) -> Result<i32> {
         };
         if !cli.json {
             if finding.ok {
-                println!("{shown}: ok ({})", finding.id.as_deref().unwrap_or("-"));
+                outln!(
+                    out,
+                    "{shown}: ok ({})",
+                    finding.id.as_deref().unwrap_or("-")
+                )?;
+                out.flush()?;
             } else if finding.line.is_none() && finding.id.is_some() {
-                eprintln!(
+                super::note(&format!(
                     "{shown}: error: {}",
                     finding.message.as_deref().unwrap_or_default()
-                );
+                ));
             }
         }
         findings.push(finding);
@@ -132,7 +138,7 @@ pub fn run(cli: &Cli, files: &[PathBuf], check_config: bool) -> Result<i32> {
     if cli.json {
         super::print_json(&findings)?;
     } else if bad > 0 {
-        eprintln!("{bad} of {} file(s) invalid", findings.len());
+        super::note(&format!("{bad} of {} file(s) invalid", findings.len()));
     }
     Ok(if bad > 0 { 1 } else { 0 })
 }

@@ -82,13 +82,20 @@ impl Source {
     /// (`seq > cursor`), which also dedupes; a re-read every few seconds is the safety net for a lost
     /// notification; a broken connection is re-opened with backoff (`on_retry` is told why and for
     /// how long) and the cursor carries over, so a follower that was away gets everything it missed,
-    /// once, in order. Only errors that retrying cannot fix end it.
+    /// once, in order. Only errors that retrying cannot fix end it, and errors of `sink` itself (a
+    /// closed stdout is not the database's fault, and reconnecting would not mend it).
     pub fn follow(
         self,
         since: Option<i64>,
         mut sink: impl FnMut(&Event) -> Result<bool>,
         mut on_retry: impl FnMut(&anyhow::Error, Duration),
     ) -> Result<()> {
+        let sink_failed = std::cell::Cell::new(false);
+        let mut sink = |e: &Event| {
+            let r = sink(e);
+            sink_failed.set(sink_failed.get() || r.is_err());
+            r
+        };
         let mut cursor = since;
         let (url, schema) = match self {
             // A local file has nothing to reconnect to: its errors end the feed.
@@ -107,7 +114,7 @@ impl Source {
                 });
             match session {
                 Ok(()) => return Ok(()),
-                Err(e) if postgres::is_permanent(&e) => return Err(e),
+                Err(e) if sink_failed.get() || postgres::is_permanent(&e) => return Err(e),
                 Err(e) => {
                     on_retry(&e, backoff);
                     std::thread::sleep(backoff);

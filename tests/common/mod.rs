@@ -685,15 +685,18 @@ pub fn followed_seqs(out: &str) -> Vec<i64> {
         .collect()
 }
 
-/// Fails unless the tests run as root (they mount file systems); `tools/test` skips the modules
-/// named `root` elsewhere, so this only fires when a test outside one of them needs it.
+/// Fails unless the test runs as root (it mounts file systems) and sits in a module named `root`,
+/// which `tools/test` skips when not run as root.
+#[track_caller]
 pub fn require_root() {
+    assert_grouped("root (to mount file systems)", None, "root");
     // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "this test mounts file systems and needs root; tools/test skips the `root` modules when not root"
-    );
+    if unsafe { libc::geteuid() } != 0 {
+        panic!(
+            "this test mounts file systems, which needs root: run it as root. tools/test skips the \
+             tests of modules named root when it does not run as root (and fails under CI)"
+        );
+    }
 }
 
 /// A tmpfs of `size` (as mount(8) takes it, e.g. `1m`) mounted at a fresh folder, unmounted on drop.
@@ -702,15 +705,20 @@ pub struct Tmpfs {
 }
 
 impl Tmpfs {
+    #[track_caller]
     pub fn mount(size: &str) -> Tmpfs {
         require_root();
         let dir = tempfile::tempdir().expect("tempdir");
-        let ok = Command::new("mount")
+        let out = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
             .arg(dir.path())
-            .status()
+            .output()
             .expect("run mount");
-        assert!(ok.success(), "mount -t tmpfs failed");
+        assert!(
+            out.status.success(),
+            "mount -t tmpfs -o size={size} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Tmpfs { dir }
     }
 
@@ -718,27 +726,38 @@ impl Tmpfs {
         self.dir.path()
     }
 
-    /// Write zeros into `name` until the file system is full.
-    pub fn fill(&self, name: &str) {
+    /// Write into `name` until the file system refuses: returns the filler's size.
+    pub fn fill(&self, name: &str) -> u64 {
         use std::io::Write;
-        let mut f = std::fs::File::create(self.path().join(name)).expect("create filler");
-        let block = vec![0u8; 64 * 1024];
+        let mut f = std::fs::File::create(self.path().join(name)).expect("filler");
+        let chunk = [0u8; 4096];
+        let mut size = 0;
         loop {
-            if f.write_all(&block).is_err() {
-                break;
+            match f.write(&chunk) {
+                Ok(0) => break,
+                Ok(n) => size += n as u64,
+                Err(e) => {
+                    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "filling: {e}");
+                    break;
+                }
             }
         }
-        // Smaller pieces, so not even a page is left.
-        let small = [0u8; 512];
-        while f.write_all(&small).is_ok() {}
+        size
     }
 }
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let _ = Command::new("umount")
-            .arg("-l")
+        let ok = Command::new("umount")
             .arg(self.dir.path())
-            .status();
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            // Still busy (a process holds a file there): detach it now, gone when released.
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(self.dir.path())
+                .status();
+        }
     }
 }
