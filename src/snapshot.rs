@@ -80,17 +80,46 @@ fn walk(root: &Path, ex: &Excludes) -> impl Iterator<Item = (PathBuf, std::fs::M
         })
 }
 
-impl Snapshot {
-    pub fn take(root: &Path, layout: &Layout, cfg: &Config) -> Snapshot {
-        use std::os::unix::fs::MetadataExt;
-        let excludes = Excludes {
+impl Excludes {
+    /// What diffs never look at: `context.diff_exclude` and the spool, context and state folders
+    /// (the attempt's own log grows in `context/`).
+    fn of(layout: &Layout, cfg: &Config) -> Excludes {
+        Excludes {
             names: cfg.context.diff_exclude_globs.clone(),
             paths: vec![
                 layout.tasks_dir.clone(),
                 layout.context_dir.clone(),
                 layout.state_dir.clone(),
             ],
-        };
+        }
+    }
+}
+
+/// How many files a workdir stamp looks at, at most: a stall check must stay cheap in any tree.
+pub const STAMP_MAX_FILES: usize = 50_000;
+
+/// A cheap fingerprint of the files a diff would look at (how many, their sizes, their newest
+/// mtime, up to [`STAMP_MAX_FILES`] of them): a different value means something was written,
+/// created or removed. For the stall watch, which calls it only after output has been quiet for a
+/// while.
+pub fn workdir_stamp(root: &Path, layout: &Layout, cfg: &Config) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let excludes = Excludes::of(layout, cfg);
+    let (mut files, mut bytes, mut newest) = (0u64, 0u64, i128::MIN);
+    for (_, m, ns) in walk(root, &excludes).take(STAMP_MAX_FILES) {
+        files += 1;
+        bytes = bytes.wrapping_add(m.len());
+        newest = newest.max(ns);
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (files, bytes, newest).hash(&mut h);
+    h.finish()
+}
+
+impl Snapshot {
+    pub fn take(root: &Path, layout: &Layout, cfg: &Config) -> Snapshot {
+        use std::os::unix::fs::MetadataExt;
+        let excludes = Excludes::of(layout, cfg);
         let max_file = cfg.context.max_diff_file_bytes;
         let mut budget = cfg.context.max_snapshot_bytes;
         let mut files = HashMap::new();

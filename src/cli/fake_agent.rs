@@ -3,6 +3,7 @@
 //!
 //! `sleep=SECS` `ignore-term` `grandchild=PIDFILE` `flood=BYTES` `write=PATH:CONTENT` `stderr=TEXT`
 //! `print=TEXT` `echo-prompt` `env=NAME` `fail-until=COUNTERFILE:N` `close-pipes` `exit=CODE`
+//! `ticks=N:SECS` (print `tick 1` … `tick N`, SECS apart, before `print`)
 //! `escape=PIDFILE` (a grandchild that leaves the process group with setsid) `pidfile=PATH` (own pid) `lock=PATH` (hold an exclusive lock while running; if another run holds it,
 //! append "OVERLAP" to PATH.overlap and exit 42: proves a task never runs twice at once)
 //!
@@ -140,6 +141,16 @@ pub fn run(prompt: Option<String>, args: &[String]) -> Result<i32> {
             "{name}={}",
             std::env::var(&name).unwrap_or_else(|_| "<unset>".into())
         )?;
+    }
+    if let Some(spec) = get("ticks")
+        && let Some((n, secs)) = spec.split_once(':')
+    {
+        let pause = std::time::Duration::from_secs_f64(secs.parse().unwrap_or(0.5));
+        for i in 1..=n.parse::<u32>().unwrap_or(1) {
+            writeln!(out, "tick {i}")?;
+            out.flush()?;
+            std::thread::sleep(pause);
+        }
     }
     match get("print") {
         Some(t) => writeln!(out, "{}", t.replace('_', " "))?,

@@ -112,8 +112,13 @@ pub enum Command {
         #[arg(long, value_name = "N")]
         limit: Option<usize>,
     },
-    /// Configured agents: installed or not, running instances, totals.
-    Agents,
+    /// Configured agents: installed or not, cooling down or in need of a login, running instances,
+    /// totals.
+    Agents {
+        /// Clear this agent's "needs login" mark (after logging it in): tasks go to it again.
+        #[arg(long, value_name = "NAME")]
+        reset: Option<String>,
+    },
     /// One task: its file, result, output and diff.
     Show { id: String },
     /// Move a failed task back to pending (its attempt history is kept).
@@ -345,7 +350,8 @@ pub fn run(cli: Cli) -> Result<i32> {
             default_sigpipe();
             tasks::run(&cli, &Project::load(&cli)?, status.as_deref(), *limit)
         }
-        Command::Agents => {
+        Command::Agents { reset: Some(name) } => agents::reset(&Project::load(&cli)?, name),
+        Command::Agents { reset: None } => {
             default_sigpipe();
             agents::run(&cli, &Project::load(&cli)?)
         }

@@ -2,8 +2,9 @@
 //!
 //! Read this file first to know everything that can happen to a running supervisor and everything
 //! one part of it may ask of another, with the messages the off-loop jobs send back (an attempt's
-//! `Report`, a commit's `Committed`). It holds no state and does nothing: `mod.rs` makes the events
-//! and carries out the actions. It uses none of its sibling files, so every part can use it.
+//! `Report`, a commit's `Committed`, a login check's `LoginChecked`). It holds no state and does
+//! nothing: `mod.rs` makes the events and carries out the actions. It uses none of its sibling
+//! files, so every part can use it.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -41,6 +42,11 @@ pub(super) enum Event {
     Committed(Result<Committed, JoinError>),
     /// The router answered which agent fits a task.
     Routed { id: String, routed: Routed },
+    /// An agent marked "needs login" had its CLI's login check run.
+    LoginChecked {
+        agent: String,
+        checked: LoginChecked,
+    },
     /// The earliest known retry back-off or cooldown has ended.
     WakeUp,
     /// The heartbeat ticker.
@@ -161,6 +167,12 @@ impl Report {
             unclaimed: None,
         }
     }
+}
+
+/// What an agent's login check found: the command that ran and how it ended.
+pub(super) struct LoginChecked {
+    pub(super) command: String,
+    pub(super) checked: crate::process::Checked,
 }
 
 /// A terminal commit, done: the task, its result, and whether the spool took it.

@@ -1,6 +1,7 @@
 //! Finishing an attempt. Its report becomes a [`Verdict`], a pure function of the report and the
 //! task's facts (`verdict`, unit-tested below); the verdict becomes a requeue (interrupted by a
-//! shutdown, or rate-limited: the agent cools down), a retry after a back-off, or a terminal result.
+//! shutdown; rate-limited: the agent cools down; refused credentials: the agent needs a login), a
+//! retry after a back-off, or a terminal result.
 //! A terminal result is committed off the loop (`Commits`: result file, rename, fsyncs on a blocking
 //! thread) and recorded once the commit is back (`on_committed`). A pending task that must not run
 //! (a failed dependency, a cycle, a cancel) is failed here without an attempt (`fail_pending`).
@@ -38,6 +39,10 @@ pub(super) enum Verdict {
     /// agent rests, and the task goes back to `pending/` at once, where the scheduler hands it to
     /// the next agent in its chain.
     CoolDown,
+    /// The agent's credentials were refused or missing: not the task's fault, and no retry on that
+    /// agent can help. The agent is marked "needs login", and the task goes back to `pending/` at
+    /// once for the next agent in its chain (or waits, saying which agent needs a login).
+    NeedsLogin,
     /// A failure with retries left (`failures` so far): back to `pending/`, to run after `delay`.
     Retry { failures: u32, delay: Duration },
     /// Finished for good: completed, or failed with `error`.
@@ -68,6 +73,9 @@ pub(super) fn verdict(j: &Judged, cfg: &Config) -> Verdict {
     }
     if matches!(outcome, Outcome::RateLimited | Outcome::QuotaExhausted) && j.stopped.is_none() {
         return Verdict::CoolDown;
+    }
+    if outcome == Outcome::Auth && j.stopped.is_none() {
+        return Verdict::NeedsLogin;
     }
     let failures = j
         .earlier
@@ -252,6 +260,25 @@ impl Supervisor {
                 let reason = format!("{outcome} on {agent}; cooling down until {until}");
                 let history = history(None, Some(reason));
                 let why = format!("{outcome} on {agent}: re-dispatched");
+                requeue(env, &run.task, history, &why)
+            }
+            Verdict::NeedsLogin => {
+                let error = r
+                    .attempt
+                    .error
+                    .clone()
+                    .unwrap_or_else(|| outcome.as_str().into());
+                // The mark is durable before the task moves: a crash between the two leaves the
+                // agent marked and the task recovered, never a task retried on a logged-out agent
+                // that nothing marked.
+                let mark = self.dispatch.needs_login(env, agent, &error);
+                console::warn(&format!(
+                    "login      {agent} needs login: {error} ({})",
+                    mark.hint
+                ));
+                let reason = format!("auth on {agent}: needs login ({error})");
+                let history = history(None, Some(reason));
+                let why = format!("auth on {agent}: needs login; re-dispatched");
                 requeue(env, &run.task, history, &why)
             }
             Verdict::Retry { failures, delay } => {
@@ -497,6 +524,58 @@ mod tests {
         let this = attempt(Outcome::RateLimited, Some("429"));
         let v = judge(&this, &[], Some(StopKind::Cancelled), false);
         assert_ne!(v, Verdict::CoolDown);
+    }
+
+    #[test]
+    fn refused_credentials_mark_the_agent_without_using_a_retry() {
+        let this = attempt(Outcome::Auth, Some("Not logged in · Please run /login"));
+        // Even with every retry used up by earlier failures: the login is not the task's fault.
+        let earlier = [
+            attempt(Outcome::AgentError, None),
+            attempt(Outcome::Timeout, None),
+        ];
+        assert_eq!(judge(&this, &earlier, None, false), Verdict::NeedsLogin);
+        // Earlier auth attempts do not count as failures either.
+        let earlier = [attempt(Outcome::Auth, None), attempt(Outcome::Auth, None)];
+        let this = attempt(Outcome::AgentError, Some("exit 1"));
+        assert_eq!(
+            judge(&this, &earlier, None, false),
+            Verdict::Retry {
+                failures: 1,
+                delay: Duration::from_secs(60),
+            }
+        );
+        // A cancel or a shutdown decides, as for any attempt the supervisor stopped.
+        let this = attempt(Outcome::Auth, Some("401"));
+        assert_eq!(
+            judge(&this, &[], Some(StopKind::Shutdown), false),
+            Verdict::Interrupted
+        );
+    }
+
+    #[test]
+    fn a_stall_is_retried_like_a_timeout() {
+        let this = attempt(
+            Outcome::Stalled,
+            Some("stalled: no progress for 600 s; last output: Reconnecting…"),
+        );
+        assert_eq!(
+            judge(&this, &[], None, false),
+            Verdict::Retry {
+                failures: 1,
+                delay: Duration::from_secs(60),
+            }
+        );
+        let earlier = [
+            attempt(Outcome::Stalled, None),
+            attempt(Outcome::Timeout, None),
+        ];
+        assert_eq!(
+            judge(&this, &earlier, None, false),
+            failed(
+                "stalled: no progress for 600 s; last output: Reconnecting… (after 3 failed attempt(s); max_retries 2)"
+            )
+        );
     }
 
     #[test]
