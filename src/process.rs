@@ -64,9 +64,11 @@ pub type WorkdirStamp = Arc<dyn Fn() -> u64 + Send + Sync>;
 pub struct StallWatch {
     /// Neither output nor a workdir change for this long: the child is stopped.
     pub after: Duration,
-    /// Runs on a blocking thread: at the start (the baseline) and whenever output has been quiet for
-    /// `after`.
+    /// Runs on a blocking thread whenever output has been quiet for `after` (and at the start when
+    /// there is no `baseline`).
     pub workdir: Option<WorkdirStamp>,
+    /// The workdir's stamp when the agent started, if the caller has it already.
+    pub baseline: Option<u64>,
 }
 
 /// Why a child was stopped as stalled.
@@ -430,13 +432,16 @@ pub async fn run(spec: Spec, mut stop: watch::Receiver<Option<Stop>>) -> Exit {
             (w.after / 8).clamp(Duration::from_millis(100), Duration::from_secs(15))
         }));
     stall_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The workdir as the agent found it, taken beside its start; a later stamp that differs is
-    // progress.
-    let mut baseline = stall.as_ref().and_then(|w| {
-        let f = w.workdir.clone()?;
-        Some(tokio::task::spawn_blocking(move || f()))
-    });
-    let mut workdir_stamp: Option<u64> = None;
+    // The workdir as the agent found it (taken beside its start when the caller did not have it);
+    // a later stamp that differs is progress.
+    let mut workdir_stamp: Option<u64> = stall.as_ref().and_then(|w| w.baseline);
+    let mut baseline = stall
+        .as_ref()
+        .filter(|w| w.baseline.is_none())
+        .and_then(|w| {
+            let f = w.workdir.clone()?;
+            Some(tokio::task::spawn_blocking(move || f()))
+        });
     let mut workdir_changed_at = Instant::now();
     let status = loop {
         tokio::select! {
@@ -746,6 +751,7 @@ mod tests {
         let watch = StallWatch {
             after: Duration::from_millis(500),
             workdir: None,
+            baseline: None,
         };
         let script =
             "echo working; echo 'Reconnecting… waiting for network (key s3cret)'; exec sleep 30";
@@ -774,6 +780,7 @@ mod tests {
         let w = StallWatch {
             after,
             workdir: None,
+            baseline: None,
         };
         let exit = run_it(spec(dir.path(), chatty, Some(w))).await;
         assert_eq!((exit.stalled, exit.code), (None, Some(0)));
@@ -787,12 +794,15 @@ mod tests {
         let w = StallWatch {
             after,
             workdir: Some(stamp.clone()),
+            baseline: None,
         };
         let exit = run_it(spec(dir.path(), writer, Some(w))).await;
         assert_eq!((exit.stalled, exit.code), (None, Some(0)));
         // The same silence without the writes is a stall, with nothing to quote.
+        // With the baseline given: the files already there are not progress.
         let w = StallWatch {
             after,
+            baseline: Some(stamp()),
             workdir: Some(stamp),
         };
         let exit = run_it(spec(dir.path(), "exec sleep 30", Some(w))).await;

@@ -254,6 +254,10 @@ fn with_no_other_agent_the_task_waits_naming_the_agent_until_a_reset() {
         shown.contains("waiting: no agent available: agent local: needs login"),
         "{shown}"
     );
+    assert!(
+        shown.contains("  attempt 1 on local: auth, exit 1 — POST "),
+        "{shown}"
+    );
     // No retry was spent: the attempt is there, the task is not failed.
     assert!(p.tasks_in("failed").is_empty());
 

@@ -255,6 +255,8 @@ pub(super) async fn run_attempt(
                 process::StallWatch {
                     after,
                     workdir: Some(stamp),
+                    // The snapshot just walked the workdir: no second walk at the start.
+                    baseline: Some(snapshot.stamp),
                 }
             }),
     };
