@@ -167,7 +167,18 @@ impl Dispatch {
         let recheck = Some(env.cfg.orchestrator.login_recheck_seconds)
             .filter(|s| *s > 0)
             .map(Duration::from_secs);
-        self.logins.mark(agent, error, &hint, &fingerprint, recheck)
+        // One line (it becomes part of wait notes and table rows), redacted like every state file.
+        let reason: String = env
+            .redactor
+            .redact(error)
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .chars()
+            .take(500)
+            .collect();
+        self.logins
+            .mark(agent, &reason, &hint, &fingerprint, recheck)
     }
 
     /// Look at the agents that need a login (at start and on every heartbeat): take the marks
