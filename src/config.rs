@@ -59,6 +59,11 @@ pub struct OrchestratorConfig {
     pub max_log_bytes: u64,
     /// Seconds between heartbeats written into claim records.
     pub heartbeat_seconds: u64,
+    /// How long an agent marked "needs login" waits before it is looked at again (its CLI's login
+    /// check, or the next task tries it); doubles with each look that finds it still logged out, up
+    /// to an hour. 0: only a change of its configuration, environment or credentials, or
+    /// `orchestrate agents --reset`, clears the mark.
+    pub login_recheck_seconds: u64,
 }
 
 impl Default for OrchestratorConfig {
@@ -76,6 +81,7 @@ impl Default for OrchestratorConfig {
             max_task_bytes: 1024 * 1024,
             max_log_bytes: 8 * 1024 * 1024,
             heartbeat_seconds: 10,
+            login_recheck_seconds: 300,
         }
     }
 }
@@ -241,6 +247,11 @@ pub struct AgentConfig {
     /// First cooldown after a rate limit that names no reset time; doubles on each one in a row.
     #[serde(default)]
     pub cooldown_seconds: Option<u64>,
+    /// An attempt with neither output nor a change in its workdir for this long is stopped as
+    /// `stalled`; 0 turns the check off for this agent. Default: `task_queue.stall_timeout_seconds`
+    /// for agents whose CLI prints as it works (see [`Config::stall_timeout`]).
+    #[serde(default)]
+    pub stall_timeout_seconds: Option<u64>,
     /// How much the agent may do unattended, in its own CLI's terms: claude `--permission-mode`
     /// (default acceptEdits), codex `--sandbox` (default workspace-write), gemini `--approval-mode`
     /// (default auto_edit), cursor `force` to pass `--force`. Without it edits are refused or wait
@@ -426,6 +437,9 @@ pub struct RouterConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct TaskQueueConfig {
     pub timeout_minutes: f64,
+    /// An attempt that makes no progress (no output, no change in its workdir) for this long is
+    /// stopped as `stalled` and retried like a timeout; 0 turns the check off.
+    pub stall_timeout_seconds: u64,
     pub max_retries: u32,
     pub retry_delay_seconds: f64,
     /// A waiting task gains one priority level per this many minutes.
@@ -436,6 +450,7 @@ impl Default for TaskQueueConfig {
     fn default() -> Self {
         TaskQueueConfig {
             timeout_minutes: 30.0,
+            stall_timeout_seconds: 600,
             max_retries: 3,
             retry_delay_seconds: 60.0,
             aging_minutes: 30.0,
@@ -794,6 +809,24 @@ impl Config {
             (None, None) => self.task_queue.timeout_minutes * 60.0,
         };
         std::time::Duration::from_secs_f64(secs.clamp(0.001, 1e9))
+    }
+
+    /// How long an attempt on `agent` may go without progress before it is stopped as `stalled`;
+    /// `None` when it is not watched. The agent's own `stall_timeout_seconds` decides when set (0:
+    /// off). Otherwise the queue's default applies only to agents whose output shows progress
+    /// (`streams_progress`): a CLI that prints its answer only at the end is silent while it works,
+    /// and its workdir alone would call a long read-only task stalled.
+    pub fn stall_timeout(
+        &self,
+        agent: &AgentConfig,
+        streams_progress: bool,
+    ) -> Option<std::time::Duration> {
+        let secs = match agent.stall_timeout_seconds {
+            Some(s) => s,
+            None if streams_progress => self.task_queue.stall_timeout_seconds,
+            None => 0,
+        };
+        (secs > 0).then(|| std::time::Duration::from_secs(secs))
     }
 }
 
@@ -1160,6 +1193,24 @@ mod tests {
             e.contains("`--permission-mode` is the last argument: its value is missing (one of: acceptEdits"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn the_stall_timeout_is_the_agents_own_else_the_queues_for_agents_that_print_as_they_work() {
+        let text = "agents:\n  a: {kind: command, command: x}\n  b: {kind: command, command: x, stall_timeout_seconds: 0}\n  c: {kind: claude, stall_timeout_seconds: 90}\n  d: {kind: claude}\n";
+        let cfg = Config::parse(text, "c.yaml").expect("valid");
+        let secs = |s: u64| Some(std::time::Duration::from_secs(s));
+        assert_eq!(cfg.stall_timeout(&cfg.agents["a"], true), secs(600));
+        assert_eq!(cfg.stall_timeout(&cfg.agents["b"], true), None);
+        assert_eq!(cfg.stall_timeout(&cfg.agents["c"], false), secs(90));
+        assert_eq!(cfg.stall_timeout(&cfg.agents["d"], false), None);
+        let off = Config::parse(
+            &format!("{text}task_queue: {{stall_timeout_seconds: 0}}\n"),
+            "c.yaml",
+        )
+        .expect("valid");
+        assert_eq!(off.stall_timeout(&off.agents["a"], true), None);
+        assert_eq!(off.stall_timeout(&off.agents["c"], false), secs(90));
     }
 
     #[test]

@@ -35,6 +35,10 @@ pub const POINTS: &[&str] = &[
     // Requeue (retry, interrupted): the history sidecar, then the rename back to pending/.
     "requeue.after_history",
     "requeue.after_rename",
+    // An agent marked "needs login" (state_dir/needs_login.json, written before its task is
+    // requeued): after the temporary file, before the rename; after the rename.
+    "needs_login.before_rename",
+    "needs_login.after_rename",
 ];
 
 struct Target {

@@ -123,23 +123,38 @@ fn tmp_name(target: &Path) -> PathBuf {
 
 /// Write `data` to `target` atomically: readers see the old content or the new one, never a mix.
 pub fn atomic_write(target: &Path, data: &[u8]) -> io::Result<()> {
-    write_renamed(target, data, durable(), durable())
+    write_renamed(target, data, durable(), durable(), SPOOL_POINTS)
+}
+
+/// The commit points of a record written by [`atomic_write`]: before its rename, after it.
+const SPOOL_POINTS: [&str; 2] = ["write.before_rename", "write.after_rename"];
+
+/// [`atomic_write`] of a state file with commit points of its own (`points`: before the rename,
+/// after it), so the crash suite can stop exactly there whatever else the run writes.
+pub fn atomic_write_at(target: &Path, data: &[u8], points: [&str; 2]) -> io::Result<()> {
+    write_renamed(target, data, durable(), durable(), points)
 }
 
 /// [`atomic_write`] without fsync, for files derived from others that are regenerated when lost
 /// (context state files, prompt copies): atomic for readers, not worth a disk flush on the hot path.
 pub fn atomic_write_derived(target: &Path, data: &[u8]) -> io::Result<()> {
-    write_renamed(target, data, false, false)
+    write_renamed(target, data, false, false, SPOOL_POINTS)
 }
 
 /// [`atomic_write`] whose directory entry is made durable by the caller: the file's data is synced,
 /// but the directory fsync is left to the commit that follows in the same directory (one fsync covers
 /// both names).
 pub fn atomic_write_before_commit(target: &Path, data: &[u8]) -> io::Result<()> {
-    write_renamed(target, data, durable(), false)
+    write_renamed(target, data, durable(), false, SPOOL_POINTS)
 }
 
-fn write_renamed(target: &Path, data: &[u8], sync_file: bool, sync_dir: bool) -> io::Result<()> {
+fn write_renamed(
+    target: &Path,
+    data: &[u8],
+    sync_file: bool,
+    sync_dir: bool,
+    [before, after]: [&str; 2],
+) -> io::Result<()> {
     let tmp = tmp_name(target);
     let result = (|| {
         let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
@@ -150,11 +165,11 @@ fn write_renamed(target: &Path, data: &[u8], sync_file: bool, sync_dir: bool) ->
         drop(f);
         // Only records that must survive a crash are commit points (not the derived state files).
         if sync_file {
-            crate::failpoint::hit("write.before_rename");
+            crate::failpoint::hit(before);
         }
         fs::rename(&tmp, target)?;
         if sync_file {
-            crate::failpoint::hit("write.after_rename");
+            crate::failpoint::hit(after);
         }
         if sync_dir && let Some(dir) = target.parent() {
             fsync_dir(dir)?;

@@ -3,8 +3,9 @@
 //! A project is a root with three configured folders: `tasks/` (the spool: `pending/`, `assigned/`,
 //! `completed/`, `failed/`, `quarantine/`), `context/` (prompts in, outputs, diffs and logs out) and
 //! the host-local state directory (`.orchestrate/`: the SQLite mirror, instance locks, cancel
-//! requests, cooldowns). Every file name orchestrate reads or writes is built here, so a reader finds
-//! the whole tree in one place and no two modules can disagree about where a file lives.
+//! requests, cooldowns, agents that need a login). Every file name orchestrate reads or writes is
+//! built here, so a reader finds the whole tree in one place and no two modules can disagree about
+//! where a file lives.
 //!
 //! This module only computes paths: it never touches the file system.
 
@@ -168,6 +169,17 @@ impl Layout {
 
     pub fn unfinished_history(&self, id: &str) -> PathBuf {
         self.unfinished_dir().join(format!("{id}.history.yaml"))
+    }
+
+    /// Agents whose credentials were refused, until something may have fixed that.
+    pub fn needs_login(&self) -> PathBuf {
+        self.state_dir.join("needs_login.json")
+    }
+
+    /// Held around every read-modify-write of [`Layout::needs_login`] (supervisors sharing the
+    /// tree, `orchestrate agents --reset`).
+    pub fn needs_login_lock(&self) -> PathBuf {
+        self.state_dir.join("needs_login.lock")
     }
 
     /// Taken around every spool transition by every supervisor and command sharing the tree.

@@ -21,6 +21,7 @@ pub mod fsutil;
 pub mod instance;
 pub mod layout;
 pub mod llm;
+pub mod login;
 pub mod marker;
 pub mod mirror;
 pub mod process;

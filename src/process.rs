@@ -9,6 +9,11 @@
 //!
 //! Output goes to the attempt log with a size cap that keeps the head and the tail and counts what was
 //! dropped. Configured secrets are redacted before anything is written or returned.
+//!
+//! A child watched for stalls (`Spec::stall`) is stopped the way a timeout stops it once it has gone
+//! `after` with neither a byte of output nor a change in its workdir's stamp; the last line it
+//! printed says what it was waiting for. The workdir is only looked at after a quiet `after`, so a
+//! chatty child costs nothing.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -46,6 +51,34 @@ pub struct Spec {
     /// `ORCHESTRATE_RUN` value for this attempt; set in the child's environment and used to find
     /// descendants that left the process group (`setsid`, daemonizing tools).
     pub marker: String,
+    /// Stop the child when it stops making progress; `None`: only the timeout ends a silent child.
+    pub stall: Option<StallWatch>,
+}
+
+/// A cheap fingerprint of a workdir (what files there are, their newest mtime, their sizes): a
+/// different value means the agent changed something.
+pub type WorkdirStamp = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// How to tell a stalled child from a busy one.
+#[derive(Clone)]
+pub struct StallWatch {
+    /// Neither output nor a workdir change for this long: the child is stopped.
+    pub after: Duration,
+    /// Runs on a blocking thread whenever output has been quiet for `after` (and at the start when
+    /// there is no `baseline`).
+    pub workdir: Option<WorkdirStamp>,
+    /// The workdir's stamp when the agent started, if the caller has it already.
+    pub baseline: Option<u64>,
+}
+
+/// Why a child was stopped as stalled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stalled {
+    /// The `after` it was watched with.
+    pub after: Duration,
+    /// The last non-empty line it printed (stdout or stderr, whichever came last), without
+    /// terminal colours, redacted; `None` when it printed nothing.
+    pub last_line: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -67,6 +100,8 @@ pub struct Exit {
     pub spawn_errno: Option<i32>,
     /// The timeout this run had (reported in errors; the duration includes the grace period).
     pub limit: Duration,
+    /// Stopped for making no progress (see [`StallWatch`]).
+    pub stalled: Option<Stalled>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,12 +224,78 @@ impl LogSink {
     }
 }
 
+/// When the child last printed anything, and its last non-empty line: what a stall report quotes.
+struct Progress {
+    at: Mutex<Instant>,
+    last_line: Mutex<Option<String>>,
+}
+
+/// The longest line kept for a stall report, and the longest unfinished line buffered for it.
+const LINE_KEEP: usize = 300;
+const PARTIAL_KEEP: usize = 4096;
+
+impl Progress {
+    fn new() -> Progress {
+        Progress {
+            at: Mutex::new(Instant::now()),
+            last_line: Mutex::new(None),
+        }
+    }
+
+    /// Note `data`, the next bytes of one stream whose unfinished line so far is `partial`. A line
+    /// ends at `\n` or `\r` (progress spinners rewrite their line with `\r`); an unfinished line
+    /// counts too, so a CLI that prints "waiting for network" without a newline is quoted.
+    fn saw(&self, partial: &mut Vec<u8>, data: &[u8]) {
+        *self.at.lock().expect("progress lock is never poisoned") = Instant::now();
+        partial.extend_from_slice(data);
+        let mut newest = None;
+        while let Some(i) = partial.iter().position(|b| *b == b'\n' || *b == b'\r') {
+            let line: Vec<u8> = partial.drain(..=i).collect();
+            if let Some(l) = plain_line(&line) {
+                newest = Some(l);
+            }
+        }
+        if partial.len() > PARTIAL_KEEP {
+            let excess = partial.len() - PARTIAL_KEEP;
+            partial.drain(..excess);
+        }
+        if let Some(l) = plain_line(partial) {
+            newest = Some(l);
+        }
+        if newest.is_some() {
+            *self
+                .last_line
+                .lock()
+                .expect("progress lock is never poisoned") = newest;
+        }
+    }
+}
+
+/// A line as a person reads it: no colour codes, no surrounding blanks, at most [`LINE_KEEP`]
+/// characters; `None` when nothing is left.
+fn plain_line(bytes: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(bytes);
+    let plain = strip_ansi(&text);
+    let t = plain.trim();
+    (!t.is_empty()).then(|| t.chars().take(LINE_KEEP).collect())
+}
+
+/// Text without terminal colour and cursor codes.
+pub fn strip_ansi(s: &str) -> String {
+    static RE: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r"\x1b\[[0-9;?]*[ -/]*[@-~]").expect("valid regex")
+    });
+    RE.replace_all(s, "").into_owned()
+}
+
 async fn drain<R: AsyncRead + Unpin>(
     mut r: R,
     sink: Arc<Mutex<LogSink>>,
     capture: Arc<Mutex<HeadTail>>,
+    progress: Arc<Progress>,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
+    let mut partial = Vec::new();
     loop {
         match r.read(&mut buf).await {
             Ok(0) | Err(_) => break,
@@ -206,9 +307,16 @@ async fn drain<R: AsyncRead + Unpin>(
                     .lock()
                     .expect("capture lock is never poisoned")
                     .push(&buf[..n]);
+                progress.saw(&mut partial, &buf[..n]);
             }
         }
     }
+}
+
+/// The stamp of the workdir, on a blocking thread (a bounded walk); `None` if that thread failed.
+async fn stamp_of(workdir: &Option<WorkdirStamp>) -> Option<u64> {
+    let f = workdir.clone()?;
+    tokio::task::spawn_blocking(move || f()).await.ok()
 }
 
 fn signal_group(pgid: u32, sig: i32) {
@@ -303,24 +411,69 @@ pub async fn run(spec: Spec, mut stop: watch::Receiver<Option<Stop>>) -> Exit {
     let out_cap = Arc::new(Mutex::new(HeadTail::new(STDOUT_KEEP)));
     // Of stderr only the end matters: it explains why the agent failed.
     let err_cap = Arc::new(Mutex::new(HeadTail::with(0, STDERR_TAIL)));
+    let progress = Arc::new(Progress::new());
     let out_task = child
         .stdout
         .take()
-        .map(|r| tokio::spawn(drain(r, sink.clone(), out_cap.clone())));
+        .map(|r| tokio::spawn(drain(r, sink.clone(), out_cap.clone(), progress.clone())));
     let err_task = child
         .stderr
         .take()
-        .map(|r| tokio::spawn(drain(r, sink.clone(), err_cap.clone())));
+        .map(|r| tokio::spawn(drain(r, sink.clone(), err_cap.clone(), progress.clone())));
 
     let deadline = tokio::time::Instant::now() + spec.timeout;
     let mut kill_at: Option<tokio::time::Instant> = None;
     let mut stop_closed = false;
     let far = tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
+    // The stall watch looks a few times per `after`: a stall is noticed at most an eighth late.
+    let stall = spec.stall.clone();
+    let mut stall_tick =
+        tokio::time::interval(stall.as_ref().map_or(Duration::from_secs(3600), |w| {
+            (w.after / 8).clamp(Duration::from_millis(100), Duration::from_secs(15))
+        }));
+    stall_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The workdir as the agent found it (taken beside its start when the caller did not have it);
+    // a later stamp that differs is progress.
+    let mut workdir_stamp: Option<u64> = stall.as_ref().and_then(|w| w.baseline);
+    let mut baseline = stall
+        .as_ref()
+        .filter(|w| w.baseline.is_none())
+        .and_then(|w| {
+            let f = w.workdir.clone()?;
+            Some(tokio::task::spawn_blocking(move || f()))
+        });
+    let mut workdir_changed_at = Instant::now();
     let status = loop {
         tokio::select! {
             s = child.wait() => break s,
             _ = tokio::time::sleep_until(deadline), if kill_at.is_none() => {
                 exit.timed_out = true;
+                signal_group(pid, libc::SIGTERM);
+                kill_at = Some(tokio::time::Instant::now() + spec.grace);
+            }
+            _ = stall_tick.tick(), if kill_at.is_none() && stall.is_some() => {
+                let Some(watch) = &stall else { continue };
+                let printed_at = *progress.at.lock().expect("progress lock is never poisoned");
+                if printed_at.max(workdir_changed_at).elapsed() < watch.after {
+                    continue;
+                }
+                // Quiet for `after`: has the workdir changed since it was last looked at?
+                if let Some(b) = baseline.take() {
+                    workdir_stamp = b.await.ok();
+                }
+                let now_stamp = stamp_of(&watch.workdir).await;
+                if now_stamp.is_some() && now_stamp != workdir_stamp {
+                    workdir_stamp = now_stamp;
+                    workdir_changed_at = Instant::now();
+                    continue;
+                }
+                let last_line = progress
+                    .last_line
+                    .lock()
+                    .expect("progress lock is never poisoned")
+                    .as_deref()
+                    .map(|l| spec.redactor.redact(l));
+                exit.stalled = Some(Stalled { after: watch.after, last_line });
                 signal_group(pid, libc::SIGTERM);
                 kill_at = Some(tokio::time::Instant::now() + spec.grace);
             }
@@ -404,6 +557,103 @@ pub async fn run(spec: Spec, mut stop: watch::Receiver<Option<Stop>>) -> Exit {
     exit
 }
 
+/// How a short check command (an agent CLI's "am I logged in?") ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checked {
+    /// Its exit code; `None` when it was killed, timed out or could not start.
+    pub code: Option<i32>,
+    /// Why it has no exit code, or the first line of what it printed.
+    pub said: String,
+}
+
+/// Run a short command to its end, within `limit`: its own process group (killed whole at the
+/// limit), no stdin, the environment given and nothing else, output read up to a few KB. For checks
+/// that must never hang the caller, not for agents.
+pub async fn check(
+    program: &str,
+    args: &[String],
+    env: &[(String, String)],
+    cwd: &std::path::Path,
+    limit: Duration,
+) -> Checked {
+    let child_path = env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| std::ffi::OsStr::new(v.as_str()));
+    let path = search_path(program, child_path).unwrap_or_else(|| PathBuf::from(program));
+    let spawned = tokio::process::Command::new(&path)
+        .args(args)
+        .current_dir(cwd)
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn();
+    let mut child = match spawned {
+        Ok(c) => c,
+        Err(e) => {
+            return Checked {
+                code: None,
+                said: format!("cannot start `{program}`: {e}"),
+            };
+        }
+    };
+    let pid = child.id().unwrap_or(0);
+    let read = |r: Option<Box<dyn AsyncRead + Unpin + Send>>| async move {
+        let mut out = Vec::new();
+        if let Some(r) = r {
+            let _ = r.take(4096).read_to_end(&mut out).await;
+        }
+        out
+    };
+    let stdout = child
+        .stdout
+        .take()
+        .map(|r| Box::new(r) as Box<dyn AsyncRead + Unpin + Send>);
+    let stderr = child
+        .stderr
+        .take()
+        .map(|r| Box::new(r) as Box<dyn AsyncRead + Unpin + Send>);
+    let run = async {
+        let (out, err) = tokio::join!(read(stdout), read(stderr));
+        let status = child.wait().await;
+        (status, out, err)
+    };
+    match tokio::time::timeout(limit, run).await {
+        Ok((Ok(status), out, err)) => {
+            let first = |b: &[u8]| {
+                String::from_utf8_lossy(b)
+                    .lines()
+                    .map(|l| strip_ansi(l).trim().to_string())
+                    .find(|l| !l.is_empty())
+            };
+            Checked {
+                code: status.code(),
+                said: first(&out)
+                    .or_else(|| first(&err))
+                    .unwrap_or_else(|| match status.code() {
+                        Some(c) => format!("exit code {c}"),
+                        None => "killed by a signal".into(),
+                    }),
+            }
+        }
+        Ok((Err(e), _, _)) => Checked {
+            code: None,
+            said: format!("wait failed: {e}"),
+        },
+        Err(_) => {
+            signal_group(pid, libc::SIGKILL);
+            Checked {
+                code: None,
+                said: format!("no answer within {} s", limit.as_secs()),
+            }
+        }
+    }
+}
+
 /// Build the environment from the allow-list, plus the agent's own variables.
 pub fn build_env(
     allow: &[String],
@@ -439,4 +689,124 @@ fn search_path(program: &str, path: Option<&std::ffi::OsStr>) -> Option<PathBuf>
 /// Whether `program` can be run: a path that exists, or a name found on our PATH.
 pub fn find_program(program: &str) -> Option<PathBuf> {
     search_path(program, std::env::var_os("PATH").as_deref())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+    fn spec(dir: &std::path::Path, script: &str, stall: Option<StallWatch>) -> Spec {
+        Spec {
+            program: "sh".into(),
+            args: vec!["-c".into(), script.into()],
+            env: build_env(&["PATH".to_string()], &Default::default()),
+            cwd: dir.to_path_buf(),
+            stdin: None,
+            timeout: Duration::from_secs(60),
+            grace: Duration::from_secs(1),
+            log_path: dir.join("attempt.log"),
+            max_log_bytes: 1 << 20,
+            redactor: Arc::new(Redactor::from_values(["s3cret".to_string()])),
+            // Each run its own marker: the sweep after a run kills what carries it, and tests run
+            // side by side.
+            marker: format!(
+                "test-run-{}-{}",
+                std::process::id(),
+                RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ),
+            stall,
+        }
+    }
+
+    async fn run_it(spec: Spec) -> Exit {
+        let (_tx, rx) = watch::channel(None);
+        run(spec, rx).await
+    }
+
+    #[test]
+    fn the_last_line_follows_newlines_carriage_returns_and_unfinished_lines() {
+        let p = Progress::new();
+        let last = || p.last_line.lock().unwrap().clone();
+        let mut partial = Vec::new();
+        p.saw(&mut partial, b"first\n\x1b[31msecond\x1b[0m\n\n   \n");
+        assert_eq!(last().as_deref(), Some("second"));
+        // An unfinished line counts, and is whole once its end arrives.
+        p.saw(&mut partial, "Reconnecting… waiting".as_bytes());
+        assert_eq!(last().as_deref(), Some("Reconnecting… waiting"));
+        p.saw(&mut partial, b" for network\n");
+        assert_eq!(last().as_deref(), Some("Reconnecting… waiting for network"));
+        // A spinner rewriting its line.
+        p.saw(&mut partial, b"\rworking 1\rworking 2\r");
+        assert_eq!(last().as_deref(), Some("working 2"));
+        // Blank output leaves the last line alone.
+        p.saw(&mut partial, b"\n  \n");
+        assert_eq!(last().as_deref(), Some("working 2"));
+    }
+
+    #[tokio::test]
+    async fn a_silent_child_is_stopped_as_stalled_with_its_last_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let watch = StallWatch {
+            after: Duration::from_millis(500),
+            workdir: None,
+            baseline: None,
+        };
+        let script =
+            "echo working; echo 'Reconnecting… waiting for network (key s3cret)'; exec sleep 30";
+        let exit = run_it(spec(dir.path(), script, Some(watch))).await;
+        let stalled = exit.stalled.expect("stopped as stalled");
+        assert_eq!(stalled.after, Duration::from_millis(500));
+        assert_eq!(
+            stalled.last_line.as_deref(),
+            Some("Reconnecting… waiting for network (key ***)")
+        );
+        assert!(!exit.timed_out);
+        assert_eq!(exit.signal, Some(libc::SIGTERM));
+        assert!(
+            exit.duration < Duration::from_secs(30),
+            "{:?}",
+            exit.duration
+        );
+    }
+
+    #[tokio::test]
+    async fn output_or_workdir_changes_are_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let after = Duration::from_millis(600);
+        // Prints every 0.2 s for 2.4 s: never quiet for 0.6 s.
+        let chatty = "for i in 1 2 3 4 5 6 7 8 9 10 11 12; do echo $i; sleep 0.2; done";
+        let w = StallWatch {
+            after,
+            workdir: None,
+            baseline: None,
+        };
+        let exit = run_it(spec(dir.path(), chatty, Some(w))).await;
+        assert_eq!((exit.stalled, exit.code), (None, Some(0)));
+        // Silent, but writes a new file every 0.2 s.
+        let work = dir.path().join("work");
+        std::fs::create_dir(&work).unwrap();
+        let writer = "for i in 1 2 3 4 5 6 7 8 9 10 11 12; do echo $i > work/f$i; sleep 0.2; done";
+        let root = work.clone();
+        let stamp: WorkdirStamp =
+            Arc::new(move || std::fs::read_dir(&root).map_or(0, |d| d.count() as u64));
+        let w = StallWatch {
+            after,
+            workdir: Some(stamp.clone()),
+            baseline: None,
+        };
+        let exit = run_it(spec(dir.path(), writer, Some(w))).await;
+        assert_eq!((exit.stalled, exit.code), (None, Some(0)));
+        // The same silence without the writes is a stall, with nothing to quote.
+        // With the baseline given: the files already there are not progress.
+        let w = StallWatch {
+            after,
+            baseline: Some(stamp()),
+            workdir: Some(stamp),
+        };
+        let exit = run_it(spec(dir.path(), "exec sleep 30", Some(w))).await;
+        let stalled = exit.stalled.expect("stalled");
+        assert_eq!(stalled.last_line, None);
+    }
 }

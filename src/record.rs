@@ -26,8 +26,12 @@ pub enum Outcome {
     Lost,
     RateLimited,
     QuotaExhausted,
+    /// The agent's credentials were refused, or it has none: it is marked "needs login" and the
+    /// attempt does not count against `max_retries` (another try on the same agent fails the same way).
     Auth,
     BadOutput,
+    /// Neither output nor a change in the workdir for `stall_timeout_seconds`: stopped like a timeout.
+    Stalled,
 }
 
 impl Outcome {
@@ -43,10 +47,13 @@ impl Outcome {
             Outcome::QuotaExhausted => "quota_exhausted",
             Outcome::Auth => "auth",
             Outcome::BadOutput => "bad_output",
+            Outcome::Stalled => "stalled",
         }
     }
 
-    /// Whether this attempt uses up one of the task's retries.
+    /// Whether this attempt uses up one of the task's retries. Rate limits, exhausted quotas and
+    /// refused credentials are the agent's state, not the task's failure: retrying on that agent
+    /// cannot help, so the agent rests (or needs a login) and the task goes to the next one.
     pub fn counts_as_failure(self) -> bool {
         !matches!(
             self,
@@ -54,6 +61,7 @@ impl Outcome {
                 | Outcome::Interrupted
                 | Outcome::RateLimited
                 | Outcome::QuotaExhausted
+                | Outcome::Auth
         )
     }
 }

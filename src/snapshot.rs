@@ -40,6 +40,8 @@ pub struct Snapshot {
     files: HashMap<PathBuf, FileState>,
     excludes: Excludes,
     max_file: u64,
+    /// The [`workdir_stamp`] of the tree as this snapshot found it, added up on the same walk.
+    pub stamp: u64,
 }
 
 #[derive(Clone)]
@@ -82,17 +84,67 @@ fn walk(root: &Path, ex: &Excludes) -> impl Iterator<Item = (PathBuf, std::fs::M
         })
 }
 
-impl Snapshot {
-    pub fn take(root: &Path, layout: &Layout, cfg: &Config) -> Snapshot {
-        use std::os::unix::fs::MetadataExt;
-        let excludes = Excludes {
+impl Excludes {
+    /// What diffs never look at: `context.diff_exclude` and the spool, context and state folders
+    /// (the attempt's own log grows in `context/`).
+    fn of(layout: &Layout, cfg: &Config) -> Excludes {
+        Excludes {
             names: cfg.context.diff_exclude_globs.clone(),
             paths: vec![
                 layout.tasks_dir.clone(),
                 layout.context_dir.clone(),
                 layout.state_dir.clone(),
             ],
-        };
+        }
+    }
+}
+
+/// How many files a workdir stamp looks at, at most: a stall check must stay cheap in any tree.
+pub const STAMP_MAX_FILES: usize = 50_000;
+
+/// A cheap fingerprint of the files a diff would look at (how many, their sizes, their newest
+/// mtime, up to [`STAMP_MAX_FILES`] of them): a different value means something was written,
+/// created or removed. For the stall watch, which calls it only after output has been quiet for a
+/// while.
+pub fn workdir_stamp(root: &Path, layout: &Layout, cfg: &Config) -> u64 {
+    let excludes = Excludes::of(layout, cfg);
+    let mut stamp = Stamp::default();
+    for (_, m, ns) in walk(root, &excludes).take(STAMP_MAX_FILES) {
+        stamp.add(&m, ns);
+    }
+    stamp.value()
+}
+
+/// [`workdir_stamp`] as it is being added up, one file at a time in walk order.
+#[derive(Default)]
+struct Stamp {
+    files: u64,
+    bytes: u64,
+    newest: Option<i128>,
+}
+
+impl Stamp {
+    fn add(&mut self, m: &std::fs::Metadata, mtime_ns: i128) {
+        if self.files as usize >= STAMP_MAX_FILES {
+            return;
+        }
+        self.files += 1;
+        self.bytes = self.bytes.wrapping_add(m.len());
+        self.newest = self.newest.max(Some(mtime_ns));
+    }
+
+    fn value(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (self.files, self.bytes, self.newest).hash(&mut h);
+        h.finish()
+    }
+}
+
+impl Snapshot {
+    pub fn take(root: &Path, layout: &Layout, cfg: &Config) -> Snapshot {
+        use std::os::unix::fs::MetadataExt;
+        let excludes = Excludes::of(layout, cfg);
         let max_file = cfg.context.max_diff_file_bytes;
         let mut budget = cfg.context.max_snapshot_bytes;
         let mut files = HashMap::new();
@@ -103,7 +155,9 @@ impl Snapshot {
             .ok()
             .and_then(|c| c.get(root).cloned())
             .unwrap_or_default();
+        let mut stamp = Stamp::default();
         for (rel, m, ns) in walk(root, &excludes) {
+            stamp.add(&m, ns);
             let symlink = m.file_type().is_symlink();
             if let Some(old) = previous.get(&rel)
                 && old.size == m.len()
@@ -151,6 +205,7 @@ impl Snapshot {
             files,
             excludes,
             max_file,
+            stamp: stamp.value(),
         }
     }
 
@@ -281,6 +336,31 @@ pub struct DiffResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_stamp_changes_with_writes_creations_and_removals_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().to_path_buf();
+        let cfg = Config::parse("", "test").expect("the empty config is valid");
+        let layout = cfg.layout(&root);
+        std::fs::write(root.join("a.txt"), "a\n").expect("write");
+        let snap = Snapshot::take(&root, &layout, &cfg);
+        let stamp = || workdir_stamp(&root, &layout, &cfg);
+        // The snapshot's own stamp is the one a later look computes for the same tree.
+        assert_eq!(snap.stamp, stamp());
+        // What the agent's log grows into (the context folder) is not the workdir changing.
+        std::fs::create_dir_all(&layout.context_dir).expect("mkdir context");
+        std::fs::write(layout.context_dir.join("log"), "output").expect("write");
+        assert_eq!(snap.stamp, stamp());
+        std::fs::write(root.join("b.txt"), "b\n").expect("create");
+        let created = stamp();
+        assert_ne!(created, snap.stamp);
+        std::fs::write(root.join("b.txt"), "bb\n").expect("rewrite");
+        let written = stamp();
+        assert_ne!(written, created);
+        std::fs::remove_file(root.join("b.txt")).expect("rm");
+        assert_ne!(stamp(), written);
+    }
 
     #[test]
     fn diff_covers_text_binary_large_deleted_and_untouched() {

@@ -549,6 +549,106 @@ fn start_once_waits_for_the_router_before_exiting() {
     assert_eq!(p.result("completed", "once")["agent"], "writer");
 }
 
+/// Claude Code without a key or a login says "Not logged in": the task goes to the next agent
+/// without spending a retry, claude is marked "needs login" with what to do, and its own login
+/// check (`claude auth status`) clears the mark once it has a way to log in.
+fn claude_without_a_login_is_marked_until_its_login_check_passes() {
+    let (claude, codex) = (cli("claude"), cli("codex"));
+    let server = ModelServer::start();
+    server.script(Api::Anthropic, vec![Reply::Text("done by claude".into())]);
+    server.script(Api::Responses, vec![Reply::Text("done by codex".into())]);
+    let p = project(
+        &[
+            ("claude", Cli::Claude, claude.clone()),
+            ("codex", Cli::Codex, codex),
+        ],
+        &server,
+        "",
+    );
+    // No key for claude (a variable nobody sets, so the machine's own key cannot leak in), and a
+    // quick first recheck.
+    let key_var = "ORCH_TEST_CLAUDE_KEY_NEVER_SET";
+    let cfg = p
+        .read("config.yaml")
+        .replace("      ANTHROPIC_API_KEY: test-key\n", "")
+        .replacen(
+            "    base_url: ",
+            &format!("    api_key_env: {key_var}\n    base_url: "),
+            1,
+        )
+        .replace(
+            "  heartbeat_seconds: 1\n",
+            "  heartbeat_seconds: 1\n  login_recheck_seconds: 1\n",
+        );
+    std::fs::write(p.path("config.yaml"), &cfg).expect("write config");
+    let home = cfg
+        .lines()
+        .find(|l| l.trim_start().starts_with("HOME:") && l.contains("home-claude"))
+        .map(|l| PathBuf::from(l.trim_start().trim_start_matches("HOME:").trim()))
+        .expect("claude's HOME");
+    let mut sup = p.start();
+    p.drop_task("first.yaml", "description: Say hello\nworkdir: work\n");
+    let mark_of = || {
+        let agents = p.run(&["agents", "--json"]).assert_code(0).json();
+        agents
+            .as_array()
+            .and_then(|v| v.iter().find(|a| a["name"] == "claude"))
+            .expect("claude listed")["needs_login"]
+            .clone()
+    };
+    wait_for("claude to be marked", Duration::from_secs(120), || {
+        !mark_of().is_null()
+    });
+    let mark = mark_of();
+    assert_eq!(
+        mark["reason"], "Not logged in · Please run /login",
+        "{mark}"
+    );
+    assert_eq!(
+        mark["hint"],
+        format!(
+            "run `{}` once to log in, or set {key_var}",
+            claude.display()
+        ),
+        "{mark}"
+    );
+    let (state, r) = wait_terminal(&p, "first", Duration::from_secs(120));
+    assert_eq!(state, "completed", "{r}\n{}", sup.output());
+    let a = r["attempts"].as_array().expect("attempts");
+    assert_eq!(
+        (a[0]["agent"].as_str(), a[0]["outcome"].as_str()),
+        (Some("claude"), Some("auth")),
+        "{r}"
+    );
+    assert_eq!(a[0]["error"], "Not logged in · Please run /login", "{r}");
+    assert_eq!(r["agent"], "codex", "{r}");
+    assert_eq!(server.conversations(Api::Anthropic), 0);
+    // A way to log in appears (a key helper in claude's settings): `claude auth status` passes at
+    // its next look and the mark goes.
+    std::fs::create_dir_all(home.join(".claude")).expect("mkdir .claude");
+    std::fs::write(
+        home.join(".claude/settings.json"),
+        r#"{"apiKeyHelper": "echo test-key"}"#,
+    )
+    .expect("write settings");
+    wait_for(
+        "claude's login check to pass",
+        Duration::from_secs(120),
+        || sup.output().contains("auth status` says it is logged in"),
+    );
+    assert!(mark_of().is_null(), "{}", mark_of());
+    p.drop_task(
+        "second.yaml",
+        "description: Say hello again\nworkdir: work\n",
+    );
+    let (state, r) = wait_terminal(&p, "second", Duration::from_secs(120));
+    assert_eq!(state, "completed", "{r}\n{}", sup.output());
+    assert_eq!(r["agent"], "claude", "{r}");
+    let out = p.read("context/agent_outputs/second_output.md");
+    assert!(out.contains("done by claude"), "{out}");
+    assert!(sup.stop().success(), "{}", sup.output());
+}
+
 // ---- the tests of each CLI, in modules named after what they need ----------------------------------
 
 mod claude {
@@ -574,11 +674,16 @@ mod claude {
         super::a_retry_after_a_timeout_resumes_the_session(Cli::Claude);
     }
 
-    /// Claude rate-limited, codex next in the chain.
+    /// Claude rate-limited or logged out, codex next in the chain.
     mod codex {
         #[test]
         fn rate_limit_sends_the_task_down_the_fallback_chain_and_cools_the_agent() {
             super::super::rate_limit_sends_the_task_down_the_fallback_chain_and_cools_the_agent();
+        }
+
+        #[test]
+        fn without_a_login_claude_is_marked_until_its_login_check_passes() {
+            super::super::claude_without_a_login_is_marked_until_its_login_check_passes();
         }
     }
 }

@@ -121,6 +121,10 @@ fn a_crash_at_every_commit_point_loses_and_duplicates_nothing() {
     let mut crashes = 0;
     let mut lost = 0;
     for point in orchestrate::failpoint::POINTS {
+        if point.starts_with("needs_login.") {
+            // Only an agent whose credentials are refused gets there: see the test below.
+            continue;
+        }
         // Early and later hits: the first claim, and one with other tasks already in flight.
         let hits: &[u32] = match *point {
             p if p.starts_with("requeue.") => &[1],
@@ -151,6 +155,68 @@ fn a_crash_at_every_commit_point_loses_and_duplicates_nothing() {
     eprintln!(
         "RELIABILITY crash-points: {} points, {crashes} crashes, {thrown} tasks thrown, {lost} lost",
         orchestrate::failpoint::POINTS.len()
+    );
+    assert_eq!(lost, 0);
+}
+
+/// A crash while an agent's "needs login" mark is written (the mark goes to disk before its task
+/// is requeued): after the restart every task completes once on the fallback agent, the mark file
+/// is whole and marks the agent, and the tree and the mirror agree.
+#[test]
+fn a_crash_while_marking_an_agent_as_needing_a_login_loses_and_duplicates_nothing() {
+    use common::model_server::{Api, ModelServer, Reply};
+    let points: Vec<&str> = orchestrate::failpoint::POINTS
+        .iter()
+        .copied()
+        .filter(|p| p.starts_with("needs_login."))
+        .collect();
+    assert_eq!(points.len(), 2, "{points:?}");
+    let mut lost = 0;
+    for point in &points {
+        let server = ModelServer::start();
+        // Every request is refused: the `local` agent is an agent nobody logged in.
+        server.script(Api::Chat, vec![Reply::AuthError]);
+        let config = test_config("")
+            .replace("max_retries: 1", "max_retries: 3")
+            .replace(
+                "agents:\n",
+                &format!(
+                    "agents:\n  local:\n    kind: openai\n    base_url: {}/v1\n    model: m\n    max_instances: 4\n",
+                    server.url()
+                ),
+            )
+            .replace("fallback: [fake]", "fallback: [local, fake]");
+        let p = Project::with_config(&config);
+        let ids = drop_tasks(&p, "n", 3);
+        let spec = format!("{point}:1");
+        let crashed = run_until_crash(&p, &spec);
+        let second = p.run(&["start", "--once", "-v"]);
+        let logs = format!(
+            "--- {spec}: crashed run\n{crashed}\n--- restart\n{}{}",
+            second.stdout(),
+            second.stderr()
+        );
+        second.assert_code(0);
+        lost += check_outcome(&p, &ids, &logs);
+        for id in &ids {
+            let r = p.result("completed", id);
+            assert_eq!(r["agent"], "fake", "{id}: {r}\n{logs}");
+        }
+        let marks: serde_json::Value =
+            serde_json::from_str(&p.read(".orchestrate/needs_login.json"))
+                .unwrap_or_else(|e| panic!("{spec}: the mark file is whole: {e}\n{logs}"));
+        assert!(
+            marks["local"]["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("HTTP 401"))
+                && marks["local"].get("lifted").is_none(),
+            "{spec}: {marks}\n{logs}"
+        );
+    }
+    eprintln!(
+        "RELIABILITY needs-login: {} points, {} crashes, {lost} lost",
+        points.len(),
+        points.len()
     );
     assert_eq!(lost, 0);
 }

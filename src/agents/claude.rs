@@ -4,6 +4,8 @@
 //!
 //! This file builds the invocation and reads the output; it never runs the process or touches files.
 
+use std::path::Path;
+
 use anyhow::Result;
 use serde_json::Value;
 
@@ -34,22 +36,10 @@ impl Adapter for ClaudeAdapter {
         }
         let session = super::session_args(req, &mut args);
         args.extend(cfg.args.iter().cloned());
-        let mut env = agent_env(cfg);
-        if let Some(u) = &cfg.base_url {
-            env.entry("ANTHROPIC_BASE_URL".into())
-                .or_insert_with(|| u.clone());
-        }
-        // A supervisor run must not update the CLI under a running task.
-        env.entry("DISABLE_AUTOUPDATER".into())
-            .or_insert_with(|| "1".into());
-        // Claude Code retries a 429 ten times with back-off, minutes in which another agent could
-        // have taken the task: one retry for a blip, then orchestrate's cooldown and fallback.
-        env.entry("CLAUDE_CODE_MAX_RETRIES".into())
-            .or_insert_with(|| "1".into());
         Ok(Invocation {
             program: cfg.program(name),
             args,
-            env,
+            env: claude_env(cfg),
             // stdin, not an argument: a prompt with large context files would overflow argv.
             stdin: Some(req.prompt.as_bytes().to_vec()),
             cwd: req.workdir.to_path_buf(),
@@ -66,6 +56,44 @@ impl Adapter for ClaudeAdapter {
         };
         parse_result(&doc, exit)
     }
+
+    /// `--output-format json` prints one object when the run is over, nothing before.
+    fn streams_progress(&self) -> bool {
+        false
+    }
+
+    /// `claude auth status`: exit 0 when it has a login or a key (from the environment, a key
+    /// helper, a stored login), 1 when it has none; it reads local state only, in a third of a
+    /// second. It does not ask the server, so a key the server refuses still "looks" logged in:
+    /// the next task finds out, and the agent is marked again (with a longer wait).
+    fn login_check(&self, name: &str, cfg: &AgentConfig, cwd: &Path) -> Option<Invocation> {
+        Some(Invocation {
+            program: cfg.program(name),
+            args: vec!["auth".into(), "status".into()],
+            env: claude_env(cfg),
+            stdin: None,
+            cwd: cwd.to_path_buf(),
+            session_id: None,
+        })
+    }
+}
+
+/// The environment every `claude` run gets: the agent's own and its key, where the API is, and the
+/// settings that keep a supervised run from updating itself or retrying for minutes.
+fn claude_env(cfg: &AgentConfig) -> std::collections::BTreeMap<String, String> {
+    let mut env = agent_env(cfg);
+    if let Some(u) = &cfg.base_url {
+        env.entry("ANTHROPIC_BASE_URL".into())
+            .or_insert_with(|| u.clone());
+    }
+    // A supervisor run must not update the CLI under a running task.
+    env.entry("DISABLE_AUTOUPDATER".into())
+        .or_insert_with(|| "1".into());
+    // Claude Code retries a 429 ten times with back-off, minutes in which another agent could
+    // have taken the task: one retry for a blip, then orchestrate's cooldown and fallback.
+    env.entry("CLAUDE_CODE_MAX_RETRIES".into())
+        .or_insert_with(|| "1".into());
+    env
 }
 
 fn first_words(text: &str) -> String {
@@ -199,5 +227,17 @@ mod tests {
             Some(1),
         ));
         assert_eq!(o.outcome, Outcome::Auth);
+    }
+
+    /// What claude 2.1.330 prints without a key or a login (see tools/agents/CLI-NOTES.md).
+    #[test]
+    fn not_logged_in_is_auth_with_its_words() {
+        let doc = r#"{"type":"result","subtype":"success","is_error":true,"api_error_status":null,"result":"Not logged in · Please run /login","session_id":"s1","total_cost_usd":0,"usage":{"input_tokens":0,"output_tokens":0}}"#;
+        let o = ClaudeAdapter.parse(&exit_from(doc, "", Some(1)));
+        assert_eq!(o.outcome, Outcome::Auth);
+        assert_eq!(
+            o.error.as_deref(),
+            Some("Not logged in · Please run /login")
+        );
     }
 }

@@ -186,8 +186,9 @@ fn parse_events(exit: &Exit) -> AgentOutcome {
     }
     o.text = messages.last().cloned().unwrap_or_default();
     if let Some(msg) = failure {
-        let (outcome, retry_after) =
-            classify_error_text(&msg).unwrap_or((Outcome::AgentError, None));
+        let (outcome, retry_after) = classify_error_text(&msg)
+            .or_else(|| missing_key(&msg))
+            .unwrap_or((Outcome::AgentError, None));
         o.outcome = outcome;
         o.retry_after = retry_after;
         o.error = Some(one_line(&msg));
@@ -233,6 +234,13 @@ fn parse_events(exit: &Exit) -> AgentOutcome {
     o.retry_after = retry_after;
     o.error = Some(one_line(&why));
     o
+}
+
+/// `Missing environment variable: `OPENAI_API_KEY`.`: codex was given no key for its provider, which
+/// no retry can fix.
+fn missing_key(msg: &str) -> Option<(Outcome, Option<std::time::Duration>)> {
+    msg.contains("Missing environment variable")
+        .then_some((Outcome::Auth, None))
 }
 
 fn one_line(s: &str) -> String {
@@ -305,6 +313,9 @@ mod tests {
         let out = r#"{"type":"turn.failed","error":{"message":"You exceeded your current quota, please check your plan and billing details."}}"#;
         let o = CodexAdapter.parse(&exit_from(out, "", Some(1)));
         assert_eq!(o.outcome, Outcome::QuotaExhausted);
+        let out = "{\"type\":\"turn.failed\",\"error\":{\"message\":\"Missing environment variable: `OPENAI_API_KEY`.\"}}";
+        let o = CodexAdapter.parse(&exit_from(out, "", Some(1)));
+        assert_eq!(o.outcome, Outcome::Auth, "{:?}", o.error);
         let o = CodexAdapter.parse(&exit_from("\u{0}\u{1}garbage", "", Some(0)));
         assert_eq!(o.outcome, Outcome::BadOutput);
         assert_eq!(o.text, "\u{0}\u{1}garbage");

@@ -91,6 +91,11 @@ impl Adapter for CursorAdapter {
         }
         o
     }
+
+    /// `--output-format json` prints one object when the run is over, nothing before.
+    fn streams_progress(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

@@ -23,6 +23,7 @@ pub fn exit_from(stdout: &str, stderr: &str, code: Option<i32>) -> Exit {
         escaped: 0,
         spawn_errno: None,
         limit: Duration::from_secs(60),
+        stalled: None,
     }
 }
 

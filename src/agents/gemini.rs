@@ -106,6 +106,11 @@ impl Adapter for GeminiAdapter {
         }
         o
     }
+
+    /// `--output-format json` prints one object when the run is over, nothing before.
+    fn streams_progress(&self) -> bool {
+        false
+    }
 }
 
 fn from_error(e: &Value, exit: &Exit) -> AgentOutcome {
@@ -127,7 +132,10 @@ fn from_error(e: &Value, exit: &Exit) -> AgentOutcome {
                 (Outcome::RateLimited, retry_after_in_text(&lower))
             }
         }
-        Some(401) | Some(403) => (Outcome::Auth, None),
+        // 41 is the CLI's own exit code for authentication errors (`FatalAuthenticationError`: no
+        // key, no auth method chosen), which it puts in `code` too.
+        Some(401) | Some(403) | Some(41) => (Outcome::Auth, None),
+        _ if exit.code == Some(41) => (Outcome::Auth, None),
         _ => classify_error_text(&message).unwrap_or((Outcome::AgentError, None)),
     };
     let one: String = message
@@ -189,6 +197,21 @@ mod tests {
         let o = GeminiAdapter.parse(&exit_from("{\"unexpected\": true}", "", Some(0)));
         assert_eq!(o.outcome, Outcome::BadOutput);
         assert_eq!(o.text, "{\"unexpected\": true}");
+    }
+
+    /// What gemini 0.61.0 prints without a key (exit 41, the error object on stdout).
+    #[test]
+    fn no_key_is_auth() {
+        let out = r#"{"session_id":"s","error":{"type":"Error","message":"When using Gemini API, you must specify the GEMINI_API_KEY environment variable.\nUpdate your environment and try again (no reload needed if using .env)!","code":41}}"#;
+        let o = GeminiAdapter.parse(&exit_from(out, "", Some(41)));
+        assert_eq!(o.outcome, Outcome::Auth, "{:?}", o.error);
+        assert!(
+            o.error
+                .as_deref()
+                .is_some_and(|e| e.starts_with("When using Gemini API")),
+            "{:?}",
+            o.error
+        );
     }
 
     #[test]

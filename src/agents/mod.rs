@@ -13,13 +13,13 @@ pub mod openai;
 pub(crate) mod fixture;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Result;
 
 use crate::config::{AgentConfig, AgentKind};
-use crate::process::Exit;
+use crate::process::{Exit, Stalled};
 use crate::record::Outcome;
 
 /// What the adapter needs to know about the attempt.
@@ -94,6 +94,21 @@ impl AgentOutcome {
 pub trait Adapter: Send + Sync {
     fn invocation(&self, name: &str, cfg: &AgentConfig, req: &RunRequest) -> Result<Invocation>;
     fn parse(&self, exit: &Exit) -> AgentOutcome;
+
+    /// Whether the CLI prints while it works, the way orchestrate runs it (JSON events, a
+    /// command's own output): then a long silence means it is stuck, and the default
+    /// `stall_timeout_seconds` applies. A CLI that prints only its final answer is silent while
+    /// it works, so only a stall timeout set on the agent itself watches it.
+    fn streams_progress(&self) -> bool {
+        true
+    }
+
+    /// The CLI's own cheap "am I logged in?" command, for an agent marked "needs login": exit code 0
+    /// means it is. It must not talk to the model. `None` when the CLI has no such check that
+    /// orchestrate can trust; the next task then simply tries the agent again.
+    fn login_check(&self, _name: &str, _cfg: &AgentConfig, _cwd: &Path) -> Option<Invocation> {
+        None
+    }
 }
 
 /// The adapter for a kind, or `None` when this build cannot drive that kind yet; the scheduler then
@@ -400,6 +415,9 @@ pub fn abnormal(exit: &Exit) -> Option<AgentOutcome> {
     if let Some(e) = &exit.spawn_error {
         return Some(AgentOutcome::failed(Outcome::AgentError, e.clone()));
     }
+    if let Some(stalled) = &exit.stalled {
+        return Some(AgentOutcome::failed(Outcome::Stalled, stall_error(stalled)));
+    }
     if exit.timed_out {
         return Some(AgentOutcome::failed(
             Outcome::Timeout,
@@ -419,11 +437,132 @@ pub fn abnormal(exit: &Exit) -> Option<AgentOutcome> {
 }
 
 /// Text without terminal colour codes (CLIs colour their errors even when not on a terminal).
-pub fn strip_ansi(s: &str) -> String {
-    static RE: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
-        regex::Regex::new(r"\x1b\[[0-9;?]*[ -/]*[@-~]").expect("valid regex")
-    });
-    RE.replace_all(s, "").into_owned()
+pub use crate::process::strip_ansi;
+
+/// A stalled attempt's error: for how long nothing happened, and what the agent said last, which
+/// is usually what it was waiting for ("stalled: no progress for 600 s; last output: Reconnecting…
+/// waiting for network").
+pub fn stall_error(s: &Stalled) -> String {
+    let secs = s.after.as_secs_f64();
+    let secs = if secs.fract() == 0.0 {
+        format!("{secs:.0}")
+    } else {
+        format!("{secs:.1}")
+    };
+    match s.last_line.as_deref() {
+        Some(line) => format!(
+            "stalled: no progress for {secs} s; last output: {}",
+            line_text(line)
+        ),
+        None => format!("stalled: no progress for {secs} s, and no output at all"),
+    }
+}
+
+/// One line of a CLI's output as a person would say it: the message of a JSON event (codex's
+/// `{"type":"error","message":"Reconnecting…"}`), else the line itself.
+fn line_text(line: &str) -> String {
+    let Ok(serde_json::Value::Object(v)) = serde_json::from_str::<serde_json::Value>(line) else {
+        return line.to_string();
+    };
+    let v = serde_json::Value::Object(v);
+    [
+        "/message",
+        "/error/message",
+        "/item/text",
+        "/item/message",
+        "/text",
+        "/result",
+    ]
+    .iter()
+    .find_map(|p| v.pointer(p).and_then(serde_json::Value::as_str))
+    .map(|m| m.split_whitespace().collect::<Vec<_>>().join(" "))
+    .filter(|m| !m.is_empty())
+    .unwrap_or_else(|| line.to_string())
+}
+
+/// What to do about refused or missing credentials, for the "needs login" state: the CLI's own
+/// login step, or the variable its key is read from.
+pub fn login_hint(name: &str, cfg: &AgentConfig) -> String {
+    let program = cfg.program(name);
+    let key = cfg.api_key_env.as_deref().or(cfg.kind.key_var());
+    // A key it was given and that was refused wants checking, not setting.
+    let had_key = cfg
+        .kind
+        .key_var()
+        .is_some_and(|target| agent_env(cfg).contains_key(target));
+    let key_part = |k: &str| {
+        if had_key {
+            format!("check {k} (the key it was given was refused)")
+        } else {
+            format!("set {k}")
+        }
+    };
+    let login = match cfg.kind {
+        AgentKind::Claude => Some(format!("run `{program}` once to log in")),
+        AgentKind::Codex => Some(format!("run `{program} login`")),
+        AgentKind::Gemini => Some(format!("run `{program}` once to choose how to log in")),
+        AgentKind::Cursor => Some(format!("run `{program} login`")),
+        AgentKind::Openai | AgentKind::Command => None,
+    };
+    match (login, key, cfg.kind) {
+        (Some(l), Some(k), _) => format!("{l}, or {}", key_part(k)),
+        (Some(l), None, _) => l,
+        (None, Some(_), AgentKind::Openai) if cfg.api_key_env.is_none() => {
+            "the server wants a key: name the variable that holds it in `api_key_env`".into()
+        }
+        (None, Some(k), _) => key_part(k),
+        (None, None, _) => format!("check the credentials `{program}` uses"),
+    }
+}
+
+/// What an agent's login depends on, as one opaque value: its configuration, the environment it is
+/// given (its `env`, its key, the allow-listed variables) and the size and mtime of its CLI's
+/// credential file. A different value means something a person changed may have fixed the login.
+/// Secrets only go into the hash; the value never holds them.
+pub fn login_fingerprint(name: &str, cfg: &AgentConfig, env_allow: &[String]) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut env = crate::process::build_env(env_allow, &agent_env(cfg));
+    env.sort();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    name.hash(&mut h);
+    serde_json::to_string(cfg).unwrap_or_default().hash(&mut h);
+    env.hash(&mut h);
+    for file in credential_files(cfg.kind, &env) {
+        use std::os::unix::fs::MetadataExt;
+        let stamp = std::fs::metadata(&file)
+            .ok()
+            .map(|m| (m.len(), m.mtime(), m.mtime_nsec(), m.ino()));
+        (file, stamp).hash(&mut h);
+    }
+    format!("{:016x}", h.finish())
+}
+
+/// Where a kind's CLI keeps the credentials its own login step writes, in the environment `env` it
+/// runs with (the pinned CLIs' defaults: Claude Code `.credentials.json` in its config folder, Codex
+/// `auth.json` in `CODEX_HOME`, Gemini CLI `oauth_creds.json`). Cursor's is not known.
+fn credential_files(kind: AgentKind, env: &[(String, String)]) -> Vec<PathBuf> {
+    let var = |k: &str| {
+        env.iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| PathBuf::from(v))
+            .filter(|p| p.is_absolute())
+    };
+    let home = var("HOME");
+    let dir = |own: &str, under_home: &str| {
+        var(own).or_else(|| home.as_ref().map(|h| h.join(under_home)))
+    };
+    match kind {
+        AgentKind::Claude => dir("CLAUDE_CONFIG_DIR", ".claude")
+            .map(|d| vec![d.join(".credentials.json")])
+            .unwrap_or_default(),
+        AgentKind::Codex => dir("CODEX_HOME", ".codex")
+            .map(|d| vec![d.join("auth.json")])
+            .unwrap_or_default(),
+        AgentKind::Gemini => dir("GEMINI_CLI_HOME", "")
+            .map(|d| vec![d.join(".gemini").join("oauth_creds.json")])
+            .unwrap_or_default(),
+        AgentKind::Cursor | AgentKind::Command | AgentKind::Openai => vec![],
+    }
 }
 
 /// The last lines of stderr, for error messages.
@@ -598,6 +737,95 @@ mod tests {
         assert_eq!(c("error in authentication.ts line 3"), None);
         assert_eq!(c("unexpected status 401 Unauthorized"), Some(Outcome::Auth));
         assert_eq!(c("HTTP 429"), Some(Outcome::RateLimited));
+    }
+
+    #[test]
+    fn a_stall_says_how_long_and_what_the_agent_said_last() {
+        let s = |line: Option<&str>, secs: f64| {
+            stall_error(&Stalled {
+                after: Duration::from_secs_f64(secs),
+                last_line: line.map(String::from),
+            })
+        };
+        assert_eq!(
+            s(Some("Reconnecting… waiting for network"), 600.0),
+            "stalled: no progress for 600 s; last output: Reconnecting… waiting for network"
+        );
+        // A JSON event is quoted by its message.
+        assert_eq!(
+            s(
+                Some(r#"{"type":"error","message":"Reconnecting... 2/5 (stream disconnected)"}"#),
+                1.0
+            ),
+            "stalled: no progress for 1 s; last output: Reconnecting... 2/5 (stream disconnected)"
+        );
+        assert_eq!(
+            s(None, 0.5),
+            "stalled: no progress for 0.5 s, and no output at all"
+        );
+    }
+
+    fn agent(yaml: &str) -> AgentConfig {
+        crate::config::Config::parse(&format!("agents:\n  a:\n{yaml}"), "c.yaml")
+            .expect("config")
+            .agents["a"]
+            .clone()
+    }
+
+    #[test]
+    fn login_hints_name_the_cli_login_and_the_key() {
+        // SAFETY: test-only; no other test reads these variables.
+        unsafe {
+            std::env::remove_var("ORCH_TEST_NO_KEY");
+            std::env::set_var("ORCH_TEST_SOME_KEY", "k");
+        }
+        let claude = agent("    kind: claude\n    api_key_env: ORCH_TEST_NO_KEY\n");
+        assert_eq!(
+            login_hint("a", &claude),
+            "run `claude` once to log in, or set ORCH_TEST_NO_KEY"
+        );
+        let codex = agent(
+            "    kind: codex\n    command: /opt/codex\n    api_key_env: ORCH_TEST_SOME_KEY\n",
+        );
+        assert_eq!(
+            login_hint("a", &codex),
+            "run `/opt/codex login`, or check ORCH_TEST_SOME_KEY (the key it was given was refused)"
+        );
+        let local = agent("    kind: openai\n    base_url: http://x/v1\n    model: m\n");
+        assert!(login_hint("a", &local).contains("`api_key_env`"));
+        let cmd = agent("    kind: command\n    command: tool\n");
+        assert_eq!(login_hint("a", &cmd), "check the credentials `tool` uses");
+    }
+
+    #[test]
+    fn the_login_fingerprint_follows_config_environment_and_credentials() {
+        let home = tempfile::tempdir().expect("tempdir");
+        let yaml = |extra: &str| {
+            format!(
+                "    kind: claude\n    env:\n      HOME: {}\n{extra}",
+                home.path().display()
+            )
+        };
+        let allow = ["PATH".to_string()];
+        let f = |cfg: &AgentConfig| login_fingerprint("a", cfg, &allow);
+        let base = agent(&yaml(""));
+        let first = f(&base);
+        assert_eq!(first, f(&base), "stable");
+        assert_ne!(first, f(&agent(&yaml("    model: other\n"))), "config");
+        assert_ne!(
+            first,
+            f(&agent(&yaml("    api_key_env: PATH\n"))),
+            "the key it is given"
+        );
+        // The CLI's own login writes its credential file.
+        std::fs::create_dir_all(home.path().join(".claude")).expect("mkdir");
+        std::fs::write(home.path().join(".claude/.credentials.json"), "{}").expect("write");
+        let logged_in = f(&base);
+        assert_ne!(first, logged_in, "credentials");
+        assert!(
+            !logged_in.contains("PATH") && logged_in.len() == 16,
+            "{logged_in}"
+        );
     }
 
     #[test]

@@ -151,6 +151,11 @@ impl super::Adapter for OpenaiAdapter {
         }
         parse_agent_stdout(&exit.stdout, exit.code)
     }
+
+    /// The child prints its one line of JSON when the answer is complete, nothing before.
+    fn streams_progress(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

@@ -1,8 +1,9 @@
 //! `orchestrate agents`: what is configured, whether it can run, and what it has done.
 //!
-//! It only reads (the configuration, the mirror, cooldowns, `--version` of each CLI).
+//! It only reads (the configuration, the mirror, cooldowns, login marks, `--version` of each CLI),
+//! except `--reset NAME`, which clears one agent's "needs login" mark.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde::Serialize;
 
 use super::{Cli, Project};
@@ -20,15 +21,65 @@ struct AgentInfo {
     version: Option<String>,
     running: usize,
     max_instances: usize,
-    /// Resting after a rate limit until this time.
+    /// Resting after a rate limit or an exhausted quota until this time.
     cooldown_until: Option<String>,
+    /// `rate_limited` or `quota_exhausted`.
+    cooldown_outcome: Option<String>,
     cooldown_reason: Option<String>,
+    /// Its credentials were refused: no task goes to it until this clears.
+    needs_login: Option<LoginState>,
     attempts: u64,
     completed: u64,
     failed: u64,
     cost_usd: f64,
     input_tokens: u64,
     output_tokens: u64,
+}
+
+#[derive(Serialize)]
+struct LoginState {
+    since: String,
+    /// What the agent said.
+    reason: String,
+    /// What to do about it.
+    hint: String,
+    /// When the supervisor looks again by itself (its CLI's login check, or the next task tries
+    /// it); `None`: only a change of its configuration, environment or credentials, or `--reset`.
+    next_check: Option<String>,
+}
+
+/// `--reset NAME`: clear the agent's "needs login" mark.
+pub fn reset(project: &Project, name: &str) -> Result<i32> {
+    let marks = crate::login::Logins::read(&project.layout);
+    if !project.cfg.agents.contains_key(name) && !marks.contains_key(name) {
+        return Err(crate::error::UsageError(format!(
+            "no agent `{name}` (configured: {})",
+            project
+                .cfg
+                .agents
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+        .into());
+    }
+    let cleared = crate::login::reset(&project.layout, name).with_context(|| {
+        format!(
+            "cannot clear the mark in {}",
+            project.rel(&project.layout.needs_login())
+        )
+    })?;
+    let mut out = super::Out::new();
+    if cleared {
+        outln!(
+            out,
+            "{name}: needs-login mark cleared; a running supervisor gives it tasks again at its next heartbeat"
+        )?;
+    } else {
+        outln!(out, "{name}: no needs-login mark")?;
+    }
+    Ok(0)
 }
 
 /// `<program> --version`, bounded: a CLI that hangs (first-run prompt, network) must not hang us.
@@ -68,6 +119,7 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
     let totals = reader.agent_totals()?;
     let running = reader.list(Some("running"))?;
     let cooldowns = crate::cooldown::Cooldowns::read(&project.layout);
+    let logins = crate::login::Logins::read(&project.layout);
     let now = time::OffsetDateTime::now_utc();
     // Node CLIs take a second or so each to print a version: ask them all at once.
     let found_paths: Vec<Option<std::path::PathBuf>> = project
@@ -125,7 +177,14 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
             version: versions[i].clone(),
             problem,
             cooldown_until: cooling.map(|c| c.until.clone()),
+            cooldown_outcome: cooling.map(|c| c.outcome.as_str().to_string()),
             cooldown_reason: cooling.map(|c| c.reason.clone()),
+            needs_login: logins.get(name).filter(|m| m.active()).map(|m| LoginState {
+                since: m.since.clone(),
+                reason: m.reason.clone(),
+                hint: m.hint.clone(),
+                next_check: m.next_check.clone(),
+            }),
             running: running
                 .iter()
                 .filter(|r| r.agent.as_deref() == Some(name))
@@ -156,13 +215,20 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
         "TOKENS IN/OUT"
     )?;
     for a in out {
-        let status = match (&a.problem, &a.cooldown_until) {
-            (Some(p), _) => p.clone(),
-            (None, Some(until)) => format!(
-                "cooling down until {until}: {}",
+        let status = match (&a.problem, &a.needs_login, &a.cooldown_until) {
+            (Some(p), _, _) => p.clone(),
+            (None, Some(l), _) => {
+                format!("needs login: {} ({})", super::short(&l.reason, 80), l.hint)
+            }
+            (None, None, Some(until)) => format!(
+                "cooling down until {until} ({}): {}",
+                match a.cooldown_outcome.as_deref() {
+                    Some("quota_exhausted") => "quota exhausted",
+                    _ => "rate limited",
+                },
                 super::short(a.cooldown_reason.as_deref().unwrap_or("-"), 60)
             ),
-            (None, None) => format!(
+            (None, None, None) => format!(
                 "ready: {}{}",
                 a.found.as_deref().unwrap_or("-"),
                 a.version

@@ -3,7 +3,8 @@
 //!
 //! `sleep=SECS` `ignore-term` `grandchild=PIDFILE` `flood=BYTES` `write=PATH:CONTENT` `stderr=TEXT`
 //! `print=TEXT` `echo-prompt` `env=NAME` `fail-until=COUNTERFILE:N` `close-pipes` `exit=CODE`
-//! `wait-for=PATH` (until PATH exists, at most 120 s) `escape=PIDFILE` (a grandchild that leaves the process group with setsid) `pidfile=PATH` (own pid) `lock=PATH` (hold an exclusive lock while running; if another run holds it,
+//! `wait-for=PATH` (until PATH exists, at most 120 s) `ticks=N:SECS` (print `tick 1` … `tick N`, SECS
+//! apart, before `print`) `escape=PIDFILE` (a grandchild that leaves the process group with setsid) `pidfile=PATH` (own pid) `lock=PATH` (hold an exclusive lock while running; if another run holds it,
 //! append "OVERLAP" to PATH.overlap and exit 42: proves a task never runs twice at once)
 //!
 //! Without directives it prints one line naming the task and exits 0.
@@ -146,6 +147,16 @@ pub fn run(prompt: Option<String>, args: &[String]) -> Result<i32> {
             "{name}={}",
             std::env::var(&name).unwrap_or_else(|_| "<unset>".into())
         )?;
+    }
+    if let Some(spec) = get("ticks")
+        && let Some((n, secs)) = spec.split_once(':')
+    {
+        let pause = std::time::Duration::from_secs_f64(secs.parse().unwrap_or(0.5));
+        for i in 1..=n.parse::<u32>().unwrap_or(1) {
+            writeln!(out, "tick {i}")?;
+            out.flush()?;
+            std::thread::sleep(pause);
+        }
     }
     match get("print") {
         Some(t) => writeln!(out, "{}", t.replace('_', " "))?,

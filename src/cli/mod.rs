@@ -136,8 +136,13 @@ pub enum Command {
         #[arg(long, value_name = "N")]
         limit: Option<usize>,
     },
-    /// Configured agents: installed or not, running instances, totals.
-    Agents,
+    /// Configured agents: installed or not, cooling down or in need of a login, running instances,
+    /// totals.
+    Agents {
+        /// Clear this agent's "needs login" mark (after logging it in): tasks go to it again.
+        #[arg(long, value_name = "NAME")]
+        reset: Option<String>,
+    },
     /// One task: its file, result, output and diff.
     Show { id: String },
     /// Move a failed task back to pending (its attempt history is kept).
@@ -351,7 +356,8 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Tasks { status, limit } => {
             tasks::run(&cli, &Project::load(&cli)?, status.as_deref(), *limit)
         }
-        Command::Agents => agents::run(&cli, &Project::load(&cli)?),
+        Command::Agents { reset: Some(name) } => agents::reset(&Project::load(&cli)?, name),
+        Command::Agents { reset: None } => agents::run(&cli, &Project::load(&cli)?),
         Command::Show { id } => show::run(&cli, &Project::load(&cli)?, id),
         Command::Retry { id } => retry::run(&cli, &Project::load(&cli)?, id),
         Command::Cancel { id } => cancel::run(&cli, &Project::load(&cli)?, id),

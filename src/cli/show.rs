@@ -123,23 +123,34 @@ pub fn run(cli: &Cli, project: &Project, id: &str) -> Result<i32> {
     if let Some(e) = &shown.error {
         outln!(out, "error: {}", e.trim_end())?;
     }
+    // Earlier attempts of a task that is not finished: its claim carries them while it runs, the
+    // history beside its file while it waits (a retry after a stall, a login, a rate limit).
+    let earlier = match (&shown.result, &shown.claim, place) {
+        (Some(r), _, _) => r.attempts.clone(),
+        (None, Some(c), _) => c.history.clone(),
+        (None, None, Place::Pending) => spool
+            .read_history(id)
+            .map(|h| h.attempts)
+            .unwrap_or_default(),
+        _ => vec![],
+    };
+    for a in &earlier {
+        outln!(
+            out,
+            "  attempt {} on {}: {}{}{}",
+            a.n,
+            a.agent,
+            a.outcome.as_str(),
+            a.exit_code
+                .map(|c| format!(", exit {c}"))
+                .unwrap_or_default(),
+            a.error
+                .as_deref()
+                .map(|e| format!(" — {}", super::short(e, 100)))
+                .unwrap_or_default()
+        )?;
+    }
     if let Some(r) = &shown.result {
-        for a in &r.attempts {
-            outln!(
-                out,
-                "  attempt {} on {}: {}{}{}",
-                a.n,
-                a.agent,
-                a.outcome.as_str(),
-                a.exit_code
-                    .map(|c| format!(", exit {c}"))
-                    .unwrap_or_default(),
-                a.error
-                    .as_deref()
-                    .map(|e| format!(" — {}", super::short(e, 100)))
-                    .unwrap_or_default()
-            )?;
-        }
         if r.review_required {
             let files: Vec<String> = r
                 .review_files

@@ -26,6 +26,9 @@ struct Status {
     postgres: Option<Health>,
     /// Agents resting after a rate limit, and until when (only known locally).
     cooldowns: Vec<CoolingAgent>,
+    /// Agents whose credentials were refused: no task goes to them until that clears (only known
+    /// locally).
+    needs_login: Vec<LoggedOutAgent>,
     /// Task files in `pending/` that a process holds open for writing right now: not read until
     /// it closes them (only known locally).
     being_written: Vec<BeingWritten>,
@@ -45,6 +48,14 @@ struct CoolingAgent {
     until: String,
     outcome: String,
     reason: String,
+}
+
+#[derive(Serialize)]
+struct LoggedOutAgent {
+    agent: String,
+    since: String,
+    reason: String,
+    hint: String,
 }
 
 #[derive(Serialize)]
@@ -150,6 +161,7 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
         last_event_seq: reader.max_seq()?,
         postgres: None,
         cooldowns: vec![],
+        needs_login: vec![],
         being_written: vec![],
     };
     if reader.is_local() {
@@ -172,7 +184,7 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
 }
 
 /// What only the folder knows: quarantined files, live supervisors (their instance locks are the
-/// truth, where the mirror's heartbeat rows may outlive a killed one), cooldowns, and the
+/// truth, where the mirror's heartbeat rows may outlive a killed one), cooldowns, login marks, and the
 /// PostgreSQL writer's health as the local supervisor last saw it.
 fn add_local(st: &mut Status, project: &Project) {
     st.quarantined = Some(project.spool.quarantined().len());
@@ -199,6 +211,16 @@ fn add_local(st: &mut Status, project: &Project) {
             .unwrap_or_default()
     });
     st.cooldowns = cooling(&project.layout);
+    st.needs_login = crate::login::Logins::read(&project.layout)
+        .into_iter()
+        .filter(|(_, m)| m.active())
+        .map(|(agent, m)| LoggedOutAgent {
+            agent,
+            since: m.since,
+            reason: m.reason,
+            hint: m.hint,
+        })
+        .collect();
     let pending = &project.layout.pending;
     st.being_written = crate::writers::open_for_writing(pending)
         .into_iter()
@@ -307,6 +329,16 @@ fn render(cli: &Cli, st: &Status) -> Result<i32> {
             c.until,
             c.outcome,
             short(&c.reason, 80)
+        )?;
+    }
+    for l in &st.needs_login {
+        outln!(
+            out,
+            "needs login: {} since {} ({}): {}",
+            l.agent,
+            l.since,
+            short(&l.reason, 80),
+            l.hint
         )?;
     }
     if !st.running.is_empty() {

@@ -110,6 +110,14 @@ pub enum Unavailable {
         until: String,
         outcome: Outcome,
     },
+    /// Its credentials were refused or missing: it waits for a login (see `login`).
+    NeedsLogin {
+        agent: String,
+        /// What the agent said.
+        reason: String,
+        /// What to do about it.
+        hint: String,
+    },
     /// Cannot run at all (not installed, no adapter), in the words of `agents::unavailable_reason`.
     Missing(String),
 }
@@ -126,6 +134,11 @@ impl fmt::Display for Unavailable {
                 "agent {agent}: cooling down until {until} ({})",
                 outcome.as_str()
             ),
+            Unavailable::NeedsLogin {
+                agent,
+                reason,
+                hint,
+            } => write!(f, "agent {agent}: needs login: {reason} ({hint})"),
             Unavailable::Missing(reason) => f.write_str(reason),
         }
     }
@@ -219,6 +232,22 @@ pub(super) mod tests {
         for (reason, text) in cases {
             assert_eq!(reason.to_string(), text);
         }
+    }
+
+    #[test]
+    fn an_agent_that_needs_a_login_is_named_with_what_to_do() {
+        let why = WaitReason::AgentUnavailable(vec![Unavailable::NeedsLogin {
+            agent: "claude".into(),
+            reason: "Not logged in · Please run /login".into(),
+            hint: "run `claude` once to log in, or set ANTHROPIC_API_KEY".into(),
+        }]);
+        assert_eq!(
+            why.to_string(),
+            "no agent available: agent claude: needs login: Not logged in · Please run /login \
+             (run `claude` once to log in, or set ANTHROPIC_API_KEY)"
+        );
+        // A person has to act: `--once` does not stay for it.
+        assert!(!why.waits_for_cooldown());
     }
 
     #[test]

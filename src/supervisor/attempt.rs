@@ -251,6 +251,20 @@ pub(super) async fn run_attempt(
         max_log_bytes: ctx.cfg.orchestrator.max_log_bytes,
         redactor: ctx.redactor.clone(),
         marker: crate::marker::run_marker(&claim.instance, &task.id, claim.attempt),
+        stall: ctx
+            .cfg
+            .stall_timeout(&agent_cfg, adapter.streams_progress())
+            .map(|after| {
+                let (root, layout, cfg) = (workdir.clone(), ctx.layout.clone(), ctx.cfg.clone());
+                let stamp: process::WorkdirStamp =
+                    Arc::new(move || crate::snapshot::workdir_stamp(&root, &layout, &cfg));
+                process::StallWatch {
+                    after,
+                    workdir: Some(stamp),
+                    // The snapshot just walked the workdir: no second walk at the start.
+                    baseline: Some(snapshot.stamp),
+                }
+            }),
     };
     if crate::failpoint::armed("attempt.running") {
         tokio::spawn(async {
@@ -397,12 +411,16 @@ fn environment_fault(e: &anyhow::Error) -> bool {
 }
 
 /// The session to continue: the previous attempt ran on this same agent and was cut short (timeout,
-/// supervisor shutdown), so the agent picks up where it was rather than starting over.
+/// stall, supervisor shutdown), so the agent picks up where it was rather than starting over.
 fn resumable_session(claim: &Claim) -> Option<&str> {
     let last = claim.history.last()?;
-    (last.agent == claim.agent && matches!(last.outcome, Outcome::Timeout | Outcome::Interrupted))
-        .then_some(last.session_id.as_deref())
-        .flatten()
+    (last.agent == claim.agent
+        && matches!(
+            last.outcome,
+            Outcome::Timeout | Outcome::Stalled | Outcome::Interrupted
+        ))
+    .then_some(last.session_id.as_deref())
+    .flatten()
 }
 
 fn prepare(ctx: &AttemptCtx, task: &Task, claim: &Claim) -> Result<(PathBuf, String, PathBuf)> {

@@ -9,11 +9,12 @@
 //! not give us the task (lost to another supervisor, the file changed, a stop or a cancel came
 //! first) is undone here too (`unclaimed`).
 //!
-//! Owns the router's answers, the cooldowns, which agents can run (looked up at most once a
-//! second) and when to wake for the next retry back-off. It never runs an agent and never reads a
-//! task file; the only disk work on the loop is the rare claim of a finished parent.
+//! Owns the router's answers, the cooldowns, the agents that need a login (and their login checks,
+//! which run off the loop), which agents can run (looked up at most once a second) and when to wake
+//! for the next retry back-off. It never runs an agent and never reads a task file; the only disk
+//! work on the loop is the rare claim of a finished parent and the rare write of a login mark.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -22,7 +23,7 @@ use tokio::sync::mpsc;
 
 use super::attempt::claim_task;
 use super::events::Action;
-use super::events::Claimed;
+use super::events::{Claimed, LoginChecked};
 use super::{Env, Supervisor, View};
 use crate::agents;
 use crate::config::Config;
@@ -31,6 +32,7 @@ use crate::context;
 use crate::cooldown::Cooldowns;
 use crate::fsutil;
 use crate::instance::Instance;
+use crate::login::{Logins, NeedsLogin};
 use crate::mirror::Op;
 use crate::record::{Claim, Outcome, TaskResult, Terminal};
 use crate::router::{self, Routed};
@@ -49,26 +51,48 @@ pub(super) struct Dispatch {
     unavailable: Option<(Instant, HashMap<String, Unavailable>)>,
     /// Agents resting after a rate limit.
     cooldowns: Cooldowns,
+    /// Agents whose credentials were refused.
+    logins: Logins,
+    /// Agents whose login check is running.
+    checking: HashSet<String>,
+    login_tx: mpsc::UnboundedSender<(String, LoginChecked)>,
     /// The router's answers, by task, and the tasks it is being asked about (`None`).
     routes: HashMap<String, Option<Routed>>,
     route_tx: mpsc::UnboundedSender<(String, Routed)>,
 }
 
+/// How long an agent CLI's login check may take (Claude Code's takes a third of a second).
+const LOGIN_CHECK_LIMIT: Duration = Duration::from_secs(30);
+
+/// The receiving ends of `Dispatch`'s helpers: the router's answers and the login checks.
+pub(super) struct DispatchInbox {
+    pub(super) routed: mpsc::UnboundedReceiver<(String, Routed)>,
+    pub(super) login_checked: mpsc::UnboundedReceiver<(String, LoginChecked)>,
+}
+
 impl Dispatch {
-    /// The router's answers arrive on the receiver.
-    pub(super) fn new(
-        cooldowns: Cooldowns,
-    ) -> (Dispatch, mpsc::UnboundedReceiver<(String, Routed)>) {
-        let (route_tx, route_rx) = mpsc::unbounded_channel();
+    /// The router's answers and the login checks arrive on the receivers.
+    pub(super) fn new(cooldowns: Cooldowns, logins: Logins) -> (Dispatch, DispatchInbox) {
+        let (route_tx, routed) = mpsc::unbounded_channel();
+        let (login_tx, login_checked) = mpsc::unbounded_channel();
         let dispatch = Dispatch {
             full_pass_due: true,
             next_wake: None,
             unavailable: None,
             cooldowns,
+            logins,
+            checking: HashSet::new(),
+            login_tx,
             routes: HashMap::new(),
             route_tx,
         };
-        (dispatch, route_rx)
+        (
+            dispatch,
+            DispatchInbox {
+                routed,
+                login_checked,
+            },
+        )
     }
 
     /// `id` entered the queue or changed: an earlier router answer no longer applies, and its
@@ -124,8 +148,145 @@ impl Dispatch {
             .rate_limited(agent, outcome, retry_after, base, error)
     }
 
+    /// An attempt on `agent` completed: its cooldown back-off and its login streak start over.
     pub(super) fn succeeded(&mut self, agent: &str) {
         self.cooldowns.succeeded(agent);
+        if self.logins.get(agent).is_some() {
+            self.logins.forget(agent);
+        }
+    }
+
+    /// `agent`'s credentials were refused (`error`, in its words): no task goes to it until
+    /// something may have fixed that (see `crate::login`), and the next pass looks at every task
+    /// again. Returns the mark, with what to do about it.
+    pub(super) fn needs_login(&mut self, env: &Env, agent: &str, error: &str) -> NeedsLogin {
+        self.full_pass_due = true;
+        let cfg = &env.cfg.agents[agent];
+        let hint = agents::login_hint(agent, cfg);
+        let fingerprint = agents::login_fingerprint(agent, cfg, &env.cfg.security.env_allow);
+        let recheck = Some(env.cfg.orchestrator.login_recheck_seconds)
+            .filter(|s| *s > 0)
+            .map(Duration::from_secs);
+        // One line (it becomes part of wait notes and table rows), redacted like every state file.
+        let reason: String = env
+            .redactor
+            .redact(error)
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .chars()
+            .take(500)
+            .collect();
+        self.logins
+            .mark(agent, &reason, &hint, &fingerprint, recheck)
+    }
+
+    /// Look at the agents that need a login (at start and on every heartbeat): take the marks
+    /// other supervisors and `orchestrate agents --reset` left or cleared, clear the marks of
+    /// agents whose configuration, environment or credentials changed, and for those whose look is
+    /// due run their CLI's login check off the loop (its answer comes back as `on_login_checked`),
+    /// or, when the CLI has none, let the next task try the agent again.
+    pub(super) fn check_logins(&mut self, env: &Env) {
+        let before: HashSet<String> = self.logins.active().map(|(a, _)| a.to_string()).collect();
+        self.logins.refresh();
+        let after: HashSet<String> = self.logins.active().map(|(a, _)| a.to_string()).collect();
+        for gone in before.difference(&after) {
+            console::info(&format!(
+                "login      {gone}: needs-login mark cleared (orchestrate agents --reset, or another supervisor)"
+            ));
+            self.full_pass_due = true;
+        }
+        let marked: Vec<(String, String)> = self
+            .logins
+            .active()
+            .map(|(a, m)| (a.to_string(), m.fingerprint.clone()))
+            .collect();
+        for (agent, fingerprint) in marked {
+            let Some(cfg) = env.cfg.agents.get(&agent) else {
+                // No longer configured: the mark means nothing.
+                self.logins.forget(&agent);
+                continue;
+            };
+            if agents::login_fingerprint(&agent, cfg, &env.cfg.security.env_allow) != fingerprint {
+                self.logins.forget(&agent);
+                self.full_pass_due = true;
+                console::info(&format!(
+                    "login      {agent}: its configuration, environment or credentials changed; tasks go to it again"
+                ));
+            }
+        }
+        let recheck = env.cfg.orchestrator.login_recheck_seconds;
+        if recheck == 0 {
+            return;
+        }
+        for agent in self.logins.due(OffsetDateTime::now_utc()) {
+            if self.checking.contains(&agent) {
+                continue;
+            }
+            let cfg = &env.cfg.agents[&agent];
+            let check = agents::adapter_for(cfg.kind)
+                .and_then(|a| a.login_check(&agent, cfg, &env.layout.root));
+            let Some(inv) = check else {
+                self.logins.lift(
+                    &agent,
+                    "the recheck interval passed: the next task tries it",
+                );
+                self.full_pass_due = true;
+                console::info(&format!(
+                    "login      {agent}: trying it again (login_recheck_seconds passed)"
+                ));
+                continue;
+            };
+            self.checking.insert(agent.clone());
+            let command = std::iter::once(inv.program.as_str())
+                .chain(inv.args.iter().map(String::as_str))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let child_env = crate::process::build_env(&env.cfg.security.env_allow, &inv.env);
+            let tx = self.login_tx.clone();
+            tokio::spawn(async move {
+                let checked = crate::process::check(
+                    &inv.program,
+                    &inv.args,
+                    &child_env,
+                    &inv.cwd,
+                    LOGIN_CHECK_LIMIT,
+                )
+                .await;
+                let _ = tx.send((agent, LoginChecked { command, checked }));
+            });
+        }
+    }
+
+    /// An agent's login check is back: exit code 0 lifts its mark; anything else keeps it, and the
+    /// next look waits longer.
+    pub(super) fn on_login_checked(&mut self, env: &Env, agent: &str, r: LoginChecked) {
+        self.checking.remove(agent);
+        if !self.logins.get(agent).is_some_and(NeedsLogin::active) {
+            return;
+        }
+        let said = env.redactor.redact(&r.checked.said);
+        if r.checked.code == Some(0) {
+            self.logins
+                .lift(agent, &format!("`{}` passed: {said}", r.command));
+            self.full_pass_due = true;
+            console::info(&format!(
+                "login      {agent}: `{}` says it is logged in; tasks go to it again",
+                r.command
+            ));
+        } else {
+            let base = Duration::from_secs(env.cfg.orchestrator.login_recheck_seconds.max(1));
+            self.logins.still_logged_out(agent, base);
+            console::debug(&format!(
+                "login      {agent}: still needs a login (`{}`: {said})",
+                r.command
+            ));
+        }
+    }
+
+    /// The agents that need a login, for the console at start.
+    pub(super) fn marked_logins(&self) -> impl Iterator<Item = (&str, &NeedsLogin)> {
+        self.logins.active()
     }
 
     /// The earliest retry back-off still ahead, from the last full pass and later requeues. When it
@@ -160,7 +321,7 @@ impl Dispatch {
 
     /// Which agents cannot run now, and why: not installed (looked up at most once a second: a
     /// PATH lookup per agent on every pass would be the scheduler's main cost in a burst, and
-    /// installs are not that quick) or cooling down.
+    /// installs are not that quick), cooling down, or in need of a login.
     fn availability(&mut self, cfg: &Config, wall: OffsetDateTime) -> HashMap<String, Unavailable> {
         let fresh = self
             .unavailable
@@ -189,6 +350,22 @@ impl Dispatch {
                     until: c.until.clone(),
                     outcome: c.outcome,
                 });
+        }
+        // A login outlasts any cooldown: when both hold, the login is what a person must see to
+        // (a CLI that is not installed comes first all the same).
+        for (agent, m) in self.logins.active() {
+            if cfg.agents.contains_key(agent)
+                && !matches!(unavailable.get(agent), Some(Unavailable::Missing(_)))
+            {
+                unavailable.insert(
+                    agent.to_string(),
+                    Unavailable::NeedsLogin {
+                        agent: agent.to_string(),
+                        reason: m.reason.clone(),
+                        hint: m.hint.clone(),
+                    },
+                );
+            }
         }
         unavailable
     }
@@ -423,7 +600,7 @@ pub(super) fn unclaimed(
             // Failed after the rename (the fsync, say): the file is in `assigned/` under our
             // live claim, where nothing would look at it again until we stop. Put it back.
             if claim_on_disk(spool, claim) {
-                return super::finish::unclaim(env, id, path.to_path_buf(), true);
+                return unclaim(env, id, path.to_path_buf(), true);
             }
             // Never renamed (the spool lock was busy, say): the file is still in `pending/`.
             if path.exists() {
@@ -450,7 +627,7 @@ pub(super) fn unclaimed(
                     "changed    {id}: file changed while being claimed; back to pending to settle"
                 ));
             }
-            return super::finish::unclaim(env, id, path.to_path_buf(), changed);
+            return unclaim(env, id, path.to_path_buf(), changed);
         }
     }
     vec![]
@@ -571,5 +748,23 @@ impl Supervisor {
             chosen_because: Some("all subtasks completed".into()),
         };
         vec![Action::commit(&p.task, result)]
+    }
+}
+
+/// Return a just-claimed file to `pending/` (`settle`: read it again once it settled); a refusal
+/// is held and tried again.
+#[must_use = "the actions are the rest of the work: apply them"]
+pub(super) fn unclaim(env: &Env, id: &str, path: std::path::PathBuf, settle: bool) -> Vec<Action> {
+    match env.spool.unclaim(id, &path) {
+        Ok(()) if settle => vec![Action::Settle(path)],
+        Ok(()) => vec![],
+        Err(e) => {
+            let what = super::events::Deferred::Unclaim {
+                id: id.to_string(),
+                path,
+                settle,
+            };
+            vec![Action::Defer(Box::new(what), format!("{e:#}"))]
+        }
     }
 }

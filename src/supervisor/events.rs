@@ -2,8 +2,9 @@
 //!
 //! Read this file first to know everything that can happen to a running supervisor and everything
 //! one part of it may ask of another, with the messages the off-loop jobs send back (an attempt's
-//! `Report`, a commit's `Committed`). It holds no state and does nothing: `mod.rs` makes the events
-//! and carries out the actions. It uses none of its sibling files, so every part can use it.
+//! `Report`, a commit's `Committed`, a login check's `LoginChecked`). It holds no state and does
+//! nothing: `mod.rs` makes the events and carries out the actions. It uses none of its sibling
+//! files, so every part can use it.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::task::{Id, JoinError};
 
 use crate::process::StopKind;
-use crate::record::{Attempt, TaskResult};
+use crate::record::{Attempt, History, TaskResult};
 use crate::router::Routed;
 use crate::task::Task;
 use crate::watch::Hint;
@@ -41,6 +42,11 @@ pub(super) enum Event {
     Committed(Result<Committed, JoinError>),
     /// The router answered which agent fits a task.
     Routed { id: String, routed: Routed },
+    /// An agent marked "needs login" had its CLI's login check run.
+    LoginChecked {
+        agent: String,
+        checked: LoginChecked,
+    },
     /// The earliest known retry back-off or cooldown has ended.
     WakeUp,
     /// The heartbeat ticker.
@@ -105,7 +111,7 @@ pub(super) enum Action {
     /// Commit a terminal result off the loop.
     Commit(Box<Commit>),
     /// `tasks/` refused a transition (with the error): hold it and try again later.
-    Defer(Box<super::finish::Deferred>, String),
+    Defer(Box<Deferred>, String),
 }
 
 /// A terminal result to commit, and the task it ends.
@@ -173,9 +179,42 @@ impl Report {
     }
 }
 
+/// What an agent's login check found: the command that ran and how it ended.
+pub(super) struct LoginChecked {
+    pub(super) command: String,
+    pub(super) checked: crate::process::Checked,
+}
+
 /// A terminal commit, done: the task, its result, and whether the spool took it.
 pub(super) struct Committed {
     pub(super) task: Task,
     pub(super) result: TaskResult,
     pub(super) outcome: Result<(), String>,
+}
+
+/// A transition `tasks/` refused, to be tried again.
+pub(super) enum Deferred {
+    /// A terminal result (the agent's outcome is known: it must never run again for it).
+    Finish { task: Task, result: TaskResult },
+    /// Back to `pending/` with this history.
+    Requeue {
+        task: Task,
+        history: History,
+        why: String,
+    },
+    /// A just-claimed file back to `pending/` under its name (`settle`: read it again after).
+    Unclaim {
+        id: String,
+        path: PathBuf,
+        settle: bool,
+    },
+}
+
+impl Deferred {
+    pub(super) fn id(&self) -> &str {
+        match self {
+            Deferred::Finish { task, .. } | Deferred::Requeue { task, .. } => &task.id,
+            Deferred::Unclaim { id, .. } => id,
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! Finishing an attempt. Its report becomes a [`Verdict`], a pure function of the report and the
 //! task's facts (`verdict`, unit-tested below); the verdict becomes a requeue (interrupted by a
-//! shutdown, or rate-limited: the agent cools down), a retry after a back-off, or a terminal result.
+//! shutdown; rate-limited: the agent cools down; refused credentials: the agent needs a login), a
+//! retry after a back-off, or a terminal result.
 //! A terminal result is committed off the loop (`Commits`: result file, rename, fsyncs on a blocking
 //! thread) and recorded once the commit is back (`on_committed`). A pending task that must not run
 //! (a failed dependency, a cycle, a cancel) is failed here without an attempt (`fail_pending`).
@@ -16,14 +17,13 @@
 //! stay in order.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tokio::task::{Id, JoinError, JoinSet};
 
-use super::dispatch::{claim_on_disk, unclaimed};
+use super::dispatch::{claim_on_disk, unclaim, unclaimed};
 use super::events::Action;
-use super::events::{Claimed, Committed, Report};
+use super::events::{Claimed, Committed, Deferred, Report};
 use super::{Env, Supervisor};
 use crate::config::Config;
 use crate::console;
@@ -45,6 +45,10 @@ pub(super) enum Verdict {
     /// agent rests, and the task goes back to `pending/` at once, where the scheduler hands it to
     /// the next agent in its chain.
     CoolDown,
+    /// The agent's credentials were refused or missing: not the task's fault, and no retry on that
+    /// agent can help. The agent is marked "needs login", and the task goes back to `pending/` at
+    /// once for the next agent in its chain (or waits, saying which agent needs a login).
+    NeedsLogin,
     /// A failure with retries left (`failures` so far): back to `pending/`, to run after `delay`.
     Retry { failures: u32, delay: Duration },
     /// Finished for good: completed, or failed with `error`.
@@ -76,6 +80,9 @@ pub(super) fn verdict(j: &Judged, cfg: &Config) -> Verdict {
     if matches!(outcome, Outcome::RateLimited | Outcome::QuotaExhausted) && j.stopped.is_none() {
         return Verdict::CoolDown;
     }
+    if outcome == Outcome::Auth && j.stopped.is_none() {
+        return Verdict::NeedsLogin;
+    }
     let failures = j
         .earlier
         .iter()
@@ -106,33 +113,6 @@ pub(super) fn verdict(j: &Judged, cfg: &Config) -> Verdict {
         Terminal::Failed
     };
     Verdict::Done { status, error }
-}
-
-/// A transition `tasks/` refused, to be tried again.
-pub(super) enum Deferred {
-    /// A terminal result (the agent's outcome is known: it must never run again for it).
-    Finish { task: Task, result: TaskResult },
-    /// Back to `pending/` with this history.
-    Requeue {
-        task: Task,
-        history: History,
-        why: String,
-    },
-    /// A just-claimed file back to `pending/` under its name (`settle`: read it again after).
-    Unclaim {
-        id: String,
-        path: PathBuf,
-        settle: bool,
-    },
-}
-
-impl Deferred {
-    fn id(&self) -> &str {
-        match self {
-            Deferred::Finish { task, .. } | Deferred::Requeue { task, .. } => &task.id,
-            Deferred::Unclaim { id, .. } => id,
-        }
-    }
 }
 
 /// A deferred transition with what went wrong and when to try again.
@@ -279,24 +259,6 @@ impl Commits {
     }
 }
 
-/// Return a just-claimed file to `pending/` (`settle`: read it again once it settled); a refusal
-/// is held and tried again.
-#[must_use = "the actions are the rest of the work: apply them"]
-pub(super) fn unclaim(env: &Env, id: &str, path: PathBuf, settle: bool) -> Vec<Action> {
-    match env.spool.unclaim(id, &path) {
-        Ok(()) if settle => vec![Action::Settle(path)],
-        Ok(()) => vec![],
-        Err(e) => {
-            let what = Deferred::Unclaim {
-                id: id.to_string(),
-                path,
-                settle,
-            };
-            vec![Action::Defer(Box::new(what), format!("{e:#}"))]
-        }
-    }
-}
-
 /// Move a running task back to `pending/` with its history; intake reads it again at once.
 #[must_use = "the actions are the rest of the work: apply them"]
 fn requeue(env: &Env, task: &Task, history: History, why: &str) -> Vec<Action> {
@@ -402,6 +364,25 @@ impl Supervisor {
                 let reason = format!("{outcome} on {agent}; cooling down until {until}");
                 let history = history(None, Some(reason));
                 let why = format!("{outcome} on {agent}: re-dispatched");
+                requeue(env, &run.task, history, &why)
+            }
+            Verdict::NeedsLogin => {
+                let error = r
+                    .attempt
+                    .error
+                    .clone()
+                    .unwrap_or_else(|| outcome.as_str().into());
+                // The mark is durable before the task moves: a crash between the two leaves the
+                // agent marked and the task recovered, never a task retried on a logged-out agent
+                // that nothing marked.
+                let mark = self.dispatch.needs_login(env, agent, &error);
+                console::warn(&format!(
+                    "login      {agent} needs login: {error} ({})",
+                    mark.hint
+                ));
+                let reason = format!("auth on {agent}: needs login ({error})");
+                let history = history(None, Some(reason));
+                let why = format!("auth on {agent}: needs login; re-dispatched");
                 requeue(env, &run.task, history, &why)
             }
             Verdict::Retry { failures, delay } => {
@@ -748,6 +729,58 @@ mod tests {
         let this = attempt(Outcome::RateLimited, Some("429"));
         let v = judge(&this, &[], Some(StopKind::Cancelled), false);
         assert_ne!(v, Verdict::CoolDown);
+    }
+
+    #[test]
+    fn refused_credentials_mark_the_agent_without_using_a_retry() {
+        let this = attempt(Outcome::Auth, Some("Not logged in · Please run /login"));
+        // Even with every retry used up by earlier failures: the login is not the task's fault.
+        let earlier = [
+            attempt(Outcome::AgentError, None),
+            attempt(Outcome::Timeout, None),
+        ];
+        assert_eq!(judge(&this, &earlier, None, false), Verdict::NeedsLogin);
+        // Earlier auth attempts do not count as failures either.
+        let earlier = [attempt(Outcome::Auth, None), attempt(Outcome::Auth, None)];
+        let this = attempt(Outcome::AgentError, Some("exit 1"));
+        assert_eq!(
+            judge(&this, &earlier, None, false),
+            Verdict::Retry {
+                failures: 1,
+                delay: Duration::from_secs(60),
+            }
+        );
+        // A cancel or a shutdown decides, as for any attempt the supervisor stopped.
+        let this = attempt(Outcome::Auth, Some("401"));
+        assert_eq!(
+            judge(&this, &[], Some(StopKind::Shutdown), false),
+            Verdict::Interrupted
+        );
+    }
+
+    #[test]
+    fn a_stall_is_retried_like_a_timeout() {
+        let this = attempt(
+            Outcome::Stalled,
+            Some("stalled: no progress for 600 s; last output: Reconnecting…"),
+        );
+        assert_eq!(
+            judge(&this, &[], None, false),
+            Verdict::Retry {
+                failures: 1,
+                delay: Duration::from_secs(60),
+            }
+        );
+        let earlier = [
+            attempt(Outcome::Stalled, None),
+            attempt(Outcome::Timeout, None),
+        ];
+        assert_eq!(
+            judge(&this, &earlier, None, false),
+            failed(
+                "stalled: no progress for 600 s; last output: Reconnecting… (after 3 failed attempt(s); max_retries 2)"
+            )
+        );
     }
 
     #[test]

@@ -5,13 +5,13 @@
 //! One tokio task owns all state. Its `select!` turns each source into an `Event`: watcher hints
 //! (a file in `pending/` may be ready, or everything must be looked at again), a chunk of a scan
 //! to read, the settle ticker (files seen only by scans or modify events must stay unchanged for
-//! `settle_ms`), attempts' claim news and reports, finished commits, the router's answers, retry
-//! back-off timers, the heartbeat, the state-files ticker, and signals. It decides nothing there:
+//! `settle_ms`), attempts' claim news and reports, finished commits, the router's answers, agent
+//! login checks, retry back-off timers, the heartbeat, the state-files ticker, and signals. It decides nothing there:
 //! `Supervisor::handle` decides what each event means and runs the phases it calls for. After
 //! each turn the dispatch phase asks the scheduler which pending tasks can run, and starts them.
 //!
 //! The state lives in the part that owns it: `Intake` (the pending queue and what is known about
-//! the files in `pending/`), `Dispatch` (router answers, cooldowns, wake-ups), `Runs` (attempts in
+//! the files in `pending/`), `Dispatch` (router answers, cooldowns, logins, wake-ups), `Runs` (attempts in
 //! flight), `Commits` (terminal commits in flight) and `Ledger` (what has finished), and changes
 //! only through that part's methods. Handlers never call each other: the work that must follow
 //! (read a requeued file, fail a task, commit a result) comes back as `Action`s, which
@@ -22,7 +22,7 @@
 //! thread it claims the task through the spool (the rename, the claim record, their fsyncs), tells
 //! the loop and the mirror, assembles the prompt and snapshots the workdir; then it runs the agent
 //! through `process`, diffs the workdir and writes the output, and reports back. The loop decides
-//! what the outcome means (`finish.rs`: retry, cooldown, done) and hands a terminal result to
+//! what the outcome means (`finish.rs`: retry, cooldown, needs login, done) and hands a terminal result to
 //! another blocking thread that commits it (result file, rename, fsyncs). Several claims and
 //! commits are on the disk at once, and their directory fsyncs are shared (`fsutil::fsync_dir`).
 //! Each task has at most one such job at a time, and the loop holds it as running or finishing
@@ -73,6 +73,7 @@ use crate::cooldown::Cooldowns;
 use crate::fsutil;
 use crate::instance::Instance;
 use crate::layout::Layout;
+use crate::login::Logins;
 use crate::mirror::{self, Op, Writer};
 use crate::redact::Redactor;
 use crate::router::Routed;
@@ -81,7 +82,7 @@ use crate::task::Task;
 use crate::watch as watcher;
 
 use dispatch::Dispatch;
-use events::{Action, Commit, Event};
+use events::{Action, Commit, Event, LoginChecked};
 use finish::Commits;
 use intake::{Arrival, Intake};
 use ledger::Ledger;
@@ -150,6 +151,7 @@ impl View<'_> {
 struct Inbox {
     claimed: mpsc::UnboundedReceiver<(String, u64)>,
     routed: mpsc::UnboundedReceiver<(String, Routed)>,
+    login_checked: mpsc::UnboundedReceiver<(String, LoginChecked)>,
 }
 
 pub struct Supervisor {
@@ -195,7 +197,7 @@ impl Supervisor {
             writer = writer.with_postgres(pg);
         }
         let redactor = Arc::new(redactor);
-        let (dispatch, routed) = Dispatch::new(Cooldowns::load(&layout));
+        let (dispatch, helpers) = Dispatch::new(Cooldowns::load(&layout), Logins::load(&layout));
         let (runs, claimed) = Runs::new();
         Ok(Supervisor {
             env: Env {
@@ -211,7 +213,11 @@ impl Supervisor {
             runs,
             commits: Commits::default(),
             ledger: Ledger::default(),
-            inbox: Some(Inbox { claimed, routed }),
+            inbox: Some(Inbox {
+                claimed,
+                routed: helpers.routed,
+                login_checked: helpers.login_checked,
+            }),
             config_file: opts.config_file.clone().map(reload::ConfigFile::new),
             state_dirty: true,
             signals: 0,
@@ -270,6 +276,7 @@ impl Supervisor {
         let Inbox {
             mut claimed,
             mut routed,
+            mut login_checked,
         } = self.inbox.take().expect("run is called once");
         loop {
             if self.opts.once && self.nothing_left() {
@@ -292,6 +299,9 @@ impl Supervisor {
                     burst(done, || self.commits.try_join_next(), Event::Committed)
                 }
                 Some((id, routed)) = routed.recv() => vec![Event::Routed { id, routed }],
+                Some((agent, checked)) = login_checked.recv() => {
+                    vec![Event::LoginChecked { agent, checked }]
+                }
                 Some(news) = claimed.recv() => {
                     let event = |(id, start)| Event::Claimed { id, start };
                     burst(news, || claimed.try_recv().ok(), event)
@@ -438,6 +448,9 @@ impl Supervisor {
             }
             Event::Routed { id, routed } => {
                 self.dispatch.on_routed(&self.intake.queue, id, routed);
+            }
+            Event::LoginChecked { agent, checked } => {
+                self.dispatch.on_login_checked(&self.env, &agent, checked);
             }
             // The dispatch after every turn lets the task whose back-off ended run; at the top of
             // the next turn `wake_deadline` sees the time has passed and asks for a full pass.

@@ -25,6 +25,14 @@ impl Supervisor {
     pub(super) fn startup(&mut self) -> Result<()> {
         let recovered = self.recover();
         self.apply(recovered);
+        // Marks an earlier run left hold until what the login depends on changes: say which hold.
+        self.dispatch.check_logins(&self.env);
+        for (agent, m) in self.dispatch.marked_logins() {
+            console::warn(&format!(
+                "login      {agent} needs login since {}: {} ({})",
+                m.since, m.reason, m.hint
+            ));
+        }
         let env = &self.env;
         if let Err(e) = env.spool.repair_rejected() {
             console::warn(&format!(
@@ -142,6 +150,8 @@ impl Supervisor {
     pub(super) fn on_heartbeat(&mut self) {
         self.refresh_claims();
         self.env.announce(true);
+        // Agents that need a login: marks cleared elsewhere, changed credentials, checks due.
+        self.dispatch.check_logins(&self.env);
         // Answers for tasks that left pending without starting (failed, cancelled, deleted): a
         // task re-created under the same id is asked afresh.
         self.dispatch.forget_answers_not_in(&self.intake.queue);
