@@ -499,6 +499,8 @@ pub struct ContextConfig {
     pub max_diff_file_bytes: u64,
     /// Total bytes of file content remembered before a run to diff against.
     pub max_snapshot_bytes: u64,
+    /// Time allowed to each walk of a workdir (the snapshot before a run, the diff after it).
+    pub max_diff_seconds: u64,
     /// Each context file (and dependency output) is cut to this many bytes in the prompt.
     pub max_context_file_bytes: u64,
     /// `diff_exclude`, compiled by `Config::compile`.
@@ -512,6 +514,7 @@ impl Default for ContextConfig {
             diff_exclude: vec![],
             max_diff_file_bytes: 1024 * 1024,
             max_snapshot_bytes: 256 * 1024 * 1024,
+            max_diff_seconds: 60,
             max_context_file_bytes: 64 * 1024,
             diff_exclude_globs: vec![],
         }
@@ -625,6 +628,12 @@ impl Config {
             return Err((
                 "orchestrator.log_level".into(),
                 format!("`{}` is not one of error, warn, info, debug", o.log_level),
+            ));
+        }
+        if self.context.max_diff_seconds == 0 {
+            return Err((
+                "context.max_diff_seconds".into(),
+                "must be at least 1".into(),
             ));
         }
         let q = &self.task_queue;

@@ -49,9 +49,11 @@ pub fn resolve_inside(base: &Path, rel: &str, roots: &[PathBuf], what: &str) -> 
     )
 }
 
+/// The first `cap` bytes of a regular file as text. Anything else (a FIFO an agent left in place of
+/// an output, a device) is an error, never opened for a read that could block.
 fn read_capped(path: &Path, cap: u64) -> Result<String> {
     use std::io::Read;
-    let mut f = std::fs::File::open(path)?;
+    let mut f = crate::fsutil::open_regular(path)?;
     let mut buf = Vec::new();
     f.by_ref().take(cap).read_to_end(&mut buf)?;
     let mut s = String::from_utf8_lossy(&buf).into_owned();
@@ -160,7 +162,7 @@ pub fn build_prompt(
         // The handoff: what the last failed attempt produced, so the next one (often another
         // agent) builds on it instead of starting blind. The output file still holds that attempt.
         if let Some(last) = previous.last().filter(|a| a.outcome.counts_as_failure())
-            && let Ok(text) = std::fs::read_to_string(layout.output_path(&task.id))
+            && let Ok(text) = read_capped(&layout.output_path(&task.id), OUTPUT_READ_BYTES)
             && !text.trim().is_empty()
         {
             let keep = (cfg.context.max_context_file_bytes as usize).min(HANDOFF_BYTES);
@@ -178,6 +180,9 @@ pub fn build_prompt(
 
 /// How much of a failed attempt's output is handed to the next attempt.
 const HANDOFF_BYTES: usize = 4096;
+
+/// More than an output file holds (the agent's text is kept within a few MiB).
+const OUTPUT_READ_BYTES: u64 = 64 * 1024 * 1024;
 
 /// The last `max` bytes of `s`, cut at a character boundary.
 fn tail_str(s: &str, max: usize) -> &str {
@@ -263,6 +268,25 @@ pub fn write_diff(layout: &Layout, id: &str, diff: &str, redactor: &Redactor) ->
     Ok(path)
 }
 
+/// Every file a task changed, one a line, beside its diff (`files_list_path`): the list a result
+/// record holds only the first `record::FILES_IN_RECORD` of.
+pub fn write_files_list(
+    layout: &Layout,
+    id: &str,
+    files: &[String],
+    redactor: &Redactor,
+) -> Result<PathBuf> {
+    let path = layout.files_list_path(id);
+    std::fs::create_dir_all(path.parent().expect("files list path has a parent"))?;
+    let mut text = String::with_capacity(files.iter().map(|f| f.len() + 1).sum());
+    for f in files {
+        text.push_str(f);
+        text.push('\n');
+    }
+    atomic_write(&path, redactor.redact_owned(text).as_bytes())?;
+    Ok(path)
+}
+
 /// One line of `completed_tasks.json`.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct CompletedEntry {
@@ -272,8 +296,17 @@ pub struct CompletedEntry {
     pub finished_at: String,
     pub output_file: Option<String>,
     pub diff_file: Option<String>,
+    /// The first `record::FILES_IN_RECORD` changed files, as the result lists them.
     pub files_modified: Vec<String>,
+    /// How many changed, and the file listing them all, when `files_modified` does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_modified_total: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_modified_file: Option<String>,
 }
+
+/// How many changed files a line of `current_state.md` names.
+const FILES_NAMED: usize = 5;
 
 /// A task that failed, for the recent failures in `current_state.md`.
 #[derive(Debug, Clone)]
@@ -368,16 +401,7 @@ pub fn write_state_files(
                 c.id,
                 c.agent.as_deref().unwrap_or("-"),
                 first_line(&c.description, 100),
-                if c.files_modified.is_empty() {
-                    String::new()
-                } else {
-                    let files: Vec<String> = c
-                        .files_modified
-                        .iter()
-                        .map(|f| crate::console::quote_path(f.as_bytes()))
-                        .collect();
-                    format!(" — changed {}", files.join(", "))
-                }
+                changed_files(c)
             ));
         }
     }
@@ -391,6 +415,26 @@ pub fn write_state_files(
         crate::console::visible(&md).as_bytes(),
     )?;
     Ok(())
+}
+
+/// " — changed a, b" for a line of `current_state.md`: a few names, and how many in all.
+fn changed_files(c: &CompletedEntry) -> String {
+    let total = c
+        .files_modified_total
+        .unwrap_or(c.files_modified.len() as u64);
+    if total == 0 {
+        return String::new();
+    }
+    let named: Vec<String> = c.files_modified[..c.files_modified.len().min(FILES_NAMED)]
+        .iter()
+        .map(|f| crate::console::quote_path(f.as_bytes()))
+        .collect();
+    let named = named.join(", ");
+    if total as usize > FILES_NAMED {
+        format!(" — changed {total} files: {named}, …")
+    } else {
+        format!(" — changed {named}")
+    }
 }
 
 #[cfg(test)]

@@ -333,6 +333,22 @@ pub fn pid_alive(pid: u32) -> bool {
     rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
+/// Open a regular file for reading, and nothing else: opened without blocking and without becoming a
+/// controlling terminal, then checked as opened (`fstat`), so a FIFO, device or socket in its place
+/// neither hangs the caller nor is read. Symlinks are followed (callers check where paths lead).
+pub fn open_regular(path: &Path) -> io::Result<File> {
+    use rustix::fs::{FileType, Mode, OFlags};
+    let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+    let fd = rustix::fs::open(path, flags, Mode::empty())?;
+    if FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode) != FileType::RegularFile {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file (a directory, FIFO, socket or device)",
+        ));
+    }
+    Ok(File::from(fd))
+}
+
 /// Device id of a path, to check that all spool directories live on one file system.
 pub fn device_of(p: &Path) -> io::Result<u64> {
     use std::os::unix::fs::MetadataExt;

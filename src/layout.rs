@@ -128,6 +128,14 @@ impl Layout {
         self.context_dir.join("diffs").join(format!("{id}.diff"))
     }
 
+    /// Every file a task changed, one a line, beside its diff: written when there are more than a
+    /// result record lists.
+    pub fn files_list_path(&self, id: &str) -> PathBuf {
+        self.context_dir
+            .join("diffs")
+            .join(format!("{id}.files.txt"))
+    }
+
     pub fn log_path(&self, id: &str, attempt: u32) -> PathBuf {
         self.logs_dir(id).join(format!("attempt-{attempt}.log"))
     }

@@ -4,13 +4,22 @@
 //!
 //! These are orchestrate's own files, apart from the task file schema people write (`task`). Every
 //! record is serialized through [`to_yaml`], which redacts the secrets in its free text (see
-//! [`Record`]), and parsed through [`from_yaml`], which holds even our own files to the YAML budgets
-//! (a synced or hand-edited record may be anything). This module never touches the file system: the
-//! spool decides where records go.
+//! [`Record`]), and parsed through [`from_yaml`], which holds even our own files to YAML budgets (a
+//! synced or hand-edited record may be anything), sized for records (`yaml::record_options`), not the
+//! task files' budgets: a result must always read back. A result lists at most [`FILES_IN_RECORD`]
+//! changed files; the whole list goes to a file beside the diff that the result names. This module
+//! never touches the file system: the spool decides where records go.
 
 use serde::{Deserialize, Serialize};
 
 use crate::redact::Redactor;
+
+/// How many changed (and review) files a result lists; more are counted, and listed in a file of
+/// their own (`files_modified_file`), so a task that touched 200,000 files keeps a small record.
+pub const FILES_IN_RECORD: usize = 1_000;
+
+/// The largest record read back: a file bigger than this is not one orchestrate wrote.
+pub const MAX_RECORD_BYTES: u64 = 64 * 1024 * 1024;
 
 /// How an attempt ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -193,8 +202,16 @@ pub struct TaskResult {
     pub output_file: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub diff_file: Option<String>,
+    /// The changed files, relative to the workdir: the first [`FILES_IN_RECORD`] of them.
     #[serde(default)]
     pub files_modified: Vec<String>,
+    /// How many files changed in all, when that is more than `files_modified` lists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_modified_total: Option<u64>,
+    /// The file listing every changed file, one a line (relative to the project root), when
+    /// `files_modified` does not list them all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_modified_file: Option<String>,
     #[serde(default)]
     pub review_required: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -225,11 +242,33 @@ impl TaskResult {
             output_file: None,
             diff_file: None,
             files_modified: vec![],
+            files_modified_total: None,
+            files_modified_file: None,
             review_required: false,
             review_files: vec![],
             error: Some(error),
             chosen_because: None,
         }
+    }
+
+    /// Record the files a task changed and those a review is required for: the first
+    /// [`FILES_IN_RECORD`] of each, and when there are more, how many and the file that lists them
+    /// all (`list`, written beside the diff).
+    pub fn set_files(&mut self, all: &[String], list: Option<String>, review: Vec<String>) {
+        self.files_modified = all.iter().take(FILES_IN_RECORD).cloned().collect();
+        if all.len() > FILES_IN_RECORD {
+            self.files_modified_total = Some(all.len() as u64);
+            self.files_modified_file = list;
+        }
+        self.review_required = !review.is_empty();
+        self.review_files = review;
+        self.review_files.truncate(FILES_IN_RECORD);
+    }
+
+    /// How many files the task changed in all.
+    pub fn files_changed(&self) -> u64 {
+        self.files_modified_total
+            .unwrap_or(self.files_modified.len() as u64)
     }
 }
 
@@ -298,9 +337,11 @@ pub fn to_yaml<T: Record>(v: &T, redactor: &Redactor) -> String {
     text(&v)
 }
 
-/// Parse one of our own records (claims, results, histories): trusted but still budgeted.
+/// Parse one of our own records (claims, results, histories): trusted but still budgeted, with the
+/// budgets for records.
 pub fn from_yaml<T: for<'de> Deserialize<'de>>(text: &str) -> Result<T, String> {
-    serde_saphyr::from_str_with_options(text, crate::yaml::options()).map_err(|e| e.to_string())
+    serde_saphyr::from_str_with_options(text, crate::yaml::record_options())
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -324,6 +365,8 @@ mod tests {
             output_file: None,
             diff_file: None,
             files_modified: vec!["a.txt".into()],
+            files_modified_total: None,
+            files_modified_file: None,
             review_required: false,
             review_files: vec![],
             error: None,
@@ -332,6 +375,30 @@ mod tests {
         let back: TaskResult = from_yaml(&to_yaml(&r, &Redactor::none())).expect("round trip");
         assert_eq!(back.description, r.description);
         assert_eq!(back.attempts, r.attempts);
+    }
+
+    #[test]
+    fn a_result_of_a_task_that_changed_200000_files_is_small_and_reads_back() {
+        let all: Vec<String> = (0..200_000).map(|i| format!("d{}/f{i}", i % 200)).collect();
+        let mut r = TaskResult::failed("big", 3, "touch them all", vec![], "x".into());
+        r.set_files(&all, Some("context/diffs/big.files.txt".into()), vec![]);
+        let text = to_yaml(&r, &Redactor::none());
+        let back: TaskResult = from_yaml(&text).expect("reads back");
+        assert_eq!(back.files_modified.len(), FILES_IN_RECORD);
+        assert_eq!(back.files_changed(), 200_000);
+        assert_eq!(
+            back.files_modified_file.as_deref(),
+            Some("context/diffs/big.files.txt")
+        );
+        // A result written before the cap, listing every file, reads back too: the record budget
+        // is not the task files' budget, which it would exceed.
+        r.files_modified = all;
+        let text = to_yaml(&r, &Redactor::none());
+        let back: TaskResult = from_yaml(&text).expect("a legacy result reads back");
+        assert_eq!(back.files_modified.len(), 200_000);
+        let as_task: Result<TaskResult, _> =
+            serde_saphyr::from_str_with_options(&text, crate::yaml::options());
+        assert!(as_task.is_err(), "the task-file budget would refuse it");
     }
 
     #[test]

@@ -46,6 +46,22 @@ pub struct Spool {
     redactor: Redactor,
 }
 
+/// One of our records, if it reads: a regular file (a FIFO in its place must not hang the reader)
+/// of at most [`record::MAX_RECORD_BYTES`], parsed with the budgets for records.
+fn read_record<T: for<'de> serde::Deserialize<'de>>(path: &Path) -> Option<T> {
+    use std::io::Read;
+    let mut text = String::new();
+    fsutil::open_regular(path)
+        .ok()?
+        .take(record::MAX_RECORD_BYTES + 1)
+        .read_to_string(&mut text)
+        .ok()?;
+    if text.len() as u64 > record::MAX_RECORD_BYTES {
+        return None;
+    }
+    record::from_yaml(&text).ok()
+}
+
 /// Where a task id currently lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Place {
@@ -200,15 +216,15 @@ impl Spool {
     }
 
     pub fn read_claim(&self, id: &str) -> Option<Claim> {
-        record::from_yaml(&fs::read_to_string(self.claim_path(id)).ok()?).ok()
+        read_record(&self.claim_path(id))
     }
 
     pub fn read_result(&self, t: Terminal, id: &str) -> Option<TaskResult> {
-        record::from_yaml(&fs::read_to_string(self.result_path(t, id)).ok()?).ok()
+        read_record(&self.result_path(t, id))
     }
 
     pub fn read_history(&self, id: &str) -> Option<History> {
-        record::from_yaml(&fs::read_to_string(self.history_path(id)).ok()?).ok()
+        read_record(&self.history_path(id))
     }
 
     /// Claim `src` (a file in `pending/`) as task `id`. Returns `false` when someone else took it first.

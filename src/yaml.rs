@@ -3,15 +3,36 @@
 //! Task files arrive from editors, phones, sync clients and CI jobs, so a file may be hostile: the
 //! budgets here bound the CPU and memory any one file can cost, and duplicate keys are errors. Error
 //! text speaks to the person editing the file (`file:line:column: message`), never to a programmer.
-//! This module never touches the file system.
+//! The records orchestrate writes itself are parsed with budgets of their own ([`record_options`]),
+//! sized for what a record holds: a large record must never make a task vanish, and the task-file
+//! budgets must never grow to fit one. This module never touches the file system.
 
-/// Parse options shared by the config and task parsers: duplicate keys are errors and the default
-/// budgets of serde-saphyr (events, aliases, depth) bound what a hostile file can cost.
+/// Parse options shared by the config and task parsers: duplicate keys are errors and the budgets
+/// (events, aliases, depth) bound what a hostile file can cost.
 pub fn options() -> serde_saphyr::Options {
     serde_saphyr::options! {
         duplicate_keys: serde_saphyr::options::DuplicateKeyPolicy::Error,
         budget: serde_saphyr::budget! {
             max_events: 200_000,
+            max_aliases: 1_000,
+            max_anchors: 1_000,
+            max_depth: 64,
+        },
+    }
+}
+
+/// Parse options for the records orchestrate writes itself (claims, histories, results): as strict,
+/// with budgets sized for what a record may hold rather than for a hostile task file. A result lists
+/// up to `record::FILES_IN_RECORD` changed and review files (results written before that cap may list
+/// hundreds of thousands), every attempt, and a description as long as `max_task_bytes` allows; the
+/// file itself is read up to `record::MAX_RECORD_BYTES`.
+pub fn record_options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        duplicate_keys: serde_saphyr::options::DuplicateKeyPolicy::Error,
+        budget: serde_saphyr::budget! {
+            max_events: 4_000_000,
+            max_nodes: 4_000_000,
+            max_total_scalar_bytes: 64 * 1024 * 1024,
             max_aliases: 1_000,
             max_anchors: 1_000,
             max_depth: 64,

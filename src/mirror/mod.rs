@@ -69,6 +69,12 @@ pub struct Payload {
     pub review_required: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub files_modified: Vec<String>,
+    /// As the result says: how many changed in all, and the file listing them, when
+    /// `files_modified` holds only the first `record::FILES_IN_RECORD`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_modified_total: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_modified_file: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost_usd: Option<f64>,
     /// A finished task's output and diff, relative to the project root (as its result file says).
@@ -443,6 +449,8 @@ pub fn terminal_row(spool: &Spool, result: &TaskResult, task: Option<&Task>) -> 
             started_at: result.attempts.first().map(|a| a.started_at.clone()),
             review_required: result.review_required,
             files_modified: result.files_modified.clone(),
+            files_modified_total: result.files_modified_total,
+            files_modified_file: result.files_modified_file.clone(),
             cost_usd: {
                 let c: f64 = result.attempts.iter().filter_map(|a| a.cost_usd).sum();
                 (c > 0.0).then_some(c)

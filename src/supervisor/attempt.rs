@@ -1,11 +1,18 @@
 //! One attempt, off the loop: claim the task (the rename, the claim record and their fsyncs), tell
-//! the mirror and the loop, write the prompt and snapshot the workdir, run the agent through
+//! the mirror and the loop, write the prompt, open and snapshot the workdir, run the agent through
 //! `process`, diff the workdir, write the output, and report back.
 //!
 //! Everything here runs in the attempt's own tokio task and on blocking threads, beside other
 //! attempts, claims and commits. It never touches the loop's state: it learns what it needs when it
 //! is launched and reports back (a `Report` when it ends, a "claimed" message once the claim is
 //! durable). The claim is its only move in the spool; the loop makes every later one.
+//!
+//! The workdir is the task's, and a task may leave anything in it (a FIFO, a symlink to `/`, a
+//! file on a file system that stopped answering). So the workdir is opened once, before the run,
+//! and held (`snapshot::Workdir`); the snapshot and the diff each run on a thread of their own
+//! ([`off_thread`]) that the attempt stops waiting for when its time is up, when the task is
+//! cancelled or when the supervisor stops. A read stuck in the kernel then costs a thread, never
+//! the slot, the cancel or the shutdown.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,10 +30,15 @@ use crate::fsutil;
 use crate::layout::Layout;
 use crate::mirror::{self, Op, Writer};
 use crate::process::{self, Stop, StopKind};
-use crate::record::{Attempt, Claim, Outcome};
+use crate::record::{Attempt, Claim, FILES_IN_RECORD, Outcome};
 use crate::redact::Redactor;
+use crate::snapshot::{DiffResult, Progress, Snapshot, Workdir};
 use crate::spool::Spool;
 use crate::task::Task;
+
+/// How much longer than `context.max_diff_seconds` an attempt waits for a walk of the workdir that
+/// has not stopped on its own (the walk checks its budget between files; this covers one read).
+const WALK_SLACK: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 pub(super) struct AttemptCtx {
@@ -82,21 +94,19 @@ enum Begun {
     Ready {
         started_at: String,
         t0: Instant,
-        /// Workdir, prompt, prompt file and the workdir's snapshot. Boxed: large beside a
-        /// `NotClaimed`.
+        /// Workdir, prompt and prompt file. Boxed: large beside a `NotClaimed`.
         prepared: Result<Box<Prepared>>,
     },
 }
 
 struct Prepared {
-    workdir: PathBuf,
+    workdir: Arc<Workdir>,
     prompt: String,
     prompt_file: PathBuf,
-    snapshot: crate::snapshot::Snapshot,
 }
 
-/// Claim the task; once it is ours, tell the mirror and the loop, write the prompt and snapshot
-/// the workdir.
+/// Claim the task; once it is ours, tell the mirror and the loop, write the prompt and open the
+/// workdir.
 fn begin(
     ctx: &AttemptCtx,
     job: ClaimJob,
@@ -125,12 +135,10 @@ fn begin(
     let started_at = fsutil::now_rfc3339();
     let t0 = Instant::now();
     let prepared = prepare(ctx, task, claim).map(|(workdir, prompt, prompt_file)| {
-        let snapshot = crate::snapshot::Snapshot::take(&workdir, &ctx.layout, &ctx.cfg);
         Box::new(Prepared {
-            workdir,
+            workdir: Arc::new(workdir),
             prompt,
             prompt_file,
-            snapshot,
         })
     });
     Begun::Ready {
@@ -138,6 +146,122 @@ fn begin(
         t0,
         prepared,
     }
+}
+
+/// Why a job run by [`off_thread`] was given up on.
+enum Abandoned {
+    /// A stop (cancel, shutdown, second signal) came first.
+    Stopped(Stop),
+    /// Its time was up.
+    TimedOut(Duration),
+    /// It could not start, or it panicked.
+    Failed(String),
+}
+
+impl Abandoned {
+    /// Why the walk `what` ("snapshot", "diff") was left, and where it was.
+    fn describe(&self, what: &str, progress: &Progress) -> String {
+        let at = progress.last();
+        let at = if at.is_empty() {
+            String::new()
+        } else {
+            format!(", at `{at}`")
+        };
+        match self {
+            Abandoned::Stopped(Stop::Cancel) => {
+                format!("the task was cancelled while the {what} ran{at}")
+            }
+            Abandoned::Stopped(_) => {
+                format!("the supervisor was stopping while the {what} ran{at}")
+            }
+            Abandoned::TimedOut(limit) => format!(
+                "the {what} did not finish within {} s (context.max_diff_seconds, plus {} s): a read in the workdir is stuck{at}",
+                limit.as_secs_f64() - WALK_SLACK.as_secs_f64(),
+                WALK_SLACK.as_secs_f64()
+            ),
+            Abandoned::Failed(e) => format!("the {what} failed: {e}"),
+        }
+    }
+}
+
+/// Run `job` on a thread of its own and wait for it, but never long: at most `limit`; not at all
+/// once a stop is asked if `patience` is `None`, or `patience` more (a second signal: not at all).
+/// A job given up on keeps its thread until it ends on its own (a read stuck in the kernel cannot
+/// be interrupted) and its result is dropped; nothing here or in the loop waits for it, and the
+/// process exits without it.
+async fn off_thread<T: Send + 'static>(
+    name: &str,
+    limit: Duration,
+    mut stop: watch::Receiver<Option<Stop>>,
+    patience: Option<Duration>,
+    job: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Abandoned> {
+    let (tx, mut rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(format!("orchestrate-{name}"))
+        .spawn(move || {
+            let _ = tx.send(job());
+        })
+        .map_err(|e| Abandoned::Failed(format!("cannot start a thread: {e}")))?;
+    let give_up = tokio::time::Instant::now() + limit;
+    // The first stop asked, and until when it is given to finish.
+    let mut stopping: Option<(Stop, tokio::time::Instant)> = None;
+    let mut listening = true;
+    loop {
+        if let Some(s) = *stop.borrow_and_update() {
+            match (s, patience) {
+                (Stop::KillNow, _) | (_, None) => {
+                    return Err(Abandoned::Stopped(stopping.map_or(s, |(first, _)| first)));
+                }
+                (_, Some(p)) => {
+                    stopping.get_or_insert((s, tokio::time::Instant::now() + p));
+                }
+            }
+        }
+        let until = stopping.map_or(give_up, |(_, t)| t.min(give_up));
+        tokio::select! {
+            done = &mut rx => {
+                return done.map_err(|_| Abandoned::Failed("it panicked".into()));
+            }
+            _ = tokio::time::sleep_until(until) => {
+                return Err(match stopping {
+                    Some((s, t)) if t <= give_up => Abandoned::Stopped(s),
+                    _ => Abandoned::TimedOut(limit),
+                });
+            }
+            changed = stop.changed(), if listening => {
+                // The loop dropped its end: no stop will come; the time limit still holds.
+                listening = changed.is_ok();
+            }
+        }
+    }
+}
+
+/// An attempt stopped before its agent started (its snapshot was still running): cancelled, or
+/// interrupted by a shutdown and put back without using a retry.
+fn stopped_before_the_agent(
+    mut report: Report,
+    claim: &Claim,
+    started_at: &str,
+    t0: Instant,
+    stop: Stop,
+) -> Report {
+    let (outcome, kind, error) = match stop {
+        Stop::Cancel => (Outcome::Cancelled, StopKind::Cancelled, "cancelled by user"),
+        Stop::Shutdown | Stop::KillNow => (
+            Outcome::Interrupted,
+            StopKind::Shutdown,
+            "interrupted by a supervisor shutdown",
+        ),
+    };
+    report.attempt = Attempt {
+        finished_at: Some(fsutil::now_rfc3339()),
+        duration_ms: Some(t0.elapsed().as_millis() as u64),
+        error: Some(format!("{error} (before the agent started)")),
+        ..Attempt::new(claim.attempt, &claim.agent, started_at, outcome)
+    };
+    report.stopped = Some(kind);
+    report
 }
 
 /// One attempt, start to end: claim, prompt, snapshot, run, diff, output. The claim is its only
@@ -149,8 +273,8 @@ pub(super) async fn run_attempt(
     claim: Claim,
     stop: watch::Receiver<Option<Stop>>,
 ) -> Report {
-    // One trip to a blocking thread for everything before the agent starts: the claim and its
-    // fsyncs, the prompt file, the workdir snapshot.
+    // One trip to a blocking thread for the claim and its fsyncs, the prompt file and opening the
+    // workdir; the snapshot then runs on a thread of its own (below).
     let begun = {
         let (ctx, task, claim, stop) = (ctx.clone(), task.clone(), claim.clone(), stop.clone());
         match tokio::task::spawn_blocking(move || begin(&ctx, job, &task, &claim, &stop)).await {
@@ -194,7 +318,6 @@ pub(super) async fn run_attempt(
         workdir,
         prompt,
         prompt_file,
-        snapshot,
     } = match prepared {
         Ok(v) => *v,
         Err(e) => {
@@ -212,6 +335,32 @@ pub(super) async fn run_attempt(
             return report;
         }
     };
+    // The snapshot, on a thread the attempt stops waiting for: a cancel or a shutdown ends the
+    // attempt at once (the agent never starts), and a snapshot out of time is given up on (the
+    // agent runs, and the diff says why there is none).
+    let walk_limit = Duration::from_secs(ctx.cfg.context.max_diff_seconds) + WALK_SLACK;
+    let snapshot = {
+        let progress = Progress::default();
+        let (wd, layout, cfg, pr) = (
+            workdir.clone(),
+            ctx.layout.clone(),
+            ctx.cfg.clone(),
+            progress.clone(),
+        );
+        let job = move || Snapshot::take(wd, &layout, &cfg, &pr);
+        match off_thread("snapshot", walk_limit, stop.clone(), None, job).await {
+            Ok(s) => s,
+            Err(Abandoned::Stopped(s)) => {
+                return stopped_before_the_agent(report, &claim, &started_at, t0, s);
+            }
+            Err(why) => {
+                let why = why.describe("snapshot", &progress);
+                console::warn(&format!("{}: {why}", task.id));
+                Snapshot::unfinished(workdir.clone(), &ctx.layout, &ctx.cfg, Some(why))
+            }
+        }
+    };
+    let workdir_path = workdir.path().to_path_buf();
     let agent_cfg = ctx.cfg.agents[&claim.agent].clone();
     let adapter = agents::adapter_for(agent_cfg.kind)
         .expect("the scheduler only picks agents with an adapter");
@@ -220,7 +369,7 @@ pub(super) async fn run_attempt(
         description: &task.file.description,
         prompt: &prompt,
         prompt_file: &prompt_file,
-        workdir: &workdir,
+        workdir: &workdir_path,
         resume_session: resumable_session(&claim),
     };
     let inv = match adapter.invocation(&claim.agent, &agent_cfg, &req) {
@@ -272,6 +421,8 @@ pub(super) async fn run_attempt(
             crate::failpoint::hit("attempt.running");
         });
     }
+    // `process::run` takes its receiver; the diff needs one of its own.
+    let stop_for_diff = stop.clone();
     let exit = process::run(spec, stop).await;
     if exit.spawn_errno == Some(libc::E2BIG) {
         // Retrying cannot make the prompt shorter.
@@ -329,9 +480,42 @@ pub(super) async fn run_attempt(
         (None, Some(s), None) => format!("signal {s}"),
         _ => "-".into(),
     };
-    // Off the runtime's worker threads, in one trip: the diff reads the workdir, and both writes
-    // wait for the disk.
-    let (text_file, diff_file, files_modified) = {
+    // The diff, on a thread of its own again. A stop asked now (the agent has ended) gives it the
+    // kill grace period to finish, a second signal none; past its time it is given up on. The
+    // agent's work stands either way, and the diff file says what is missing.
+    let diff = {
+        let progress = Progress::default();
+        let pr = progress.clone();
+        let grace = Duration::from_secs_f64(ctx.cfg.orchestrator.kill_grace_seconds);
+        let job = move || snapshot.diff(&pr);
+        off_thread("diff", walk_limit, stop_for_diff, Some(grace), job)
+            .await
+            .unwrap_or_else(|why| {
+                DiffResult::not_diffed(format!(
+                    "the diff was not finished: {}",
+                    why.describe("diff", &progress)
+                ))
+            })
+    };
+    if let Some(why) = &diff.incomplete {
+        console::warn(&format!("{}: diff incomplete: {why}", task.id));
+    }
+    let mut files_modified = diff.files;
+    // Files the agent says it changed but the diff did not see (outside the snapshot's limits, or
+    // changed back): listed too, relative to the workdir when inside it.
+    let mut listed: std::collections::HashSet<String> = files_modified.iter().cloned().collect();
+    for f in &parsed.files_reported {
+        let p = Path::new(f);
+        let rel = p
+            .strip_prefix(&workdir_path)
+            .map(|r| r.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| f.clone());
+        if listed.insert(rel.clone()) {
+            files_modified.push(rel);
+        }
+    }
+    // Off the runtime's worker threads, in one trip: the writes wait for the disk.
+    let (text_file, diff_file, files_file, files_modified) = {
         let (layout, redactor, task, agent) = (
             ctx.layout.clone(),
             ctx.redactor.clone(),
@@ -340,8 +524,8 @@ pub(super) async fn run_attempt(
         );
         let (attempt_n, duration) = (claim.attempt, exit.duration);
         let text = std::mem::take(&mut parsed.text);
+        let diff_text = diff.text;
         tokio::task::spawn_blocking(move || {
-            let diff = snapshot.diff();
             let header = context::OutputHeader {
                 task: &task,
                 agent: &agent,
@@ -349,41 +533,42 @@ pub(super) async fn run_attempt(
                 duration,
                 exit: exit_text,
             };
+            let warn = |what: &str, e: anyhow::Error| {
+                console::warn(&format!("cannot write {what} of {}: {e:#}", task.id));
+            };
             let text_file = context::write_output(&layout, &header, &text, &redactor)
-                .map_err(|e| console::warn(&format!("cannot write output of {}: {e:#}", task.id)))
+                .map_err(|e| warn("output", e))
                 .ok();
-            let diff_file = context::write_diff(&layout, &task.id, &diff.text, &redactor)
-                .map_err(|e| console::warn(&format!("cannot write diff of {}: {e:#}", task.id)))
+            let diff_file = context::write_diff(&layout, &task.id, &diff_text, &redactor)
+                .map_err(|e| warn("diff", e))
                 .ok();
-            (text_file, diff_file, diff.files)
+            // The whole list when the result will hold only its start; an older list goes.
+            let files_file = if files_modified.len() > FILES_IN_RECORD {
+                context::write_files_list(&layout, &task.id, &files_modified, &redactor)
+                    .map_err(|e| warn("the list of changed files", e))
+                    .ok()
+            } else {
+                let _ = std::fs::remove_file(layout.files_list_path(&task.id));
+                None
+            };
+            (text_file, diff_file, files_file, files_modified)
         })
         .await
         .unwrap_or_else(|e| {
             // A bug of ours, after the agent ran: keep its outcome rather than run it again.
-            console::error(&format!("diff or output of {} failed: {e}", report.id));
-            (None, None, vec![])
+            console::error(&format!("output of {} failed: {e}", report.id));
+            (None, None, None, vec![])
         })
     };
     report.text_file = text_file;
     report.diff_file = diff_file;
+    report.files_file = files_file;
+    report.files_modified = files_modified;
     if exit.log_bytes_dropped > 0 {
         console::debug(&format!(
             "{}: {} bytes of output dropped by the log cap",
             task.id, exit.log_bytes_dropped
         ));
-    }
-    report.files_modified = files_modified;
-    // Files the agent says it changed but the diff did not see (outside the snapshot's limits, or
-    // changed back): listed too, relative to the workdir when inside it.
-    for f in &parsed.files_reported {
-        let p = Path::new(f);
-        let rel = p
-            .strip_prefix(&workdir)
-            .map(|r| r.to_string_lossy().into_owned())
-            .unwrap_or_else(|_| f.clone());
-        if !report.files_modified.contains(&rel) {
-            report.files_modified.push(rel);
-        }
     }
     report.stopped = exit.stopped;
     report.attempt = attempt;
@@ -423,11 +608,18 @@ fn resumable_session(claim: &Claim) -> Option<&str> {
     .flatten()
 }
 
-fn prepare(ctx: &AttemptCtx, task: &Task, claim: &Claim) -> Result<(PathBuf, String, PathBuf)> {
-    let workdir = context::task_workdir(&ctx.layout, &ctx.cfg, task)?;
-    if !workdir.is_dir() {
-        anyhow::bail!("workdir {} is not a directory", workdir.display());
+fn prepare(ctx: &AttemptCtx, task: &Task, claim: &Claim) -> Result<(Workdir, String, PathBuf)> {
+    let path = context::task_workdir(&ctx.layout, &ctx.cfg, task)?;
+    if !path.is_dir() {
+        anyhow::bail!("workdir {} is not a directory", path.display());
     }
+    // Held from here to the diff: what the task does to the path cannot move the diff elsewhere.
+    let workdir = Workdir::open(&path).with_context(|| {
+        format!(
+            "cannot open workdir {} (did a part of it just become a symlink?)",
+            path.display()
+        )
+    })?;
     let prompt = ctx.redactor.redact(&context::build_prompt(
         &ctx.layout,
         &ctx.cfg,

@@ -742,6 +742,8 @@ impl Supervisor {
             output_file: output.map(|o| env.layout.rel(&o)),
             diff_file: None,
             files_modified: vec![],
+            files_modified_total: None,
+            files_modified_file: None,
             review_required: false,
             review_files: vec![],
             error: None,

@@ -148,7 +148,10 @@ pub(super) struct Report {
     pub(super) attempt: Attempt,
     pub(super) text_file: Option<PathBuf>,
     pub(super) diff_file: Option<PathBuf>,
+    /// Every file the attempt changed (the result lists the first `record::FILES_IN_RECORD`).
     pub(super) files_modified: Vec<String>,
+    /// The file listing them all, when there are more than a result lists.
+    pub(super) files_file: Option<PathBuf>,
     /// The task itself is at fault (bad workdir, missing context file): retrying cannot help.
     pub(super) permanent: bool,
     pub(super) stopped: Option<StopKind>,
@@ -170,6 +173,7 @@ impl Report {
             text_file: None,
             diff_file: None,
             files_modified: vec![],
+            files_file: None,
             permanent: false,
             stopped: None,
             retry_after: None,

@@ -403,7 +403,7 @@ impl Supervisor {
                 }
                 let rel = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| env.layout.rel(p));
                 let review = context::review_matches(&env.cfg, &r.files_modified);
-                let result = TaskResult {
+                let mut result = TaskResult {
                     task_id: r.id.clone(),
                     status,
                     version: run.claim.version + 1,
@@ -417,12 +417,16 @@ impl Supervisor {
                     attempts,
                     output_file: rel(&r.text_file),
                     diff_file: rel(&r.diff_file),
-                    files_modified: r.files_modified.clone(),
-                    review_required: !review.is_empty(),
-                    review_files: review,
+                    files_modified: vec![],
+                    files_modified_total: None,
+                    files_modified_file: None,
+                    review_required: false,
+                    review_files: vec![],
                     error,
                     chosen_because: run.claim.chosen_because.clone(),
                 };
+                // Capped: a task that changed 200,000 files keeps a record that reads back.
+                result.set_files(&r.files_modified, rel(&r.files_file), review);
                 vec![Action::commit(&run.task, result)]
             }
         }
@@ -489,10 +493,9 @@ impl Supervisor {
                 "completed  {id} on {} in {:.2} s{}{}",
                 result.agent.as_deref().unwrap_or("-"),
                 secs as f64 / 1000.0,
-                if result.files_modified.is_empty() {
-                    String::new()
-                } else {
-                    format!(", changed {}", result.files_modified.len())
+                match result.files_changed() {
+                    0 => String::new(),
+                    n => format!(", changed {n}"),
                 },
                 if result.review_required {
                     format!(" — REVIEW REQUIRED: {}", result.review_files.join(", "))

@@ -47,6 +47,8 @@ impl Ledger {
                 output_file: result.output_file.clone(),
                 diff_file: result.diff_file.clone(),
                 files_modified: result.files_modified.clone(),
+                files_modified_total: result.files_modified_total,
+                files_modified_file: result.files_modified_file.clone(),
             });
         } else {
             self.push_failed(FailedEntry {

@@ -69,6 +69,8 @@ impl Supervisor {
                     output_file,
                     diff_file,
                     files_modified: row.payload.files_modified,
+                    files_modified_total: row.payload.files_modified_total,
+                    files_modified_file: row.payload.files_modified_file,
                 }
             })
             .collect();
