@@ -54,7 +54,7 @@ pub fn kill_marked_since(marker: &str, since: u64, first_pid: u32) -> usize {
     } else {
         0
     };
-    let mut found = 0;
+    let mut killed = Vec::new();
     let Ok(rd) = std::fs::read_dir("/proc") else {
         return 0;
     };
@@ -72,7 +72,7 @@ pub fn kill_marked_since(marker: &str, since: u64, first_pid: u32) -> usize {
             continue;
         };
         if env.split(|&b| b == 0).any(|kv| kv == needle.as_bytes()) {
-            found += 1;
+            killed.push(pid);
             // SAFETY: signalling a process (and its group) that carries our marker.
             unsafe {
                 let pgid = libc::getpgid(pid as i32);
@@ -83,5 +83,28 @@ pub fn kill_marked_since(marker: &str, since: u64, first_pid: u32) -> usize {
             }
         }
     }
-    found
+    // SIGKILL is delivered, not done: until they are gone, a new run of the same task would overlap
+    // them (recovery runs the task again right after). Bounded: a process stuck in the kernel
+    // (uninterruptible I/O) does not hold recovery up for more than a few seconds.
+    let deadline = std::time::Instant::now() + KILL_WAIT;
+    while killed.iter().any(|&p| !gone(p)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    killed.len()
+}
+
+/// How long [`kill_marked_since`] waits for the processes it killed to be gone.
+const KILL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether `pid` has exited (no such process, or a zombie waiting for its parent to reap it).
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // The state is the first field after the command name, which may contain ')'.
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().next())
+            .is_none_or(|state| state == "Z" || state == "X"),
+    }
 }

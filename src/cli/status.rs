@@ -289,7 +289,16 @@ fn render(cli: &Cli, st: &Status) -> Result<i32> {
         }
     }
     if let Some(h) = &st.postgres {
-        if h.connected {
+        if h.stalled {
+            outln!(
+                out,
+                "postgres mirror: STALLED (connected, but no answer from PostgreSQL for {} s), {} queued (lag {} ms); tasks keep running, the writer reconnects after {} s without an answer",
+                h.waiting_ms / 1000,
+                h.queued,
+                h.lag_ms,
+                h.bound_ms / 1000
+            )?;
+        } else if h.connected {
             outln!(
                 out,
                 "postgres mirror: connected, {} queued (lag {} ms), last event {}{}",

@@ -5,8 +5,9 @@
 //! [`Op`], [`Event`], [`SupervisorRow`], [`AttemptLine`], [`AgentTotals`]), the row builders that
 //! turn a task's files into a row ([`pending_row`], [`running_row`], [`terminal_row`],
 //! [`rejected_row`]), and the [`Writer`] fan-out: one SQLite writer thread that batches transitions
-//! (a few ms, one transaction per batch), plus a copy of every transition to the PostgreSQL writer
-//! when one is configured. The rest lives beside it:
+//! (a few ms, one transaction per batch) and rebuilds the database from the tree when its file was
+//! deleted or replaced under it, plus a copy of every transition to the PostgreSQL writer when one
+//! is configured. The rest lives beside it:
 //!
 //! - [`sqlite`]: the SQLite backend (schema, connections, batched version-guarded writes, reads);
 //! - [`postgres`]: the PostgreSQL backend (connections, migrations, writes with `NOTIFY`, its writer
@@ -234,16 +235,26 @@ pub struct Writer {
 }
 
 impl Writer {
+    /// The SQLite writer thread on `db`. `spool` and `max_task_bytes` are what it rebuilds the
+    /// database from should the file be deleted or replaced while it runs.
     pub fn start(
         db: PathBuf,
         host: String,
         redactor: Redactor,
+        spool: &Spool,
+        max_task_bytes: u64,
     ) -> Result<(Writer, std::thread::JoinHandle<()>)> {
-        let conn = sqlite::open(&db)?;
+        let db = sqlite::WriterDb::open(&db)?;
         let (tx, rx) = mpsc::channel::<Op>();
+        let rebuild = Op::Reconcile {
+            spool: Box::new(spool.clone()),
+            max_task_bytes,
+            skip_pending: false,
+            reply: None,
+        };
         let handle = std::thread::Builder::new()
             .name("mirror-writer".into())
-            .spawn(move || write_sqlite(conn, &host, &rx))?;
+            .spawn(move || write_sqlite(db, &host, &rx, &rebuild))?;
         Ok((
             Writer {
                 tx,
@@ -310,8 +321,10 @@ impl Writer {
 }
 
 /// The SQLite writer thread: whatever arrives within a few ms is one commit, and reconciles run
-/// between batches on this connection, so they are serialised with every other write.
-fn write_sqlite(mut conn: rusqlite::Connection, host: &str, rx: &mpsc::Receiver<Op>) {
+/// between batches on this connection, so they are serialised with every other write. Before a
+/// batch, it looks (cheaply, at most once a second) whether its file is still the one at the path;
+/// when it was deleted or replaced, the batch starts with `rebuild` (a reconcile) on the new file.
+fn write_sqlite(mut db: sqlite::WriterDb, host: &str, rx: &mpsc::Receiver<Op>, rebuild: &Op) {
     let mut batch = Vec::new();
     while let Ok(first) = rx.recv() {
         batch.push(first);
@@ -326,6 +339,11 @@ fn write_sqlite(mut conn: rusqlite::Connection, host: &str, rx: &mpsc::Receiver<
         }
         // Reconciles split the batch: what came before is committed first.
         let mut pending: std::collections::VecDeque<Op> = batch.drain(..).collect();
+        if db.reopen_if_replaced() {
+            // First the tree, leaving the tasks of this batch to it (as any reconcile does).
+            pending.push_front(rebuild.clone());
+        }
+        let conn = &mut db.conn;
         let mut ops = Vec::new();
         while let Some(op) = pending.pop_front() {
             let Op::Reconcile {
@@ -338,9 +356,9 @@ fn write_sqlite(mut conn: rusqlite::Connection, host: &str, rx: &mpsc::Receiver<
                 ops.push(op);
                 continue;
             };
-            sqlite::commit_with_retries(&mut conn, host, &mut ops);
+            sqlite::commit_with_retries(conn, host, &mut ops);
             let r = (|| -> Result<ReconcileReport> {
-                let known = sqlite::known_rows(&conn)?;
+                let known = sqlite::known_rows(conn)?;
                 let (plan, report) =
                     reconcile::reconcile_plan(&spool, max_task_bytes, &known, false, skip_pending)?;
                 // Everything sent while the tree was read joins this batch, and the plan
@@ -354,7 +372,7 @@ fn write_sqlite(mut conn: rusqlite::Connection, host: &str, rx: &mpsc::Receiver<
                     .cloned()
                     .collect();
                 let mut plan = reconcile::without_queued(plan, &queued);
-                sqlite::apply(&mut conn, host, &mut plan)?;
+                sqlite::apply(conn, host, &mut plan)?;
                 Ok(report)
             })()
             .map_err(|e| format!("{e:#}"));
@@ -365,7 +383,7 @@ fn write_sqlite(mut conn: rusqlite::Connection, host: &str, rx: &mpsc::Receiver<
                 let _ = reply.send(r);
             }
         }
-        sqlite::commit_with_retries(&mut conn, host, &mut ops);
+        sqlite::commit_with_retries(conn, host, &mut ops);
     }
 }
 

@@ -10,10 +10,16 @@
 //!   reconciles on every (re)connect;
 //! - [`read`]: read-only sessions and the queries behind [`Reader`](super::read::Reader).
 //!
+//! Every wait for the server is bounded here, whatever the network does: a connection that stays
+//! open but carries nothing (a proxy or NAT that kept the socket and lost the peer) ends each wait
+//! with [`NoAnswer`] after [`ANSWER_WITHIN`] (connecting, each statement, each row of a long read),
+//! and TCP keepalives and a user timeout let the kernel close a connection whose peer is gone.
+//!
 //! Nothing here may run on the supervisor loop's thread: a slow or dead server must never touch it
 //! (the writer has its own thread and runtime; readers are CLI commands).
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use futures_util::StreamExt;
@@ -31,6 +37,126 @@ const SCHEMA_VERSION: i32 = 1;
 /// Arbitrary constants naming our advisory locks (migrations, event sequencing).
 const MIGRATE_LOCK: i64 = 0x6f72_6368_0001;
 const EVENTS_LOCK: i64 = 0x6f72_6368_0002;
+
+/// How long any one answer from the server may take: connecting (TCP, TLS, authentication), each
+/// statement, each row of a long read. A server that says nothing for this long is given up on: the
+/// writer drops the connection and reconnects, a reader fails with [`NoAnswer`].
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(10);
+/// Waiting for the events lock is waiting for another supervisor's batch to commit, which may take
+/// longer than one answer on a slow link; a batch that went silent releases it within
+/// [`WRITER_SESSION`]'s `idle_in_transaction_session_timeout`.
+const LOCK_WITHIN: Duration = Duration::from_secs(60);
+/// Server-side bounds of a writer's session, for when our side is the one that went away: the server
+/// ends a statement that outlives our longest wait, and a transaction left open by a writer that
+/// went silent mid-batch (releasing the events lock the other supervisors wait for).
+const WRITER_SESSION: &str =
+    "SET statement_timeout = '60s'; SET idle_in_transaction_session_timeout = '30s'";
+
+/// The server did not answer within the bound: the connection is open but nothing comes back.
+#[derive(Debug, thiserror::Error)]
+#[error("no answer from PostgreSQL for {} s ({what})", .waited.as_secs())]
+pub struct NoAnswer {
+    pub waited: Duration,
+    pub what: &'static str,
+}
+
+/// Whether the server stopped answering (as opposed to answering with an error or closing).
+pub fn is_no_answer(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<NoAnswer>())
+}
+
+/// Since when a session has been waiting for the server, shared with whoever reports on it (the
+/// writer's health file) while the wait is under way.
+#[derive(Debug, Default)]
+pub struct Answers {
+    /// When the current wait began, and its bound.
+    since: Mutex<Option<(Instant, Duration)>>,
+}
+
+impl Answers {
+    /// How long the current wait has lasted, and how long it may; `None` when nothing is being
+    /// waited for.
+    pub fn waiting(&self) -> Option<(Duration, Duration)> {
+        self.since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|(t, limit)| (t.elapsed(), limit))
+    }
+
+    fn set(&self, since: Option<(Instant, Duration)>) {
+        *self.since.lock().unwrap_or_else(|e| e.into_inner()) = since;
+    }
+}
+
+/// Wait at most `limit` for one answer from the server; `answers` (when given) knows meanwhile.
+pub async fn answer<T, E>(
+    answers: Option<&Answers>,
+    limit: Duration,
+    what: &'static str,
+    fut: impl Future<Output = std::result::Result<T, E>>,
+) -> Result<T>
+where
+    E: Into<anyhow::Error>,
+{
+    if let Some(a) = answers {
+        a.set(Some((Instant::now(), limit)));
+    }
+    let out = tokio::time::timeout(limit, fut).await;
+    if let Some(a) = answers {
+        a.set(None);
+    }
+    match out {
+        Ok(r) => r.map_err(Into::into),
+        Err(_) => Err(NoAnswer {
+            waited: limit,
+            what,
+        }
+        .into()),
+    }
+}
+
+/// A query's rows, each bounded by [`ANSWER_WITHIN`] rather than the whole result: a long result
+/// on a slow link is fine as long as rows keep coming.
+pub async fn rows(
+    client: &impl tokio_postgres::GenericClient,
+    answers: Option<&Answers>,
+    what: &'static str,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<tokio_postgres::Row>> {
+    let stream = answer(
+        answers,
+        ANSWER_WITHIN,
+        what,
+        client.query_raw(sql, params.iter().copied()),
+    )
+    .await?;
+    futures_util::pin_mut!(stream);
+    let mut out = Vec::new();
+    while let Some(row) = answer(answers, ANSWER_WITHIN, what, async {
+        stream.next().await.transpose()
+    })
+    .await?
+    {
+        out.push(row);
+    }
+    Ok(out)
+}
+
+/// Exactly one row (a query that always returns one), bounded like [`rows`].
+pub async fn one(
+    client: &impl tokio_postgres::GenericClient,
+    answers: Option<&Answers>,
+    what: &'static str,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<tokio_postgres::Row> {
+    rows(client, answers, what, sql, params)
+        .await?
+        .into_iter()
+        .next()
+        .with_context(|| format!("no row from PostgreSQL ({what})"))
+}
 
 /// An error that retrying cannot fix (wrong URL, missing tables): followers give up on it.
 #[derive(Debug, thiserror::Error)]
@@ -68,8 +194,11 @@ pub fn channel(schema: &str) -> String {
     }
 }
 
-/// Connection settings shared by the writer, readers and followers: keepalives so a dead peer is
-/// noticed, a connect timeout so an unreachable server fails fast.
+/// Connection settings shared by the writer, readers and followers: a connect timeout so an
+/// unreachable server fails fast; keepalives (probe after 10 s idle, every 5 s, give up after 3) and
+/// a TCP user timeout (30 s of unacknowledged data) so the kernel closes a connection whose peer is
+/// gone, even while nothing waits on it (an idle follower). They cannot see a peer that keeps the
+/// socket and forwards nothing (a proxy's kernel acknowledges for it): [`ANSWER_WITHIN`] covers that.
 pub fn pg_config(url: &str) -> Result<tokio_postgres::Config> {
     let mut cfg: tokio_postgres::Config = url
         .parse()
@@ -79,7 +208,10 @@ pub fn pg_config(url: &str) -> Result<tokio_postgres::Config> {
     }
     cfg.connect_timeout(Duration::from_secs(5))
         .keepalives(true)
-        .keepalives_idle(Duration::from_secs(30));
+        .keepalives_idle(Duration::from_secs(10))
+        .keepalives_interval(Duration::from_secs(5))
+        .keepalives_retries(3)
+        .tcp_user_timeout(Duration::from_secs(30));
     Ok(cfg)
 }
 
@@ -148,30 +280,76 @@ impl rustls::client::danger::ServerCertVerifier for EncryptOnly {
     }
 }
 
-/// Connect for writing: the schema is created if missing.
-pub async fn connect(url: &str, schema: &str) -> Result<Client> {
-    let (client, _) = open(url).await?;
-    client
-        .batch_execute(&format!(
-            "CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema}"
-        ))
-        .await
-        .context("cannot select the schema")?;
-    Ok(client)
+/// A connection for writing: the client, the task that drives its socket, and what it waits for.
+/// Dropping it aborts that task, so a connection that went silent is closed at once instead of
+/// waiting forever for the answers it was promised.
+pub struct Session {
+    client: Client,
+    driver: tokio::task::AbortHandle,
+    answers: Arc<Answers>,
+}
+
+impl Session {
+    /// What this session waits for, readable while a call on it is under way.
+    pub fn answers(&self) -> Arc<Answers> {
+        self.answers.clone()
+    }
+
+    /// Whether the connection has ended (the server closed it or it broke).
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+/// Connect for writing: the schema is created if missing, and the session gets the server-side
+/// bounds of [`WRITER_SESSION`].
+pub async fn connect(url: &str, schema: &str) -> Result<Session> {
+    let answers = Arc::new(Answers::default());
+    let (client, _, driver) = open(url, Some(&answers)).await?;
+    let session = Session {
+        client,
+        driver,
+        answers,
+    };
+    answer(
+        Some(&session.answers),
+        ANSWER_WITHIN,
+        "selecting the schema",
+        session.client.batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema}; {WRITER_SESSION}"
+        )),
+    )
+    .await
+    .context("cannot select the schema")?;
+    Ok(session)
 }
 
 /// The `NOTIFY`s a connection hears, one `()` each (only a session that `LISTEN`s hears any). The
 /// channel closes when the connection ends, which is how a follower learns that it did.
 pub type Notifications = tokio::sync::mpsc::UnboundedReceiver<()>;
 
-/// Open a connection and drive it on the current runtime, forwarding its notifications.
-async fn open(url: &str) -> Result<(Client, Notifications)> {
-    let (client, mut conn) = pg_config(url)?
-        .connect(tls()?)
-        .await
-        .context("cannot connect to PostgreSQL")?;
+/// Open a connection (bounded by [`ANSWER_WITHIN`] as a whole: TCP, TLS, authentication) and drive
+/// it on the current runtime, forwarding its notifications. The handle aborts the driving task.
+async fn open(
+    url: &str,
+    answers: Option<&Answers>,
+) -> Result<(Client, Notifications, tokio::task::AbortHandle)> {
+    let (client, mut conn) = answer(
+        answers,
+        ANSWER_WITHIN,
+        "connecting",
+        pg_config(url)?.connect(tls()?),
+    )
+    .await
+    .context("cannot connect to PostgreSQL")?;
     let (tx, notes) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
+    let driver = tokio::spawn(async move {
         // Ends when the client is dropped or the server goes away; the error surfaces on the next query.
         let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
         while let Some(Ok(msg)) = messages.next().await {
@@ -180,16 +358,23 @@ async fn open(url: &str) -> Result<(Client, Notifications)> {
             }
         }
     });
-    Ok((client, notes))
+    Ok((client, notes, driver.abort_handle()))
 }
 
 /// Create or upgrade the tables. Safe when several supervisors start at once: the DDL runs under an
 /// advisory transaction lock, so one migrates and the others find the work done.
-pub async fn migrate(client: &mut Client) -> Result<()> {
-    let tx = client.transaction().await?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK])
-        .await?;
-    tx.batch_execute(
+pub async fn migrate(session: &mut Session) -> Result<()> {
+    let a = session.answers.clone();
+    let a = Some(&*a);
+    let tx = answer(a, ANSWER_WITHIN, "migrating", session.client.transaction()).await?;
+    answer(
+        a,
+        LOCK_WITHIN,
+        "waiting for the migration lock",
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK]),
+    )
+    .await?;
+    let ddl = tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS orchestrate_schema(version integer NOT NULL);
          CREATE TABLE IF NOT EXISTS tasks(
              id text PRIMARY KEY,
@@ -227,17 +412,27 @@ pub async fn migrate(client: &mut Client) -> Result<()> {
              pid integer NOT NULL,
              started_at timestamptz NOT NULL,
              heartbeat_at timestamptz NOT NULL);",
+    );
+    answer(a, ANSWER_WITHIN, "migrating", ddl).await?;
+    let current: Option<i32> = one(
+        &tx,
+        a,
+        "migrating",
+        "SELECT max(version) FROM orchestrate_schema",
+        &[],
     )
-    .await?;
-    let current: Option<i32> = tx
-        .query_opt("SELECT max(version) FROM orchestrate_schema", &[])
-        .await?
-        .and_then(|r| r.get(0));
+    .await?
+    .get(0);
     match current {
         None => {
-            tx.execute(
-                "INSERT INTO orchestrate_schema(version) VALUES($1)",
-                &[&SCHEMA_VERSION],
+            answer(
+                a,
+                ANSWER_WITHIN,
+                "migrating",
+                tx.execute(
+                    "INSERT INTO orchestrate_schema(version) VALUES($1)",
+                    &[&SCHEMA_VERSION],
+                ),
             )
             .await?;
         }
@@ -249,7 +444,7 @@ pub async fn migrate(client: &mut Client) -> Result<()> {
         // Future migrations from older versions go here, one step at a time.
         Some(_) => {}
     }
-    tx.commit().await?;
+    answer(a, ANSWER_WITHIN, "migrating", tx.commit()).await?;
     Ok(())
 }
 
@@ -277,21 +472,33 @@ ON CONFLICT (task_id, n) DO UPDATE SET agent = excluded.agent, started_at = excl
     cost_usd = excluded.cost_usd, input_tokens = excluded.input_tokens, output_tokens = excluded.output_tokens,
     session_id = excluded.session_id";
 
-/// Apply a batch in one transaction; returns the highest event sequence written (0 if none).
-pub async fn apply(client: &mut Client, host: &str, channel: &str, ops: &[Op]) -> Result<i64> {
-    let tx = client.transaction().await?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&EVENTS_LOCK])
-        .await?;
-    let upsert = tx.prepare(UPSERT).await?;
-    let attempt = tx.prepare(ATTEMPT).await?;
+/// Apply a batch in one transaction; returns the highest event sequence written (0 if none). Each
+/// statement is bounded ([`ANSWER_WITHIN`]; the events lock, [`LOCK_WITHIN`]).
+pub async fn apply(session: &mut Session, host: &str, channel: &str, ops: &[Op]) -> Result<i64> {
+    const WHAT: &str = "writing a batch";
+    let a = session.answers.clone();
+    let a = Some(&*a);
+    let tx = answer(a, ANSWER_WITHIN, WHAT, session.client.transaction()).await?;
+    answer(
+        a,
+        LOCK_WITHIN,
+        "waiting for the events lock",
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&EVENTS_LOCK]),
+    )
+    .await?;
+    let upsert = answer(a, ANSWER_WITHIN, WHAT, tx.prepare(UPSERT)).await?;
+    let attempt = answer(a, ANSWER_WITHIN, WHAT, tx.prepare(ATTEMPT)).await?;
     let mut max_seq = 0i64;
     for op in ops {
         match op {
             Op::Upsert { row, attempts } => {
                 let payload = serde_json::to_string(&row.payload)?;
                 let version = row.version as i64;
-                let r = tx
-                    .query_one(
+                let r = answer(
+                    a,
+                    ANSWER_WITHIN,
+                    WHAT,
+                    tx.query_one(
                         &upsert,
                         &[
                             &row.id,
@@ -303,8 +510,9 @@ pub async fn apply(client: &mut Client, host: &str, channel: &str, ops: &[Op]) -
                             &row.note,
                             &host,
                         ],
-                    )
-                    .await?;
+                    ),
+                )
+                .await?;
                 let applied: i64 = r.get(0);
                 if let Some(seq) = r.get::<_, Option<i64>>(1) {
                     max_seq = max_seq.max(seq);
@@ -312,37 +520,58 @@ pub async fn apply(client: &mut Client, host: &str, channel: &str, ops: &[Op]) -
                 if applied == 0 {
                     continue;
                 }
-                for a in attempts {
-                    let n = a.n as i32;
-                    let input = a.input_tokens.map(|v| v as i64);
-                    let output = a.output_tokens.map(|v| v as i64);
-                    tx.execute(
-                        &attempt,
-                        &[
-                            &row.id,
-                            &n,
-                            &a.agent,
-                            &a.started_at,
-                            &a.finished_at,
-                            &a.outcome.as_str(),
-                            &a.exit_code,
-                            &a.cost_usd,
-                            &input,
-                            &output,
-                            &a.session_id,
-                        ],
+                for at in attempts {
+                    let n = at.n as i32;
+                    let input = at.input_tokens.map(|v| v as i64);
+                    let output = at.output_tokens.map(|v| v as i64);
+                    answer(
+                        a,
+                        ANSWER_WITHIN,
+                        WHAT,
+                        tx.execute(
+                            &attempt,
+                            &[
+                                &row.id,
+                                &n,
+                                &at.agent,
+                                &at.started_at,
+                                &at.finished_at,
+                                &at.outcome.as_str(),
+                                &at.exit_code,
+                                &at.cost_usd,
+                                &input,
+                                &output,
+                                &at.session_id,
+                            ],
+                        ),
                     )
                     .await?;
                 }
             }
             Op::Note { id, note } => {
-                tx.execute("UPDATE tasks SET note = $2 WHERE id = $1", &[id, note])
-                    .await?;
+                answer(
+                    a,
+                    ANSWER_WITHIN,
+                    WHAT,
+                    tx.execute("UPDATE tasks SET note = $2 WHERE id = $1", &[id, note]),
+                )
+                .await?;
             }
             Op::Delete(id) => {
-                tx.execute("DELETE FROM tasks WHERE id = $1", &[id]).await?;
-                tx.execute("DELETE FROM attempts WHERE task_id = $1", &[id])
-                    .await?;
+                answer(
+                    a,
+                    ANSWER_WITHIN,
+                    WHAT,
+                    tx.execute("DELETE FROM tasks WHERE id = $1", &[id]),
+                )
+                .await?;
+                answer(
+                    a,
+                    ANSWER_WITHIN,
+                    WHAT,
+                    tx.execute("DELETE FROM attempts WHERE task_id = $1", &[id]),
+                )
+                .await?;
             }
             Op::Supervisor {
                 instance,
@@ -351,19 +580,22 @@ pub async fn apply(client: &mut Client, host: &str, channel: &str, ops: &[Op]) -
                 heartbeat_at,
                 alive,
             } => {
-                if *alive {
-                    let pid = *pid as i32;
-                    tx.execute(
-                        "INSERT INTO supervisors(host, instance, pid, started_at, heartbeat_at)
-                         VALUES($1, $2, $3, $4::text::timestamptz, $5::text::timestamptz)
-                         ON CONFLICT (instance) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
-                        &[&host, instance, &pid, started_at, heartbeat_at],
-                    )
-                    .await?;
-                } else {
-                    tx.execute("DELETE FROM supervisors WHERE instance = $1", &[instance])
-                        .await?;
-                }
+                let pid = *pid as i32;
+                let write = async {
+                    if *alive {
+                        tx.execute(
+                            "INSERT INTO supervisors(host, instance, pid, started_at, heartbeat_at)
+                             VALUES($1, $2, $3, $4::text::timestamptz, $5::text::timestamptz)
+                             ON CONFLICT (instance) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+                            &[&host, instance, &pid, started_at, heartbeat_at],
+                        )
+                        .await
+                    } else {
+                        tx.execute("DELETE FROM supervisors WHERE instance = $1", &[instance])
+                            .await
+                    }
+                };
+                answer(a, ANSWER_WITHIN, WHAT, write).await?;
             }
             // Local-only operations: flushes are answered by the SQLite writer, reconciles run in the
             // writer thread (`writer`).
@@ -371,12 +603,74 @@ pub async fn apply(client: &mut Client, host: &str, channel: &str, ops: &[Op]) -
         }
     }
     if max_seq > 0 {
-        tx.execute(
-            "SELECT pg_notify($1, $2)",
-            &[&channel, &max_seq.to_string()],
+        answer(
+            a,
+            ANSWER_WITHIN,
+            WHAT,
+            tx.execute(
+                "SELECT pg_notify($1, $2)",
+                &[&channel, &max_seq.to_string()],
+            ),
         )
         .await?;
     }
-    tx.commit().await?;
+    answer(a, ANSWER_WITHIN, "committing a batch", tx.commit()).await?;
     Ok(max_seq)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    }
+
+    #[test]
+    fn a_call_the_server_never_answers_ends_with_no_answer() {
+        let answers = Answers::default();
+        let never = std::future::pending::<Result<(), tokio_postgres::Error>>();
+        let e = runtime()
+            .block_on(answer(
+                Some(&answers),
+                Duration::from_millis(20),
+                "testing",
+                never,
+            ))
+            .expect_err("bounded");
+        assert!(is_no_answer(&e), "{e:#}");
+        assert!(!is_permanent(&e), "a follower retries it");
+        assert_eq!(e.to_string(), "no answer from PostgreSQL for 0 s (testing)");
+        assert_eq!(answers.waiting(), None, "nothing is waited for any more");
+    }
+
+    #[test]
+    fn a_wait_in_progress_is_visible_and_an_answer_passes_through() {
+        let answers = Answers::default();
+        let rt = runtime();
+        let (seen, out) = rt.block_on(async {
+            let call = answer(Some(&answers), ANSWER_WITHIN, "testing", async {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                Ok::<_, tokio_postgres::Error>(7)
+            });
+            tokio::pin!(call);
+            // Poll the call once, so its wait has begun, then look from outside.
+            let seen = tokio::select! {
+                biased;
+                _ = &mut call => None,
+                _ = std::future::ready(()) => answers.waiting(),
+            };
+            (seen, call.await)
+        });
+        assert_eq!(
+            seen.map(|(_, bound)| bound),
+            Some(ANSWER_WITHIN),
+            "the wait shows while it lasts, with its bound"
+        );
+        assert_eq!(out.expect("answered"), 7);
+        assert_eq!(answers.waiting(), None);
+    }
 }

@@ -7,12 +7,17 @@
 //! never wait for the writer, and a power cut can lose only the last commits, which the reconciler
 //! restores from the tree.
 //!
+//! The writer's connection ([`WriterDb`]) knows which file it opened: a database deleted or replaced
+//! under a running supervisor (by hand, by a cleanup script, by `orchestrate` reading a mirror that
+//! was gone) is noticed within [`IDENTITY_CHECK`] of the next write, and the file at the path is
+//! opened (or created) in its place for the writer to rebuild from the tree.
+//!
 //! This file never decides what a row should say (the row builders and the reconcile plan do), and
 //! it never writes from the supervisor loop's thread: the [`Writer`](super::Writer) thread and the
 //! CLI's one-shot writes (`add`, `retry`, `cancel`, reconciles) are its only writers.
 
-use std::path::Path;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -67,12 +72,149 @@ pub fn open(path: &Path) -> Result<Connection> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
+    if !path.exists() {
+        create(path)?;
+    }
     let conn = Connection::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     conn.busy_timeout(Duration::from_secs(10))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.execute_batch(SCHEMA)?;
     Ok(conn)
+}
+
+/// How often, at most, the writer looks at whether its file is still the one at the path: one
+/// `stat`, before a batch (the supervisor's heartbeat sends one even when idle).
+pub const IDENTITY_CHECK: Duration = Duration::from_secs(1);
+
+/// The writer thread's connection and the identity of the file it opened.
+pub struct WriterDb {
+    pub conn: Connection,
+    path: PathBuf,
+    /// (device, inode) of the file when it was opened.
+    id: Option<(u64, u64)>,
+    /// The `-wal` and `-shm` files beside it, with their (device, inode) once opened.
+    sidecars: Vec<(PathBuf, Option<(u64, u64)>)>,
+    checked: Instant,
+    /// Opening a new file failed and was said: said again only once it works.
+    failing: bool,
+}
+
+/// The `-wal` and `-shm` files of the database at `path`, with their identities.
+fn sidecars(path: &Path) -> Vec<(PathBuf, Option<(u64, u64)>)> {
+    ["-wal", "-shm"]
+        .iter()
+        .map(|suffix| {
+            let mut name = path.as_os_str().to_owned();
+            name.push(suffix);
+            let p = PathBuf::from(name);
+            let id = file_id(&p);
+            (p, id)
+        })
+        .collect()
+}
+
+/// (device, inode) of the file at `path`, `None` when there is none.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+impl WriterDb {
+    pub fn open(path: &Path) -> Result<WriterDb> {
+        let conn = open(path)?;
+        Ok(WriterDb {
+            conn,
+            path: path.to_path_buf(),
+            id: file_id(path),
+            sidecars: sidecars(path),
+            checked: Instant::now(),
+            failing: false,
+        })
+    }
+
+    /// Whether the file was deleted or replaced since it was opened and the writer now holds a
+    /// connection to the file at the path instead (created if need be, with empty tables): the
+    /// caller rebuilds it from the tree. Looks at most once per [`IDENTITY_CHECK`].
+    pub fn reopen_if_replaced(&mut self) -> bool {
+        if self.checked.elapsed() < IDENTITY_CHECK {
+            return false;
+        }
+        self.checked = Instant::now();
+        let now = file_id(&self.path);
+        if now.is_some() && now == self.id {
+            return false;
+        }
+        // Only the database was deleted: its `-wal` and `-shm` are still ours, and a new database
+        // must not start from them (SQLite would read our old pages into it). Our connection keeps
+        // them open; only the names go.
+        for (p, id) in &self.sidecars {
+            if id.is_some() && file_id(p) == *id {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        match open(&self.path) {
+            Ok(conn) => {
+                // Closing the old connection must not checkpoint or delete `-wal`/`-shm` by name:
+                // those names may belong to the new file now.
+                let _ = self.conn.set_db_config(
+                    rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+                    true,
+                );
+                self.conn = conn;
+                self.id = file_id(&self.path);
+                self.sidecars = sidecars(&self.path);
+                self.failing = false;
+                crate::console::warn(&format!(
+                    "mirror: {} was deleted or replaced while the supervisor ran; writing to {} now, rebuilt from the tree",
+                    self.path.display(),
+                    if now.is_none() {
+                        "a new one"
+                    } else {
+                        "the file there now"
+                    }
+                ));
+                true
+            }
+            Err(e) => {
+                if !self.failing {
+                    crate::console::warn(&format!(
+                        "mirror: {} was deleted or replaced while the supervisor ran, and cannot be \
+                         opened again: {e:#}; will try again (the tree is unaffected)",
+                        self.path.display()
+                    ));
+                    self.failing = true;
+                }
+                false
+            }
+        }
+    }
+}
+
+/// Make a database with the tables at `path`, appearing there whole: a reader that finds the file
+/// (`status` while a supervisor creates it) finds the tables in it. Built under a name of its own and
+/// linked into place, so a file made there meanwhile by someone else is kept, never replaced.
+fn create(path: &Path) -> Result<()> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".new-{}-{nanos}", std::process::id()));
+    let tmp = PathBuf::from(name);
+    let built = (|| -> Result<()> {
+        // Rollback-journal mode until it is in place: a WAL file would be named after this name.
+        Connection::open(&tmp)?.execute_batch(SCHEMA)?;
+        match std::fs::hard_link(&tmp, path) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            // A file system without hard links: a rename could replace a file made meanwhile,
+            // which its writer then notices (`WriterDb`) and rebuilds.
+            Err(_) => Ok(std::fs::rename(&tmp, path)?),
+            Ok(()) => Ok(()),
+        }
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    built.with_context(|| format!("cannot create {}", path.display()))
 }
 
 /// Open for reading only; `None` when there is no database yet.

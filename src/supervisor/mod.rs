@@ -182,8 +182,13 @@ impl Supervisor {
         spool.check_same_fs()?;
         fsutil::set_durable(cfg.orchestrator.durable);
         let me = Instance::register(&layout)?;
-        let (mut writer, _handle) =
-            Writer::start(layout.state_db(), me.host.clone(), redactor.clone())?;
+        let (mut writer, _handle) = Writer::start(
+            layout.state_db(),
+            me.host.clone(),
+            redactor.clone(),
+            &spool,
+            cfg.orchestrator.max_task_bytes,
+        )?;
         if let Some(url) = &cfg.database.url {
             // Never blocks the start: the writer connects (and reconnects) on its own thread.
             let pg = mirror::postgres::PgWriter::start(

@@ -596,12 +596,44 @@ pub fn pg_rows_public(sql: &str) -> Option<String> {
     pg_rows("SELECT 1", sql).first().and_then(|r| r[0].clone())
 }
 
-/// A TCP proxy in front of the server that a test can cut (connections dropped, new ones refused)
-/// and restore: a database outage without stopping the server other tests share.
+/// A TCP proxy in front of the server that a test can cut (connections dropped, new ones refused),
+/// make silent (a blackhole: connections stay open, new ones are accepted, nothing passes either
+/// way, as behind a NAT or a proxy that lost its peer) and restore: a database outage without
+/// stopping the server other tests share.
 pub struct Proxy {
     pub port: u16,
     cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    silent: std::sync::Arc<std::sync::atomic::AtomicBool>,
     conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+    /// Connections accepted while silent, held open and never forwarded.
+    held: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+/// Copy `from` to `to` until either ends, holding what was read while `silent` is set (the peer
+/// gets no answer, and once the socket buffers fill, the sender blocks) and passing it on once it
+/// is cleared.
+fn forward(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    silent: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        while silent.load(Ordering::SeqCst) && !cut.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if cut.load(Ordering::SeqCst) || to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Both);
 }
 
 impl Proxy {
@@ -612,12 +644,19 @@ impl Proxy {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let silent = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::<std::net::TcpStream>::new()));
-        let (cut2, conns2) = (cut.clone(), conns.clone());
+        let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::<std::net::TcpStream>::new()));
+        let (cut2, silent2, conns2, held2) =
+            (cut.clone(), silent.clone(), conns.clone(), held.clone());
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
                 if cut2.load(Ordering::SeqCst) {
                     drop(client);
+                    continue;
+                }
+                if silent2.load(Ordering::SeqCst) {
+                    held2.lock().expect("lock").push(client);
                     continue;
                 }
                 let Ok(server) = std::net::TcpStream::connect(&target) else {
@@ -627,21 +666,25 @@ impl Proxy {
                 list.push(client.try_clone().expect("clone"));
                 list.push(server.try_clone().expect("clone"));
                 drop(list);
-                for (mut from, mut to) in [
+                for (from, to) in [
                     (
                         client.try_clone().expect("clone"),
                         server.try_clone().expect("clone"),
                     ),
                     (server, client),
                 ] {
-                    std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
-                        let _ = to.shutdown(std::net::Shutdown::Both);
-                    });
+                    let (silent, cut) = (silent2.clone(), cut2.clone());
+                    std::thread::spawn(move || forward(from, to, silent, cut));
                 }
             }
         });
-        Proxy { port, cut, conns }
+        Proxy {
+            port,
+            cut,
+            silent,
+            conns,
+            held,
+        }
     }
 
     /// The test server's URL with the proxy in place of the server.
@@ -659,10 +702,22 @@ impl Proxy {
         for s in self.conns.lock().expect("lock").drain(..) {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
+        self.held.lock().expect("lock").clear();
     }
 
+    /// Go silent: every connection stays open and nothing passes, either way; new connections are
+    /// accepted and held without an answer. No error reaches either side.
+    pub fn blackhole(&self) {
+        self.silent.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Pass traffic again (after [`Proxy::cut`] or [`Proxy::blackhole`]). Connections held while
+    /// silent are closed (their clients gave up on them); what open connections held passes on.
     pub fn restore(&self) {
         self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.held.lock().expect("lock").clear();
+        self.silent
+            .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

@@ -2,14 +2,16 @@
 //! queries behind [`Reader`](crate::mirror::read::Reader), one per SQLite read with the same meaning.
 //!
 //! Every session is read-only (`default_transaction_read_only`), so a remote device can look but
-//! never change anything. Timestamps come back as text in the form the SQLite mirror stores
+//! never change anything. Every wait for the server is bounded (connecting, each statement, each
+//! row: [`ANSWER_WITHIN`]), so a read command facing a server that stopped answering fails with
+//! [`NoAnswer`](super::NoAnswer) instead of hanging, and a follower reconnects. Timestamps come back as text in the form the SQLite mirror stores
 //! (RFC 3339, UTC, milliseconds), so both backends answer with the same strings. Nothing here writes
 //! or creates a schema: a typo in a schema name must not leave an empty one behind.
 
 use anyhow::Result;
 use tokio_postgres::Client;
 
-use super::{Notifications, Permanent, channel, open};
+use super::{ANSWER_WITHIN, Notifications, Permanent, answer, channel, one, open, rows};
 use crate::config::valid_schema;
 use crate::mirror::{AgentTotals, AttemptLine, Event, SupervisorRow, TaskRow};
 
@@ -17,26 +19,32 @@ use crate::mirror::{AgentTotals, AttemptLine, Event, SupervisorRow, TaskRow};
 /// [`Permanent`] error: a one-shot read has nothing to wait for.
 pub async fn connect_read_only(url: &str, schema: &str) -> Result<(Client, Notifications)> {
     anyhow::ensure!(valid_schema(schema), "invalid schema name `{schema}`");
-    let (client, notes) = open(url).await?;
+    let (client, notes, _) = open(url, None).await?;
     // One question answers both "does the schema exist" and "has a supervisor written to it".
-    let ready: bool = client
-        .query_one(
-            "SELECT to_regclass($1) IS NOT NULL",
-            &[&format!("{schema}.task_events")],
-        )
-        .await?
-        .get(0);
+    let ready: bool = one(
+        &client,
+        None,
+        "looking for the schema",
+        "SELECT to_regclass($1) IS NOT NULL",
+        &[&format!("{schema}.task_events")],
+    )
+    .await?
+    .get(0);
     if !ready {
         return Err(anyhow::Error::new(Permanent(format!(
             "schema `{schema}` has no orchestrate tables in that database: no supervisor has written to it yet, \
              or the schema name is wrong (database.schema in the config file)"
         ))));
     }
-    client
-        .batch_execute(&format!(
+    answer(
+        None,
+        ANSWER_WITHIN,
+        "opening a read-only session",
+        client.batch_execute(&format!(
             "SET search_path TO {schema}; SET default_transaction_read_only = on"
-        ))
-        .await?;
+        )),
+    )
+    .await?;
     Ok((client, notes))
 }
 
@@ -44,18 +52,27 @@ pub async fn connect_read_only(url: &str, schema: &str) -> Result<(Client, Notif
 /// between a catch-up read and the first notification. A schema without our tables is a passing
 /// error here: a follower may start before any supervisor has written (like `tail -F`).
 pub async fn connect_following(url: &str, schema: &str) -> Result<(Client, Notifications)> {
-    let (client, notes) = open(url).await?;
+    let (client, notes, _) = open(url, None).await?;
     anyhow::ensure!(valid_schema(schema), "invalid schema name `{schema}`");
-    client
-        .batch_execute(&format!(
+    answer(
+        None,
+        ANSWER_WITHIN,
+        "starting to listen",
+        client.batch_execute(&format!(
             "SET search_path TO {schema}; SET default_transaction_read_only = on; LISTEN {}",
             channel(schema)
-        ))
-        .await?;
-    let ready: bool = client
-        .query_one("SELECT to_regclass('task_events') IS NOT NULL", &[])
-        .await?
-        .get(0);
+        )),
+    )
+    .await?;
+    let ready: bool = one(
+        &client,
+        None,
+        "looking for the schema",
+        "SELECT to_regclass('task_events') IS NOT NULL",
+        &[],
+    )
+    .await?
+    .get(0);
     if !ready {
         // Say what we wait for (a wrong schema name shows up here too); the caller keeps waiting.
         anyhow::bail!(
@@ -101,12 +118,14 @@ async fn task_rows(
     filter: &str,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> Result<Vec<TaskRow>> {
-    let rows = client
-        .query(
-            &format!("SELECT {ROW_COLUMNS} FROM tasks {filter} ORDER BY updated_at, id"),
-            params,
-        )
-        .await?;
+    let rows = rows(
+        client,
+        None,
+        "reading tasks",
+        &format!("SELECT {ROW_COLUMNS} FROM tasks {filter} ORDER BY updated_at, id"),
+        params,
+    )
+    .await?;
     Ok(rows.iter().map(row_from_pg).collect())
 }
 
@@ -127,12 +146,14 @@ pub async fn get(client: &Client, id: &str) -> Result<Option<TaskRow>> {
 }
 
 pub async fn counts(client: &Client) -> Result<Vec<(String, usize)>> {
-    let rows = client
-        .query(
-            "SELECT state, count(*) FROM tasks GROUP BY state ORDER BY state",
-            &[],
-        )
-        .await?;
+    let rows = rows(
+        client,
+        None,
+        "counting tasks",
+        "SELECT state, count(*) FROM tasks GROUP BY state ORDER BY state",
+        &[],
+    )
+    .await?;
     Ok(rows
         .iter()
         .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as usize))
@@ -141,16 +162,18 @@ pub async fn counts(client: &Client) -> Result<Vec<(String, usize)>> {
 
 pub async fn agent_totals(client: &Client) -> Result<Vec<AgentTotals>> {
     // Sums of bigint are numeric in PostgreSQL: cast back. Byte order of names, as SQLite sorts.
-    let rows = client
-        .query(
-            "SELECT agent, count(*), count(*) FILTER (WHERE outcome = 'completed'),
+    let rows = rows(
+        client,
+        None,
+        "reading attempts",
+        "SELECT agent, count(*), count(*) FILTER (WHERE outcome = 'completed'),
                     count(*) FILTER (WHERE outcome <> 'completed' AND finished_at IS NOT NULL),
                     coalesce(sum(cost_usd), 0), coalesce(sum(input_tokens), 0)::bigint,
                     coalesce(sum(output_tokens), 0)::bigint
              FROM attempts GROUP BY agent ORDER BY agent COLLATE \"C\"",
-            &[],
-        )
-        .await?;
+        &[],
+    )
+    .await?;
     Ok(rows
         .iter()
         .map(|r| AgentTotals {
@@ -166,19 +189,21 @@ pub async fn agent_totals(client: &Client) -> Result<Vec<AgentTotals>> {
 }
 
 pub async fn events_since(client: &Client, seq: i64, limit: usize) -> Result<Vec<Event>> {
-    let rows = client
-        .query(
-            concat!(
-                "SELECT e.seq, e.host, e.task_id, e.version, e.state, ",
-                text_time!("e.at"),
-                ", t.agent, CASE WHEN e.state = 'failed' AND t.version = e.version",
-                " THEN t.payload->>'error' END",
-                " FROM task_events e LEFT JOIN tasks t ON t.id = e.task_id",
-                " WHERE e.seq > $1 ORDER BY e.seq LIMIT $2"
-            ),
-            &[&seq, &(limit as i64)],
-        )
-        .await?;
+    let rows = rows(
+        client,
+        None,
+        "reading events",
+        concat!(
+            "SELECT e.seq, e.host, e.task_id, e.version, e.state, ",
+            text_time!("e.at"),
+            ", t.agent, CASE WHEN e.state = 'failed' AND t.version = e.version",
+            " THEN t.payload->>'error' END",
+            " FROM task_events e LEFT JOIN tasks t ON t.id = e.task_id",
+            " WHERE e.seq > $1 ORDER BY e.seq LIMIT $2"
+        ),
+        &[&seq, &(limit as i64)],
+    )
+    .await?;
     Ok(rows
         .iter()
         .map(|r| Event {
@@ -196,25 +221,32 @@ pub async fn events_since(client: &Client, seq: i64, limit: usize) -> Result<Vec
 
 /// The latest event's sequence number (0 when there is none).
 pub async fn max_seq(client: &Client) -> Result<i64> {
-    Ok(client
-        .query_one("SELECT coalesce(max(seq), 0) FROM task_events", &[])
-        .await?
-        .get(0))
+    Ok(one(
+        client,
+        None,
+        "reading events",
+        "SELECT coalesce(max(seq), 0) FROM task_events",
+        &[],
+    )
+    .await?
+    .get(0))
 }
 
 pub async fn supervisors(client: &Client) -> Result<Vec<SupervisorRow>> {
-    let rows = client
-        .query(
-            concat!(
-                "SELECT host, instance, pid, ",
-                text_time!("started_at"),
-                ", ",
-                text_time!("heartbeat_at"),
-                " FROM supervisors ORDER BY started_at"
-            ),
-            &[],
-        )
-        .await?;
+    let rows = rows(
+        client,
+        None,
+        "reading supervisors",
+        concat!(
+            "SELECT host, instance, pid, ",
+            text_time!("started_at"),
+            ", ",
+            text_time!("heartbeat_at"),
+            " FROM supervisors ORDER BY started_at"
+        ),
+        &[],
+    )
+    .await?;
     Ok(rows
         .iter()
         .map(|r| SupervisorRow {
@@ -228,18 +260,20 @@ pub async fn supervisors(client: &Client) -> Result<Vec<SupervisorRow>> {
 }
 
 pub async fn attempts_of(client: &Client, id: &str) -> Result<Vec<AttemptLine>> {
-    let rows = client
-        .query(
-            concat!(
-                "SELECT n, agent, ",
-                text_time!("started_at"),
-                ", ",
-                text_time!("finished_at"),
-                ", outcome, exit_code FROM attempts WHERE task_id = $1 ORDER BY n"
-            ),
-            &[&id],
-        )
-        .await?;
+    let rows = rows(
+        client,
+        None,
+        "reading attempts",
+        concat!(
+            "SELECT n, agent, ",
+            text_time!("started_at"),
+            ", ",
+            text_time!("finished_at"),
+            ", outcome, exit_code FROM attempts WHERE task_id = $1 ORDER BY n"
+        ),
+        &[&id],
+    )
+    .await?;
     Ok(rows
         .iter()
         .map(|r| AttemptLine {
