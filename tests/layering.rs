@@ -19,7 +19,7 @@ const LAYERS: &[&[&str]] = &[
     ],
     &["config", "task", "record"],
     &[
-        "spool", "instance", "process", "marker", "watch", "writers", "cooldown",
+        "spool", "instance", "process", "marker", "watch", "writers", "cooldown", "git",
     ],
     &["llm", "agents"],
     &["context", "snapshot"],
