@@ -186,12 +186,6 @@ impl<'a> Git<'a> {
     }
 }
 
-/// Whether `dir` is inside a git work tree, judged without running git: some ancestor (or `dir`
-/// itself) holds a `.git` entry. Cheap enough to ask on the supervisor's loop.
-pub fn looks_like_work_tree(dir: &Path) -> bool {
-    dir.ancestors().any(|a| a.join(".git").exists())
-}
-
 /// The top of the work tree `dir` is in, or `None` when it is in none.
 pub fn toplevel(dir: &Path) -> Result<Option<PathBuf>> {
     let out = Git::new(dir, &["rev-parse", "--show-toplevel"]).output()?;
@@ -224,18 +218,29 @@ impl Drop for TempIndex {
     }
 }
 
-/// `:(exclude)` pathspecs for `excludes` that lie inside `root` (orchestrate's own folders).
-fn exclude_specs(root: &Path, excludes: &[PathBuf]) -> Vec<String> {
+/// `:(exclude)` pathspecs for `excludes` that lie inside `root` (orchestrate's own folders, whose
+/// files come and go while `add` walks the tree). Ignored ones need none: `add` never enters them,
+/// and naming them would make it fail.
+fn exclude_specs(root: &Path, excludes: &[PathBuf]) -> Result<Vec<String>> {
     let root = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
-    excludes
-        .iter()
-        .filter_map(|p| {
-            let p = p.canonicalize().unwrap_or_else(|_| p.clone());
-            let rel = p.strip_prefix(&root).ok()?;
-            let rel = rel.to_string_lossy();
-            (!rel.is_empty()).then(|| format!(":(exclude,top){rel}"))
-        })
-        .collect()
+    let mut specs = vec![];
+    for p in excludes {
+        let p = p.canonicalize().unwrap_or_else(|_| p.clone());
+        let Ok(rel) = p.strip_prefix(&root) else {
+            continue;
+        };
+        let rel = rel.to_string_lossy().into_owned();
+        if rel.is_empty() {
+            continue;
+        }
+        let ignored = Git::new(&root, &["check-ignore", "-q", "--no-index", "--"])
+            .arg(format!("{rel}/"))
+            .output()?;
+        if ignored.code != Some(0) {
+            specs.push(format!(":(exclude,top,literal){rel}"));
+        }
+    }
+    Ok(specs)
 }
 
 /// The commit of `HEAD` in `root`, refusing an unborn branch with a clear error.
@@ -255,14 +260,19 @@ fn head(root: &Path) -> Result<String> {
 /// plus untracked files that are not ignored, leaving out `excludes`. Made in a temporary index,
 /// so the user's index and tree stay as they are.
 pub fn snapshot(root: &Path, excludes: &[PathBuf], message: &str) -> Result<String> {
+    let _tree = tree_lock();
+    snapshot_locked(root, excludes, message)
+}
+
+/// [`snapshot`], with the tree lock already held.
+fn snapshot_locked(root: &Path, excludes: &[PathBuf], message: &str) -> Result<String> {
     let head = head(root)?;
     let index = TempIndex::new(root)?;
-    let _tree = tree_lock();
     Git::new(root, &["read-tree", &head])
         .index(&index.0)
         .run()?;
     let mut add = Git::new(root, &["add", "-A", "--", "."]).index(&index.0);
-    for s in exclude_specs(root, excludes) {
+    for s in exclude_specs(root, excludes)? {
         add = add.arg(s);
     }
     add.run()?;
@@ -387,12 +397,14 @@ pub fn land(
     if how == Merge::Branch {
         return Ok(Landed::Kept);
     }
-    let now = snapshot(
+    // Held from the snapshot of the tree to the end of the write: a landing of another task in
+    // between would make the merge stale.
+    let _tree = tree_lock();
+    let now = snapshot_locked(
         root,
         excludes,
         "orchestrate: the working tree before landing",
     )?;
-    let _tree = tree_lock();
     let out = Git::new(
         root,
         &[

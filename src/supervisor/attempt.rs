@@ -92,7 +92,15 @@ struct Prepared {
     workdir: PathBuf,
     prompt: String,
     prompt_file: PathBuf,
-    snapshot: crate::snapshot::Snapshot,
+    before: Before,
+}
+
+/// What the workdir looked like before the agent, to diff against afterwards.
+enum Before {
+    /// The agent works in the workdir itself.
+    Snapshot(crate::snapshot::Snapshot),
+    /// The agent works in a worktree of its own.
+    Worktree(super::workspace::Worktree),
 }
 
 /// Claim the task; once it is ours, tell the mirror and the loop, write the prompt and snapshot
@@ -124,14 +132,29 @@ fn begin(
     ));
     let started_at = fsutil::now_rfc3339();
     let t0 = Instant::now();
-    let prepared = prepare(ctx, task, claim).map(|(workdir, prompt, prompt_file)| {
-        let snapshot = crate::snapshot::Snapshot::take(&workdir, &ctx.layout, &ctx.cfg);
-        Box::new(Prepared {
+    let prepared = prepare(ctx, task, claim).and_then(|(workdir, prompt, prompt_file)| {
+        let worktree = super::workspace::prepare(
+            &ctx.cfg,
+            &ctx.layout,
+            task,
+            &claim.agent,
+            claim.attempt,
+            &workdir,
+        )?;
+        let before = match worktree {
+            Some(w) => Before::Worktree(w),
+            None => Before::Snapshot(crate::snapshot::Snapshot::take(
+                &workdir,
+                &ctx.layout,
+                &ctx.cfg,
+            )),
+        };
+        Ok(Box::new(Prepared {
             workdir,
             prompt,
             prompt_file,
-            snapshot,
-        })
+            before,
+        }))
     });
     Begun::Ready {
         started_at,
@@ -194,7 +217,7 @@ pub(super) async fn run_attempt(
         workdir,
         prompt,
         prompt_file,
-        snapshot,
+        before,
     } = match prepared {
         Ok(v) => *v,
         Err(e) => {
@@ -220,7 +243,10 @@ pub(super) async fn run_attempt(
         description: &task.file.description,
         prompt: &prompt,
         prompt_file: &prompt_file,
-        workdir: &workdir,
+        workdir: match &before {
+            Before::Worktree(w) => &w.cwd,
+            Before::Snapshot(_) => &workdir,
+        },
         resume_session: resumable_session(&claim),
     };
     let inv = match adapter.invocation(&claim.agent, &agent_cfg, &req) {
@@ -317,7 +343,9 @@ pub(super) async fn run_attempt(
     };
     // Off the runtime's worker threads, in one trip: the diff reads the workdir, and both writes
     // wait for the disk.
-    let (text_file, diff_file, files_modified) = {
+    let isolated = matches!(before, Before::Worktree(_));
+    let completed = parsed.outcome == Outcome::Completed;
+    let (text_file, diff_file, files_modified, workspace) = {
         let (layout, redactor, task, agent) = (
             ctx.layout.clone(),
             ctx.redactor.clone(),
@@ -327,7 +355,16 @@ pub(super) async fn run_attempt(
         let (attempt_n, duration) = (claim.attempt, exit.duration);
         let text = std::mem::take(&mut parsed.text);
         tokio::task::spawn_blocking(move || {
-            let diff = snapshot.diff();
+            let (diff, files, workspace) = match before {
+                Before::Snapshot(snapshot) => {
+                    let d = snapshot.diff();
+                    (d.text, d.files, None)
+                }
+                Before::Worktree(w) => {
+                    let f = w.finish(&task, &agent, attempt_n, completed);
+                    (f.diff, f.files, Some(f.result))
+                }
+            };
             let header = context::OutputHeader {
                 task: &task,
                 agent: &agent,
@@ -338,18 +375,19 @@ pub(super) async fn run_attempt(
             let text_file = context::write_output(&layout, &header, &text, &redactor)
                 .map_err(|e| console::warn(&format!("cannot write output of {}: {e:#}", task.id)))
                 .ok();
-            let diff_file = context::write_diff(&layout, &task.id, &diff.text, &redactor)
+            let diff_file = context::write_diff(&layout, &task.id, &diff, &redactor)
                 .map_err(|e| console::warn(&format!("cannot write diff of {}: {e:#}", task.id)))
                 .ok();
-            (text_file, diff_file, diff.files)
+            (text_file, diff_file, files, workspace)
         })
         .await
         .unwrap_or_else(|e| {
             // A bug of ours, after the agent ran: keep its outcome rather than run it again.
             console::error(&format!("diff or output of {} failed: {e}", report.id));
-            (None, None, vec![])
+            (None, None, vec![], None)
         })
     };
+    report.workspace = workspace;
     report.text_file = text_file;
     report.diff_file = diff_file;
     if exit.log_bytes_dropped > 0 {
@@ -361,7 +399,8 @@ pub(super) async fn run_attempt(
     report.files_modified = files_modified;
     // Files the agent says it changed but the diff did not see (outside the snapshot's limits, or
     // changed back): listed too, relative to the workdir when inside it.
-    for f in &parsed.files_reported {
+    // In a worktree git saw every change: its list is exact.
+    for f in parsed.files_reported.iter().filter(|_| !isolated) {
         let p = Path::new(f);
         let rel = p
             .strip_prefix(&workdir)

@@ -143,6 +143,8 @@ pub(super) struct Report {
     pub(super) text_file: Option<PathBuf>,
     pub(super) diff_file: Option<PathBuf>,
     pub(super) files_modified: Vec<String>,
+    /// A worktree attempt's git facts (base, branch, head, how it landed).
+    pub(super) workspace: Option<crate::record::WorkspaceResult>,
     /// The task itself is at fault (bad workdir, missing context file): retrying cannot help.
     pub(super) permanent: bool,
     pub(super) stopped: Option<StopKind>,
@@ -164,6 +166,7 @@ impl Report {
             text_file: None,
             diff_file: None,
             files_modified: vec![],
+            workspace: None,
             permanent: false,
             stopped: None,
             retry_after: None,

@@ -441,6 +441,7 @@ impl Supervisor {
                     review_files: review,
                     error,
                     chosen_because: run.claim.chosen_because.clone(),
+                    workspace: r.workspace.clone().map(Box::new),
                 };
                 vec![Action::commit(&run.task, result)]
             }

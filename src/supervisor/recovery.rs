@@ -25,6 +25,8 @@ impl Supervisor {
     pub(super) fn startup(&mut self) -> Result<()> {
         let recovered = self.recover();
         self.apply(recovered);
+        // Claims of dead supervisors are settled: a worktree no live claim names is an orphan.
+        super::workspace::sweep(&self.env.layout, &self.env.spool, &self.env.me.id);
         let env = &self.env;
         if let Err(e) = env.spool.repair_rejected() {
             console::warn(&format!(
