@@ -302,3 +302,74 @@ fn orphaned_worktrees_are_removed_at_start() {
     assert!(!orphan.exists(), "{}", s.output());
     assert_eq!(worktree_count(&p), 1);
 }
+
+#[test]
+fn merge_branch_keeps_the_changes_on_the_branch_and_merge_commit_commits_them() {
+    let p = repo_project(&test_config(""), &[("a.txt", "a\n")]);
+    p.drop_task(
+        "kept.yaml",
+        "description: \"@fake write=k.txt:kept\"\nmerge: branch\n",
+    );
+    p.drop_task(
+        "landed.yaml",
+        "description: \"@fake write=c.txt:committed\"\nmerge: commit\n",
+    );
+    let mut s = p.start();
+    wait_done(&p, 2, Duration::from_secs(60));
+    s.stop();
+    let kept = p.result("completed", "kept");
+    assert_eq!(kept["workspace"]["merge"], "kept", "{kept}");
+    assert_eq!(kept["workspace"]["branch"], "orchestrate/kept", "{kept}");
+    assert!(!p.path("k.txt").exists());
+    assert_eq!(git(p.root(), &["show", "orchestrate/kept:k.txt"]), "kept\n");
+    let landed = p.result("completed", "landed");
+    assert_eq!(landed["workspace"]["merge"], "committed", "{landed}");
+    assert!(landed["workspace"].get("branch").is_none(), "{landed}");
+    assert_eq!(p.read("c.txt"), "committed\n");
+    assert_eq!(
+        git(p.root(), &["log", "-1", "--format=%an <%ae>%n%s"]),
+        "orchestrate <orchestrate@localhost>\norchestrate: task landed by fake (attempt 1)\n"
+    );
+    assert_eq!(git(p.root(), &["show", "HEAD:c.txt"]), "committed\n");
+    // Committed, so neither staged nor modified; the kept task's file never reached the tree.
+    let status = git(p.root(), &["status", "--porcelain", "--", "c.txt", "k.txt"]);
+    assert_eq!(status, "", "{status}");
+    assert_eq!(
+        git(p.root(), &["branch", "--list", "orchestrate/*"]).trim(),
+        "orchestrate/kept"
+    );
+    assert_eq!(worktree_count(&p), 1);
+}
+
+#[test]
+fn an_agent_with_isolation_none_runs_in_place_and_keep_true_keeps_the_folder() {
+    let config = test_config("workspace:\n  keep: true\n").replace(
+        "agents:\n",
+        "agents:\n  inplace:\n    kind: command\n    command: sh\n    args: [-c, \"{description}\"]\n    isolation: none\n",
+    );
+    let p = repo_project(&config, &[("a.txt", "a\n")]);
+    std::fs::create_dir(p.path("work")).expect("mkdir");
+    p.drop_task(
+        "here.yaml",
+        "agent: inplace\nworkdir: work\ndescription: \"echo here > here.txt\"\n",
+    );
+    p.drop_task("there.yaml", "description: \"@fake write=t.txt:there\"\n");
+    let mut s = p.start();
+    wait_done(&p, 2, Duration::from_secs(60));
+    s.stop();
+    let here = p.result("completed", "here");
+    assert!(here.get("workspace").is_none(), "{here}");
+    assert_eq!(
+        here["files_modified"],
+        serde_json::json!(["here.txt"]),
+        "{here}"
+    );
+    assert_eq!(p.read("work/here.txt"), "here\n");
+    let there = p.result("completed", "there");
+    assert_eq!(there["workspace"]["merge"], "applied", "{there}");
+    assert_eq!(p.read("t.txt"), "there\n");
+    // keep: true leaves the attempt's folder (and its branch) for inspection.
+    assert_eq!(worktrees_left(&p), ["there-1"]);
+    assert_eq!(p.read(".orchestrate/worktrees/there-1/t.txt"), "there\n");
+    assert_eq!(worktree_count(&p), 2);
+}
