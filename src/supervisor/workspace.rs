@@ -72,11 +72,23 @@ pub(super) fn prepare(
         layout.state_dir.clone(),
     ];
     let id = &task.id;
-    let base = git::snapshot(
-        &root,
-        &excludes,
-        &format!("orchestrate: base of task {id}, attempt {attempt}"),
-    )?;
+    let message = format!("orchestrate: base of task {id}, attempt {attempt}");
+    // A file removed while `git add` walks the tree (a build running beside us) fails the walk;
+    // the next walk sees the tree as it is then.
+    let mut tries = 0;
+    let base = loop {
+        tries += 1;
+        match git::snapshot(&root, &excludes, &message) {
+            Ok(c) => break c,
+            Err(e) if tries < 3 && !format!("{e:#}").contains("no commit yet") => {
+                console::debug(&format!(
+                    "snapshot of {} for {id}: {e:#}; again",
+                    root.display()
+                ));
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let path = layout.worktree_path(id, attempt);
     if path.exists() {
         // Left by an attempt of the same number that never ended (a crash): start clean.
