@@ -32,6 +32,7 @@ pub struct Config {
     pub task_queue: TaskQueueConfig,
     pub security: SecurityConfig,
     pub context: ContextConfig,
+    pub workspace: WorkspaceConfig,
     /// What validation noticed that is not wrong but worth saying (a permission flag in an agent's
     /// `args` that a config key says too). `validate --check-config` prints them and `start` logs them
     /// once; nothing else reads them.
@@ -262,6 +263,9 @@ pub struct AgentConfig {
     /// Prices in USD per million tokens, to compute a cost for CLIs that report only tokens.
     #[serde(default)]
     pub prices: Option<Prices>,
+    /// Overrides `workspace.isolation` for tasks this agent runs (a task's own key wins).
+    #[serde(default)]
+    pub isolation: Option<Isolation>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq)]
@@ -521,6 +525,56 @@ impl Default for ContextConfig {
     }
 }
 
+/// Defined with the task file, which names them too.
+pub use crate::task::{Isolation, MergeMode};
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkspaceConfig {
+    pub isolation: Isolation,
+    /// Task branches are `<branch_prefix><task id>`.
+    pub branch_prefix: String,
+    pub merge: MergeMode,
+    /// Keep each attempt's worktree folder after it ends, for inspection.
+    pub keep: bool,
+}
+
+impl Default for WorkspaceConfig {
+    fn default() -> Self {
+        WorkspaceConfig {
+            isolation: Isolation::Auto,
+            branch_prefix: "orchestrate/".into(),
+            merge: MergeMode::Apply,
+            keep: false,
+        }
+    }
+}
+
+/// Why `prefix` cannot start a branch name, if it cannot (git's `check-ref-format` rules that a
+/// prefix can break on its own).
+pub fn branch_prefix_problem(prefix: &str) -> Option<&'static str> {
+    if prefix.is_empty() {
+        return Some("must not be empty");
+    }
+    if prefix.starts_with('/') || prefix.starts_with('-') || prefix.starts_with('.') {
+        return Some("must not start with `/`, `-` or `.`");
+    }
+    if prefix.contains("..")
+        || prefix.contains("//")
+        || prefix.contains("@{")
+        || prefix.contains("/.")
+    {
+        return Some("must not contain `..`, `//`, `/.` or `@{`");
+    }
+    if prefix
+        .chars()
+        .any(|c| c.is_control() || c.is_whitespace() || "~^:?*[\\".contains(c))
+    {
+        return Some("must not contain spaces, control characters or any of ~ ^ : ? * [ \\");
+    }
+    None
+}
+
 impl Config {
     /// Load `path` if it exists, else the embedded default. `root` anchors relative paths.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -604,6 +658,9 @@ impl Config {
                 "database.schema".into(),
                 "must be a lowercase SQL identifier (letters, digits, `_`; not starting with a digit)".into(),
             ));
+        }
+        if let Some(why) = branch_prefix_problem(&self.workspace.branch_prefix) {
+            return Err(("workspace.branch_prefix".into(), why.into()));
         }
         let o = &self.orchestrator;
         if o.max_concurrent == 0 {
@@ -1251,6 +1308,31 @@ mod tests {
             j(serde_json::to_value(&shown.context)),
             j(serde_json::to_value(&bare.context))
         );
+        assert_eq!(
+            j(serde_json::to_value(&shown.workspace)),
+            j(serde_json::to_value(&bare.workspace))
+        );
+    }
+
+    #[test]
+    fn workspace_keys_are_checked() {
+        let e = Config::parse("workspace:\n  isolation: sometimes\n", "c.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("c.yaml:2"), "{e}");
+        let e = Config::parse("workspace:\n  branch_prefix: \"a b/\"\n", "c.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("workspace.branch_prefix"), "{e}");
+        assert!(e.contains("spaces"), "{e}");
+        let cfg = Config::parse(
+            "workspace:\n  isolation: none\n  merge: branch\n  keep: true\n",
+            "c.yaml",
+        )
+        .unwrap();
+        assert_eq!(cfg.workspace.isolation, Isolation::None);
+        assert_eq!(cfg.workspace.merge, MergeMode::Branch);
+        assert!(cfg.workspace.keep);
     }
 
     #[test]

@@ -152,6 +152,22 @@ impl Layout {
 
     // --- the state directory ---
 
+    /// Where attempts' git worktrees live, one folder each.
+    pub fn worktrees_dir(&self) -> PathBuf {
+        self.state_dir.join("worktrees")
+    }
+
+    /// The worktree of attempt `attempt` of task `id`.
+    pub fn worktree_path(&self, id: &str, attempt: u32) -> PathBuf {
+        self.worktrees_dir().join(format!("{id}-{attempt}"))
+    }
+
+    /// The task and attempt a worktree folder name stands for (see [`Layout::worktree_path`]).
+    pub fn worktree_owner(name: &str) -> Option<(&str, u32)> {
+        let (id, n) = name.rsplit_once('-')?;
+        Some((id, n.parse().ok()?))
+    }
+
     pub fn state_db(&self) -> PathBuf {
         self.state_dir.join("state.db")
     }

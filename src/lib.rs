@@ -18,6 +18,7 @@ pub mod cooldown;
 pub mod error;
 pub mod failpoint;
 pub mod fsutil;
+pub mod git;
 pub mod instance;
 pub mod layout;
 pub mod llm;

@@ -220,6 +220,34 @@ pub struct TaskResult {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chosen_because: Option<String>,
+    /// Where the task ran and where its changes went, when it ran in a worktree. Boxed: most
+    /// results have none, and results are moved around a lot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<Box<WorkspaceResult>>,
+}
+
+/// A worktree task's git facts: the commits its diff spans and how it landed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkspaceResult {
+    /// `worktree` (the only value written today; `none` leaves no `workspace` in the result).
+    pub isolation: String,
+    /// The snapshot commit the worktree started from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+    /// The task's own commit on `branch`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<String>,
+    /// `applied`, `committed`, `kept` or `conflict`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge: Option<String>,
+    /// With `merge: conflict`: the files that did not apply.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conflicts: Vec<String>,
+    /// Why landing could not even be tried (it failed, not conflicted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 impl TaskResult {
@@ -248,6 +276,7 @@ impl TaskResult {
             review_files: vec![],
             error: Some(error),
             chosen_because: None,
+            workspace: None,
         }
     }
 
@@ -371,10 +400,28 @@ mod tests {
             review_files: vec![],
             error: None,
             chosen_because: None,
+            workspace: Some(Box::new(WorkspaceResult {
+                isolation: "worktree".into(),
+                merge: Some("conflict".into()),
+                conflicts: vec!["a.txt".into()],
+                ..Default::default()
+            })),
         };
         let back: TaskResult = from_yaml(&to_yaml(&r, &Redactor::none())).expect("round trip");
         assert_eq!(back.description, r.description);
         assert_eq!(back.attempts, r.attempts);
+        assert_eq!(back.workspace, r.workspace);
+        // A result written before isolation existed still reads.
+        let old = to_yaml(
+            &TaskResult {
+                workspace: None,
+                ..r
+            },
+            &Redactor::none(),
+        );
+        assert!(!old.contains("workspace"), "{old}");
+        let back: TaskResult = from_yaml(&old).expect("old record");
+        assert_eq!(back.workspace, None);
     }
 
     #[test]

@@ -83,6 +83,8 @@ pub fn subtask_file(parent: &Task, n: usize) -> crate::task::TaskFile {
         max_retries: f.max_retries,
         subtasks: vec![],
         parent: Some(parent.id.clone()),
+        isolation: f.isolation,
+        merge: f.merge,
     }
 }
 

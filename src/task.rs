@@ -44,6 +44,38 @@ pub struct TaskFile {
     /// Set on the child tasks orchestrate writes when it expands `subtasks`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
+    /// Overrides `workspace.isolation` (and the agent's) for this task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolation: Option<Isolation>,
+    /// Overrides `workspace.merge` for this task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge: Option<MergeMode>,
+}
+
+/// Where a task's agent works.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Isolation {
+    /// A worktree when the task's workdir is inside a git work tree, else none.
+    #[default]
+    Auto,
+    /// Always a worktree of its own; a workdir outside git is an error.
+    Worktree,
+    /// In the workdir itself; tasks that share a workdir run one at a time.
+    None,
+}
+
+/// How a worktree task's changes come back to the user's tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MergeMode {
+    /// Applied to the working tree as uncommitted changes (three-way; all or nothing).
+    #[default]
+    Apply,
+    /// Applied and committed on the current branch.
+    Commit,
+    /// Left on the task's branch only.
+    Branch,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -19,7 +19,7 @@ const LAYERS: &[&[&str]] = &[
     ],
     &["config", "task", "record"],
     &[
-        "spool", "instance", "process", "marker", "watch", "writers", "cooldown", "login",
+        "spool", "instance", "process", "marker", "watch", "writers", "cooldown", "login", "git",
     ],
     &["llm", "agents"],
     &["context", "snapshot"],

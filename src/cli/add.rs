@@ -97,6 +97,8 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
         max_retries: *max_retries,
         subtasks: vec![],
         parent: None,
+        isolation: None,
+        merge: None,
     };
     let mut n = next_number(project);
     for _ in 0..1000 {

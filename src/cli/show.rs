@@ -162,6 +162,44 @@ pub fn run(cli: &Cli, project: &Project, id: &str) -> Result<i32> {
         if let Some(why) = &r.chosen_because {
             outln!(out, "agent chosen: {why}")?;
         }
+        if let Some(w) = &r.workspace {
+            let short = |c: &Option<String>| {
+                c.as_deref()
+                    .map(|c| c.chars().take(12).collect::<String>())
+                    .unwrap_or_else(|| "-".into())
+            };
+            outln!(
+                out,
+                "isolation: {}, base {}, head {}{}",
+                w.isolation,
+                short(&w.base),
+                short(&w.head),
+                w.branch
+                    .as_deref()
+                    .map(|b| format!(", branch {}", crate::console::quote_path(b.as_bytes())))
+                    .unwrap_or_default()
+            )?;
+            if let Some(m) = &w.merge {
+                let files: Vec<String> = w
+                    .conflicts
+                    .iter()
+                    .map(|f| crate::console::quote_path(f.as_bytes()))
+                    .collect();
+                outln!(
+                    out,
+                    "merge: {m}{}{}",
+                    if files.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" in {}", files.join(", "))
+                    },
+                    w.error
+                        .as_deref()
+                        .map(|e| format!(" — {}", super::short(e, 200)))
+                        .unwrap_or_default()
+                )?;
+            }
+        }
     }
     if let Some(t) = &shown.task {
         outln!(out, "\n--- task file ---\n{}", t.trim_end())?;

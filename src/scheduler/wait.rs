@@ -46,6 +46,8 @@ pub enum WaitReason {
     AskingRouter { router: String },
     /// Enough router questions are outstanding already; this one waits its turn.
     RouterBusy { router: String, outstanding: usize },
+    /// The task runs in its workdir itself (no worktree), and another task is running there.
+    Workdir { path: String, holder: String },
 }
 
 impl WaitReason {
@@ -74,6 +76,9 @@ impl fmt::Display for WaitReason {
                     Some(w) => write!(f, " (after: {w})"),
                     None => Ok(()),
                 }
+            }
+            WaitReason::Workdir { path, holder } => {
+                write!(f, "waiting for workdir {path}, held by task {holder}")
             }
             WaitReason::NoAgent => f.write_str(
                 "no agent: name one with `agent:` in the task, or set routing.fallback in config.yaml",

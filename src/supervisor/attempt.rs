@@ -103,6 +103,8 @@ struct Prepared {
     workdir: Arc<Workdir>,
     prompt: String,
     prompt_file: PathBuf,
+    /// The worktree the agent works in, when the task is isolated; else it works in `workdir`.
+    worktree: Option<super::workspace::Worktree>,
 }
 
 /// Claim the task; once it is ours, tell the mirror and the loop, write the prompt and open the
@@ -134,12 +136,21 @@ fn begin(
     ));
     let started_at = fsutil::now_rfc3339();
     let t0 = Instant::now();
-    let prepared = prepare(ctx, task, claim).map(|(workdir, prompt, prompt_file)| {
-        Box::new(Prepared {
+    let prepared = prepare(ctx, task, claim).and_then(|(workdir, prompt, prompt_file)| {
+        let worktree = super::workspace::prepare(
+            &ctx.cfg,
+            &ctx.layout,
+            task,
+            &claim.agent,
+            claim.attempt,
+            workdir.path(),
+        )?;
+        Ok(Box::new(Prepared {
             workdir: Arc::new(workdir),
             prompt,
             prompt_file,
-        })
+            worktree,
+        }))
     });
     Begun::Ready {
         started_at,
@@ -318,6 +329,7 @@ pub(super) async fn run_attempt(
         workdir,
         prompt,
         prompt_file,
+        worktree,
     } = match prepared {
         Ok(v) => *v,
         Err(e) => {
@@ -339,7 +351,10 @@ pub(super) async fn run_attempt(
     // attempt at once (the agent never starts), and a snapshot out of time is given up on (the
     // agent runs, and the diff says why there is none).
     let walk_limit = Duration::from_secs(ctx.cfg.context.max_diff_seconds) + WALK_SLACK;
-    let snapshot = {
+    // A worktree needs none: git knows what the agent changed.
+    let snapshot = if worktree.is_some() {
+        None
+    } else {
         let progress = Progress::default();
         let (wd, layout, cfg, pr) = (
             workdir.clone(),
@@ -348,19 +363,30 @@ pub(super) async fn run_attempt(
             progress.clone(),
         );
         let job = move || Snapshot::take(wd, &layout, &cfg, &pr);
-        match off_thread("snapshot", walk_limit, stop.clone(), None, job).await {
-            Ok(s) => s,
-            Err(Abandoned::Stopped(s)) => {
-                return stopped_before_the_agent(report, &claim, &started_at, t0, s);
-            }
-            Err(why) => {
-                let why = why.describe("snapshot", &progress);
-                console::warn(&format!("{}: {why}", task.id));
-                Snapshot::unfinished(workdir.clone(), &ctx.layout, &ctx.cfg, Some(why))
-            }
-        }
+        Some(
+            match off_thread("snapshot", walk_limit, stop.clone(), None, job).await {
+                Ok(s) => s,
+                Err(Abandoned::Stopped(s)) => {
+                    return stopped_before_the_agent(report, &claim, &started_at, t0, s);
+                }
+                Err(why) => {
+                    let why = why.describe("snapshot", &progress);
+                    console::warn(&format!("{}: {why}", task.id));
+                    Snapshot::unfinished(workdir.clone(), &ctx.layout, &ctx.cfg, Some(why))
+                }
+            },
+        )
     };
-    let workdir_path = workdir.path().to_path_buf();
+    // Where the agent works: the task's workdir, or the same place inside its worktree.
+    let workdir_path = match &worktree {
+        Some(w) => w.cwd.clone(),
+        None => workdir.path().to_path_buf(),
+    };
+    // What the stall watch looks at: the held workdir, or the worktree's (opened the same way).
+    let watched = match &worktree {
+        Some(w) => Workdir::open(&w.cwd).ok().map(Arc::new),
+        None => Some(workdir.clone()),
+    };
     let agent_cfg = ctx.cfg.agents[&claim.agent].clone();
     let adapter = agents::adapter_for(agent_cfg.kind)
         .expect("the scheduler only picks agents with an adapter");
@@ -404,14 +430,15 @@ pub(super) async fn run_attempt(
             .cfg
             .stall_timeout(&agent_cfg, adapter.streams_progress())
             .map(|after| {
-                let (root, layout, cfg) = (workdir.clone(), ctx.layout.clone(), ctx.cfg.clone());
-                let stamp: process::WorkdirStamp =
-                    Arc::new(move || crate::snapshot::workdir_stamp(&root, &layout, &cfg));
+                let (layout, cfg) = (ctx.layout.clone(), ctx.cfg.clone());
+                let stamp = watched.clone().map(|root| -> process::WorkdirStamp {
+                    Arc::new(move || crate::snapshot::workdir_stamp(&root, &layout, &cfg))
+                });
                 process::StallWatch {
                     after,
-                    workdir: Some(stamp),
+                    workdir: stamp,
                     // The snapshot just walked the workdir: no second walk at the start.
-                    baseline: Some(snapshot.stamp),
+                    baseline: snapshot.as_ref().map(|s| s.stamp),
                 }
             }),
     };
@@ -483,28 +510,54 @@ pub(super) async fn run_attempt(
     // The diff, on a thread of its own again. A stop asked now (the agent has ended) gives it the
     // kill grace period to finish, a second signal none; past its time it is given up on. The
     // agent's work stands either way, and the diff file says what is missing.
-    let diff = {
-        let progress = Progress::default();
-        let pr = progress.clone();
-        let grace = Duration::from_secs_f64(ctx.cfg.orchestrator.kill_grace_seconds);
-        let job = move || snapshot.diff(&pr);
-        off_thread("diff", walk_limit, stop_for_diff, Some(grace), job)
-            .await
-            .unwrap_or_else(|why| {
-                DiffResult::not_diffed(format!(
-                    "the diff was not finished: {}",
-                    why.describe("diff", &progress)
-                ))
-            })
+    // A worktree's changes are committed, diffed by git and landed, on a blocking thread (every git
+    // call is bounded).
+    let isolated = worktree.is_some();
+    let diff = match (worktree, snapshot) {
+        (Some(w), _) => {
+            let (task, agent) = (task.clone(), claim.agent.clone());
+            let (attempt_n, completed) = (claim.attempt, parsed.outcome == Outcome::Completed);
+            match tokio::task::spawn_blocking(move || w.finish(&task, &agent, attempt_n, completed))
+                .await
+            {
+                Ok(f) => {
+                    report.workspace = Some(f.result);
+                    DiffResult {
+                        incomplete: None,
+                        text: f.diff,
+                        files: f.files,
+                    }
+                }
+                Err(e) => {
+                    DiffResult::not_diffed(format!("the worktree could not be finished: {e}"))
+                }
+            }
+        }
+        (None, Some(snapshot)) => {
+            let progress = Progress::default();
+            let pr = progress.clone();
+            let grace = Duration::from_secs_f64(ctx.cfg.orchestrator.kill_grace_seconds);
+            let job = move || snapshot.diff(&pr);
+            off_thread("diff", walk_limit, stop_for_diff, Some(grace), job)
+                .await
+                .unwrap_or_else(|why| {
+                    DiffResult::not_diffed(format!(
+                        "the diff was not finished: {}",
+                        why.describe("diff", &progress)
+                    ))
+                })
+        }
+        (None, None) => DiffResult::not_diffed("no snapshot was taken".into()),
     };
     if let Some(why) = &diff.incomplete {
         console::warn(&format!("{}: diff incomplete: {why}", task.id));
     }
     let mut files_modified = diff.files;
     // Files the agent says it changed but the diff did not see (outside the snapshot's limits, or
-    // changed back): listed too, relative to the workdir when inside it.
+    // changed back): listed too, relative to the workdir when inside it. In a worktree git saw
+    // every change: its list is exact.
     let mut listed: std::collections::HashSet<String> = files_modified.iter().cloned().collect();
-    for f in &parsed.files_reported {
+    for f in parsed.files_reported.iter().filter(|_| !isolated) {
         let p = Path::new(f);
         let rel = p
             .strip_prefix(&workdir_path)

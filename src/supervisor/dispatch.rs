@@ -501,6 +501,22 @@ impl Pass {
                     }
                 }
                 Decision::Run { agent, because } => {
+                    // Without a worktree, tasks sharing a workdir take turns, so each diff is
+                    // that task's alone.
+                    if let Some(dir) =
+                        super::workspace::exclusive_workdir(cfg, &view.env.layout, &p.task, &agent)
+                        && let Some(holder) = view.runs.holder_of(&dir)
+                    {
+                        let rel = view.env.layout.rel(&dir);
+                        let reason = WaitReason::Workdir {
+                            path: if rel.is_empty() { ".".into() } else { rel },
+                            holder: holder.to_string(),
+                        };
+                        if let Some(note) = note(view.env, queue, id, reason) {
+                            console::debug(&format!("waiting    {id}: {note}"));
+                        }
+                        continue;
+                    }
                     let id = id.clone();
                     return Some(Action::Start { id, agent, because });
                 }
@@ -748,6 +764,7 @@ impl Supervisor {
             review_files: vec![],
             error: None,
             chosen_because: Some("all subtasks completed".into()),
+            workspace: None,
         };
         vec![Action::commit(&p.task, result)]
     }

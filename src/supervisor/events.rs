@@ -152,6 +152,8 @@ pub(super) struct Report {
     pub(super) files_modified: Vec<String>,
     /// The file listing them all, when there are more than a result lists.
     pub(super) files_file: Option<PathBuf>,
+    /// A worktree attempt's git facts (base, branch, head, how it landed).
+    pub(super) workspace: Option<crate::record::WorkspaceResult>,
     /// The task itself is at fault (bad workdir, missing context file): retrying cannot help.
     pub(super) permanent: bool,
     pub(super) stopped: Option<StopKind>,
@@ -174,6 +176,7 @@ impl Report {
             diff_file: None,
             files_modified: vec![],
             files_file: None,
+            workspace: None,
             permanent: false,
             stopped: None,
             retry_after: None,

@@ -424,6 +424,7 @@ impl Supervisor {
                     review_files: vec![],
                     error,
                     chosen_because: run.claim.chosen_because.clone(),
+                    workspace: r.workspace.clone().map(Box::new),
                 };
                 // Capped: a task that changed 200,000 files keeps a record that reads back.
                 result.set_files(&r.files_modified, rel(&r.files_file), review);

@@ -59,6 +59,7 @@ mod reload;
 mod runs;
 #[cfg(test)]
 mod tests;
+mod workspace;
 
 use std::path::Path;
 use std::sync::Arc;

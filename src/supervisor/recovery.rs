@@ -25,6 +25,8 @@ impl Supervisor {
     pub(super) fn startup(&mut self) -> Result<()> {
         let recovered = self.recover();
         self.apply(recovered);
+        // Claims of dead supervisors are settled: a worktree no live claim names is an orphan.
+        super::workspace::sweep(&self.env.layout, &self.env.spool, &self.env.me.id);
         // Marks an earlier run left hold until what the login depends on changes: say which hold.
         self.dispatch.check_logins(&self.env);
         for (agent, m) in self.dispatch.marked_logins() {

@@ -34,6 +34,8 @@ pub(super) struct Running {
     /// The claim is done and the task file is ours (the claim runs in the attempt's task, off the
     /// loop); until then there is no claim record to refresh.
     pub(super) claimed: bool,
+    /// The workdir this attempt runs in directly (no worktree): no other task may run there meanwhile.
+    pub(super) exclusive: Option<PathBuf>,
 }
 
 pub(super) struct Runs {
@@ -86,6 +88,14 @@ impl Runs {
         self.running.values()
     }
 
+    /// The running task that holds `dir` for itself, if one does.
+    pub(super) fn holder_of(&self, dir: &std::path::Path) -> Option<&str> {
+        self.running
+            .values()
+            .find(|r| r.exclusive.as_deref() == Some(dir))
+            .map(|r| r.task.id.as_str())
+    }
+
     pub(super) fn per_agent(&self) -> &HashMap<String, usize> {
         &self.per_agent
     }
@@ -112,6 +122,8 @@ impl Runs {
             because: because.to_string(),
             claimed: self.claimed_tx.clone(),
         };
+        let exclusive =
+            super::workspace::exclusive_workdir(&env.cfg, &env.layout, &p.task, &claim.agent);
         let task = p.task.clone();
         let c = claim.clone();
         let handle = self
@@ -128,6 +140,7 @@ impl Runs {
                 path: p.path,
                 start: self.starts,
                 claimed: false,
+                exclusive,
             },
         );
     }

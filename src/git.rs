@@ -1,0 +1,713 @@
+//! Every git operation orchestrate makes: snapshot commits of a user's working tree, one worktree
+//! per attempt, the task's own commit, its diff, landing it back in the user's tree, and removing
+//! what an attempt left.
+//!
+//! It runs the `git` command rather than linking a library: users already have git, with their own
+//! configuration (credentials, `safe.directory`, filters, large-file setups, sparse checkouts), and
+//! the command is what honours all of it; a library reimplements part of git and differs on the
+//! edges (worktrees, `merge-tree`, index extensions). Every call is bounded by a timeout, never
+//! prompts (`GIT_TERMINAL_PROMPT=0`), runs no hooks (`core.hooksPath=/dev/null`) and ignores the
+//! `GIT_DIR`-style variables of whoever started the supervisor.
+//!
+//! It must never touch the user's index or `HEAD`, except when landing with `commit`, and never
+//! leave a change half-applied in the user's working tree: a landing is merged in a temporary index
+//! first and written to the tree only when it is clean. It knows nothing of tasks or the spool.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// No git operation orchestrate makes should take longer (the largest is a worktree checkout).
+pub const TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Who orchestrate's own commits are by.
+pub const AUTHOR_NAME: &str = "orchestrate";
+pub const AUTHOR_EMAIL: &str = "orchestrate@localhost";
+
+/// Held while a user's working tree is read for a snapshot or written by a landing, so a snapshot
+/// never sees a landing half-way. One lock for all repositories: both steps are short.
+static TREE_LOCK: Mutex<()> = Mutex::new(());
+
+fn tree_lock() -> std::sync::MutexGuard<'static, ()> {
+    TREE_LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Variables that would point git somewhere else than the directory it is run in.
+const FOREIGN_VARS: &[&str] = &[
+    "GIT_DIR",
+    "GIT_WORK_TREE",
+    "GIT_INDEX_FILE",
+    "GIT_OBJECT_DIRECTORY",
+    "GIT_ALTERNATE_OBJECT_DIRECTORIES",
+    "GIT_COMMON_DIR",
+    "GIT_PREFIX",
+];
+
+/// One git invocation in `dir`.
+struct Git<'a> {
+    dir: &'a Path,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+struct Out {
+    code: Option<i32>,
+    stdout: Vec<u8>,
+    stderr: String,
+}
+
+impl<'a> Git<'a> {
+    fn new(dir: &'a Path, args: &[&str]) -> Self {
+        Git {
+            dir,
+            args: args.iter().map(|s| s.to_string()).collect(),
+            env: vec![],
+        }
+    }
+
+    fn arg(mut self, a: impl AsRef<std::ffi::OsStr>) -> Self {
+        self.args.push(a.as_ref().to_string_lossy().into_owned());
+        self
+    }
+
+    fn env(mut self, k: &str, v: impl AsRef<std::ffi::OsStr>) -> Self {
+        self.env
+            .push((k.into(), v.as_ref().to_string_lossy().into_owned()));
+        self
+    }
+
+    fn index(self, index: &Path) -> Self {
+        self.env("GIT_INDEX_FILE", index)
+    }
+
+    fn author(self) -> Self {
+        self.env("GIT_AUTHOR_NAME", AUTHOR_NAME)
+            .env("GIT_AUTHOR_EMAIL", AUTHOR_EMAIL)
+            .env("GIT_COMMITTER_NAME", AUTHOR_NAME)
+            .env("GIT_COMMITTER_EMAIL", AUTHOR_EMAIL)
+    }
+
+    /// Run to the end, within [`TIMEOUT`]; the exit status is the caller's to judge.
+    fn output(&self) -> Result<Out> {
+        let mut cmd = Command::new("git");
+        cmd.arg("-c")
+            .arg("core.hooksPath=/dev/null")
+            .args(&self.args)
+            .current_dir(self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_OPTIONAL_LOCKS", "0")
+            .env("LC_ALL", "C");
+        for v in FOREIGN_VARS {
+            cmd.env_remove(v);
+        }
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let what = format!("git {}", self.args.join(" "));
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("cannot run {what} in {}", self.dir.display()))?;
+        // Both pipes drained beside the wait, so a large output cannot block git.
+        let mut so = child.stdout.take().expect("piped");
+        let mut se = child.stderr.take().expect("piped");
+        let t_out = std::thread::spawn(move || {
+            let mut b = vec![];
+            let _ = so.read_to_end(&mut b);
+            b
+        });
+        let t_err = std::thread::spawn(move || {
+            let mut b = vec![];
+            let _ = se.read_to_end(&mut b);
+            b
+        });
+        let deadline = Instant::now() + TIMEOUT;
+        let mut pause = Duration::from_millis(1);
+        let status = loop {
+            if let Some(s) = child.try_wait()? {
+                break s;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "{what} in {} took longer than {} s and was stopped",
+                    self.dir.display(),
+                    TIMEOUT.as_secs()
+                );
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(20));
+        };
+        let stdout = t_out.join().unwrap_or_default();
+        let stderr = String::from_utf8_lossy(&t_err.join().unwrap_or_default())
+            .trim()
+            .to_string();
+        Ok(Out {
+            code: status.code(),
+            stdout,
+            stderr,
+        })
+    }
+
+    /// Run and require success; stdout comes back.
+    fn run(&self) -> Result<Vec<u8>> {
+        let out = self.output()?;
+        if out.code != Some(0) {
+            bail!(
+                "git {} in {} failed: {}",
+                self.args.join(" "),
+                self.dir.display(),
+                if out.stderr.is_empty() {
+                    format!("exit {:?}", out.code)
+                } else {
+                    out.stderr
+                }
+            );
+        }
+        Ok(out.stdout)
+    }
+
+    /// Run, require success, and return the first line of stdout.
+    fn line(&self) -> Result<String> {
+        let out = self.run()?;
+        Ok(String::from_utf8_lossy(&out)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string())
+    }
+}
+
+/// The top of the work tree `dir` is in, or `None` when it is in none.
+pub fn toplevel(dir: &Path) -> Result<Option<PathBuf>> {
+    let out = Git::new(dir, &["rev-parse", "--show-toplevel"]).output()?;
+    if out.code != Some(0) {
+        return Ok(None);
+    }
+    let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    Ok((!s.is_empty()).then(|| PathBuf::from(s)))
+}
+
+/// A temporary index file beside the repository's own (never the user's), removed when dropped.
+struct TempIndex(PathBuf);
+
+impl TempIndex {
+    fn new(root: &Path) -> Result<TempIndex> {
+        let git_dir = Git::new(root, &["rev-parse", "--absolute-git-dir"]).line()?;
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(TempIndex(PathBuf::from(git_dir).join(format!(
+            "orchestrate-index-{}-{n}",
+            std::process::id()
+        ))))
+    }
+}
+
+impl Drop for TempIndex {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+        let _ = std::fs::remove_file(self.0.with_extension("lock"));
+    }
+}
+
+/// `:(exclude)` pathspecs for `excludes` that lie inside `root` (orchestrate's own folders, whose
+/// files come and go while `add` walks the tree). Ignored ones need none: `add` never enters them,
+/// and naming them would make it fail.
+fn exclude_specs(root: &Path, excludes: &[PathBuf]) -> Result<Vec<String>> {
+    let root = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
+    let mut specs = vec![];
+    for p in excludes {
+        let p = p.canonicalize().unwrap_or_else(|_| p.clone());
+        let Ok(rel) = p.strip_prefix(&root) else {
+            continue;
+        };
+        let rel = rel.to_string_lossy().into_owned();
+        if rel.is_empty() {
+            continue;
+        }
+        let ignored = Git::new(&root, &["check-ignore", "-q", "--no-index", "--"])
+            .arg(format!("{rel}/"))
+            .output()?;
+        if ignored.code != Some(0) {
+            specs.push(format!(":(exclude,top,literal){rel}"));
+        }
+    }
+    Ok(specs)
+}
+
+/// The commit of `HEAD` in `root`, refusing an unborn branch with a clear error.
+fn head(root: &Path) -> Result<String> {
+    let out = Git::new(root, &["rev-parse", "--verify", "-q", "HEAD^{commit}"]).output()?;
+    if out.code != Some(0) {
+        bail!(
+            "the git repository at {} has no commit yet (an unborn branch): commit once, or set \
+             `isolation: none` for this task",
+            root.display()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// A commit of what the user sees in `root` now: `HEAD` plus uncommitted changes to tracked files
+/// plus untracked files that are not ignored, leaving out `excludes`. Made in a temporary index,
+/// so the user's index and tree stay as they are.
+pub fn snapshot(root: &Path, excludes: &[PathBuf], message: &str) -> Result<String> {
+    let _tree = tree_lock();
+    snapshot_locked(root, excludes, message)
+}
+
+/// [`snapshot`], with the tree lock already held.
+fn snapshot_locked(root: &Path, excludes: &[PathBuf], message: &str) -> Result<String> {
+    let head = head(root)?;
+    let index = TempIndex::new(root)?;
+    Git::new(root, &["read-tree", &head])
+        .index(&index.0)
+        .run()?;
+    let mut add = Git::new(root, &["add", "-A", "--", "."]).index(&index.0);
+    for s in exclude_specs(root, excludes)? {
+        add = add.arg(s);
+    }
+    add.run()?;
+    let tree = Git::new(root, &["write-tree"]).index(&index.0).line()?;
+    Git::new(root, &["commit-tree", &tree, "-p", &head, "-m", message])
+        .author()
+        .line()
+}
+
+/// A new worktree at `path` on branch `branch` (created at `base`, or reset there when a stale one
+/// of the same name exists).
+pub fn add_worktree(root: &Path, path: &Path, branch: &str, base: &str) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    Git::new(root, &["worktree", "add", "-f", "-q", "-B", branch])
+        .arg(path)
+        .arg(base)
+        .run()?;
+    Ok(())
+}
+
+/// Commit everything in the worktree `wt` (it is on its branch) and return the commit. Made even
+/// when nothing changed, so every attempt has a head to diff.
+pub fn commit_all(wt: &Path, message: &str) -> Result<String> {
+    Git::new(wt, &["add", "-A", "--", "."]).run()?;
+    let tree = Git::new(wt, &["write-tree"]).line()?;
+    // The agent may have committed on its own: build on whatever the worktree's HEAD is now.
+    let parent = Git::new(wt, &["rev-parse", "HEAD"]).line()?;
+    let commit = Git::new(wt, &["commit-tree", &tree, "-p", &parent, "-m", message])
+        .author()
+        .line()?;
+    Git::new(wt, &["update-ref", "HEAD", &commit, &parent]).run()?;
+    Ok(commit)
+}
+
+/// The diff `base` → `head` (renames detected, binary files as git shows them) and the files it
+/// touches, both paths of a rename included.
+pub fn diff(root: &Path, base: &str, head: &str) -> Result<(String, Vec<String>)> {
+    let text = Git::new(
+        root,
+        &[
+            "diff",
+            "--no-color",
+            "--no-ext-diff",
+            "-M",
+            "--binary",
+            base,
+            head,
+        ],
+    )
+    .run()?;
+    let names = Git::new(
+        root,
+        &[
+            "diff",
+            "--no-ext-diff",
+            "-M",
+            "--name-status",
+            "-z",
+            base,
+            head,
+        ],
+    )
+    .run()?;
+    let mut files = vec![];
+    let mut fields = names
+        .split(|b| *b == 0)
+        .filter(|f| !f.is_empty())
+        .map(|f| String::from_utf8_lossy(f).into_owned());
+    while let Some(status) = fields.next() {
+        // Renames and copies carry two paths, everything else one.
+        let n = if status.starts_with('R') || status.starts_with('C') {
+            2
+        } else {
+            1
+        };
+        for _ in 0..n {
+            if let Some(p) = fields.next()
+                && !files.contains(&p)
+            {
+                files.push(p);
+            }
+        }
+    }
+    Ok((String::from_utf8_lossy(&text).into_owned(), files))
+}
+
+/// How a task's changes were landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Merge {
+    Apply,
+    Commit,
+    Branch,
+}
+
+/// What landing did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Landed {
+    /// Written to the user's tree as uncommitted changes.
+    Applied,
+    /// Written to the tree and committed on the current branch.
+    Committed(String),
+    /// Left on the branch only.
+    Kept,
+    /// Not applied at all: these files conflict with what the user's tree holds now.
+    Conflict(Vec<String>),
+}
+
+/// Land `base` → `head` in the user's tree at `root`. The three-way merge runs in git's object
+/// store (`merge-tree` against a snapshot of the tree as it is now); only a clean result is written
+/// to the tree, by one `git apply` that checks every hunk before it writes any.
+pub fn land(
+    root: &Path,
+    base: &str,
+    head_commit: &str,
+    how: Merge,
+    excludes: &[PathBuf],
+    message: &str,
+) -> Result<Landed> {
+    if how == Merge::Branch {
+        return Ok(Landed::Kept);
+    }
+    // Held from the snapshot of the tree to the end of the write: a landing of another task in
+    // between would make the merge stale.
+    let _tree = tree_lock();
+    let now = snapshot_locked(
+        root,
+        excludes,
+        "orchestrate: the working tree before landing",
+    )?;
+    let out = Git::new(
+        root,
+        &[
+            "merge-tree",
+            "--write-tree",
+            "--name-only",
+            "--no-messages",
+            "-z",
+        ],
+    )
+    .arg(format!("--merge-base={base}"))
+    .arg(&now)
+    .arg(head_commit)
+    .output()?;
+    let mut fields = out
+        .stdout
+        .split(|b| *b == 0)
+        .map(|f| String::from_utf8_lossy(f).into_owned());
+    let merged = fields.next().unwrap_or_default();
+    match out.code {
+        Some(0) => {}
+        Some(1) => {
+            let mut files: Vec<String> = fields.filter(|f| !f.is_empty()).collect();
+            files.dedup();
+            return Ok(Landed::Conflict(files));
+        }
+        _ => bail!(
+            "git merge-tree in {} failed: {}",
+            root.display(),
+            out.stderr
+        ),
+    }
+    // What the tree must gain: its present state → the merged one, as one patch.
+    let patch = Git::new(
+        root,
+        &[
+            "diff",
+            "--no-color",
+            "--no-ext-diff",
+            "--binary",
+            "--full-index",
+        ],
+    )
+    .arg(format!("{now}^{{tree}}"))
+    .arg(&merged)
+    .run()?;
+    if !patch.is_empty() {
+        let file = TempIndex::new(root)?;
+        std::fs::write(&file.0, &patch)
+            .with_context(|| format!("cannot write {}", file.0.display()))?;
+        // `git apply` without --index writes the tree only, and all or nothing.
+        let out = Git::new(root, &["apply", "--whitespace=nowarn"])
+            .arg(&file.0)
+            .output()?;
+        if out.code != Some(0) {
+            // The tree changed under us between the snapshot and now: nothing was written.
+            bail!(
+                "the changes could not be applied to {} (nothing was changed): {}",
+                root.display(),
+                out.stderr
+            );
+        }
+    }
+    if how == Merge::Apply {
+        return Ok(Landed::Applied);
+    }
+    // `commit`: the task's changes on top of HEAD, committed; the index follows for those paths.
+    let user_head = head(root)?;
+    let out = Git::new(
+        root,
+        &[
+            "merge-tree",
+            "--write-tree",
+            "--name-only",
+            "--no-messages",
+            "-z",
+        ],
+    )
+    .arg(format!("--merge-base={base}"))
+    .arg(&user_head)
+    .arg(head_commit)
+    .output()?;
+    if out.code != Some(0) {
+        // Applied to the tree, but HEAD itself conflicts (the user's uncommitted changes made it
+        // apply): leave it applied, uncommitted.
+        return Ok(Landed::Applied);
+    }
+    let tree = String::from_utf8_lossy(&out.stdout)
+        .split('\0')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let commit = Git::new(
+        root,
+        &["commit-tree", &tree, "-p", &user_head, "-m", message],
+    )
+    .author()
+    .line()?;
+    Git::new(
+        root,
+        &["update-ref", "-m", message, "HEAD", &commit, &user_head],
+    )
+    .run()?;
+    let (_, files) = diff(root, &user_head, &commit)?;
+    if !files.is_empty() {
+        let mut reset = Git::new(root, &["reset", "-q", &commit, "--"]);
+        for f in &files {
+            reset = reset.arg(format!(":(literal,top){f}"));
+        }
+        reset.run()?;
+    }
+    Ok(Landed::Committed(commit))
+}
+
+/// Remove the worktree at `path` (its folder and git's record of it), then prune records of
+/// worktrees whose folders are gone.
+pub fn remove_worktree(root: &Path, path: &Path) -> Result<()> {
+    let out = Git::new(root, &["worktree", "remove", "--force", "--force"])
+        .arg(path)
+        .output()?;
+    if path.exists() {
+        std::fs::remove_dir_all(path).with_context(|| {
+            format!(
+                "cannot remove the worktree {} ({})",
+                path.display(),
+                out.stderr
+            )
+        })?;
+    }
+    Git::new(root, &["worktree", "prune"]).run()?;
+    Ok(())
+}
+
+/// Delete `branch` (a local branch orchestrate made).
+pub fn delete_branch(root: &Path, branch: &str) -> Result<()> {
+    Git::new(root, &["branch", "-q", "-D", branch]).run()?;
+    Ok(())
+}
+
+/// The repository a worktree folder belongs to, read from its `.git` file (`gitdir: <repo>/.git/
+/// worktrees/<name>`), without git: the folder may be half made.
+pub fn worktree_repo(path: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(path.join(".git")).ok()?;
+    let gitdir = PathBuf::from(text.strip_prefix("gitdir:")?.trim());
+    // <common git dir>/worktrees/<name>
+    let common = gitdir.parent()?.parent()?;
+    Some(common.to_path_buf())
+}
+
+/// Remove an orphaned worktree folder: through git when its repository is known, by hand
+/// otherwise, and prune the repository's records.
+pub fn remove_orphan(path: &Path) -> Result<()> {
+    if let Some(common) = worktree_repo(path)
+        && common.is_dir()
+    {
+        let _ = Git::new(&common, &["worktree", "remove", "--force", "--force"])
+            .arg(path)
+            .output();
+        if path.exists() {
+            std::fs::remove_dir_all(path)
+                .with_context(|| format!("cannot remove {}", path.display()))?;
+        }
+        Git::new(&common, &["worktree", "prune"]).run()?;
+        return Ok(());
+    }
+    if path.exists() {
+        std::fs::remove_dir_all(path)
+            .with_context(|| format!("cannot remove {}", path.display()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(dir: &Path, args: &[&str]) -> String {
+        let out = Command::new("git")
+            .args(args)
+            .current_dir(dir)
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@t")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@t")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn repo() -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        sh(d.path(), &["init", "-q"]);
+        std::fs::write(d.path().join("a.txt"), "one\ntwo\n").unwrap();
+        std::fs::write(d.path().join(".gitignore"), "ignored/\n").unwrap();
+        sh(d.path(), &["add", "."]);
+        sh(d.path(), &["commit", "-qm", "init"]);
+        d
+    }
+
+    #[test]
+    fn snapshot_holds_uncommitted_and_untracked_files_and_leaves_the_index_alone() {
+        let d = repo();
+        let r = d.path();
+        std::fs::write(r.join("a.txt"), "one\nTWO\n").unwrap();
+        std::fs::write(r.join("new.txt"), "new\n").unwrap();
+        std::fs::create_dir(r.join("ignored")).unwrap();
+        std::fs::write(r.join("ignored/x"), "x").unwrap();
+        std::fs::create_dir(r.join("own")).unwrap();
+        std::fs::write(r.join("own/y"), "y").unwrap();
+        let index_before = std::fs::read(r.join(".git/index")).unwrap();
+        let c = snapshot(r, &[r.join("own")], "snap").unwrap();
+        assert_eq!(sh(r, &["show", &format!("{c}:a.txt")]), "one\nTWO\n");
+        assert_eq!(sh(r, &["show", &format!("{c}:new.txt")]), "new\n");
+        let files = sh(r, &["ls-tree", "-r", "--name-only", &c]);
+        assert!(!files.contains("ignored/x"), "{files}");
+        assert!(!files.contains("own/y"), "{files}");
+        assert_eq!(std::fs::read(r.join(".git/index")).unwrap(), index_before);
+        assert!(sh(r, &["status", "--porcelain"]).contains("?? new.txt"));
+        let author = sh(r, &["log", "-1", "--format=%an <%ae>", &c]);
+        assert_eq!(author.trim(), "orchestrate <orchestrate@localhost>");
+    }
+
+    #[test]
+    fn an_unborn_branch_is_refused_by_name() {
+        let d = tempfile::tempdir().unwrap();
+        sh(d.path(), &["init", "-q"]);
+        let e = snapshot(d.path(), &[], "snap").unwrap_err().to_string();
+        assert!(e.contains("no commit yet"), "{e}");
+    }
+
+    #[test]
+    fn worktree_commit_diff_land_and_remove() {
+        let d = repo();
+        let r = d.path();
+        let wts = tempfile::tempdir().unwrap();
+        let base = snapshot(r, &[], "snap").unwrap();
+        let wt = wts.path().join("t1-1");
+        add_worktree(r, &wt, "orchestrate/t1", &base).unwrap();
+        std::fs::write(wt.join("a.txt"), "one\ntwo\nthree\n").unwrap();
+        std::fs::write(wt.join("b.bin"), [0u8, 1, 2, 255]).unwrap();
+        let head = commit_all(&wt, "task t1 by shell").unwrap();
+        let (text, files) = diff(r, &base, &head).unwrap();
+        assert_eq!(files, vec!["a.txt".to_string(), "b.bin".to_string()]);
+        assert!(text.contains("+three"), "{text}");
+        assert!(text.contains("GIT binary patch"), "{text}");
+        // The user edits another line meanwhile: a three-way landing keeps both.
+        std::fs::write(r.join("a.txt"), "ONE\ntwo\n").unwrap();
+        let landed = land(r, &base, &head, Merge::Apply, &[], "m").unwrap();
+        assert_eq!(landed, Landed::Applied);
+        assert_eq!(
+            std::fs::read_to_string(r.join("a.txt")).unwrap(),
+            "ONE\ntwo\nthree\n"
+        );
+        assert_eq!(std::fs::read(r.join("b.bin")).unwrap(), [0u8, 1, 2, 255]);
+        // Nothing staged: the index is the user's.
+        assert_eq!(sh(r, &["diff", "--cached", "--name-only"]), "");
+        remove_worktree(r, &wt).unwrap();
+        assert!(!wt.exists());
+        assert_eq!(sh(r, &["worktree", "list"]).lines().count(), 1);
+        delete_branch(r, "orchestrate/t1").unwrap();
+    }
+
+    #[test]
+    fn a_conflict_changes_nothing_and_names_the_file() {
+        let d = repo();
+        let r = d.path();
+        let wts = tempfile::tempdir().unwrap();
+        let base = snapshot(r, &[], "snap").unwrap();
+        let wt = wts.path().join("t2-1");
+        add_worktree(r, &wt, "orchestrate/t2", &base).unwrap();
+        std::fs::write(wt.join("a.txt"), "one\nfrom the task\n").unwrap();
+        std::fs::write(wt.join("c.txt"), "c\n").unwrap();
+        let head = commit_all(&wt, "t2").unwrap();
+        std::fs::write(r.join("a.txt"), "one\nfrom the user\n").unwrap();
+        let landed = land(r, &base, &head, Merge::Apply, &[], "m").unwrap();
+        assert_eq!(landed, Landed::Conflict(vec!["a.txt".into()]));
+        assert_eq!(
+            std::fs::read_to_string(r.join("a.txt")).unwrap(),
+            "one\nfrom the user\n"
+        );
+        assert!(!r.join("c.txt").exists(), "half applied");
+        remove_worktree(r, &wt).unwrap();
+    }
+
+    #[test]
+    fn commit_mode_commits_on_the_current_branch() {
+        let d = repo();
+        let r = d.path();
+        let wts = tempfile::tempdir().unwrap();
+        let before = sh(r, &["rev-parse", "HEAD"]);
+        let base = snapshot(r, &[], "snap").unwrap();
+        let wt = wts.path().join("t3-1");
+        add_worktree(r, &wt, "orchestrate/t3", &base).unwrap();
+        std::fs::write(wt.join("d.txt"), "d\n").unwrap();
+        let head = commit_all(&wt, "t3").unwrap();
+        let landed = land(r, &base, &head, Merge::Commit, &[], "task t3 by shell").unwrap();
+        let Landed::Committed(c) = landed else {
+            panic!("{landed:?}")
+        };
+        assert_eq!(sh(r, &["rev-parse", "HEAD"]).trim(), c);
+        assert_eq!(sh(r, &["rev-parse", "HEAD^"]), before);
+        assert_eq!(sh(r, &["status", "--porcelain"]), "");
+        remove_worktree(r, &wt).unwrap();
+    }
+}

@@ -1,0 +1,375 @@
+//! Isolation: tasks in a git repository run in worktrees of their own and land their changes back;
+//! tasks outside git (or with `isolation: none`) run in their workdir, one at a time per workdir.
+//! Real repositories made with `git init` in temp dirs, the real binary, the fake agent.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "user")
+        .env("GIT_AUTHOR_EMAIL", "user@example.com")
+        .env("GIT_COMMITTER_NAME", "user")
+        .env("GIT_COMMITTER_EMAIL", "user@example.com")
+        .output()
+        .expect("git runs");
+    assert!(out.status.success(), "git {args:?} in {dir:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The project root made a git repository with one commit holding `files`.
+fn repo_project(config: &str, files: &[(&str, &str)]) -> Project {
+    let p = Project::with_config(config);
+    git(p.root(), &["init", "-q"]);
+    for (name, text) in files {
+        std::fs::write(p.path(name), text).expect("write");
+        git(p.root(), &["add", name]);
+    }
+    git(p.root(), &["commit", "-qm", "first"]);
+    p
+}
+
+/// The test configuration with the `shell` agent of the default one.
+fn config_with_shell() -> String {
+    test_config("").replace(
+        "agents:\n",
+        "agents:\n  shell:\n    kind: command\n    command: sh\n    args: [-c, \"{description}\"]\n    max_instances: 4\n",
+    )
+}
+
+fn worktree_count(p: &Project) -> usize {
+    git(p.root(), &["worktree", "list"]).lines().count()
+}
+
+fn worktrees_left(p: &Project) -> Vec<String> {
+    p.files(".orchestrate/worktrees")
+}
+
+fn wait_done(p: &Project, n: usize, limit: Duration) {
+    wait_for(&format!("{n} tasks finished"), limit, || {
+        p.tasks_in("completed").len() + p.tasks_in("failed").len() >= n
+    });
+}
+
+#[test]
+fn twenty_tasks_in_one_repository_each_land_exactly_their_own_file() {
+    let p = repo_project(&test_config(""), &[("base.txt", "base\n")]);
+    for i in 0..20 {
+        p.drop_task(
+            &format!("t{i:02}.yaml"),
+            &format!("description: \"write one file\\n@fake write=f_{i:02}.txt:content_{i}\"\n"),
+        );
+    }
+    let mut s = p.start();
+    wait_done(&p, 20, Duration::from_secs(180));
+    s.stop();
+    assert_eq!(p.tasks_in("completed").len(), 20, "{}", s.output());
+    for i in 0..20 {
+        let id = format!("t{i:02}");
+        let r = p.result("completed", &id);
+        let own = format!("f_{i:02}.txt");
+        assert_eq!(r["files_modified"], serde_json::json!([own]), "{r}");
+        assert_eq!(r["workspace"]["isolation"], "worktree", "{r}");
+        assert_eq!(r["workspace"]["merge"], "applied", "{r}");
+        assert!(r["workspace"]["base"].as_str().is_some(), "{r}");
+        assert!(r["workspace"]["head"].as_str().is_some(), "{r}");
+        let diff = p.read(&format!("context/diffs/{id}.diff"));
+        assert_eq!(diff.matches("diff --git").count(), 1, "{diff}");
+        assert!(diff.contains(&format!("b/{own}")), "{diff}");
+        assert_eq!(
+            std::fs::read_to_string(p.path(&own)).expect("landed"),
+            format!("content {i}\n")
+        );
+    }
+    assert_eq!(
+        worktree_count(&p),
+        1,
+        "{}",
+        git(p.root(), &["worktree", "list"])
+    );
+    assert!(worktrees_left(&p).is_empty(), "{:?}", worktrees_left(&p));
+    // Landed changes are uncommitted, the index and the branch list as they were.
+    assert_eq!(git(p.root(), &["branch", "--list", "orchestrate/*"]), "");
+    assert_eq!(git(p.root(), &["diff", "--cached", "--name-only"]), "");
+    assert_eq!(git(p.root(), &["rev-list", "--count", "HEAD"]).trim(), "1");
+}
+
+#[test]
+fn two_tasks_editing_the_same_line_land_one_and_keep_the_other_on_its_branch() {
+    let p = repo_project(&test_config(""), &[("a.txt", "original\n")]);
+    let gate = tempfile::tempdir().expect("tempdir");
+    let go = gate.path().join("go");
+    for who in ["x", "y"] {
+        p.drop_task(
+            &format!("{who}.yaml"),
+            &format!(
+                "description: \"edit a.txt\\n@fake wait-for={} write=a.txt:from_{who}\"\n",
+                go.display()
+            ),
+        );
+    }
+    let mut s = p.start();
+    // Both start from the same base before either writes.
+    wait_for("both tasks running", Duration::from_secs(60), || {
+        p.files("tasks/assigned")
+            .iter()
+            .filter(|f| f.ends_with(".claim.yaml"))
+            .count()
+            == 2
+            && p.files(".orchestrate/worktrees").len() == 2
+    });
+    std::fs::write(&go, "").expect("gate");
+    wait_done(&p, 2, Duration::from_secs(60));
+    s.stop();
+    let results: Vec<(String, serde_json::Value)> = ["x", "y"]
+        .iter()
+        .map(|w| (w.to_string(), p.result("completed", w)))
+        .collect();
+    let merges: Vec<&str> = results
+        .iter()
+        .map(|(_, r)| r["workspace"]["merge"].as_str().unwrap_or("-"))
+        .collect();
+    let mut sorted = merges.clone();
+    sorted.sort();
+    assert_eq!(sorted, ["applied", "conflict"], "{results:?}");
+    let (applied, _) = &results[merges.iter().position(|m| *m == "applied").unwrap_or(0)];
+    let (conflicted, r) = &results[merges.iter().position(|m| *m == "conflict").unwrap_or(0)];
+    assert_eq!(
+        r["workspace"]["conflicts"],
+        serde_json::json!(["a.txt"]),
+        "{r}"
+    );
+    assert_eq!(
+        r["workspace"]["branch"],
+        format!("orchestrate/{conflicted}")
+    );
+    // The user's tree holds exactly the version that landed; the other is intact on its branch.
+    assert_eq!(
+        std::fs::read_to_string(p.path("a.txt")).expect("a.txt"),
+        format!("from {applied}\n")
+    );
+    assert_eq!(
+        git(
+            p.root(),
+            &["show", &format!("orchestrate/{conflicted}:a.txt")]
+        ),
+        format!("from {conflicted}\n")
+    );
+    assert_eq!(
+        git(p.root(), &["branch", "--list", "orchestrate/*"]).trim(),
+        format!("orchestrate/{conflicted}")
+    );
+    assert_eq!(worktree_count(&p), 1);
+    assert!(worktrees_left(&p).is_empty());
+    let shown = p.run(&["show", conflicted]);
+    assert!(
+        shown.stdout().contains("merge: conflict in a.txt"),
+        "{}",
+        shown.stdout()
+    );
+}
+
+#[test]
+fn the_base_holds_uncommitted_and_untracked_files_and_the_index_is_untouched() {
+    let p = repo_project(&config_with_shell(), &[("t.txt", "committed\n")]);
+    std::fs::write(p.path("t.txt"), "uncommitted\n").expect("write");
+    std::fs::write(p.path("s.txt"), "staged\n").expect("write");
+    git(p.root(), &["add", "s.txt"]);
+    std::fs::write(p.path("u.txt"), "untracked\n").expect("write");
+    let index_before = git(p.root(), &["ls-files", "-s"]);
+    p.drop_task(
+        "look.yaml",
+        "agent: shell\ndescription: \"cat t.txt s.txt u.txt > seen.txt\"\n",
+    );
+    let mut s = p.start();
+    wait_done(&p, 1, Duration::from_secs(60));
+    s.stop();
+    let r = p.result("completed", "look");
+    assert_eq!(r["files_modified"], serde_json::json!(["seen.txt"]), "{r}");
+    assert_eq!(
+        std::fs::read_to_string(p.path("seen.txt")).expect("landed"),
+        "uncommitted\nstaged\nuntracked\n"
+    );
+    assert_eq!(git(p.root(), &["ls-files", "-s"]), index_before);
+    assert_eq!(
+        git(p.root(), &["diff", "--cached", "--name-only"]),
+        "s.txt\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(p.path("t.txt")).expect("t"),
+        "uncommitted\n"
+    );
+    assert_eq!(worktree_count(&p), 1);
+}
+
+#[test]
+fn a_workdir_outside_git_runs_in_place_as_before() {
+    let p = Project::new();
+    p.drop_task("plain.yaml", "description: \"@fake write=x.txt:made\"\n");
+    let mut s = p.start();
+    wait_done(&p, 1, Duration::from_secs(60));
+    s.stop();
+    let r = p.result("completed", "plain");
+    assert!(r.get("workspace").is_none(), "{r}");
+    assert_eq!(r["files_modified"], serde_json::json!(["x.txt"]), "{r}");
+    assert_eq!(p.read("x.txt"), "made\n");
+    assert!(!p.path(".orchestrate/worktrees").exists());
+}
+
+#[test]
+fn isolation_none_runs_tasks_sharing_a_workdir_one_at_a_time() {
+    let p = repo_project(&test_config(""), &[("a.txt", "a\n")]);
+    let locks = tempfile::tempdir().expect("tempdir");
+    let lock = locks.path().join("workdir.lock");
+    for who in ["p", "q"] {
+        p.drop_task(
+            &format!("{who}.yaml"),
+            &format!(
+                "description: \"@fake lock={} sleep=1 write={who}.txt:{who}\"\nisolation: none\nworkdir: work\n",
+                lock.display()
+            ),
+        );
+    }
+    std::fs::create_dir(p.path("work")).expect("mkdir");
+    let mut s = p.start();
+    wait_done(&p, 2, Duration::from_secs(60));
+    s.stop();
+    let log = s.output();
+    assert_eq!(p.tasks_in("completed"), ["p", "q"], "{log}");
+    assert!(
+        !locks.path().join("workdir.lock.overlap").exists(),
+        "two tasks ran in one workdir at once"
+    );
+    assert!(
+        log.contains("waiting for workdir work, held by task"),
+        "{log}"
+    );
+    for who in ["p", "q"] {
+        let r = p.result("completed", who);
+        assert!(r.get("workspace").is_none(), "{r}");
+        assert_eq!(
+            r["files_modified"],
+            serde_json::json!([format!("{who}.txt")]),
+            "{r}"
+        );
+    }
+    assert!(!p.path(".orchestrate/worktrees").exists());
+}
+
+#[test]
+fn a_repository_without_commits_is_refused_by_name() {
+    let p = Project::new();
+    git(p.root(), &["init", "-q"]);
+    p.drop_task(
+        "early.yaml",
+        "description: \"@fake write=x.txt:x\"\nmax_retries: 0\n",
+    );
+    let mut s = p.start();
+    wait_done(&p, 1, Duration::from_secs(60));
+    s.stop();
+    let r = p.result("failed", "early");
+    let e = r["error"].as_str().unwrap_or_default().to_string()
+        + r["attempts"][0]["error"].as_str().unwrap_or_default();
+    assert!(e.contains("no commit yet"), "{r}");
+    assert!(!p.path("x.txt").exists());
+}
+
+#[test]
+fn orphaned_worktrees_are_removed_at_start() {
+    let p = repo_project(&test_config(""), &[("a.txt", "a\n")]);
+    let orphan = p.path(".orchestrate/worktrees/ghost-1");
+    git(
+        p.root(),
+        &[
+            "worktree",
+            "add",
+            "-q",
+            "--detach",
+            orphan.to_str().expect("utf-8"),
+            "HEAD",
+        ],
+    );
+    assert_eq!(worktree_count(&p), 2);
+    let mut s = p.start();
+    s.stop();
+    assert!(!orphan.exists(), "{}", s.output());
+    assert_eq!(worktree_count(&p), 1);
+}
+
+#[test]
+fn merge_branch_keeps_the_changes_on_the_branch_and_merge_commit_commits_them() {
+    let p = repo_project(&test_config(""), &[("a.txt", "a\n")]);
+    p.drop_task(
+        "kept.yaml",
+        "description: \"@fake write=k.txt:kept\"\nmerge: branch\n",
+    );
+    p.drop_task(
+        "landed.yaml",
+        "description: \"@fake write=c.txt:committed\"\nmerge: commit\n",
+    );
+    let mut s = p.start();
+    wait_done(&p, 2, Duration::from_secs(60));
+    s.stop();
+    let kept = p.result("completed", "kept");
+    assert_eq!(kept["workspace"]["merge"], "kept", "{kept}");
+    assert_eq!(kept["workspace"]["branch"], "orchestrate/kept", "{kept}");
+    assert!(!p.path("k.txt").exists());
+    assert_eq!(git(p.root(), &["show", "orchestrate/kept:k.txt"]), "kept\n");
+    let landed = p.result("completed", "landed");
+    assert_eq!(landed["workspace"]["merge"], "committed", "{landed}");
+    assert!(landed["workspace"].get("branch").is_none(), "{landed}");
+    assert_eq!(p.read("c.txt"), "committed\n");
+    assert_eq!(
+        git(p.root(), &["log", "-1", "--format=%an <%ae>%n%s"]),
+        "orchestrate <orchestrate@localhost>\norchestrate: task landed by fake (attempt 1)\n"
+    );
+    assert_eq!(git(p.root(), &["show", "HEAD:c.txt"]), "committed\n");
+    // Committed, so neither staged nor modified; the kept task's file never reached the tree.
+    let status = git(p.root(), &["status", "--porcelain", "--", "c.txt", "k.txt"]);
+    assert_eq!(status, "", "{status}");
+    assert_eq!(
+        git(p.root(), &["branch", "--list", "orchestrate/*"]).trim(),
+        "orchestrate/kept"
+    );
+    assert_eq!(worktree_count(&p), 1);
+}
+
+#[test]
+fn an_agent_with_isolation_none_runs_in_place_and_keep_true_keeps_the_folder() {
+    let config = test_config("workspace:\n  keep: true\n").replace(
+        "agents:\n",
+        "agents:\n  inplace:\n    kind: command\n    command: sh\n    args: [-c, \"{description}\"]\n    isolation: none\n",
+    );
+    let p = repo_project(&config, &[("a.txt", "a\n")]);
+    std::fs::create_dir(p.path("work")).expect("mkdir");
+    p.drop_task(
+        "here.yaml",
+        "agent: inplace\nworkdir: work\ndescription: \"echo here > here.txt\"\n",
+    );
+    p.drop_task("there.yaml", "description: \"@fake write=t.txt:there\"\n");
+    let mut s = p.start();
+    wait_done(&p, 2, Duration::from_secs(60));
+    s.stop();
+    let here = p.result("completed", "here");
+    assert!(here.get("workspace").is_none(), "{here}");
+    assert_eq!(
+        here["files_modified"],
+        serde_json::json!(["here.txt"]),
+        "{here}"
+    );
+    assert_eq!(p.read("work/here.txt"), "here\n");
+    let there = p.result("completed", "there");
+    assert_eq!(there["workspace"]["merge"], "applied", "{there}");
+    assert_eq!(p.read("t.txt"), "there\n");
+    // keep: true leaves the attempt's folder (and its branch) for inspection.
+    assert_eq!(worktrees_left(&p), ["there-1"]);
+    assert_eq!(p.read(".orchestrate/worktrees/there-1/t.txt"), "there\n");
+    assert_eq!(worktree_count(&p), 2);
+}
