@@ -404,6 +404,12 @@ pub(super) async fn run_attempt(
             attempt.error = Some(format!("{e:#}"));
             attempt.finished_at = Some(fsutil::now_rfc3339());
             report.attempt = attempt;
+            // The agent never ran: its worktree goes now, not at the next start's sweep.
+            if let Some(w) = worktree {
+                let (task, agent, n) = (task.clone(), claim.agent.clone(), claim.attempt);
+                let _ =
+                    tokio::task::spawn_blocking(move || w.finish(&task, &agent, n, false)).await;
+            }
             return report;
         }
     };
