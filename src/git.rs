@@ -383,6 +383,25 @@ pub enum Landed {
     Conflict(Vec<String>),
 }
 
+/// A three-way merge of `theirs` into `ours` from `base`, as `git merge-tree` computes it without
+/// touching any tree or index: exit 0 and the merged tree's id, or 1 and the conflicting paths.
+fn merge_tree(root: &Path, base: &str, ours: &str, theirs: &str) -> Result<Out> {
+    Git::new(
+        root,
+        &[
+            "merge-tree",
+            "--write-tree",
+            "--name-only",
+            "--no-messages",
+            "-z",
+        ],
+    )
+    .arg(format!("--merge-base={base}"))
+    .arg(ours)
+    .arg(theirs)
+    .output()
+}
+
 /// Land `base` → `head` in the user's tree at `root`. The three-way merge runs in git's object
 /// store (`merge-tree` against a snapshot of the tree as it is now); only a clean result is written
 /// to the tree, by one `git apply` that checks every hunk before it writes any.
@@ -405,20 +424,7 @@ pub fn land(
         excludes,
         "orchestrate: the working tree before landing",
     )?;
-    let out = Git::new(
-        root,
-        &[
-            "merge-tree",
-            "--write-tree",
-            "--name-only",
-            "--no-messages",
-            "-z",
-        ],
-    )
-    .arg(format!("--merge-base={base}"))
-    .arg(&now)
-    .arg(head_commit)
-    .output()?;
+    let out = merge_tree(root, base, &now, head_commit)?;
     let mut fields = out
         .stdout
         .split(|b| *b == 0)
@@ -473,20 +479,7 @@ pub fn land(
     }
     // `commit`: the task's changes on top of HEAD, committed; the index follows for those paths.
     let user_head = head(root)?;
-    let out = Git::new(
-        root,
-        &[
-            "merge-tree",
-            "--write-tree",
-            "--name-only",
-            "--no-messages",
-            "-z",
-        ],
-    )
-    .arg(format!("--merge-base={base}"))
-    .arg(&user_head)
-    .arg(head_commit)
-    .output()?;
+    let out = merge_tree(root, base, &user_head, head_commit)?;
     if out.code != Some(0) {
         // Applied to the tree, but HEAD itself conflicts (the user's uncommitted changes made it
         // apply): leave it applied, uncommitted.
