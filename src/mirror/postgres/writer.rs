@@ -142,6 +142,19 @@ struct Inbox {
 }
 
 impl Inbox {
+    fn new(rx: tokio::sync::mpsc::UnboundedReceiver<Op>, health_file: PathBuf) -> Inbox {
+        Inbox {
+            rx,
+            open: true,
+            queue: VecDeque::new(),
+            in_flight: 0,
+            flushes: Vec::new(),
+            health: Health::default(),
+            health_file,
+            written: Vec::new(),
+        }
+    }
+
     /// Take one op from the supervisor: flushes wait for the queue, local-only ops are ignored.
     fn accept(&mut self, op: Op) {
         match op {
@@ -251,16 +264,7 @@ async fn run_writer(
     rx: tokio::sync::mpsc::UnboundedReceiver<Op>,
 ) {
     let channel = channel(&schema);
-    let mut inbox = Inbox {
-        rx,
-        open: true,
-        queue: VecDeque::new(),
-        in_flight: 0,
-        flushes: Vec::new(),
-        health: Health::default(),
-        health_file,
-        written: Vec::new(),
-    };
+    let mut inbox = Inbox::new(rx, health_file);
     let mut backoff = Duration::from_millis(200);
     let mut session: Option<Session> = None;
     let mut next_reconcile = Instant::now();
@@ -503,16 +507,7 @@ mod tests {
     fn a_full_queue_drops_the_oldest_op_not_being_written() {
         let (_tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut inbox = Inbox {
-            rx,
-            open: true,
-            queue: VecDeque::new(),
-            in_flight: 0,
-            flushes: Vec::new(),
-            health: Health::default(),
-            health_file: dir.path().join("postgres.json"),
-            written: Vec::new(),
-        };
+        let mut inbox = Inbox::new(rx, dir.path().join("postgres.json"));
         for i in 0..MAX_QUEUE {
             inbox.accept(note(i));
         }
