@@ -39,6 +39,12 @@ pub const POINTS: &[&str] = &[
     // requeued): after the temporary file, before the rename; after the rename.
     "needs_login.before_rename",
     "needs_login.after_rename",
+    // An isolated attempt (a task in a git repository): its worktree made, the agent's changes
+    // committed on the task's branch, the changes landed in the user's tree (before the terminal
+    // commit).
+    "worktree.after_add",
+    "worktree.after_commit",
+    "worktree.after_land",
 ];
 
 struct Target {

@@ -69,7 +69,7 @@ fn twenty_tasks_in_one_repository_each_land_exactly_their_own_file() {
     }
     let mut s = p.start();
     wait_done(&p, 20, Duration::from_secs(180));
-    s.stop();
+    assert!(s.stop().success(), "{}", s.output());
     assert_eq!(p.tasks_in("completed").len(), 20, "{}", s.output());
     for i in 0..20 {
         let id = format!("t{i:02}");
@@ -127,7 +127,7 @@ fn two_tasks_editing_the_same_line_land_one_and_keep_the_other_on_its_branch() {
     });
     std::fs::write(&go, "").expect("gate");
     wait_done(&p, 2, Duration::from_secs(60));
-    s.stop();
+    assert!(s.stop().success(), "{}", s.output());
     let results: Vec<(String, serde_json::Value)> = ["x", "y"]
         .iter()
         .map(|w| (w.to_string(), p.result("completed", w)))
@@ -190,7 +190,7 @@ fn the_base_holds_uncommitted_and_untracked_files_and_the_index_is_untouched() {
     );
     let mut s = p.start();
     wait_done(&p, 1, Duration::from_secs(60));
-    s.stop();
+    assert!(s.stop().success(), "{}", s.output());
     let r = p.result("completed", "look");
     assert_eq!(r["files_modified"], serde_json::json!(["seen.txt"]), "{r}");
     assert_eq!(
@@ -215,7 +215,7 @@ fn a_workdir_outside_git_runs_in_place_as_before() {
     p.drop_task("plain.yaml", "description: \"@fake write=x.txt:made\"\n");
     let mut s = p.start();
     wait_done(&p, 1, Duration::from_secs(60));
-    s.stop();
+    assert!(s.stop().success(), "{}", s.output());
     let r = p.result("completed", "plain");
     assert!(r.get("workspace").is_none(), "{r}");
     assert_eq!(r["files_modified"], serde_json::json!(["x.txt"]), "{r}");
@@ -240,7 +240,7 @@ fn isolation_none_runs_tasks_sharing_a_workdir_one_at_a_time() {
     std::fs::create_dir(p.path("work")).expect("mkdir");
     let mut s = p.start();
     wait_done(&p, 2, Duration::from_secs(60));
-    s.stop();
+    assert!(s.stop().success(), "{}", s.output());
     let log = s.output();
     assert_eq!(p.tasks_in("completed"), ["p", "q"], "{log}");
     assert!(
@@ -273,7 +273,7 @@ fn a_repository_without_commits_is_refused_by_name() {
     );
     let mut s = p.start();
     wait_done(&p, 1, Duration::from_secs(60));
-    s.stop();
+    assert!(s.stop().success(), "{}", s.output());
     let r = p.result("failed", "early");
     let e = r["error"].as_str().unwrap_or_default().to_string()
         + r["attempts"][0]["error"].as_str().unwrap_or_default();
@@ -298,7 +298,7 @@ fn orphaned_worktrees_are_removed_at_start() {
     );
     assert_eq!(worktree_count(&p), 2);
     let mut s = p.start();
-    s.stop();
+    assert!(s.stop().success(), "{}", s.output());
     assert!(!orphan.exists(), "{}", s.output());
     assert_eq!(worktree_count(&p), 1);
 }
@@ -316,7 +316,7 @@ fn merge_branch_keeps_the_changes_on_the_branch_and_merge_commit_commits_them() 
     );
     let mut s = p.start();
     wait_done(&p, 2, Duration::from_secs(60));
-    s.stop();
+    assert!(s.stop().success(), "{}", s.output());
     let kept = p.result("completed", "kept");
     assert_eq!(kept["workspace"]["merge"], "kept", "{kept}");
     assert_eq!(kept["workspace"]["branch"], "orchestrate/kept", "{kept}");
@@ -356,7 +356,7 @@ fn an_agent_with_isolation_none_runs_in_place_and_keep_true_keeps_the_folder() {
     p.drop_task("there.yaml", "description: \"@fake write=t.txt:there\"\n");
     let mut s = p.start();
     wait_done(&p, 2, Duration::from_secs(60));
-    s.stop();
+    assert!(s.stop().success(), "{}", s.output());
     let here = p.result("completed", "here");
     assert!(here.get("workspace").is_none(), "{here}");
     assert_eq!(
@@ -372,4 +372,99 @@ fn an_agent_with_isolation_none_runs_in_place_and_keep_true_keeps_the_folder() {
     assert_eq!(worktrees_left(&p), ["there-1"]);
     assert_eq!(p.read(".orchestrate/worktrees/there-1/t.txt"), "there\n");
     assert_eq!(worktree_count(&p), 2);
+}
+
+/// SIGKILL at each step of an isolated attempt (worktree made, changes committed, changes landed),
+/// then a restart: every task completes, each file is in the user's tree once with its content, no
+/// worktree, branch or lock is left in the repository, and nothing ran twice at once.
+#[test]
+fn a_crash_at_each_worktree_step_leaves_nothing_behind_and_loses_nothing() {
+    let points: Vec<&str> = orchestrate::failpoint::POINTS
+        .iter()
+        .copied()
+        .filter(|p| p.starts_with("worktree."))
+        .collect();
+    assert_eq!(points.len(), 3);
+    let mut thrown = 0;
+    for point in &points {
+        let p = repo_project(
+            &test_config("").replace("max_retries: 1", "max_retries: 3"),
+            &[("base.txt", "base\n")],
+        );
+        for i in 0..3 {
+            p.drop_task(
+                &format!("t{i}.yaml"),
+                &format!(
+                    "description: \"@fake write=f_{i}.txt:content_{i} lock={}\"\n",
+                    p.path(&format!("lock_{i}")).display()
+                ),
+            );
+        }
+        thrown += 3;
+        let log = p.path("crashed.log");
+        let f = std::fs::File::create(&log).expect("log");
+        let mut child = p
+            .cmd(&["start", "-v"])
+            .env("ORCHESTRATE_CRASH_AT", format!("{point}:1"))
+            .stdin(std::process::Stdio::null())
+            .stdout(f.try_clone().expect("clone"))
+            .stderr(f)
+            .spawn()
+            .expect("spawn");
+        let status = wait_child(&mut child, Duration::from_secs(60)).unwrap_or_else(|| {
+            let _ = child.kill();
+            panic!(
+                "{point}: never reached\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        });
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{point}: {status:?}");
+        let again = p.run(&["start", "--once", "-v"]);
+        let logs = format!(
+            "--- {point}\n{}\n--- restart\n{}{}",
+            std::fs::read_to_string(&log).unwrap_or_default(),
+            again.stdout(),
+            again.stderr()
+        );
+        again.assert_code(0);
+        assert_eq!(p.tasks_in("completed"), vec!["t0", "t1", "t2"], "{logs}");
+        for i in 0..3 {
+            assert_eq!(
+                std::fs::read_to_string(p.path(&format!("f_{i}.txt")))
+                    .ok()
+                    .as_deref(),
+                Some(format!("content {i}\n").as_str()),
+                "{point}: f_{i}.txt\n{logs}"
+            );
+            assert!(
+                !p.path(&format!("lock_{i}.overlap")).exists(),
+                "{point}: t{i} ran twice at once\n{logs}"
+            );
+        }
+        assert_eq!(
+            worktree_count(&p),
+            1,
+            "{point}: {}",
+            git(p.root(), &["worktree", "list"])
+        );
+        assert!(
+            worktrees_left(&p).is_empty(),
+            "{point}: {:?}",
+            worktrees_left(&p)
+        );
+        assert!(
+            !p.path(".git/index.lock").exists(),
+            "{point}: index.lock left"
+        );
+        let branches = git(p.root(), &["branch", "--list", "orchestrate/*"]);
+        assert!(
+            branches.trim().is_empty(),
+            "{point}: branches left: {branches}"
+        );
+    }
+    eprintln!(
+        "RELIABILITY crash-worktree: {} points, {thrown} tasks thrown, 0 lost",
+        points.len()
+    );
 }

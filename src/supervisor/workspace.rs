@@ -96,6 +96,7 @@ pub(super) fn prepare(
     }
     let branch = format!("{}{id}", cfg.workspace.branch_prefix);
     git::add_worktree(&root, &path, &branch, &base)?;
+    crate::failpoint::hit("worktree.after_add");
     let cwd = path.join(&sub);
     // The workdir may hold nothing git tracks yet (an empty folder): it still exists for the agent.
     std::fs::create_dir_all(&cwd)?;
@@ -142,6 +143,7 @@ impl Worktree {
         let mut keep_branch = false;
         match git::commit_all(&self.path, &message) {
             Ok(head) => {
+                crate::failpoint::hit("worktree.after_commit");
                 match git::diff(&self.root, &self.base, &head) {
                     Ok((d, f)) => (diff, files) = (d, f),
                     Err(e) => console::warn(&format!("cannot diff {id}: {e:#}")),
@@ -169,6 +171,7 @@ impl Worktree {
                             "conflict"
                         }
                     };
+                    crate::failpoint::hit("worktree.after_land");
                     keep_branch = matches!(merge, "kept" | "conflict");
                     result.merge = Some(merge.into());
                 }
