@@ -468,3 +468,28 @@ fn a_crash_at_each_worktree_step_leaves_nothing_behind_and_loses_nothing() {
         points.len()
     );
 }
+
+/// A chain `a → b` where b reads what a wrote: a's change has landed in the working tree before b
+/// is claimed, so b's base (a snapshot of that tree) holds it.
+#[test]
+fn a_dependent_task_starts_from_a_base_that_holds_its_dependencys_change() {
+    let p = repo_project(&config_with_shell(), &[("base.txt", "base\n")]);
+    p.drop_task(
+        "a.yaml",
+        "agent: shell\ndescription: \"echo from-a > a.txt\"\n",
+    );
+    p.drop_task(
+        "b.yaml",
+        "agent: shell\ndependencies: [a]\ndescription: \"cat a.txt > b.txt\"\n",
+    );
+    let mut s = p.start();
+    wait_done(&p, 2, Duration::from_secs(60));
+    assert!(s.stop().success(), "{}", s.output());
+    assert_eq!(p.tasks_in("completed"), vec!["a", "b"], "{}", s.output());
+    let r = p.result("completed", "b");
+    assert_eq!(r["files_modified"], serde_json::json!(["b.txt"]), "{r}");
+    assert_eq!(
+        std::fs::read_to_string(p.path("b.txt")).expect("b landed"),
+        "from-a\n"
+    );
+}
