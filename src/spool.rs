@@ -411,6 +411,16 @@ impl Spool {
         Ok(())
     }
 
+    /// Write a terminal task's result again (its kept branch was merged or discarded later). The
+    /// task stays where it is; only its record changes.
+    pub fn rewrite_result(&self, result: &TaskResult) -> Result<()> {
+        atomic_write(
+            &self.result_path(result.status, &result.task_id),
+            self.yaml(result).as_bytes(),
+        )?;
+        Ok(())
+    }
+
     /// Keep a finished attempt's result in the state directory while `tasks/` refuses it.
     pub fn keep_unfinished_result(&self, result: &TaskResult) -> Result<()> {
         fs::create_dir_all(self.layout.unfinished_dir())?;

@@ -174,6 +174,66 @@ fn two_tasks_editing_the_same_line_land_one_and_keep_the_other_on_its_branch() {
         "{}",
         shown.stdout()
     );
+
+    // `merge` by hand follows the same rules: still conflicting, nothing is written.
+    let refused = p.run(&["merge", conflicted]);
+    refused.assert_code(1);
+    assert!(refused.stdout().contains("a.txt"), "{}", refused.stdout());
+    assert_eq!(
+        std::fs::read_to_string(p.path("a.txt")).expect("a.txt"),
+        format!("from {applied}\n")
+    );
+    // Once the user takes the landed change back, it merges, and the branch goes.
+    git(p.root(), &["checkout", "--", "a.txt"]);
+    p.run(&["merge", conflicted]).assert_code(0);
+    assert_eq!(
+        std::fs::read_to_string(p.path("a.txt")).expect("a.txt"),
+        format!("from {conflicted}\n")
+    );
+    let r = p.result("completed", conflicted);
+    assert_eq!(r["workspace"]["merge"], "applied", "{r}");
+    assert!(r["workspace"]["branch"].is_null(), "{r}");
+    assert!(
+        git(p.root(), &["branch", "--list", "orchestrate/*"])
+            .trim()
+            .is_empty()
+    );
+    // Nothing left to merge or discard.
+    p.run(&["discard", conflicted]).assert_code(2);
+}
+
+#[test]
+fn discard_deletes_a_kept_branch_and_says_so_in_the_result() {
+    let p = repo_project(
+        &test_config("workspace:\n  merge: branch\n"),
+        &[("a.txt", "original\n")],
+    );
+    p.drop_task("k.yaml", "description: \"@fake write=a.txt:kept_change\"\n");
+    let mut s = p.start();
+    wait_done(&p, 1, Duration::from_secs(60));
+    assert!(s.stop().success(), "{}", s.output());
+    let r = p.result("completed", "k");
+    assert_eq!(r["workspace"]["merge"], "kept", "{r}");
+    assert_eq!(
+        git(p.root(), &["branch", "--list", "orchestrate/*"]).trim(),
+        "orchestrate/k"
+    );
+    p.run(&["discard", "k"]).assert_code(0);
+    assert!(
+        git(p.root(), &["branch", "--list", "orchestrate/*"])
+            .trim()
+            .is_empty()
+    );
+    let r = p.result("completed", "k");
+    assert_eq!(r["workspace"]["merge"], "discarded", "{r}");
+    assert_eq!(
+        std::fs::read_to_string(p.path("a.txt")).expect("a.txt"),
+        "original\n",
+        "discard never touches the tree"
+    );
+    // The mirror follows.
+    let shown = p.run(&["show", "k"]).stdout();
+    assert!(shown.contains("discarded"), "{shown}");
 }
 
 #[test]

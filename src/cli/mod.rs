@@ -24,6 +24,7 @@ mod completions;
 mod fake_agent;
 mod follow;
 mod init;
+mod land;
 mod man;
 mod mirror_cmd;
 mod openai_agent;
@@ -147,6 +148,16 @@ pub enum Command {
     Show { id: String },
     /// Move a failed task back to pending (its attempt history is kept).
     Retry { id: String },
+    /// Land a completed task's changes kept on its branch (`merge: branch`, or a conflict) into the
+    /// working tree, all or nothing; exit 1 and nothing written when they conflict.
+    Merge {
+        id: String,
+        /// Also commit them on the current branch.
+        #[arg(long)]
+        commit: bool,
+    },
+    /// Delete a completed task's kept branch, and its changes with it.
+    Discard { id: String },
     /// Cancel a pending task, or stop a running one; it ends in failed/.
     Cancel { id: String },
     /// Check task files (or the configuration) and report errors with line and column; exit 1 on any error.
@@ -360,6 +371,8 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Agents { reset: None } => agents::run(&cli, &Project::load(&cli)?),
         Command::Show { id } => show::run(&cli, &Project::load(&cli)?, id),
         Command::Retry { id } => retry::run(&cli, &Project::load(&cli)?, id),
+        Command::Merge { id, commit } => land::merge(&cli, &Project::load(&cli)?, id, *commit),
+        Command::Discard { id } => land::discard(&cli, &Project::load(&cli)?, id),
         Command::Cancel { id } => cancel::run(&cli, &Project::load(&cli)?, id),
         Command::Follow { since, limit } => {
             follow::run(&cli, &Project::load(&cli)?, *since, *limit)
