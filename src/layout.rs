@@ -181,6 +181,16 @@ impl Layout {
         self.state_dir.join("cooldowns.json")
     }
 
+    /// orchestrate's own folders (the spool, `context/`, the state directory): never part of a
+    /// task's snapshot, diff or landing, even when they sit inside the task's repository.
+    pub fn own_folders(&self) -> Vec<PathBuf> {
+        vec![
+            self.tasks_dir.clone(),
+            self.context_dir.clone(),
+            self.state_dir.clone(),
+        ]
+    }
+
     /// Outcomes known but not yet on disk in `tasks/` (a full disk, a busy lock): kept here, when
     /// possible, so a restart commits them instead of running the agent again.
     pub fn unfinished_dir(&self) -> PathBuf {

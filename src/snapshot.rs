@@ -230,7 +230,8 @@ struct Excludes {
 
 impl Excludes {
     fn new(layout: &Layout, cfg: &Config) -> Excludes {
-        let dirs = [&layout.tasks_dir, &layout.context_dir, &layout.state_dir]
+        let dirs = layout
+            .own_folders()
             .into_iter()
             .filter_map(|d| rustix::fs::stat(d.as_path()).ok())
             .map(|st| file_id(&st))

@@ -66,11 +66,7 @@ pub fn merge(cli: &Cli, project: &Project, id: &str, commit: bool) -> Result<i32
         ws.head.unwrap_or_default(),
         ws.branch.unwrap_or_default(),
     );
-    let excludes = vec![
-        project.layout.tasks_dir.clone(),
-        project.layout.context_dir.clone(),
-        project.layout.state_dir.clone(),
-    ];
+    let excludes = project.layout.own_folders();
     let how = if commit { Merge::Commit } else { Merge::Apply };
     let message = format!("orchestrate: task {id}, merged by hand\n");
     let landed = git::land(&root, &base, &head, how, &excludes, &message)?;

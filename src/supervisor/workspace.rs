@@ -66,11 +66,7 @@ pub(super) fn prepare(
         .strip_prefix(&root)
         .map(Path::to_path_buf)
         .unwrap_or_default();
-    let excludes = vec![
-        layout.tasks_dir.clone(),
-        layout.context_dir.clone(),
-        layout.state_dir.clone(),
-    ];
+    let excludes = layout.own_folders();
     let id = &task.id;
     let message = format!("orchestrate: base of task {id}, attempt {attempt}");
     // A file removed while `git add` walks the tree (a build running beside us) fails the walk;
