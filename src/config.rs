@@ -858,6 +858,11 @@ impl Config {
         names
     }
 
+    /// The configured agents' names, comma-separated, for errors that name an unknown one.
+    pub fn agent_names(&self) -> String {
+        self.agents.keys().cloned().collect::<Vec<_>>().join(", ")
+    }
+
     /// The one redactor for this configuration, from the current values of [`Config::secret_names`].
     pub fn redactor(&self) -> Redactor {
         Redactor::from_env(&self.secret_names())

@@ -416,7 +416,7 @@ pub fn choose_agent(
         if !cfg.agents.contains_key(a) {
             return Decision::Fail(format!(
                 "agent `{a}` is not configured (known: {})",
-                cfg.agents.keys().cloned().collect::<Vec<_>>().join(", ")
+                cfg.agent_names()
             ));
         }
         chain.push((a.clone(), "named by the task".into()));

@@ -88,6 +88,32 @@ fn a_deleted_sqlite_mirror_is_rebuilt_while_the_supervisor_runs() {
             listed.as_array().map(Vec::len).unwrap_or(0),
         )
     };
+    // Five more tasks after a deletion: all run, the supervisor has (when `made_again`) created the
+    // file again itself, and the read commands and the mirror show every task.
+    let five_more_and_all_shown = |prefix: &str, total: usize, made_again: bool| {
+        drop_tasks(&p, prefix, 5);
+        wait_showing(
+            &sup,
+            &format!("{total} completed in the tree"),
+            Duration::from_secs(60),
+            || p.tasks_in("completed").len() == total,
+        );
+        if made_again {
+            wait_showing(
+                &sup,
+                "the supervisor to create state.db again",
+                Duration::from_secs(30),
+                || p.path(".orchestrate/state.db").exists(),
+            );
+        }
+        wait_showing(
+            &sup,
+            &format!("status and tasks to show all {total}"),
+            Duration::from_secs(30),
+            || shown() == (total, total),
+        );
+        assert_eq!(p.mirror_states(), p.tree_states());
+    };
     drop_tasks(&p, "a", 5);
     wait_showing(&sup, "the first 5 tasks", Duration::from_secs(60), || {
         p.tasks_in("completed").len() == 5 && p.mirror_states() == p.tree_states()
@@ -96,68 +122,17 @@ fn a_deleted_sqlite_mirror_is_rebuilt_while_the_supervisor_runs() {
     let all = ["state.db", "state.db-wal", "state.db-shm"];
     // 1. Deleted, and nothing reads the mirror until the supervisor has made it again.
     delete(&all);
-    drop_tasks(&p, "b", 5);
-    wait_showing(
-        &sup,
-        "10 completed in the tree",
-        Duration::from_secs(60),
-        || p.tasks_in("completed").len() == 10,
-    );
-    wait_showing(
-        &sup,
-        "the supervisor to create state.db again",
-        Duration::from_secs(30),
-        || p.path(".orchestrate/state.db").exists(),
-    );
-    wait_showing(
-        &sup,
-        "status and tasks to show all 10",
-        Duration::from_secs(30),
-        || shown() == (10, 10),
-    );
-    assert_eq!(p.mirror_states(), p.tree_states());
+    five_more_and_all_shown("b", 10, true);
 
     // 2. Deleted, and `status` runs at once: it builds a new file from the tree as it stands, which
     //    the supervisor must take up rather than keep writing to the deleted one.
     delete(&all);
     assert_eq!(shown(), (10, 10), "status rebuilds a missing mirror itself");
-    drop_tasks(&p, "c", 5);
-    wait_showing(
-        &sup,
-        "15 completed in the tree",
-        Duration::from_secs(60),
-        || p.tasks_in("completed").len() == 15,
-    );
-    wait_showing(
-        &sup,
-        "status and tasks to show all 15",
-        Duration::from_secs(30),
-        || shown() == (15, 15),
-    );
-    assert_eq!(p.mirror_states(), p.tree_states());
+    five_more_and_all_shown("c", 15, false);
 
     // 3. Only state.db deleted, its -wal and -shm left: the new file must not start from them.
     delete(&all[..1]);
-    drop_tasks(&p, "d", 5);
-    wait_showing(
-        &sup,
-        "20 completed in the tree",
-        Duration::from_secs(60),
-        || p.tasks_in("completed").len() == 20,
-    );
-    wait_showing(
-        &sup,
-        "the supervisor to create state.db again",
-        Duration::from_secs(30),
-        || p.path(".orchestrate/state.db").exists(),
-    );
-    wait_showing(
-        &sup,
-        "status and tasks to show all 20",
-        Duration::from_secs(30),
-        || shown() == (20, 20),
-    );
-    assert_eq!(p.mirror_states(), p.tree_states());
+    five_more_and_all_shown("d", 20, true);
     let check: String = p
         .db()
         .query_row("PRAGMA integrity_check", [], |r| r.get(0))

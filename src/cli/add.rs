@@ -56,13 +56,7 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
     {
         bail!(UsageError(format!(
             "unknown agent `{a}` (configured: {})",
-            project
-                .cfg
-                .agents
-                .keys()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", ")
+            project.cfg.agent_names()
         )));
     }
     // A task file may name a dependency that has not arrived yet (the next `git pull` brings it);

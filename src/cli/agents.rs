@@ -54,13 +54,7 @@ pub fn reset(project: &Project, name: &str) -> Result<i32> {
     if !project.cfg.agents.contains_key(name) && !marks.contains_key(name) {
         return Err(crate::error::UsageError(format!(
             "no agent `{name}` (configured: {})",
-            project
-                .cfg
-                .agents
-                .keys()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", ")
+            project.cfg.agent_names()
         ))
         .into());
     }

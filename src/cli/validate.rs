@@ -80,7 +80,7 @@ pub fn run(cli: &Cli, files: &[PathBuf], check_config: bool) -> Result<i32> {
                     message: Some(format!(
                         "agent `{a}` is not configured in {} (known: {})",
                         cfg_path.display(),
-                        cfg.agents.keys().cloned().collect::<Vec<_>>().join(", ")
+                        cfg.agent_names()
                     )),
                 },
                 _ => Finding {
