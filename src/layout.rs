@@ -152,20 +152,26 @@ impl Layout {
 
     // --- the state directory ---
 
-    /// Where attempts' git worktrees live, one folder each.
+    /// Where tasks' git worktrees live: one folder per task with an attempt running (or held for
+    /// the attempt that resumes it), and [`Layout::worktree_pool`] for idle ones.
     pub fn worktrees_dir(&self) -> PathBuf {
         self.state_dir.join("worktrees")
     }
 
-    /// The worktree of attempt `attempt` of task `id`.
-    pub fn worktree_path(&self, id: &str, attempt: u32) -> PathBuf {
-        self.worktrees_dir().join(format!("{id}-{attempt}"))
+    /// The worktree of task `id`: the same folder for every attempt, so an attempt that resumes a
+    /// CLI session finds it where the session left it.
+    pub fn worktree_path(&self, id: &str) -> PathBuf {
+        self.worktrees_dir().join(id)
     }
 
-    /// The task and attempt a worktree folder name stands for (see [`Layout::worktree_path`]).
-    pub fn worktree_owner(name: &str) -> Option<(&str, u32)> {
-        let (id, n) = name.rsplit_once('-')?;
-        Some((id, n.parse().ok()?))
+    /// Idle worktrees kept for reuse, one folder each (a task id never starts with `.`).
+    pub fn worktree_pool(&self) -> PathBuf {
+        self.worktrees_dir().join(".pool")
+    }
+
+    /// The task a folder name under [`Layout::worktrees_dir`] stands for (`None` for the pool).
+    pub fn worktree_owner(name: &str) -> Option<&str> {
+        (!name.starts_with('.')).then_some(name)
     }
 
     pub fn state_db(&self) -> PathBuf {

@@ -344,7 +344,7 @@ fn a_repository_without_commits_is_refused_by_name() {
 #[test]
 fn orphaned_worktrees_are_removed_at_start() {
     let p = repo_project(&test_config(""), &[("a.txt", "a\n")]);
-    let orphan = p.path(".orchestrate/worktrees/ghost-1");
+    let orphan = p.path(".orchestrate/worktrees/ghost");
     git(
         p.root(),
         &[
@@ -429,8 +429,8 @@ fn an_agent_with_isolation_none_runs_in_place_and_keep_true_keeps_the_folder() {
     assert_eq!(there["workspace"]["merge"], "applied", "{there}");
     assert_eq!(p.read("t.txt"), "there\n");
     // keep: true leaves the attempt's folder (and its branch) for inspection.
-    assert_eq!(worktrees_left(&p), ["there-1"]);
-    assert_eq!(p.read(".orchestrate/worktrees/there-1/t.txt"), "there\n");
+    assert_eq!(worktrees_left(&p), ["there"]);
+    assert_eq!(p.read(".orchestrate/worktrees/there/t.txt"), "there\n");
     assert_eq!(worktree_count(&p), 2);
 }
 

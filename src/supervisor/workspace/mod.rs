@@ -85,7 +85,7 @@ pub(super) fn prepare(
             Err(e) => return Err(e),
         }
     };
-    let path = layout.worktree_path(id, attempt);
+    let path = layout.worktree_path(id);
     if path.exists() {
         // Left by an attempt of the same number that never ended (a crash): start clean.
         git::remove_orphan(&path)?;
@@ -210,11 +210,8 @@ pub(super) fn sweep(layout: &Layout, spool: &crate::spool::Spool, me: &str) {
     };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let owned = Layout::worktree_owner(&name).is_some_and(|(id, n)| {
-            spool
-                .read_claim(id)
-                .is_some_and(|c| c.attempt == n && c.instance != me)
-        });
+        let owned = Layout::worktree_owner(&name)
+            .is_some_and(|id| spool.read_claim(id).is_some_and(|c| c.instance != me));
         if owned {
             continue;
         }
