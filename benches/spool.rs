@@ -3,7 +3,8 @@
 //! Scenarios (all by default): `latency` (drop → claim, drop → agent started, 1,000 drops one at a time),
 //! `throughput` (5,000 no-op tasks, durable and not), `reads` (status / tasks --json at 10k and 100k
 //! tasks), `startup` (100,000 files already pending: time to first claim, RSS), `idle` (RSS and CPU with
-//! nothing to do), `diff` (per-task cost of diff capture on a 10,000-file workdir), `pueue` (the same
+//! nothing to do), `diff` (per-task cost of diff capture on a 10,000-file workdir), `isolation` (per-task cost of
+//! worktrees on a 10,000-file repository, against a bare `git worktree add`/`remove`), `pueue` (the same
 //! no-op work through pueue, when `pueue`/`pueued` are on PATH). Figures only; nothing is asserted.
 //!
 //! No tree is deleted until every scenario has run. On ext4 without a journal (this project's VM),
@@ -403,6 +404,108 @@ fn diff(files: usize, tasks: usize) {
     );
 }
 
+fn git(dir: &std::path::Path, args: &[&str]) {
+    let ok = Command::new("git")
+        .args(["-c", "user.name=b", "-c", "user.email=b@b"])
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .status()
+        .expect("git")
+        .success();
+    assert!(ok, "git {args:?}");
+}
+
+/// Per-task cost of isolation on a git repository of `files` files (one slot, `tasks` tasks whose
+/// agent writes one file), beside a bare `git worktree add` + `remove` of the same repository, and
+/// throughput of no-op tasks with and without isolation. Each setting runs `rounds` times,
+/// alternating, since this machine is noisy.
+fn isolation(files: usize, tasks: usize, rounds: usize) {
+    let writer = r#"sh"#;
+    let write_args = r#"[-c, "echo $$ > f$$.txt"]"#;
+    let make = |isolation: &str, pool: u64, slots: usize, cmd: &str, args: &str| {
+        let extra = format!("workspace: {{isolation: {isolation}, pool_idle_seconds: {pool}}}\n");
+        let t = Tree::new(
+            &config(true, cmd, args, &extra)
+                .replace("max_concurrent: 8", &format!("max_concurrent: {slots}")),
+        );
+        let repo = t.p("repo");
+        for i in 0..files {
+            let d = repo.join(format!("src/d{:03}", i / 100));
+            std::fs::create_dir_all(&d).expect("mkdir");
+            std::fs::write(
+                d.join(format!("f{i:05}.rs")),
+                format!("// {i}\n").repeat(30),
+            )
+            .expect("w");
+        }
+        std::fs::write(repo.join(".gitignore"), "target/\n").expect("w");
+        git(&repo, &["init", "-q"]);
+        git(&repo, &["add", "."]);
+        git(&repo, &["commit", "-qm", "init"]);
+        std::fs::create_dir_all(t.p("plain")).expect("mkdir");
+        t
+    };
+    // The bare git cost, on a repository of the same shape.
+    let t = make("worktree", 60, 1, "true", "[]");
+    let mut bare = vec![];
+    for i in 0..5 {
+        let wt = t.p(&format!("bare-wt-{i}"));
+        let t0 = Instant::now();
+        git(
+            &t.p("repo"),
+            &[
+                "worktree",
+                "add",
+                "-q",
+                "--detach",
+                wt.to_str().unwrap(),
+                "HEAD",
+            ],
+        );
+        git(
+            &t.p("repo"),
+            &["worktree", "remove", "--force", wt.to_str().unwrap()],
+        );
+        bare.push(t0.elapsed().as_secs_f64() * 1000.0);
+    }
+    summary(
+        &format!("git worktree add + remove, {files} files"),
+        &mut bare,
+    );
+    for round in 1..=rounds {
+        // (label, isolation, pool seconds, workdir)
+        for (label, iso, pool, wd) in [
+            ("not isolated, workdir outside git", "auto", 60, "plain"),
+            ("worktree, pool (new)", "worktree", 60, "repo"),
+            ("worktree, no pool (as before)", "worktree", 0, "repo"),
+        ] {
+            let t = make(iso, pool, 1, writer, write_args);
+            let secs = run_tasks(&t, tasks, wd);
+            let left = std::fs::read_dir(t.p(".orchestrate/worktrees"))
+                .map(|rd| rd.flatten().count())
+                .unwrap_or(0);
+            println!(
+                "round {round}: {label}: {tasks} tasks writing one file each, one slot: {:.1} ms/task (worktree folders left: {left})",
+                secs / tasks as f64 * 1000.0
+            );
+        }
+        for (label, iso, pool, wd) in [
+            ("not isolated", "auto", 60, "plain"),
+            ("worktree, pool", "worktree", 60, "repo"),
+            ("worktree, no pool", "worktree", 0, "repo"),
+        ] {
+            let n = 4 * tasks;
+            let t = make(iso, pool, 8, "true", "[]");
+            let secs = run_tasks(&t, n, wd);
+            println!(
+                "round {round}: throughput, {label}: {n} no-op tasks, 8 slots: {:.1} tasks/s",
+                n as f64 / secs
+            );
+        }
+    }
+}
+
 fn which(p: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?)
         .map(|d| d.join(p))
@@ -528,6 +631,9 @@ fn main() {
     }
     if want("diff") {
         diff(10_000, 50);
+    }
+    if want("isolation") {
+        isolation(10_000, 20, 2);
     }
     if want("pueue") {
         pueue(300);

@@ -537,6 +537,8 @@ pub struct WorkspaceConfig {
     pub merge: MergeMode,
     /// Keep each attempt's worktree folder after it ends, for inspection.
     pub keep: bool,
+    /// How long an idle worktree is kept for reuse (0: none is; each attempt makes its own).
+    pub pool_idle_seconds: u64,
 }
 
 impl Default for WorkspaceConfig {
@@ -546,6 +548,7 @@ impl Default for WorkspaceConfig {
             branch_prefix: "orchestrate/".into(),
             merge: MergeMode::Apply,
             keep: false,
+            pool_idle_seconds: 60,
         }
     }
 }

@@ -296,6 +296,82 @@ pub fn add_worktree(root: &Path, path: &Path, branch: &str, base: &str) -> Resul
     Ok(())
 }
 
+/// Move the worktree at `from` to `to` (its folder and git's records of it): how a pooled
+/// worktree changes hands without creating or deleting a file of its checkout.
+pub fn move_worktree(root: &Path, from: &Path, to: &Path) -> Result<()> {
+    if let Some(parent) = to.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    Git::new(root, &["worktree", "move"])
+        .arg(from)
+        .arg(to)
+        .run()?;
+    Ok(())
+}
+
+/// Make the existing worktree `wt` what [`add_worktree`] would have made: on `branch` (created or
+/// reset) at `base`, with no file git does not track at `base`, ignored ones included. Only the
+/// files that differ between its checkout and `base` are written.
+pub fn reset_worktree(wt: &Path, branch: &str, base: &str) -> Result<()> {
+    Git::new(
+        wt,
+        &[
+            "checkout",
+            "-q",
+            "-f",
+            "--ignore-other-worktrees",
+            "-B",
+            branch,
+            base,
+        ],
+    )
+    .run()?;
+    Git::new(wt, &["clean", "-q", "-ffdx"]).run()?;
+    Ok(())
+}
+
+/// Leave the worktree `wt` on its current commit without a branch, so the branch can be deleted
+/// or checked out elsewhere; no file is touched.
+pub fn detach(wt: &Path) -> Result<()> {
+    let head = Git::new(wt, &["rev-parse", "HEAD"]).line()?;
+    Git::new(wt, &["update-ref", "--no-deref", "HEAD", &head]).run()?;
+    Ok(())
+}
+
+/// The worktree `wt`'s own git folder (`<common dir>/worktrees/<name>`), read from its `.git`
+/// file without git; it goes when the worktree is removed.
+pub fn private_dir(wt: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(wt.join(".git")).ok()?;
+    Some(PathBuf::from(text.strip_prefix("gitdir:")?.trim()))
+}
+
+/// The repository's common git folder (the main worktree's `.git`), as an absolute path.
+pub fn common_dir(root: &Path) -> Result<PathBuf> {
+    let dir = Git::new(
+        root,
+        &["rev-parse", "--path-format=absolute", "--git-common-dir"],
+    )
+    .line()?;
+    Ok(PathBuf::from(dir))
+}
+
+/// The branch `wt` has checked out (`None` when detached or unreadable).
+pub fn current_branch(wt: &Path) -> Option<String> {
+    Git::new(wt, &["symbolic-ref", "-q", "--short", "HEAD"])
+        .line()
+        .ok()
+        .filter(|s| !s.is_empty())
+}
+
+/// The commit `HEAD` of the worktree `wt` is on, when it is a working worktree.
+pub fn worktree_head(wt: &Path) -> Option<String> {
+    Git::new(wt, &["rev-parse", "--verify", "-q", "HEAD^{commit}"])
+        .line()
+        .ok()
+        .filter(|s| !s.is_empty())
+}
+
 /// Commit everything in the worktree `wt` (it is on its branch) and return the commit. Made even
 /// when nothing changed, so every attempt has a head to diff.
 pub fn commit_all(wt: &Path, message: &str) -> Result<String> {
@@ -540,8 +616,7 @@ pub fn delete_branch(root: &Path, branch: &str) -> Result<()> {
 /// The repository a worktree folder belongs to, read from its `.git` file (`gitdir: <repo>/.git/
 /// worktrees/<name>`), without git: the folder may be half made.
 pub fn worktree_repo(path: &Path) -> Option<PathBuf> {
-    let text = std::fs::read_to_string(path.join(".git")).ok()?;
-    let gitdir = PathBuf::from(text.strip_prefix("gitdir:")?.trim());
+    let gitdir = private_dir(path)?;
     // <common git dir>/worktrees/<name>
     let common = gitdir.parent()?.parent()?;
     Some(common.to_path_buf())

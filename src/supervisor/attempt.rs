@@ -45,6 +45,7 @@ pub(super) struct AttemptCtx {
     pub(super) cfg: Arc<Config>,
     pub(super) layout: Layout,
     pub(super) redactor: Arc<Redactor>,
+    pub(super) pool: Arc<super::workspace::Pool>,
 }
 
 /// What an attempt needs to claim its task before it runs.
@@ -144,6 +145,8 @@ fn begin(
             &claim.agent,
             claim.attempt,
             workdir.path(),
+            resumable_session(claim).is_some(),
+            &ctx.pool,
         )?;
         Ok(Box::new(Prepared {
             workdir: Arc::new(workdir),
@@ -408,7 +411,8 @@ pub(super) async fn run_attempt(
             if let Some(w) = worktree {
                 let (task, agent, n) = (task.clone(), claim.agent.clone(), claim.attempt);
                 let _ =
-                    tokio::task::spawn_blocking(move || w.finish(&task, &agent, n, false)).await;
+                    tokio::task::spawn_blocking(move || w.finish(&task, &agent, n, false, false))
+                        .await;
             }
             return report;
         }
@@ -523,9 +527,14 @@ pub(super) async fn run_attempt(
         (Some(w), _) => {
             let (task, agent) = (task.clone(), claim.agent.clone());
             let (attempt_n, completed) = (claim.attempt, parsed.outcome == Outcome::Completed);
-            match tokio::task::spawn_blocking(move || w.finish(&task, &agent, attempt_n, completed))
-                .await
-            {
+            // The next attempt may continue this one's session: it does so in this worktree.
+            let hold = parsed.session_id.is_some()
+                && matches!(
+                    parsed.outcome,
+                    Outcome::Timeout | Outcome::Stalled | Outcome::Interrupted
+                );
+            let finish = move || w.finish(&task, &agent, attempt_n, completed, hold);
+            match tokio::task::spawn_blocking(finish).await {
                 Ok(f) => {
                     report.workspace = Some(f.result);
                     DiffResult {

@@ -106,6 +106,8 @@ struct Env {
     me: Instance,
     writer: Writer,
     redactor: Arc<Redactor>,
+    /// Idle worktrees, handed from one attempt to the next.
+    pool: Arc<workspace::Pool>,
 }
 
 impl Env {
@@ -205,9 +207,11 @@ impl Supervisor {
         let redactor = Arc::new(redactor);
         let (dispatch, helpers) = Dispatch::new(Cooldowns::load(&layout), Logins::load(&layout));
         let (runs, claimed) = Runs::new();
+        let pool = Arc::new(workspace::Pool::new(&layout, &me.id));
         Ok(Supervisor {
             env: Env {
                 cfg: Arc::new(cfg),
+                pool,
                 layout,
                 spool,
                 me,
@@ -343,6 +347,8 @@ impl Supervisor {
         }
         self.write_state_files();
         let env = &self.env;
+        // Nothing runs now: no idle worktree outlives the supervisor.
+        env.pool.trim(Duration::ZERO);
         // Leave the mirror agreeing with the tree: files quarantined or removed while we ran may
         // have rows that only a reconcile clears.
         if let Err(e) = env

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::Result;
 
@@ -25,8 +26,10 @@ impl Supervisor {
     pub(super) fn startup(&mut self) -> Result<()> {
         let recovered = self.recover();
         self.apply(recovered);
-        // Claims of dead supervisors are settled: a worktree no live claim names is an orphan.
-        super::workspace::sweep(&self.env.layout, &self.env.spool, &self.env.me.id);
+        // Claims of dead supervisors are settled: a worktree no live claim names is an orphan,
+        // unless its task waits in pending/ to resume in it.
+        let env = &self.env;
+        super::workspace::sweep(&env.cfg, &env.layout, &env.spool, &env.me.id);
         // Marks an earlier run left hold until what the login depends on changes: say which hold.
         self.dispatch.check_logins(&self.env);
         for (agent, m) in self.dispatch.marked_logins() {
@@ -164,6 +167,28 @@ impl Supervisor {
         // A cancel whose SIGUSR1 came before our handler existed is still seen.
         let cancels = self.check_cancels();
         self.apply(cancels);
+        self.tidy_worktrees();
+    }
+
+    /// Idle worktrees past their time and worktrees nothing will use go, on a blocking thread
+    /// (git calls), one tidy at a time.
+    fn tidy_worktrees(&self) {
+        let env = &self.env;
+        let Some(turn) = env.pool.tidy_turn() else {
+            return;
+        };
+        let (cfg, layout, spool, me, pool) = (
+            env.cfg.clone(),
+            env.layout.clone(),
+            env.spool.clone(),
+            env.me.id.clone(),
+            env.pool.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            pool.trim(Duration::from_secs(cfg.workspace.pool_idle_seconds));
+            super::workspace::sweep(&cfg, &layout, &spool, &me);
+        });
     }
 
     /// Our claim records say we are alive (`heartbeat_at`).

@@ -110,6 +110,7 @@ impl Runs {
             cfg: env.cfg.clone(),
             layout: env.layout.clone(),
             redactor: env.redactor.clone(),
+            pool: env.pool.clone(),
         };
         self.starts += 1;
         let job = ClaimJob {

@@ -1,15 +1,22 @@
 //! An attempt's workspace: whether it runs in a git worktree of its own, making that worktree at
 //! claim time (from a snapshot of what the user's tree holds then), and afterwards committing what
-//! the agent changed, diffing it, landing it in the user's tree and removing the worktree.
+//! the agent changed, diffing it, landing it in the user's tree and handing the worktree to the
+//! pool (or removing it).
 //!
 //! Runs on the attempt's blocking threads, never on the loop. Every git operation goes through
 //! `git`; this file decides only which ones, in what order, and what the result records. It never
-//! leaves a worktree folder behind unless `workspace.keep` asks for it, and never deletes a branch
-//! whose changes did not land.
+//! leaves a worktree folder behind unless `workspace.keep` asks for it or the task's next attempt
+//! resumes in it, and never deletes a branch whose changes did not land.
 
+mod pool;
+
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Result, bail};
+
+pub(crate) use pool::Pool;
 
 use crate::config::{Config, Isolation, MergeMode};
 use crate::console;
@@ -17,6 +24,50 @@ use crate::git::{self, Landed, Merge};
 use crate::layout::Layout;
 use crate::record::WorkspaceResult;
 use crate::task::Task;
+
+/// Worktree folders an attempt is making or finishing right now: the periodic sweep leaves them
+/// alone, and an attempt never starts on a folder the sweep is removing.
+static BUSY: Mutex<Option<HashSet<PathBuf>>> = Mutex::new(None);
+
+/// A folder marked busy until dropped.
+struct Busy(PathBuf);
+
+impl Busy {
+    /// Mark `path`, waiting (bounded by git's own time limit) while someone else has it.
+    fn wait(path: &Path) -> Busy {
+        let deadline = std::time::Instant::now() + git::TIMEOUT;
+        loop {
+            if let Some(b) = Busy::try_mark(path) {
+                return b;
+            }
+            if std::time::Instant::now() >= deadline {
+                // Whoever holds it is stuck past every git call's limit: go on rather than hang.
+                return Busy(path.to_path_buf());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    fn try_mark(path: &Path) -> Option<Busy> {
+        let mut set = BUSY.lock().unwrap_or_else(|p| p.into_inner());
+        set.get_or_insert_with(HashSet::new)
+            .insert(path.to_path_buf())
+            .then(|| Busy(path.to_path_buf()))
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let mut set = BUSY.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = set.as_mut() {
+            s.remove(&self.0);
+        }
+    }
+}
+
+/// The file in a worktree's own git folder that names the base its task started from, so an
+/// attempt that resumes in the worktree diffs and lands from the same base.
+const BASE_NOTE: &str = "orchestrate-base";
 
 /// An attempt's worktree, ready for the agent.
 pub(super) struct Worktree {
@@ -32,10 +83,16 @@ pub(super) struct Worktree {
     keep: bool,
     /// orchestrate's own folders, never part of a snapshot.
     excludes: Vec<PathBuf>,
+    /// Where the worktree goes when the attempt is over (`None`: removed).
+    pool: Option<Arc<Pool>>,
+    /// The folder is this attempt's until it is finished: no sweep touches it.
+    _busy: Arc<Busy>,
 }
 
 /// Make the worktree for attempt `attempt` of `task` on `agent` when its isolation asks for one;
-/// `None` when it runs in `workdir` itself.
+/// `None` when it runs in `workdir` itself. An attempt that `resumes` a CLI session continues in
+/// the worktree the session left, when it is still there. `pool` offers idle worktrees.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn prepare(
     cfg: &Config,
     layout: &Layout,
@@ -43,6 +100,8 @@ pub(super) fn prepare(
     agent: &str,
     attempt: u32,
     workdir: &Path,
+    resumes: bool,
+    pool: &Arc<Pool>,
 ) -> Result<Option<Worktree>> {
     let isolation = task
         .file
@@ -68,6 +127,32 @@ pub(super) fn prepare(
         .unwrap_or_default();
     let excludes = layout.own_folders();
     let id = &task.id;
+    let path = layout.worktree_path(id);
+    let busy = Arc::new(Busy::wait(&path));
+    let branch = format!("{}{id}", cfg.workspace.branch_prefix);
+    let pooled = (cfg.workspace.pool_idle_seconds > 0 && !cfg.workspace.keep).then(|| pool.clone());
+    let made = |base: String| {
+        let cwd = path.join(&sub);
+        // The workdir may hold nothing git tracks yet (an empty folder): it still exists for the
+        // agent.
+        std::fs::create_dir_all(&cwd)?;
+        Ok(Some(Worktree {
+            root: root.clone(),
+            path: path.clone(),
+            cwd,
+            branch: branch.clone(),
+            base,
+            merge: task.file.merge.unwrap_or(cfg.workspace.merge),
+            keep: cfg.workspace.keep,
+            excludes: excludes.clone(),
+            pool: pooled.clone(),
+            _busy: busy.clone(),
+        }))
+    };
+    if resumes && let Some(base) = resumable(&root, &path, &branch) {
+        console::debug(&format!("{id} resumes in its worktree (base {base})"));
+        return made(base);
+    }
     let message = format!("orchestrate: base of task {id}, attempt {attempt}");
     // A file removed while `git add` walks the tree (a build running beside us) fails the walk;
     // the next walk sees the tree as it is then.
@@ -85,27 +170,39 @@ pub(super) fn prepare(
             Err(e) => return Err(e),
         }
     };
-    let path = layout.worktree_path(id);
     if path.exists() {
-        // Left by an attempt of the same number that never ended (a crash): start clean.
+        // Left by an earlier attempt that is not resumed, or by one that never ended (a crash):
+        // start clean.
         git::remove_orphan(&path)?;
     }
-    let branch = format!("{}{id}", cfg.workspace.branch_prefix);
-    git::add_worktree(&root, &path, &branch, &base)?;
+    let reused = pooled
+        .as_ref()
+        .is_some_and(|p| p.take(&root, &path, &branch, &base));
+    if !reused {
+        git::add_worktree(&root, &path, &branch, &base)?;
+    }
     crate::failpoint::hit("worktree.after_add");
-    let cwd = path.join(&sub);
-    // The workdir may hold nothing git tracks yet (an empty folder): it still exists for the agent.
-    std::fs::create_dir_all(&cwd)?;
-    Ok(Some(Worktree {
-        root,
-        path,
-        cwd,
-        branch,
-        base,
-        merge: task.file.merge.unwrap_or(cfg.workspace.merge),
-        keep: cfg.workspace.keep,
-        excludes,
-    }))
+    if let Some(dir) = git::private_dir(&path) {
+        std::fs::write(dir.join(BASE_NOTE), format!("{base}\n"))?;
+    }
+    made(base)
+}
+
+/// The base of the worktree at `path` when an attempt can resume in it: a working worktree of
+/// `root`, on `branch`, with its base noted.
+fn resumable(root: &Path, path: &Path, branch: &str) -> Option<String> {
+    let repo = git::worktree_repo(path)?;
+    let common = git::common_dir(root).ok()?;
+    if repo.canonicalize().ok()? != common.canonicalize().ok()? {
+        return None;
+    }
+    git::worktree_head(path)?;
+    if git::current_branch(path).as_deref() != Some(branch) {
+        return None;
+    }
+    let note = std::fs::read_to_string(git::private_dir(path)?.join(BASE_NOTE)).ok()?;
+    let base = note.trim();
+    (!base.is_empty()).then(|| base.to_string())
 }
 
 /// What the agent did in a worktree: the diff's text and files, and the git facts for the result.
@@ -117,13 +214,16 @@ pub(super) struct Finished {
 
 impl Worktree {
     /// Commit what the agent changed, diff it against the base, land it when the attempt
-    /// `completed`, and remove the worktree (its branch too, unless the changes stayed on it).
+    /// `completed`, and hand the worktree to the pool or remove it (its branch too, unless the
+    /// changes stayed on it). With `hold` (the next attempt may resume the agent's session) the
+    /// worktree stays where it is, on its branch, for that attempt.
     pub(super) fn finish(
         self,
         task: &Task,
         agent: &str,
         attempt: u32,
         completed: bool,
+        hold: bool,
     ) -> Finished {
         let id = &task.id;
         let mut result = WorkspaceResult {
@@ -178,14 +278,15 @@ impl Worktree {
                 keep_branch = true;
             }
         }
-        if self.keep {
+        if self.keep || (hold && !completed && result.head.is_some()) {
             return Finished {
                 diff,
                 files,
                 result,
             };
         }
-        if let Err(e) = git::remove_worktree(&self.root, &self.path) {
+        let done = self.release();
+        if let Err(e) = done {
             console::warn(&format!("cannot remove the worktree of {id}: {e:#}"));
         } else if !keep_branch && let Err(e) = git::delete_branch(&self.root, &self.branch) {
             console::warn(&format!("cannot delete the branch {}: {e:#}", self.branch));
@@ -201,25 +302,95 @@ impl Worktree {
     }
 }
 
-/// Remove worktrees under `state_dir/worktrees` that no running attempt owns: one belongs to a
-/// running attempt when its task's claim (left after recovery, so a live supervisor's) names the
-/// same attempt and another supervisor. Called at start, before this supervisor claims anything.
-pub(super) fn sweep(layout: &Layout, spool: &crate::spool::Spool, me: &str) {
+impl Worktree {
+    /// Off the branch, then into the pool when there is one and it takes it; removed otherwise.
+    fn release(&self) -> Result<()> {
+        if let Some(pool) = &self.pool {
+            match git::detach(&self.path).and_then(|()| pool.give(&self.root, &self.path)) {
+                Ok(()) => return Ok(()),
+                Err(e) => console::debug(&format!(
+                    "cannot keep the worktree {} for reuse: {e:#}",
+                    self.path.display()
+                )),
+            }
+            if !self.path.exists() {
+                return Ok(());
+            }
+        }
+        git::remove_worktree(&self.root, &self.path)
+    }
+}
+
+/// Remove worktrees under `state_dir/worktrees` that nothing will use: a task's worktree unless an
+/// attempt has it now, a claim names the task (an attempt of this supervisor or another is on it),
+/// its task waits in `pending/` (its next attempt may resume in it) or `workspace.keep` keeps
+/// folders; and idle pools of supervisors that are gone. Called at start, before this supervisor
+/// claims anything (claims of dead supervisors are settled then), and from the heartbeat on a
+/// blocking thread.
+pub(super) fn sweep(cfg: &Config, layout: &Layout, spool: &crate::spool::Spool, me: &str) {
     let Ok(entries) = std::fs::read_dir(layout.worktrees_dir()) else {
         return;
     };
+    let mut removed = 0;
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let owned = Layout::worktree_owner(&name)
-            .is_some_and(|id| spool.read_claim(id).is_some_and(|c| c.instance != me));
-        if owned {
+        let Some(id) = Layout::worktree_owner(&name) else {
+            if e.path() == layout.worktree_pool() {
+                removed += sweep_pools(layout, me);
+            }
+            continue;
+        };
+        // Marked first: an attempt that starts now waits for the verdict, one that has the
+        // folder keeps it.
+        let Some(_busy) = Busy::try_mark(&e.path()) else {
+            continue;
+        };
+        if cfg.workspace.keep || pending_has(layout, id) || spool.read_claim(id).is_some() {
             continue;
         }
         match git::remove_orphan(&e.path()) {
-            Ok(()) => console::info(&format!("removed    the orphaned worktree {name}")),
+            Ok(()) => {
+                removed += 1;
+                console::info(&format!("removed    the orphaned worktree {name}"));
+            }
             Err(e) => console::warn(&format!("cannot remove the worktree {name}: {e:#}")),
         }
     }
+    if removed > 0 {
+        console::debug(&format!("sweep removed {removed} worktree(s)"));
+    }
+}
+
+/// Remove the idle pools of supervisors that are no longer running; how many worktrees went.
+fn sweep_pools(layout: &Layout, me: &str) -> usize {
+    let Ok(pools) = std::fs::read_dir(layout.worktree_pool()) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for p in pools.flatten() {
+        let owner = p.file_name().to_string_lossy().into_owned();
+        if owner == me || crate::instance::instance_lock_held(&layout.instance_lock(&owner)) {
+            continue;
+        }
+        for w in std::fs::read_dir(p.path()).into_iter().flatten().flatten() {
+            match git::remove_orphan(&w.path()) {
+                Ok(()) => removed += 1,
+                Err(e) => console::warn(&format!(
+                    "cannot remove the idle worktree {}: {e:#}",
+                    w.path().display()
+                )),
+            }
+        }
+        let _ = std::fs::remove_dir(p.path());
+    }
+    removed
+}
+
+/// Whether a task file `id` waits in `pending/`: its worktree may be resumed.
+fn pending_has(layout: &Layout, id: &str) -> bool {
+    ["yaml", "yml"]
+        .iter()
+        .any(|ext| layout.pending.join(format!("{id}.{ext}")).exists())
 }
 
 /// The workdir `task` would run in directly on `agent` when its isolation is `none`: tasks sharing
