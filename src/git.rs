@@ -408,8 +408,9 @@ fn changed_submodules(root: &Path, from: &str, to: &str) -> Result<Vec<String>> 
 }
 
 /// A commit of what the user sees in `root` now: `HEAD` plus uncommitted changes to tracked files
-/// plus untracked files that are not ignored, leaving out `excludes`. Made in a temporary index,
-/// so the user's index and tree stay as they are.
+/// plus untracked files that are not ignored, leaving out `excludes`; files outside a sparse
+/// checkout as the user's index holds them. Made in a temporary index, so the user's index and tree
+/// stay as they are.
 pub fn snapshot(root: &Path, excludes: &[PathBuf], message: &str) -> Result<String> {
     let _tree = tree_lock();
     snapshot_locked(root, excludes, message)
@@ -818,8 +819,91 @@ mod tests {
     fn an_unborn_branch_is_refused_by_name() {
         let d = tempfile::tempdir().unwrap();
         sh(d.path(), &["init", "-q"]);
+        let e = check_repository(d.path()).unwrap_err().to_string();
+        assert!(e.contains("no commit yet"), "{e}");
+        assert!(e.contains(&d.path().display().to_string()), "{e}");
         let e = snapshot(d.path(), &[], "snap").unwrap_err().to_string();
         assert!(e.contains("no commit yet"), "{e}");
+        check_repository(repo().path()).unwrap();
+    }
+
+    /// Files outside a sparse checkout are absent from the tree but not deleted: the snapshot
+    /// keeps them (as the user's index has them), takes in an untracked file made outside it, and
+    /// leaves the user's skip-worktree bits alone.
+    #[test]
+    fn a_snapshot_of_a_sparse_checkout_keeps_the_files_outside_it() {
+        let d = repo();
+        let r = d.path();
+        std::fs::create_dir_all(r.join("in")).unwrap();
+        std::fs::create_dir_all(r.join("out/deep")).unwrap();
+        std::fs::write(r.join("in/i.txt"), "i\n").unwrap();
+        std::fs::write(r.join("out/o.txt"), "o\n").unwrap();
+        std::fs::write(r.join("out/deep/d.txt"), "d\n").unwrap();
+        sh(r, &["add", "."]);
+        sh(r, &["commit", "-qm", "dirs"]);
+        sh(r, &["sparse-checkout", "set", "in"]);
+        assert!(!r.join("out/o.txt").exists());
+        std::fs::create_dir_all(r.join("out")).unwrap();
+        std::fs::write(r.join("out/mine.txt"), "mine\n").unwrap();
+        std::fs::write(r.join("in/i.txt"), "I\n").unwrap();
+        let tagged_before = sh(r, &["ls-files", "-t"]);
+        let c = snapshot(r, &[], "snap").unwrap();
+        let files = sh(r, &["ls-tree", "-r", "--name-only", &c]);
+        assert_eq!(
+            files,
+            ".gitignore\na.txt\nin/i.txt\nout/deep/d.txt\nout/mine.txt\nout/o.txt\n"
+        );
+        assert_eq!(sh(r, &["show", &format!("{c}:in/i.txt")]), "I\n");
+        assert_eq!(sh(r, &["show", &format!("{c}:out/o.txt")]), "o\n");
+        assert_eq!(sh(r, &["ls-files", "-t"]), tagged_before);
+        assert!(tagged_before.contains("S out/o.txt"), "{tagged_before}");
+    }
+
+    #[test]
+    fn commit_mode_on_a_detached_head_writes_nothing_and_says_why() {
+        let d = repo();
+        let r = d.path();
+        sh(r, &["checkout", "-q", "--detach"]);
+        let before = sh(r, &["rev-parse", "HEAD"]);
+        let wts = tempfile::tempdir().unwrap();
+        let base = snapshot(r, &[], "snap").unwrap();
+        let wt = wts.path().join("t4-1");
+        add_worktree(r, &wt, "orchestrate/t4", &base).unwrap();
+        std::fs::write(wt.join("e.txt"), "e\n").unwrap();
+        let head = commit_all(&wt, "t4").unwrap();
+        let e = land(r, &base, &head, Merge::Commit, &[], "m")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("detached HEAD"), "{e}");
+        assert!(!r.join("e.txt").exists());
+        assert_eq!(sh(r, &["rev-parse", "HEAD"]), before);
+        assert_eq!(
+            land(r, &base, &head, Merge::Apply, &[], "m").unwrap(),
+            Landed::Applied
+        );
+        assert_eq!(std::fs::read_to_string(r.join("e.txt")).unwrap(), "e\n");
+        remove_worktree(r, &wt).unwrap();
+    }
+
+    #[test]
+    fn has_submodules_sees_a_gitlink_in_the_index() {
+        let lib = repo();
+        let d = repo();
+        let r = d.path();
+        assert!(!has_submodules(r).unwrap());
+        sh(
+            r,
+            &[
+                "-c",
+                "protocol.file.allow=always",
+                "submodule",
+                "add",
+                "-q",
+                lib.path().to_str().unwrap(),
+                "vendor/lib",
+            ],
+        );
+        assert!(has_submodules(r).unwrap());
     }
 
     #[test]

@@ -706,7 +706,8 @@ fn a_sparse_checkout_keeps_files_outside_it_and_lands_changes_inside_it() {
 /// A repository with a submodule: the worktree holds the superproject's files (the submodule's
 /// folder is there, empty: it is not checked out again for each task), an edit to the superproject
 /// lands and the submodule is neither shown changed nor touched; a task that moves the submodule
-/// to a commit of its own is refused by name, since that commit lives only in the task's worktree.
+/// to a commit of its own is refused by name, since that commit lives only in the task's worktree;
+/// a task whose workdir is inside the submodule works in a worktree of the submodule's repository.
 #[test]
 fn a_repository_with_a_submodule_lands_superproject_edits_and_refuses_submodule_moves() {
     let lib = tempfile::tempdir().expect("tempdir");
@@ -737,8 +738,12 @@ fn a_repository_with_a_submodule_lands_superproject_edits_and_refuses_submodule_
         "bump.yaml",
         "agent: shell\ndependencies: [edit]\ndescription: \"git -c protocol.file.allow=always submodule update --init -q && cd vendor/lib && echo bumped >> l.txt && git -c user.name=a -c user.email=a@a commit -qam bump\"\n",
     );
+    p.drop_task(
+        "inlib.yaml",
+        "agent: shell\ndependencies: [bump]\nworkdir: vendor/lib\ndescription: \"cat l.txt > copy.txt\"\n",
+    );
     let mut s = p.start();
-    wait_done(&p, 2, Duration::from_secs(60));
+    wait_done(&p, 3, Duration::from_secs(60));
     assert!(s.stop().success(), "{}", s.output());
     let r = p.result("completed", "edit");
     assert_eq!(r["workspace"]["merge"], "applied", "{r}");
@@ -761,16 +766,23 @@ fn a_repository_with_a_submodule_lands_superproject_edits_and_refuses_submodule_
     assert_eq!(
         git(
             p.root(),
-            &[
-                "status",
-                "--porcelain",
-                "--",
-                "s.txt",
-                "vendor",
-                ".gitmodules"
-            ]
+            &["status", "--porcelain", "--", "s.txt", ".gitmodules"]
         ),
         " M s.txt\n"
+    );
+    let inlib = p.result("completed", "inlib");
+    assert_eq!(inlib["workspace"]["merge"], "applied", "{inlib}");
+    assert_eq!(inlib["files_modified"], serde_json::json!(["copy.txt"]));
+    assert_eq!(p.read("vendor/lib/copy.txt"), "lib\n");
+    assert_eq!(
+        git(&p.path("vendor/lib"), &["status", "--porcelain"]),
+        "?? copy.txt\n"
+    );
+    assert_eq!(
+        git(&p.path("vendor/lib"), &["worktree", "list"])
+            .lines()
+            .count(),
+        1
     );
     assert_eq!(worktree_count(&p), 1);
     assert!(worktrees_left(&p).is_empty(), "{:?}", worktrees_left(&p));
