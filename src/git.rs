@@ -52,6 +52,7 @@ struct Git<'a> {
     dir: &'a Path,
     args: Vec<String>,
     env: Vec<(String, String)>,
+    input: Option<Vec<u8>>,
 }
 
 struct Out {
@@ -66,7 +67,14 @@ impl<'a> Git<'a> {
             dir,
             args: args.iter().map(|s| s.to_string()).collect(),
             env: vec![],
+            input: None,
         }
+    }
+
+    /// What git reads on its standard input (otherwise it reads nothing).
+    fn input(mut self, bytes: Vec<u8>) -> Self {
+        self.input = Some(bytes);
+        self
     }
 
     fn arg(mut self, a: impl AsRef<std::ffi::OsStr>) -> Self {
@@ -98,7 +106,11 @@ impl<'a> Git<'a> {
             .arg("core.hooksPath=/dev/null")
             .args(&self.args)
             .current_dir(self.dir)
-            .stdin(Stdio::null())
+            .stdin(if self.input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .env("GIT_TERMINAL_PROMPT", "0")
@@ -114,7 +126,14 @@ impl<'a> Git<'a> {
         let mut child = cmd
             .spawn()
             .with_context(|| format!("cannot run {what} in {}", self.dir.display()))?;
-        // Both pipes drained beside the wait, so a large output cannot block git.
+        // Input fed and both pipes drained beside the wait, so no pipe can block git.
+        let t_in = child.stdin.take().map(|mut si| {
+            let bytes = self.input.clone().unwrap_or_default();
+            std::thread::spawn(move || {
+                use std::io::Write;
+                let _ = si.write_all(&bytes);
+            })
+        });
         let mut so = child.stdout.take().expect("piped");
         let mut se = child.stderr.take().expect("piped");
         let t_out = std::thread::spawn(move || {
@@ -145,6 +164,9 @@ impl<'a> Git<'a> {
             std::thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_millis(20));
         };
+        if let Some(t) = t_in {
+            let _ = t.join();
+        }
         let stdout = t_out.join().unwrap_or_default();
         let stderr = String::from_utf8_lossy(&t_err.join().unwrap_or_default())
             .trim()
@@ -256,9 +278,139 @@ fn head(root: &Path) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// Refuse, before anything is made, a repository whose shape worktrees cannot serve: today an
+/// unborn branch (no commit to start from). Detached `HEAD`s, sparse checkouts and submodules are
+/// served; what cannot land from them is refused when landing, naming the paths.
+pub fn check_repository(root: &Path) -> Result<()> {
+    head(root)?;
+    Ok(())
+}
+
+/// Whether `HEAD` at `root` is a branch (not detached).
+fn on_branch(root: &Path) -> Result<bool> {
+    let out = Git::new(root, &["symbolic-ref", "-q", "HEAD"]).output()?;
+    match out.code {
+        Some(0) => Ok(true),
+        Some(1) => Ok(false),
+        _ => bail!(
+            "git symbolic-ref HEAD in {} failed: {}",
+            root.display(),
+            out.stderr
+        ),
+    }
+}
+
+/// Whether the work tree `dir` is a sparse checkout (`git sparse-checkout`, cone or not).
+fn is_sparse(dir: &Path) -> Result<bool> {
+    let out = Git::new(dir, &["config", "--bool", "core.sparseCheckout"]).output()?;
+    Ok(out.code == Some(0) && String::from_utf8_lossy(&out.stdout).trim() == "true")
+}
+
+/// Whether the index of the work tree `dir` holds a submodule (a gitlink). A worktree in which an
+/// agent checked one out cannot be moved by `git worktree move`.
+pub fn has_submodules(dir: &Path) -> Result<bool> {
+    let out = Git::new(dir, &["ls-files", "-s", "-z"]).run()?;
+    Ok(out
+        .split(|b| *b == 0)
+        .any(|entry| entry.starts_with(b"160000 ")))
+}
+
+/// The entries of the user's index at `root` marked skip-worktree (outside a sparse checkout, so
+/// absent from the tree): `(mode, object, path)`.
+fn skip_worktree_entries(root: &Path, paths: &[String]) -> Result<Vec<(String, String, String)>> {
+    let mut ls = Git::new(root, &["ls-files", "-s", "-t", "-z", "--"]);
+    for p in paths {
+        ls = ls.arg(format!(":(literal,top){p}"));
+    }
+    let out = ls.run()?;
+    let mut entries = vec![];
+    for entry in out.split(|b| *b == 0) {
+        let entry = String::from_utf8_lossy(entry);
+        // "S <mode> <object> <stage>\t<path>"
+        let Some(rest) = entry.strip_prefix("S ") else {
+            continue;
+        };
+        let Some((info, path)) = rest.split_once('\t') else {
+            continue;
+        };
+        let mut f = info.split(' ');
+        if let (Some(mode), Some(object)) = (f.next(), f.next()) {
+            entries.push((mode.to_string(), object.to_string(), path.to_string()));
+        }
+    }
+    Ok(entries)
+}
+
+/// The paths `from` → `to` (commits or trees) touches, both paths of a rename included.
+fn changed_paths(root: &Path, from: &str, to: &str) -> Result<Vec<String>> {
+    let names = Git::new(
+        root,
+        &[
+            "diff",
+            "--no-ext-diff",
+            "-M",
+            "--name-status",
+            "-z",
+            from,
+            to,
+        ],
+    )
+    .run()?;
+    let mut files = vec![];
+    let mut fields = names
+        .split(|b| *b == 0)
+        .filter(|f| !f.is_empty())
+        .map(|f| String::from_utf8_lossy(f).into_owned());
+    while let Some(status) = fields.next() {
+        // Renames and copies carry two paths, everything else one.
+        let n = if status.starts_with('R') || status.starts_with('C') {
+            2
+        } else {
+            1
+        };
+        for _ in 0..n {
+            if let Some(p) = fields.next()
+                && !files.contains(&p)
+            {
+                files.push(p);
+            }
+        }
+    }
+    Ok(files)
+}
+
+/// The submodules (gitlinks) whose commit `from` → `to` changes, adds or removes.
+fn changed_submodules(root: &Path, from: &str, to: &str) -> Result<Vec<String>> {
+    let raw = Git::new(
+        root,
+        &[
+            "diff",
+            "--raw",
+            "-z",
+            "--no-renames",
+            "--no-abbrev",
+            from,
+            to,
+        ],
+    )
+    .run()?;
+    let mut paths = vec![];
+    let mut fields = raw.split(|b| *b == 0).filter(|f| !f.is_empty());
+    // ":<old mode> <new mode> <old> <new> <status>" then the path.
+    while let (Some(meta), Some(path)) = (fields.next(), fields.next()) {
+        let meta = String::from_utf8_lossy(meta);
+        let mut modes = meta.trim_start_matches(':').split(' ');
+        if modes.next() == Some("160000") || modes.next() == Some("160000") {
+            paths.push(String::from_utf8_lossy(path).into_owned());
+        }
+    }
+    Ok(paths)
+}
+
 /// A commit of what the user sees in `root` now: `HEAD` plus uncommitted changes to tracked files
-/// plus untracked files that are not ignored, leaving out `excludes`. Made in a temporary index,
-/// so the user's index and tree stay as they are.
+/// plus untracked files that are not ignored, leaving out `excludes`; files outside a sparse
+/// checkout as the user's index holds them. Made in a temporary index, so the user's index and tree
+/// stay as they are.
 pub fn snapshot(root: &Path, excludes: &[PathBuf], message: &str) -> Result<String> {
     let _tree = tree_lock();
     snapshot_locked(root, excludes, message)
@@ -271,7 +423,38 @@ fn snapshot_locked(root: &Path, excludes: &[PathBuf], message: &str) -> Result<S
     Git::new(root, &["read-tree", &head])
         .index(&index.0)
         .run()?;
-    let mut add = Git::new(root, &["add", "-A", "--", "."]).index(&index.0);
+    let sparse = is_sparse(root)?;
+    if sparse {
+        // Files outside a sparse checkout are absent from the tree by design. The temporary index
+        // gets the user's entries for them, marked skip-worktree as in the user's index, so `add`
+        // keeps them instead of recording them deleted (a base that deleted them would land
+        // deleting them).
+        let entries = skip_worktree_entries(root, &[])?;
+        if !entries.is_empty() {
+            let mut info = vec![];
+            let mut paths = vec![];
+            for (mode, object, path) in entries {
+                info.extend(format!("{mode} {object}\t{path}\0").into_bytes());
+                paths.extend(path.into_bytes());
+                paths.push(0);
+            }
+            Git::new(root, &["update-index", "-z", "--index-info"])
+                .index(&index.0)
+                .input(info)
+                .run()?;
+            Git::new(root, &["update-index", "-z", "--skip-worktree", "--stdin"])
+                .index(&index.0)
+                .input(paths)
+                .run()?;
+        }
+    }
+    let mut add = Git::new(root, &["add", "-A"]).index(&index.0);
+    if sparse {
+        // An untracked file the user made outside the sparse checkout is part of what they see;
+        // without `--sparse`, `add` refuses the whole walk over it.
+        add = add.arg("--sparse");
+    }
+    add = add.arg("--").arg(".");
     for s in exclude_specs(root, excludes)? {
         add = add.arg(s);
     }
@@ -375,7 +558,13 @@ pub fn worktree_head(wt: &Path) -> Option<String> {
 /// Commit everything in the worktree `wt` (it is on its branch) and return the commit. Made even
 /// when nothing changed, so every attempt has a head to diff.
 pub fn commit_all(wt: &Path, message: &str) -> Result<String> {
-    Git::new(wt, &["add", "-A", "--", "."]).run()?;
+    // A worktree of a sparse checkout is sparse too (git copies the patterns): what the agent
+    // wrote outside them is recorded all the same, and what is absent there is not deleted.
+    if is_sparse(wt)? {
+        Git::new(wt, &["add", "-A", "--sparse", "--", "."]).run()?;
+    } else {
+        Git::new(wt, &["add", "-A", "--", "."]).run()?;
+    }
     let tree = Git::new(wt, &["write-tree"]).line()?;
     // The agent may have committed on its own: build on whatever the worktree's HEAD is now.
     let parent = Git::new(wt, &["rev-parse", "HEAD"]).line()?;
@@ -402,39 +591,7 @@ pub fn diff(root: &Path, base: &str, head: &str) -> Result<(String, Vec<String>)
         ],
     )
     .run()?;
-    let names = Git::new(
-        root,
-        &[
-            "diff",
-            "--no-ext-diff",
-            "-M",
-            "--name-status",
-            "-z",
-            base,
-            head,
-        ],
-    )
-    .run()?;
-    let mut files = vec![];
-    let mut fields = names
-        .split(|b| *b == 0)
-        .filter(|f| !f.is_empty())
-        .map(|f| String::from_utf8_lossy(f).into_owned());
-    while let Some(status) = fields.next() {
-        // Renames and copies carry two paths, everything else one.
-        let n = if status.starts_with('R') || status.starts_with('C') {
-            2
-        } else {
-            1
-        };
-        for _ in 0..n {
-            if let Some(p) = fields.next()
-                && !files.contains(&p)
-            {
-                files.push(p);
-            }
-        }
-    }
+    let files = changed_paths(root, base, head)?;
     Ok((String::from_utf8_lossy(&text).into_owned(), files))
 }
 
@@ -492,6 +649,25 @@ pub fn land(
     if how == Merge::Branch {
         return Ok(Landed::Kept);
     }
+    if how == Merge::Commit && !on_branch(root)? {
+        bail!(
+            "the git repository at {} has a detached HEAD: `merge: commit` would make a commit no \
+             branch holds, so nothing was written and the changes stay on the task's branch; check \
+             out a branch (`git switch -c NAME`) and run `orchestrate merge ID --commit`, or use \
+             `merge: apply`",
+            root.display()
+        );
+    }
+    let submodules = changed_submodules(root, base, head_commit)?;
+    if !submodules.is_empty() {
+        bail!(
+            "the task changed the submodule {} of the git repository at {} (a commit made in the \
+             task's worktree, which lands nowhere): nothing was written and the changes stay on the \
+             task's branch; give a task that works on a submodule a workdir inside it",
+            submodules.join(", submodule "),
+            root.display()
+        );
+    }
     // Held from the snapshot of the tree to the end of the write: a landing of another task in
     // between would make the merge stale.
     let _tree = tree_lock();
@@ -533,6 +709,24 @@ pub fn land(
     .arg(format!("{now}^{{tree}}"))
     .arg(&merged)
     .run()?;
+    if !patch.is_empty() && is_sparse(root)? {
+        // A file outside the user's sparse checkout is not in the tree to be written: landing
+        // there would need the checkout widened.
+        let paths = changed_paths(root, &format!("{now}^{{tree}}"), &merged)?;
+        let outside: Vec<String> = skip_worktree_entries(root, &paths)?
+            .into_iter()
+            .map(|(_, _, p)| p)
+            .collect();
+        if !outside.is_empty() {
+            bail!(
+                "the task changed {} outside the sparse checkout of the git repository at {}: \
+                 nothing was written and the changes stay on the task's branch; widen the checkout \
+                 (`git sparse-checkout add DIR`) and run `orchestrate merge ID`",
+                outside.join(", "),
+                root.display()
+            );
+        }
+    }
     if !patch.is_empty() {
         let file = TempIndex::new(root)?;
         std::fs::write(&file.0, &patch)
@@ -700,8 +894,91 @@ mod tests {
     fn an_unborn_branch_is_refused_by_name() {
         let d = tempfile::tempdir().unwrap();
         sh(d.path(), &["init", "-q"]);
+        let e = check_repository(d.path()).unwrap_err().to_string();
+        assert!(e.contains("no commit yet"), "{e}");
+        assert!(e.contains(&d.path().display().to_string()), "{e}");
         let e = snapshot(d.path(), &[], "snap").unwrap_err().to_string();
         assert!(e.contains("no commit yet"), "{e}");
+        check_repository(repo().path()).unwrap();
+    }
+
+    /// Files outside a sparse checkout are absent from the tree but not deleted: the snapshot
+    /// keeps them (as the user's index has them), takes in an untracked file made outside it, and
+    /// leaves the user's skip-worktree bits alone.
+    #[test]
+    fn a_snapshot_of_a_sparse_checkout_keeps_the_files_outside_it() {
+        let d = repo();
+        let r = d.path();
+        std::fs::create_dir_all(r.join("in")).unwrap();
+        std::fs::create_dir_all(r.join("out/deep")).unwrap();
+        std::fs::write(r.join("in/i.txt"), "i\n").unwrap();
+        std::fs::write(r.join("out/o.txt"), "o\n").unwrap();
+        std::fs::write(r.join("out/deep/d.txt"), "d\n").unwrap();
+        sh(r, &["add", "."]);
+        sh(r, &["commit", "-qm", "dirs"]);
+        sh(r, &["sparse-checkout", "set", "in"]);
+        assert!(!r.join("out/o.txt").exists());
+        std::fs::create_dir_all(r.join("out")).unwrap();
+        std::fs::write(r.join("out/mine.txt"), "mine\n").unwrap();
+        std::fs::write(r.join("in/i.txt"), "I\n").unwrap();
+        let tagged_before = sh(r, &["ls-files", "-t"]);
+        let c = snapshot(r, &[], "snap").unwrap();
+        let files = sh(r, &["ls-tree", "-r", "--name-only", &c]);
+        assert_eq!(
+            files,
+            ".gitignore\na.txt\nin/i.txt\nout/deep/d.txt\nout/mine.txt\nout/o.txt\n"
+        );
+        assert_eq!(sh(r, &["show", &format!("{c}:in/i.txt")]), "I\n");
+        assert_eq!(sh(r, &["show", &format!("{c}:out/o.txt")]), "o\n");
+        assert_eq!(sh(r, &["ls-files", "-t"]), tagged_before);
+        assert!(tagged_before.contains("S out/o.txt"), "{tagged_before}");
+    }
+
+    #[test]
+    fn commit_mode_on_a_detached_head_writes_nothing_and_says_why() {
+        let d = repo();
+        let r = d.path();
+        sh(r, &["checkout", "-q", "--detach"]);
+        let before = sh(r, &["rev-parse", "HEAD"]);
+        let wts = tempfile::tempdir().unwrap();
+        let base = snapshot(r, &[], "snap").unwrap();
+        let wt = wts.path().join("t4-1");
+        add_worktree(r, &wt, "orchestrate/t4", &base).unwrap();
+        std::fs::write(wt.join("e.txt"), "e\n").unwrap();
+        let head = commit_all(&wt, "t4").unwrap();
+        let e = land(r, &base, &head, Merge::Commit, &[], "m")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("detached HEAD"), "{e}");
+        assert!(!r.join("e.txt").exists());
+        assert_eq!(sh(r, &["rev-parse", "HEAD"]), before);
+        assert_eq!(
+            land(r, &base, &head, Merge::Apply, &[], "m").unwrap(),
+            Landed::Applied
+        );
+        assert_eq!(std::fs::read_to_string(r.join("e.txt")).unwrap(), "e\n");
+        remove_worktree(r, &wt).unwrap();
+    }
+
+    #[test]
+    fn has_submodules_sees_a_gitlink_in_the_index() {
+        let lib = repo();
+        let d = repo();
+        let r = d.path();
+        assert!(!has_submodules(r).unwrap());
+        sh(
+            r,
+            &[
+                "-c",
+                "protocol.file.allow=always",
+                "submodule",
+                "add",
+                "-q",
+                lib.path().to_str().unwrap(),
+                "vendor/lib",
+            ],
+        );
+        assert!(has_submodules(r).unwrap());
     }
 
     #[test]

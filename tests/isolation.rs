@@ -29,6 +29,9 @@ fn repo_project(config: &str, files: &[(&str, &str)]) -> Project {
     let p = Project::with_config(config);
     git(p.root(), &["init", "-q"]);
     for (name, text) in files {
+        if let Some(dir) = p.path(name).parent() {
+            std::fs::create_dir_all(dir).expect("mkdir");
+        }
         std::fs::write(p.path(name), text).expect("write");
         git(p.root(), &["add", name]);
     }
@@ -551,5 +554,276 @@ fn a_dependent_task_starts_from_a_base_that_holds_its_dependencys_change() {
     assert_eq!(
         std::fs::read_to_string(p.path("b.txt")).expect("b landed"),
         "from-a\n"
+    );
+}
+
+/// The id of `HEAD` in `dir`, or the word `detached` when it names no branch.
+fn head_branch(dir: &Path) -> String {
+    let out = Command::new("git")
+        .args(["symbolic-ref", "-q", "--short", "HEAD"])
+        .current_dir(dir)
+        .output()
+        .expect("git runs");
+    if out.status.success() {
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    } else {
+        "detached".into()
+    }
+}
+
+/// On a detached `HEAD` (a CI checkout, a bisect), `apply` lands as anywhere else; `commit` would
+/// make a commit no branch holds, so it is refused: nothing is written, the result says why, and
+/// the branch keeps the changes for `orchestrate merge` once a branch is checked out.
+#[test]
+fn a_detached_head_lands_with_apply_and_refuses_commit_keeping_the_branch() {
+    let p = repo_project(&test_config(""), &[("a.txt", "a\n")]);
+    git(p.root(), &["commit", "-q", "--allow-empty", "-m", "second"]);
+    git(p.root(), &["checkout", "-q", "--detach", "HEAD~1"]);
+    let detached_at = git(p.root(), &["rev-parse", "HEAD"]);
+    p.drop_task(
+        "ap.yaml",
+        "description: \"@fake write=ap.txt:applied\"\nmerge: apply\n",
+    );
+    p.drop_task(
+        "co.yaml",
+        "description: \"@fake write=co.txt:committed\"\nmerge: commit\n",
+    );
+    let mut s = p.start();
+    wait_done(&p, 2, Duration::from_secs(60));
+    assert!(s.stop().success(), "{}", s.output());
+    let ap = p.result("completed", "ap");
+    assert_eq!(ap["workspace"]["merge"], "applied", "{ap}");
+    assert_eq!(p.read("ap.txt"), "applied\n");
+    let co = p.result("completed", "co");
+    assert_eq!(co["workspace"]["merge"], "conflict", "{co}");
+    assert_eq!(co["workspace"]["branch"], "orchestrate/co", "{co}");
+    let e = co["workspace"]["error"].as_str().unwrap_or_default();
+    assert!(
+        e.contains("detached HEAD") && e.contains(&p.root().display().to_string()),
+        "{co}"
+    );
+    assert!(e.contains("git switch"), "says what to do: {co}");
+    assert!(!p.path("co.txt").exists(), "nothing written");
+    assert_eq!(git(p.root(), &["rev-parse", "HEAD"]), detached_at);
+    assert_eq!(head_branch(p.root()), "detached");
+    // On a branch, the kept changes land by the same rules.
+    git(p.root(), &["switch", "-q", "-c", "work"]);
+    p.run(&["merge", "co", "--commit"]).assert_code(0);
+    assert_eq!(git(p.root(), &["show", "work:co.txt"]), "committed\n");
+    assert_eq!(worktree_count(&p), 1);
+}
+
+/// A sparse checkout (cone, non-cone, and cone with a sparse index): files outside it are in `HEAD` but not on disk. The base
+/// keeps them (a snapshot that took their absence for a deletion would land deleting them), an
+/// untracked file the user made outside it is part of the base as any untracked file, a change
+/// inside it lands, and a change to a file outside it is refused by name, nothing written.
+#[test]
+fn a_sparse_checkout_keeps_files_outside_it_and_lands_changes_inside_it() {
+    for cone in ["cone", "no-cone", "sparse-index"] {
+        let p = repo_project(
+            &config_with_shell(),
+            &[
+                ("top.txt", "top\n"),
+                ("in/a.txt", "a\n"),
+                ("out/b.txt", "b\n"),
+            ],
+        );
+        match cone {
+            "cone" => git(p.root(), &["sparse-checkout", "set", "in"]),
+            "no-cone" => git(
+                p.root(),
+                &["sparse-checkout", "set", "--no-cone", "/*", "!/out/"],
+            ),
+            _ => git(
+                p.root(),
+                &["sparse-checkout", "set", "--sparse-index", "in"],
+            ),
+        };
+        assert!(!p.path("out/b.txt").exists(), "cone {cone}: sparse");
+        std::fs::create_dir_all(p.path("out")).expect("mkdir");
+        std::fs::write(p.path("out/mine.txt"), "mine\n").expect("write");
+        p.drop_task(
+            "inside.yaml",
+            "agent: shell\ndescription: \"cat in/a.txt > in/new.txt; test -e out/b.txt || echo sparse > in/seen.txt\"\n",
+        );
+        p.drop_task(
+            "outside.yaml",
+            "agent: shell\ndependencies: [inside]\ndescription: \"mkdir -p out; echo changed > out/b.txt\"\n",
+        );
+        let mut s = p.start();
+        wait_done(&p, 2, Duration::from_secs(60));
+        assert!(s.stop().success(), "{}", s.output());
+        let r = p.result("completed", "inside");
+        assert_eq!(r["workspace"]["merge"], "applied", "cone {cone}: {r}");
+        assert_eq!(
+            r["files_modified"],
+            serde_json::json!(["in/new.txt", "in/seen.txt"]),
+            "cone {cone}: {r}"
+        );
+        let base = r["workspace"]["base"].as_str().expect("base").to_string();
+        assert_eq!(
+            git(p.root(), &["show", &format!("{base}:out/b.txt")]),
+            "b\n"
+        );
+        assert_eq!(
+            git(p.root(), &["show", &format!("{base}:out/mine.txt")]),
+            "mine\n"
+        );
+        assert_eq!(p.read("in/new.txt"), "a\n");
+        // The agent's worktree is sparse like the user's.
+        assert_eq!(p.read("in/seen.txt"), "sparse\n", "cone {cone}");
+        let diff = p.read("context/diffs/inside.diff");
+        assert!(!diff.contains("deleted file"), "cone {cone}: {diff}");
+        let status = git(
+            p.root(),
+            &["status", "--porcelain", "--", "in", "out", "top.txt"],
+        );
+        assert_eq!(
+            status, "?? in/new.txt\n?? in/seen.txt\n?? out/mine.txt\n",
+            "cone {cone}"
+        );
+        let out = p.result("completed", "outside");
+        assert_eq!(out["workspace"]["merge"], "conflict", "cone {cone}: {out}");
+        let e = out["workspace"]["error"].as_str().unwrap_or_default();
+        assert!(
+            e.contains("out/b.txt") && e.contains("sparse checkout"),
+            "cone {cone}: {out}"
+        );
+        assert_eq!(out["workspace"]["branch"], "orchestrate/outside", "{out}");
+        assert!(!p.path("out/b.txt").exists(), "cone {cone}");
+        assert_eq!(
+            git(
+                p.root(),
+                &["status", "--porcelain", "--", "in", "out", "top.txt"]
+            ),
+            status,
+            "cone {cone}"
+        );
+        assert_eq!(worktree_count(&p), 1);
+    }
+}
+
+/// A repository with a submodule: the worktree holds the superproject's files (the submodule's
+/// folder is there, empty: it is not checked out again for each task), an edit to the superproject
+/// lands and the submodule is neither shown changed nor touched; a task that moves the submodule
+/// to a commit of its own is refused by name, since that commit lives only in the task's worktree;
+/// a task whose workdir is inside the submodule works in a worktree of the submodule's repository.
+#[test]
+fn a_repository_with_a_submodule_lands_superproject_edits_and_refuses_submodule_moves() {
+    let lib = tempfile::tempdir().expect("tempdir");
+    git(lib.path(), &["init", "-q"]);
+    std::fs::write(lib.path().join("l.txt"), "lib\n").expect("write");
+    git(lib.path(), &["add", "."]);
+    git(lib.path(), &["commit", "-qm", "lib"]);
+    let p = repo_project(&config_with_shell(), &[("s.txt", "s\n")]);
+    git(
+        p.root(),
+        &[
+            "-c",
+            "protocol.file.allow=always",
+            "submodule",
+            "add",
+            "-q",
+            lib.path().to_str().expect("utf-8"),
+            "vendor/lib",
+        ],
+    );
+    git(p.root(), &["commit", "-qm", "submodule"]);
+    let sub_head = git(&p.path("vendor/lib"), &["rev-parse", "HEAD"]);
+    p.drop_task(
+        "edit.yaml",
+        "agent: shell\ndescription: \"echo more >> s.txt; ls -A vendor/lib > listed.txt\"\n",
+    );
+    p.drop_task(
+        "bump.yaml",
+        "agent: shell\ndependencies: [edit]\ndescription: \"git -c protocol.file.allow=always submodule update --init -q && cd vendor/lib && echo bumped >> l.txt && git -c user.name=a -c user.email=a@a commit -qam bump\"\n",
+    );
+    p.drop_task(
+        "inlib.yaml",
+        "agent: shell\ndependencies: [bump]\nworkdir: vendor/lib\ndescription: \"cat l.txt > copy.txt\"\n",
+    );
+    let mut s = p.start();
+    wait_done(&p, 3, Duration::from_secs(60));
+    assert!(s.stop().success(), "{}", s.output());
+    let r = p.result("completed", "edit");
+    assert_eq!(r["workspace"]["merge"], "applied", "{r}");
+    assert_eq!(
+        r["files_modified"],
+        serde_json::json!(["listed.txt", "s.txt"]),
+        "{r}"
+    );
+    assert_eq!(p.read("s.txt"), "s\nmore\n");
+    assert_eq!(p.read("listed.txt"), "", "the submodule is not checked out");
+    let diff = p.read("context/diffs/edit.diff");
+    assert!(!diff.contains("vendor/lib"), "{diff}");
+    let b = p.result("completed", "bump");
+    assert_eq!(b["workspace"]["merge"], "conflict", "{b}");
+    let e = b["workspace"]["error"].as_str().unwrap_or_default();
+    assert!(e.contains("submodule vendor/lib"), "{b}");
+    assert_eq!(b["workspace"]["branch"], "orchestrate/bump", "{b}");
+    assert_eq!(git(&p.path("vendor/lib"), &["rev-parse", "HEAD"]), sub_head);
+    assert_eq!(p.read("vendor/lib/l.txt"), "lib\n");
+    assert_eq!(
+        git(
+            p.root(),
+            &["status", "--porcelain", "--", "s.txt", ".gitmodules"]
+        ),
+        " M s.txt\n"
+    );
+    let inlib = p.result("completed", "inlib");
+    assert_eq!(inlib["workspace"]["merge"], "applied", "{inlib}");
+    assert_eq!(inlib["files_modified"], serde_json::json!(["copy.txt"]));
+    assert_eq!(p.read("vendor/lib/copy.txt"), "lib\n");
+    assert_eq!(
+        git(&p.path("vendor/lib"), &["status", "--porcelain"]),
+        "?? copy.txt\n"
+    );
+    assert_eq!(
+        git(&p.path("vendor/lib"), &["worktree", "list"])
+            .lines()
+            .count(),
+        1
+    );
+    assert_eq!(worktree_count(&p), 1);
+    assert!(worktrees_left(&p).is_empty(), "{:?}", worktrees_left(&p));
+}
+
+/// A task whose workdir is a subfolder runs in the same subfolder of its worktree; its paths land
+/// where they belong, and files with CRLF line endings under `core.autocrlf` are left byte for byte.
+#[test]
+fn a_subfolder_workdir_lands_in_place_and_line_endings_of_other_files_stay() {
+    let p = repo_project(
+        &config_with_shell(),
+        &[
+            (".gitattributes", "*.txt text eol=crlf\n"),
+            ("sub/a.txt", "a\n"),
+            ("b.txt", "b\n"),
+        ],
+    );
+    // Checked out again with the attributes: both files are CRLF on disk, LF in git.
+    std::fs::remove_file(p.path("sub/a.txt")).expect("rm");
+    std::fs::remove_file(p.path("b.txt")).expect("rm");
+    git(p.root(), &["checkout", "--", "sub/a.txt", "b.txt"]);
+    assert_eq!(p.read("b.txt"), "b\r\n");
+    p.drop_task(
+        "sub.yaml",
+        "agent: shell\nworkdir: sub\ndescription: \"pwd > where.txt; printf 'x\\\\n' >> a.txt\"\n",
+    );
+    let mut s = p.start();
+    wait_done(&p, 1, Duration::from_secs(60));
+    assert!(s.stop().success(), "{}", s.output());
+    let r = p.result("completed", "sub");
+    assert_eq!(r["workspace"]["merge"], "applied", "{r}");
+    assert_eq!(
+        r["files_modified"],
+        serde_json::json!(["sub/a.txt", "sub/where.txt"]),
+        "{r}"
+    );
+    assert!(p.read("sub/where.txt").trim_end().ends_with("/sub"));
+    assert!(!p.path("where.txt").exists());
+    assert_eq!(p.read("b.txt"), "b\r\n", "an unrelated file is untouched");
+    assert_eq!(
+        git(p.root(), &["status", "--porcelain", "--", "b.txt", "sub"]),
+        " M sub/a.txt\n?? sub/where.txt\n"
     );
 }

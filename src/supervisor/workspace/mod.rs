@@ -121,6 +121,7 @@ pub(super) fn prepare(
         );
     };
     let root = root.canonicalize().unwrap_or(root);
+    git::check_repository(&root)?;
     let sub = workdir
         .strip_prefix(&root)
         .map(Path::to_path_buf)
