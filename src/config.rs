@@ -537,6 +537,9 @@ pub struct WorkspaceConfig {
     pub merge: MergeMode,
     /// Keep each attempt's worktree folder after it ends, for inspection.
     pub keep: bool,
+    /// No claim starts while the state directory's file system has less free space than this
+    /// (MiB); 0: no floor.
+    pub min_free_disk_mb: u64,
 }
 
 impl Default for WorkspaceConfig {
@@ -546,6 +549,7 @@ impl Default for WorkspaceConfig {
             branch_prefix: "orchestrate/".into(),
             merge: MergeMode::Apply,
             keep: false,
+            min_free_disk_mb: 1024,
         }
     }
 }
@@ -1338,6 +1342,14 @@ mod tests {
         assert_eq!(cfg.workspace.isolation, Isolation::None);
         assert_eq!(cfg.workspace.merge, MergeMode::Branch);
         assert!(cfg.workspace.keep);
+        assert_eq!(cfg.workspace.min_free_disk_mb, 1024, "the default floor");
+        let e = Config::parse("workspace:\n  min_free_disk_mb: -5\n", "c.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("c.yaml:2"), "{e}");
+        assert!(e.contains("min_free_disk_mb"), "{e}");
+        let cfg = Config::parse("workspace:\n  min_free_disk_mb: 0\n", "c.yaml").unwrap();
+        assert_eq!(cfg.workspace.min_free_disk_mb, 0);
     }
 
     #[test]
