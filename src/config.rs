@@ -1346,8 +1346,9 @@ mod tests {
         let e = Config::parse("workspace:\n  min_free_disk_mb: -5\n", "c.yaml")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("c.yaml:2"), "{e}");
-        assert!(e.contains("min_free_disk_mb"), "{e}");
+        // Where it is and what is wrong, as for every number.
+        assert!(e.contains("c.yaml:2:21"), "{e}");
+        assert!(e.contains("invalid u64"), "{e}");
         let cfg = Config::parse("workspace:\n  min_free_disk_mb: 0\n", "c.yaml").unwrap();
         assert_eq!(cfg.workspace.min_free_disk_mb, 0);
     }

@@ -569,7 +569,11 @@ fn render_workspaces(out: &mut super::Out, st: &Status) -> Result<()> {
             )?;
         }
         if st.kept_branches.len() > 20 {
-            outln!(out, "  … and {} more", st.kept_branches.len() - 20)?;
+            outln!(
+                out,
+                "  … and {} more (status --json lists them all)",
+                st.kept_branches.len() - 20
+            )?;
         }
     }
     Ok(())
