@@ -539,6 +539,9 @@ pub struct WorkspaceConfig {
     pub keep: bool,
     /// How long an idle worktree is kept for reuse (0: none is; each attempt makes its own).
     pub pool_idle_seconds: u64,
+    /// No claim starts while the state directory's file system has less free space than this
+    /// (MiB); 0: no floor.
+    pub min_free_disk_mb: u64,
 }
 
 impl Default for WorkspaceConfig {
@@ -549,6 +552,7 @@ impl Default for WorkspaceConfig {
             merge: MergeMode::Apply,
             keep: false,
             pool_idle_seconds: 60,
+            min_free_disk_mb: 1024,
         }
     }
 }
@@ -1341,6 +1345,15 @@ mod tests {
         assert_eq!(cfg.workspace.isolation, Isolation::None);
         assert_eq!(cfg.workspace.merge, MergeMode::Branch);
         assert!(cfg.workspace.keep);
+        assert_eq!(cfg.workspace.min_free_disk_mb, 1024, "the default floor");
+        let e = Config::parse("workspace:\n  min_free_disk_mb: -5\n", "c.yaml")
+            .unwrap_err()
+            .to_string();
+        // Where it is and what is wrong, as for every number.
+        assert!(e.contains("c.yaml:2:21"), "{e}");
+        assert!(e.contains("invalid u64"), "{e}");
+        let cfg = Config::parse("workspace:\n  min_free_disk_mb: 0\n", "c.yaml").unwrap();
+        assert_eq!(cfg.workspace.min_free_disk_mb, 0);
     }
 
     #[test]

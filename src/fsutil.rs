@@ -3,6 +3,9 @@
 //! Every write a reader could observe half-done goes through [`atomic_write`]: a temporary file in the
 //! same directory, fsync, rename over the target, fsync of the directory. Durability (the fsyncs) can be
 //! turned off for benchmarks and throwaway trees; atomicity (the rename) never is.
+//!
+//! It also measures: the free space of a file system ([`free_bytes`]) and, within a budget, the disk
+//! use of a folder ([`disk_use`]); measuring never follows a symlink or leaves the file system.
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::CString;
@@ -355,9 +358,129 @@ pub fn device_of(p: &Path) -> io::Result<u64> {
     Ok(fs::metadata(p)?.dev())
 }
 
+/// Bytes an unprivileged writer may still use on the file system holding `path`
+/// (`f_bavail * f_frsize`: the root-reserved blocks are not ours to count on).
+pub fn free_bytes(path: &Path) -> io::Result<u64> {
+    let s = rustix::fs::statvfs(path)?;
+    Ok(s.f_bavail.saturating_mul(s.f_frsize))
+}
+
+/// Bytes as people read them: `512 B`, `4.0 KiB`, `1.2 GiB`.
+pub fn bytes_text(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+/// How far a [`disk_use`] walk may go: entries looked at and time, shared by the walks given it.
+pub struct WalkBudget {
+    entries_left: u64,
+    deadline: std::time::Instant,
+}
+
+impl WalkBudget {
+    pub fn new(entries: u64, time: std::time::Duration) -> WalkBudget {
+        WalkBudget {
+            entries_left: entries,
+            deadline: std::time::Instant::now() + time,
+        }
+    }
+
+    fn spent(&self) -> bool {
+        self.entries_left == 0 || std::time::Instant::now() >= self.deadline
+    }
+}
+
+/// What a folder holds on disk, as far as a walk got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskUse {
+    /// Allocated bytes (`st_blocks * 512`) of everything seen, each hard-linked file once.
+    pub bytes: u64,
+    /// The walk saw everything; otherwise `bytes` is a lower bound (the budget ran out, or some
+    /// entry could not be read).
+    pub complete: bool,
+}
+
+/// The disk use of `dir` and everything under it on the same file system, without following
+/// symlinks (a link counts as itself), within `budget`. Another file system mounted inside (a
+/// tmpfs, a network share) is not ours to measure and would make the walk unbounded in cost.
+pub fn disk_use(dir: &Path, budget: &mut WalkBudget) -> DiskUse {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = DiskUse {
+        bytes: 0,
+        complete: true,
+    };
+    let mut linked = std::collections::HashSet::new();
+    let walk = walkdir::WalkDir::new(dir)
+        .follow_links(false)
+        .same_file_system(true);
+    for entry in walk {
+        if budget.spent() {
+            out.complete = false;
+            break;
+        }
+        budget.entries_left -= 1;
+        let Ok(meta) = entry.and_then(|e| e.metadata()) else {
+            out.complete = false;
+            continue;
+        };
+        if meta.nlink() > 1 && !meta.is_dir() && !linked.insert((meta.dev(), meta.ino())) {
+            continue;
+        }
+        out.bytes = out.bytes.saturating_add(meta.blocks().saturating_mul(512));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bytes_read_in_binary_units() {
+        assert_eq!(bytes_text(0), "0 B");
+        assert_eq!(bytes_text(1023), "1023 B");
+        assert_eq!(bytes_text(4096), "4.0 KiB");
+        assert_eq!(bytes_text(1536 * 1024 * 1024), "1.5 GiB");
+    }
+
+    #[test]
+    fn disk_use_counts_blocks_once_per_inode_and_stops_at_its_budget() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = vec![7u8; 64 * 1024];
+        fs::write(dir.path().join("a"), &data).expect("write");
+        fs::hard_link(dir.path().join("a"), dir.path().join("b")).expect("link");
+        std::os::unix::fs::symlink("/usr", dir.path().join("usr")).expect("symlink");
+        let mut budget = WalkBudget::new(1_000, std::time::Duration::from_secs(10));
+        let used = disk_use(dir.path(), &mut budget);
+        assert!(used.complete);
+        // One copy of the file's blocks (plus the folder's own and the link's), never /usr.
+        assert!(used.bytes >= 64 * 1024, "{used:?}");
+        assert!(used.bytes < 2 * 64 * 1024, "{used:?}");
+        for i in 0..10 {
+            fs::write(dir.path().join(format!("f{i}")), &data).expect("write");
+        }
+        let mut small = WalkBudget::new(3, std::time::Duration::from_secs(10));
+        let partial = disk_use(dir.path(), &mut small);
+        assert!(!partial.complete, "{partial:?}");
+        let after = disk_use(dir.path(), &mut small);
+        assert_eq!(
+            after,
+            DiskUse {
+                bytes: 0,
+                complete: false
+            },
+            "a spent budget walks nothing"
+        );
+    }
 
     #[test]
     fn durations_read_like_a_clock() {

@@ -11,8 +11,11 @@ use common::*;
 
 /// The test configuration with `tasks/` and the state directory on `dir` (one file system: the
 /// spool refuses to start otherwise); `context/` and the supervisor's log stay on the normal disk.
+/// The free-space floor is off: these file systems are a few MiB, below the default floor, and
+/// the tests are about what happens when writes fail, not about the floor holding claims back.
 fn config_on(dir: &std::path::Path, extra: &str) -> String {
-    test_config(extra).replacen(
+    let extra = format!("workspace:\n  min_free_disk_mb: 0\n{extra}");
+    test_config(&extra).replacen(
         "orchestrator:\n",
         &format!(
             "orchestrator:\n  tasks_dir: {0}/tasks\n  state_dir: {0}/state\n",
@@ -176,6 +179,58 @@ mod root {
         assert_eq!(runs(&counter), 2);
         assert!(sup.stop().success(), "{}", sup.output());
         eprintln!("RELIABILITY faults read-only-pending-at-requeue: thrown 1, lost 0, runs 2");
+    }
+
+    /// The state directory's file system below `workspace.min_free_disk_mb`: no claim, a note
+    /// that says why, and the task runs by itself once space comes back (nothing else changes).
+    #[test]
+    fn claims_wait_below_the_free_disk_floor_and_resume_when_space_returns() {
+        let fs = Tmpfs::mount("32m");
+        let p = Project::with_config(
+            &config_on(fs.path(), "").replace("min_free_disk_mb: 0", "min_free_disk_mb: 20"),
+        );
+        let mut sup = p.start();
+        std::fs::write(fs.path().join("filler"), vec![1u8; 16 * 1024 * 1024]).expect("filler");
+        // Looked at once a second (on the heartbeat when nothing else happens): said at once.
+        wait_for(
+            "the supervisor to see the floor",
+            Duration::from_secs(20),
+            || sup.output().contains("no new claims until there is more"),
+        );
+        p.drop_task_in(
+            &fs.path().join("tasks/pending"),
+            "t.yaml",
+            "description: \"@fake print=ran\"\n",
+        );
+        let mut status = String::new();
+        wait_for("t to wait for disk space", Duration::from_secs(20), || {
+            status = p.run(&["status"]).stdout();
+            status.contains("waiting for disk space")
+        });
+        assert!(
+            status.contains("problem: no new claims:")
+                && status.contains("below workspace.min_free_disk_mb (20 MiB)"),
+            "{status}"
+        );
+        assert!(fs.path().join("tasks/pending/t.yaml").exists(), "{status}");
+
+        std::fs::remove_file(fs.path().join("filler")).expect("free the space");
+        wait_for("t to complete", Duration::from_secs(30), || {
+            fs.path().join("tasks/completed/t.yaml").exists()
+        });
+        let out = sup.output();
+        assert_eq!(
+            out.matches("no new claims until there is more").count(),
+            1,
+            "{out}"
+        );
+        assert_eq!(out.matches("claims resume").count(), 1, "{out}");
+        assert!(
+            !p.run(&["status"]).stdout().contains("no new claims"),
+            "the problem is cleared"
+        );
+        assert!(sup.stop().success(), "{}", sup.output());
+        eprintln!("RELIABILITY faults free-disk-floor: thrown 1, lost 0");
     }
 
     /// `context/` full: the prompt cannot be written. The task waits (no attempt counted) and says

@@ -827,3 +827,200 @@ fn a_subfolder_workdir_lands_in_place_and_line_endings_of_other_files_stay() {
         " M sub/a.txt\n?? sub/where.txt\n"
     );
 }
+
+/// A task whose change conflicts with what the user wrote meanwhile: `gate` holds the agent until
+/// the test has edited `a.txt` in the working tree (after the claim took its snapshot).
+fn run_into_a_conflict(p: &Project, id: &str, gate: &Path) {
+    p.drop_task(
+        &format!("{id}.yaml"),
+        &format!(
+            "description: \"edit a.txt\\n@fake wait-for={} write=a.txt:from_task\"\n",
+            gate.display()
+        ),
+    );
+    let mut s = p.start();
+    wait_for("the worktree is made", Duration::from_secs(60), || {
+        p.path(&format!("tasks/assigned/{id}.claim.yaml")).exists()
+            && p.path(&format!(".orchestrate/worktrees/{id}/a.txt"))
+                .exists()
+    });
+    std::fs::write(p.path("a.txt"), "edited by the user\n").expect("user edit");
+    std::fs::write(gate, "").expect("gate");
+    wait_done(p, 1, Duration::from_secs(60));
+    assert!(s.stop().success(), "{}", s.output());
+    let r = p.result("completed", id);
+    assert_eq!(r["workspace"]["merge"], "conflict", "{r}");
+}
+
+#[test]
+fn status_lists_a_conflicted_branch_with_its_files_until_it_is_merged() {
+    let p = repo_project(&test_config(""), &[("a.txt", "original\n")]);
+    let gate = tempfile::tempdir().expect("tempdir");
+    run_into_a_conflict(&p, "clash", &gate.path().join("go"));
+
+    let st = p.run(&["status"]);
+    st.assert_code(0);
+    let out = st.stdout();
+    assert!(out.contains("kept branches"), "{out}");
+    assert!(
+        out.contains("clash                orchestrate/clash: conflict in a.txt"),
+        "{out}"
+    );
+    assert!(out.contains("orchestrate merge ID"), "{out}");
+    assert!(out.contains("orchestrate discard ID"), "{out}");
+    assert!(!out.contains("worktrees:"), "no worktree is left: {out}");
+    let json = p.run(&["status", "--json"]).json();
+    assert_eq!(
+        json["kept_branches"],
+        serde_json::json!([{
+            "id": "clash",
+            "branch": "orchestrate/clash",
+            "merge": "conflict",
+            "conflicts": ["a.txt"],
+            "error": null,
+        }]),
+        "{json}"
+    );
+    assert_eq!(json["worktrees"], serde_json::json!([]), "{json}");
+
+    // Once the user gives way, it merges; the mirror follows, and `status` no longer lists it.
+    git(p.root(), &["checkout", "--", "a.txt"]);
+    p.run(&["merge", "clash"]).assert_code(0);
+    let out = p.run(&["status"]).stdout();
+    assert!(!out.contains("kept branches"), "{out}");
+    let json = p.run(&["status", "--json"]).json();
+    assert_eq!(json["kept_branches"], serde_json::json!([]), "{json}");
+    // So does a mirror rebuilt from the tree.
+    p.run(&["mirror", "rebuild"]).assert_code(0);
+    let json = p.run(&["status", "--json"]).json();
+    assert_eq!(json["kept_branches"], serde_json::json!([]), "{json}");
+}
+
+#[test]
+fn status_shows_a_kept_worktree_and_an_idle_one_with_their_disk_use() {
+    let p = repo_project(
+        &test_config("workspace:\n  keep: true\n  merge: branch\n"),
+        &[("a.txt", "original\n")],
+    );
+    p.drop_task("held.yaml", "description: \"@fake write=big.txt:data\"\n");
+    let mut s = p.start();
+    wait_done(&p, 1, Duration::from_secs(60));
+    assert!(s.stop().success(), "{}", s.output());
+    assert_eq!(worktrees_left(&p), ["held"]);
+    // An idle worktree as the pool keeps one: a folder of its own under `.pool`.
+    let idle = p.path(".orchestrate/worktrees/.pool/w1");
+    std::fs::create_dir_all(&idle).expect("pool folder");
+    std::fs::write(idle.join("blob"), vec![1u8; 256 * 1024]).expect("blob");
+
+    let out = p.run(&["status"]).stdout();
+    assert!(out.contains("worktrees:"), "{out}");
+    let line = |start: &str| {
+        out.lines()
+            .find(|l| l.trim_start().starts_with(start))
+            .unwrap_or_else(|| panic!("no line for {start}: {out}"))
+            .to_string()
+    };
+    assert!(
+        line("held").ends_with(".orchestrate/worktrees/held"),
+        "{out}"
+    );
+    assert!(
+        line("idle (pool)").ends_with(".orchestrate/worktrees/.pool/w1"),
+        "{out}"
+    );
+    assert!(
+        line("total").contains("KiB") || line("total").contains("MiB"),
+        "{out}"
+    );
+    // The branch is kept, and listed with it.
+    assert!(
+        out.contains("held                 orchestrate/held: kept"),
+        "{out}"
+    );
+
+    let json = p.run(&["status", "--json"]).json();
+    let w = json["worktrees"].as_array().expect("worktrees");
+    assert_eq!(w.len(), 2, "{json}");
+    assert_eq!(w[0]["task"], "held", "{json}");
+    assert_eq!(w[0]["path"], ".orchestrate/worktrees/held", "{json}");
+    assert_eq!(w[1]["task"], serde_json::Value::Null, "{json}");
+    assert!(w.iter().all(|w| w["complete"] == true), "{json}");
+    assert!(
+        w[1]["bytes"].as_u64().expect("bytes") >= 256 * 1024,
+        "the pool folder's blob counts: {json}"
+    );
+    assert!(w[0]["bytes"].as_u64().expect("bytes") > 0, "{json}");
+    assert_eq!(json["kept_branches"][0]["merge"], "kept", "{json}");
+}
+
+/// A floor above any disk holds every claim back with a note that says why; lowering it in the
+/// running configuration lets the task run.
+#[test]
+fn no_claim_below_the_free_disk_floor_and_claims_resume_when_it_is_lowered() {
+    let p = Project::with_config(&test_config(
+        "workspace:\n  min_free_disk_mb: 1000000000000\n",
+    ));
+    let mut s = p.start();
+    p.drop_task("d.yaml", "description: \"@fake write=out.txt:done\"\n");
+    wait_for("the disk note", Duration::from_secs(30), || {
+        p.run(&["status"])
+            .stdout()
+            .contains("waiting for disk space")
+    });
+    let out = p.run(&["status"]).stdout();
+    assert!(
+        out.contains(
+            "d                    waiting for disk space: less than workspace.min_free_disk_mb (1000000000000 MiB) free on the state directory's file system"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("problem: no new claims:") && out.contains("below workspace.min_free_disk_mb"),
+        "{out}"
+    );
+    assert_eq!(p.tasks_in("pending"), ["d"]);
+    assert!(
+        s.output()
+            .contains("below workspace.min_free_disk_mb (1000000000000 MiB): no new claims"),
+        "{}",
+        s.output()
+    );
+    // A task dropped later is held too (the floor is looked at again and still holds), and the
+    // console said it once.
+    p.drop_task("e.yaml", "description: \"@fake write=more.txt:done\"\n");
+    wait_for(
+        "the second task's disk note",
+        Duration::from_secs(30),
+        || {
+            p.run(&["status", "--json"]).json()["waiting"]
+                .as_array()
+                .is_some_and(|w| {
+                    w.len() == 2
+                        && w.iter().all(|t| {
+                            t["reason"]
+                                .as_str()
+                                .is_some_and(|r| r.starts_with("waiting for disk space"))
+                        })
+                })
+        },
+    );
+    assert_eq!(p.tasks_in("pending"), ["d", "e"], "{}", s.output());
+    assert_eq!(
+        s.output()
+            .matches("no new claims until there is more")
+            .count(),
+        1,
+        "said once: {}",
+        s.output()
+    );
+
+    let cfg = p.read("config.yaml").replace("1000000000000", "0");
+    std::fs::write(p.path("config.yaml"), cfg).expect("config");
+    wait_done(&p, 2, Duration::from_secs(30));
+    assert_eq!(p.tasks_in("completed"), ["d", "e"], "{}", s.output());
+    assert!(s.output().contains("claims resume"), "{}", s.output());
+    wait_for("the problem cleared", Duration::from_secs(10), || {
+        !p.run(&["status"]).stdout().contains("no new claims")
+    });
+    assert!(s.stop().success(), "{}", s.output());
+}

@@ -46,7 +46,11 @@ fn kept(
     Ok((task, result, root))
 }
 
-fn save(project: &Project, task: &crate::task::Task, result: &TaskResult) -> Result<()> {
+fn save(project: &Project, task: &crate::task::Task, result: &mut TaskResult) -> Result<()> {
+    // A new version of the task's record: the mirrors take only rows newer than theirs (their
+    // reconcilers, PostgreSQL's too, compare versions), so the same version would leave them
+    // listing a branch that is gone.
+    result.version += 1;
     project
         .spool
         .rewrite_result(result)
@@ -98,7 +102,7 @@ pub fn merge(cli: &Cli, project: &Project, id: &str, commit: bool) -> Result<i32
         w.conflicts.clear();
         w.error = None;
     }
-    save(project, &task, &result)?;
+    save(project, &task, &mut result)?;
     if cli.json {
         super::print_json(&serde_json::json!({"id": id, "merge": merge}))?;
     } else {
@@ -120,7 +124,7 @@ pub fn discard(cli: &Cli, project: &Project, id: &str) -> Result<i32> {
         w.merge = Some("discarded".into());
         w.branch = None;
     }
-    save(project, &task, &result)?;
+    save(project, &task, &mut result)?;
     if cli.json {
         super::print_json(&serde_json::json!({"id": id, "merge": "discarded"}))?;
     } else {

@@ -1,7 +1,10 @@
-//! `orchestrate status`: counts, what runs, what waits and why, who supervises, and how the
-//! PostgreSQL mirror is doing. With `--database-url` it answers from PostgreSQL alone (no folder needed).
+//! `orchestrate status`: counts, what runs, what waits and why, who supervises, how the
+//! PostgreSQL mirror is doing, the task worktrees on disk and the branches whose changes wait to be
+//! merged or discarded. With `--database-url` it answers from PostgreSQL alone (no folder needed).
 //!
-//! It only reads, through the mirror's read API and the folder.
+//! It only reads, through the mirror's read API and the folder, and stays quick on any tree: the
+//! kept branches come from the mirror (not from result files), and worktrees are measured within
+//! one budget of entries and time.
 
 use std::collections::BTreeMap;
 
@@ -32,7 +35,40 @@ struct Status {
     /// Task files in `pending/` that a process holds open for writing right now: not read until
     /// it closes them (only known locally).
     being_written: Vec<BeingWritten>,
+    /// The folders under `state_dir/worktrees` with their disk use (only known locally).
+    worktrees: Vec<WorktreeUse>,
+    /// Completed tasks whose changes stayed on their branch (`merge: kept` or `conflict`).
+    kept_branches: Vec<KeptBranch>,
 }
+
+#[derive(Serialize)]
+struct WorktreeUse {
+    /// The task it belongs to; `None` for an idle worktree in the pool.
+    task: Option<String>,
+    /// Relative to the project root.
+    path: String,
+    /// Allocated bytes (hard-linked files once; symlinks not followed, other file systems not entered).
+    bytes: u64,
+    /// `false`: the measuring budget ran out (or an entry could not be read) and `bytes` is a lower bound.
+    complete: bool,
+}
+
+#[derive(Serialize)]
+struct KeptBranch {
+    id: String,
+    branch: String,
+    /// `kept` or `conflict`.
+    merge: String,
+    /// With `conflict`: the files that did not apply.
+    conflicts: Vec<String>,
+    /// Why landing could not even be tried, when it could not.
+    error: Option<String>,
+}
+
+/// How far the worktree measuring may go, all worktrees together: enough for a few worktrees of
+/// a large repository, and `status` still answers in about two seconds at worst.
+const WALK_ENTRIES: u64 = 200_000;
+const WALK_TIME: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[derive(Serialize)]
 struct BeingWritten {
@@ -163,6 +199,8 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
         cooldowns: vec![],
         needs_login: vec![],
         being_written: vec![],
+        worktrees: vec![],
+        kept_branches: kept_of(reader.kept_branches()?),
     };
     if reader.is_local() {
         add_local(&mut st, project);
@@ -232,6 +270,63 @@ fn add_local(st: &mut Status, project: &Project) {
         })
         .collect();
     st.being_written.sort_by(|a, b| a.file.cmp(&b.file));
+    st.worktrees = worktrees(&project.layout);
+}
+
+/// The folders under `state_dir/worktrees` (a task's) and under its pool (idle ones), by name,
+/// each measured while the shared budget lasts.
+fn worktrees(layout: &crate::layout::Layout) -> Vec<WorktreeUse> {
+    use crate::layout::Layout;
+    // Folders only (a worktree is one), by name; a symlink is not followed anywhere.
+    let folders = |dir: &std::path::Path| -> Vec<(String, std::path::PathBuf)> {
+        let mut v: Vec<_> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+            .collect();
+        v.sort();
+        v
+    };
+    // The tasks' worktrees first, then the idle ones; other hidden folders are not worktrees.
+    let mut found: Vec<(Option<String>, std::path::PathBuf)> = folders(&layout.worktrees_dir())
+        .into_iter()
+        .filter_map(|(name, path)| Some((Some(Layout::worktree_owner(&name)?.to_string()), path)))
+        .collect();
+    found.extend(
+        folders(&layout.worktree_pool())
+            .into_iter()
+            .map(|(_, p)| (None, p)),
+    );
+    let mut budget = crate::fsutil::WalkBudget::new(WALK_ENTRIES, WALK_TIME);
+    found
+        .into_iter()
+        .map(|(task, path)| {
+            let used = crate::fsutil::disk_use(&path, &mut budget);
+            WorktreeUse {
+                task,
+                path: layout.rel(&path),
+                bytes: used.bytes,
+                complete: used.complete,
+            }
+        })
+        .collect()
+}
+
+fn kept_of(rows: Vec<TaskRow>) -> Vec<KeptBranch> {
+    rows.into_iter()
+        .filter_map(|r| {
+            let w = r.payload.workspace?;
+            Some(KeptBranch {
+                id: r.id,
+                branch: w.branch?,
+                merge: w.merge.unwrap_or_else(|| "kept".into()),
+                conflicts: w.conflicts,
+                error: w.error,
+            })
+        })
+        .collect()
 }
 
 fn cooling(layout: &crate::layout::Layout) -> Vec<CoolingAgent> {
@@ -399,6 +494,87 @@ fn render(cli: &Cli, st: &Status) -> Result<i32> {
             )?;
         }
     }
+    render_workspaces(&mut out, st)?;
     out.flush()?;
     Ok(0)
+}
+
+/// The worktrees on disk and the branches waiting for `merge` or `discard`.
+fn render_workspaces(out: &mut super::Out, st: &Status) -> Result<()> {
+    use crate::console::quote_path;
+    use crate::fsutil::bytes_text;
+    let at_least = |complete: bool| if complete { "" } else { "at least " };
+    if !st.worktrees.is_empty() {
+        outln!(out, "\nworktrees:")?;
+        for w in &st.worktrees {
+            outln!(
+                out,
+                "  {:<20} {:>12}  {}",
+                w.task.as_deref().unwrap_or("idle (pool)"),
+                format!("{}{}", at_least(w.complete), bytes_text(w.bytes)),
+                quote_path(w.path.as_bytes())
+            )?;
+        }
+        let total: u64 = st.worktrees.iter().map(|w| w.bytes).sum();
+        let complete = st.worktrees.iter().all(|w| w.complete);
+        outln!(
+            out,
+            "  {:<20} {:>12}{}",
+            "total",
+            format!("{}{}", at_least(complete), bytes_text(total)),
+            if complete {
+                ""
+            } else {
+                "  (measuring stopped at its budget)"
+            }
+        )?;
+    }
+    if !st.kept_branches.is_empty() {
+        outln!(
+            out,
+            "\nkept branches (land with `orchestrate merge ID`, drop with `orchestrate discard ID`):"
+        )?;
+        for k in st.kept_branches.iter().take(20) {
+            let what = if k.conflicts.is_empty() {
+                k.merge.clone()
+            } else {
+                let files: Vec<String> = k
+                    .conflicts
+                    .iter()
+                    .take(5)
+                    .map(|f| quote_path(f.as_bytes()))
+                    .collect();
+                let more = k.conflicts.len().saturating_sub(5);
+                format!(
+                    "{} in {}{}",
+                    k.merge,
+                    files.join(", "),
+                    if more > 0 {
+                        format!(" and {more} more (orchestrate show {})", k.id)
+                    } else {
+                        String::new()
+                    }
+                )
+            };
+            let why = k
+                .error
+                .as_deref()
+                .map(|e| format!(" — {}", short(e, 120)))
+                .unwrap_or_default();
+            outln!(
+                out,
+                "  {:<20} {}: {what}{why}",
+                k.id,
+                quote_path(k.branch.as_bytes())
+            )?;
+        }
+        if st.kept_branches.len() > 20 {
+            outln!(
+                out,
+                "  … and {} more (status --json lists them all)",
+                st.kept_branches.len() - 20
+            )?;
+        }
+    }
+    Ok(())
 }

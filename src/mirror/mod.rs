@@ -83,6 +83,10 @@ pub struct Payload {
     pub output_file: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub diff_file: Option<String>,
+    /// A finished worktree task's git facts, as its result says: `status` lists the branches kept
+    /// (`merge: kept` or `conflict`) from these without opening result files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<crate::record::WorkspaceResult>,
 }
 
 /// What a mirror holds per task, as the reconciler compares it with the tree: (state, version, task
@@ -475,6 +479,7 @@ pub fn terminal_row(spool: &Spool, result: &TaskResult, task: Option<&Task>) -> 
             },
             output_file: result.output_file.clone(),
             diff_file: result.diff_file.clone(),
+            workspace: result.workspace.as_deref().cloned(),
             ..Default::default()
         },
         updated_at: result.finished_at.clone(),

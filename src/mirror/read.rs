@@ -150,6 +150,8 @@ reads! {
     fn get(id: &str) -> Option<TaskRow>;
     /// Pending tasks with a wait reason, without loading the rest of the pending set.
     fn waiting() -> Vec<TaskRow>;
+    /// Completed tasks whose changes stayed on their branch, without loading the rest.
+    fn kept_branches() -> Vec<TaskRow>;
     /// Tasks per state (states without tasks are absent).
     fn counts() -> Vec<(String, usize)>;
     /// Events after `seq`, at most `limit`, in sequence order.
@@ -336,6 +338,44 @@ mod tests {
             .map(|s| (s.to_string(), 1))
             .collect();
         assert_eq!(r.counts().unwrap(), counts);
+    }
+
+    #[test]
+    fn kept_branches_are_the_completed_tasks_whose_result_names_a_branch() {
+        let (dir, _) = mirror();
+        let ws = |merge: &str, branch: Option<&str>| crate::record::WorkspaceResult {
+            isolation: "worktree".into(),
+            merge: Some(merge.into()),
+            branch: branch.map(String::from),
+            conflicts: if merge == "conflict" {
+                vec!["a.txt".into()]
+            } else {
+                vec![]
+            },
+            ..Default::default()
+        };
+        let mut ops = vec![];
+        for (id, second, w) in [
+            ("landed", 6, ws("applied", None)),
+            ("clash", 8, ws("conflict", Some("orchestrate/clash"))),
+            ("kept", 7, ws("kept", Some("orchestrate/kept"))),
+        ] {
+            let mut r = row(id, 2, "completed", Some("codex"), second);
+            r.payload.workspace = Some(w);
+            ops.push(Op::Upsert {
+                row: r,
+                attempts: vec![],
+            });
+        }
+        let db = dir.path().join("state.db");
+        sqlite::apply(&mut sqlite::open(&db).unwrap(), "h", &mut ops).unwrap();
+        let r = Source::Sqlite(sqlite::open_read(&db).unwrap().unwrap())
+            .reader()
+            .unwrap();
+        let kept = r.kept_branches().unwrap();
+        assert_eq!(ids(kept.clone()), ["kept", "clash"]);
+        let clash = kept[1].payload.workspace.as_ref().unwrap();
+        assert_eq!(clash.conflicts, ["a.txt"]);
     }
 
     #[test]

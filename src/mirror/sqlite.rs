@@ -418,6 +418,17 @@ pub fn waiting(conn: &Connection) -> Result<Vec<TaskRow>> {
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
+/// Completed tasks whose changes stayed on their branch (the result names one), oldest first.
+pub fn kept_branches(conn: &Connection) -> Result<Vec<TaskRow>> {
+    let mut stmt = conn.prepare(
+        "SELECT id, version, state, agent, payload, updated_at, note FROM tasks
+         WHERE state = 'completed' AND json_extract(payload, '$.workspace.branch') IS NOT NULL
+         ORDER BY updated_at, id",
+    )?;
+    let rows = stmt.query_map([], row_from_sql)?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
 pub fn get(conn: &Connection, id: &str) -> Result<Option<TaskRow>> {
     Ok(conn
         .query_row(

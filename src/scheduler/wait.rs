@@ -48,6 +48,10 @@ pub enum WaitReason {
     RouterBusy { router: String, outstanding: usize },
     /// The task runs in its workdir itself (no worktree), and another task is running there.
     Workdir { path: String, holder: String },
+    /// The state directory's file system has less free space than `workspace.min_free_disk_mb`:
+    /// no claim starts. The floor only, not the free figure, so the note stays put while space
+    /// moves.
+    LowDisk { min_mb: u64 },
 }
 
 impl WaitReason {
@@ -80,6 +84,10 @@ impl fmt::Display for WaitReason {
             WaitReason::Workdir { path, holder } => {
                 write!(f, "waiting for workdir {path}, held by task {holder}")
             }
+            WaitReason::LowDisk { min_mb } => write!(
+                f,
+                "waiting for disk space: less than workspace.min_free_disk_mb ({min_mb} MiB) free on the state directory's file system"
+            ),
             WaitReason::NoAgent => f.write_str(
                 "no agent: name one with `agent:` in the task, or set routing.fallback in config.yaml",
             ),

@@ -10,8 +10,9 @@
 //! first) is undone here too (`unclaimed`).
 //!
 //! Owns the router's answers, the cooldowns, the agents that need a login (and their login checks,
-//! which run off the loop), which agents can run (looked up at most once a second) and when to wake
-//! for the next retry back-off. It never runs an agent and never reads a task file; the only disk
+//! which run off the loop), which agents can run (looked up at most once a second), whether the
+//! state directory's file system is below the free-space floor (looked at most once a second; no
+//! claim starts while it is) and when to wake for the next retry back-off. It never runs an agent and never reads a task file; the only disk
 //! work on the loop is the rare claim of a finished parent and the rare write of a login mark.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -59,6 +60,20 @@ pub(super) struct Dispatch {
     /// The router's answers, by task, and the tasks it is being asked about (`None`).
     routes: HashMap<String, Option<Routed>>,
     route_tx: mpsc::UnboundedSender<(String, Routed)>,
+    /// The free-space floor (`workspace.min_free_disk_mb`) as last looked at.
+    disk: DiskFloor,
+}
+
+/// How often, at most, the free space of the state directory's file system is looked at (one
+/// `statvfs`); while it is below the floor the loop wakes this often to look again, so claims
+/// resume by themselves once space comes back.
+const DISK_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Default)]
+struct DiskFloor {
+    checked: Option<Instant>,
+    /// While below the floor: (free bytes at the last look, the floor in MiB).
+    low: Option<(u64, u64)>,
 }
 
 /// How long an agent CLI's login check may take (Claude Code's takes a third of a second).
@@ -85,6 +100,7 @@ impl Dispatch {
             login_tx,
             routes: HashMap::new(),
             route_tx,
+            disk: DiskFloor::default(),
         };
         (
             dispatch,
@@ -289,6 +305,68 @@ impl Dispatch {
         self.logins.active()
     }
 
+    /// Look at the free space of the file system holding `state_dir`, at most once a
+    /// [`DISK_CHECK_EVERY`]. Going below `workspace.min_free_disk_mb` and back above it are each
+    /// said once on the console; coming back asks for a full pass. Whether [`Dispatch::disk_problem`]
+    /// changed. Results, logs and the mirror need the disk as much as a worktree does, so the floor
+    /// holds every claim back, not only those that would make a worktree.
+    pub(super) fn check_disk(&mut self, cfg: &Config, state_dir: &Path) -> bool {
+        if self
+            .disk
+            .checked
+            .is_some_and(|t| t.elapsed() < DISK_CHECK_EVERY)
+        {
+            return false;
+        }
+        self.disk.checked = Some(Instant::now());
+        let min_mb = cfg.workspace.min_free_disk_mb;
+        let floor = min_mb.saturating_mul(1024 * 1024);
+        let free = if floor == 0 {
+            None
+        } else {
+            match fsutil::free_bytes(state_dir) {
+                Ok(f) => Some(f),
+                // A file system that cannot say how full it is does not stop the work.
+                Err(e) => {
+                    console::debug(&format!(
+                        "disk       cannot read the free space of {}: {e}",
+                        state_dir.display()
+                    ));
+                    None
+                }
+            }
+        };
+        let low = free.filter(|f| *f < floor).map(|f| (f, min_mb));
+        let before = std::mem::replace(&mut self.disk.low, low);
+        match (before, low) {
+            (None, Some((free, _))) => console::warn(&format!(
+                "disk       {} free on the file system of {}, below workspace.min_free_disk_mb ({min_mb} MiB): no new claims until there is more (running tasks go on)",
+                fsutil::bytes_text(free),
+                state_dir.display()
+            )),
+            (Some(_), None) => {
+                console::info(&format!(
+                    "disk       free space on the file system of {} is back above the floor: claims resume",
+                    state_dir.display()
+                ));
+                self.full_pass_due = true;
+            }
+            _ => {}
+        }
+        let shown = |l: Option<(u64, u64)>| l.map(|(f, m)| (fsutil::bytes_text(f), m));
+        shown(before) != shown(low)
+    }
+
+    /// What `status` shows while no claim starts for lack of free space.
+    pub(super) fn disk_problem(&self) -> Option<String> {
+        self.disk.low.map(|(free, min_mb)| {
+            format!(
+                "no new claims: {} free on the state directory's file system, below workspace.min_free_disk_mb ({min_mb} MiB)",
+                fsutil::bytes_text(free)
+            )
+        })
+    }
+
     /// The earliest retry back-off still ahead, from the last full pass and later requeues. When it
     /// has passed, the next pass is a full one that finds the next.
     pub(super) fn wake_deadline(&mut self) -> Option<Instant> {
@@ -388,6 +466,10 @@ impl Dispatch {
         }
         if full {
             self.next_wake = None;
+        }
+        if self.disk.low.is_some() {
+            // Look at the disk again soon, even when nothing else happens.
+            self.wake_at(now + DISK_CHECK_EVERY);
         }
         if let Some(d) = self.cooldowns.next_end(wall) {
             // Wake when the first cooldown ends, so the tasks waiting for it are looked at again.
@@ -493,7 +575,16 @@ impl Pass {
             };
             let routed = dispatch.routes.get(id).and_then(Option::as_ref);
             let dep_state = |d: &str| dep_state(view, queue, d);
-            match scheduler::decide(cfg, p, self.now, &cap, &dep_state, routed) {
+            let decision = match scheduler::decide(cfg, p, self.now, &cap, &dep_state, routed) {
+                // Every claim needs the disk: the floor holds back whatever would start.
+                Decision::Run { .. } | Decision::CompleteParent
+                    if let Some((_, min_mb)) = dispatch.disk.low =>
+                {
+                    Decision::Wait(WaitReason::LowDisk { min_mb })
+                }
+                d => d,
+            };
+            match decision {
                 Decision::Route => dispatch.ask_router(view.env, queue, id),
                 Decision::Wait(reason) => {
                     if let Some(note) = note(view.env, queue, id, reason) {
@@ -667,6 +758,12 @@ impl Supervisor {
                     })
                     .collect(),
             );
+        }
+        if self
+            .dispatch
+            .check_disk(&self.env.cfg, &self.env.layout.state_dir)
+        {
+            self.say_problems();
         }
         let Some(mut pass) =
             self.dispatch

@@ -598,19 +598,19 @@ impl Supervisor {
         }
     }
 
-    /// The held transitions, where `status` reads them even when the disk is full (the mirror,
-    /// on the same disk, may not take the note).
-    fn say_problems(&self) {
-        let text: Vec<String> = self
-            .commits
-            .held()
-            .map(|(id, h)| {
+    /// The held transitions and the free-space floor, where `status` reads them even when the disk
+    /// is full (the mirror, on the same disk, may not take the note).
+    pub(super) fn say_problems(&self) {
+        let disk = self.dispatch.disk_problem();
+        let text: Vec<String> = disk
+            .into_iter()
+            .chain(self.commits.held().map(|(id, h)| {
                 let verb = match h.what {
                     Deferred::Finish { .. } => "finish",
                     _ => "requeue",
                 };
                 format!("cannot {verb} {id}: {}; trying again", h.error)
-            })
+            }))
             .collect();
         let _ = self.env.me.set_problems(&text.join("\n"));
     }

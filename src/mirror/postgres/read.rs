@@ -141,6 +141,16 @@ pub async fn waiting(client: &Client) -> Result<Vec<TaskRow>> {
     task_rows(client, "WHERE state = 'pending' AND note IS NOT NULL", &[]).await
 }
 
+/// Completed tasks whose changes stayed on their branch (the result names one), oldest first.
+pub async fn kept_branches(client: &Client) -> Result<Vec<TaskRow>> {
+    task_rows(
+        client,
+        "WHERE state = 'completed' AND payload->'workspace'->>'branch' IS NOT NULL",
+        &[],
+    )
+    .await
+}
+
 pub async fn get(client: &Client, id: &str) -> Result<Option<TaskRow>> {
     Ok(task_rows(client, "WHERE id = $1", &[&id]).await?.pop())
 }

@@ -143,10 +143,4 @@ impl Pool {
         }
         old.len()
     }
-
-    /// How many worktrees are idle.
-    #[cfg(test)]
-    pub(crate) fn idle(&self) -> usize {
-        self.state().idle.len()
-    }
 }
