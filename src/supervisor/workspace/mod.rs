@@ -7,6 +7,8 @@
 //! leaves a worktree folder behind unless `workspace.keep` asks for it, and never deletes a branch
 //! whose changes did not land.
 
+pub(super) mod setup;
+
 use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
