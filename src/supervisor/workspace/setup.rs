@@ -205,6 +205,13 @@ async fn run_one(
         (None, None, Some(sig)) => format!("was killed by signal {sig} after {took}"),
         (None, None, None) => format!("ended after {took}"),
     };
+    // Read before the closing line goes in: the error quotes the command, not orchestrate.
+    let ok = exit.code == Some(0) && exit.stopped.is_none() && !exit.timed_out;
+    let tail = if ok {
+        String::new()
+    } else {
+        output_tail(s.log_path, start_of_output)
+    };
     if let Ok(mut log) = append_log(s.log_path) {
         log_line(
             &mut log,
@@ -212,7 +219,7 @@ async fn run_one(
             &format!("setup {}/{total} {ended}", i + 1),
         );
     }
-    if exit.code == Some(0) && exit.stopped.is_none() && !exit.timed_out {
+    if ok {
         return Ok(());
     }
     if let Some(kind) = exit.stopped {
@@ -225,7 +232,6 @@ async fn run_one(
             ..SetupFailed::new(format!("{what} {ended}"))
         });
     }
-    let tail = output_tail(s.log_path, start_of_output);
     let error = if tail.is_empty() {
         format!("{what} {ended}; it printed nothing")
     } else {
