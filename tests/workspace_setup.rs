@@ -318,3 +318,28 @@ fn a_cancel_during_setup_stops_it_and_removes_the_worktree() {
     });
     assert_no_worktree_left(&p);
 }
+
+#[test]
+fn a_setup_past_its_time_is_killed_and_fails_the_attempt_saying_so() {
+    let p = repo_project(
+        "  setup_timeout_seconds: 1\n  setup:\n    - 'echo waiting for the registry; sleep 30'\n",
+        &[("README", "hi\n")],
+    );
+    p.drop_task(
+        "stuck.yaml",
+        "agent: shell\nmax_retries: 0\ndescription: 'echo ran > ran.txt'\n",
+    );
+    let mut s = p.start();
+    wait_done(&p, 1);
+    assert!(s.stop().success(), "{}", s.output());
+    let r = p.result("failed", "stuck");
+    assert_eq!(r["attempts"][0]["outcome"], "setup_failed", "{r}");
+    let e = r["error"].as_str().expect("error");
+    assert!(
+        e.contains("did not finish within 1 s (workspace.setup_timeout_seconds) and was killed"),
+        "{e}"
+    );
+    assert!(e.contains("waiting for the registry"), "{e}");
+    assert!(!p.path("ran.txt").exists());
+    assert_no_worktree_left(&p);
+}

@@ -1,6 +1,7 @@
 //! One attempt, off the loop: claim the task (the rename, the claim record and their fsyncs), tell
-//! the mirror and the loop, write the prompt, open and snapshot the workdir, run the agent through
-//! `process`, diff the workdir, write the output, and report back.
+//! the mirror and the loop, write the prompt, open and snapshot the workdir (or make its worktree
+//! and warm it: `workspace::setup`), run the agent through `process`, diff the workdir, write the
+//! output, and report back.
 //!
 //! Everything here runs in the attempt's own tokio task and on blocking threads, beside other
 //! attempts, claims and commits. It never touches the loop's state: it learns what it needs when it
