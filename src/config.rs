@@ -542,6 +542,25 @@ pub struct WorkspaceConfig {
     /// No claim starts while the state directory's file system has less free space than this
     /// (MiB); 0: no floor.
     pub min_free_disk_mb: u64,
+    /// Shell commands (`sh -c`) run in the top of each new worktree before the agent, in order.
+    pub setup: Vec<String>,
+    /// Time limit of each `setup` command.
+    pub setup_timeout_seconds: u64,
+    /// Ignored paths of the user's work tree (relative to its top) made available in each worktree.
+    pub link: Vec<String>,
+    pub link_mode: LinkMode,
+}
+
+/// How a `workspace.link` path reaches a worktree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkMode {
+    /// Symbolic links to the user's own files: shared, writes included.
+    #[default]
+    Symlink,
+    /// A copy-on-write clone (reflink): the worktree's own copy; a symlink where the file system
+    /// cannot clone.
+    Clone,
 }
 
 impl Default for WorkspaceConfig {
@@ -553,7 +572,71 @@ impl Default for WorkspaceConfig {
             keep: false,
             pool_idle_seconds: 60,
             min_free_disk_mb: 1024,
+            setup: vec![],
+            setup_timeout_seconds: 600,
+            link: vec![],
+            link_mode: LinkMode::Symlink,
         }
+    }
+}
+
+/// Why `path` cannot be a `workspace.link` entry, if it cannot: it must name something inside the
+/// work tree, by a plain relative path, and not git's own folder.
+pub fn link_path_problem(path: &str) -> Option<&'static str> {
+    let p = Path::new(path);
+    if path.trim().is_empty() {
+        return Some("must not be empty");
+    }
+    if p.is_absolute() {
+        return Some("must be relative to the top of the git work tree, not absolute");
+    }
+    if !p
+        .components()
+        .all(|c| matches!(c, std::path::Component::Normal(_)))
+    {
+        return Some("must be a plain relative path inside the work tree (no `..` or `.` parts)");
+    }
+    if p.components()
+        .next()
+        .is_some_and(|c| c.as_os_str() == ".git")
+    {
+        return Some("must not be inside `.git`");
+    }
+    None
+}
+
+impl WorkspaceConfig {
+    /// `setup`, `setup_timeout_seconds` and `link`; errors are `(key, message)`.
+    fn check(&self) -> Result<(), (String, String)> {
+        for (i, c) in self.setup.iter().enumerate() {
+            if c.trim().is_empty() {
+                return Err((
+                    format!("workspace.setup[{i}]"),
+                    "must be a shell command, not empty".into(),
+                ));
+            }
+        }
+        if self.setup_timeout_seconds == 0 {
+            return Err((
+                "workspace.setup_timeout_seconds".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        for (i, l) in self.link.iter().enumerate() {
+            let key = format!("workspace.link[{i}]");
+            if let Some(why) = link_path_problem(l) {
+                return Err((key, format!("`{l}` {why}")));
+            }
+            // One path inside another would link the inner one twice (or over the outer link).
+            let inner = self.link[..i].iter().find(|o| {
+                let (a, b) = (Path::new(o.as_str()), Path::new(l.as_str()));
+                a.starts_with(b) || b.starts_with(a)
+            });
+            if let Some(o) = inner {
+                return Err((key, format!("`{l}` overlaps `{o}`, listed before it")));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -669,6 +752,7 @@ impl Config {
         if let Some(why) = branch_prefix_problem(&self.workspace.branch_prefix) {
             return Err(("workspace.branch_prefix".into(), why.into()));
         }
+        self.workspace.check()?;
         let o = &self.orchestrator;
         if o.max_concurrent == 0 {
             return Err((
@@ -1354,6 +1438,45 @@ mod tests {
         assert!(e.contains("invalid u64"), "{e}");
         let cfg = Config::parse("workspace:\n  min_free_disk_mb: 0\n", "c.yaml").unwrap();
         assert_eq!(cfg.workspace.min_free_disk_mb, 0);
+    }
+
+    #[test]
+    fn setup_and_link_are_checked_naming_the_entry() {
+        let err = |text: &str| Config::parse(text, "c.yaml").unwrap_err().to_string();
+        let e = err("workspace:\n  link: [node_modules, ../cache]\n");
+        assert!(e.contains("c.yaml:2"), "{e}");
+        assert!(e.contains("workspace.link[1]"), "{e}");
+        assert!(e.contains("`../cache`") && e.contains("no `..`"), "{e}");
+        let e = err("workspace:\n  link: [/srv/cache]\n");
+        assert!(
+            e.contains("workspace.link[0]") && e.contains("not absolute"),
+            "{e}"
+        );
+        let e = err("workspace:\n  link: [.git/hooks]\n");
+        assert!(e.contains("inside `.git`"), "{e}");
+        let e = err("workspace:\n  link: [web, web/node_modules]\n");
+        assert!(
+            e.contains("workspace.link[1]") && e.contains("overlaps `web`"),
+            "{e}"
+        );
+        let e = err("workspace:\n  setup: [\"npm ci\", \" \"]\n");
+        assert!(
+            e.contains("workspace.setup[1]") && e.contains("not empty"),
+            "{e}"
+        );
+        let e = err("workspace:\n  setup_timeout_seconds: 0\n");
+        assert!(e.contains("workspace.setup_timeout_seconds"), "{e}");
+        let e = err("workspace:\n  link_mode: hardlink\n");
+        assert!(e.contains("c.yaml:2"), "{e}");
+        let cfg = Config::parse(
+            "workspace:\n  setup: [\"npm ci\"]\n  link: [node_modules, .env]\n  link_mode: clone\n",
+            "c.yaml",
+        )
+        .unwrap();
+        assert_eq!(cfg.workspace.setup, vec!["npm ci".to_string()]);
+        assert_eq!(cfg.workspace.link, vec!["node_modules", ".env"]);
+        assert_eq!(cfg.workspace.link_mode, LinkMode::Clone);
+        assert_eq!(cfg.workspace.setup_timeout_seconds, 600);
     }
 
     #[test]

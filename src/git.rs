@@ -782,6 +782,58 @@ pub fn land(
     Ok(Landed::Committed(commit))
 }
 
+/// Whether git in the work tree `root` ignores `rel` (a path relative to its top; `dir` says it
+/// names a folder, as a `name/` pattern only matches folders). A tracked path is never ignored.
+pub fn is_ignored(root: &Path, rel: &str, dir: bool) -> Result<bool> {
+    let path = if dir {
+        format!("{}/", rel.trim_end_matches('/'))
+    } else {
+        rel.to_string()
+    };
+    let out = Git::new(root, &["check-ignore", "-q", "--"])
+        .arg(path)
+        .output()?;
+    match out.code {
+        Some(0) => Ok(true),
+        Some(1) => Ok(false),
+        _ => bail!(
+            "git check-ignore {rel} in {} failed: {}",
+            root.display(),
+            out.stderr
+        ),
+    }
+}
+
+/// Files git tracks at or under `rel` in the work tree `root` (at most a few: enough to name one).
+pub fn tracked_under(root: &Path, rel: &str) -> Result<Vec<String>> {
+    let out = Git::new(root, &["ls-files", "-z", "--"])
+        .arg(format!(":(top,literal){rel}"))
+        .run()?;
+    Ok(out
+        .split(|b| *b == 0)
+        .filter(|f| !f.is_empty())
+        .take(3)
+        .map(|f| String::from_utf8_lossy(f).into_owned())
+        .collect())
+}
+
+/// Untracked files at or under `rel` in the work tree `root` that git does not ignore: what
+/// `git add -A` would take into a commit.
+pub fn unignored_under(root: &Path, rel: &str) -> Result<Vec<String>> {
+    let out = Git::new(
+        root,
+        &["ls-files", "-z", "--others", "--exclude-standard", "--"],
+    )
+    .arg(format!(":(top,literal){rel}"))
+    .run()?;
+    Ok(out
+        .split(|b| *b == 0)
+        .filter(|f| !f.is_empty())
+        .take(3)
+        .map(|f| String::from_utf8_lossy(f).into_owned())
+        .collect())
+}
+
 /// Remove the worktree at `path` (its folder and git's record of it), then prune records of
 /// worktrees whose folders are gone.
 pub fn remove_worktree(root: &Path, path: &Path) -> Result<()> {

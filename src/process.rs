@@ -46,6 +46,8 @@ pub struct Spec {
     pub timeout: Duration,
     pub grace: Duration,
     pub log_path: PathBuf,
+    /// Add to the log rather than start it: what ran before (a worktree's setup) stays above.
+    pub log_append: bool,
     pub max_log_bytes: u64,
     pub redactor: Arc<Redactor>,
     /// `ORCHESTRATE_RUN` value for this attempt; set in the child's environment and used to find
@@ -339,7 +341,15 @@ pub async fn run(spec: Spec, mut stop: watch::Receiver<Option<Stop>>) -> Exit {
     if let Some(dir) = spec.log_path.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
-    let file = match std::fs::File::create(&spec.log_path) {
+    let opened = if spec.log_append {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&spec.log_path)
+    } else {
+        std::fs::File::create(&spec.log_path)
+    };
+    let file = match opened {
         Ok(f) => f,
         Err(e) => {
             exit.spawn_error = Some(format!(
@@ -707,6 +717,7 @@ mod tests {
             timeout: Duration::from_secs(60),
             grace: Duration::from_secs(1),
             log_path: dir.join("attempt.log"),
+            log_append: false,
             max_log_bytes: 1 << 20,
             redactor: Arc::new(Redactor::from_values(["s3cret".to_string()])),
             // Each run its own marker: the sweep after a run kills what carries it, and tests run

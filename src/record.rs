@@ -41,6 +41,9 @@ pub enum Outcome {
     BadOutput,
     /// Neither output nor a change in the workdir for `stall_timeout_seconds`: stopped like a timeout.
     Stalled,
+    /// A `workspace.setup` command failed (or a `workspace.link` path could not be linked): the
+    /// agent never ran.
+    SetupFailed,
 }
 
 impl Outcome {
@@ -57,6 +60,7 @@ impl Outcome {
             Outcome::Auth => "auth",
             Outcome::BadOutput => "bad_output",
             Outcome::Stalled => "stalled",
+            Outcome::SetupFailed => "setup_failed",
         }
     }
 

@@ -1,6 +1,7 @@
 //! One attempt, off the loop: claim the task (the rename, the claim record and their fsyncs), tell
-//! the mirror and the loop, write the prompt, open and snapshot the workdir, run the agent through
-//! `process`, diff the workdir, write the output, and report back.
+//! the mirror and the loop, write the prompt, open and snapshot the workdir (or make its worktree
+//! and warm it: `workspace::setup`), run the agent through `process`, diff the workdir, write the
+//! output, and report back.
 //!
 //! Everything here runs in the attempt's own tokio task and on blocking threads, beside other
 //! attempts, claims and commits. It never touches the loop's state: it learns what it needs when it
@@ -380,6 +381,48 @@ pub(super) async fn run_attempt(
             },
         )
     };
+    // A worktree is made warm before its agent: `workspace.link`, then `workspace.setup`, whose
+    // output starts the log. A failure ends the attempt here, and its worktree goes now.
+    let marker = crate::marker::run_marker(&claim.instance, &task.id, claim.attempt);
+    let mut log_append = false;
+    // A resumed attempt's worktree is the one its session left: made warm already.
+    if let Some(w) = worktree.as_ref().filter(|w| !w.resumed) {
+        let s = super::workspace::setup::Setup {
+            cfg: &ctx.cfg,
+            redactor: &ctx.redactor,
+            task_id: &task.id,
+            marker: &marker,
+            log_path: &log_path,
+        };
+        match super::workspace::setup::run(s, w, &stop).await {
+            Ok(logged) => log_append = logged,
+            Err(failed) => {
+                if let Some(w) = worktree {
+                    let (task, agent, n) = (task.clone(), claim.agent.clone(), claim.attempt);
+                    let _ = tokio::task::spawn_blocking(move || {
+                        w.finish(&task, &agent, n, false, false)
+                    })
+                    .await;
+                }
+                if let Some(s) = failed.stopped {
+                    return stopped_before_the_agent(report, &claim, &started_at, t0, s);
+                }
+                let error = ctx.redactor.redact(&failed.error);
+                console::warn(&format!(
+                    "{}: {}",
+                    task.id,
+                    error.lines().next().unwrap_or("")
+                ));
+                attempt.outcome = Outcome::SetupFailed;
+                attempt.error = Some(error);
+                attempt.finished_at = Some(fsutil::now_rfc3339());
+                attempt.duration_ms = Some(t0.elapsed().as_millis() as u64);
+                report.attempt = attempt;
+                report.permanent = failed.permanent;
+                return report;
+            }
+        }
+    }
     // Where the agent works: the task's workdir, or the same place inside its worktree.
     let workdir_path = match &worktree {
         Some(w) => w.cwd.clone(),
@@ -433,9 +476,10 @@ pub(super) async fn run_attempt(
             .attempt_timeout(task.file.timeout_minutes, &agent_cfg),
         grace: Duration::from_secs_f64(ctx.cfg.orchestrator.kill_grace_seconds),
         log_path: log_path.clone(),
+        log_append,
         max_log_bytes: ctx.cfg.orchestrator.max_log_bytes,
         redactor: ctx.redactor.clone(),
-        marker: crate::marker::run_marker(&claim.instance, &task.id, claim.attempt),
+        marker,
         stall: ctx
             .cfg
             .stall_timeout(&agent_cfg, adapter.streams_progress())

@@ -9,6 +9,7 @@
 //! resumes in it, and never deletes a branch whose changes did not land.
 
 mod pool;
+pub(super) mod setup;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -87,6 +88,8 @@ pub(super) struct Worktree {
     pool: Option<Arc<Pool>>,
     /// The folder is this attempt's until it is finished: no sweep touches it.
     _busy: Arc<Busy>,
+    /// The attempt continues in the worktree an earlier attempt's session left.
+    pub(super) resumed: bool,
 }
 
 /// Make the worktree for attempt `attempt` of `task` on `agent` when its isolation asks for one;
@@ -132,7 +135,7 @@ pub(super) fn prepare(
     let busy = Arc::new(Busy::wait(&path));
     let branch = format!("{}{id}", cfg.workspace.branch_prefix);
     let pooled = (cfg.workspace.pool_idle_seconds > 0 && !cfg.workspace.keep).then(|| pool.clone());
-    let made = |base: String| {
+    let made = |base: String, resumed: bool| {
         let cwd = path.join(&sub);
         // The workdir may hold nothing git tracks yet (an empty folder): it still exists for the
         // agent.
@@ -148,11 +151,12 @@ pub(super) fn prepare(
             excludes: excludes.clone(),
             pool: pooled.clone(),
             _busy: busy.clone(),
+            resumed,
         }))
     };
     if resumes && let Some(base) = resumable(&root, &path, &branch) {
         console::debug(&format!("{id} resumes in its worktree (base {base})"));
-        return made(base);
+        return made(base, true);
     }
     let message = format!("orchestrate: base of task {id}, attempt {attempt}");
     // A file removed while `git add` walks the tree (a build running beside us) fails the walk;
@@ -186,7 +190,7 @@ pub(super) fn prepare(
     if let Some(dir) = git::private_dir(&path) {
         std::fs::write(dir.join(BASE_NOTE), format!("{base}\n"))?;
     }
-    made(base)
+    made(base, false)
 }
 
 /// The base of the worktree at `path` when an attempt can resume in it: a working worktree of
