@@ -459,13 +459,18 @@ fn isolation(files: usize, tasks: usize, rounds: usize) {
                 "add",
                 "-q",
                 "--detach",
-                wt.to_str().unwrap(),
+                wt.to_str().expect("utf-8 path"),
                 "HEAD",
             ],
         );
         git(
             &t.p("repo"),
-            &["worktree", "remove", "--force", wt.to_str().unwrap()],
+            &[
+                "worktree",
+                "remove",
+                "--force",
+                wt.to_str().expect("utf-8 path"),
+            ],
         );
         bare.push(t0.elapsed().as_secs_f64() * 1000.0);
     }
