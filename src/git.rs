@@ -231,6 +231,16 @@ impl TempIndex {
             std::process::id()
         ))))
     }
+
+    /// The index of the work tree at `root` (beside this temporary one, in the same git folder).
+    fn user_index(&self, root: &Path) -> Result<PathBuf> {
+        let p = Git::new(
+            root,
+            &["rev-parse", "--path-format=absolute", "--git-path", "index"],
+        )
+        .line()?;
+        Ok(PathBuf::from(p))
+    }
 }
 
 impl Drop for TempIndex {
@@ -420,11 +430,22 @@ pub fn snapshot(root: &Path, excludes: &[PathBuf], message: &str) -> Result<Stri
 fn snapshot_locked(root: &Path, excludes: &[PathBuf], message: &str) -> Result<String> {
     let head = head(root)?;
     let index = TempIndex::new(root)?;
-    Git::new(root, &["read-tree", &head])
-        .index(&index.0)
-        .run()?;
+    // Seeded with a copy of the user's index: its entries carry the files' stat data, so `add`
+    // below hashes only the files changed since git last looked (from HEAD alone it would hash
+    // every file of the tree), and skip-worktree bits of a sparse checkout come along as they are.
+    // The index is replaced by a rename whenever git writes it, so the copy is one whole version.
+    let seeded = match std::fs::copy(index.user_index(root)?, &index.0) {
+        Ok(_) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(e).context("cannot copy the repository's index"),
+    };
+    if !seeded {
+        Git::new(root, &["read-tree", &head])
+            .index(&index.0)
+            .run()?;
+    }
     let sparse = is_sparse(root)?;
-    if sparse {
+    if sparse && !seeded {
         // Files outside a sparse checkout are absent from the tree by design. The temporary index
         // gets the user's entries for them, marked skip-worktree as in the user's index, so `add`
         // keeps them instead of recording them deleted (a base that deleted them would land

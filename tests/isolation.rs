@@ -51,8 +51,24 @@ fn worktree_count(p: &Project) -> usize {
     git(p.root(), &["worktree", "list"]).lines().count()
 }
 
+/// Every worktree folder under the state directory: tasks' and idle pooled ones
+/// (`.pool/<instance>/<n>`).
 fn worktrees_left(p: &Project) -> Vec<String> {
-    p.files(".orchestrate/worktrees")
+    let mut left = p.files(".orchestrate/worktrees");
+    for pool in p.files(".orchestrate/worktrees/.pool") {
+        for w in p.files(&format!(".orchestrate/worktrees/.pool/{pool}")) {
+            left.push(format!(".pool/{pool}/{w}"));
+        }
+    }
+    left
+}
+
+/// The idle worktrees in the pools.
+fn pooled(p: &Project) -> Vec<String> {
+    worktrees_left(p)
+        .into_iter()
+        .filter(|w| w.starts_with(".pool/"))
+        .collect()
 }
 
 fn wait_done(p: &Project, n: usize, limit: Duration) {
@@ -62,19 +78,19 @@ fn wait_done(p: &Project, n: usize, limit: Duration) {
 }
 
 #[test]
-fn twenty_tasks_in_one_repository_each_land_exactly_their_own_file() {
+fn fifty_tasks_in_one_repository_each_land_exactly_their_own_file() {
     let p = repo_project(&test_config(""), &[("base.txt", "base\n")]);
-    for i in 0..20 {
+    for i in 0..50 {
         p.drop_task(
             &format!("t{i:02}.yaml"),
             &format!("description: \"write one file\\n@fake write=f_{i:02}.txt:content_{i}\"\n"),
         );
     }
     let mut s = p.start();
-    wait_done(&p, 20, Duration::from_secs(180));
+    wait_done(&p, 50, Duration::from_secs(240));
     assert!(s.stop().success(), "{}", s.output());
-    assert_eq!(p.tasks_in("completed").len(), 20, "{}", s.output());
-    for i in 0..20 {
+    assert_eq!(p.tasks_in("completed").len(), 50, "{}", s.output());
+    for i in 0..50 {
         let id = format!("t{i:02}");
         let r = p.result("completed", &id);
         let own = format!("f_{i:02}.txt");
@@ -1023,4 +1039,105 @@ fn no_claim_below_the_free_disk_floor_and_claims_resume_when_it_is_lowered() {
         !p.run(&["status"]).stdout().contains("no new claims")
     });
     assert!(s.stop().success(), "{}", s.output());
+}
+
+/// The configuration with the shell agent and `pool_idle_seconds`.
+fn config_with_pool(idle: u64) -> String {
+    format!(
+        "{}workspace:\n  pool_idle_seconds: {idle}\n",
+        config_with_shell()
+    )
+}
+
+/// A worktree is handed from one task to the next instead of being made and deleted: the second
+/// task runs in the first one's worktree, reset to the second one's base with nothing of the first
+/// left in it (ignored files included), and an idle worktree goes once it has been idle for
+/// `pool_idle_seconds`, the supervisor still running.
+#[test]
+fn an_idle_worktree_is_reused_clean_and_removed_once_idle() {
+    let p = repo_project(
+        &config_with_pool(4),
+        &[(".gitignore", "junk/\n"), ("a.txt", "a\n")],
+    );
+    p.drop_task(
+        "one.yaml",
+        "agent: shell\ndescription: \"mkdir -p junk && echo j > junk/j.txt && echo one > one.txt\"\n",
+    );
+    // Claimed as soon as `one` lands, while its worktree is idle.
+    p.drop_task(
+        "two.yaml",
+        "agent: shell\ndependencies: [one]\ndescription: \"if test -e junk/j.txt; then echo dirty; else echo clean; fi > seen.txt; cat one.txt >> seen.txt\"\n",
+    );
+    let mut s = p.start();
+    wait_done(&p, 2, Duration::from_secs(60));
+    let two = p.result("completed", "two");
+    assert_eq!(
+        two["files_modified"],
+        serde_json::json!(["seen.txt"]),
+        "{two}"
+    );
+    assert_eq!(p.read("seen.txt"), "clean\none\n", "{two}");
+    assert_eq!(p.read("one.txt"), "one\n");
+    assert!(
+        !p.path("junk").exists(),
+        "ignored files stay in the worktree"
+    );
+    // One worktree served both tasks: a second one would be idle beside it now.
+    let idle = pooled(&p);
+    assert!(idle.len() <= 1, "{idle:?}\n{}", s.output());
+    let private = std::fs::read_dir(p.path(".git/worktrees"))
+        .map(|rd| rd.count())
+        .unwrap_or(0);
+    assert!(private <= 1, "{private} worktree records in .git/worktrees");
+    // Its pool folder goes too: a supervisor gone idle leaves no folder behind.
+    wait_for(
+        "the idle worktree is removed",
+        Duration::from_secs(30),
+        || {
+            worktrees_left(&p).is_empty()
+                && worktree_count(&p) == 1
+                && !p.path(".orchestrate/worktrees/.pool").exists()
+        },
+    );
+    assert!(s.stop().success(), "{}", s.output());
+    assert_eq!(git(p.root(), &["branch", "--list", "orchestrate/*"]), "");
+}
+
+/// Idle worktrees of a supervisor that was killed are removed by the next start, and a
+/// supervisor that stops removes its own.
+#[test]
+fn idle_worktrees_go_when_the_supervisor_stops_or_at_the_next_start_after_a_kill() {
+    let p = repo_project(&config_with_pool(600), &[("a.txt", "a\n")]);
+    p.drop_task(
+        "one.yaml",
+        "agent: shell\ndescription: \"echo one > one.txt\"\n",
+    );
+    let mut s = p.start();
+    wait_done(&p, 1, Duration::from_secs(60));
+    wait_for(
+        "the worktree is idle in the pool",
+        Duration::from_secs(10),
+        || pooled(&p).len() == 1,
+    );
+    s.sigkill();
+    assert_eq!(pooled(&p).len(), 1, "the kill left it");
+    assert_eq!(worktree_count(&p), 2);
+    let mut s = p.start();
+    wait_for("the next start removed it", Duration::from_secs(30), || {
+        worktrees_left(&p).is_empty() && worktree_count(&p) == 1
+    });
+    p.drop_task(
+        "two.yaml",
+        "agent: shell\ndescription: \"echo two > two.txt\"\n",
+    );
+    wait_done(&p, 2, Duration::from_secs(60));
+    wait_for(
+        "the worktree is idle in the pool",
+        Duration::from_secs(10),
+        || pooled(&p).len() == 1,
+    );
+    assert!(s.stop().success(), "{}", s.output());
+    assert!(worktrees_left(&p).is_empty(), "{:?}", worktrees_left(&p));
+    assert_eq!(worktree_count(&p), 1);
+    assert_eq!(p.read("two.txt"), "two\n");
 }

@@ -138,8 +138,12 @@ impl Pool {
             }
         }
         if self.state().idle.is_empty() {
-            // Only when empty: a folder left behind by nothing is what the sweep looks for.
+            // Only when empty, and `.pool` too when no other supervisor's pool is in it: a
+            // supervisor that went idle leaves no folder behind.
             let _ = std::fs::remove_dir(&self.dir);
+            if let Some(all) = self.dir.parent() {
+                let _ = std::fs::remove_dir(all);
+            }
         }
         old.len()
     }
