@@ -528,6 +528,79 @@ fn a_retry_after_a_timeout_resumes_the_session(which: Cli) {
     assert!(sup.stop().success(), "{}", sup.output());
 }
 
+/// In a git repository, the retry that resumes a timed-out session runs in the worktree the session
+/// left (the same folder, so the CLI finds its session, and the same base, so the user's edits made
+/// meanwhile are not part of it), and nothing is left once the task is over.
+fn a_resumed_attempt_continues_in_its_worktree(which: Cli) {
+    let bin = cli(which.bin_name());
+    let server = ModelServer::start();
+    server.script(
+        which.api(),
+        vec![Reply::Hang, Reply::Text("resumed and done".into())],
+    );
+    let p = project(&[("agent", which, bin)], &server, "");
+    let cfg = std::fs::read_to_string(p.path("config.yaml"))
+        .expect("config")
+        .replace("max_retries: 0", "max_retries: 1");
+    std::fs::write(p.path("config.yaml"), cfg).expect("config");
+    let work = p.path("work");
+    let git = |args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .args(["-c", "user.name=u", "-c", "user.email=u@example.com"])
+            .args(args)
+            .current_dir(&work)
+            .output()
+            .expect("git runs");
+        assert!(out.status.success(), "git {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    std::fs::write(work.join("readme.txt"), "hello\n").expect("write");
+    git(&["init", "-q"]);
+    git(&["add", "."]);
+    git(&["commit", "-qm", "first"]);
+    let mut sup = p.start();
+    p.drop_task(
+        "again.yaml",
+        "description: Long job\nworkdir: work\ntimeout_minutes: 0.1\n",
+    );
+    let held = p.path(".orchestrate/worktrees/again");
+    wait_for(
+        "the first attempt's worktree",
+        Duration::from_secs(60),
+        || held.exists(),
+    );
+    // After the first attempt's base was taken: a new base would hold this file.
+    std::fs::write(work.join("later.txt"), "later\n").expect("write");
+    let (state, r) = wait_terminal(&p, "again", Duration::from_secs(120));
+    assert_eq!(state, "completed", "{r}\n{}", sup.output());
+    let a = r["attempts"].as_array().expect("attempts");
+    assert_eq!(a.len(), 2, "{r}");
+    assert_eq!(a[0]["outcome"], "timeout", "{r}");
+    assert_eq!(a[1]["session_id"], a[0]["session_id"], "{r}");
+    let base = r["workspace"]["base"].as_str().expect("a base").to_string();
+    let files = git(&["ls-tree", "--name-only", &base]);
+    assert!(files.contains("readme.txt"), "{files}");
+    assert!(
+        !files.contains("later.txt"),
+        "the resumed attempt kept the first one's base: {files}"
+    );
+    // Both runs told the model the same working directory: the held worktree.
+    let held = held.canonicalize().unwrap_or(held);
+    let dirs: Vec<bool> = server
+        .requests()
+        .into_iter()
+        .filter(|(m, _, b)| m == "POST" && b.contains("Long job"))
+        .map(|(_, _, b)| b.contains(&held.display().to_string()))
+        .collect();
+    assert!(dirs.len() >= 2 && dirs.iter().all(|d| *d), "{dirs:?}");
+    assert!(sup.stop().success(), "{}", sup.output());
+    let left: Vec<_> = std::fs::read_dir(p.path(".orchestrate/worktrees"))
+        .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(git(&["worktree", "list"]).lines().count(), 1);
+}
+
 #[test]
 fn start_once_waits_for_the_router_before_exiting() {
     let server = ModelServer::start();
@@ -674,6 +747,11 @@ mod claude {
         super::a_retry_after_a_timeout_resumes_the_session(Cli::Claude);
     }
 
+    #[test]
+    fn a_resumed_attempt_continues_in_its_worktree() {
+        super::a_resumed_attempt_continues_in_its_worktree(Cli::Claude);
+    }
+
     /// Claude rate-limited or logged out, codex next in the chain.
     mod codex {
         #[test]
@@ -710,6 +788,11 @@ mod codex {
     fn a_retry_after_a_timeout_resumes_the_session() {
         super::a_retry_after_a_timeout_resumes_the_session(Cli::Codex);
     }
+
+    #[test]
+    fn a_resumed_attempt_continues_in_its_worktree() {
+        super::a_resumed_attempt_continues_in_its_worktree(Cli::Codex);
+    }
 }
 
 mod gemini {
@@ -733,5 +816,10 @@ mod gemini {
     #[test]
     fn a_retry_after_a_timeout_resumes_the_session() {
         super::a_retry_after_a_timeout_resumes_the_session(Cli::Gemini);
+    }
+
+    #[test]
+    fn a_resumed_attempt_continues_in_its_worktree() {
+        super::a_resumed_attempt_continues_in_its_worktree(Cli::Gemini);
     }
 }

@@ -348,7 +348,7 @@ impl Supervisor {
         self.write_state_files();
         let env = &self.env;
         // Nothing runs now: no idle worktree outlives the supervisor.
-        env.pool.trim(Duration::ZERO);
+        env.pool.drain();
         // Leave the mirror agreeing with the tree: files quarantined or removed while we ran may
         // have rows that only a reconcile clears.
         if let Err(e) = env

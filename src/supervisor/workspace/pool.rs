@@ -70,6 +70,23 @@ impl Pool {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Remove every idle worktree, once a tidy under way is over (it would otherwise be cut short
+    /// by the process ending, leaving half a worktree behind). Bounded by git's time limit.
+    pub(crate) fn drain(&self) {
+        let deadline = Instant::now() + git::TIMEOUT;
+        let turn = loop {
+            if let Some(t) = self.tidy_turn() {
+                break Some(t);
+            }
+            if Instant::now() >= deadline {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        self.trim(Duration::ZERO);
+        drop(turn);
+    }
+
     /// Put an idle worktree of `root` at `to`, on `branch` reset to `base`. False when none is
     /// idle or reusing it failed (it is removed then, and `to` is left free).
     pub(crate) fn take(&self, root: &Path, to: &Path, branch: &str, base: &str) -> bool {
