@@ -500,7 +500,7 @@ fn isolation(files: usize, tasks: usize, rounds: usize) {
             ("worktree, pool", "worktree", 60, "repo"),
             ("worktree, no pool", "worktree", 0, "repo"),
         ] {
-            let n = 4 * tasks;
+            let n = 2 * tasks;
             let t = make(iso, pool, 8, "true", "[]");
             let secs = run_tasks(&t, n, wd);
             println!(

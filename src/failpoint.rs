@@ -41,10 +41,13 @@ pub const POINTS: &[&str] = &[
     "needs_login.after_rename",
     // An isolated attempt (a task in a git repository): its worktree made, the agent's changes
     // committed on the task's branch, the changes landed in the user's tree (before the terminal
-    // commit).
+    // commit), the worktree handed to the pool (moved there, off its branch), and an idle one
+    // taken from the pool for the next attempt (moved to the task's folder and reset to its base).
     "worktree.after_add",
     "worktree.after_commit",
     "worktree.after_land",
+    "worktree.after_release",
+    "worktree.after_reuse",
 ];
 
 struct Target {

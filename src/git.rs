@@ -231,16 +231,6 @@ impl TempIndex {
             std::process::id()
         ))))
     }
-
-    /// The index of the work tree at `root` (beside this temporary one, in the same git folder).
-    fn user_index(&self, root: &Path) -> Result<PathBuf> {
-        let p = Git::new(
-            root,
-            &["rev-parse", "--path-format=absolute", "--git-path", "index"],
-        )
-        .line()?;
-        Ok(PathBuf::from(p))
-    }
 }
 
 impl Drop for TempIndex {
@@ -429,20 +419,145 @@ pub fn snapshot(root: &Path, excludes: &[PathBuf], message: &str) -> Result<Stri
 /// [`snapshot`], with the tree lock already held.
 fn snapshot_locked(root: &Path, excludes: &[PathBuf], message: &str) -> Result<String> {
     let head = head(root)?;
-    let index = TempIndex::new(root)?;
-    // Seeded with a copy of the user's index: its entries carry the files' stat data, so `add`
-    // below hashes only the files changed since git last looked (from HEAD alone it would hash
-    // every file of the tree), and skip-worktree bits of a sparse checkout come along as they are.
-    // The index is replaced by a rename whenever git writes it, so the copy is one whole version.
-    let seeded = match std::fs::copy(index.user_index(root)?, &index.0) {
-        Ok(_) => true,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-        Err(e) => return Err(e).context("cannot copy the repository's index"),
+    match seeded_index(root)? {
+        Some(index) => {
+            let made = snapshot_in(root, &index, true, &head, excludes, message);
+            if made.is_err() {
+                // Whatever state a failed step left it in, the next snapshot starts afresh.
+                forget_seed(&index);
+            }
+            made
+        }
+        None => {
+            let index = TempIndex::new(root)?;
+            snapshot_in(root, &index.0, false, &head, excludes, message)
+        }
+    }
+}
+
+/// Indexes that snapshots start from, one per repository (by the path of the user's index): a
+/// copy of the user's index, kept and brought up to date by each snapshot, so `add` hashes only
+/// the files changed since the last snapshot or since git last looked (from `HEAD` alone it
+/// would hash every file of the tree; a copy made anew would hash again every file whose stat data
+/// the user's index holds as racily clean). Skip-worktree bits of a sparse checkout come along.
+/// Seeded again whenever the user's index changes (a commit, a `git add`, a new sparse pattern).
+static SEEDS: Mutex<Option<std::collections::HashMap<PathBuf, Seed>>> = Mutex::new(None);
+
+struct Seed {
+    /// Our index, in the repository's git folder (beside the user's, where split-index files are
+    /// looked for).
+    file: PathBuf,
+    /// The user's index as it was when copied: modification time, size, inode.
+    from: (std::time::SystemTime, u64, u64),
+}
+
+fn seeds() -> std::sync::MutexGuard<'static, Option<std::collections::HashMap<PathBuf, Seed>>> {
+    SEEDS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The index a snapshot of `root` starts from (see [`SEEDS`]); `None` when the user's index does
+/// not exist (a snapshot starts from `HEAD` then). Called with the tree lock held.
+fn seeded_index(root: &Path) -> Result<Option<PathBuf>> {
+    use std::os::unix::fs::MetadataExt;
+    let user = PathBuf::from(
+        Git::new(
+            root,
+            &["rev-parse", "--path-format=absolute", "--git-path", "index"],
+        )
+        .line()?,
+    );
+    let meta = match std::fs::metadata(&user) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", user.display())),
     };
+    let from = (meta.modified()?, meta.len(), meta.ino());
+    let mut seeds = seeds();
+    let seeds = seeds.get_or_insert_with(Default::default);
+    if let Some(s) = seeds.get(&user)
+        && s.from == from
+        && s.file.exists()
+    {
+        return Ok(Some(s.file.clone()));
+    }
+    let dir = user.parent().unwrap_or(Path::new("."));
+    if !seeds.contains_key(&user) {
+        remove_dead_temp_files(dir);
+    }
+    let file = dir.join(format!("orchestrate-index-{}", std::process::id()));
+    // The user's index is replaced by a rename whenever git writes it: the copy is one whole
+    // version.
+    std::fs::copy(&user, &file).with_context(|| format!("cannot copy {}", user.display()))?;
+    seeds.insert(
+        user,
+        Seed {
+            file: file.clone(),
+            from,
+        },
+    );
+    Ok(Some(file))
+}
+
+/// Drop the seed kept in `index` (it is removed; the next snapshot seeds again).
+fn forget_seed(index: &Path) {
+    if let Some(seeds) = seeds().as_mut() {
+        seeds.retain(|_, s| s.file != index);
+    }
+    let _ = std::fs::remove_file(index);
+    let _ = std::fs::remove_file(index.with_extension("lock"));
+}
+
+/// Remove every index kept for snapshots (the supervisor is stopping).
+pub fn forget_seeds() {
+    let files: Vec<PathBuf> = seeds()
+        .take()
+        .map(|m| m.into_values().map(|s| s.file).collect())
+        .unwrap_or_default();
+    for f in files {
+        let _ = std::fs::remove_file(&f);
+        let _ = std::fs::remove_file(f.with_extension("lock"));
+    }
+}
+
+/// Remove orchestrate's temporary index files in the git folder `dir` whose process is gone (a
+/// supervisor killed during a snapshot or a landing).
+fn remove_dead_temp_files(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("orchestrate-index-") else {
+            continue;
+        };
+        let pid = rest
+            .split(['-', '.'])
+            .next()
+            .and_then(|p| p.parse::<i32>().ok());
+        // SAFETY: signal 0 only asks whether the process exists.
+        let alive = pid.is_some_and(|p| {
+            p as u32 == std::process::id()
+                || unsafe { libc::kill(p, 0) } == 0
+                || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+        });
+        if !alive {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// A snapshot made in the index file `index` (`seeded`: it starts as a copy of the user's index;
+/// otherwise it is empty and starts from `head`).
+fn snapshot_in(
+    root: &Path,
+    index: &Path,
+    seeded: bool,
+    head: &str,
+    excludes: &[PathBuf],
+    message: &str,
+) -> Result<String> {
     if !seeded {
-        Git::new(root, &["read-tree", &head])
-            .index(&index.0)
-            .run()?;
+        Git::new(root, &["read-tree", head]).index(index).run()?;
     }
     let sparse = is_sparse(root)?;
     if sparse && !seeded {
@@ -460,16 +575,16 @@ fn snapshot_locked(root: &Path, excludes: &[PathBuf], message: &str) -> Result<S
                 paths.push(0);
             }
             Git::new(root, &["update-index", "-z", "--index-info"])
-                .index(&index.0)
+                .index(index)
                 .input(info)
                 .run()?;
             Git::new(root, &["update-index", "-z", "--skip-worktree", "--stdin"])
-                .index(&index.0)
+                .index(index)
                 .input(paths)
                 .run()?;
         }
     }
-    let mut add = Git::new(root, &["add", "-A"]).index(&index.0);
+    let mut add = Git::new(root, &["add", "-A"]).index(index);
     if sparse {
         // An untracked file the user made outside the sparse checkout is part of what they see;
         // without `--sparse`, `add` refuses the whole walk over it.
@@ -480,7 +595,7 @@ fn snapshot_locked(root: &Path, excludes: &[PathBuf], message: &str) -> Result<S
         add = add.arg(s);
     }
     add.run()?;
-    let tree = Git::new(root, &["write-tree"]).index(&index.0).line()?;
+    let tree = Git::new(root, &["write-tree"]).index(index).line()?;
     Git::new(root, &["commit-tree", &tree, "-p", &head, "-m", message])
         .author()
         .line()

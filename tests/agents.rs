@@ -601,6 +601,50 @@ fn a_resumed_attempt_continues_in_its_worktree(which: Cli) {
     assert_eq!(git(&["worktree", "list"]).lines().count(), 1);
 }
 
+/// The worktree held for a resume that never comes (the timed-out attempt was the last) is removed
+/// with its branch by the supervisor's periodic sweep, the supervisor still running.
+fn a_held_worktree_goes_when_its_task_fails(which: Cli) {
+    let bin = cli(which.bin_name());
+    let server = ModelServer::start();
+    server.script(which.api(), vec![Reply::Hang]);
+    let p = project(&[("agent", which, bin)], &server, "");
+    let work = p.path("work");
+    let git = |args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .args(["-c", "user.name=u", "-c", "user.email=u@example.com"])
+            .args(args)
+            .current_dir(&work)
+            .output()
+            .expect("git runs");
+        assert!(out.status.success(), "git {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    std::fs::write(work.join("readme.txt"), "hello\n").expect("write");
+    git(&["init", "-q"]);
+    git(&["add", "."]);
+    git(&["commit", "-qm", "first"]);
+    let mut sup = p.start();
+    p.drop_task(
+        "once.yaml",
+        "description: Long job\nworkdir: work\ntimeout_minutes: 0.05\n",
+    );
+    let (state, r) = wait_terminal(&p, "once", Duration::from_secs(120));
+    assert_eq!(state, "failed", "{r}");
+    assert_eq!(r["attempts"][0]["outcome"], "timeout", "{r}");
+    wait_for(
+        "the held worktree and its branch are removed",
+        Duration::from_secs(30),
+        || {
+            git(&["worktree", "list"]).lines().count() == 1
+                && git(&["branch", "--list", "orchestrate/*"])
+                    .trim()
+                    .is_empty()
+        },
+    );
+    assert!(!p.path(".orchestrate/worktrees/once").exists());
+    assert!(sup.stop().success(), "{}", sup.output());
+}
+
 #[test]
 fn start_once_waits_for_the_router_before_exiting() {
     let server = ModelServer::start();
@@ -750,6 +794,11 @@ mod claude {
     #[test]
     fn a_resumed_attempt_continues_in_its_worktree() {
         super::a_resumed_attempt_continues_in_its_worktree(Cli::Claude);
+    }
+
+    #[test]
+    fn a_held_worktree_goes_when_its_task_fails() {
+        super::a_held_worktree_goes_when_its_task_fails(Cli::Claude);
     }
 
     /// Claude rate-limited or logged out, codex next in the chain.

@@ -463,18 +463,25 @@ fn a_crash_at_each_worktree_step_leaves_nothing_behind_and_loses_nothing() {
         .copied()
         .filter(|p| p.starts_with("worktree."))
         .collect();
-    assert_eq!(points.len(), 3);
+    assert_eq!(points.len(), 5);
     let mut thrown = 0;
     for point in &points {
         let p = repo_project(
             &test_config("").replace("max_retries: 1", "max_retries: 3"),
             &[("base.txt", "base\n")],
         );
+        // A chain, so each task after the first takes over its predecessor's worktree from the
+        // pool.
         for i in 0..3 {
+            let after = if i == 0 {
+                String::new()
+            } else {
+                format!("dependencies: [t{}]\n", i - 1)
+            };
             p.drop_task(
                 &format!("t{i}.yaml"),
                 &format!(
-                    "description: \"@fake write=f_{i}.txt:content_{i} lock={}\"\n",
+                    "{after}description: \"@fake write=f_{i}.txt:content_{i} lock={}\"\n",
                     p.path(&format!("lock_{i}")).display()
                 ),
             );
@@ -536,6 +543,13 @@ fn a_crash_at_each_worktree_step_leaves_nothing_behind_and_loses_nothing() {
             !p.path(".git/index.lock").exists(),
             "{point}: index.lock left"
         );
+        let temp: Vec<String> = std::fs::read_dir(p.path(".git"))
+            .expect(".git")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("orchestrate-"))
+            .collect();
+        assert!(temp.is_empty(), "{point}: left in .git: {temp:?}");
         let branches = git(p.root(), &["branch", "--list", "orchestrate/*"]);
         assert!(
             branches.trim().is_empty(),

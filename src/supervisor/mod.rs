@@ -349,6 +349,7 @@ impl Supervisor {
         let env = &self.env;
         // Nothing runs now: no idle worktree outlives the supervisor.
         env.pool.drain();
+        crate::git::forget_seeds();
         // Leave the mirror agreeing with the tree: files quarantined or removed while we ran may
         // have rows that only a reconcile clears.
         if let Err(e) = env

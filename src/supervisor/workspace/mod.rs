@@ -162,6 +162,7 @@ pub(super) fn prepare(
     // A file removed while `git add` walks the tree (a build running beside us) fails the walk;
     // the next walk sees the tree as it is then.
     let mut tries = 0;
+    let t0 = std::time::Instant::now();
     let base = loop {
         tries += 1;
         match git::snapshot(&root, &excludes, &message) {
@@ -180,12 +181,19 @@ pub(super) fn prepare(
         // start clean.
         git::remove_orphan(&path)?;
     }
+    let t1 = std::time::Instant::now();
     let reused = pooled
         .as_ref()
         .is_some_and(|p| p.take(&root, &path, &branch, &base));
     if !reused {
         git::add_worktree(&root, &path, &branch, &base)?;
     }
+    console::debug(&format!(
+        "worktree   {id}: snapshot {} ms, {} {} ms",
+        (t1 - t0).as_millis(),
+        if reused { "reused" } else { "made" },
+        t1.elapsed().as_millis()
+    ));
     crate::failpoint::hit("worktree.after_add");
     if let Some(dir) = git::private_dir(&path) {
         std::fs::write(dir.join(BASE_NOTE), format!("{base}\n"))?;
@@ -242,13 +250,22 @@ impl Worktree {
         let message =
             format!("orchestrate: task {id} by {agent} (attempt {attempt})\n\n{summary}\n");
         let mut keep_branch = false;
+        // Each step's time, for the debug log.
+        let mut steps: Vec<(&str, u128)> = vec![];
+        let mut t = std::time::Instant::now();
+        let mut lap = |name, steps: &mut Vec<(&str, u128)>| {
+            steps.push((name, t.elapsed().as_millis()));
+            t = std::time::Instant::now();
+        };
         match git::commit_all(&self.path, &message) {
             Ok(head) => {
+                lap("commit", &mut steps);
                 crate::failpoint::hit("worktree.after_commit");
                 match git::diff(&self.root, &self.base, &head) {
                     Ok((d, f)) => (diff, files) = (d, f),
                     Err(e) => console::warn(&format!("cannot diff {id}: {e:#}")),
                 }
+                lap("diff", &mut steps);
                 result.head = Some(head.clone());
                 if completed && !files.is_empty() {
                     let how = match self.merge {
@@ -272,6 +289,7 @@ impl Worktree {
                             "conflict"
                         }
                     };
+                    lap("land", &mut steps);
                     crate::failpoint::hit("worktree.after_land");
                     keep_branch = matches!(merge, "kept" | "conflict");
                     result.merge = Some(merge.into());
@@ -291,6 +309,12 @@ impl Worktree {
             };
         }
         let done = self.release();
+        if done.is_ok() {
+            crate::failpoint::hit("worktree.after_release");
+        }
+        lap("release", &mut steps);
+        let steps: Vec<String> = steps.iter().map(|(n, ms)| format!("{n} {ms} ms")).collect();
+        console::debug(&format!("worktree   {id}: {}", steps.join(", ")));
         if let Err(e) = done {
             console::warn(&format!("cannot remove the worktree of {id}: {e:#}"));
         } else if !keep_branch && let Err(e) = git::delete_branch(&self.root, &self.branch) {
@@ -353,10 +377,21 @@ pub(super) fn sweep(cfg: &Config, layout: &Layout, spool: &crate::spool::Spool, 
         if cfg.workspace.keep || pending_has(layout, id) || spool.read_claim(id).is_some() {
             continue;
         }
+        // A worktree held for a resume whose task then ended without it (its retries spent) is
+        // still on the task's branch: that branch holds nothing that landed, and goes with it.
+        let branch = format!("{}{id}", cfg.workspace.branch_prefix);
+        let on_branch = git::current_branch(&e.path()).is_some_and(|b| b == branch);
+        let repo = git::worktree_repo(&e.path());
         match git::remove_orphan(&e.path()) {
             Ok(()) => {
                 removed += 1;
                 console::info(&format!("removed    the orphaned worktree {name}"));
+                if on_branch
+                    && let Some(repo) = repo
+                    && let Err(e) = git::delete_branch(&repo, &branch)
+                {
+                    console::warn(&format!("cannot delete the branch {branch}: {e:#}"));
+                }
             }
             Err(e) => console::warn(&format!("cannot remove the worktree {name}: {e:#}")),
         }

@@ -102,7 +102,10 @@ impl Pool {
         let moved = git::move_worktree(root, &idle.path, to);
         let reset = moved.and_then(|()| git::reset_worktree(to, branch, base));
         match reset {
-            Ok(()) => true,
+            Ok(()) => {
+                crate::failpoint::hit("worktree.after_reuse");
+                true
+            }
             Err(e) => {
                 console::debug(&format!(
                     "cannot reuse the worktree {}: {e:#}; making a new one",
