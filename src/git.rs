@@ -596,7 +596,7 @@ fn snapshot_in(
     }
     add.run()?;
     let tree = Git::new(root, &["write-tree"]).index(index).line()?;
-    Git::new(root, &["commit-tree", &tree, "-p", &head, "-m", message])
+    Git::new(root, &["commit-tree", &tree, "-p", head, "-m", message])
         .author()
         .line()
 }
