@@ -771,6 +771,51 @@ fn merge_tree(root: &Path, base: &str, ours: &str, theirs: &str) -> Result<Out> 
     .output()
 }
 
+/// `onto` with the changes `from` → `to` merged in, three-way in git's object store (no tree or
+/// index is touched): a new commit with parents `onto` and `to`, or the files that conflict.
+pub fn merge_into(
+    root: &Path,
+    onto: &str,
+    from: &str,
+    to: &str,
+    message: &str,
+) -> Result<std::result::Result<String, Vec<String>>> {
+    let out = merge_tree(root, from, onto, to)?;
+    let mut fields = out
+        .stdout
+        .split(|b| *b == 0)
+        .map(|f| String::from_utf8_lossy(f).into_owned());
+    let tree = fields.next().unwrap_or_default();
+    match out.code {
+        Some(0) => {}
+        Some(1) => {
+            let mut files: Vec<String> = fields.filter(|f| !f.is_empty()).collect();
+            files.dedup();
+            return Ok(Err(files));
+        }
+        _ => bail!(
+            "git merge-tree in {} failed: {}",
+            root.display(),
+            out.stderr
+        ),
+    }
+    let commit = Git::new(
+        root,
+        &["commit-tree", &tree, "-p", onto, "-p", to, "-m", message],
+    )
+    .author()
+    .line()?;
+    Ok(Ok(commit))
+}
+
+/// Whether `commit` is a commit in the repository at `root`.
+pub fn has_commit(root: &Path, commit: &str) -> bool {
+    Git::new(root, &["cat-file", "-e"])
+        .arg(format!("{commit}^{{commit}}"))
+        .output()
+        .is_ok_and(|o| o.code == Some(0))
+}
+
 /// Land `base` → `head` in the user's tree at `root`. The three-way merge runs in git's object
 /// store (`merge-tree` against a snapshot of the tree as it is now); only a clean result is written
 /// to the tree, by one `git apply` that checks every hunk before it writes any.

@@ -1155,3 +1155,69 @@ fn idle_worktrees_go_when_the_supervisor_stops_or_at_the_next_start_after_a_kill
     assert_eq!(worktree_count(&p), 1);
     assert_eq!(p.read("two.txt"), "two\n");
 }
+
+/// A dependency whose changes stayed on its branch (`merge: branch`) is still part of its
+/// dependent's base: b reads what a wrote, and b's own diff and landing hold only b's change.
+#[test]
+fn a_dependent_builds_on_a_dependency_kept_on_its_branch() {
+    let p = repo_project(&config_with_shell(), &[("base.txt", "base\n")]);
+    p.drop_task(
+        "a.yaml",
+        "agent: shell\nmerge: branch\ndescription: \"echo from-a > a.txt\"\n",
+    );
+    p.drop_task(
+        "b.yaml",
+        "agent: shell\ndependencies: [a]\ndescription: \"cat a.txt > b.txt\"\n",
+    );
+    let mut s = p.start();
+    wait_done(&p, 2, Duration::from_secs(60));
+    assert!(s.stop().success(), "{}", s.output());
+    assert_eq!(p.tasks_in("completed"), vec!["a", "b"], "{}", s.output());
+    let a = p.result("completed", "a");
+    assert_eq!(a["workspace"]["merge"], "kept", "{a}");
+    let b = p.result("completed", "b");
+    assert_eq!(b["files_modified"], serde_json::json!(["b.txt"]), "{b}");
+    assert_eq!(b["workspace"]["merge"], "applied", "{b}");
+    assert_eq!(p.read("b.txt"), "from-a\n");
+    assert!(!p.path("a.txt").exists(), "a's change stays on its branch");
+    assert_eq!(
+        git(p.root(), &["show", "orchestrate/a:a.txt"]),
+        "from-a\n",
+        "a's branch is intact"
+    );
+}
+
+/// A dependency kept on its branch because it conflicted with the user's tree cannot be part of
+/// its dependent's base: the dependent fails at once saying which dependency, which files, and
+/// what to do.
+#[test]
+fn a_dependent_of_a_conflicted_dependency_fails_saying_what_to_do() {
+    let p = repo_project(&config_with_shell(), &[("a.txt", "original\n")]);
+    let gate = tempfile::tempdir().expect("tempdir");
+    run_into_a_conflict(&p, "clash", &gate.path().join("go"));
+    p.drop_task(
+        "after.yaml",
+        "agent: shell\ndependencies: [clash]\ndescription: \"echo after > after.txt\"\n",
+    );
+    let mut s = p.start();
+    wait_done(&p, 2, Duration::from_secs(60));
+    assert!(s.stop().success(), "{}", s.output());
+    let r = p.result("failed", "after");
+    let text = r.to_string();
+    for want in [
+        "dependency clash",
+        "orchestrate/clash",
+        "a.txt",
+        "orchestrate merge clash",
+    ] {
+        assert!(text.contains(want), "{want}: {r}");
+    }
+    assert_eq!(
+        r["attempts"].as_array().map(Vec::len),
+        Some(1),
+        "not retried: {r}"
+    );
+    assert!(!p.path("after.txt").exists());
+    assert_eq!(p.read("a.txt"), "edited by the user\n");
+    assert_eq!(worktree_count(&p), 1);
+}

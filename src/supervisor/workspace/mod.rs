@@ -176,6 +176,7 @@ pub(super) fn prepare(
             Err(e) => return Err(e),
         }
     };
+    let base = with_dependencies(layout, task, &root, base)?;
     if path.exists() {
         // Left by an earlier attempt that is not resumed, or by one that never ended (a crash):
         // start clean.
@@ -199,6 +200,58 @@ pub(super) fn prepare(
         std::fs::write(dir.join(BASE_NOTE), format!("{base}\n"))?;
     }
     made(base, false)
+}
+
+/// `base` with the changes of `task`'s dependencies that stayed on their branches (`merge: branch`,
+/// or a conflict) merged in, so the task builds on its dependencies' results as it does when they
+/// landed in the user's tree. A dependency's change that conflicts with the tree is an error that
+/// names it: the task cannot have both.
+fn with_dependencies(layout: &Layout, task: &Task, root: &Path, base: String) -> Result<String> {
+    let mut base = base;
+    for dep in &task.file.dependencies {
+        let file = Layout::result_file(&layout.completed, dep);
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            continue;
+        };
+        let Ok(result) = crate::record::from_yaml::<crate::record::TaskResult>(&text) else {
+            continue;
+        };
+        let Some(ws) = result.workspace else {
+            continue;
+        };
+        // Applied or committed: the user's tree holds it, and so does the snapshot.
+        if !matches!(ws.merge.as_deref(), Some("kept" | "conflict")) {
+            continue;
+        }
+        let (Some(from), Some(to), Some(branch)) = (ws.base, ws.head, ws.branch) else {
+            continue;
+        };
+        // Another repository's task, or a branch discarded since: nothing of it here.
+        if !git::has_commit(root, &to) || !git::has_commit(root, &from) {
+            continue;
+        }
+        let message = format!(
+            "orchestrate: base of task {}, with {dep}'s changes",
+            task.id
+        );
+        match git::merge_into(root, &base, &from, &to, &message)? {
+            Ok(with) => {
+                console::debug(&format!(
+                    "{}: base includes {dep}'s changes from {branch}",
+                    task.id
+                ));
+                base = with;
+            }
+            Err(files) => bail!(
+                "the changes of dependency {dep}, kept on its branch {branch}, conflict with your \
+                 working tree in {}: land them (`orchestrate merge {dep}`) or discard them \
+                 (`orchestrate discard {dep}`), then `orchestrate retry {}`",
+                files.join(", "),
+                task.id
+            ),
+        }
+    }
+    Ok(base)
 }
 
 /// The base of the worktree at `path` when an attempt can resume in it: a working worktree of
