@@ -1221,3 +1221,30 @@ fn a_dependent_of_a_conflicted_dependency_fails_saying_what_to_do() {
     assert_eq!(p.read("a.txt"), "edited by the user\n");
     assert_eq!(worktree_count(&p), 1);
 }
+
+/// With `workspace.keep: true` the worktree folder stays on the task's branch; `discard` removes
+/// the folder with the branch (git deletes no branch a worktree has checked out).
+#[test]
+fn discard_removes_a_folder_kept_by_keep_true_with_its_branch() {
+    let p = repo_project(
+        &format!(
+            "{}workspace:\n  keep: true\n  merge: branch\n",
+            config_with_shell()
+        ),
+        &[("a.txt", "a\n")],
+    );
+    p.drop_task("k.yaml", "agent: shell\ndescription: \"echo k > k.txt\"\n");
+    let mut s = p.start();
+    wait_done(&p, 1, Duration::from_secs(60));
+    assert!(s.stop().success(), "{}", s.output());
+    assert_eq!(worktrees_left(&p), ["k"]);
+    assert_eq!(p.read(".orchestrate/worktrees/k/k.txt"), "k\n");
+    p.run(&["discard", "k"]).assert_code(0);
+    assert!(worktrees_left(&p).is_empty(), "{:?}", worktrees_left(&p));
+    assert_eq!(worktree_count(&p), 1);
+    assert_eq!(git(p.root(), &["branch", "--list", "orchestrate/*"]), "");
+    assert_eq!(
+        p.result("completed", "k")["workspace"]["merge"],
+        "discarded"
+    );
+}

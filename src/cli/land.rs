@@ -95,6 +95,7 @@ pub fn merge(cli: &Cli, project: &Project, id: &str, commit: bool) -> Result<i32
         Landed::Committed(_) => "committed",
         Landed::Kept => "kept",
     };
+    drop_kept_folder(project, id, &branch);
     let _ = git::delete_branch(&root, &branch);
     if let Some(w) = result.workspace.as_mut() {
         w.merge = Some(merge.into());
@@ -112,6 +113,17 @@ pub fn merge(cli: &Cli, project: &Project, id: &str, commit: bool) -> Result<i32
     Ok(0)
 }
 
+/// The task's worktree folder kept by `workspace.keep`, still on `branch`, goes with the branch:
+/// git deletes no branch a worktree has checked out.
+fn drop_kept_folder(project: &Project, id: &str, branch: &str) {
+    let folder = project.layout.worktree_path(id);
+    if git::current_branch(&folder).as_deref() == Some(branch)
+        && let Err(e) = git::remove_orphan(&folder)
+    {
+        crate::console::warn(&format!("cannot remove {}: {e:#}", folder.display()));
+    }
+}
+
 pub fn discard(cli: &Cli, project: &Project, id: &str) -> Result<i32> {
     let (task, mut result, root) = kept(project, id)?;
     let branch = result
@@ -119,6 +131,7 @@ pub fn discard(cli: &Cli, project: &Project, id: &str) -> Result<i32> {
         .as_ref()
         .and_then(|w| w.branch.clone())
         .unwrap_or_default();
+    drop_kept_folder(project, id, &branch);
     git::delete_branch(&root, &branch)?;
     if let Some(w) = result.workspace.as_mut() {
         w.merge = Some("discarded".into());
