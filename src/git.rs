@@ -315,6 +315,25 @@ pub fn has_submodules(dir: &Path) -> Result<bool> {
         .any(|entry| entry.starts_with(b"160000 ")))
 }
 
+/// The submodule folders of the work tree `dir` that are not empty: files written there (or a
+/// submodule checked out there) belong to no commit of `dir`'s repository.
+pub fn filled_submodule_folders(dir: &Path) -> Result<Vec<String>> {
+    let out = Git::new(dir, &["ls-files", "-s", "-z"]).run()?;
+    let mut filled = vec![];
+    for entry in out.split(|b| *b == 0) {
+        let entry = String::from_utf8_lossy(entry);
+        let Some((meta, path)) = entry.split_once('\t') else {
+            continue;
+        };
+        if meta.starts_with("160000 ")
+            && std::fs::read_dir(dir.join(path)).is_ok_and(|mut rd| rd.next().is_some())
+        {
+            filled.push(path.to_string());
+        }
+    }
+    Ok(filled)
+}
+
 /// The entries of the user's index at `root` marked skip-worktree (outside a sparse checkout, so
 /// absent from the tree): `(mode, object, path)`.
 fn skip_worktree_entries(root: &Path, paths: &[String]) -> Result<Vec<(String, String, String)>> {

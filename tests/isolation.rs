@@ -1248,3 +1248,55 @@ fn discard_removes_a_folder_kept_by_keep_true_with_its_branch() {
         "discarded"
     );
 }
+
+/// Files an agent writes inside a submodule's folder (not checked out in the worktree) are in no
+/// commit of the superproject: the result says so by name, and that worktree is not handed to the
+/// next task (which finds the folder empty, as a new worktree has it).
+#[test]
+fn files_written_inside_a_submodule_folder_are_named_and_not_handed_on() {
+    let lib = tempfile::tempdir().expect("tempdir");
+    git(lib.path(), &["init", "-q"]);
+    std::fs::write(lib.path().join("l.txt"), "lib\n").expect("write");
+    git(lib.path(), &["add", "."]);
+    git(lib.path(), &["commit", "-qm", "lib"]);
+    let p = repo_project(&config_with_pool(60), &[("s.txt", "s\n")]);
+    let url = lib.path().to_str().expect("utf-8");
+    git(
+        p.root(),
+        &[
+            "-c",
+            "protocol.file.allow=always",
+            "submodule",
+            "add",
+            "-q",
+            url,
+            "vendor/lib",
+        ],
+    );
+    git(p.root(), &["commit", "-qm", "submodule"]);
+    p.drop_task(
+        "stray.yaml",
+        "agent: shell\ndescription: \"echo lost > vendor/lib/stray.txt; echo kept > top.txt\"\n",
+    );
+    p.drop_task(
+        "next.yaml",
+        "agent: shell\ndependencies: [stray]\ndescription: \"ls -A vendor/lib > seen.txt\"\n",
+    );
+    let mut s = p.start();
+    wait_done(&p, 2, Duration::from_secs(60));
+    assert!(s.stop().success(), "{}", s.output());
+    let r = p.result("completed", "stray");
+    assert_eq!(r["files_modified"], serde_json::json!(["top.txt"]), "{r}");
+    let e = r["workspace"]["error"].as_str().unwrap_or_default();
+    assert!(
+        e.contains("vendor/lib") && e.contains("neither committed nor landed"),
+        "{r}"
+    );
+    assert_eq!(p.read("top.txt"), "kept\n");
+    assert_eq!(
+        p.read("seen.txt"),
+        "",
+        "the next task's submodule folder is empty"
+    );
+    assert!(worktrees_left(&p).is_empty(), "{:?}", worktrees_left(&p));
+}

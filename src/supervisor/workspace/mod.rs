@@ -310,6 +310,21 @@ impl Worktree {
             steps.push((name, t.elapsed().as_millis()));
             t = std::time::Instant::now();
         };
+        // What is written inside a submodule's folder is in no commit of this repository: said,
+        // and such a worktree is not handed on (`git clean` leaves those folders alone).
+        let filled = git::filled_submodule_folders(&self.path).unwrap_or_default();
+        let poolable = filled.is_empty();
+        let stray = (!filled.is_empty()).then(|| {
+            format!(
+                "files inside the submodule folder(s) {} are not part of this repository: they \
+                 were neither committed nor landed (give the task a workdir inside the submodule \
+                 to work on its files)",
+                filled.join(", ")
+            )
+        });
+        if let Some(s) = &stray {
+            console::warn(&format!("{id}: {s}"));
+        }
         match git::commit_all(&self.path, &message) {
             Ok(head) => {
                 lap("commit", &mut steps);
@@ -354,6 +369,11 @@ impl Worktree {
                 keep_branch = true;
             }
         }
+        if let Some(s) = stray
+            && result.error.is_none()
+        {
+            result.error = Some(s);
+        }
         if self.keep || (hold && !completed && result.head.is_some()) {
             return Finished {
                 diff,
@@ -361,7 +381,7 @@ impl Worktree {
                 result,
             };
         }
-        let done = self.release();
+        let done = self.release(poolable);
         if done.is_ok() {
             crate::failpoint::hit("worktree.after_release");
         }
@@ -385,9 +405,10 @@ impl Worktree {
 }
 
 impl Worktree {
-    /// Off the branch, then into the pool when there is one and it takes it; removed otherwise.
-    fn release(&self) -> Result<()> {
-        if let Some(pool) = &self.pool {
+    /// Off the branch, then into the pool when there is one, the worktree may go there and the pool
+    /// takes it; removed otherwise.
+    fn release(&self, poolable: bool) -> Result<()> {
+        if let Some(pool) = self.pool.as_ref().filter(|_| poolable) {
             match git::detach(&self.path).and_then(|()| pool.give(&self.root, &self.path)) {
                 Ok(()) => return Ok(()),
                 Err(e) => console::debug(&format!(
