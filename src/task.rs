@@ -50,6 +50,13 @@ pub struct TaskFile {
     /// Overrides `workspace.merge` for this task.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merge: Option<MergeMode>,
+    /// A shell command run in the attempt's workdir after the agent; the attempt completes only
+    /// when it exits 0. Overrides the agent's and `routing.check`; `""` turns theirs off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<String>,
+    /// How long the check may run (default: the agent's, `routing`'s, else 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check_timeout_minutes: Option<f64>,
 }
 
 /// Where a task's agent works.
@@ -342,6 +349,15 @@ pub fn parse_task(text: &str, stem: &str, source_name: &str) -> Result<Task, Tas
             text,
             "timeout_minutes",
             "`timeout_minutes` must be a positive number",
+        ));
+    }
+    if let Some(t) = file.check_timeout_minutes
+        && !(t > 0.0 && t.is_finite())
+    {
+        return Err(TaskError::at_key(
+            text,
+            "check_timeout_minutes",
+            "`check_timeout_minutes` must be a positive number",
         ));
     }
     if !file.subtasks.is_empty() {

@@ -241,7 +241,7 @@ async fn run_one(
 }
 
 /// The last lines a command printed into the log after `from` (already redacted there).
-fn output_tail(log: &Path, from: u64) -> String {
+pub(in crate::supervisor) fn output_tail(log: &Path, from: u64) -> String {
     let Ok(bytes) = std::fs::read(log) else {
         return String::new();
     };
