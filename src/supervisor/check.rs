@@ -79,7 +79,7 @@ pub(super) async fn run(
         (Some(e), _, _) => format!("could not start: {e}"),
         _ if exit.stopped.is_some() => format!("was stopped after {took}"),
         _ if exit.timed_out => format!(
-            "did not finish within {} s (check_timeout_minutes) and was killed",
+            "did not finish within {:.1} s (check_timeout_minutes) and was killed",
             check.timeout.as_secs_f64()
         ),
         (None, Some(code), _) => format!("exited with code {code} after {took}"),
