@@ -1420,6 +1420,35 @@ mod tests {
     }
 
     #[test]
+    fn a_check_is_the_tasks_else_the_agents_else_routings_and_empty_turns_it_off() {
+        let text = "agents:\n  a: {kind: command, command: x, check: 'agent', check_timeout_minutes: 2}\n  \
+                    b: {kind: command, command: x}\nrouting:\n  check: 'routing'\n";
+        let cfg = Config::parse(text, "c.yaml").expect("valid");
+        let task = |yaml: &str| {
+            crate::task::parse_task(&format!("description: d\n{yaml}"), "t", "t.yaml")
+                .expect("valid task")
+                .file
+        };
+        let check = |t: &str, agent: &str| cfg.check_for(&task(t), &cfg.agents[agent]);
+        let mins = |m: f64| std::time::Duration::from_secs_f64(m * 60.0);
+        let c = check("check: own\n", "a").expect("a check");
+        assert_eq!((c.command.as_str(), c.timeout), ("own", mins(2.0)));
+        let c = check("check: own\ncheck_timeout_minutes: 0.5\n", "a").expect("a check");
+        assert_eq!(c.timeout, mins(0.5));
+        assert_eq!(check("", "a").expect("a check").command, "agent");
+        let c = check("", "b").expect("a check");
+        assert_eq!((c.command.as_str(), c.timeout), ("routing", mins(10.0)));
+        assert_eq!(check("check: ''\n", "a"), None);
+        let none =
+            Config::parse("agents:\n  b: {kind: command, command: x}\n", "c.yaml").expect("valid");
+        assert_eq!(none.check_for(&task(""), &none.agents["b"]), None);
+        let e = Config::parse("routing:\n  check_timeout_minutes: -1\n", "c.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("routing.check_timeout_minutes"), "{e}");
+    }
+
+    #[test]
     fn the_stall_timeout_is_the_agents_own_else_the_queues_for_agents_that_print_as_they_work() {
         let text = "agents:\n  a: {kind: command, command: x}\n  b: {kind: command, command: x, stall_timeout_seconds: 0}\n  c: {kind: claude, stall_timeout_seconds: 90}\n  d: {kind: claude}\n";
         let cfg = Config::parse(text, "c.yaml").expect("valid");

@@ -463,6 +463,7 @@ mod tests {
             ("\"id\": \"../x\"\ndescription: d\n", 1),
             ("description: d\n'agent': a/b\n", 2),
             ("description: d\ntimeout_minutes : -1\n", 2),
+            ("description: d\ncheck: x\ncheck_timeout_minutes: 0\n", 3),
             ("description: |\n  id: old\nid: ../x\n", 3),
             // Found by the fuzzer: node properties before the key.
             ("!t agent: s\"\ndescription: d\n", 1),

@@ -763,6 +763,33 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_check_uses_a_retry_until_they_are_spent() {
+        let this = attempt(
+            Outcome::CheckFailed,
+            Some(
+                "the check `cargo test` exited with code 101 after 3.0 s; its output ends with:\nFAILED",
+            ),
+        );
+        assert_eq!(
+            judge(&this, &[], None, false),
+            Verdict::Retry {
+                failures: 1,
+                delay: Duration::from_secs(60),
+            }
+        );
+        let earlier = [
+            attempt(Outcome::CheckFailed, None),
+            attempt(Outcome::CheckFailed, None),
+        ];
+        assert!(matches!(
+            judge(&this, &earlier, None, false),
+            Verdict::Done { status: Terminal::Failed, error: Some(e) }
+                if e.starts_with("the check `cargo test` exited with code 101")
+                    && e.ends_with("(after 3 failed attempt(s); max_retries 2)")
+        ));
+    }
+
+    #[test]
     fn a_stall_is_retried_like_a_timeout() {
         let this = attempt(
             Outcome::Stalled,
