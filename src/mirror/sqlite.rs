@@ -556,3 +556,47 @@ pub fn attempts_of(conn: &Connection, id: &str) -> Result<Vec<AttemptLine>> {
     })?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_database_from_before_checks_is_read_as_it_is_and_gains_the_column_when_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.db");
+        let old = SCHEMA.replace("    check_result TEXT,\n", "");
+        assert_ne!(old, SCHEMA);
+        let conn = Connection::open(&path).expect("open");
+        conn.execute_batch(&old).expect("old schema");
+        conn.execute(
+            "INSERT INTO attempts(task_id, n, agent, started_at, outcome) VALUES('t', 1, 'a', 'x', 'completed')",
+            [],
+        )
+        .expect("insert");
+        drop(conn);
+        let reader = open_read(&path).expect("open").expect("exists");
+        let lines = attempts_of(&reader, "t").expect("read without the column");
+        assert_eq!((lines.len(), lines[0].check.clone()), (1, None));
+        drop(reader);
+        let writer = open(&path).expect("open for writing");
+        assert!(has_check_column(&writer).expect("pragma"));
+        writer
+            .execute(
+                "UPDATE attempts SET check_result = ?1",
+                [r#"{"command":"make test","passed":false,"exit_code":2,"duration_ms":5}"#],
+            )
+            .expect("update");
+        let check = attempts_of(&writer, "t").expect("read")[0]
+            .check
+            .clone()
+            .expect("a check");
+        assert_eq!(
+            (check.command.as_str(), check.exit_code),
+            ("make test", Some(2))
+        );
+        // Opening again finds the column there and leaves it.
+        drop(writer);
+        open(&path).expect("open again");
+    }
+}
