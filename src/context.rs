@@ -175,10 +175,9 @@ pub fn build_prompt(
                 .unwrap_or_default();
             p.push_str(&format!(
                 "\n### The check `{}` failed with (last {keep} bytes at most):\n\n```\n{}\n```\n\n\
-                 The task is done only when `{}` passes (exits with code 0) in the workdir.\n",
+                 The task is done only when this check passes (exits with code 0) in the workdir.\n",
                 check.command,
                 tail_str(&said, keep).trim_end(),
-                check.command,
             ));
         }
         // The handoff: what the last failed attempt produced, so the next one (often another

@@ -66,10 +66,14 @@ fn a_check_that_fails_once_is_retried_with_its_output_in_the_prompt_until_it_pas
     assert_eq!(a.len(), 2, "{r}");
     assert_eq!(a[0]["outcome"], "check_failed", "{r}");
     let error = a[0]["error"].as_str().expect("an error");
+    // Its first line, all that a console line shows, ends with what the check said last.
+    let first_line = error.lines().next().unwrap_or_default();
     assert!(
-        error.contains("exited with code 1") && error.contains("answer.txt says wrong"),
+        first_line.contains("exited with code 1")
+            && first_line.ends_with(": answer.txt says wrong"),
         "{error}"
     );
+    assert!(error.contains("task fix attempt 1"), "{error}");
     let first = &a[0]["check"];
     assert_eq!(first["passed"], false, "{r}");
     assert_eq!(first["exit_code"], 1, "{r}");

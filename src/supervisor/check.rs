@@ -103,12 +103,14 @@ pub(super) async fn run(
         duration_ms: exit.duration.as_millis() as u64,
         log_file: start.is_some().then_some(c.log_file),
     };
+    // The first line stands alone (consoles, lists, the mirror show only it): it ends with the
+    // output's last line, usually the verdict (`test result: FAILED. 3 passed; 1 failed`).
     let error = (!passed).then(|| {
         let what = format!("the check `{command}` {ended}");
-        if tail.is_empty() {
-            format!("{what}; it printed nothing")
-        } else {
-            format!("{what}; its output ends with:\n{tail}")
+        match tail.lines().rev().find(|l| !l.trim().is_empty()) {
+            None => format!("{what}; it printed nothing"),
+            Some(last) if tail.trim().lines().count() == 1 => format!("{what}: {}", last.trim()),
+            Some(last) => format!("{what}: {}\nits output ends with:\n{tail}", last.trim()),
         }
     });
     Checked {

@@ -389,10 +389,15 @@ impl Supervisor {
                 let at = time::OffsetDateTime::now_utc() + delay;
                 let mut history = history(Some(fsutil::fmt_time(at)), r.attempt.error.clone());
                 history.backoff_seconds = Some(delay.as_secs_f64());
+                // One console line: an error quoting a command's output (a check's) has more.
                 let why = format!(
                     "{}: {}; retry {failures} of {max_retries} in {:.0} s",
                     outcome.as_str(),
-                    r.attempt.error.as_deref().unwrap_or("-"),
+                    r.attempt
+                        .error
+                        .as_deref()
+                        .and_then(|e| e.lines().next())
+                        .unwrap_or("-"),
                     delay.as_secs_f64()
                 );
                 requeue(env, &run.task, history, &why)
