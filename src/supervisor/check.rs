@@ -74,18 +74,11 @@ pub(super) async fn run(
         stall: None,
     };
     let exit = process::run(spec, stop).await;
-    let took = format!("{:.1} s", exit.duration.as_secs_f64());
-    let ended = match (&exit.spawn_error, exit.code, exit.signal) {
-        (Some(e), _, _) => format!("could not start: {e}"),
-        _ if exit.stopped.is_some() => format!("was stopped after {took}"),
-        _ if exit.timed_out => format!(
-            "did not finish within {:.1} s (check_timeout_minutes) and was killed",
-            check.timeout.as_secs_f64()
-        ),
-        (None, Some(code), _) => format!("exited with code {code} after {took}"),
-        (None, None, Some(sig)) => format!("was killed by signal {sig} after {took}"),
-        (None, None, None) => format!("ended after {took}"),
-    };
+    let limit = format!(
+        "{:.1} s (check_timeout_minutes)",
+        check.timeout.as_secs_f64()
+    );
+    let ended = super::workspace::setup::how_it_ended(&exit, &limit);
     let passed = exit.code == Some(0) && exit.stopped.is_none() && !exit.timed_out;
     // Read before the closing line goes in: the error quotes the command, not orchestrate.
     let tail = if passed || start.is_none() {
