@@ -34,8 +34,9 @@ fn repo_project(config: &str) -> Project {
 }
 
 /// A check that builds something (`build.out`, which must never reach the task's changes), says
-/// which task and attempt it is, and passes only when `answer.txt` says `right`.
-const CHECK: &str = r#"echo built > build.out; echo "task $ORCHESTRATE_TASK_ID attempt $ORCHESTRATE_ATTEMPT"; grep -q right answer.txt || { echo "answer.txt says $(cat answer.txt)"; exit 1; }"#;
+/// which task and attempt it is and whether it sees a variable outside `security.env_allow`, and
+/// passes only when `answer.txt` says `right`.
+const CHECK: &str = r#"echo built > build.out; echo "task $ORCHESTRATE_TASK_ID attempt $ORCHESTRATE_ATTEMPT hidden ${HIDDEN_FROM_CHECKS:-unset}"; grep -q right answer.txt || { echo "answer.txt says $(cat answer.txt)"; exit 1; }"#;
 
 /// A task whose agent writes the wrong answer, and the right one once its prompt carries the
 /// check's complaint.
@@ -56,7 +57,8 @@ fn worktrees_left(p: &Project) -> Vec<String> {
 fn a_check_that_fails_once_is_retried_with_its_output_in_the_prompt_until_it_passes() {
     let p = repo_project(&test_config(""));
     p.drop_task("fix.yaml", &fixing_task());
-    let mut s = p.start();
+    // Not in `security.env_allow`: the check must not see it.
+    let mut s = p.start_with_env(&[("HIDDEN_FROM_CHECKS", "leaked")]);
     wait_for("fix finished", Duration::from_secs(60), || {
         !p.tasks_in("completed").is_empty() || !p.tasks_in("failed").is_empty()
     });
@@ -80,7 +82,7 @@ fn a_check_that_fails_once_is_retried_with_its_output_in_the_prompt_until_it_pas
     assert_eq!(first["command"], CHECK, "{r}");
     assert_eq!(first["log_file"], "context/logs/fix/attempt-1.check.log");
     let log = p.read("context/logs/fix/attempt-1.check.log");
-    assert!(log.contains("task fix attempt 1"), "{log}");
+    assert!(log.contains("task fix attempt 1 hidden unset"), "{log}");
     assert!(log.contains("answer.txt says wrong"), "{log}");
     assert_eq!(a[1]["outcome"], "completed", "{r}");
     assert_eq!(a[1]["check"]["passed"], true, "{r}");
