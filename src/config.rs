@@ -266,6 +266,11 @@ pub struct AgentConfig {
     /// Overrides `workspace.isolation` for tasks this agent runs (a task's own key wins).
     #[serde(default)]
     pub isolation: Option<Isolation>,
+    /// The check run after this agent's attempts (a task's own `check` wins; see [`Config::check_for`]).
+    #[serde(default)]
+    pub check: Option<String>,
+    #[serde(default)]
+    pub check_timeout_minutes: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq)]
@@ -395,6 +400,17 @@ impl AgentConfig {
     }
 }
 
+/// How long a check may run when nothing says.
+pub const DEFAULT_CHECK_TIMEOUT_MINUTES: f64 = 10.0;
+
+/// The check an attempt runs after its agent (see [`Config::check_for`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Check {
+    /// Run as `/bin/sh -c COMMAND`.
+    pub command: String,
+    pub timeout: std::time::Duration,
+}
+
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoutingConfig {
@@ -406,6 +422,11 @@ pub struct RoutingConfig {
     /// attempt's output and error handed over in the prompt) instead of the one that failed.
     #[serde(default)]
     pub retry_on_other_agent: bool,
+    /// The check run after every attempt whose task and agent set none (see [`Config::check_for`]).
+    #[serde(default)]
+    pub check: Option<String>,
+    #[serde(default)]
+    pub check_timeout_minutes: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -637,6 +658,16 @@ impl WorkspaceConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// A `check_timeout_minutes` must be a positive number when given.
+fn check_timeout_ok(key: &str, v: Option<f64>) -> Result<(), (String, String)> {
+    match v {
+        Some(m) if !(m > 0.0 && m.is_finite()) => {
+            Err((key.into(), "must be a positive number".into()))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -872,8 +903,16 @@ impl Config {
                     ));
                 }
             }
+            check_timeout_ok(
+                &format!("agents.{name}.check_timeout_minutes"),
+                a.check_timeout_minutes,
+            )?;
             notes.extend(permission_args_note(name, a)?);
         }
+        check_timeout_ok(
+            "routing.check_timeout_minutes",
+            self.routing.check_timeout_minutes,
+        )?;
         self.notes = notes;
         let known = |n: &str| self.agents.contains_key(n);
         for (i, n) in self.routing.fallback.iter().enumerate() {
@@ -971,6 +1010,29 @@ impl Config {
             (None, None) => self.task_queue.timeout_minutes * 60.0,
         };
         std::time::Duration::from_secs_f64(secs.clamp(0.001, 1e9))
+    }
+
+    /// The check an attempt of `task` on `agent` runs after the agent: the first `check` set by the
+    /// task, the agent, `routing`; one set to `""` means none. Its time limit comes the same way
+    /// from `check_timeout_minutes`, else [`DEFAULT_CHECK_TIMEOUT_MINUTES`].
+    pub fn check_for(&self, task: &crate::task::TaskFile, agent: &AgentConfig) -> Option<Check> {
+        let command = task
+            .check
+            .as_ref()
+            .or(agent.check.as_ref())
+            .or(self.routing.check.as_ref())?;
+        if command.trim().is_empty() {
+            return None;
+        }
+        let minutes = task
+            .check_timeout_minutes
+            .or(agent.check_timeout_minutes)
+            .or(self.routing.check_timeout_minutes)
+            .unwrap_or(DEFAULT_CHECK_TIMEOUT_MINUTES);
+        Some(Check {
+            command: command.clone(),
+            timeout: std::time::Duration::from_secs_f64((minutes * 60.0).clamp(0.001, 1e9)),
+        })
     }
 
     /// How long an attempt on `agent` may go without progress before it is stopped as `stalled`;
@@ -1355,6 +1417,35 @@ mod tests {
             e.contains("`--permission-mode` is the last argument: its value is missing (one of: acceptEdits"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_check_is_the_tasks_else_the_agents_else_routings_and_empty_turns_it_off() {
+        let text = "agents:\n  a: {kind: command, command: x, check: 'agent', check_timeout_minutes: 2}\n  \
+                    b: {kind: command, command: x}\nrouting:\n  check: 'routing'\n";
+        let cfg = Config::parse(text, "c.yaml").expect("valid");
+        let task = |yaml: &str| {
+            crate::task::parse_task(&format!("description: d\n{yaml}"), "t", "t.yaml")
+                .expect("valid task")
+                .file
+        };
+        let check = |t: &str, agent: &str| cfg.check_for(&task(t), &cfg.agents[agent]);
+        let mins = |m: f64| std::time::Duration::from_secs_f64(m * 60.0);
+        let c = check("check: own\n", "a").expect("a check");
+        assert_eq!((c.command.as_str(), c.timeout), ("own", mins(2.0)));
+        let c = check("check: own\ncheck_timeout_minutes: 0.5\n", "a").expect("a check");
+        assert_eq!(c.timeout, mins(0.5));
+        assert_eq!(check("", "a").expect("a check").command, "agent");
+        let c = check("", "b").expect("a check");
+        assert_eq!((c.command.as_str(), c.timeout), ("routing", mins(10.0)));
+        assert_eq!(check("check: ''\n", "a"), None);
+        let none =
+            Config::parse("agents:\n  b: {kind: command, command: x}\n", "c.yaml").expect("valid");
+        assert_eq!(none.check_for(&task(""), &none.agents["b"]), None);
+        let e = Config::parse("routing:\n  check_timeout_minutes: -1\n", "c.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("routing.check_timeout_minutes"), "{e}");
     }
 
     #[test]

@@ -159,6 +159,27 @@ pub fn build_prompt(
                     .unwrap_or_default()
             ));
         }
+        // The check's verdict comes first: it is what the next attempt has to fix.
+        if let Some(last) = previous.last()
+            && last.outcome == crate::record::Outcome::CheckFailed
+            && let Some(check) = &last.check
+        {
+            let keep = (cfg.context.max_context_file_bytes as usize).min(HANDOFF_BYTES);
+            let said = check
+                .log_file
+                .as_ref()
+                .and_then(|f| read_capped(&layout.root.join(f), OUTPUT_READ_BYTES).ok())
+                .map(|log| check_output(&log))
+                .filter(|o| !o.trim().is_empty())
+                .or_else(|| last.error.clone())
+                .unwrap_or_default();
+            p.push_str(&format!(
+                "\n### The check `{}` failed with (last {keep} bytes at most):\n\n```\n{}\n```\n\n\
+                 The task is done only when this check passes (exits with code 0) in the workdir.\n",
+                check.command,
+                tail_str(&said, keep).trim_end(),
+            ));
+        }
         // The handoff: what the last failed attempt produced, so the next one (often another
         // agent) builds on it instead of starting blind. The output file still holds that attempt.
         if let Some(last) = previous.last().filter(|a| a.outcome.counts_as_failure())
@@ -176,6 +197,19 @@ pub fn build_prompt(
         }
     }
     Ok(p)
+}
+
+/// What a check printed, from its log: orchestrate's own lines there (which command, how it ended)
+/// left out, except the last, which says how it ended.
+fn check_output(log: &str) -> String {
+    let mut lines: Vec<&str> = log
+        .lines()
+        .filter(|l| !l.starts_with("[orchestrate: "))
+        .collect();
+    if let Some(end) = log.lines().rev().find(|l| l.starts_with("[orchestrate: ")) {
+        lines.push(end);
+    }
+    lines.join("\n")
 }
 
 /// How much of a failed attempt's output is handed to the next attempt.

@@ -45,6 +45,8 @@ pub const POINTS: &[&str] = &[
     // taken from the pool for the next attempt (moved to the task's folder and reset to its base).
     "worktree.after_add",
     "worktree.after_commit",
+    // The task's `check` ran after the agent (in the worktree, after the commit; before landing).
+    "attempt.after_check",
     "worktree.after_land",
     "worktree.after_release",
     "worktree.after_reuse",

@@ -669,6 +669,14 @@ pub fn reset_worktree(wt: &Path, branch: &str, base: &str) -> Result<()> {
     Ok(())
 }
 
+/// Put the worktree `wt` back to its `HEAD`: tracked files as committed, files git does not track
+/// and does not ignore removed. Ignored files stay.
+pub fn restore_to_head(wt: &Path) -> Result<()> {
+    Git::new(wt, &["reset", "-q", "--hard", "HEAD"]).run()?;
+    Git::new(wt, &["clean", "-q", "-ffd"]).run()?;
+    Ok(())
+}
+
 /// Leave the worktree `wt` on its current commit without a branch, so the branch can be deleted
 /// or checked out elsewhere; no file is touched.
 pub fn detach(wt: &Path) -> Result<()> {

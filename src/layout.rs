@@ -146,6 +146,12 @@ impl Layout {
             .join(format!("attempt-{attempt}.prompt.md"))
     }
 
+    /// What an attempt's `check` printed, beside its log.
+    pub fn check_log_path(&self, id: &str, attempt: u32) -> PathBuf {
+        self.logs_dir(id)
+            .join(format!("attempt-{attempt}.check.log"))
+    }
+
     fn logs_dir(&self, id: &str) -> PathBuf {
         self.context_dir.join("logs").join(id)
     }

@@ -44,6 +44,9 @@ pub enum Outcome {
     /// A `workspace.setup` command failed (or a `workspace.link` path could not be linked): the
     /// agent never ran.
     SetupFailed,
+    /// The agent finished, but the task's `check` command did not pass: nothing landed, and the
+    /// next attempt is told what the check printed.
+    CheckFailed,
 }
 
 impl Outcome {
@@ -61,6 +64,7 @@ impl Outcome {
             Outcome::BadOutput => "bad_output",
             Outcome::Stalled => "stalled",
             Outcome::SetupFailed => "setup_failed",
+            Outcome::CheckFailed => "check_failed",
         }
     }
 
@@ -111,6 +115,27 @@ pub struct Attempt {
     pub retry_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_file: Option<String>,
+    /// The task's `check`, when it ran after the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<CheckRecord>,
+}
+
+/// How an attempt's `check` command went.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CheckRecord {
+    pub command: String,
+    pub passed: bool,
+    /// `None` when it was killed (time limit, cancel, shutdown) or could not start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub timed_out: bool,
+    pub duration_ms: u64,
+    /// Its output (`context/logs/<id>/attempt-<n>.check.log`), relative to the project root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_file: Option<String>,
 }
 
 impl Attempt {
@@ -133,6 +158,7 @@ impl Attempt {
             session_id: None,
             retry_at: None,
             log_file: None,
+            check: None,
         }
     }
 }
@@ -324,6 +350,9 @@ impl Record for Attempt {
     fn redact(&mut self, r: &Redactor) {
         redact_opt(&mut self.error, r);
         redact_opt(&mut self.session_id, r);
+        if let Some(c) = &mut self.check {
+            c.command = r.redact_owned(std::mem::take(&mut c.command));
+        }
     }
 }
 

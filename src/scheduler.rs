@@ -85,6 +85,8 @@ pub fn subtask_file(parent: &Task, n: usize) -> crate::task::TaskFile {
         parent: Some(parent.id.clone()),
         isolation: f.isolation,
         merge: f.merge,
+        check: f.check.clone(),
+        check_timeout_minutes: f.check_timeout_minutes,
     }
 }
 

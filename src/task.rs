@@ -50,6 +50,13 @@ pub struct TaskFile {
     /// Overrides `workspace.merge` for this task.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merge: Option<MergeMode>,
+    /// A shell command run in the attempt's workdir after the agent; the attempt completes only
+    /// when it exits 0. Overrides the agent's and `routing.check`; `""` turns theirs off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<String>,
+    /// How long the check may run (default: the agent's, `routing`'s, else 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check_timeout_minutes: Option<f64>,
 }
 
 /// Where a task's agent works.
@@ -344,6 +351,15 @@ pub fn parse_task(text: &str, stem: &str, source_name: &str) -> Result<Task, Tas
             "`timeout_minutes` must be a positive number",
         ));
     }
+    if let Some(t) = file.check_timeout_minutes
+        && !(t > 0.0 && t.is_finite())
+    {
+        return Err(TaskError::at_key(
+            text,
+            "check_timeout_minutes",
+            "`check_timeout_minutes` must be a positive number",
+        ));
+    }
     if !file.subtasks.is_empty() {
         // Children are `<id>.<n>`: they must be valid ids too.
         let longest = id.len() + 1 + file.subtasks.len().to_string().len();
@@ -447,6 +463,7 @@ mod tests {
             ("\"id\": \"../x\"\ndescription: d\n", 1),
             ("description: d\n'agent': a/b\n", 2),
             ("description: d\ntimeout_minutes : -1\n", 2),
+            ("description: d\ncheck: x\ncheck_timeout_minutes: 0\n", 3),
             ("description: |\n  id: old\nid: ../x\n", 3),
             // Found by the fuzzer: node properties before the key.
             ("!t agent: s\"\ndescription: d\n", 1),

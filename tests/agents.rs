@@ -528,6 +528,96 @@ fn a_retry_after_a_timeout_resumes_the_session(which: Cli) {
     assert!(sup.stop().success(), "{}", sup.output());
 }
 
+/// A task with a check the model's first answer does not pass: the attempt fails as
+/// `check_failed`, the retry continues the same session in the same worktree with the check's
+/// output in its prompt, the model fixes the file, the check passes, and only the fixed file lands
+/// (not what the check built).
+fn a_failed_check_is_fixed_on_the_same_session(which: Cli) {
+    let bin = cli(which.bin_name());
+    let server = ModelServer::start();
+    server.script(
+        which.api(),
+        vec![
+            Reply::WriteFile {
+                path: "answer.txt".into(),
+                content: "wrong\n".into(),
+                then: "I wrote answer.txt.".into(),
+            },
+            Reply::WriteFile {
+                path: "answer.txt".into(),
+                content: "right\n".into(),
+                then: "I fixed answer.txt.".into(),
+            },
+        ],
+    );
+    let p = project(&[("agent", which, bin)], &server, "");
+    let cfg = std::fs::read_to_string(p.path("config.yaml"))
+        .expect("config")
+        .replace("max_retries: 0", "max_retries: 1");
+    std::fs::write(p.path("config.yaml"), cfg).expect("config");
+    let work = p.path("work");
+    let git = |args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .args(["-c", "user.name=u", "-c", "user.email=u@example.com"])
+            .args(args)
+            .current_dir(&work)
+            .output()
+            .expect("git runs");
+        assert!(out.status.success(), "git {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    std::fs::write(work.join("readme.txt"), "hello\n").expect("write");
+    git(&["init", "-q"]);
+    git(&["add", "."]);
+    git(&["commit", "-qm", "first"]);
+    let mut sup = p.start();
+    p.drop_task(
+        "answer.yaml",
+        "description: Write the answer into answer.txt\nworkdir: work\n\
+         check: 'echo built > build.out; grep -q right answer.txt || { echo \"answer.txt says $(cat answer.txt)\"; exit 1; }'\n",
+    );
+    let (state, r) = wait_terminal(&p, "answer", Duration::from_secs(180));
+    assert_eq!(state, "completed", "{r}\n{}", sup.output());
+    let a = r["attempts"].as_array().expect("attempts");
+    assert_eq!(a.len(), 2, "{r}");
+    assert_eq!(a[0]["outcome"], "check_failed", "{r}");
+    assert_eq!(a[0]["check"]["exit_code"], 1, "{r}");
+    assert_eq!(a[1]["check"]["passed"], true, "{r}");
+    let session = a[0]["session_id"].as_str().expect("a session");
+    assert_eq!(a[1]["session_id"].as_str(), Some(session), "{r}");
+    // The retry's request carried the check's complaint; the first one's did not.
+    let told: Vec<bool> = server
+        .requests()
+        .into_iter()
+        .filter(|(m, _, b)| m == "POST" && b.contains("Write the answer"))
+        .map(|(_, _, b)| b.contains("answer.txt says wrong"))
+        .collect();
+    assert!(
+        told.first() == Some(&false) && told.contains(&true),
+        "{told:?}"
+    );
+    assert!(
+        p.read("context/logs/answer/attempt-2.prompt.md")
+            .contains("answer.txt says wrong")
+    );
+    assert_eq!(
+        std::fs::read_to_string(work.join("answer.txt")).expect("landed"),
+        "right\n"
+    );
+    assert_eq!(
+        r["files_modified"],
+        serde_json::json!(["answer.txt"]),
+        "{r}"
+    );
+    assert!(!work.join("build.out").exists());
+    assert!(sup.stop().success(), "{}", sup.output());
+    let left: Vec<_> = std::fs::read_dir(p.path(".orchestrate/worktrees"))
+        .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(git(&["worktree", "list"]).lines().count(), 1);
+}
+
 /// In a git repository, the retry that resumes a timed-out session runs in the worktree the session
 /// left (the same folder, so the CLI finds its session, and the same base, so the user's edits made
 /// meanwhile are not part of it), and nothing is left once the task is over.
@@ -801,6 +891,11 @@ mod claude {
         super::a_held_worktree_goes_when_its_task_fails(Cli::Claude);
     }
 
+    #[test]
+    fn a_failed_check_is_fixed_on_the_same_session() {
+        super::a_failed_check_is_fixed_on_the_same_session(Cli::Claude);
+    }
+
     /// Claude rate-limited or logged out, codex next in the chain.
     mod codex {
         #[test]
@@ -842,6 +937,11 @@ mod codex {
     fn a_resumed_attempt_continues_in_its_worktree() {
         super::a_resumed_attempt_continues_in_its_worktree(Cli::Codex);
     }
+
+    #[test]
+    fn a_failed_check_is_fixed_on_the_same_session() {
+        super::a_failed_check_is_fixed_on_the_same_session(Cli::Codex);
+    }
 }
 
 mod gemini {
@@ -870,5 +970,10 @@ mod gemini {
     #[test]
     fn a_resumed_attempt_continues_in_its_worktree() {
         super::a_resumed_attempt_continues_in_its_worktree(Cli::Gemini);
+    }
+
+    #[test]
+    fn a_failed_check_is_fixed_on_the_same_session() {
+        super::a_failed_check_is_fixed_on_the_same_session(Cli::Gemini);
     }
 }

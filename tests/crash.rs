@@ -121,9 +121,12 @@ fn a_crash_at_every_commit_point_loses_and_duplicates_nothing() {
     let mut crashes = 0;
     let mut lost = 0;
     for point in orchestrate::failpoint::POINTS {
-        if point.starts_with("needs_login.") || point.starts_with("worktree.") {
-            // Only an agent whose credentials are refused, or a task in a git repository, gets
-            // there: see the tests below and tests/isolation.rs.
+        if point.starts_with("needs_login.")
+            || point.starts_with("worktree.")
+            || *point == "attempt.after_check"
+        {
+            // Only an agent whose credentials are refused, a task in a git repository, or a task
+            // with a check gets there: see the tests below and tests/isolation.rs.
             continue;
         }
         // Early and later hits: the first claim, and one with other tasks already in flight.

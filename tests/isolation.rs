@@ -453,17 +453,18 @@ fn an_agent_with_isolation_none_runs_in_place_and_keep_true_keeps_the_folder() {
     assert_eq!(worktree_count(&p), 2);
 }
 
-/// SIGKILL at each step of an isolated attempt (worktree made, changes committed, changes landed),
-/// then a restart: every task completes, each file is in the user's tree once with its content, no
-/// worktree, branch or lock is left in the repository, and nothing ran twice at once.
+/// SIGKILL at each step of an isolated attempt (worktree made, changes committed, check run,
+/// changes landed), then a restart: every task completes, each file is in the user's tree once with
+/// its content (and nothing its check built), no worktree, branch or lock is left in the
+/// repository, and nothing ran twice at once.
 #[test]
 fn a_crash_at_each_worktree_step_leaves_nothing_behind_and_loses_nothing() {
     let points: Vec<&str> = orchestrate::failpoint::POINTS
         .iter()
         .copied()
-        .filter(|p| p.starts_with("worktree."))
+        .filter(|p| p.starts_with("worktree.") || *p == "attempt.after_check")
         .collect();
-    assert_eq!(points.len(), 5);
+    assert_eq!(points.len(), 6);
     let mut thrown = 0;
     for point in &points {
         let p = repo_project(
@@ -481,7 +482,8 @@ fn a_crash_at_each_worktree_step_leaves_nothing_behind_and_loses_nothing() {
             p.drop_task(
                 &format!("t{i}.yaml"),
                 &format!(
-                    "{after}description: \"@fake write=f_{i}.txt:content_{i} lock={}\"\n",
+                    "{after}description: \"@fake write=f_{i}.txt:content_{i} lock={}\"\n\
+                     check: 'echo built > built_{i}.out; test -f f_{i}.txt'\n",
                     p.path(&format!("lock_{i}")).display()
                 ),
             );
@@ -526,6 +528,10 @@ fn a_crash_at_each_worktree_step_leaves_nothing_behind_and_loses_nothing() {
             assert!(
                 !p.path(&format!("lock_{i}.overlap")).exists(),
                 "{point}: t{i} ran twice at once\n{logs}"
+            );
+            assert!(
+                !p.path(&format!("built_{i}.out")).exists(),
+                "{point}: what t{i}'s check built landed\n{logs}"
             );
         }
         assert_eq!(

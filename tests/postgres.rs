@@ -218,6 +218,10 @@ fn read_commands_answer_from_postgres_without_the_folder() {
     let p = Project::with_config(&pg_config(&s.url(), &s.name));
     p.drop_task("r1.yaml", "description: \"@fake print=ok\"\n");
     p.drop_task("r2.yaml", "description: \"@fake exit=4\"\nmax_retries: 0\n");
+    p.drop_task(
+        "r3.yaml",
+        "description: \"@fake print=ok\"\ncheck: 'echo fine'\n",
+    );
     p.run(&["start", "--once"]).assert_code(0);
     // A different directory with only a config naming the schema: no tasks/, no .orchestrate/.
     let elsewhere = tempfile::tempdir().expect("tempdir");
@@ -243,12 +247,19 @@ fn read_commands_answer_from_postgres_without_the_folder() {
     };
     let st = remote(&["status"]);
     assert_eq!(st["source"], "postgres");
-    assert_eq!(st["counts"]["completed"], 1);
+    assert_eq!(st["counts"]["completed"], 2);
     assert_eq!(st["counts"]["failed"], 1);
     let tasks = remote(&["tasks", "--status", "failed"]);
     assert_eq!(tasks[0]["id"], "r2");
     let shown = remote(&["show", "r2"]);
     assert_eq!(shown["attempts"][0]["exit_code"], 4);
+    assert!(shown["attempts"][0].get("check").is_none(), "{shown}");
+    // The attempt's check, as the mirror stored it.
+    let shown = remote(&["show", "r3"]);
+    let check = &shown["attempts"][0]["check"];
+    assert_eq!(check["command"], "echo fine", "{shown}");
+    assert_eq!(check["passed"], true, "{shown}");
+    assert_eq!(check["log_file"], "context/logs/r3/attempt-1.check.log");
     assert!(
         !elsewhere.path().join(".orchestrate").exists(),
         "remote reads must not create local state"

@@ -40,6 +40,7 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
         workdir,
         timeout_minutes,
         max_retries,
+        check,
         id,
     } = &cli.command
     else {
@@ -93,6 +94,8 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
         parent: None,
         isolation: None,
         merge: None,
+        check: check.clone(),
+        check_timeout_minutes: None,
     };
     let mut n = next_number(project);
     for _ in 0..1000 {

@@ -3,6 +3,7 @@
 //!
 //! `sleep=SECS` `ignore-term` `grandchild=PIDFILE` `flood=BYTES` `write=PATH:CONTENT` `stderr=TEXT`
 //! `print=TEXT` `echo-prompt` `env=NAME` `fail-until=COUNTERFILE:N` `close-pipes` `exit=CODE`
+//! `write-if=NEEDLE:PATH:CONTENT` (write only when the prompt holds NEEDLE, `_` read as spaces)
 //! `wait-for=PATH` (until PATH exists, at most 120 s) `ticks=N:SECS` (print `tick 1` … `tick N`, SECS
 //! apart, before `print`) `escape=PIDFILE` (a grandchild that leaves the process group with setsid) `pidfile=PATH` (own pid) `lock=PATH` (hold an exclusive lock while running; if another run holds it,
 //! append "OVERLAP" to PATH.overlap and exit 42: proves a task never runs twice at once)
@@ -103,6 +104,14 @@ pub fn run(prompt: Option<String>, args: &[String]) -> Result<i32> {
         if let Some(d) = std::path::Path::new(path).parent() {
             std::fs::create_dir_all(d)?;
         }
+        std::fs::write(path, format!("{}\n", content.replace('_', " ")))?;
+    }
+    // After `write`, so it can correct what `write` wrote once the prompt says what was wrong.
+    if let Some(w) = get("write-if")
+        && let Some((needle, rest)) = w.split_once(':')
+        && let Some((path, content)) = rest.split_once(':')
+        && prompt.contains(&needle.replace('_', " "))
+    {
         std::fs::write(path, format!("{}\n", content.replace('_', " ")))?;
     }
     if let Some(spec) = get("fail-until")

@@ -121,6 +121,10 @@ pub enum Command {
         /// Failed attempts retried this many times; default: task_queue.max_retries.
         #[arg(long)]
         max_retries: Option<u32>,
+        /// A shell command run after the agent; the task completes only when it exits 0
+        /// (for example `cargo test`).
+        #[arg(long, value_name = "COMMAND")]
+        check: Option<String>,
         /// Use this id instead of the next task_NNN.
         #[arg(long)]
         id: Option<String>,

@@ -149,6 +149,9 @@ pub fn run(cli: &Cli, project: &Project, id: &str) -> Result<i32> {
                 .map(|e| format!(" — {}", super::short(e, 100)))
                 .unwrap_or_default()
         )?;
+        if let Some(c) = &a.check {
+            outln!(out, "    {}", check_line(c))?;
+        }
     }
     if let Some(r) = &shown.result {
         if r.review_required {
@@ -267,8 +270,31 @@ fn remote(cli: &Cli, reader: &Reader, id: &str) -> Result<i32> {
             a.started_at,
             a.finished_at.as_deref().unwrap_or("running")
         )?;
+        if let Some(c) = &a.check {
+            outln!(out, "    {}", check_line(c))?;
+        }
     }
     outln!(out, "\n{}", row.payload.description.trim_end())?;
     out.flush()?;
     Ok(0)
+}
+
+/// One line on an attempt's check: the command, how it went, its log.
+fn check_line(c: &crate::record::CheckRecord) -> String {
+    let how = match (c.passed, c.timed_out, c.exit_code, c.signal) {
+        (true, ..) => "passed".to_string(),
+        (false, true, ..) => "failed (out of time)".to_string(),
+        (false, false, Some(code), _) => format!("failed (exit {code})"),
+        (false, false, None, Some(sig)) => format!("failed (signal {sig})"),
+        (false, false, None, None) => "failed".to_string(),
+    };
+    format!(
+        "check `{}`: {how} in {:.1} s{}",
+        c.command,
+        c.duration_ms as f64 / 1000.0,
+        c.log_file
+            .as_deref()
+            .map(|f| format!(", log {f}"))
+            .unwrap_or_default()
+    )
 }

@@ -148,6 +148,9 @@ pub struct AttemptLine {
     pub finished_at: Option<String>,
     pub outcome: String,
     pub exit_code: Option<i32>,
+    /// The attempt's check, when one ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub check: Option<crate::record::CheckRecord>,
 }
 
 /// One `task_events` row: a transition the mirror applied, numbered in commit order.

@@ -398,6 +398,7 @@ pub async fn migrate(session: &mut Session) -> Result<()> {
              output_tokens bigint,
              session_id text,
              PRIMARY KEY(task_id, n));
+         ALTER TABLE attempts ADD COLUMN IF NOT EXISTS check_result jsonb;
          CREATE TABLE IF NOT EXISTS task_events(
              seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
              host text NOT NULL,
@@ -465,12 +466,12 @@ SELECT (SELECT count(*) FROM up), (SELECT max(seq) FROM ev)";
 
 const ATTEMPT: &str = "
 INSERT INTO attempts(task_id, n, agent, started_at, finished_at, outcome, exit_code, cost_usd, input_tokens,
-    output_tokens, session_id)
-VALUES($1, $2, $3, $4::text::timestamptz, $5::text::timestamptz, $6, $7, $8, $9, $10, $11)
+    output_tokens, session_id, check_result)
+VALUES($1, $2, $3, $4::text::timestamptz, $5::text::timestamptz, $6, $7, $8, $9, $10, $11, $12::text::jsonb)
 ON CONFLICT (task_id, n) DO UPDATE SET agent = excluded.agent, started_at = excluded.started_at,
     finished_at = excluded.finished_at, outcome = excluded.outcome, exit_code = excluded.exit_code,
     cost_usd = excluded.cost_usd, input_tokens = excluded.input_tokens, output_tokens = excluded.output_tokens,
-    session_id = excluded.session_id";
+    session_id = excluded.session_id, check_result = excluded.check_result";
 
 /// Apply a batch in one transaction; returns the highest event sequence written (0 if none). Each
 /// statement is bounded ([`ANSWER_WITHIN`]; the events lock, [`LOCK_WITHIN`]).
@@ -524,6 +525,7 @@ pub async fn apply(session: &mut Session, host: &str, channel: &str, ops: &[Op])
                     let n = at.n as i32;
                     let input = at.input_tokens.map(|v| v as i64);
                     let output = at.output_tokens.map(|v| v as i64);
+                    let check = at.check.as_ref().map(serde_json::to_string).transpose()?;
                     answer(
                         a,
                         ANSWER_WITHIN,
@@ -542,6 +544,7 @@ pub async fn apply(session: &mut Session, host: &str, channel: &str, ops: &[Op])
                                 &input,
                                 &output,
                                 &at.session_id,
+                                &check,
                             ],
                         ),
                     )

@@ -417,6 +417,7 @@ mod tests {
                 finished_at: Some("2025-01-02T03:04:05.000Z".into()),
                 outcome: "completed".into(),
                 exit_code: Some(0),
+                check: None,
             }
         );
         assert_eq!(lines[0].outcome, "agent_error");

@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS attempts(
     input_tokens INTEGER,
     output_tokens INTEGER,
     session_id TEXT,
+    check_result TEXT,
     PRIMARY KEY(task_id, n)
 );
 CREATE TABLE IF NOT EXISTS task_events(
@@ -80,7 +81,20 @@ pub fn open(path: &Path) -> Result<Connection> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.execute_batch(SCHEMA)?;
+    // A database made before attempts had checks gains the column (`CREATE TABLE IF NOT EXISTS`
+    // leaves an existing table as it is).
+    if !has_check_column(&conn)? {
+        conn.execute_batch("ALTER TABLE attempts ADD COLUMN check_result TEXT")?;
+    }
     Ok(conn)
+}
+
+/// Whether `attempts` has its `check_result` column (a database written by an older orchestrate,
+/// not yet opened by a writer since, has not).
+fn has_check_column(conn: &Connection) -> Result<bool> {
+    let mut stmt =
+        conn.prepare("SELECT 1 FROM pragma_table_info('attempts') WHERE name = 'check_result'")?;
+    Ok(stmt.exists([])?)
 }
 
 /// How often, at most, the writer looks at whether its file is still the one at the path: one
@@ -247,7 +261,8 @@ pub fn apply(conn: &mut Connection, host: &str, ops: &mut Vec<Op>) -> Result<usi
         )?;
         let mut attempt = tx.prepare_cached(
             "INSERT OR REPLACE INTO attempts(task_id, n, agent, started_at, finished_at, outcome, exit_code, cost_usd,
-               input_tokens, output_tokens, session_id) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+               input_tokens, output_tokens, session_id, check_result)
+               VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
         )?;
         for op in ops.drain(..) {
             match op {
@@ -284,7 +299,8 @@ pub fn apply(conn: &mut Connection, host: &str, ops: &mut Vec<Op>) -> Result<usi
                             a.cost_usd,
                             a.input_tokens.map(|v| v as i64),
                             a.output_tokens.map(|v| v as i64),
-                            a.session_id
+                            a.session_id,
+                            a.check.as_ref().map(serde_json::to_string).transpose()?
                         ])?;
                     }
                 }
@@ -517,9 +533,14 @@ pub fn supervisors(conn: &Connection) -> Result<Vec<SupervisorRow>> {
 }
 
 pub fn attempts_of(conn: &Connection, id: &str) -> Result<Vec<AttemptLine>> {
-    let mut stmt = conn.prepare(
-        "SELECT n, agent, started_at, finished_at, outcome, exit_code FROM attempts WHERE task_id = ?1 ORDER BY n",
-    )?;
+    let check = if has_check_column(conn)? {
+        "check_result"
+    } else {
+        "NULL"
+    };
+    let mut stmt = conn.prepare(&format!(
+        "SELECT n, agent, started_at, finished_at, outcome, exit_code, {check} FROM attempts WHERE task_id = ?1 ORDER BY n",
+    ))?;
     let rows = stmt.query_map([id], |r| {
         Ok(AttemptLine {
             n: r.get(0)?,
@@ -528,7 +549,54 @@ pub fn attempts_of(conn: &Connection, id: &str) -> Result<Vec<AttemptLine>> {
             finished_at: r.get(3)?,
             outcome: r.get(4)?,
             exit_code: r.get(5)?,
+            check: r
+                .get::<_, Option<String>>(6)?
+                .and_then(|j| serde_json::from_str(&j).ok()),
         })
     })?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_database_from_before_checks_is_read_as_it_is_and_gains_the_column_when_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.db");
+        let old = SCHEMA.replace("    check_result TEXT,\n", "");
+        assert_ne!(old, SCHEMA);
+        let conn = Connection::open(&path).expect("open");
+        conn.execute_batch(&old).expect("old schema");
+        conn.execute(
+            "INSERT INTO attempts(task_id, n, agent, started_at, outcome) VALUES('t', 1, 'a', 'x', 'completed')",
+            [],
+        )
+        .expect("insert");
+        drop(conn);
+        let reader = open_read(&path).expect("open").expect("exists");
+        let lines = attempts_of(&reader, "t").expect("read without the column");
+        assert_eq!((lines.len(), lines[0].check.clone()), (1, None));
+        drop(reader);
+        let writer = open(&path).expect("open for writing");
+        assert!(has_check_column(&writer).expect("pragma"));
+        writer
+            .execute(
+                "UPDATE attempts SET check_result = ?1",
+                [r#"{"command":"make test","passed":false,"exit_code":2,"duration_ms":5}"#],
+            )
+            .expect("update");
+        let check = attempts_of(&writer, "t").expect("read")[0]
+            .check
+            .clone()
+            .expect("a check");
+        assert_eq!(
+            (check.command.as_str(), check.exit_code),
+            ("make test", Some(2))
+        );
+        // Opening again finds the column there and leaves it.
+        drop(writer);
+        open(&path).expect("open again");
+    }
 }

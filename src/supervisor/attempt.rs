@@ -479,7 +479,7 @@ pub(super) async fn run_attempt(
         log_append,
         max_log_bytes: ctx.cfg.orchestrator.max_log_bytes,
         redactor: ctx.redactor.clone(),
-        marker,
+        marker: marker.clone(),
         stall: ctx
             .cfg
             .stall_timeout(&agent_cfg, adapter.streams_progress())
@@ -502,8 +502,9 @@ pub(super) async fn run_attempt(
             crate::failpoint::hit("attempt.running");
         });
     }
-    // `process::run` takes its receiver; the diff needs one of its own.
+    // `process::run` takes its receiver; the diff and the check need their own.
     let stop_for_diff = stop.clone();
+    let stop_for_check = stop.clone();
     let exit = process::run(spec, stop).await;
     if exit.spawn_errno == Some(libc::E2BIG) {
         // Retrying cannot make the prompt shorter.
@@ -561,6 +562,25 @@ pub(super) async fn run_attempt(
         (None, Some(s), None) => format!("signal {s}"),
         _ => "-".into(),
     };
+    // The task's check, when it has one and the agent says it is done. It runs where the agent
+    // worked once the agent's changes are recorded (committed in a worktree, diffed otherwise), so
+    // what it makes is never part of them, and before anything lands.
+    let check = ctx
+        .cfg
+        .check_for(&task.file, &agent_cfg)
+        .filter(|_| parsed.outcome == Outcome::Completed);
+    let check_log = ctx.layout.check_log_path(&task.id, claim.attempt);
+    let check_run = |cwd| super::check::CheckRun {
+        cfg: &ctx.cfg,
+        redactor: &ctx.redactor,
+        task_id: &task.id,
+        attempt: claim.attempt,
+        marker: &marker,
+        cwd,
+        log_path: &check_log,
+        log_file: ctx.layout.rel(&check_log),
+    };
+    let mut checked = None;
     // The diff, on a thread of its own again. A stop asked now (the agent has ended) gives it the
     // kill grace period to finish, a second signal none; past its time it is given up on. The
     // agent's work stands either way, and the diff file says what is missing.
@@ -569,22 +589,37 @@ pub(super) async fn run_attempt(
     let isolated = worktree.is_some();
     let diff = match (worktree, snapshot) {
         (Some(w), _) => {
-            let (task, agent) = (task.clone(), claim.agent.clone());
-            let (attempt_n, completed) = (claim.attempt, parsed.outcome == Outcome::Completed);
-            // The next attempt may continue this one's session: it does so in this worktree.
-            let hold = parsed.session_id.is_some()
-                && matches!(
-                    parsed.outcome,
-                    Outcome::Timeout | Outcome::Stalled | Outcome::Interrupted
-                );
-            let finish = move || w.finish(&task, &agent, attempt_n, completed, hold);
-            match tokio::task::spawn_blocking(finish).await {
-                Ok(f) => {
-                    report.workspace = Some(f.result);
-                    DiffResult {
-                        incomplete: None,
-                        text: f.diff,
-                        files: f.files,
+            let (t, agent, n) = (task.clone(), claim.agent.clone(), claim.attempt);
+            let committed = tokio::task::spawn_blocking(move || {
+                let c = w.commit(&t, &agent, n);
+                (w, c)
+            })
+            .await;
+            match committed {
+                Ok((w, c)) => {
+                    if let Some(check) = check.as_ref().filter(|_| c.head().is_some()) {
+                        let run = check_run(&w.cwd);
+                        checked = Some(super::check::run(run, check, stop_for_check).await);
+                        crate::failpoint::hit("attempt.after_check");
+                    }
+                    let outcome = after_check(&mut parsed, checked.as_ref());
+                    let completed = outcome == Outcome::Completed;
+                    // The next attempt may continue this one's session: it does so in this worktree.
+                    let hold = parsed.session_id.is_some() && resumable(outcome);
+                    let t = task.clone();
+                    let finish = move || w.land_and_release(&t, c, completed, hold);
+                    match tokio::task::spawn_blocking(finish).await {
+                        Ok(f) => {
+                            report.workspace = Some(f.result);
+                            DiffResult {
+                                incomplete: None,
+                                text: f.diff,
+                                files: f.files,
+                            }
+                        }
+                        Err(e) => DiffResult::not_diffed(format!(
+                            "the worktree could not be finished: {e}"
+                        )),
                     }
                 }
                 Err(e) => {
@@ -597,17 +632,37 @@ pub(super) async fn run_attempt(
             let pr = progress.clone();
             let grace = Duration::from_secs_f64(ctx.cfg.orchestrator.kill_grace_seconds);
             let job = move || snapshot.diff(&pr);
-            off_thread("diff", walk_limit, stop_for_diff, Some(grace), job)
+            let diff = off_thread("diff", walk_limit, stop_for_diff, Some(grace), job)
                 .await
                 .unwrap_or_else(|why| {
                     DiffResult::not_diffed(format!(
                         "the diff was not finished: {}",
                         why.describe("diff", &progress)
                     ))
-                })
+                });
+            if let Some(check) = &check {
+                let run = check_run(&workdir_path);
+                checked = Some(super::check::run(run, check, stop_for_check).await);
+                crate::failpoint::hit("attempt.after_check");
+                after_check(&mut parsed, checked.as_ref());
+            }
+            diff
         }
         (None, None) => DiffResult::not_diffed("no snapshot was taken".into()),
     };
+    let check_stopped = checked.as_ref().and_then(|c| c.stopped);
+    if let Some(c) = checked {
+        if let Some(e) = &c.error {
+            console::warn(&format!(
+                "{}: {}",
+                task.id,
+                e.lines().next().unwrap_or_default()
+            ));
+        }
+        attempt.check = Some(c.record);
+        attempt.outcome = parsed.outcome;
+        attempt.error = parsed.error.clone();
+    }
     if let Some(why) = &diff.incomplete {
         console::warn(&format!("{}: diff incomplete: {why}", task.id));
     }
@@ -682,9 +737,43 @@ pub(super) async fn run_attempt(
             task.id, exit.log_bytes_dropped
         ));
     }
-    report.stopped = exit.stopped;
+    report.stopped = exit.stopped.or(check_stopped);
     report.attempt = attempt;
     report
+}
+
+/// The attempt's outcome once its check (if one ran) is taken into account: a check that did not
+/// pass turns a completed attempt into `check_failed`, or `cancelled` / `interrupted` when a cancel
+/// or a shutdown stopped it.
+fn after_check(
+    parsed: &mut agents::AgentOutcome,
+    checked: Option<&super::check::Checked>,
+) -> Outcome {
+    if let Some(c) = checked
+        && !c.record.passed
+    {
+        (parsed.outcome, parsed.error) = match c.stopped {
+            Some(StopKind::Cancelled) => (
+                Outcome::Cancelled,
+                Some("cancelled by user (while the check ran)".into()),
+            ),
+            Some(StopKind::Shutdown) => (
+                Outcome::Interrupted,
+                Some("interrupted by a supervisor shutdown (while the check ran)".into()),
+            ),
+            None => (Outcome::CheckFailed, c.error.clone()),
+        };
+    }
+    parsed.outcome
+}
+
+/// Whether an attempt that ended so continues in the next one on the same agent, in the same
+/// CLI session (and worktree): it was cut short, or its check failed and the agent is told why.
+fn resumable(outcome: Outcome) -> bool {
+    matches!(
+        outcome,
+        Outcome::Timeout | Outcome::Stalled | Outcome::Interrupted | Outcome::CheckFailed
+    )
 }
 
 /// Whether `e` is the environment's fault rather than the task's: a full, read-only or failing
@@ -708,16 +797,13 @@ fn environment_fault(e: &anyhow::Error) -> bool {
 }
 
 /// The session to continue: the previous attempt ran on this same agent and was cut short (timeout,
-/// stall, supervisor shutdown), so the agent picks up where it was rather than starting over.
+/// stall, supervisor shutdown) or failed its check, so the agent picks up where it was rather than
+/// starting over.
 fn resumable_session(claim: &Claim) -> Option<&str> {
     let last = claim.history.last()?;
-    (last.agent == claim.agent
-        && matches!(
-            last.outcome,
-            Outcome::Timeout | Outcome::Stalled | Outcome::Interrupted
-        ))
-    .then_some(last.session_id.as_deref())
-    .flatten()
+    (last.agent == claim.agent && resumable(last.outcome))
+        .then_some(last.session_id.as_deref())
+        .flatten()
 }
 
 fn prepare(ctx: &AttemptCtx, task: &Task, claim: &Claim) -> Result<(Workdir, String, PathBuf)> {

@@ -389,10 +389,15 @@ impl Supervisor {
                 let at = time::OffsetDateTime::now_utc() + delay;
                 let mut history = history(Some(fsutil::fmt_time(at)), r.attempt.error.clone());
                 history.backoff_seconds = Some(delay.as_secs_f64());
+                // One console line: an error quoting a command's output (a check's) has more.
                 let why = format!(
                     "{}: {}; retry {failures} of {max_retries} in {:.0} s",
                     outcome.as_str(),
-                    r.attempt.error.as_deref().unwrap_or("-"),
+                    r.attempt
+                        .error
+                        .as_deref()
+                        .and_then(|e| e.lines().next())
+                        .unwrap_or("-"),
                     delay.as_secs_f64()
                 );
                 requeue(env, &run.task, history, &why)
@@ -760,6 +765,33 @@ mod tests {
             judge(&this, &[], Some(StopKind::Shutdown), false),
             Verdict::Interrupted
         );
+    }
+
+    #[test]
+    fn a_failed_check_uses_a_retry_until_they_are_spent() {
+        let this = attempt(
+            Outcome::CheckFailed,
+            Some(
+                "the check `cargo test` exited with code 101 after 3.0 s; its output ends with:\nFAILED",
+            ),
+        );
+        assert_eq!(
+            judge(&this, &[], None, false),
+            Verdict::Retry {
+                failures: 1,
+                delay: Duration::from_secs(60),
+            }
+        );
+        let earlier = [
+            attempt(Outcome::CheckFailed, None),
+            attempt(Outcome::CheckFailed, None),
+        ];
+        assert!(matches!(
+            judge(&this, &earlier, None, false),
+            Verdict::Done { status: Terminal::Failed, error: Some(e) }
+                if e.starts_with("the check `cargo test` exited with code 101")
+                    && e.ends_with("(after 3 failed attempt(s); max_retries 2)")
+        ));
     }
 
     #[test]

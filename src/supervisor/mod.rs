@@ -41,6 +41,7 @@
 //! - `dispatch.rs`: what runs next (scheduler, router), and starting it.
 //! - `runs.rs`: the attempts in flight.
 //! - `attempt.rs`: one attempt, off the loop.
+//! - `check.rs`: an attempt's `check` command, run after its agent.
 //! - `finish.rs`: a report's verdict (a pure function), requeues, retries, terminal commits.
 //! - `ledger.rs`: what has finished.
 //! - `recovery.rs`: start-up recovery, the heartbeat, cancels, state files.
@@ -49,6 +50,7 @@
 //! This file holds no task state and does no file work of its own beyond the final clean-up.
 
 mod attempt;
+mod check;
 mod dispatch;
 mod events;
 mod finish;

@@ -279,7 +279,7 @@ pub async fn attempts_of(client: &Client, id: &str) -> Result<Vec<AttemptLine>> 
             text_time!("started_at"),
             ", ",
             text_time!("finished_at"),
-            ", outcome, exit_code FROM attempts WHERE task_id = $1 ORDER BY n"
+            ", outcome, exit_code, check_result::text FROM attempts WHERE task_id = $1 ORDER BY n"
         ),
         &[&id],
     )
@@ -293,6 +293,9 @@ pub async fn attempts_of(client: &Client, id: &str) -> Result<Vec<AttemptLine>> 
             finished_at: r.get(3),
             outcome: r.get(4),
             exit_code: r.get(5),
+            check: r
+                .get::<_, Option<String>>(6)
+                .and_then(|j| serde_json::from_str(&j).ok()),
         })
         .collect())
 }

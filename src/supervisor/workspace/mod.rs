@@ -278,6 +278,28 @@ pub(super) struct Finished {
     pub(super) result: WorkspaceResult,
 }
 
+/// The agent's changes committed on the task's branch and diffed, not yet landed.
+pub(super) struct Committed {
+    pub(super) diff: String,
+    pub(super) files: Vec<String>,
+    pub(super) result: WorkspaceResult,
+    /// The commit's message, reused when landing commits.
+    message: String,
+    /// The branch holds changes that must not go with the worktree (the commit failed).
+    keep_branch: bool,
+    /// Each step's time, for the debug log.
+    steps: Vec<(&'static str, u128)>,
+    /// The worktree may go to the pool (nothing is left in it that `git clean` would not remove).
+    poolable: bool,
+}
+
+impl Committed {
+    /// The task's commit, when it was made.
+    pub(super) fn head(&self) -> Option<&str> {
+        self.result.head.as_deref()
+    }
+}
+
 impl Worktree {
     /// Commit what the agent changed, diff it against the base, land it when the attempt
     /// `completed`, and hand the worktree to the pool or remove it (its branch too, unless the
@@ -291,6 +313,14 @@ impl Worktree {
         completed: bool,
         hold: bool,
     ) -> Finished {
+        let committed = self.commit(task, agent, attempt);
+        self.land_and_release(task, committed, completed, hold)
+    }
+
+    /// The first half of [`Worktree::finish`]: commit what the agent changed on the task's branch
+    /// and diff it against the base. What happens in the worktree afterwards (a check's build
+    /// output) is in neither.
+    pub(super) fn commit(&self, task: &Task, agent: &str, attempt: u32) -> Committed {
         let id = &task.id;
         let mut result = WorkspaceResult {
             isolation: "worktree".into(),
@@ -303,7 +333,6 @@ impl Worktree {
         let message =
             format!("orchestrate: task {id} by {agent} (attempt {attempt})\n\n{summary}\n");
         let mut keep_branch = false;
-        // Each step's time, for the debug log.
         let mut steps: Vec<(&str, u128)> = vec![];
         let mut t = std::time::Instant::now();
         let mut lap = |name, steps: &mut Vec<(&str, u128)>| {
@@ -334,34 +363,7 @@ impl Worktree {
                     Err(e) => console::warn(&format!("cannot diff {id}: {e:#}")),
                 }
                 lap("diff", &mut steps);
-                result.head = Some(head.clone());
-                if completed && !files.is_empty() {
-                    let how = match self.merge {
-                        MergeMode::Apply => Merge::Apply,
-                        MergeMode::Commit => Merge::Commit,
-                        MergeMode::Branch => Merge::Branch,
-                    };
-                    let landed =
-                        git::land(&self.root, &self.base, &head, how, &self.excludes, &message);
-                    let merge = match landed {
-                        Ok(Landed::Applied) => "applied",
-                        Ok(Landed::Committed(_)) => "committed",
-                        Ok(Landed::Kept) => "kept",
-                        Ok(Landed::Conflict(f)) => {
-                            result.conflicts = f;
-                            "conflict"
-                        }
-                        Err(e) => {
-                            // Nothing was written to the tree; the branch holds the changes.
-                            result.error = Some(format!("{e:#}"));
-                            "conflict"
-                        }
-                    };
-                    lap("land", &mut steps);
-                    crate::failpoint::hit("worktree.after_land");
-                    keep_branch = matches!(merge, "kept" | "conflict");
-                    result.merge = Some(merge.into());
-                }
+                result.head = Some(head);
             }
             Err(e) => {
                 console::warn(&format!("cannot commit the changes of {id}: {e:#}"));
@@ -374,7 +376,84 @@ impl Worktree {
         {
             result.error = Some(s);
         }
-        if self.keep || (hold && !completed && result.head.is_some()) {
+        Committed {
+            diff,
+            files,
+            result,
+            message,
+            keep_branch,
+            steps,
+            poolable,
+        }
+    }
+
+    /// The second half of [`Worktree::finish`]: land `c` when the attempt `completed`, then hold
+    /// the worktree (`hold`: its session may be resumed), or hand it to the pool or remove it.
+    pub(super) fn land_and_release(
+        self,
+        task: &Task,
+        c: Committed,
+        completed: bool,
+        hold: bool,
+    ) -> Finished {
+        let id = &task.id;
+        let Committed {
+            diff,
+            files,
+            mut result,
+            message,
+            mut keep_branch,
+            mut steps,
+            poolable,
+        } = c;
+        let mut t = std::time::Instant::now();
+        let mut lap = |name, steps: &mut Vec<(&str, u128)>| {
+            steps.push((name, t.elapsed().as_millis()));
+            t = std::time::Instant::now();
+        };
+        if let Some(head) = result.head.clone()
+            && completed
+            && !files.is_empty()
+        {
+            let how = match self.merge {
+                MergeMode::Apply => Merge::Apply,
+                MergeMode::Commit => Merge::Commit,
+                MergeMode::Branch => Merge::Branch,
+            };
+            let landed = git::land(&self.root, &self.base, &head, how, &self.excludes, &message);
+            let merge = match landed {
+                Ok(Landed::Applied) => "applied",
+                Ok(Landed::Committed(_)) => "committed",
+                Ok(Landed::Kept) => "kept",
+                Ok(Landed::Conflict(f)) => {
+                    result.conflicts = f;
+                    "conflict"
+                }
+                Err(e) => {
+                    // Nothing was written to the tree; the branch holds the changes.
+                    result.error = Some(format!("{e:#}"));
+                    "conflict"
+                }
+            };
+            lap("land", &mut steps);
+            crate::failpoint::hit("worktree.after_land");
+            keep_branch = matches!(merge, "kept" | "conflict");
+            result.merge = Some(merge.into());
+        }
+        if self.keep {
+            return Finished {
+                diff,
+                files,
+                result,
+            };
+        }
+        if hold && !completed && result.head.is_some() {
+            // The resumed session finds its files as it left them, not what ran after it (a
+            // check's build output would otherwise enter the next commit). Ignored files stay:
+            // caches and linked folders are part of a warm worktree.
+            if let Err(e) = git::restore_to_head(&self.path) {
+                console::warn(&format!("cannot tidy the worktree of {id}: {e:#}"));
+            }
             return Finished {
                 diff,
                 files,

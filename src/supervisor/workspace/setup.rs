@@ -193,18 +193,13 @@ async fn run_one(
         stall: None,
     };
     let exit = process::run(spec, stop.clone()).await;
-    let took = format!("{:.1} s", exit.duration.as_secs_f64());
-    let ended = match (&exit.spawn_error, exit.code, exit.signal) {
-        (Some(e), _, _) => format!("could not start: {e}"),
-        _ if exit.stopped.is_some() => format!("was stopped after {took}"),
-        _ if exit.timed_out => format!(
-            "did not finish within {} s (workspace.setup_timeout_seconds) and was killed",
+    let ended = how_it_ended(
+        &exit,
+        &format!(
+            "{} s (workspace.setup_timeout_seconds)",
             ws.setup_timeout_seconds
         ),
-        (None, Some(c), _) => format!("exited with code {c} after {took}"),
-        (None, None, Some(sig)) => format!("was killed by signal {sig} after {took}"),
-        (None, None, None) => format!("ended after {took}"),
-    };
+    );
     // Read before the closing line goes in: the error quotes the command, not orchestrate.
     let ok = exit.code == Some(0) && exit.stopped.is_none() && !exit.timed_out;
     let tail = if ok {
@@ -240,8 +235,22 @@ async fn run_one(
     Err(SetupFailed::new(error))
 }
 
+/// How a command run by orchestrate (a setup command, a check) ended, to follow its name:
+/// `exited with code 1 after 2.0 s`. `limit` names its time limit and where it comes from.
+pub(in crate::supervisor) fn how_it_ended(exit: &process::Exit, limit: &str) -> String {
+    let took = format!("{:.1} s", exit.duration.as_secs_f64());
+    match (&exit.spawn_error, exit.code, exit.signal) {
+        (Some(e), _, _) => format!("could not start: {e}"),
+        _ if exit.stopped.is_some() => format!("was stopped after {took}"),
+        _ if exit.timed_out => format!("did not finish within {limit} and was killed"),
+        (None, Some(c), _) => format!("exited with code {c} after {took}"),
+        (None, None, Some(sig)) => format!("was killed by signal {sig} after {took}"),
+        (None, None, None) => format!("ended after {took}"),
+    }
+}
+
 /// The last lines a command printed into the log after `from` (already redacted there).
-fn output_tail(log: &Path, from: u64) -> String {
+pub(in crate::supervisor) fn output_tail(log: &Path, from: u64) -> String {
     let Ok(bytes) = std::fs::read(log) else {
         return String::new();
     };
