@@ -62,7 +62,7 @@ pub struct Cli {
     /// Machine-readable output (JSON).
     #[arg(long, global = true, help_heading = GLOBAL)]
     pub json: bool,
-    /// Read from this PostgreSQL mirror instead of the local folder (status, tasks, show, follow).
+    /// Read from this PostgreSQL mirror instead of the local folder (status, tasks, show, follow, serve).
     #[arg(long, global = true, value_name = "URL", help_heading = GLOBAL)]
     pub database_url: Option<String>,
     #[command(subcommand)]
