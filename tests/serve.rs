@@ -408,14 +408,23 @@ fn every_endpoint_against_a_running_supervisor() {
             &[("agent", "fake"), ("outcome", "completed")]
         ) >= 1.0
     );
-    assert!(
-        scrape
+    // Histograms from the events: at least the first task waited, then ran.
+    for name in [
+        "orchestrate_attempt_duration_seconds",
+        "orchestrate_queue_wait_seconds",
+    ] {
+        let observed = scrape
             .samples
             .iter()
-            .any(|s| s.metric == "orchestrate_attempt_duration_seconds"),
-        "a histogram of attempt durations: {}",
-        m.body
-    );
+            .find_map(|s| match &s.value {
+                prometheus_parse::Value::Histogram(b) if s.metric == name => {
+                    b.iter().map(|c| c.count).reduce(f64::max)
+                }
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no histogram {name} in\n{}", m.body));
+        assert!(observed >= 2.0, "{name}: {observed} observations");
+    }
     bodies.push(m.body);
 
     for b in &bodies {

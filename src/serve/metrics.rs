@@ -1,11 +1,12 @@
 //! `GET /metrics`: the project in the Prometheus exposition format, built with `prometheus-client`
 //! from the mirror and the folder at each scrape.
 //!
-//! Gauges and per-agent totals are read fresh each time. Transitions are counted from the mirror's
-//! event sequence, carried over between scrapes so each event is read once; the counts start from
-//! the first event the mirror holds, so they are totals over its whole history.
+//! Gauges and per-agent totals are read fresh each time. Transitions, queue waits and attempt
+//! durations come from the mirror's event sequence, carried over between scrapes so each event is
+//! read once; they start from the first event the mirror holds, so they are totals over its whole
+//! history (a restarted server counts it again, as a counter reset).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::AtomicU64;
 
 use anyhow::Result;
@@ -15,6 +16,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+
+use time::OffsetDateTime;
 
 use super::State;
 use crate::mirror::read::Reader;
@@ -26,11 +29,57 @@ const DURATION_BUCKETS: [f64; 12] = [
     1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 14400.0, 86400.0,
 ];
 
-/// Transitions counted so far, by (state, agent), and the last event counted.
-#[derive(Default)]
+/// What the events counted so far add up to: transitions by (state, agent), the two histograms,
+/// and per task when it last entered `pending` and `running` (to time the next transition).
 pub struct Transitions {
     cursor: i64,
     counts: BTreeMap<(String, String), u64>,
+    queue_wait: Histogram,
+    attempt_duration: Histogram,
+    pending_since: HashMap<String, OffsetDateTime>,
+    running_since: HashMap<String, OffsetDateTime>,
+}
+
+impl Default for Transitions {
+    fn default() -> Transitions {
+        Transitions {
+            cursor: 0,
+            counts: BTreeMap::new(),
+            queue_wait: Histogram::new(DURATION_BUCKETS),
+            attempt_duration: Histogram::new(DURATION_BUCKETS),
+            pending_since: HashMap::new(),
+            running_since: HashMap::new(),
+        }
+    }
+}
+
+impl Transitions {
+    fn count(&mut self, e: &crate::mirror::Event) {
+        let agent = e.agent.clone().unwrap_or_default();
+        *self.counts.entry((e.state.clone(), agent)).or_default() += 1;
+        self.cursor = e.seq;
+        let Some(at) = crate::fsutil::parse_time(&e.at) else {
+            return;
+        };
+        let secs = |since: OffsetDateTime| (at - since).as_seconds_f64().max(0.0);
+        if let Some(started) = self.running_since.remove(&e.task_id) {
+            self.attempt_duration.observe(secs(started));
+        }
+        match e.state.as_str() {
+            "pending" => {
+                self.pending_since.insert(e.task_id.clone(), at);
+            }
+            "running" => {
+                if let Some(queued) = self.pending_since.remove(&e.task_id) {
+                    self.queue_wait.observe(secs(queued));
+                }
+                self.running_since.insert(e.task_id.clone(), at);
+            }
+            _ => {
+                self.pending_since.remove(&e.task_id);
+            }
+        }
+    }
 }
 
 type Labels = Vec<(String, String)>;
@@ -69,9 +118,7 @@ pub fn render(state: &State, reader: &Reader) -> Result<String> {
         loop {
             let events = reader.events_since(t.cursor, BATCH)?;
             for e in &events {
-                let agent = e.agent.clone().unwrap_or_default();
-                *t.counts.entry((e.state.clone(), agent)).or_default() += 1;
-                t.cursor = e.seq;
+                t.count(e);
             }
             if events.len() < BATCH {
                 break;
@@ -82,31 +129,23 @@ pub fn render(state: &State, reader: &Reader) -> Result<String> {
                 .get_or_create(&labels(&[("state", s), ("agent", a)]))
                 .inc_by(*n);
         }
+        reg.register(
+            "attempt_duration_seconds",
+            "How long attempts ran, from entering running to leaving it",
+            t.attempt_duration.clone(),
+        );
+        reg.register(
+            "queue_wait_seconds",
+            "How long tasks waited in pending before an attempt started",
+            t.queue_wait.clone(),
+        );
     }
 
-    let durations = Histogram::new(DURATION_BUCKETS);
-    reg.register(
-        "attempt_duration_seconds",
-        "How long finished tasks' last attempts ran",
-        durations.clone(),
-    );
     let mut running_by_agent: BTreeMap<String, i64> = BTreeMap::new();
-    for state_name in ["completed", "failed", "running"] {
-        for r in reader.list(Some(state_name))? {
-            if state_name == "running" {
-                *running_by_agent
-                    .entry(r.agent.unwrap_or_default())
-                    .or_default() += 1;
-                continue;
-            }
-            let (Some(a), Some(b)) = (&r.payload.started_at, &r.payload.finished_at) else {
-                continue;
-            };
-            if let (Some(a), Some(b)) = (crate::fsutil::parse_time(a), crate::fsutil::parse_time(b))
-            {
-                durations.observe((b - a).as_seconds_f64().max(0.0));
-            }
-        }
+    for r in reader.list(Some("running"))? {
+        *running_by_agent
+            .entry(r.agent.unwrap_or_default())
+            .or_default() += 1;
     }
 
     let running = Family::<Labels, Gauge>::default();
