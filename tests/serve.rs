@@ -519,3 +519,86 @@ fn token_rules() {
     assert!(p.tasks_in("pending").is_empty(), "nothing written");
     assert_eq!(get(&ro.addr, "/api/v1/status").status, 200);
 }
+
+mod postgres {
+    use super::*;
+
+    /// With `--database-url` the server reads PostgreSQL alone (no folder beside it) and refuses writes.
+    #[test]
+    fn serves_from_postgres_alone_and_read_only() {
+        let s = PgSchema::new("serve_remote");
+        let p = Project::with_config(&pg_config(&s.url(), &s.name));
+        p.drop_task("r1.yaml", "description: \"@fake print=ok\"\n");
+        p.drop_task("r2.yaml", "description: \"@fake exit=4\"\nmax_retries: 0\n");
+        p.run(&["start", "--once"]).assert_code(0);
+        // A folder holding only a config that names the schema.
+        let elsewhere = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            elsewhere.path().join("config.yaml"),
+            format!("database:\n  schema: {}\n", s.name),
+        )
+        .expect("cfg");
+        let mut child = std::process::Command::new(BIN)
+            .arg("-C")
+            .arg(elsewhere.path())
+            .args([
+                "--database-url",
+                &pg_url(),
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn serve");
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut first)
+            .expect("a line");
+        let srv = Server {
+            child,
+            addr: first
+                .trim()
+                .strip_prefix("listening on http://")
+                .unwrap_or_else(|| panic!("unexpected first line: {first}"))
+                .to_string(),
+            lines: vec![],
+        };
+        let a = srv.addr.as_str();
+        let st = get(a, "/api/v1/status").json();
+        assert_eq!(st["source"], "postgres");
+        assert_eq!(st["counts"]["completed"], 1);
+        assert_eq!(st["counts"]["failed"], 1);
+        let failed = get(a, "/api/v1/tasks?state=failed").json();
+        assert_eq!(failed[0]["id"], "r2");
+        let shown = get(a, "/api/v1/tasks/r2").json();
+        assert_eq!(shown["attempts"][0]["exit_code"], 4, "{shown}");
+        assert_eq!(get(a, "/api/v1/tasks/nope").status, 404);
+        let evs = events(a, "/api/v1/events?since=0", None, |got| {
+            states_of(got, "r2").last().map(String::as_str) == Some("failed")
+        });
+        assert_eq!(
+            states_of(&evs, "r2").first().map(String::as_str),
+            Some("pending")
+        );
+        let m = get(a, "/metrics");
+        prometheus_parse::Scrape::parse(m.body.lines().map(|l| Ok(l.to_string())))
+            .expect("the Prometheus text format");
+        assert!(
+            m.body.contains("orchestrate_tasks{state=\"completed\"} 1"),
+            "{}",
+            m.body
+        );
+        let w = request(a, "POST", "/api/v1/tasks", &[], r#"{"description": "x"}"#);
+        assert_eq!(w.status, 403, "{}", w.body);
+        assert_eq!(
+            request(a, "POST", "/api/v1/tasks/r2/retry", &[], "").status,
+            403
+        );
+        assert!(
+            !elsewhere.path().join(".orchestrate").exists(),
+            "reading PostgreSQL creates no local state"
+        );
+    }
+}
