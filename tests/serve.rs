@@ -507,6 +507,26 @@ fn token_rules() {
     );
     drop(srv);
 
+    // Read-only with a token: a write without it is 401 (who asks comes first), with it 403.
+    let ro = serve(&p, &["--read-only", "--token", "t0ken"], 0);
+    let r = request(
+        &ro.addr,
+        "POST",
+        "/api/v1/tasks",
+        &[],
+        r#"{"description": "x"}"#,
+    );
+    assert_eq!(r.status, 401);
+    let r = request(
+        &ro.addr,
+        "POST",
+        "/api/v1/tasks",
+        &["Authorization: Bearer t0ken"],
+        r#"{"description": "x"}"#,
+    );
+    assert_eq!(r.status, 403);
+    drop(ro);
+
     let ro = serve(&p, &["--read-only"], 0);
     let r = request(
         &ro.addr,

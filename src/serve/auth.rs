@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use axum::extract::{Request, State as Extract};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use sha2::{Digest, Sha256};
 
 use super::{State, error_response};
@@ -67,17 +67,21 @@ fn presented(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
         .map(String::from)
 }
 
-/// Let a request in or answer 401; a write on a read-only server gets 403.
+/// Let a request in or answer 401 (without the token, first); a write on a read-only server gets 403.
 pub async fn guard(Extract(state): Extract<Arc<State>>, req: Request, next: Next) -> Response {
-    let write = req.method() == Method::POST;
-    if write && state.read_only {
-        return error_response(
-            StatusCode::FORBIDDEN,
-            "this server is read-only (--read-only, or --database-url)",
-        );
-    }
+    let read_only = |req: &Request| {
+        (req.method() == Method::POST && state.read_only).then(|| {
+            error_response(
+                StatusCode::FORBIDDEN,
+                "this server is read-only (--read-only, or --database-url)",
+            )
+        })
+    };
     let Some(expected) = &state.token_hash else {
-        return next.run(req).await;
+        return match read_only(&req) {
+            Some(refused) => refused,
+            None => next.run(req).await,
+        };
     };
     let from_query = req
         .uri()
@@ -85,8 +89,12 @@ pub async fn guard(Extract(state): Extract<Arc<State>>, req: Request, next: Next
         .is_some_and(|q| q.split('&').any(|kv| kv.starts_with("token=")));
     match presented(req.headers(), req.uri().query()) {
         Some(t) if same(&hash(&t), expected) => {
+            if let Some(refused) = read_only(&req) {
+                return refused;
+            }
             let mut resp = next.run(req).await;
-            if from_query && let Ok(v) = format!("{COOKIE}={t}; HttpOnly; SameSite=Strict; Path=/").parse() {
+            let cookie = format!("{COOKIE}={t}; HttpOnly; SameSite=Strict; Path=/");
+            if from_query && let Ok(v) = cookie.parse() {
                 resp.headers_mut().insert(header::SET_COOKIE, v);
             }
             resp
@@ -94,7 +102,6 @@ pub async fn guard(Extract(state): Extract<Arc<State>>, req: Request, next: Next
         _ => error_response(
             StatusCode::UNAUTHORIZED,
             "this server needs its token: an `Authorization: Bearer TOKEN` header, or open the link it printed",
-        )
-        .into_response(),
+        ),
     }
 }
