@@ -34,6 +34,7 @@ const PAGES: &[&str] = &[
 /// Variables that change what orchestrate does or prints; the commands must not inherit them.
 const SCRUBBED: &[&str] = &[
     "ORCHESTRATE_ROOT",
+    "ORCHESTRATE_SERVE_TOKEN",
     "DATABASE_URL",
     "ANTHROPIC_API_KEY",
     "OPENAI_API_KEY",

@@ -26,7 +26,8 @@ const LAYERS: &[&[&str]] = &[
     &["mirror"],
     &["router", "scheduler"],
     &["supervisor"],
-    &["cli"],
+    &["project"],
+    &["cli", "serve"],
 ];
 
 fn layer_of(module: &str) -> Option<usize> {

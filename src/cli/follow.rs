@@ -54,7 +54,7 @@ pub fn run(cli: &Cli, project: &Project, since: Option<i64>, limit: Option<u64>)
     if limit == Some(0) {
         return Ok(0);
     }
-    project.source(cli)?.follow(
+    project.source(cli.database_url.as_deref())?.follow(
         since,
         |e| p.print(e),
         |e, wait| {

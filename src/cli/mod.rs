@@ -29,21 +29,19 @@ mod man;
 mod mirror_cmd;
 mod openai_agent;
 mod retry;
+mod serve;
 mod show;
 mod start;
 mod status;
 mod tasks;
 mod validate;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use crate::config::Config;
-use crate::layout::Layout;
-use crate::mirror::read::{Reader, Source};
-use crate::spool::Spool;
+pub use crate::project::Project;
 
 /// The help heading of the options every command takes, so a command's own options stand apart.
 const GLOBAL: &str = "Global options";
@@ -64,7 +62,7 @@ pub struct Cli {
     /// Machine-readable output (JSON).
     #[arg(long, global = true, help_heading = GLOBAL)]
     pub json: bool,
-    /// Read from this PostgreSQL mirror instead of the local folder (status, tasks, show, follow).
+    /// Read from this PostgreSQL mirror instead of the local folder (status, tasks, show, follow, serve).
     #[arg(long, global = true, value_name = "URL", help_heading = GLOBAL)]
     pub database_url: Option<String>,
     #[command(subcommand)]
@@ -180,6 +178,21 @@ pub enum Command {
         #[arg(long)]
         limit: Option<u64>,
     },
+    /// Serve the JSON API (/api/v1), server-sent events and Prometheus metrics (/metrics) over HTTP.
+    Serve {
+        /// Address and port to listen on (port 0: any free one); not loopback only with a token.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7777")]
+        listen: String,
+        /// The token every request must carry (bearer header, or the cookie the printed link sets).
+        #[arg(long, env = "ORCHESTRATE_SERVE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Make up a token, print it once with a link that logs a browser in.
+        #[arg(long, conflicts_with = "token")]
+        generate_token: bool,
+        /// Refuse every write (POST).
+        #[arg(long)]
+        read_only: bool,
+    },
     /// Print the completion script for a shell to stdout (needs no project).
     Completions {
         #[arg(value_enum)]
@@ -222,130 +235,19 @@ fn parse_priority(s: &str) -> Result<crate::task::Priority, String> {
         .ok_or_else(|| format!("`{s}` is not high, normal, low or an integer"))
 }
 
-/// The project a command works on: root, configuration and the paths derived from them.
-pub struct Project {
-    pub root: PathBuf,
-    pub cfg: Config,
-    /// The file `cfg` came from (it may not exist: then the built-in default applies).
-    pub config_path: PathBuf,
-    pub layout: Layout,
-    pub spool: Spool,
-}
-
-impl Project {
-    pub fn load(cli: &Cli) -> Result<Project> {
-        let root = match &cli.root {
-            Some(r) => r.clone(),
-            None => std::env::current_dir().context("cannot read the current directory")?,
-        };
-        let root = root.canonicalize().map_err(|e| {
-            crate::error::UsageError(format!("project root {}: {e}", root.display()))
-        })?;
-        let cfg_path = cli
-            .config
-            .clone()
-            .unwrap_or_else(|| Layout::config_file(&root));
-        if cli.config.is_some() && !cfg_path.exists() {
-            return Err(crate::error::UsageError(format!(
-                "config file {} does not exist",
-                cfg_path.display()
-            ))
-            .into());
-        }
-        let cfg = Config::load(&cfg_path)?;
-        let layout = cfg.layout(&root);
-        let spool = Spool::new(&layout, cfg.redactor());
-        Ok(Project {
-            root,
-            cfg,
-            config_path: std::path::absolute(&cfg_path).unwrap_or(cfg_path),
-            layout,
-            spool,
-        })
-    }
-
-    pub fn db_path(&self) -> PathBuf {
-        self.layout.state_db()
-    }
-
-    /// Where read commands read: the PostgreSQL mirror named by `--database-url` (no folder needed),
-    /// else this folder's SQLite mirror.
-    pub fn source(&self, cli: &Cli) -> Result<Source> {
-        Ok(match &cli.database_url {
-            Some(url) => Source::Postgres {
-                url: url.clone(),
-                schema: self.cfg.database.schema.clone(),
-            },
-            None => Source::Sqlite(self.mirror_read()?),
-        })
-    }
-
-    /// The mirror to read from, connected (see [`Project::source`]).
-    pub fn reader(&self, cli: &Cli) -> Result<Reader> {
-        self.source(cli)?.reader()
-    }
-
-    /// A read connection to the mirror, building the mirror from the tree first if there is none.
-    fn mirror_read(&self) -> Result<rusqlite::Connection> {
-        if !self.db_path().exists() {
-            if !self.spool.layout().pending.exists() {
-                return Err(crate::error::UsageError(format!(
-                    "{} has no tasks/ folder: run `orchestrate init` first (or pass -C DIR)",
-                    self.root.display()
-                ))
-                .into());
-            }
-            self.reconcile(false)?;
-        }
-        crate::mirror::sqlite::open_read(&self.db_path())?.context("mirror database vanished")
-    }
-
-    /// Bring the mirror in line with the tree (`rebuild`: from empty tables).
-    pub fn reconcile(&self, rebuild: bool) -> Result<crate::mirror::reconcile::ReconcileReport> {
-        std::fs::create_dir_all(&self.layout.state_dir)?;
-        let mut conn = crate::mirror::sqlite::open(&self.db_path())?;
-        crate::mirror::reconcile::reconcile(
-            &mut conn,
-            &self.spool,
-            &crate::fsutil::hostname(),
-            self.cfg.orchestrator.max_task_bytes,
-            rebuild,
-        )
-    }
-
-    /// Apply one write to the mirror from a CLI command (add, retry, cancel). The supervisor's writer
-    /// does the same through its thread; version guards make the order irrelevant.
-    pub fn mirror_write(&self, ops: Vec<crate::mirror::Op>) {
-        let r = (|| -> Result<()> {
-            std::fs::create_dir_all(&self.layout.state_dir)?;
-            let mut conn = crate::mirror::sqlite::open(&self.db_path())?;
-            let mut ops: Vec<_> = ops
-                .into_iter()
-                .map(|op| op.redacted(self.spool.redactor()))
-                .collect();
-            crate::mirror::sqlite::apply(&mut conn, &crate::fsutil::hostname(), &mut ops)?;
-            Ok(())
-        })();
-        if let Err(e) = r {
-            // The file operation already happened and the tree is the truth; the next reconcile fixes this.
-            note(&format!("warning: mirror not updated: {e:#}"));
-        }
-    }
-
-    pub fn rel(&self, p: &Path) -> String {
-        self.layout.rel(p)
-    }
-}
-
 pub fn run(cli: Cli) -> Result<i32> {
     if cli.database_url.is_some()
         && !matches!(
             cli.command,
-            Command::Status | Command::Tasks { .. } | Command::Show { .. } | Command::Follow { .. }
+            Command::Status
+                | Command::Tasks { .. }
+                | Command::Show { .. }
+                | Command::Follow { .. }
+                | Command::Serve { .. }
         )
     {
         return Err(crate::error::UsageError(
-            "--database-url works with status, tasks, show and follow (reading only); other commands act on the folder".into(),
+            "--database-url works with status, tasks, show, follow and serve (reading only); other commands act on the folder".into(),
         )
         .into());
     }
@@ -361,29 +263,43 @@ pub fn run(cli: Cli) -> Result<i32> {
             detach,
             verbose,
         } => start::start(&cli, *once, *detach, *verbose),
-        Command::Stop { timeout } => start::stop(&Project::load(&cli)?, *timeout),
+        Command::Stop { timeout } => start::stop(&load(&cli)?, *timeout),
         Command::Validate {
             files,
             check_config,
         } => validate::run(&cli, files, *check_config),
-        Command::Add { .. } => add::run(&cli, &Project::load(&cli)?),
-        Command::Status => status::run(&cli, &Project::load(&cli)?),
+        Command::Add { .. } => add::run(&cli, &load(&cli)?),
+        Command::Status => status::run(&cli, &load(&cli)?),
         Command::Tasks { status, limit } => {
-            tasks::run(&cli, &Project::load(&cli)?, status.as_deref(), *limit)
+            tasks::run(&cli, &load(&cli)?, status.as_deref(), *limit)
         }
-        Command::Agents { reset: Some(name) } => agents::reset(&Project::load(&cli)?, name),
-        Command::Agents { reset: None } => agents::run(&cli, &Project::load(&cli)?),
-        Command::Show { id } => show::run(&cli, &Project::load(&cli)?, id),
-        Command::Retry { id } => retry::run(&cli, &Project::load(&cli)?, id),
-        Command::Merge { id, commit } => land::merge(&cli, &Project::load(&cli)?, id, *commit),
-        Command::Discard { id } => land::discard(&cli, &Project::load(&cli)?, id),
-        Command::Cancel { id } => cancel::run(&cli, &Project::load(&cli)?, id),
-        Command::Follow { since, limit } => {
-            follow::run(&cli, &Project::load(&cli)?, *since, *limit)
-        }
+        Command::Agents { reset: Some(name) } => agents::reset(&load(&cli)?, name),
+        Command::Agents { reset: None } => agents::run(&cli, &load(&cli)?),
+        Command::Show { id } => show::run(&cli, &load(&cli)?, id),
+        Command::Retry { id } => retry::run(&cli, &load(&cli)?, id),
+        Command::Merge { id, commit } => land::merge(&cli, &load(&cli)?, id, *commit),
+        Command::Discard { id } => land::discard(&cli, &load(&cli)?, id),
+        Command::Cancel { id } => cancel::run(&cli, &load(&cli)?, id),
+        Command::Follow { since, limit } => follow::run(&cli, &load(&cli)?, *since, *limit),
+        Command::Serve {
+            listen,
+            token,
+            generate_token,
+            read_only,
+        } => serve::run(
+            &cli,
+            load(&cli)?,
+            crate::serve::Options {
+                listen: listen.clone(),
+                token: token.clone(),
+                generate_token: *generate_token,
+                read_only: *read_only || cli.database_url.is_some(),
+                database_url: cli.database_url.clone(),
+            },
+        ),
         Command::Mirror {
             action: MirrorAction::Rebuild,
-        } => mirror_cmd::rebuild(&cli, &Project::load(&cli)?),
+        } => mirror_cmd::rebuild(&cli, &load(&cli)?),
     }
 }
 
@@ -476,4 +392,9 @@ pub fn short(s: &str, n: usize) -> String {
     } else {
         line.to_string()
     }
+}
+
+/// The project the global options name.
+fn load(cli: &Cli) -> Result<Project> {
+    Project::load(cli.root.as_deref(), cli.config.as_deref())
 }

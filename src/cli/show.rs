@@ -3,97 +3,17 @@
 //! It only reads.
 
 use anyhow::{Result, bail};
-use serde::Serialize;
 
 use super::{Cli, Project};
 use crate::error::UsageError;
-use crate::layout::Layout;
 use crate::mirror::read::Reader;
-use crate::record::Terminal;
-use crate::spool::Place;
-
-#[derive(Serialize)]
-struct Shown {
-    id: String,
-    state: String,
-    file: Option<String>,
-    task: Option<String>,
-    note: Option<String>,
-    claim: Option<crate::record::Claim>,
-    result: Option<crate::record::TaskResult>,
-    error: Option<String>,
-    output: Option<String>,
-    diff: Option<String>,
-    /// As JSON values, whose keys print sorted, as they always have.
-    attempts: Vec<serde_json::Value>,
-}
 
 pub fn run(cli: &Cli, project: &Project, id: &str) -> Result<i32> {
-    let reader = project.reader(cli)?;
+    let reader = project.reader(cli.database_url.as_deref())?;
     if !reader.is_local() {
         return remote(cli, &reader, id);
     }
-    let row = reader.get(id)?;
-    let spool = &project.spool;
-    let place = spool.settled_place(id).or_else(|| {
-        let pending = row
-            .as_ref()
-            .map(|r| spool.layout().tasks_dir.join(&r.payload.file))
-            .filter(|p| p.exists());
-        pending.map(|_| Place::Pending).or_else(|| {
-            spool
-                .task_path(Place::Pending, id)
-                .exists()
-                .then_some(Place::Pending)
-        })
-    });
-    let Some(place) = place else {
-        bail!(UsageError(format!(
-            "no task {id} in {}",
-            project.rel(&spool.layout().tasks_dir)
-        )));
-    };
-    let file = match place {
-        Place::Pending => row
-            .as_ref()
-            .map(|r| spool.layout().tasks_dir.join(&r.payload.file))
-            .filter(|p| p.exists())
-            .unwrap_or_else(|| spool.task_path(Place::Pending, id)),
-        p => spool.task_path(p, id),
-    };
-    let result = match place {
-        Place::Completed => spool.read_result(Terminal::Completed, id),
-        Place::Failed => spool.read_result(Terminal::Failed, id),
-        _ => None,
-    };
-    let read = |p: std::path::PathBuf| std::fs::read_to_string(p).ok();
-    let shown = Shown {
-        id: id.to_string(),
-        state: place.state().to_string(),
-        file: Some(project.rel(&file)),
-        task: read(file.clone()),
-        note: row.as_ref().and_then(|r| r.note.clone()),
-        claim: if place == Place::Assigned {
-            spool.read_claim(id)
-        } else {
-            None
-        },
-        error: result.as_ref().and_then(|r| r.error.clone()).or_else(|| {
-            if place == Place::Failed {
-                read(Layout::error_path(&file))
-            } else {
-                None
-            }
-        }),
-        output: read(project.layout.output_path(id)),
-        diff: read(project.layout.diff_path(id)),
-        attempts: reader
-            .attempts_of(id)?
-            .iter()
-            .map(serde_json::to_value)
-            .collect::<Result<_, _>>()?,
-        result,
-    };
+    let shown = project.show(&reader, id)?;
     if cli.json {
         super::print_json(&shown)?;
         return Ok(0);
@@ -125,10 +45,11 @@ pub fn run(cli: &Cli, project: &Project, id: &str) -> Result<i32> {
     }
     // Earlier attempts of a task that is not finished: its claim carries them while it runs, the
     // history beside its file while it waits (a retry after a stall, a login, a rate limit).
-    let earlier = match (&shown.result, &shown.claim, place) {
+    let earlier = match (&shown.result, &shown.claim, shown.state.as_str()) {
         (Some(r), _, _) => r.attempts.clone(),
         (None, Some(c), _) => c.history.clone(),
-        (None, None, Place::Pending) => spool
+        (None, None, "pending") => project
+            .spool
             .read_history(id)
             .map(|h| h.attempts)
             .unwrap_or_default(),

@@ -10,7 +10,7 @@ use super::{Cli, Project};
 use crate::supervisor::{Options, Supervisor};
 
 pub fn start(cli: &Cli, once: bool, detach: bool, verbose: u8) -> Result<i32> {
-    let project = Project::load(cli)?;
+    let project = Project::load(cli.root.as_deref(), cli.config.as_deref())?;
     if detach {
         return detach_start(cli, &project, verbose);
     }

@@ -25,7 +25,7 @@ pub fn run(
             "--status must be pending, running (or active), completed, failed or quarantined, not `{s}`"
         )));
     }
-    let mut rows = project.reader(cli)?.list(status)?;
+    let mut rows = project.reader(cli.database_url.as_deref())?.list(status)?;
     if let Some(n) = limit {
         rows.drain(..rows.len().saturating_sub(n));
     }
