@@ -4,7 +4,8 @@
 //! `throughput` (5,000 no-op tasks, durable and not), `reads` (status / tasks --json at 10k and 100k
 //! tasks), `startup` (100,000 files already pending: time to first claim, RSS), `idle` (RSS and CPU with
 //! nothing to do), `diff` (per-task cost of diff capture on a 10,000-file workdir), `isolation` (per-task cost of
-//! worktrees on a 10,000-file repository, against a bare `git worktree add`/`remove`), `pueue` (the same
+//! worktrees on a 10,000-file repository, against a bare `git worktree add`/`remove`), `sse` (drop →
+//! event at 20 clients of `serve`'s event stream, the server's RSS and CPU), `pueue` (the same
 //! no-op work through pueue, when `pueue`/`pueued` are on PATH). Figures only; nothing is asserted.
 //!
 //! No tree is deleted until every scenario has run. On ext4 without a journal (this project's VM),
@@ -511,6 +512,139 @@ fn isolation(files: usize, tasks: usize, rounds: usize) {
     }
 }
 
+/// Drop → event received by clients of `orchestrate serve`'s event stream (`/api/v1/events`), and
+/// the server's RSS and CPU while `clients` clients follow `tasks` no-op tasks dropped one every 5 ms.
+fn sse(clients: usize, tasks: usize) {
+    use std::collections::HashMap;
+    use std::io::{BufRead, BufReader, Write};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let t = Tree::new(&config(true, "true", "[]", ""));
+    let sup = t.start(&[]);
+    let mut serve = Command::new(BIN)
+        .arg("-C")
+        .arg(&t.root)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("serve");
+    let mut line = String::new();
+    BufReader::new(serve.stdout.take().expect("piped"))
+        .read_line(&mut line)
+        .expect("the server says where it listens");
+    let addr = line
+        .trim()
+        .strip_prefix("listening on http://")
+        .expect("listening on ...")
+        .to_string();
+    // Per task and state, when client 0 first saw it; every client counts what it got.
+    type Seen = HashMap<(String, String), Instant>;
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    let done = Arc::new(AtomicBool::new(false));
+    let mut readers = vec![];
+    for c in 0..clients {
+        let (addr, seen, done) = (addr.clone(), seen.clone(), done.clone());
+        readers.push(std::thread::spawn(move || {
+            let mut s = std::net::TcpStream::connect(&addr).expect("connect");
+            s.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
+            write!(
+                s,
+                "GET /api/v1/events?since=0 HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n"
+            )
+            .expect("request");
+            let mut r = BufReader::new(s);
+            let mut events = 0usize;
+            let mut buf = String::new();
+            while !done.load(Ordering::Relaxed) {
+                buf.clear();
+                match r.read_line(&mut buf) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(_) => continue,
+                }
+                let Some(data) = buf.trim_end().strip_prefix("data: ") else {
+                    continue;
+                };
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(data) else {
+                    continue;
+                };
+                events += 1;
+                if c == 0 {
+                    let key = (
+                        v["task_id"].as_str().unwrap_or_default().to_string(),
+                        v["state"].as_str().unwrap_or_default().to_string(),
+                    );
+                    seen.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .entry(key)
+                        .or_insert_with(Instant::now);
+                }
+            }
+            events
+        }));
+    }
+    let (cpu0, t0) = (cpu_ticks(serve.id()), Instant::now());
+    let mut dropped = HashMap::new();
+    for i in 0..tasks {
+        let id = format!("s{i:05}");
+        let tmp = t.p(&format!("{id}.tmp"));
+        std::fs::write(&tmp, "description: no-op\n").expect("write");
+        std::fs::rename(&tmp, t.p(&format!("tasks/pending/{id}.yaml"))).expect("rename");
+        dropped.insert(id, Instant::now());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let completed = |seen: &Seen| seen.keys().filter(|(_, st)| st == "completed").count();
+    while completed(&seen.lock().unwrap_or_else(|e| e.into_inner())) < tasks
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = (cpu_ticks(serve.id()) - cpu0) as f64 / 100.0;
+    let (_, hwm) = rss(serve.id());
+    // The other clients poll on their own clocks: a moment to catch up before they stop.
+    std::thread::sleep(Duration::from_secs(2));
+    done.store(true, Ordering::Relaxed);
+    let counts: Vec<usize> = readers.into_iter().map(|h| h.join().unwrap_or(0)).collect();
+    let seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+    let mut first = vec![];
+    let mut last = vec![];
+    for (id, at) in &dropped {
+        if let Some(s) = seen.get(&(id.clone(), "pending".into())) {
+            first.push(s.duration_since(*at).as_secs_f64() * 1000.0);
+        }
+        if let Some(s) = seen.get(&(id.clone(), "completed".into())) {
+            last.push(s.duration_since(*at).as_secs_f64() * 1000.0);
+        }
+    }
+    println!(
+        "sse: {clients} clients, {tasks} tasks; {} of {tasks} seen pending, {} completed",
+        first.len(),
+        last.len()
+    );
+    if !first.is_empty() {
+        summary("sse: drop -> `pending` event at a client", &mut first);
+    }
+    if !last.is_empty() {
+        summary("sse: drop -> `completed` event at a client", &mut last);
+    }
+    println!(
+        "sse: server RSS peak {} MiB, CPU {:.1} s over {:.1} s ({:.0}% of one core); events per client min {} max {}",
+        hwm / 1024,
+        cpu,
+        secs,
+        cpu / secs * 100.0,
+        counts.iter().min().copied().unwrap_or(0),
+        counts.iter().max().copied().unwrap_or(0)
+    );
+    let _ = serve.kill();
+    let _ = serve.wait();
+    stop(sup);
+}
+
 fn which(p: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?)
         .map(|d| d.join(p))
@@ -639,6 +773,9 @@ fn main() {
     }
     if want("isolation") {
         isolation(10_000, 20, 2);
+    }
+    if want("sse") {
+        sse(20, 1000);
     }
     if want("pueue") {
         pueue(300);
