@@ -350,6 +350,19 @@ fn every_endpoint_against_a_running_supervisor() {
         get(a, &format!("/api/v1/tasks/{slow}")).json()["state"] == "running"
     });
     request(a, "POST", &format!("/api/v1/tasks/{slow}/cancel"), &[], "");
+    // Newest change first: the task just cancelled, then the first one.
+    let newest = get(a, "/api/v1/tasks?order=newest");
+    let ids: Vec<_> = newest
+        .json()
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|t| t["id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(ids, [slow.clone(), id.clone()], "{}", newest.body);
+    let bad = get(a, "/api/v1/tasks?order=sideways");
+    assert_eq!(bad.status, 400);
+    assert!(bad.body.contains("sideways"), "{}", bad.body);
 
     // Bad input is named.
     let bad = request(
@@ -647,6 +660,7 @@ mod chromium {
 
     impl Browser {
         fn launch() -> Browser {
+            assert_grouped("Chromium", None, "chromium");
             let profile = tempfile::tempdir().expect("a profile folder");
             let mut child = Command::new("chromium")
                 .args([
@@ -663,7 +677,12 @@ mod chromium {
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()
-                .expect("chromium (tools/test skips this module when it is missing)");
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "cannot run chromium ({e}): this test drives the dashboard in it. tools/test \
+                         skips the tests of modules named chromium when it is missing (and fails under CI)"
+                    )
+                });
             let stderr = child.stderr.take().expect("stderr");
             let (tx, rx) = std::sync::mpsc::channel();
             // Drained to the end, so Chromium never blocks on a full pipe.
@@ -812,7 +831,7 @@ mod chromium {
         p.drop_task(
             "dash.yaml",
             &format!(
-                "description: |\n  from the dashboard test {}\n  @fake wait-for={} print=dashboard-done\n",
+                "description: |\n  from the dashboard test <b id=injected>{}</b>\n  @fake wait-for={} print=dashboard-done\n",
                 SECRET.1,
                 release.display()
             ),
@@ -849,6 +868,9 @@ mod chromium {
         assert_eq!(b.eval("window.dashboardLoads"), 1, "loaded once");
         let text = b.eval("document.body.innerText").to_string();
         assert!(!text.contains(SECRET.1), "a secret reached the page");
+        // What the server sends is shown as text, never parsed as markup.
+        assert!(text.contains("<b id=injected>"), "{text}");
+        assert_eq!(b.eval("document.getElementById('injected') === null"), true);
         b.screenshot("dashboard.png");
         // A phone's screen: one column, nothing wider than the screen.
         b.call(
