@@ -350,6 +350,19 @@ fn every_endpoint_against_a_running_supervisor() {
         get(a, &format!("/api/v1/tasks/{slow}")).json()["state"] == "running"
     });
     request(a, "POST", &format!("/api/v1/tasks/{slow}/cancel"), &[], "");
+    // Newest change first: the task just cancelled, then the first one.
+    let newest = get(a, "/api/v1/tasks?order=newest");
+    let ids: Vec<_> = newest
+        .json()
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|t| t["id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(ids, [slow.clone(), id.clone()], "{}", newest.body);
+    let bad = get(a, "/api/v1/tasks?order=sideways");
+    assert_eq!(bad.status, 400);
+    assert!(bad.body.contains("sideways"), "{}", bad.body);
 
     // Bad input is named.
     let bad = request(
@@ -620,5 +633,257 @@ mod postgres {
             !elsewhere.path().join(".orchestrate").exists(),
             "reading PostgreSQL creates no local state"
         );
+    }
+}
+
+/// The dashboard in a real browser: Chromium, headless, driven over the Chrome DevTools Protocol.
+mod chromium {
+    use super::*;
+    use std::net::TcpStream;
+    use std::process::Command;
+
+    /// A headless Chromium and one page of it, killed when dropped (a failing test included).
+    struct Browser {
+        child: Child,
+        ws: tungstenite::WebSocket<TcpStream>,
+        session: String,
+        next: u64,
+        _profile: tempfile::TempDir,
+    }
+
+    impl Drop for Browser {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    impl Browser {
+        fn launch() -> Browser {
+            assert_grouped("Chromium", None, "chromium");
+            let profile = tempfile::tempdir().expect("a profile folder");
+            let mut child = Command::new("chromium")
+                .args([
+                    "--headless=new",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--no-first-run",
+                    "--remote-debugging-port=0",
+                    "--window-size=1280,1100",
+                ])
+                .arg(format!("--user-data-dir={}", profile.path().display()))
+                .arg("about:blank")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "cannot run chromium ({e}): this test drives the dashboard in it. tools/test \
+                         skips the tests of modules named chromium when it is missing (and fails under CI)"
+                    )
+                });
+            let stderr = child.stderr.take().expect("stderr");
+            let (tx, rx) = std::sync::mpsc::channel();
+            // Drained to the end, so Chromium never blocks on a full pipe.
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if let Some(url) = line.split("DevTools listening on ").nth(1) {
+                        let _ = tx.send(url.trim().to_string());
+                    }
+                }
+            });
+            let url = match rx.recv_timeout(Duration::from_secs(60)) {
+                Ok(url) => url,
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("chromium did not print its DevTools address within 60 s");
+                }
+            };
+            let hostport = url
+                .strip_prefix("ws://")
+                .and_then(|r| r.split('/').next())
+                .expect("a ws:// address");
+            let stream = TcpStream::connect(hostport).expect("connect to DevTools");
+            stream
+                .set_read_timeout(Some(Duration::from_secs(60)))
+                .expect("a read timeout");
+            let (ws, _) = tungstenite::client(url.as_str(), stream).expect("a DevTools websocket");
+            let mut b = Browser {
+                child,
+                ws,
+                session: String::new(),
+                next: 0,
+                _profile: profile,
+            };
+            let target = b.call(
+                "Target.createTarget",
+                serde_json::json!({"url": "about:blank"}),
+            );
+            let attached = b.call(
+                "Target.attachToTarget",
+                serde_json::json!({"targetId": target["targetId"], "flatten": true}),
+            );
+            b.session = attached["sessionId"]
+                .as_str()
+                .expect("a session")
+                .to_string();
+            b
+        }
+
+        /// One command, its result (events in between are passed over).
+        fn call(&mut self, method: &str, params: serde_json::Value) -> serde_json::Value {
+            self.next += 1;
+            let mut msg = serde_json::json!({"id": self.next, "method": method, "params": params});
+            if !self.session.is_empty() {
+                msg["sessionId"] = self.session.clone().into();
+            }
+            self.ws
+                .send(tungstenite::Message::text(msg.to_string()))
+                .expect("send to DevTools");
+            loop {
+                let m = self.ws.read().expect("a DevTools message");
+                let Ok(text) = m.to_text() else { continue };
+                let v: serde_json::Value = serde_json::from_str(text).expect("DevTools JSON");
+                if v["id"] == self.next {
+                    if let Some(e) = v.get("error") {
+                        panic!("{method}: {e}");
+                    }
+                    return v["result"].clone();
+                }
+            }
+        }
+
+        /// The value of a JavaScript expression in the page.
+        fn eval(&mut self, expr: &str) -> serde_json::Value {
+            let r = self.call(
+                "Runtime.evaluate",
+                serde_json::json!({"expression": expr, "returnByValue": true}),
+            );
+            if let Some(e) = r.get("exceptionDetails") {
+                panic!("{expr}: {e}");
+            }
+            r["result"]["value"].clone()
+        }
+
+        fn wait(&mut self, what: &str, expr: &str) {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while self.eval(expr) != serde_json::Value::Bool(true) {
+                if Instant::now() >= deadline {
+                    let text = self.eval("document.body.innerText");
+                    panic!("timed out after 60 s waiting for: {what}\nthe page shows:\n{text}");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+
+        /// Save a PNG of the page under target/test-artifacts and say where.
+        fn screenshot(&mut self, name: &str) -> std::path::PathBuf {
+            use base64::Engine;
+            let shot = self.call(
+                "Page.captureScreenshot",
+                serde_json::json!({"format": "png", "captureBeyondViewport": true}),
+            );
+            let png = base64::engine::general_purpose::STANDARD
+                .decode(shot["data"].as_str().expect("image data"))
+                .expect("base64");
+            assert!(png.starts_with(b"\x89PNG"), "a PNG");
+            let dir =
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
+            std::fs::create_dir_all(&dir).expect("target/test-artifacts");
+            let path = dir.join(name);
+            std::fs::write(&path, png).expect("write the screenshot");
+            println!("screenshot: {}", path.display());
+            path
+        }
+    }
+
+    #[test]
+    fn dashboard_shows_a_dropped_task_run_then_complete_without_a_reload() {
+        let p = Project::with_config(&config());
+        let mut sup = p.start_with_env(&[SECRET]);
+        let token = "dashboard-token-7c1e";
+        let srv = serve(&p, &["--token", token], 0);
+        let mut b = Browser::launch();
+        b.call("Page.enable", serde_json::json!({}));
+        b.call(
+            "Page.navigate",
+            serde_json::json!({"url": format!("http://{}/?token={token}", srv.addr)}),
+        );
+        // The token came once in the link; the cookie it set carries the page's requests and its
+        // event stream from then on.
+        b.wait(
+            "the event stream to connect",
+            "document.getElementById('conn')?.dataset.live === '1'",
+        );
+        b.wait(
+            "the agents table",
+            "!!document.querySelector('#agents tr[data-agent=\"fake\"]')",
+        );
+        assert_eq!(
+            b.eval("location.search"),
+            "",
+            "the token left the address bar"
+        );
+        b.eval("window.testMarker = 'the same page'");
+
+        let release = p.path("release-dash");
+        p.drop_task(
+            "dash.yaml",
+            &format!(
+                "description: |\n  from the dashboard test <b id=injected>{}</b>\n  @fake wait-for={} print=dashboard-done\n",
+                SECRET.1,
+                release.display()
+            ),
+        );
+        let row =
+            "document.querySelector('#tasks tr[data-id=\"dash\"] [data-state]')?.dataset.state";
+        b.wait(
+            "the dropped task to show as running",
+            &format!(
+                "{row} === 'running' && !!document.querySelector('#running tr[data-id=\"dash\"]')"
+            ),
+        );
+        // The running task is selected: its detail says so.
+        b.wait(
+            "the running task's detail",
+            "document.getElementById('detail-state')?.dataset.state === 'running'",
+        );
+        b.screenshot("dashboard-running.png");
+
+        std::fs::write(&release, "").expect("release the task");
+        b.wait(
+            "the task to show as completed",
+            &format!(
+                "{row} === 'completed' && !document.querySelector('#running tr[data-id]') \
+                 && document.querySelector('#counts [data-count=\"completed\"]')?.textContent === 'completed 1'"
+            ),
+        );
+        b.wait(
+            "the detail to show its output",
+            "document.getElementById('detail-state')?.dataset.state === 'completed' \
+             && document.getElementById('log').textContent.includes('dashboard-done')",
+        );
+        assert_eq!(b.eval("window.testMarker"), "the same page", "no reload");
+        assert_eq!(b.eval("window.dashboardLoads"), 1, "loaded once");
+        let text = b.eval("document.body.innerText").to_string();
+        assert!(!text.contains(SECRET.1), "a secret reached the page");
+        // What the server sends is shown as text, never parsed as markup.
+        assert!(text.contains("<b id=injected>"), "{text}");
+        assert_eq!(b.eval("document.getElementById('injected') === null"), true);
+        b.screenshot("dashboard.png");
+        // A phone's screen: one column, nothing wider than the screen.
+        b.call(
+            "Emulation.setDeviceMetricsOverride",
+            serde_json::json!({"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": true}),
+        );
+        b.wait(
+            "one column on a narrow screen",
+            "document.documentElement.scrollWidth <= 390 \
+             && getComputedStyle(document.querySelector('main')).gridTemplateColumns.split(' ').length === 1",
+        );
+        b.screenshot("dashboard-phone.png");
+        drop(b);
+        sup.stop();
     }
 }

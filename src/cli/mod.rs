@@ -178,7 +178,7 @@ pub enum Command {
         #[arg(long)]
         limit: Option<u64>,
     },
-    /// Serve the JSON API (/api/v1), server-sent events and Prometheus metrics (/metrics) over HTTP.
+    /// Serve a dashboard (/), the JSON API (/api/v1), server-sent events and Prometheus metrics over HTTP.
     Serve {
         /// Address and port to listen on (port 0: any free one); not loopback only with a token.
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7777")]

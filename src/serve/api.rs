@@ -22,6 +22,7 @@ use crate::project::{NewTask, Retried};
 
 pub fn router(state: Arc<State>) -> Router {
     Router::new()
+        .route("/", get(dashboard))
         .route("/api/v1/status", get(status))
         .route("/api/v1/tasks", get(tasks).post(add))
         .route("/api/v1/tasks/{id}", get(task))
@@ -106,6 +107,24 @@ fn redact_value(r: &crate::redact::Redactor, v: &mut serde_json::Value) {
     }
 }
 
+/// The dashboard: one page, embedded, that reads everything else through this API.
+async fn dashboard() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            // Nothing but this page's own inline code and the API it reads.
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                 connect-src 'self'; img-src 'self' data:; form-action 'none'; base-uri 'none'",
+            ),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        include_str!("dashboard.html"),
+    )
+        .into_response()
+}
+
 async fn status(Extract(state): Extract<Arc<State>>) -> Answer {
     read_json(state, |s, reader| {
         crate::project::status::status(&s.project, reader)
@@ -120,10 +139,11 @@ struct TasksQuery {
     agent: Option<String>,
     limit: Option<usize>,
     after: Option<String>,
+    order: Option<String>,
 }
 
-/// Tasks oldest change first; `after=ID` starts past that task (the last of the previous page),
-/// `limit=N` keeps the first N.
+/// Tasks oldest change first (`order=newest`: newest first); `after=ID` starts past that task (the
+/// last of the previous page), `limit=N` keeps the first N.
 async fn tasks(Extract(state): Extract<Arc<State>>, Query(q): Query<TasksQuery>) -> Answer {
     read_json(state, move |_, reader| {
         let st = q
@@ -140,6 +160,13 @@ async fn tasks(Extract(state): Extract<Arc<State>>, Query(q): Query<TasksQuery>)
         let mut rows = reader.list(st)?;
         if let Some(a) = &q.agent {
             rows.retain(|r| r.agent.as_deref() == Some(a.as_str()));
+        }
+        match q.order.as_deref() {
+            None | Some("oldest") => {}
+            Some("newest") => rows.reverse(),
+            Some(o) => anyhow::bail!(UsageError(format!(
+                "order must be oldest or newest, not `{o}`"
+            ))),
         }
         if let Some(after) = &q.after {
             let Some(i) = rows.iter().position(|r| &r.id == after) else {
