@@ -27,7 +27,7 @@ const LAYERS: &[&[&str]] = &[
     &["router", "scheduler"],
     &["supervisor"],
     &["project"],
-    &["cli", "serve"],
+    &["cli", "serve", "tui"],
 ];
 
 fn layer_of(module: &str) -> Option<usize> {
