@@ -10,147 +10,6 @@ use std::time::Duration;
 
 use common::{BIN, Project, wait_for};
 
-/// A tmux server of this test's own; killed when the test ends, passed or not.
-struct Tmux {
-    socket: String,
-}
-
-impl Tmux {
-    fn new(tag: &str) -> Tmux {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock")
-            .subsec_nanos();
-        Tmux {
-            socket: format!("orchestrate-{tag}-{}-{nanos}", std::process::id()),
-        }
-    }
-
-    fn cmd(&self, args: &[&str]) -> std::process::Output {
-        Command::new("tmux")
-            .arg("-L")
-            .arg(&self.socket)
-            .args(args)
-            .env_remove("TMUX")
-            .stdin(Stdio::null())
-            .output()
-            .expect("run tmux")
-    }
-
-    fn screen(&self) -> String {
-        String::from_utf8_lossy(&self.cmd(&["capture-pane", "-p", "-t", "w"]).stdout).into_owned()
-    }
-
-    fn keys(&self, keys: &[&str]) {
-        let mut args = vec!["send-keys", "-t", "w"];
-        args.extend(keys);
-        assert!(self.cmd(&args).status.success(), "send-keys {keys:?}");
-    }
-
-    /// Wait (bounded) until the screen shows a line for which `cond` holds; on timeout the panic
-    /// shows the screen.
-    #[track_caller]
-    fn wait_line(&self, what: &str, cond: impl Fn(&str) -> bool) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let s = self.screen();
-            if s.lines().any(&cond) {
-                return;
-            }
-            if std::time::Instant::now() >= deadline {
-                panic!("timed out waiting for {what}; the screen:\n{s}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Tmux {
-    fn drop(&mut self) {
-        let _ = self.cmd(&["kill-server"]);
-    }
-}
-
-fn quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
-
-#[test]
-fn watch_under_tmux_shows_a_dropped_task_live_opens_its_log_cancels_and_retries() {
-    let p = Project::new();
-    let _sup = p.start();
-    let tmux = Tmux::new("watch");
-    // Inside a shell, so that after `q` the screen shows what the shell prints next: the terminal
-    // is back to normal.
-    let script = format!(
-        "env -u DATABASE_URL {} -C {} watch; echo watch-exited-$?; sleep 60",
-        quote(BIN),
-        quote(&p.root().display().to_string())
-    );
-    let out = tmux.cmd(&[
-        "new-session",
-        "-d",
-        "-x",
-        "100",
-        "-y",
-        "30",
-        "-s",
-        "w",
-        "sh",
-        "-c",
-        &script,
-    ]);
-    assert!(
-        out.status.success(),
-        "tmux new-session: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    tmux.wait_line("the header", |l| l.contains("orchestrate watch · local"));
-    tmux.wait_line("the empty table", |l| l.contains("no tasks yet"));
-
-    p.drop_task(
-        "tw1.yaml",
-        "description: \"@fake ticks=600:0.1\"\nmax_retries: 0\n",
-    );
-    tmux.wait_line("tw1 running", |l| {
-        l.contains("tw1") && l.contains("running") && l.contains("fake")
-    });
-    tmux.wait_line("the counts", |l| l.contains("running 1  pending 0"));
-
-    // The detail view: the running attempt's log, live.
-    tmux.keys(&["Enter"]);
-    tmux.wait_line("the log section", |l| l.contains("log of attempt 1"));
-    tmux.wait_line("the agent's output in the log", |l| l.contains("tick "));
-    tmux.keys(&["Escape"]);
-    tmux.wait_line("the table again", |l| l.contains("Enter open"));
-
-    // Cancel asks first; `y` stops it through its supervisor.
-    tmux.keys(&["c"]);
-    tmux.wait_line("the question", |l| l.contains("cancel tw1? y/n"));
-    tmux.keys(&["y"]);
-    tmux.wait_line("tw1 failed", |l| l.contains("tw1") && l.contains("failed"));
-    wait_for("tw1 in failed/", Duration::from_secs(30), || {
-        p.tasks_in("failed").contains(&"tw1".to_string())
-    });
-
-    // Retry puts it back; it runs again.
-    tmux.keys(&["r"]);
-    tmux.wait_line("the question", |l| l.contains("retry tw1? y/n"));
-    tmux.keys(&["y"]);
-    tmux.wait_line("the answer", |l| l.contains("tw1: back in pending"));
-    tmux.wait_line("tw1 running again", |l| {
-        l.contains("tw1") && l.contains("running")
-    });
-
-    tmux.keys(&["q"]);
-    tmux.wait_line("watch to exit with 0", |l| l.contains("watch-exited-0"));
-    assert!(
-        !tmux.screen().contains("orchestrate watch · local"),
-        "the table is gone from the screen after q:\n{}",
-        tmux.screen()
-    );
-}
-
 #[test]
 fn watch_prints_one_plain_snapshot_when_stdout_is_not_a_terminal() {
     let p = Project::new();
@@ -226,4 +85,200 @@ fn watch_follow_prints_the_snapshot_then_each_event() {
     let _ = child.kill();
     let _ = child.wait();
     reader.join().expect("reader");
+}
+
+mod postgres {
+    use super::*;
+    use common::{PgSchema, pg_config, pg_url};
+
+    /// With `--database-url` it reads PostgreSQL alone: a folder with nothing but a config naming the
+    /// schema is enough.
+    #[test]
+    fn watch_reads_postgres_alone() {
+        let s = PgSchema::new("watch_remote");
+        let p = Project::with_config(&pg_config(&s.url(), &s.name));
+        p.drop_task("r1.yaml", "description: \"@fake print=ok\"\n");
+        p.drop_task("r2.yaml", "description: \"@fake exit=4\"\nmax_retries: 0\n");
+        p.run(&["start", "--once"]).assert_code(0);
+        let elsewhere = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            elsewhere.path().join("config.yaml"),
+            format!("database:\n  schema: {}\n", s.name),
+        )
+        .expect("cfg");
+        let out = Command::new(BIN)
+            .arg("-C")
+            .arg(elsewhere.path())
+            .args(["--database-url", &pg_url(), "watch"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run watch");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[0].starts_with("running 0  pending 0  failed 1  completed 1 (postgres, event "),
+            "{text}"
+        );
+        let row = |id: &str| {
+            lines
+                .iter()
+                .find(|l| l.split_whitespace().next() == Some(id))
+                .map(|l| l.split_whitespace().nth(1).unwrap_or_default().to_string())
+        };
+        assert_eq!(row("r2").as_deref(), Some("failed"), "{text}");
+        assert_eq!(row("r1").as_deref(), Some("completed"), "{text}");
+    }
+}
+
+/// Needs the `tmux` program: `tools/test` skips this module where it is missing.
+mod tmux {
+    use super::*;
+
+    /// A tmux server of this test's own; killed when the test ends, passed or not.
+    struct Tmux {
+        socket: String,
+    }
+
+    impl Tmux {
+        fn new(tag: &str) -> Tmux {
+            common::assert_grouped("tmux", None, "tmux");
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("clock")
+                .subsec_nanos();
+            Tmux {
+                socket: format!("orchestrate-{tag}-{}-{nanos}", std::process::id()),
+            }
+        }
+
+        fn cmd(&self, args: &[&str]) -> std::process::Output {
+            Command::new("tmux")
+                .arg("-L")
+                .arg(&self.socket)
+                .args(args)
+                .env_remove("TMUX")
+                .stdin(Stdio::null())
+                .output()
+                .expect("run tmux")
+        }
+
+        fn screen(&self) -> String {
+            String::from_utf8_lossy(&self.cmd(&["capture-pane", "-p", "-t", "w"]).stdout)
+                .into_owned()
+        }
+
+        fn keys(&self, keys: &[&str]) {
+            let mut args = vec!["send-keys", "-t", "w"];
+            args.extend(keys);
+            assert!(self.cmd(&args).status.success(), "send-keys {keys:?}");
+        }
+
+        /// Wait (bounded) until the screen shows a line for which `cond` holds; on timeout the panic
+        /// shows the screen.
+        #[track_caller]
+        fn wait_line(&self, what: &str, cond: impl Fn(&str) -> bool) {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let s = self.screen();
+                if s.lines().any(&cond) {
+                    return;
+                }
+                if std::time::Instant::now() >= deadline {
+                    panic!("timed out waiting for {what}; the screen:\n{s}");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    impl Drop for Tmux {
+        fn drop(&mut self) {
+            let _ = self.cmd(&["kill-server"]);
+        }
+    }
+
+    fn quote(s: &str) -> String {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+
+    #[test]
+    fn watch_under_tmux_shows_a_dropped_task_live_opens_its_log_cancels_and_retries() {
+        let p = Project::new();
+        let _sup = p.start();
+        let tmux = Tmux::new("watch");
+        // Inside a shell, so that after `q` the screen shows what the shell prints next: the terminal
+        // is back to normal.
+        let script = format!(
+            "env -u DATABASE_URL {} -C {} watch; echo watch-exited-$?; sleep 60",
+            quote(BIN),
+            quote(&p.root().display().to_string())
+        );
+        let out = tmux.cmd(&[
+            "new-session",
+            "-d",
+            "-x",
+            "100",
+            "-y",
+            "30",
+            "-s",
+            "w",
+            "sh",
+            "-c",
+            &script,
+        ]);
+        assert!(
+            out.status.success(),
+            "tmux new-session: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tmux.wait_line("the header", |l| l.contains("orchestrate watch · local"));
+        tmux.wait_line("the empty table", |l| l.contains("no tasks yet"));
+
+        p.drop_task(
+            "tw1.yaml",
+            "description: \"@fake ticks=600:0.1\"\nmax_retries: 0\n",
+        );
+        tmux.wait_line("tw1 running", |l| {
+            l.contains("tw1") && l.contains("running") && l.contains("fake")
+        });
+        tmux.wait_line("the counts", |l| l.contains("running 1  pending 0"));
+
+        // The detail view: the running attempt's log, live.
+        tmux.keys(&["Enter"]);
+        tmux.wait_line("the log section", |l| l.contains("log of attempt 1"));
+        tmux.wait_line("the agent's output in the log", |l| l.contains("tick "));
+        tmux.keys(&["Escape"]);
+        tmux.wait_line("the table again", |l| l.contains("Enter open"));
+
+        // Cancel asks first; `y` stops it through its supervisor.
+        tmux.keys(&["c"]);
+        tmux.wait_line("the question", |l| l.contains("cancel tw1? y/n"));
+        tmux.keys(&["y"]);
+        tmux.wait_line("tw1 failed", |l| l.contains("tw1") && l.contains("failed"));
+        wait_for("tw1 in failed/", Duration::from_secs(30), || {
+            p.tasks_in("failed").contains(&"tw1".to_string())
+        });
+
+        // Retry puts it back; it runs again.
+        tmux.keys(&["r"]);
+        tmux.wait_line("the question", |l| l.contains("retry tw1? y/n"));
+        tmux.keys(&["y"]);
+        tmux.wait_line("the answer", |l| l.contains("tw1: back in pending"));
+        tmux.wait_line("tw1 running again", |l| {
+            l.contains("tw1") && l.contains("running")
+        });
+
+        tmux.keys(&["q"]);
+        tmux.wait_line("watch to exit with 0", |l| l.contains("watch-exited-0"));
+        assert!(
+            !tmux.screen().contains("orchestrate watch · local"),
+            "the table is gone from the screen after q:\n{}",
+            tmux.screen()
+        );
+    }
 }

@@ -49,8 +49,9 @@ pub fn run(project: &Project, database_url: Option<&str>) -> Result<()> {
     let mut reader = Some(project.reader(database_url)?);
     let first = Snapshot::load(project, reader.as_ref().expect("just opened"))?;
     let mut app = App::new(first, database_url.is_some());
-    let mut terminal = ratatui::try_init()?;
+    // Before the terminal changes: a failure half-way through setting it up restores it too.
     let _restore = Restore;
+    let mut terminal = ratatui::try_init()?;
     let (tx, rx) = mpsc::channel::<String>();
     std::thread::scope(|scope| -> Result<()> {
         let mut last_load = Instant::now();
