@@ -248,6 +248,24 @@ mod tmux {
         });
         tmux.wait_line("the counts", |l| l.contains("running 1  pending 0"));
 
+        // A phone's width: the table is drawn again for it, the note keeps its room.
+        assert!(
+            tmux.cmd(&["resize-window", "-t", "w", "-x", "50", "-y", "30"])
+                .status
+                .success()
+        );
+        tmux.wait_line("the narrow table", |l| {
+            l.contains("STATE") && l.contains("TIME") && !l.contains("AGENT")
+        });
+        assert!(
+            tmux.cmd(&["resize-window", "-t", "w", "-x", "100", "-y", "30"])
+                .status
+                .success()
+        );
+        tmux.wait_line("the wide table", |l| {
+            l.contains("STATE") && l.contains("AGENT")
+        });
+
         // The detail view: the running attempt's log, live.
         tmux.keys(&["Enter"]);
         tmux.wait_line("the log section", |l| l.contains("log of attempt 1"));
