@@ -36,6 +36,7 @@ pub mod snapshot;
 pub mod spool;
 pub mod supervisor;
 pub mod task;
+pub mod tui;
 pub mod watch;
 pub mod writers;
 pub mod yaml;

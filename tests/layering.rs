@@ -27,7 +27,7 @@ const LAYERS: &[&[&str]] = &[
     &["router", "scheduler"],
     &["supervisor"],
     &["project"],
-    &["cli", "serve"],
+    &["cli", "serve", "tui"],
 ];
 
 fn layer_of(module: &str) -> Option<usize> {
@@ -226,4 +226,20 @@ fn the_reference_reader_sees_groups_and_skips_lookalikes() {
             "yaml".to_string()
         ])
     );
+}
+
+/// The live surfaces (`serve`, `tui`) share what they need through `project` below them, never
+/// through each other or the CLI; only `cli` dispatches to them.
+#[test]
+fn live_surfaces_use_no_other_surface() {
+    let refs = references();
+    let mut problems = Vec::new();
+    for module in ["serve", "tui"] {
+        for other in ["cli", "serve", "tui"] {
+            if other != module && refs.get(module).is_some_and(|u| u.contains(other)) {
+                problems.push(format!("{module} uses {other}"));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
 }

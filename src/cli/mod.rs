@@ -35,6 +35,7 @@ mod start;
 mod status;
 mod tasks;
 mod validate;
+mod watch;
 
 use std::path::PathBuf;
 
@@ -62,7 +63,7 @@ pub struct Cli {
     /// Machine-readable output (JSON).
     #[arg(long, global = true, help_heading = GLOBAL)]
     pub json: bool,
-    /// Read from this PostgreSQL mirror instead of the local folder (status, tasks, show, follow, serve).
+    /// Read from this PostgreSQL mirror instead of the local folder (status, tasks, show, follow, serve, watch).
     #[arg(long, global = true, value_name = "URL", help_heading = GLOBAL)]
     pub database_url: Option<String>,
     #[command(subcommand)]
@@ -193,6 +194,14 @@ pub enum Command {
         #[arg(long)]
         read_only: bool,
     },
+    /// The live terminal UI: the task table, counts, agents and cooldowns; Enter shows a task's
+    /// output or log tail and its diff, c cancels, r retries, q quits. When stdout is not a terminal
+    /// it prints one plain snapshot instead (or, with --follow, the snapshot and then events).
+    Watch {
+        /// Not a terminal: after the snapshot, print task events as they happen (as `follow`).
+        #[arg(long)]
+        follow: bool,
+    },
     /// Print the completion script for a shell to stdout (needs no project).
     Completions {
         #[arg(value_enum)]
@@ -244,10 +253,11 @@ pub fn run(cli: Cli) -> Result<i32> {
                 | Command::Show { .. }
                 | Command::Follow { .. }
                 | Command::Serve { .. }
+                | Command::Watch { .. }
         )
     {
         return Err(crate::error::UsageError(
-            "--database-url works with status, tasks, show, follow and serve (reading only); other commands act on the folder".into(),
+            "--database-url works with status, tasks, show, follow, serve and watch (reading only); other commands act on the folder".into(),
         )
         .into());
     }
@@ -297,6 +307,7 @@ pub fn run(cli: Cli) -> Result<i32> {
                 database_url: cli.database_url.clone(),
             },
         ),
+        Command::Watch { follow } => watch::run(&cli, &load(&cli)?, *follow),
         Command::Mirror {
             action: MirrorAction::Rebuild,
         } => mirror_cmd::rebuild(&cli, &load(&cli)?),

@@ -312,7 +312,8 @@ fn kept_of(rows: Vec<TaskRow>) -> Vec<KeptBranch> {
         .collect()
 }
 
-fn cooling(layout: &crate::layout::Layout) -> Vec<CoolingAgent> {
+/// Agents resting after a rate limit or an exhausted quota right now (the folder's cooldown file).
+pub fn cooling(layout: &crate::layout::Layout) -> Vec<CoolingAgent> {
     let now = time::OffsetDateTime::now_utc();
     crate::cooldown::Cooldowns::read(layout)
         .into_iter()
