@@ -17,7 +17,7 @@ pub fn run(cli: &Cli, project: Project, opts: crate::serve::Options) -> Result<i
             outln!(out, "token (shown once): {t}")?;
             outln!(
                 out,
-                "open http://{addr}/api/v1/status?token={t} to log a browser in"
+                "open http://{addr}/?token={t} to log a browser in (the dashboard)"
             )?;
         }
     }
