@@ -330,8 +330,28 @@ fn every_endpoint_against_a_running_supervisor() {
         let r = get(a, &format!("/api/v1/tasks/{slow}/log"));
         r.status == 200 && r.body.contains("tick 2")
     });
+    // `?follow=1` sends the log as it grows and ends with the attempt (the cancel below).
+    let before = get(a, &format!("/api/v1/tasks/{slow}/log")).body;
+    let follower = {
+        let (a, slow) = (a.to_string(), slow.clone());
+        std::thread::spawn(move || get(&a, &format!("/api/v1/tasks/{slow}/log?follow=1")))
+    };
+    assert_eq!(
+        get(a, &format!("/api/v1/tasks/{slow}/log?follow=yes")).status,
+        400
+    );
+    std::thread::sleep(Duration::from_millis(1500));
     let cancel = request(a, "POST", &format!("/api/v1/tasks/{slow}/cancel"), &[], "");
     assert_eq!(cancel.status, 200, "{}", cancel.body);
+    let followed = follower.join().expect("the follower ends with the attempt");
+    assert_eq!(followed.status, 200);
+    assert!(followed.body.starts_with(&before), "{}", followed.body);
+    assert!(
+        followed.body.matches("tick ").count() > before.matches("tick ").count() + 5,
+        "the log grew while followed:\n{}",
+        followed.body
+    );
+    bodies.push(followed.body);
     assert_eq!(
         get(a, &format!("/api/v1/tasks/{slow}")).json()["state"],
         "failed"

@@ -198,9 +198,29 @@ async fn task(Extract(state): Extract<Arc<State>>, Path(id): Path<String>) -> An
 }
 
 /// The running attempt's log so far, as text.
-async fn log(Extract(state): Extract<Arc<State>>, Path(id): Path<String>) -> Answer {
+#[derive(Deserialize)]
+struct LogQuery {
+    /// `1` (or `true`): keep the answer open and send the log as it grows, until the attempt ends.
+    follow: Option<String>,
+}
+
+async fn log(
+    Extract(state): Extract<Arc<State>>,
+    Path(id): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> Answer {
+    let follow = match q.follow.as_deref() {
+        None | Some("0") | Some("false") => false,
+        Some("1") | Some("true") => true,
+        Some(other) => {
+            return Err(
+                anyhow::Error::new(UsageError(format!("follow={other}: use follow=1"))).into(),
+            );
+        }
+    };
     let s = state.clone();
-    let text = blocking(move || {
+    let task_id = id.clone();
+    let (path, text) = blocking(move || {
         let reader = s.project.reader(s.database_url.as_deref())?;
         if !reader.is_local() {
             anyhow::bail!(UsageError(
@@ -218,11 +238,90 @@ async fn log(Extract(state): Extract<Arc<State>>, Path(id): Path<String>) -> Ans
         }
         let path = s.project.layout.log_path(&id, row.payload.attempts.max(1));
         let bytes = std::fs::read(&path).unwrap_or_default();
-        Ok(s.redactor
-            .redact_owned(String::from_utf8_lossy(&bytes).into_owned()))
+        Ok((path, bytes))
     })
     .await?;
-    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+    let content_type = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
+    if !follow {
+        let text = state
+            .redactor
+            .redact_owned(String::from_utf8_lossy(&text).into_owned());
+        return Ok((content_type, text).into_response());
+    }
+    // Whole lines only, each redacted: a secret cut between two reads would slip past the
+    // redactor. What is read so far goes first, then what the log gains.
+    let (tx, rx) = tokio::sync::mpsc::channel::<String>(64);
+    let s = state.clone();
+    tokio::task::spawn_blocking(move || follow_log(&s, &task_id, &path, text, &tx));
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|chunk| (Ok::<_, Infallible>(axum::body::Bytes::from(chunk)), rx))
+    });
+    Ok((content_type, axum::body::Body::from_stream(stream)).into_response())
+}
+
+/// Send the log at `path` of running task `id` line by line as it grows, starting with `first`
+/// (what was read already), until the attempt is no longer running or the client has gone.
+fn follow_log(
+    s: &State,
+    id: &str,
+    path: &std::path::Path,
+    first: Vec<u8>,
+    tx: &tokio::sync::mpsc::Sender<String>,
+) {
+    use std::io::{Read, Seek, SeekFrom};
+    const POLL: std::time::Duration = std::time::Duration::from_millis(200);
+    let mut offset = first.len() as u64;
+    let mut pending = first;
+    let mut last_look = std::time::Instant::now();
+    let send_lines = |pending: &mut Vec<u8>, all: bool| -> bool {
+        let cut = if all {
+            pending.len()
+        } else {
+            pending
+                .iter()
+                .rposition(|b| *b == b'\n')
+                .map_or(0, |i| i + 1)
+        };
+        if cut == 0 {
+            return true;
+        }
+        let text = String::from_utf8_lossy(&pending[..cut]).into_owned();
+        pending.drain(..cut);
+        tx.blocking_send(s.redactor.redact_owned(text)).is_ok()
+    };
+    loop {
+        if !send_lines(&mut pending, false) {
+            return;
+        }
+        std::thread::sleep(POLL);
+        if tx.is_closed() {
+            return;
+        }
+        if let Ok(mut f) = std::fs::File::open(path)
+            && f.seek(SeekFrom::Start(offset)).is_ok()
+        {
+            let mut more = vec![];
+            if f.read_to_end(&mut more).is_ok() {
+                offset += more.len() as u64;
+                pending.extend(more);
+            }
+        }
+        // The attempt's end, looked for once a second: then the rest goes, and the answer ends.
+        if last_look.elapsed() >= std::time::Duration::from_secs(1) {
+            last_look = std::time::Instant::now();
+            let running = s
+                .project
+                .reader(s.database_url.as_deref())
+                .and_then(|r| r.get(id))
+                .is_ok_and(|row| row.is_some_and(|r| r.state == "running"));
+            if !running {
+                send_lines(&mut pending, true);
+                return;
+            }
+        }
+    }
 }
 
 async fn agents(Extract(state): Extract<Arc<State>>) -> Answer {
