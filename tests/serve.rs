@@ -573,6 +573,66 @@ fn token_rules() {
     assert_eq!(get(&ro.addr, "/api/v1/status").status, 200);
 }
 
+/// `start --serve ADDR` answers the API beside the supervisor in one process, and stops with it; an
+/// address it may not use stops the start before the supervisor begins.
+#[test]
+fn start_serve_answers_beside_the_supervisor() {
+    let p = Project::with_config(&config());
+    let refused = p.run(&["start", "--serve", "0.0.0.0:0"]);
+    refused.assert_code(2);
+    assert!(
+        refused.stderr().contains("not a loopback address"),
+        "{}",
+        refused.stderr()
+    );
+    assert!(
+        !p.path(".orchestrate/instances").exists() || p.files(".orchestrate/instances").is_empty(),
+        "no supervisor ran"
+    );
+    let log = p.path("start-serve.log");
+    let f = std::fs::File::create(&log).expect("log");
+    let mut child = p
+        .cmd(&["start", "--serve", "127.0.0.1:0"])
+        .env_remove("ORCHESTRATE_SERVE_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(f.try_clone().expect("clone"))
+        .stderr(f)
+        .spawn()
+        .expect("spawn");
+    let mut addr = String::new();
+    wait_for("it says where it serves", Duration::from_secs(15), || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        addr = text
+            .lines()
+            .find_map(|l| l.split("serving    http://").nth(1))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        !addr.is_empty() && text.contains("watching")
+    });
+    p.drop_task("one.yaml", "description: \"@fake\"\n");
+    wait_for(
+        "the task completes, seen through the API",
+        Duration::from_secs(60),
+        || get(&addr, "/api/v1/tasks/one").json()["state"] == "completed",
+    );
+    assert_eq!(get(&addr, "/").status, 200, "the dashboard");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = wait_child(&mut child, Duration::from_secs(30)).expect("exits on SIGTERM");
+    assert!(
+        status.success(),
+        "{status:?}\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(
+        TcpStream::connect(&addr).is_err(),
+        "the server stopped with it"
+    );
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(text.contains("completed  one"), "{text}");
+}
+
 mod postgres {
     use super::*;
 

@@ -85,6 +85,10 @@ pub enum Command {
         /// More output (-v: every decision).
         #[arg(short, long, action = clap::ArgAction::Count)]
         verbose: u8,
+        /// Also answer `orchestrate serve`'s API and dashboard on ADDR (its token, when it needs
+        /// one, from ORCHESTRATE_SERVE_TOKEN).
+        #[arg(long, value_name = "ADDR", conflicts_with = "detach")]
+        serve: Option<String>,
     },
     /// Stop running supervisors gracefully (agents get SIGTERM, then SIGKILL after the grace period).
     Stop {
@@ -272,7 +276,8 @@ pub fn run(cli: Cli) -> Result<i32> {
             once,
             detach,
             verbose,
-        } => start::start(&cli, *once, *detach, *verbose),
+            serve,
+        } => start::start(&cli, *once, *detach, *verbose, serve.as_deref()),
         Command::Stop { timeout } => start::stop(&load(&cli)?, *timeout),
         Command::Validate {
             files,

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use super::{Cli, Project};
 use crate::supervisor::{Options, Supervisor};
 
-pub fn start(cli: &Cli, once: bool, detach: bool, verbose: u8) -> Result<i32> {
+pub fn start(cli: &Cli, once: bool, detach: bool, verbose: u8, serve: Option<&str>) -> Result<i32> {
     let project = Project::load(cli.root.as_deref(), cli.config.as_deref())?;
     if detach {
         return detach_start(cli, &project, verbose);
@@ -18,6 +18,31 @@ pub fn start(cli: &Cli, once: bool, detach: bool, verbose: u8) -> Result<i32> {
     // Once per start, before the loop; a reload says its own notes.
     for n in &project.cfg.notes {
         crate::console::info(&format!("note: {n}"));
+    }
+    if let Some(listen) = serve {
+        // Bound before the supervisor starts, so a refused address (taken, or not loopback without
+        // a token) stops the start with its error; then it answers beside the loop until the
+        // process ends (it stops on the same signals).
+        let bound = crate::serve::bind(
+            Project::load(cli.root.as_deref(), cli.config.as_deref())?,
+            crate::serve::Options {
+                listen: listen.to_string(),
+                token: std::env::var("ORCHESTRATE_SERVE_TOKEN")
+                    .ok()
+                    .filter(|t| !t.is_empty()),
+                generate_token: false,
+                read_only: false,
+                database_url: None,
+            },
+        )?;
+        crate::console::info(&format!("serving    http://{}", bound.local_addr()?));
+        std::thread::Builder::new()
+            .name("serve".into())
+            .spawn(move || {
+                if let Err(e) = bound.run() {
+                    crate::console::warn(&format!("the HTTP server stopped: {e:#}"));
+                }
+            })?;
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
