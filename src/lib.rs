@@ -24,6 +24,7 @@ pub mod layout;
 pub mod llm;
 pub mod login;
 pub mod marker;
+pub mod mcp;
 pub mod mirror;
 pub mod process;
 pub mod project;

@@ -27,7 +27,7 @@ const LAYERS: &[&[&str]] = &[
     &["router", "scheduler"],
     &["supervisor"],
     &["project"],
-    &["cli", "serve", "tui"],
+    &["cli", "serve", "tui", "mcp"],
 ];
 
 fn layer_of(module: &str) -> Option<usize> {

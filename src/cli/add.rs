@@ -37,6 +37,7 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
         max_retries: *max_retries,
         id: id.clone(),
         check: check.clone(),
+        labels: vec![],
     })?;
     if cli.json {
         super::print_json(&serde_json::json!({ "id": tid, "file": file }))?;

@@ -26,6 +26,7 @@ mod follow;
 mod init;
 mod land;
 mod man;
+mod mcp;
 mod mirror_cmd;
 mod openai_agent;
 mod retry;
@@ -206,6 +207,13 @@ pub enum Command {
         #[arg(long)]
         follow: bool,
     },
+    /// Serve the Model Context Protocol on stdin/stdout, so an agent (Claude Code, Codex, Gemini
+    /// CLI, Cursor) can add tasks, wait for them and read their results.
+    Mcp {
+        /// Print the snippet that registers this server with a client, instead of serving.
+        #[arg(long, value_enum, value_name = "CLIENT")]
+        print_config: Option<mcp::Client>,
+    },
     /// Print the completion script for a shell to stdout (needs no project).
     Completions {
         #[arg(value_enum)]
@@ -312,6 +320,10 @@ pub fn run(cli: Cli) -> Result<i32> {
                 database_url: cli.database_url.clone(),
             },
         ),
+        Command::Mcp {
+            print_config: Some(client),
+        } => mcp::print_config(&cli, *client),
+        Command::Mcp { print_config: None } => mcp::run(load(&cli)?),
         Command::Watch { follow } => watch::run(&cli, &load(&cli)?, *follow),
         Command::Mirror {
             action: MirrorAction::Rebuild,

@@ -5,6 +5,7 @@
 //!
 //! It never prints to stdout (a mirror write that fails is a warning on stderr): the CLI and the HTTP server render what these functions return.
 
+pub mod land;
 pub mod status;
 
 use std::path::{Path, PathBuf};
@@ -166,6 +167,8 @@ pub struct NewTask {
     /// The command that verifies the result (`check`).
     #[serde(default)]
     pub check: Option<String>,
+    #[serde(default)]
+    pub labels: Vec<String>,
 }
 
 /// The next free `task_NNN` across the whole tree.
@@ -229,7 +232,7 @@ impl Project {
             priority: new.priority,
             agent: new.agent.clone(),
             task_type: new.task_type.clone(),
-            labels: vec![],
+            labels: new.labels.clone(),
             dependencies: new.after.clone(),
             context_files: new.context.clone(),
             workdir: new.workdir.clone(),

@@ -1,0 +1,489 @@
+//! `orchestrate mcp`: a Model Context Protocol server over stdio, so an agent (Claude Code, Codex,
+//! Gemini CLI, Cursor) can add tasks, watch them and act on their results. Every tool is a thin
+//! call into [`crate::project`], the same functions the CLI and the HTTP server use, so a task added
+//! here is validated and written exactly like one added by `orchestrate add`.
+//!
+//! It owns the tool definitions (schemas, descriptions) and their answers. It must never write to
+//! stdout itself (that is the protocol's channel), never let a bad call end the server (every
+//! failure is a tool error the model can read and correct), and never return a string the
+//! project's redactor has not seen.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::wrapper::{Json, Parameters};
+use rmcp::model::{JsonObject, ServerCapabilities, ServerInfo};
+use rmcp::{ServiceExt, tool, tool_handler, tool_router};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::project::{NewTask, Project, Retried};
+
+/// Longest text (output, diff, log) returned whole; longer ones are cut with a note.
+const MAX_TEXT: usize = 20_000;
+/// Longest `wait_for_task` wait: MCP clients time requests out (often after a few minutes).
+const MAX_WAIT_SECONDS: u64 = 300;
+
+/// Serve MCP on stdin/stdout until the client closes stdin.
+pub fn run(project: Project) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let server = Server::new(project);
+        let service = server.serve(rmcp::transport::stdio()).await?;
+        service.waiting().await?;
+        Ok(())
+    })
+}
+
+#[derive(Clone)]
+pub struct Server {
+    project: Arc<Project>,
+    tool_router: ToolRouter<Server>,
+}
+
+/// The input schema a tool advertises: its arguments type's, while the handler takes the raw object
+/// so a wrong argument is a tool error naming its path rather than a protocol error.
+fn schema<T: JsonSchema + 'static>() -> Arc<JsonObject> {
+    rmcp::handler::server::common::schema_for_type::<T>()
+}
+
+/// Decode a tool's arguments, naming the path of a field that is wrong.
+fn args<T: serde::de::DeserializeOwned>(raw: JsonObject) -> Result<T, String> {
+    serde_path_to_error::deserialize(Value::Object(raw)).map_err(|e| {
+        let path = e.path().to_string();
+        if path == "." {
+            format!("invalid arguments: {}", e.inner())
+        } else {
+            format!("invalid argument `{path}`: {}", e.inner())
+        }
+    })
+}
+
+impl Server {
+    pub fn new(project: Project) -> Server {
+        Server {
+            project: Arc::new(project),
+            tool_router: Self::tool_router(),
+        }
+    }
+
+    /// Run `f` on a blocking thread (the project's calls read files and the mirror, and cancel
+    /// waits), its error rendered for the model and everything it returns redacted.
+    async fn call<T: Serialize + Send + 'static>(
+        &self,
+        f: impl FnOnce(&Project) -> Result<T> + Send + 'static,
+    ) -> Result<Json<Answer>, String> {
+        let p = self.project.clone();
+        let redactor = p.cfg.redactor();
+        let r =
+            tokio::task::spawn_blocking(move || f(&p).and_then(|v| Ok(serde_json::to_value(v)?)))
+                .await
+                .map_err(|e| format!("internal error: {e}"))?;
+        match r {
+            Ok(mut v) => {
+                redact_value(&redactor, &mut v);
+                Ok(Json(Answer(v)))
+            }
+            Err(e) => Err(redactor.redact(&format!("{e:#}"))),
+        }
+    }
+}
+
+/// A tool's structured result: always a JSON object (MCP requires one).
+#[derive(Serialize, JsonSchema)]
+#[serde(transparent)]
+pub struct Answer(#[schemars(with = "JsonObject")] Value);
+
+fn redact_value(r: &crate::redact::Redactor, v: &mut Value) {
+    match v {
+        Value::String(s) => *s = r.redact(s),
+        Value::Array(a) => a.iter_mut().for_each(|x| redact_value(r, x)),
+        Value::Object(o) => {
+            let old = std::mem::take(o);
+            for (k, mut x) in old {
+                redact_value(r, &mut x);
+                o.insert(r.redact(&k), x);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Cut `text` to [`MAX_TEXT`] characters (its end kept: that is where an output or a log says how it
+/// ended), with a note saying where the whole of it is.
+fn cut(text: Option<String>, whole_at: &str) -> (Option<String>, Option<String>) {
+    let Some(text) = text else {
+        return (None, None);
+    };
+    let n = text.chars().count();
+    if n <= MAX_TEXT {
+        return (Some(text), None);
+    }
+    let tail: String = text.chars().skip(n - MAX_TEXT).collect();
+    (
+        Some(tail),
+        Some(format!(
+            "cut: the last {MAX_TEXT} of {n} characters; the whole text is in {whole_at}"
+        )),
+    )
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddTaskArgs {
+    /// What to do: the prompt the agent gets (the `shell` agent runs it as a command).
+    pub description: String,
+    /// A configured agent (see `list_agents`); omit to let routing decide.
+    pub agent: Option<String>,
+    /// "high", "normal" (default), "low", or an integer (larger runs sooner).
+    #[schemars(with = "Option<Value>")]
+    pub priority: Option<crate::task::Priority>,
+    /// Ids of tasks that must complete before this one runs; each must exist.
+    #[serde(default)]
+    pub after: Vec<String>,
+    /// Files (relative to the project root) whose contents go into the prompt.
+    #[serde(default)]
+    pub context_files: Vec<String>,
+    /// Where the agent runs, relative to the project root; default: the root.
+    pub workdir: Option<String>,
+    /// A shell command run after the agent; the task completes only if it exits 0 (e.g. `cargo test`).
+    pub check: Option<String>,
+    /// Free-form labels.
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// Free text that routing rules can match.
+    #[serde(rename = "type")]
+    pub task_type: Option<String>,
+    /// Time limit of one attempt, in minutes.
+    pub timeout_minutes: Option<f64>,
+    /// How many times a failed attempt is retried.
+    pub max_retries: Option<u32>,
+    /// Use this id instead of the next task_NNN.
+    pub id: Option<String>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ListTasksArgs {
+    /// Only tasks in this state: pending, running, completed or failed.
+    pub state: Option<String>,
+    /// Only tasks of this agent.
+    pub agent: Option<String>,
+    /// Only the N most recently updated.
+    pub limit: Option<usize>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IdArgs {
+    /// The task id (as `add_task` or `list_tasks` gave it).
+    pub id: String,
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MergeArgs {
+    /// The completed task whose kept branch to land.
+    pub id: String,
+    /// Also commit the changes on the current branch (default: leave them uncommitted).
+    #[serde(default)]
+    pub commit: bool,
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WaitArgs {
+    /// The task to wait for.
+    pub id: String,
+    /// Seconds to wait at most (default 60, at most 300); call again to keep waiting.
+    pub timeout_seconds: Option<u64>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NoArgs {}
+
+/// One task as `get_task` and `wait_for_task` return it.
+fn task_view(p: &Project, id: &str) -> Result<Value> {
+    let reader = p.reader(None)?;
+    let shown = p.show(&reader, id)?;
+    let (output, output_note) = cut(shown.output.clone(), &p.rel(&p.layout.output_path(id)));
+    let (diff, diff_note) = cut(shown.diff.clone(), &p.rel(&p.layout.diff_path(id)));
+    let mut v = serde_json::to_value(&shown)?;
+    let o = v.as_object_mut().expect("a task serialises to an object");
+    o.insert("output".into(), serde_json::to_value(output)?);
+    o.insert("diff".into(), serde_json::to_value(diff)?);
+    o.insert(
+        "terminal".into(),
+        Value::Bool(matches!(shown.state.as_str(), "completed" | "failed")),
+    );
+    let notes: Vec<String> = [output_note, diff_note].into_iter().flatten().collect();
+    if !notes.is_empty() {
+        o.insert("notes".into(), serde_json::to_value(notes)?);
+    }
+    Ok(v)
+}
+
+#[tool_router]
+impl Server {
+    #[tool(
+        description = "Add a task to the queue: written as a task file into tasks/pending/, validated exactly like one; the supervisor (`orchestrate start`) runs it. Returns its id and file.",
+        input_schema = schema::<AddTaskArgs>()
+    )]
+    async fn add_task(
+        &self,
+        Parameters(raw): Parameters<JsonObject>,
+    ) -> Result<Json<Answer>, String> {
+        let a: AddTaskArgs = args(raw)?;
+        let new = NewTask {
+            description: a.description,
+            priority: a.priority,
+            agent: a.agent,
+            after: a.after,
+            context: a.context_files,
+            task_type: a.task_type,
+            workdir: a.workdir,
+            timeout_minutes: a.timeout_minutes,
+            max_retries: a.max_retries,
+            id: a.id,
+            check: a.check,
+            labels: a.labels,
+        };
+        self.call(move |p| {
+            let (id, file) = p.add_task(&new)?;
+            Ok(serde_json::json!({"id": id, "file": file, "state": "pending"}))
+        })
+        .await
+    }
+
+    #[tool(
+        description = "List tasks, oldest change first: id, state, agent, description and more. Filter by state (pending, running, completed, failed) and agent; limit keeps the N most recently updated.",
+        input_schema = schema::<ListTasksArgs>()
+    )]
+    async fn list_tasks(
+        &self,
+        Parameters(raw): Parameters<JsonObject>,
+    ) -> Result<Json<Answer>, String> {
+        let a: ListTasksArgs = args(raw)?;
+        self.call(move |p| {
+            let st = a
+                .state
+                .as_deref()
+                .map(|s| if s == "active" { "running" } else { s });
+            if let Some(s) = st
+                && !["pending", "running", "completed", "failed"].contains(&s)
+            {
+                anyhow::bail!("state must be pending, running, completed or failed, not `{s}`");
+            }
+            let mut rows = p.reader(None)?.list(st)?;
+            if let Some(agent) = &a.agent {
+                if !p.cfg.agents.contains_key(agent) {
+                    anyhow::bail!(
+                        "unknown agent `{agent}` (configured: {})",
+                        p.cfg.agent_names()
+                    );
+                }
+                rows.retain(|r| r.agent.as_deref() == Some(agent.as_str()));
+            }
+            if let Some(n) = a.limit {
+                rows.drain(..rows.len().saturating_sub(n));
+            }
+            Ok(serde_json::json!({"tasks": rows}))
+        })
+        .await
+    }
+
+    #[tool(
+        description = "One task: state, its file, attempts, result, error, output and diff (long texts are cut to their last 20000 characters, with a note naming the file that holds all of it). `terminal` says whether it has finished.",
+        input_schema = schema::<IdArgs>()
+    )]
+    async fn get_task(
+        &self,
+        Parameters(raw): Parameters<JsonObject>,
+    ) -> Result<Json<Answer>, String> {
+        let a: IdArgs = args(raw)?;
+        self.call(move |p| task_view(p, &a.id)).await
+    }
+
+    #[tool(
+        description = "The running attempt's log so far (its last 20000 characters). Only for a running task; a finished one's output is in get_task.",
+        input_schema = schema::<IdArgs>()
+    )]
+    async fn get_log(
+        &self,
+        Parameters(raw): Parameters<JsonObject>,
+    ) -> Result<Json<Answer>, String> {
+        let a: IdArgs = args(raw)?;
+        self.call(move |p| {
+            let id = a.id;
+            // The tree, not the mirror: the mirror may not have heard of the start yet.
+            let claim = match p.spool.settled_place(&id) {
+                Some(crate::spool::Place::Assigned) => p.spool.read_claim(&id),
+                Some(place) => anyhow::bail!(
+                    "task {id} is {}, not running: call get_task for its output",
+                    place.state()
+                ),
+                None => None,
+            };
+            let Some(claim) = claim else {
+                anyhow::bail!(
+                    "task {id} is not running (pending, starting, or no such task): call get_task"
+                );
+            };
+            let attempt = claim.attempt.max(1);
+            let path = p.layout.log_path(&id, attempt);
+            let text = String::from_utf8_lossy(&std::fs::read(&path).unwrap_or_default()).into_owned();
+            let (log, note) = cut(Some(text), &p.rel(&path));
+            Ok(serde_json::json!({"id": id, "attempt": attempt, "agent": claim.agent, "log": log, "note": note}))
+        })
+        .await
+    }
+
+    #[tool(
+        description = "Wait until a task has finished (completed or failed) or timeout_seconds (default 60, at most 300) pass, then return what get_task returns; `terminal` false means it is still going: call again.",
+        input_schema = schema::<WaitArgs>()
+    )]
+    async fn wait_for_task(
+        &self,
+        Parameters(raw): Parameters<JsonObject>,
+    ) -> Result<Json<Answer>, String> {
+        let a: WaitArgs = args(raw)?;
+        let secs = a.timeout_seconds.unwrap_or(60);
+        if secs > MAX_WAIT_SECONDS {
+            return Err(format!(
+                "invalid argument `timeout_seconds`: at most {MAX_WAIT_SECONDS}, not {secs}; call again to wait longer"
+            ));
+        }
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let id = a.id;
+        loop {
+            let tid = id.clone();
+            let settled = self
+                .call(move |p| {
+                    Ok(p.spool
+                        .settled_place(&tid)
+                        .is_some_and(|pl| pl.state() == "completed" || pl.state() == "failed"))
+                })
+                .await?;
+            if settled.0.0 == Value::Bool(true) || Instant::now() >= deadline {
+                let tid = id.clone();
+                return self.call(move |p| task_view(p, &tid)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    #[tool(
+        description = "Cancel a pending task, or stop a running one; it ends in failed/.",
+        input_schema = schema::<IdArgs>()
+    )]
+    async fn cancel_task(
+        &self,
+        Parameters(raw): Parameters<JsonObject>,
+    ) -> Result<Json<Answer>, String> {
+        let a: IdArgs = args(raw)?;
+        self.call(move |p| {
+            let what = p.cancel(&a.id)?;
+            Ok(serde_json::json!({"id": a.id, "cancelled": what}))
+        })
+        .await
+    }
+
+    #[tool(
+        description = "Move a failed task back to pending (its attempt history kept), or make a task waiting out a retry back-off run now.",
+        input_schema = schema::<IdArgs>()
+    )]
+    async fn retry_task(
+        &self,
+        Parameters(raw): Parameters<JsonObject>,
+    ) -> Result<Json<Answer>, String> {
+        let a: IdArgs = args(raw)?;
+        self.call(move |p| {
+            Ok(match p.retry(&a.id)? {
+                Retried::RunsNow => serde_json::json!({"id": a.id, "retried": "runs now"}),
+                Retried::Pending { previous_attempts } => serde_json::json!({"id": a.id, "retried": "pending", "previous_attempts": previous_attempts}),
+            })
+        })
+        .await
+    }
+
+    #[tool(
+        description = "Land a completed task's changes kept on its branch into the working tree (all or nothing; `commit` also commits them). On a conflict nothing is written and the conflicting files are listed.",
+        input_schema = schema::<MergeArgs>()
+    )]
+    async fn merge_task(
+        &self,
+        Parameters(raw): Parameters<JsonObject>,
+    ) -> Result<Json<Answer>, String> {
+        let a: MergeArgs = args(raw)?;
+        self.call(move |p| {
+            Ok(match p.merge_kept(&a.id, a.commit)? {
+                crate::project::land::Merged::Conflict { files, .. } => {
+                    serde_json::json!({"id": a.id, "merge": "conflict", "conflicts": files})
+                }
+                crate::project::land::Merged::Landed { how, branch } => {
+                    serde_json::json!({"id": a.id, "merge": how, "branch_deleted": branch})
+                }
+            })
+        })
+        .await
+    }
+
+    #[tool(
+        description = "Delete a completed task's kept branch, and its changes with it.",
+        input_schema = schema::<IdArgs>()
+    )]
+    async fn discard_task(
+        &self,
+        Parameters(raw): Parameters<JsonObject>,
+    ) -> Result<Json<Answer>, String> {
+        let a: IdArgs = args(raw)?;
+        self.call(move |p| {
+            let branch = p.discard_kept(&a.id)?;
+            Ok(serde_json::json!({"id": a.id, "merge": "discarded", "branch_deleted": branch}))
+        })
+        .await
+    }
+
+    #[tool(
+        description = "The configured agents: whether each can run, cooldowns, login problems, running instances and totals. Use a name from here as add_task's agent.",
+        input_schema = schema::<NoArgs>()
+    )]
+    async fn list_agents(
+        &self,
+        Parameters(raw): Parameters<JsonObject>,
+    ) -> Result<Json<Answer>, String> {
+        let _: NoArgs = args(raw)?;
+        self.call(|p| Ok(serde_json::json!({"agents": p.agents(&p.reader(None)?)?})))
+            .await
+    }
+
+    #[tool(
+        description = "Counts of tasks by state, the running tasks and the supervisors.",
+        input_schema = schema::<NoArgs>()
+    )]
+    async fn status(
+        &self,
+        Parameters(raw): Parameters<JsonObject>,
+    ) -> Result<Json<Answer>, String> {
+        let _: NoArgs = args(raw)?;
+        self.call(|p| crate::project::status::status(p, &p.reader(None)?))
+            .await
+    }
+}
+
+#[tool_handler(router = self.tool_router)]
+impl rmcp::ServerHandler for Server {
+    fn get_info(&self) -> ServerInfo {
+        ServerInfo::new(ServerCapabilities::builder().enable_tools().build()).with_instructions(
+            "orchestrate runs AI coding-agent CLIs on tasks from a folder. add_task queues work, \
+             wait_for_task or get_task reads the result, list_agents names the agents.",
+        )
+    }
+}

@@ -1,0 +1,391 @@
+//! `orchestrate mcp`: the MCP server spoken to by the SDK's own client over stdio, as a real agent
+//! would: the tools it lists, each of them called against a running supervisor and real task
+//! files, wrong input answered with a tool error the model can act on, and a client that goes away
+//! in the middle of a call.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use rmcp::model::{CallToolRequestParams, CallToolResult};
+use rmcp::service::RunningService;
+use rmcp::transport::TokioChildProcess;
+use rmcp::{RoleClient, ServiceExt};
+use serde_json::{Value, json};
+
+const SECRET: (&str, &str) = ("ORCH_MCP_SECRET", "mcp-secret-9a8b7c6d5e");
+/// Every call of a test is bounded by this.
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn config() -> String {
+    test_config("").replace(
+        "security:\n  env_allow: [PATH, HOME]",
+        &format!(
+            "security:\n  env_allow: [PATH, HOME, {0}]\n  secrets: [{0}]",
+            SECRET.0
+        ),
+    )
+}
+
+type Client = RunningService<RoleClient, ()>;
+
+async fn connect(p: &Project) -> Client {
+    let mut cmd = tokio::process::Command::from(p.cmd(&["mcp"]));
+    cmd.env(SECRET.0, SECRET.1).stderr(Stdio::inherit());
+    let transport = TokioChildProcess::new(cmd).expect("spawn orchestrate mcp");
+    tokio::time::timeout(LIMIT, ().serve(transport))
+        .await
+        .expect("initialised in time")
+        .expect("initialise")
+}
+
+async fn call(c: &Client, tool: &str, args: Value) -> CallToolResult {
+    let Value::Object(args) = args else {
+        panic!("arguments must be an object")
+    };
+    tokio::time::timeout(
+        LIMIT,
+        c.call_tool(CallToolRequestParams::new(tool.to_string()).with_arguments(args)),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{tool} answered in time"))
+    .unwrap_or_else(|e| panic!("{tool}: protocol error {e}"))
+}
+
+/// A successful call's structured result.
+async fn ok(c: &Client, tool: &str, args: Value) -> Value {
+    let r = call(c, tool, args).await;
+    assert_ne!(r.is_error, Some(true), "{tool} failed: {:?}", text(&r));
+    r.structured_content
+        .unwrap_or_else(|| panic!("{tool} gave no structured result"))
+}
+
+/// A failed call's message (it must be a tool error, not a protocol error).
+async fn tool_error(c: &Client, tool: &str, args: Value) -> String {
+    let r = call(c, tool, args).await;
+    assert_eq!(r.is_error, Some(true), "{tool} should have failed: {r:?}");
+    text(&r)
+}
+
+fn text(r: &CallToolResult) -> String {
+    r.content
+        .iter()
+        .filter_map(|c| c.as_text().map(|t| t.text.clone()))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+const TOOLS: &[&str] = &[
+    "add_task",
+    "cancel_task",
+    "discard_task",
+    "get_log",
+    "get_task",
+    "list_agents",
+    "list_tasks",
+    "merge_task",
+    "retry_task",
+    "status",
+    "wait_for_task",
+];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_tool_against_a_running_supervisor() {
+    let p = Project::with_config(&config());
+    let mut sup = p.start_with_env(&[SECRET]);
+    let c = connect(&p).await;
+
+    let tools = c.list_all_tools().await.expect("list tools");
+    let mut names: Vec<String> = tools.iter().map(|t| t.name.to_string()).collect();
+    names.sort();
+    assert_eq!(names, TOOLS);
+    for t in &tools {
+        assert!(
+            t.description.as_deref().is_some_and(|d| d.len() > 20),
+            "{} has no description a model can act on",
+            t.name
+        );
+        assert_eq!(t.input_schema["type"], "object", "{}", t.name);
+    }
+    let add = tools
+        .iter()
+        .find(|t| t.name == "add_task")
+        .expect("add_task");
+    let props = add.input_schema["properties"]
+        .as_object()
+        .expect("properties");
+    for field in [
+        "description",
+        "agent",
+        "priority",
+        "after",
+        "context_files",
+        "workdir",
+        "check",
+        "labels",
+    ] {
+        assert!(props.contains_key(field), "add_task's schema lacks {field}");
+    }
+    assert_eq!(add.input_schema["required"], json!(["description"]));
+
+    // Added, run by the supervisor's fake agent, waited for; the description carries a secret.
+    let added = ok(
+        &c,
+        "add_task",
+        json!({"description": format!("say hi {}\n@fake print=done-by-fake", SECRET.1), "agent": "fake", "priority": "high", "labels": ["mcp"]}),
+    )
+    .await;
+    let id = added["id"].as_str().expect("an id").to_string();
+    let done = ok(
+        &c,
+        "wait_for_task",
+        json!({"id": id, "timeout_seconds": 90}),
+    )
+    .await;
+    assert_eq!(done["state"], "completed", "{done}");
+    assert_eq!(done["terminal"], true);
+    assert!(
+        done["output"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("done-by-fake"),
+        "{done}"
+    );
+    let got = ok(&c, "get_task", json!({"id": id})).await;
+    assert_eq!(got["state"], "completed");
+    assert!(!got["attempts"].as_array().expect("attempts").is_empty());
+    let file = got["task"].as_str().unwrap_or_default();
+    assert!(
+        file.contains("labels:\n- mcp") && file.contains("priority: high"),
+        "{file}"
+    );
+    assert!(
+        !got.to_string().contains(SECRET.1),
+        "a secret was returned: {got}"
+    );
+    assert!(
+        got["task"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("say hi ***"),
+        "the redaction shows: {got}"
+    );
+
+    let listed = ok(
+        &c,
+        "list_tasks",
+        json!({"state": "completed", "agent": "fake", "limit": 5}),
+    )
+    .await;
+    let ids: Vec<&str> = listed["tasks"]
+        .as_array()
+        .expect("tasks")
+        .iter()
+        .filter_map(|t| t["id"].as_str())
+        .collect();
+    assert_eq!(ids, [id.as_str()]);
+    let agents = ok(&c, "list_agents", json!({})).await;
+    assert_eq!(agents["agents"][0]["name"], "fake", "{agents}");
+    let status = ok(&c, "status", json!({})).await;
+    assert!(status.to_string().contains("completed"), "{status}");
+
+    // A running task: its log, then cancelled, waited for, retried.
+    let long = ok(
+        &c,
+        "add_task",
+        json!({"description": "@fake ticks=100:0.2"}),
+    )
+    .await;
+    let lid = long["id"].as_str().expect("an id").to_string();
+    wait_for("the long task to run", LIMIT, || {
+        p.tasks_in("assigned").contains(&lid)
+    });
+    let mut log = Value::Null;
+    for _ in 0..100 {
+        // Until its claim is written the task is not running yet: that answer is an error too.
+        let r = call(&c, "get_log", json!({"id": lid})).await;
+        log = r.structured_content.unwrap_or(Value::Null);
+        if log["log"].as_str().unwrap_or_default().contains("tick 1") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        log["log"].as_str().unwrap_or_default().contains("tick 1"),
+        "{log}"
+    );
+    let cancelled = ok(&c, "cancel_task", json!({"id": lid})).await;
+    assert!(
+        cancelled["cancelled"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("failed"),
+        "{cancelled}"
+    );
+    let failed = ok(
+        &c,
+        "wait_for_task",
+        json!({"id": lid, "timeout_seconds": 5}),
+    )
+    .await;
+    assert_eq!(failed["state"], "failed", "{failed}");
+    assert!(
+        tool_error(&c, "get_log", json!({"id": lid}))
+            .await
+            .contains("not running")
+    );
+    let retried = ok(&c, "retry_task", json!({"id": lid})).await;
+    assert_eq!(retried["retried"], "pending", "{retried}");
+    // Cancelled again wherever it is (a claim is written just after the move to assigned/).
+    let mut again = call(&c, "cancel_task", json!({"id": lid})).await;
+    for _ in 0..100 {
+        if again.is_error != Some(true) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        again = call(&c, "cancel_task", json!({"id": lid})).await;
+    }
+    assert_ne!(again.is_error, Some(true), "{}", text(&again));
+    wait_for("the retried task to end", LIMIT, || {
+        p.tasks_in("failed").contains(&lid)
+    });
+
+    // No kept branch here: merge and discard say so and change nothing.
+    let m = tool_error(&c, "merge_task", json!({"id": id})).await;
+    assert!(m.contains("no kept branch"), "{m}");
+    let d = tool_error(&c, "discard_task", json!({"id": id})).await;
+    assert!(d.contains("no kept branch"), "{d}");
+
+    c.cancel().await.expect("close the client");
+    sup.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_input_is_a_tool_error_the_model_can_correct() {
+    let p = Project::with_config(&config());
+    let c = connect(&p).await;
+    let cases = [
+        (
+            "add_task",
+            json!({"description": "x", "agent": "nope"}),
+            "unknown agent `nope` (configured: fake)",
+        ),
+        (
+            "add_task",
+            json!({"description": "x", "priority": "urgent"}),
+            "`priority`",
+        ),
+        (
+            "add_task",
+            json!({"description": "x", "labels": ["ok", 7]}),
+            "`labels[1]`",
+        ),
+        (
+            "add_task",
+            json!({"description": "x", "colour": "red"}),
+            "unknown field `colour`",
+        ),
+        (
+            "add_task",
+            json!({"agent": "fake"}),
+            "missing field `description`",
+        ),
+        (
+            "add_task",
+            json!({"description": "x", "after": ["task_999"]}),
+            "no task task_999 exists",
+        ),
+        (
+            "add_task",
+            json!({"description": "x", "timeout_minutes": -1}),
+            "timeout_minutes",
+        ),
+        (
+            "list_tasks",
+            json!({"state": "done"}),
+            "state must be pending, running, completed or failed",
+        ),
+        ("list_tasks", json!({"limit": "ten"}), "`limit`"),
+        ("get_task", json!({"id": "task_404"}), "no task task_404"),
+        (
+            "wait_for_task",
+            json!({"id": "task_404", "timeout_seconds": 100000}),
+            "at most 300",
+        ),
+        ("cancel_task", json!({"id": "task_404"}), "no task task_404"),
+        (
+            "status",
+            json!({"verbose": true}),
+            "unknown field `verbose`",
+        ),
+    ];
+    for (tool, args, want) in cases {
+        let msg = tool_error(&c, tool, args.clone()).await;
+        assert!(
+            msg.contains(want),
+            "{tool} {args}: {msg:?} does not say {want:?}"
+        );
+    }
+    assert!(
+        p.tasks_in("pending").is_empty(),
+        "a rejected task was written"
+    );
+    // Still serving.
+    let added = ok(&c, "add_task", json!({"description": "fine"})).await;
+    assert_eq!(added["id"], "task_001");
+    c.cancel().await.expect("close the client");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_goes_away_mid_call_ends_the_server_cleanly() {
+    let p = Project::with_config(&config());
+    p.run(&["add", "never run: no supervisor"]).assert_code(0);
+    let mut child = tokio::process::Command::from(p.cmd(&["mcp"]))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn orchestrate mcp");
+    let (stdin, stdout) = (
+        child.stdin.take().expect("stdin"),
+        child.stdout.take().expect("stdout"),
+    );
+    let c: Client = tokio::time::timeout(LIMIT, ().serve((stdout, stdin)))
+        .await
+        .expect("initialised in time")
+        .expect("initialise");
+    // A call that would wait five minutes, and a first one answered to show it is alive.
+    ok(&c, "status", json!({})).await;
+    let peer = c.peer().clone();
+    let pending = tokio::spawn(async move {
+        let args = json!({"id": "task_001", "timeout_seconds": 300});
+        let Value::Object(args) = args else {
+            unreachable!()
+        };
+        peer.call_tool(CallToolRequestParams::new("wait_for_task").with_arguments(args))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!pending.is_finished(), "the wait returned early");
+    drop(c);
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("the server exits once its client is gone")
+        .expect("wait");
+    let mut err = String::new();
+    use tokio::io::AsyncReadExt;
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err)
+        .await
+        .expect("stderr");
+    assert!(status.success(), "exit {status:?}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    pending.abort();
+    // Nothing was lost: the task is still pending.
+    assert_eq!(p.tasks_in("pending"), ["task_001"]);
+}
