@@ -389,3 +389,43 @@ async fn a_client_that_goes_away_mid_call_ends_the_server_cleanly() {
     // Nothing was lost: the task is still pending.
     assert_eq!(p.tasks_in("pending"), ["task_001"]);
 }
+
+#[test]
+fn print_config_names_this_project_for_each_client() {
+    let p = Project::with_config(&config());
+    let root = p.root().display().to_string();
+    for client in ["claude", "gemini", "cursor"] {
+        let out = p.run(&["mcp", "--print-config", client]);
+        out.assert_code(0);
+        let text = out.stdout();
+        let json_part = &text[text.find('{').expect("a JSON object")..];
+        let v: Value = serde_json::from_str(json_part).expect("valid JSON");
+        let server = &v["mcpServers"]["orchestrate"];
+        assert_eq!(server["command"], "orchestrate", "{client}: {text}");
+        assert_eq!(
+            server["args"],
+            json!(["-C", root, "mcp"]),
+            "{client}: {text}"
+        );
+    }
+    let claude = p.run(&["mcp", "--print-config", "claude"]).stdout();
+    assert!(
+        claude.contains(&format!(
+            "claude mcp add orchestrate -- orchestrate -C {root} mcp"
+        )),
+        "{claude}"
+    );
+    let codex = p.run(&["mcp", "--print-config", "codex"]).stdout();
+    assert!(
+        codex.contains("[mcp_servers.orchestrate]")
+            && codex.contains(&format!("args = [\"-C\", \"{root}\", \"mcp\"]")),
+        "{codex}"
+    );
+    let bad = p.run(&["mcp", "--print-config", "vim"]);
+    bad.assert_code(2);
+    assert!(
+        bad.stderr().contains("claude, codex, gemini, cursor"),
+        "{}",
+        bad.stderr()
+    );
+}
