@@ -97,6 +97,8 @@ async fn every_tool_against_a_running_supervisor() {
     let mut sup = p.start_with_env(&[SECRET]);
     let c = connect(&p).await;
 
+    let info = c.peer_info().expect("the server introduced itself");
+    assert_eq!(info.server_info.name, "orchestrate");
     let tools = c.list_all_tools().await.expect("list tools");
     let mut names: Vec<String> = tools.iter().map(|t| t.name.to_string()).collect();
     names.sort();

@@ -481,7 +481,12 @@ impl Server {
 #[tool_handler(router = self.tool_router)]
 impl rmcp::ServerHandler for Server {
     fn get_info(&self) -> ServerInfo {
-        ServerInfo::new(ServerCapabilities::builder().enable_tools().build()).with_instructions(
+        ServerInfo::new(ServerCapabilities::builder().enable_tools().build())
+            .with_server_info(rmcp::model::Implementation::new(
+                "orchestrate",
+                env!("CARGO_PKG_VERSION"),
+            ))
+            .with_instructions(
             "orchestrate runs AI coding-agent CLIs on tasks from a folder. add_task queues work, \
              wait_for_task or get_task reads the result, list_agents names the agents.",
         )
