@@ -80,6 +80,24 @@ impl Redactor {
         out
     }
 
+    /// Redact every string of a JSON value, object keys included: what a surface (the HTTP API, the
+    /// MCP server) sends is built from records whose free text may hold a secret anywhere.
+    pub fn redact_json(&self, v: &mut serde_json::Value) {
+        use serde_json::Value;
+        match v {
+            Value::String(s) => *s = self.redact(s),
+            Value::Array(a) => a.iter_mut().for_each(|x| self.redact_json(x)),
+            Value::Object(o) => {
+                let old = std::mem::take(o);
+                for (k, mut x) in old {
+                    self.redact_json(&mut x);
+                    o.insert(self.redact(&k), x);
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// Like [`Redactor::redact`], taking ownership so the common case (nothing to hide) copies nothing.
     pub fn redact_owned(&self, s: String) -> String {
         if self.secrets().iter().any(|x| s.contains(x.as_str())) {
@@ -125,6 +143,17 @@ fn replace_bytes(hay: &[u8], needle: &[u8], with: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_strings_and_keys_are_redacted_at_any_depth() {
+        let r = Redactor::from_values(["s3cret".to_string()]);
+        let mut v = serde_json::json!({"a": ["x s3cret", {"s3cret": 1, "n": 2}], "b": true});
+        r.redact_json(&mut v);
+        assert_eq!(
+            v,
+            serde_json::json!({"a": ["x ***", {"***": 1, "n": 2}], "b": true})
+        );
+    }
 
     #[test]
     fn redacts_longest_first() {

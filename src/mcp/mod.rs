@@ -87,7 +87,7 @@ impl Server {
                 .map_err(|e| format!("internal error: {e}"))?;
         match r {
             Ok(mut v) => {
-                redact_value(&redactor, &mut v);
+                redactor.redact_json(&mut v);
                 Ok(Json(Answer(v)))
             }
             Err(e) => Err(redactor.redact(&format!("{e:#}"))),
@@ -99,21 +99,6 @@ impl Server {
 #[derive(Serialize, JsonSchema)]
 #[serde(transparent)]
 pub struct Answer(#[schemars(with = "JsonObject")] Value);
-
-fn redact_value(r: &crate::redact::Redactor, v: &mut Value) {
-    match v {
-        Value::String(s) => *s = r.redact(s),
-        Value::Array(a) => a.iter_mut().for_each(|x| redact_value(r, x)),
-        Value::Object(o) => {
-            let old = std::mem::take(o);
-            for (k, mut x) in old {
-                redact_value(r, &mut x);
-                o.insert(r.redact(&k), x);
-            }
-        }
-        _ => {}
-    }
-}
 
 /// Cut `text` to [`MAX_TEXT`] characters (its end kept: that is where an output or a log says how it
 /// ended), with a note saying where the whole of it is.

@@ -87,24 +87,8 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 /// Serialise with every string value (and key) redacted.
 fn json<T: serde::Serialize>(state: &State, value: &T, status: StatusCode) -> Result<Response> {
     let mut v = serde_json::to_value(value)?;
-    redact_value(&state.redactor, &mut v);
+    state.redactor.redact_json(&mut v);
     Ok((status, Json(v)).into_response())
-}
-
-fn redact_value(r: &crate::redact::Redactor, v: &mut serde_json::Value) {
-    use serde_json::Value;
-    match v {
-        Value::String(s) => *s = r.redact(s),
-        Value::Array(a) => a.iter_mut().for_each(|x| redact_value(r, x)),
-        Value::Object(o) => {
-            let old = std::mem::take(o);
-            for (k, mut x) in old {
-                redact_value(r, &mut x);
-                o.insert(r.redact(&k), x);
-            }
-        }
-        _ => {}
-    }
 }
 
 /// The dashboard: one page, embedded, that reads everything else through this API.
@@ -401,7 +385,7 @@ async fn events(
             since,
             |e| {
                 let mut v = serde_json::to_value(e)?;
-                redact_value(&s.redactor, &mut v);
+                s.redactor.redact_json(&mut v);
                 let ev = SseEvent::default()
                     .id(e.seq.to_string())
                     .event("task")
