@@ -431,3 +431,91 @@ fn print_config_names_this_project_for_each_client() {
         bad.stderr()
     );
 }
+
+/// Resources: the two context pages are listed, a task's output and diff are offered by template,
+/// each reads with its secret redacted, and an unknown or hostile URI is a resource error.
+#[tokio::test(flavor = "multi_thread")]
+async fn context_pages_and_task_results_read_as_resources() {
+    let p = Project::with_config(&config());
+    let mut sup = p.start_with_env(&[SECRET]);
+    p.drop_task(
+        "res.yaml",
+        &format!(
+            "description: \"note {} \\n@fake print=resource-output write=r.txt:from_res\"\n",
+            SECRET.1
+        ),
+    );
+    wait_for("res completes", LIMIT, || {
+        p.tasks_in("completed").contains(&"res".to_string())
+    });
+    let c = connect(&p).await;
+    let listed = c.list_all_resources().await.expect("list resources");
+    let mut uris: Vec<String> = listed.iter().map(|r| r.uri.clone()).collect();
+    uris.sort();
+    assert_eq!(
+        uris,
+        [
+            "orchestrate://context/current_state.md",
+            "orchestrate://context/project_overview.md"
+        ]
+    );
+    let templates = c
+        .list_all_resource_templates()
+        .await
+        .expect("list templates");
+    let mut tpl: Vec<String> = templates.iter().map(|t| t.uri_template.clone()).collect();
+    tpl.sort();
+    assert_eq!(
+        tpl,
+        [
+            "orchestrate://tasks/{id}/diff",
+            "orchestrate://tasks/{id}/output"
+        ]
+    );
+    let read = |uri: &'static str| {
+        let c = &c;
+        async move {
+            tokio::time::timeout(
+                LIMIT,
+                c.read_resource(rmcp::model::ReadResourceRequestParams::new(uri)),
+            )
+            .await
+            .expect("answered in time")
+        }
+    };
+    let text_of = |r: rmcp::model::ReadResourceResult| match &r.contents[0] {
+        rmcp::model::ResourceContents::TextResourceContents { text, .. } => text.clone(),
+        other => panic!("not text: {other:?}"),
+    };
+    let state = text_of(
+        read("orchestrate://context/current_state.md")
+            .await
+            .expect("state"),
+    );
+    assert!(!state.is_empty());
+    let output = text_of(
+        read("orchestrate://tasks/res/output")
+            .await
+            .expect("output"),
+    );
+    assert!(output.contains("resource-output"), "{output}");
+    assert!(
+        !output.contains(SECRET.1),
+        "a secret reached a resource: {output}"
+    );
+    let diff = text_of(read("orchestrate://tasks/res/diff").await.expect("diff"));
+    assert!(diff.contains("+from res"), "{diff}");
+    for bad in [
+        "orchestrate://tasks/nope/output",
+        "orchestrate://tasks/../../etc/passwd/output",
+        "file:///etc/passwd",
+    ] {
+        let e = read(bad).await.expect_err(bad).to_string();
+        assert!(
+            e.contains("no resource") || e.contains("cannot read"),
+            "{bad}: {e}"
+        );
+    }
+    c.cancel().await.expect("close the client");
+    assert!(sup.stop().success(), "{}", sup.output());
+}

@@ -463,15 +463,125 @@ impl Server {
     }
 }
 
+/// The files a client may read without a tool call: the two context pages, and each task's output
+/// and diff (by template), under `orchestrate://`.
+const OVERVIEW_URI: &str = "orchestrate://context/project_overview.md";
+const STATE_URI: &str = "orchestrate://context/current_state.md";
+const OUTPUT_TEMPLATE: &str = "orchestrate://tasks/{id}/output";
+const DIFF_TEMPLATE: &str = "orchestrate://tasks/{id}/diff";
+
+impl Server {
+    /// The file a resource URI stands for, or why there is none.
+    fn resource_file(&self, uri: &str) -> Result<std::path::PathBuf, String> {
+        let layout = &self.project.layout;
+        if uri == OVERVIEW_URI {
+            return Ok(layout.project_overview());
+        }
+        if uri == STATE_URI {
+            return Ok(layout.current_state());
+        }
+        let task = uri
+            .strip_prefix("orchestrate://tasks/")
+            .and_then(|rest| rest.rsplit_once('/'));
+        match task {
+            Some((id, "output")) if crate::task::valid_name(id) => Ok(layout.output_path(id)),
+            Some((id, "diff")) if crate::task::valid_name(id) => Ok(layout.diff_path(id)),
+            _ => Err(format!(
+                "no resource {uri}: use {OVERVIEW_URI}, {STATE_URI}, {OUTPUT_TEMPLATE} or \
+                 {DIFF_TEMPLATE}"
+            )),
+        }
+    }
+}
+
 #[tool_handler(router = self.tool_router)]
 impl rmcp::ServerHandler for Server {
+    async fn list_resources(
+        &self,
+        _request: Option<rmcp::model::PaginatedRequestParams>,
+        _context: rmcp::service::RequestContext<rmcp::RoleServer>,
+    ) -> Result<rmcp::model::ListResourcesResult, rmcp::ErrorData> {
+        use rmcp::model::{AnnotateAble, RawResource};
+        let pages = [
+            (
+                OVERVIEW_URI,
+                "project_overview.md",
+                "What the project is, as every prompt starts",
+            ),
+            (
+                STATE_URI,
+                "current_state.md",
+                "Counts, what runs, what waits and why, recent failures",
+            ),
+        ];
+        Ok(rmcp::model::ListResourcesResult::with_all_items(
+            pages
+                .iter()
+                .map(|(uri, name, what)| {
+                    let mut r = RawResource::new(*uri, *name);
+                    r.description = Some((*what).into());
+                    r.mime_type = Some("text/markdown".into());
+                    r.no_annotation()
+                })
+                .collect(),
+        ))
+    }
+
+    async fn list_resource_templates(
+        &self,
+        _request: Option<rmcp::model::PaginatedRequestParams>,
+        _context: rmcp::service::RequestContext<rmcp::RoleServer>,
+    ) -> Result<rmcp::model::ListResourceTemplatesResult, rmcp::ErrorData> {
+        use rmcp::model::{AnnotateAble, RawResourceTemplate};
+        let templates = [
+            (OUTPUT_TEMPLATE, "task output", "text/markdown"),
+            (DIFF_TEMPLATE, "task diff", "text/x-diff"),
+        ];
+        Ok(rmcp::model::ListResourceTemplatesResult::with_all_items(
+            templates
+                .iter()
+                .map(|(uri, name, mime)| {
+                    let mut t = RawResourceTemplate::new(*uri, *name);
+                    t.mime_type = Some((*mime).into());
+                    t.no_annotation()
+                })
+                .collect(),
+        ))
+    }
+
+    async fn read_resource(
+        &self,
+        request: rmcp::model::ReadResourceRequestParams,
+        _context: rmcp::service::RequestContext<rmcp::RoleServer>,
+    ) -> Result<rmcp::model::ReadResourceResult, rmcp::ErrorData> {
+        let uri = request.uri;
+        let file = self
+            .resource_file(&uri)
+            .map_err(|e| rmcp::ErrorData::resource_not_found(e, None))?;
+        let text = std::fs::read_to_string(&file).map_err(|e| {
+            rmcp::ErrorData::resource_not_found(
+                format!("{uri}: cannot read {}: {e}", self.project.rel(&file)),
+                None,
+            )
+        })?;
+        let text = self.project.cfg.redactor().redact_owned(text);
+        Ok(rmcp::model::ReadResourceResult::new(vec![
+            rmcp::model::ResourceContents::text(text, uri),
+        ]))
+    }
+
     fn get_info(&self) -> ServerInfo {
-        ServerInfo::new(ServerCapabilities::builder().enable_tools().build())
-            .with_server_info(rmcp::model::Implementation::new(
-                "orchestrate",
-                env!("CARGO_PKG_VERSION"),
-            ))
-            .with_instructions(
+        ServerInfo::new(
+            ServerCapabilities::builder()
+                .enable_tools()
+                .enable_resources()
+                .build(),
+        )
+        .with_server_info(rmcp::model::Implementation::new(
+            "orchestrate",
+            env!("CARGO_PKG_VERSION"),
+        ))
+        .with_instructions(
             "orchestrate runs AI coding-agent CLIs on tasks from a folder. add_task queues work, \
              wait_for_task or get_task reads the result, list_agents names the agents.",
         )
