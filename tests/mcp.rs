@@ -519,3 +519,117 @@ async fn context_pages_and_task_results_read_as_resources() {
     c.cancel().await.expect("close the client");
     assert!(sup.stop().success(), "{}", sup.output());
 }
+
+/// A real MCP client: the pinned Claude Code CLI, against the scripted model server, loads the
+/// server from `--mcp-config`, lists its tools to the model, and carries out the model's
+/// `add_task` call; a running supervisor completes the task, and the model's next request carries
+/// the tool's result.
+mod claude {
+    use super::*;
+    use common::model_server::{Api, ModelServer, Reply};
+
+    /// The pinned CLI (tools/test installs it; a test in this module is skipped where it is not).
+    fn claude() -> std::path::PathBuf {
+        let dir = std::env::var_os("ORCHESTRATE_AGENT_BIN_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("tools/agents/node_modules/.bin")
+            });
+        let bin = dir.join("claude");
+        assert!(
+            bin.exists(),
+            "{} is missing: run the tests with tools/test, which installs the pinned CLIs",
+            bin.display()
+        );
+        bin
+    }
+
+    #[test]
+    fn claude_code_adds_a_task_through_the_mcp_server() {
+        let bin = claude();
+        let server = ModelServer::start();
+        server.script(
+            Api::Anthropic,
+            vec![Reply::CallTool {
+                tool: "add_task".into(),
+                args: json!({"description": "@fake print=done-via-mcp", "agent": "fake", "id": "viamcp"}),
+                then: "I queued task viamcp.".into(),
+            }],
+        );
+        let p = Project::with_config(&config());
+        let mut sup = p.start_with_env(&[SECRET]);
+        let mcp = p.path("mcp.json");
+        std::fs::write(
+            &mcp,
+            json!({"mcpServers": {"orchestrate": {
+                "command": BIN,
+                "args": ["-C", p.root().display().to_string(), "mcp"]
+            }}})
+            .to_string(),
+        )
+        .expect("write mcp.json");
+        let home = tempfile::tempdir().expect("home");
+        let mut child = std::process::Command::new(&bin)
+            .args(["-p", "Queue a task that prints done-via-mcp."])
+            .arg("--mcp-config")
+            .arg(&mcp)
+            .args(["--allowedTools", "mcp__orchestrate__add_task"])
+            .current_dir(p.root())
+            .env("HOME", home.path())
+            .env("ANTHROPIC_BASE_URL", server.url())
+            .env("ANTHROPIC_API_KEY", "test-key")
+            .env("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
+            .env("CLAUDE_CODE_MAX_RETRIES", "0")
+            // MCP tools offered to the model at once, not deferred behind its ToolSearch tool.
+            .env("ENABLE_TOOL_SEARCH", "false")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run claude");
+        let status = wait_child(&mut child, LIMIT).unwrap_or_else(|| {
+            let _ = child.kill();
+            panic!("claude did not finish in time")
+        });
+        let out = child.wait_with_output().expect("output");
+        let said = format!(
+            "{status:?}\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(status.success(), "{said}");
+        assert!(said.contains("I queued task viamcp."), "{said}");
+        wait_for("the task added through MCP completes", LIMIT, || {
+            p.tasks_in("completed").contains(&"viamcp".to_string())
+        });
+        assert!(
+            p.read("context/agent_outputs/viamcp_output.md")
+                .contains("done-via-mcp")
+        );
+        let posts: Vec<String> = server
+            .requests()
+            .into_iter()
+            .filter(|(m, _, _)| m == "POST")
+            .map(|(_, _, b)| b)
+            .collect();
+        // Claude Code offered the model every tool it loaded from the server.
+        for tool in [
+            "mcp__orchestrate__add_task",
+            "mcp__orchestrate__wait_for_task",
+        ] {
+            assert!(
+                posts.iter().any(|b| b.contains(tool)),
+                "{tool} was not offered"
+            );
+        }
+        // The follow-up carried add_task's structured result: the new task's id and file.
+        assert!(
+            posts
+                .iter()
+                .any(|b| b.contains("tool_result") && b.contains("tasks/pending/viamcp.yaml")),
+            "no request carried the tool's result"
+        );
+        assert!(sup.stop().success(), "{}", sup.output());
+    }
+}

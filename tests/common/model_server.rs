@@ -78,6 +78,14 @@ pub enum Reply {
     AuthError,
     /// Accept the request and never answer (the connection is held until the server is dropped).
     Hang,
+    /// A call of the offered tool whose name ends with `tool` (an MCP tool as the CLI names it, e.g.
+    /// `mcp__orchestrate__add_task`) with `args`; the follow-up carrying its result gets `then`.
+    /// Scripted for the Anthropic API only (the other APIs answer with a text saying so).
+    CallTool {
+        tool: String,
+        args: Value,
+        then: String,
+    },
 }
 
 #[derive(Default)]
@@ -881,6 +889,24 @@ fn anthropic(shared: &Shared, body: &Value) -> Outcome {
                 ));
             }
             Reply::Hang => return Outcome::Hang,
+            Reply::CallTool { tool, args, then } => {
+                let id = format!("toolu_orch{:06}", shared.next_id());
+                remember_call(shared, Api::Anthropic, &id, &then);
+                let name = tools
+                    .iter()
+                    .find(|t| t.name.ends_with(tool.as_str()))
+                    .map(|t| t.name.clone())
+                    .unwrap_or(tool);
+                (
+                    String::new(),
+                    Some(ToolCall {
+                        id,
+                        name,
+                        args,
+                        custom_input: None,
+                    }),
+                )
+            }
         },
     };
 
@@ -1069,6 +1095,10 @@ fn responses(shared: &Shared, body: &Value) -> Outcome {
             Reply::ServerError => return Outcome::Respond(openai_server_error()),
             Reply::AuthError => return Outcome::Respond(openai_auth_error()),
             Reply::Hang => return Outcome::Hang,
+            Reply::CallTool { .. } => (
+                "CallTool is scripted for the Anthropic API only".to_string(),
+                None,
+            ),
         },
     };
     let resp_id = format!("resp_orch{:06}", shared.next_id());
@@ -1262,6 +1292,10 @@ fn gemini(shared: &Shared, body: &Value, model: &str, stream: bool) -> Outcome {
                 ));
             }
             Reply::Hang => return Outcome::Hang,
+            Reply::CallTool { .. } => (
+                "CallTool is scripted for the Anthropic API only".to_string(),
+                None,
+            ),
         },
     };
     let part = match &call {
@@ -1356,6 +1390,10 @@ fn chat(shared: &Shared, body: &Value) -> Outcome {
             Reply::ServerError => return Outcome::Respond(openai_server_error()),
             Reply::AuthError => return Outcome::Respond(openai_auth_error()),
             Reply::Hang => return Outcome::Hang,
+            Reply::CallTool { .. } => (
+                "CallTool is scripted for the Anthropic API only".to_string(),
+                None,
+            ),
         },
     };
     let id = format!("chatcmpl-orch{:06}", shared.next_id());
