@@ -556,20 +556,9 @@ fn a_failed_check_is_fixed_on_the_same_session(which: Cli) {
         .replace("max_retries: 0", "max_retries: 1");
     std::fs::write(p.path("config.yaml"), cfg).expect("config");
     let work = p.path("work");
-    let git = |args: &[&str]| {
-        let out = std::process::Command::new("git")
-            .args(["-c", "user.name=u", "-c", "user.email=u@example.com"])
-            .args(args)
-            .current_dir(&work)
-            .output()
-            .expect("git runs");
-        assert!(out.status.success(), "git {args:?}: {out:?}");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let git = |args: &[&str]| git(&work, args);
     std::fs::write(work.join("readme.txt"), "hello\n").expect("write");
-    git(&["init", "-q"]);
-    git(&["add", "."]);
-    git(&["commit", "-qm", "first"]);
+    git_init_commit(&work);
     let mut sup = p.start();
     p.drop_task(
         "answer.yaml",
@@ -634,20 +623,9 @@ fn a_resumed_attempt_continues_in_its_worktree(which: Cli) {
         .replace("max_retries: 0", "max_retries: 1");
     std::fs::write(p.path("config.yaml"), cfg).expect("config");
     let work = p.path("work");
-    let git = |args: &[&str]| {
-        let out = std::process::Command::new("git")
-            .args(["-c", "user.name=u", "-c", "user.email=u@example.com"])
-            .args(args)
-            .current_dir(&work)
-            .output()
-            .expect("git runs");
-        assert!(out.status.success(), "git {args:?}: {out:?}");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let git = |args: &[&str]| git(&work, args);
     std::fs::write(work.join("readme.txt"), "hello\n").expect("write");
-    git(&["init", "-q"]);
-    git(&["add", "."]);
-    git(&["commit", "-qm", "first"]);
+    git_init_commit(&work);
     let mut sup = p.start();
     p.drop_task(
         "again.yaml",
@@ -699,20 +677,9 @@ fn a_held_worktree_goes_when_its_task_fails(which: Cli) {
     server.script(which.api(), vec![Reply::Hang]);
     let p = project(&[("agent", which, bin)], &server, "");
     let work = p.path("work");
-    let git = |args: &[&str]| {
-        let out = std::process::Command::new("git")
-            .args(["-c", "user.name=u", "-c", "user.email=u@example.com"])
-            .args(args)
-            .current_dir(&work)
-            .output()
-            .expect("git runs");
-        assert!(out.status.success(), "git {args:?}: {out:?}");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let git = |args: &[&str]| git(&work, args);
     std::fs::write(work.join("readme.txt"), "hello\n").expect("write");
-    git(&["init", "-q"]);
-    git(&["add", "."]);
-    git(&["commit", "-qm", "first"]);
+    git_init_commit(&work);
     let mut sup = p.start();
     p.drop_task(
         "once.yaml",

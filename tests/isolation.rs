@@ -10,20 +10,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_AUTHOR_NAME", "user")
-        .env("GIT_AUTHOR_EMAIL", "user@example.com")
-        .env("GIT_COMMITTER_NAME", "user")
-        .env("GIT_COMMITTER_EMAIL", "user@example.com")
-        .output()
-        .expect("git runs");
-    assert!(out.status.success(), "git {args:?} in {dir:?}: {out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// The project root made a git repository with one commit holding `files`.
 fn repo_project(config: &str, files: &[(&str, &str)]) -> Project {
     let p = Project::with_config(config);

@@ -816,3 +816,25 @@ impl Drop for Tmpfs {
         }
     }
 }
+
+/// Run git in `dir` as a user would (a fixed author), require success, and return its stdout.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "user")
+        .env("GIT_AUTHOR_EMAIL", "user@example.com")
+        .env("GIT_COMMITTER_NAME", "user")
+        .env("GIT_COMMITTER_EMAIL", "user@example.com")
+        .output()
+        .expect("git runs");
+    assert!(out.status.success(), "git {args:?} in {dir:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `dir` made a git repository whose one commit holds what `dir` holds now.
+pub fn git_init_commit(dir: &Path) {
+    git(dir, &["init", "-q"]);
+    git(dir, &["add", "."]);
+    git(dir, &["commit", "-qm", "first"]);
+}
