@@ -306,15 +306,6 @@ fn is_sparse(dir: &Path) -> Result<bool> {
     Ok(out.code == Some(0) && String::from_utf8_lossy(&out.stdout).trim() == "true")
 }
 
-/// Whether the index of the work tree `dir` holds a submodule (a gitlink). A worktree in which an
-/// agent checked one out cannot be moved by `git worktree move`.
-pub fn has_submodules(dir: &Path) -> Result<bool> {
-    let out = Git::new(dir, &["ls-files", "-s", "-z"]).run()?;
-    Ok(out
-        .split(|b| *b == 0)
-        .any(|entry| entry.starts_with(b"160000 ")))
-}
-
 /// The submodule folders of the work tree `dir` that are not empty: files written there (or a
 /// submodule checked out there) belong to no commit of `dir`'s repository.
 pub fn filled_submodule_folders(dir: &Path) -> Result<Vec<String>> {
@@ -1221,11 +1212,11 @@ mod tests {
     }
 
     #[test]
-    fn has_submodules_sees_a_gitlink_in_the_index() {
+    fn a_submodule_folder_with_files_is_named() {
         let lib = repo();
         let d = repo();
         let r = d.path();
-        assert!(!has_submodules(r).unwrap());
+        assert!(filled_submodule_folders(r).unwrap().is_empty());
         sh(
             r,
             &[
@@ -1238,7 +1229,8 @@ mod tests {
                 "vendor/lib",
             ],
         );
-        assert!(has_submodules(r).unwrap());
+        // `submodule add` checks it out: its folder is filled.
+        assert_eq!(filled_submodule_folders(r).unwrap(), ["vendor/lib"]);
     }
 
     #[test]

@@ -132,6 +132,15 @@ fn project(agents: &[(&str, Cli, PathBuf)], server: &ModelServer, extra: &str) -
     p
 }
 
+/// No worktree folder under the state directory and none in `repo`'s records once a task is over.
+fn assert_nothing_left(p: &Project, repo: &std::path::Path) {
+    let left: Vec<_> = std::fs::read_dir(p.path(".orchestrate/worktrees"))
+        .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(git(repo, &["worktree", "list"]).lines().count(), 1);
+}
+
 fn wait_terminal(p: &Project, id: &str, limit: Duration) -> (String, serde_json::Value) {
     wait_for(&format!("{id} to finish"), limit, || {
         p.tasks_in("completed").contains(&id.to_string())
@@ -556,7 +565,6 @@ fn a_failed_check_is_fixed_on_the_same_session(which: Cli) {
         .replace("max_retries: 0", "max_retries: 1");
     std::fs::write(p.path("config.yaml"), cfg).expect("config");
     let work = p.path("work");
-    let git = |args: &[&str]| git(&work, args);
     std::fs::write(work.join("readme.txt"), "hello\n").expect("write");
     git_init_commit(&work);
     let mut sup = p.start();
@@ -600,11 +608,7 @@ fn a_failed_check_is_fixed_on_the_same_session(which: Cli) {
     );
     assert!(!work.join("build.out").exists());
     assert!(sup.stop().success(), "{}", sup.output());
-    let left: Vec<_> = std::fs::read_dir(p.path(".orchestrate/worktrees"))
-        .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
-        .unwrap_or_default();
-    assert!(left.is_empty(), "{left:?}");
-    assert_eq!(git(&["worktree", "list"]).lines().count(), 1);
+    assert_nothing_left(&p, &work);
 }
 
 /// In a git repository, the retry that resumes a timed-out session runs in the worktree the session
@@ -662,11 +666,7 @@ fn a_resumed_attempt_continues_in_its_worktree(which: Cli) {
         .collect();
     assert!(dirs.len() >= 2 && dirs.iter().all(|d| *d), "{dirs:?}");
     assert!(sup.stop().success(), "{}", sup.output());
-    let left: Vec<_> = std::fs::read_dir(p.path(".orchestrate/worktrees"))
-        .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
-        .unwrap_or_default();
-    assert!(left.is_empty(), "{left:?}");
-    assert_eq!(git(&["worktree", "list"]).lines().count(), 1);
+    assert_nothing_left(&p, &work);
 }
 
 /// The worktree held for a resume that never comes (the timed-out attempt was the last) is removed

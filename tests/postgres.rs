@@ -224,12 +224,7 @@ fn read_commands_answer_from_postgres_without_the_folder() {
     );
     p.run(&["start", "--once"]).assert_code(0);
     // A different directory with only a config naming the schema: no tasks/, no .orchestrate/.
-    let elsewhere = tempfile::tempdir().expect("tempdir");
-    std::fs::write(
-        elsewhere.path().join("config.yaml"),
-        format!("database:\n  schema: {}\n", s.name),
-    )
-    .expect("cfg");
+    let elsewhere = config_only_folder(&s.name);
     let remote = |args: &[&str]| {
         let out = std::process::Command::new(BIN)
             .arg("-C")

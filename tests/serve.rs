@@ -645,12 +645,7 @@ mod postgres {
         p.drop_task("r2.yaml", "description: \"@fake exit=4\"\nmax_retries: 0\n");
         p.run(&["start", "--once"]).assert_code(0);
         // A folder holding only a config that names the schema.
-        let elsewhere = tempfile::tempdir().expect("tempdir");
-        std::fs::write(
-            elsewhere.path().join("config.yaml"),
-            format!("database:\n  schema: {}\n", s.name),
-        )
-        .expect("cfg");
+        let elsewhere = config_only_folder(&s.name);
         let mut child = std::process::Command::new(BIN)
             .arg("-C")
             .arg(elsewhere.path())

@@ -89,7 +89,7 @@ fn watch_follow_prints_the_snapshot_then_each_event() {
 
 mod postgres {
     use super::*;
-    use common::{PgSchema, pg_config, pg_url};
+    use common::{PgSchema, config_only_folder, pg_config, pg_url};
 
     /// With `--database-url` it reads PostgreSQL alone: a folder with nothing but a config naming the
     /// schema is enough.
@@ -100,12 +100,7 @@ mod postgres {
         p.drop_task("r1.yaml", "description: \"@fake print=ok\"\n");
         p.drop_task("r2.yaml", "description: \"@fake exit=4\"\nmax_retries: 0\n");
         p.run(&["start", "--once"]).assert_code(0);
-        let elsewhere = tempfile::tempdir().expect("tempdir");
-        std::fs::write(
-            elsewhere.path().join("config.yaml"),
-            format!("database:\n  schema: {}\n", s.name),
-        )
-        .expect("cfg");
+        let elsewhere = config_only_folder(&s.name);
         let out = Command::new(BIN)
             .arg("-C")
             .arg(elsewhere.path())

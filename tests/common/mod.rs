@@ -838,3 +838,15 @@ pub fn git_init_commit(dir: &Path) {
     git(dir, &["add", "."]);
     git(dir, &["commit", "-qm", "first"]);
 }
+
+/// A folder holding nothing but a config that names the PostgreSQL `schema` (no `tasks/`, no state
+/// directory): where a reader of the mirror alone (`--database-url`) is started from.
+pub fn config_only_folder(schema: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("config.yaml"),
+        format!("database:\n  schema: {schema}\n"),
+    )
+    .expect("write config.yaml");
+    dir
+}

@@ -527,7 +527,10 @@ pub(super) fn sweep(cfg: &Config, layout: &Layout, spool: &crate::spool::Spool, 
         let Some(_busy) = Busy::try_mark(&e.path()) else {
             continue;
         };
-        if cfg.workspace.keep || pending_has(layout, id) || spool.read_claim(id).is_some() {
+        if cfg.workspace.keep
+            || spool.task_path(crate::spool::Place::Pending, id).exists()
+            || spool.read_claim(id).is_some()
+        {
             continue;
         }
         // A worktree held for a resume whose task then ended without it (its retries spent) is
@@ -577,13 +580,6 @@ fn sweep_pools(layout: &Layout, me: &str) -> usize {
         let _ = std::fs::remove_dir(p.path());
     }
     removed
-}
-
-/// Whether a task file `id` waits in `pending/`: its worktree may be resumed.
-fn pending_has(layout: &Layout, id: &str) -> bool {
-    ["yaml", "yml"]
-        .iter()
-        .any(|ext| layout.pending.join(format!("{id}.{ext}")).exists())
 }
 
 /// The workdir `task` would run in directly on `agent` when its isolation is `none`: tasks sharing
