@@ -545,20 +545,15 @@ mod claude {
         bin
     }
 
-    #[test]
-    fn claude_code_adds_a_task_through_the_mcp_server() {
+    /// Run the pinned Claude Code CLI on `prompt` with `orchestrate mcp` for `p` registered through
+    /// `--mcp-config`, against `server`, allowed to call `tools`; its exit status and what it said.
+    fn run_claude(
+        p: &Project,
+        server: &ModelServer,
+        prompt: &str,
+        tools: &[&str],
+    ) -> (bool, String) {
         let bin = claude();
-        let server = ModelServer::start();
-        server.script(
-            Api::Anthropic,
-            vec![Reply::CallTool {
-                tool: "add_task".into(),
-                args: json!({"description": "@fake print=done-via-mcp", "agent": "fake", "id": "viamcp"}),
-                then: "I queued task viamcp.".into(),
-            }],
-        );
-        let p = Project::with_config(&config());
-        let mut sup = p.start_with_env(&[SECRET]);
         let mcp = p.path("mcp.json");
         std::fs::write(
             &mcp,
@@ -569,12 +564,17 @@ mod claude {
             .to_string(),
         )
         .expect("write mcp.json");
+        let allowed: Vec<String> = tools
+            .iter()
+            .map(|t| format!("mcp__orchestrate__{t}"))
+            .collect();
         let home = tempfile::tempdir().expect("home");
         let mut child = std::process::Command::new(&bin)
-            .args(["-p", "Queue a task that prints done-via-mcp."])
+            .args(["-p", prompt])
             .arg("--mcp-config")
             .arg(&mcp)
-            .args(["--allowedTools", "mcp__orchestrate__add_task"])
+            .arg("--allowedTools")
+            .arg(allowed.join(","))
             .current_dir(p.root())
             .env("HOME", home.path())
             .env("ANTHROPIC_BASE_URL", server.url())
@@ -598,7 +598,86 @@ mod claude {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(status.success(), "{said}");
+        (status.success(), said)
+    }
+
+    /// The bodies of the conversation requests the model server received.
+    fn posts(server: &ModelServer) -> Vec<String> {
+        server
+            .requests()
+            .into_iter()
+            .filter(|(m, _, _)| m == "POST")
+            .map(|(_, _, b)| b)
+            .collect()
+    }
+
+    /// Every tool result (its text read as JSON) the requests carried, in order, each once, with
+    /// the name of the tool whose call it answers.
+    fn tool_results(posts: &[String]) -> Vec<(String, Value)> {
+        let mut calls = std::collections::HashMap::new();
+        let mut seen = Vec::new();
+        let mut out = Vec::new();
+        for body in posts {
+            let Ok(v) = serde_json::from_str::<Value>(body) else {
+                continue;
+            };
+            let messages = v["messages"].as_array().cloned().unwrap_or_default();
+            for part in messages
+                .iter()
+                .flat_map(|m| m["content"].as_array().cloned().unwrap_or_default())
+            {
+                match part["type"].as_str() {
+                    Some("tool_use") => {
+                        calls.insert(
+                            part["id"].as_str().unwrap_or_default().to_string(),
+                            part["name"].as_str().unwrap_or_default().to_string(),
+                        );
+                    }
+                    Some("tool_result") => {
+                        let id = part["tool_use_id"].as_str().unwrap_or_default().to_string();
+                        if seen.contains(&id) {
+                            continue;
+                        }
+                        seen.push(id.clone());
+                        let text = match &part["content"] {
+                            Value::String(s) => s.clone(),
+                            Value::Array(a) => a
+                                .iter()
+                                .filter_map(|t| t["text"].as_str())
+                                .collect::<Vec<_>>()
+                                .join("\n"),
+                            _ => String::new(),
+                        };
+                        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+                        out.push((calls.get(&id).cloned().unwrap_or_default(), value));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn claude_code_adds_a_task_through_the_mcp_server() {
+        let server = ModelServer::start();
+        server.script(
+            Api::Anthropic,
+            vec![Reply::CallTool {
+                tool: "add_task".into(),
+                args: json!({"description": "@fake print=done-via-mcp", "agent": "fake", "id": "viamcp"}),
+                then: "I queued task viamcp.".into(),
+            }],
+        );
+        let p = Project::with_config(&config());
+        let mut sup = p.start_with_env(&[SECRET]);
+        let (ok, said) = run_claude(
+            &p,
+            &server,
+            "Queue a task that prints done-via-mcp.",
+            &["add_task"],
+        );
+        assert!(ok, "{said}");
         assert!(said.contains("I queued task viamcp."), "{said}");
         wait_for("the task added through MCP completes", LIMIT, || {
             p.tasks_in("completed").contains(&"viamcp".to_string())
@@ -607,29 +686,110 @@ mod claude {
             p.read("context/agent_outputs/viamcp_output.md")
                 .contains("done-via-mcp")
         );
-        let posts: Vec<String> = server
-            .requests()
-            .into_iter()
-            .filter(|(m, _, _)| m == "POST")
-            .map(|(_, _, b)| b)
-            .collect();
+        let posts = posts(&server);
         // Claude Code offered the model every tool it loaded from the server.
-        for tool in [
-            "mcp__orchestrate__add_task",
-            "mcp__orchestrate__wait_for_task",
-        ] {
+        for tool in TOOLS {
+            let name = format!("mcp__orchestrate__{tool}");
             assert!(
-                posts.iter().any(|b| b.contains(tool)),
-                "{tool} was not offered"
+                posts.iter().any(|b| b.contains(&name)),
+                "{name} was not offered"
             );
         }
         // The follow-up carried add_task's structured result: the new task's id and file.
-        assert!(
-            posts
-                .iter()
-                .any(|b| b.contains("tool_result") && b.contains("tasks/pending/viamcp.yaml")),
-            "no request carried the tool's result"
+        let results = tool_results(&posts);
+        assert_eq!(results.len(), 1, "{results:?}");
+        assert_eq!(results[0].0, "mcp__orchestrate__add_task");
+        assert_eq!(results[0].1["id"], "viamcp", "{results:?}");
+        assert_eq!(
+            results[0].1["file"], "tasks/pending/viamcp.yaml",
+            "{results:?}"
         );
+        assert!(sup.stop().success(), "{}", sup.output());
+    }
+
+    /// The conversation the issue describes: the model adds two tasks (the second after the first,
+    /// naming it by the id the first call returned), then waits for each; the supervisor runs them
+    /// while Claude Code waits on the server, and each of the model's following requests carries the
+    /// results: the ids add_task gave, and the finished tasks wait_for_task returned.
+    #[test]
+    fn claude_code_adds_two_tasks_and_waits_for_them() {
+        use common::model_server::Call;
+        let server = ModelServer::start();
+        server.script(
+            Api::Anthropic,
+            vec![Reply::CallTools {
+                calls: vec![
+                    Call::new(
+                        "add_task",
+                        json!({"description": "@fake sleep=1 print=first-via-mcp", "agent": "fake"}),
+                    ),
+                    Call::new(
+                        "add_task",
+                        json!({"description": "@fake print=second-via-mcp", "agent": "fake", "after": ["{{0:/id}}"]}),
+                    ),
+                    Call::new(
+                        "wait_for_task",
+                        json!({"id": "{{0:/id}}", "timeout_seconds": 90}),
+                    ),
+                    Call::new(
+                        "wait_for_task",
+                        json!({"id": "{{1:/id}}", "timeout_seconds": 90}),
+                    ),
+                ],
+                then: "Both tasks finished.".into(),
+            }],
+        );
+        let p = Project::with_config(&config());
+        let mut sup = p.start_with_env(&[SECRET]);
+        let (ok, said) = run_claude(
+            &p,
+            &server,
+            "Queue two tasks, the second after the first, and tell me when both are done.",
+            &["add_task", "wait_for_task"],
+        );
+        assert!(ok, "{said}");
+        assert!(said.contains("Both tasks finished."), "{said}");
+        let results = tool_results(&posts(&server));
+        let names: Vec<&str> = results.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "mcp__orchestrate__add_task",
+                "mcp__orchestrate__add_task",
+                "mcp__orchestrate__wait_for_task",
+                "mcp__orchestrate__wait_for_task"
+            ],
+            "{results:?}"
+        );
+        let (first, second) = (&results[0].1, &results[1].1);
+        assert_eq!(first["id"], "task_001", "{results:?}");
+        assert_eq!(first["state"], "pending", "{results:?}");
+        assert_eq!(second["id"], "task_002", "{results:?}");
+        // The second task was written after the first, as the model named it from the result.
+        assert!(
+            p.read("tasks/completed/task_002.yaml").contains("task_001"),
+            "the dependency the model named is missing"
+        );
+        for (n, (id, printed)) in [
+            ("task_001", "first-via-mcp"),
+            ("task_002", "second-via-mcp"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let waited = &results[2 + n].1;
+            assert_eq!(waited["id"], id, "{waited}");
+            assert_eq!(waited["state"], "completed", "{waited}");
+            assert_eq!(waited["terminal"], true, "{waited}");
+            assert!(
+                waited["output"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains(printed),
+                "{waited}"
+            );
+        }
+        assert_eq!(p.tasks_in("completed"), ["task_001", "task_002"]);
         assert!(sup.stop().success(), "{}", sup.output());
     }
 }

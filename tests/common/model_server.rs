@@ -80,12 +80,44 @@ pub enum Reply {
     Hang,
     /// A call of the offered tool whose name ends with `tool` (an MCP tool as the CLI names it, e.g.
     /// `mcp__orchestrate__add_task`) with `args`; the follow-up carrying its result gets `then`.
-    /// Scripted for the Anthropic API only (the other APIs answer with a text saying so).
+    /// Scripted for the Anthropic and Responses APIs (the others answer with a text saying so).
     CallTool {
         tool: String,
         args: Value,
         then: String,
     },
+    /// Several tool calls one after the other, as a model that reads each result before its next
+    /// call: the first answers the conversation, each follow-up carrying a result gets the next, and
+    /// the follow-up carrying the last result gets `then`. A string argument `{{N:/pointer}}` is
+    /// replaced by the value at that JSON pointer in the result of call N (0-based) of this chain,
+    /// read as JSON from the result's text (e.g. `{{0:/id}}`: the id an `add_task` call returned).
+    /// Scripted for the Anthropic and Responses APIs, like `CallTool`.
+    CallTools { calls: Vec<Call>, then: String },
+}
+
+/// One call of a [`Reply::CallTools`] chain.
+#[derive(Clone, Debug)]
+pub struct Call {
+    /// The end of the offered tool's name, as for [`Reply::CallTool`].
+    pub tool: String,
+    pub args: Value,
+}
+
+impl Call {
+    pub fn new(tool: &str, args: Value) -> Call {
+        Call {
+            tool: tool.to_string(),
+            args,
+        }
+    }
+}
+
+/// A chain in progress: the calls still to make, the results of those made, and the closing text.
+#[derive(Clone, Debug)]
+struct Chain {
+    rest: VecDeque<Call>,
+    results: Vec<String>,
+    then: String,
 }
 
 #[derive(Default)]
@@ -98,6 +130,8 @@ struct State {
     pending: HashMap<String, String>,
     /// The `then` of the latest tool call per API, for follow-ups whose call id cannot be matched.
     last_then: HashMap<Api, String>,
+    /// Tool call id → the chain it belongs to (`Reply::CallTools`).
+    chains: HashMap<String, Chain>,
 }
 
 struct Shared {
@@ -579,6 +613,117 @@ fn follow_up_text(shared: &Shared, api: Api, id: Option<&str>) -> String {
         .unwrap_or_else(|| DEFAULT_TEXT.to_string())
 }
 
+/// The first call of a `CallTools` chain (or its closing text when it has no calls).
+fn start_chain(
+    shared: &Shared,
+    api: Api,
+    tools: &[Tool],
+    calls: Vec<Call>,
+    then: String,
+    id_prefix: &str,
+) -> (String, Option<ToolCall>) {
+    let chain = Chain {
+        rest: calls.into(),
+        results: Vec::new(),
+        then,
+    };
+    next_in_chain(shared, api, tools, chain, id_prefix)
+}
+
+/// The answer to a follow-up whose call belongs to a chain: the chain's next call, or its closing
+/// text once every call has its result; None when the call is not part of a chain.
+fn chain_follow_up(
+    shared: &Shared,
+    api: Api,
+    tools: &[Tool],
+    id: Option<&str>,
+    result: String,
+    id_prefix: &str,
+) -> Option<(String, Option<ToolCall>)> {
+    let mut chain = shared.lock().chains.remove(id?)?;
+    chain.results.push(result);
+    Some(next_in_chain(shared, api, tools, chain, id_prefix))
+}
+
+fn next_in_chain(
+    shared: &Shared,
+    api: Api,
+    tools: &[Tool],
+    mut chain: Chain,
+    id_prefix: &str,
+) -> (String, Option<ToolCall>) {
+    let Some(call) = chain.rest.pop_front() else {
+        return (chain.then, None);
+    };
+    let id = format!("{id_prefix}{:06}", shared.next_id());
+    let args = fill_in(&call.args, &chain.results);
+    let name = offered_name(tools, &call.tool);
+    {
+        let mut st = shared.lock();
+        // A follow-up whose id cannot be matched still gets the chain's closing text.
+        st.last_then.insert(api, chain.then.clone());
+        st.chains.insert(id.clone(), chain);
+    }
+    (
+        String::new(),
+        Some(ToolCall {
+            id,
+            name,
+            args,
+            custom_input: None,
+        }),
+    )
+}
+
+/// The offered tool whose name ends with `tool` (an MCP tool as the CLI prefixes it), or `tool`.
+fn offered_name(tools: &[Tool], tool: &str) -> String {
+    tools
+        .iter()
+        .find(|t| t.name.ends_with(tool))
+        .map(|t| t.name.clone())
+        .unwrap_or_else(|| tool.to_string())
+}
+
+/// `args` with each string `{{N:/pointer}}` replaced by that value of result N (read as JSON).
+fn fill_in(args: &Value, results: &[String]) -> Value {
+    match args {
+        Value::String(s) => {
+            let Some(inner) = s.strip_prefix("{{").and_then(|r| r.strip_suffix("}}")) else {
+                return args.clone();
+            };
+            let Some((n, pointer)) = inner.split_once(':') else {
+                return args.clone();
+            };
+            n.parse::<usize>()
+                .ok()
+                .and_then(|n| results.get(n))
+                .and_then(|r| serde_json::from_str::<Value>(r).ok())
+                .and_then(|v| v.pointer(pointer).cloned())
+                .unwrap_or_else(|| args.clone())
+        }
+        Value::Array(a) => Value::Array(a.iter().map(|v| fill_in(v, results)).collect()),
+        Value::Object(o) => Value::Object(
+            o.iter()
+                .map(|(k, v)| (k.clone(), fill_in(v, results)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+/// The text of a tool result's content: a string, or the text parts of an array of parts.
+fn result_text(content: Option<&Value>) -> String {
+    match content {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        _ => String::new(),
+    }
+}
+
 /// The CLI's working directory, as its system prompt / environment context states it.
 fn find_cwd(texts: &str) -> Option<String> {
     const MARKERS: [&str; 5] = [
@@ -815,7 +960,7 @@ fn anthropic(shared: &Shared, body: &Value) -> Outcome {
         .iter()
         .rev()
         .find(|m| m.get("role").and_then(Value::as_str) != Some("system"));
-    let tool_result_id = last
+    let tool_result = last
         .filter(|m| m.get("role").and_then(Value::as_str) == Some("user"))
         .and_then(|m| m.get("content"))
         .and_then(Value::as_array)
@@ -824,12 +969,12 @@ fn anthropic(shared: &Shared, body: &Value) -> Outcome {
                 .iter()
                 .rev()
                 .find(|p| p.get("type").and_then(Value::as_str) == Some("tool_result"))
-        })
-        .map(|p| {
-            p.get("tool_use_id")
-                .and_then(Value::as_str)
-                .map(str::to_string)
         });
+    let tool_result_id = tool_result.map(|p| {
+        p.get("tool_use_id")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    });
     let kind = if let Some(id) = tool_result_id {
         Kind::FollowUp(id)
     } else if tools.is_empty() && !messages.is_empty() {
@@ -849,7 +994,15 @@ fn anthropic(shared: &Shared, body: &Value) -> Outcome {
             };
             (t, None)
         }
-        Kind::FollowUp(id) => (follow_up_text(shared, Api::Anthropic, id.as_deref()), None),
+        Kind::FollowUp(id) => chain_follow_up(
+            shared,
+            Api::Anthropic,
+            &tools,
+            id.as_deref(),
+            result_text(tool_result.and_then(|p| p.get("content"))),
+            "toolu_orch",
+        )
+        .unwrap_or_else(|| (follow_up_text(shared, Api::Anthropic, id.as_deref()), None)),
         Kind::Conversation => match take_reply(shared, Api::Anthropic) {
             Reply::Text(t) => (t, None),
             Reply::WriteFile {
@@ -892,11 +1045,7 @@ fn anthropic(shared: &Shared, body: &Value) -> Outcome {
             Reply::CallTool { tool, args, then } => {
                 let id = format!("toolu_orch{:06}", shared.next_id());
                 remember_call(shared, Api::Anthropic, &id, &then);
-                let name = tools
-                    .iter()
-                    .find(|t| t.name.ends_with(tool.as_str()))
-                    .map(|t| t.name.clone())
-                    .unwrap_or(tool);
+                let name = offered_name(&tools, &tool);
                 (
                     String::new(),
                     Some(ToolCall {
@@ -906,6 +1055,9 @@ fn anthropic(shared: &Shared, body: &Value) -> Outcome {
                         custom_input: None,
                     }),
                 )
+            }
+            Reply::CallTools { calls, then } => {
+                start_chain(shared, Api::Anthropic, &tools, calls, then, "toolu_orch")
             }
         },
     };
@@ -1058,15 +1210,13 @@ fn responses(shared: &Shared, body: &Value) -> Outcome {
         .rposition(|i| i.get("role").and_then(Value::as_str) == Some("user"))
         .map(|p| p + 1)
         .unwrap_or(0);
-    let output_id = input[last_user.min(input.len())..]
-        .iter()
-        .rev()
-        .find(|i| {
-            i.get("type")
-                .and_then(Value::as_str)
-                .is_some_and(|t| t.ends_with("_output"))
-        })
-        .map(|i| i.get("call_id").and_then(Value::as_str).map(str::to_string));
+    let output_item = input[last_user.min(input.len())..].iter().rev().find(|i| {
+        i.get("type")
+            .and_then(Value::as_str)
+            .is_some_and(|t| t.ends_with("_output"))
+    });
+    let output_id =
+        output_item.map(|i| i.get("call_id").and_then(Value::as_str).map(str::to_string));
     let has_instructions = body.get("instructions").is_some();
     let kind = match output_id {
         Some(id) => Kind::FollowUp(id),
@@ -1075,7 +1225,15 @@ fn responses(shared: &Shared, body: &Value) -> Outcome {
     };
     let (text, call) = match kind {
         Kind::Auxiliary => (DEFAULT_TEXT.to_string(), None),
-        Kind::FollowUp(id) => (follow_up_text(shared, Api::Responses, id.as_deref()), None),
+        Kind::FollowUp(id) => chain_follow_up(
+            shared,
+            Api::Responses,
+            &tools,
+            id.as_deref(),
+            result_text(output_item.and_then(|i| i.get("output"))),
+            "call_orch",
+        )
+        .unwrap_or_else(|| (follow_up_text(shared, Api::Responses, id.as_deref()), None)),
         Kind::Conversation => match take_reply(shared, Api::Responses) {
             Reply::Text(t) => (t, None),
             Reply::WriteFile {
@@ -1095,10 +1253,23 @@ fn responses(shared: &Shared, body: &Value) -> Outcome {
             Reply::ServerError => return Outcome::Respond(openai_server_error()),
             Reply::AuthError => return Outcome::Respond(openai_auth_error()),
             Reply::Hang => return Outcome::Hang,
-            Reply::CallTool { .. } => (
-                "CallTool is scripted for the Anthropic API only".to_string(),
-                None,
-            ),
+            Reply::CallTool { tool, args, then } => {
+                let id = format!("call_orch{:06}", shared.next_id());
+                remember_call(shared, Api::Responses, &id, &then);
+                let name = offered_name(&tools, &tool);
+                (
+                    String::new(),
+                    Some(ToolCall {
+                        id,
+                        name,
+                        args,
+                        custom_input: None,
+                    }),
+                )
+            }
+            Reply::CallTools { calls, then } => {
+                start_chain(shared, Api::Responses, &tools, calls, then, "call_orch")
+            }
         },
     };
     let resp_id = format!("resp_orch{:06}", shared.next_id());
@@ -1292,8 +1463,8 @@ fn gemini(shared: &Shared, body: &Value, model: &str, stream: bool) -> Outcome {
                 ));
             }
             Reply::Hang => return Outcome::Hang,
-            Reply::CallTool { .. } => (
-                "CallTool is scripted for the Anthropic API only".to_string(),
+            Reply::CallTool { .. } | Reply::CallTools { .. } => (
+                "CallTool is scripted for the Anthropic and Responses APIs only".to_string(),
                 None,
             ),
         },
@@ -1390,8 +1561,8 @@ fn chat(shared: &Shared, body: &Value) -> Outcome {
             Reply::ServerError => return Outcome::Respond(openai_server_error()),
             Reply::AuthError => return Outcome::Respond(openai_auth_error()),
             Reply::Hang => return Outcome::Hang,
-            Reply::CallTool { .. } => (
-                "CallTool is scripted for the Anthropic API only".to_string(),
+            Reply::CallTool { .. } | Reply::CallTools { .. } => (
+                "CallTool is scripted for the Anthropic and Responses APIs only".to_string(),
                 None,
             ),
         },
