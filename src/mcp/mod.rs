@@ -35,16 +35,50 @@ pub fn run(project: Project) -> Result<()> {
         .build()?;
     rt.block_on(async move {
         let server = Server::new(project);
-        let service = server.serve(rmcp::transport::stdio()).await?;
+        let stdin = EofSignal {
+            inner: tokio::io::stdin(),
+            gone: server.gone.clone(),
+        };
+        let service = server.serve((stdin, tokio::io::stdout())).await?;
         service.waiting().await?;
         Ok(())
     })
+}
+
+/// The client's end of stdin: tells the server's calls when it reaches its end. rmcp gives calls
+/// still running when the input closes five seconds to finish before it exits; a `wait_for_task`
+/// would use all of them, so the server would outlive its client by five seconds for nothing.
+struct EofSignal<R> {
+    inner: R,
+    gone: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for EofSignal<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let ended = match &r {
+            std::task::Poll::Ready(Ok(())) => buf.filled().len() == before && buf.remaining() > 0,
+            std::task::Poll::Ready(Err(_)) => true,
+            std::task::Poll::Pending => false,
+        };
+        if ended {
+            self.gone.send_replace(true);
+        }
+        r
+    }
 }
 
 #[derive(Clone)]
 pub struct Server {
     project: Arc<Project>,
     tool_router: ToolRouter<Server>,
+    /// Set once the client has gone (its input closed): waits end at once.
+    gone: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 /// The input schema a tool advertises: its arguments type's, while the handler takes the raw object
@@ -70,6 +104,7 @@ impl Server {
         Server {
             project: Arc::new(project),
             tool_router: Self::tool_router(),
+            gone: Arc::new(tokio::sync::watch::channel(false).0),
         }
     }
 
@@ -337,6 +372,7 @@ impl Server {
     async fn wait_for_task(
         &self,
         Parameters(raw): Parameters<JsonObject>,
+        context: rmcp::service::RequestContext<rmcp::RoleServer>,
     ) -> Result<Json<Answer>, String> {
         let a: WaitArgs = args(raw)?;
         let secs = a.timeout_seconds.unwrap_or(60);
@@ -360,7 +396,14 @@ impl Server {
                 let tid = id.clone();
                 return self.call(move |p| task_view(p, &tid)).await;
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            // Until the next look, unless the client cancels the call or goes away: then nobody
+            // reads the answer.
+            let mut gone = self.gone.subscribe();
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = context.ct.cancelled() => return Err("cancelled by the client".into()),
+                _ = gone.wait_for(|g| *g) => return Err("the client has gone".into()),
+            }
         }
     }
 

@@ -697,7 +697,7 @@ fn fill_in(args: &Value, results: &[String]) -> Value {
             n.parse::<usize>()
                 .ok()
                 .and_then(|n| results.get(n))
-                .and_then(|r| serde_json::from_str::<Value>(r).ok())
+                .and_then(|r| result_json(r))
                 .and_then(|v| v.pointer(pointer).cloned())
                 .unwrap_or_else(|| args.clone())
         }
@@ -709,6 +709,14 @@ fn fill_in(args: &Value, results: &[String]) -> Value {
         ),
         other => other.clone(),
     }
+}
+
+/// A tool result's JSON: its whole text, or from its first `{` (Codex puts a `Wall time: …` header
+/// before an MCP tool's answer).
+fn result_json(text: &str) -> Option<Value> {
+    serde_json::from_str(text)
+        .ok()
+        .or_else(|| serde_json::from_str(&text[text.find('{')?..]).ok())
 }
 
 /// The text of a tool result's content: a string, or the text parts of an array of parts.
@@ -1186,9 +1194,32 @@ fn responses(shared: &Shared, body: &Value) -> Outcome {
         Some(Value::String(s)) => vec![json!({"type": "message", "role": "user", "content": s})],
         _ => Vec::new(),
     };
-    let tools: Vec<Tool> = body
+    // Codex groups an MCP server's tools in a `namespace` tool (`mcp__orchestrate`); a call of one
+    // names the tool and its namespace.
+    let mut namespaces: HashMap<String, String> = HashMap::new();
+    let offered: Vec<Value> = body
         .get("tools")
         .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .flat_map(
+                    |t| match (t.get("type").and_then(Value::as_str), t.get("tools")) {
+                        (Some("namespace"), Some(Value::Array(inner))) => {
+                            let ns = t.get("name").and_then(Value::as_str).unwrap_or("");
+                            for i in inner {
+                                if let Some(n) = i.get("name").and_then(Value::as_str) {
+                                    namespaces.insert(n.to_string(), ns.to_string());
+                                }
+                            }
+                            inner.clone()
+                        }
+                        _ => vec![t.clone()],
+                    },
+                )
+                .collect()
+        })
+        .unwrap_or_default();
+    let tools: Vec<Tool> = Some(&offered)
         .map(|a| {
             a.iter()
                 .map(|t| Tool {
@@ -1278,8 +1309,14 @@ fn responses(shared: &Shared, body: &Value) -> Outcome {
         Some(c) => match &c.custom_input {
             Some(inp) => json!({"type": "custom_tool_call", "id": item_id, "status": "completed",
                 "call_id": c.id, "name": c.name, "input": inp}),
-            None => json!({"type": "function_call", "id": item_id, "status": "completed",
-                "call_id": c.id, "name": c.name, "arguments": c.args.to_string()}),
+            None => {
+                let mut item = json!({"type": "function_call", "id": item_id, "status": "completed",
+                    "call_id": c.id, "name": c.name, "arguments": c.args.to_string()});
+                if let Some(ns) = namespaces.get(&c.name) {
+                    item["namespace"] = json!(ns);
+                }
+                item
+            }
         },
         None => {
             json!({"type": "message", "id": item_id, "status": "completed", "role": "assistant",
