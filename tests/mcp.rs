@@ -522,6 +522,173 @@ async fn context_pages_and_task_results_read_as_resources() {
     assert!(sup.stop().success(), "{}", sup.output());
 }
 
+/// `orchestrate serve` on a free loopback port with `args`, and its address once it listens.
+fn serve(p: &Project, args: &[&str]) -> (std::process::Child, String) {
+    let mut all = vec!["serve", "--listen", "127.0.0.1:0"];
+    all.extend_from_slice(args);
+    let mut child = p
+        .cmd(&all)
+        .env(SECRET.0, SECRET.1)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn serve");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let first = rx.recv_timeout(LIMIT).expect("serve says where it listens");
+    let addr = first
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("unexpected first line: {first}"))
+        .to_string();
+    (child, addr)
+}
+
+/// The SDK's client over streamable HTTP at `http://ADDR/mcp`, with `token` as a bearer token.
+async fn connect_http(
+    addr: &str,
+    token: Option<&str>,
+) -> Result<Client, rmcp::service::ClientInitializeError> {
+    use rmcp::transport::StreamableHttpClientTransport;
+    use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+    // reqwest is built without a TLS provider of its own (as orchestrate's is): give it ring's.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut config = StreamableHttpClientTransportConfig::with_uri(format!("http://{addr}/mcp"));
+    if let Some(t) = token {
+        config = config.auth_header(t);
+    }
+    let transport = StreamableHttpClientTransport::from_config(config);
+    tokio::time::timeout(LIMIT, ().serve(transport))
+        .await
+        .expect("answered in time")
+}
+
+/// `orchestrate serve` answers MCP at `/mcp` on its own listener and token: with the token a client
+/// lists every tool, adds a task the supervisor runs and waits for it over the HTTP event stream;
+/// without it, or with a wrong one, it is refused before a session begins.
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_answers_mcp_over_http_behind_its_token() {
+    let p = Project::with_config(&config());
+    let mut sup = p.start_with_env(&[SECRET]);
+    let token = "mcp-http-token-5f4e3d";
+    let (mut server, addr) = serve(&p, &["--token", token]);
+
+    for wrong in [None, Some("not-the-token")] {
+        let refused = connect_http(&addr, wrong).await;
+        let e = refused
+            .err()
+            .unwrap_or_else(|| panic!("{wrong:?} was let in"));
+        assert!(
+            format!("{e:?}").contains("401")
+                || format!("{e:?}").to_lowercase().contains("unauthorized"),
+            "{wrong:?}: {e:?}"
+        );
+    }
+
+    let c = connect_http(&addr, Some(token)).await.expect("initialise");
+    assert_eq!(
+        c.peer_info().expect("introduced").server_info.name,
+        "orchestrate"
+    );
+    let mut names: Vec<String> = c
+        .list_all_tools()
+        .await
+        .expect("list tools")
+        .iter()
+        .map(|t| t.name.to_string())
+        .collect();
+    names.sort();
+    assert_eq!(names, TOOLS);
+    let added = ok(
+        &c,
+        "add_task",
+        json!({"description": format!("over http {}\n@fake sleep=1 print=done-over-http", SECRET.1), "agent": "fake"}),
+    )
+    .await;
+    assert_eq!(added["id"], "task_001", "{added}");
+    let done = ok(
+        &c,
+        "wait_for_task",
+        json!({"id": "task_001", "timeout_seconds": 90}),
+    )
+    .await;
+    assert_eq!(done["state"], "completed", "{done}");
+    assert!(
+        done["output"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("done-over-http"),
+        "{done}"
+    );
+    assert!(
+        !done.to_string().contains(SECRET.1),
+        "a secret was returned: {done}"
+    );
+    let e = tool_error(&c, "get_task", json!({"id": "task_404"})).await;
+    assert!(e.contains("no task task_404"), "{e}");
+    c.cancel().await.expect("close the client");
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(sup.stop().success(), "{}", sup.output());
+}
+
+/// `serve --read-only` offers only the tools that read: a write tool is not listed, and a call of
+/// one is refused without a file written.
+#[tokio::test(flavor = "multi_thread")]
+async fn read_only_serve_offers_no_write_tools() {
+    let p = Project::with_config(&config());
+    p.run(&["add", "already here"]).assert_code(0);
+    let (mut server, addr) = serve(&p, &["--read-only"]);
+    let c = connect_http(&addr, None).await.expect("initialise");
+    let mut names: Vec<String> = c
+        .list_all_tools()
+        .await
+        .expect("list tools")
+        .iter()
+        .map(|t| t.name.to_string())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "get_log",
+            "get_task",
+            "list_agents",
+            "list_tasks",
+            "status",
+            "wait_for_task"
+        ]
+    );
+    let listed = ok(&c, "list_tasks", json!({})).await;
+    assert_eq!(listed["tasks"][0]["id"], "task_001", "{listed}");
+    let Value::Object(args) = json!({"description": "not allowed"}) else {
+        unreachable!()
+    };
+    let refused = tokio::time::timeout(
+        LIMIT,
+        c.call_tool(CallToolRequestParams::new("add_task").with_arguments(args)),
+    )
+    .await
+    .expect("answered in time");
+    assert!(
+        refused.is_err() || refused.as_ref().is_ok_and(|r| r.is_error == Some(true)),
+        "{refused:?}"
+    );
+    assert_eq!(p.tasks_in("pending"), ["task_001"]);
+    c.cancel().await.expect("close the client");
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
 /// A real MCP client: the pinned Claude Code CLI, against the scripted model server, loads the
 /// server from `--mcp-config`, lists its tools to the model, and carries out the model's
 /// `add_task` call; a running supervisor completes the task, and the model's next request carries

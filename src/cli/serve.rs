@@ -6,7 +6,17 @@ use anyhow::Result;
 use super::{Cli, Project};
 
 pub fn run(cli: &Cli, project: Project, opts: crate::serve::Options) -> Result<i32> {
-    let bound = crate::serve::bind(project, opts)?;
+    // The MCP server reads the folder's own mirror: with --database-url alone there is none to read.
+    let mcp = opts.database_url.is_none();
+    let mut bound = crate::serve::bind(project, opts)?;
+    if mcp {
+        let project = Project::load(cli.root.as_deref(), cli.config.as_deref())?;
+        bound.mount_mcp(crate::mcp::http_router(
+            project,
+            bound.read_only(),
+            bound.has_token(),
+        ));
+    }
     let addr = bound.local_addr()?;
     let mut out = super::Out::new();
     if cli.json {

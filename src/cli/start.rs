@@ -23,7 +23,7 @@ pub fn start(cli: &Cli, once: bool, detach: bool, verbose: u8, serve: Option<&st
         // Bound before the supervisor starts, so a refused address (taken, or not loopback without
         // a token) stops the start with its error; then it answers beside the loop until the
         // process ends (it stops on the same signals).
-        let bound = crate::serve::bind(
+        let mut bound = crate::serve::bind(
             Project::load(cli.root.as_deref(), cli.config.as_deref())?,
             crate::serve::Options {
                 listen: listen.to_string(),
@@ -35,6 +35,11 @@ pub fn start(cli: &Cli, once: bool, detach: bool, verbose: u8, serve: Option<&st
                 database_url: None,
             },
         )?;
+        bound.mount_mcp(crate::mcp::http_router(
+            Project::load(cli.root.as_deref(), cli.config.as_deref())?,
+            false,
+            bound.has_token(),
+        ));
         crate::console::info(&format!("serving    http://{}", bound.local_addr()?));
         std::thread::Builder::new()
             .name("serve".into())

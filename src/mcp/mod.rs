@@ -1,4 +1,5 @@
-//! `orchestrate mcp`: a Model Context Protocol server over stdio, so an agent (Claude Code, Codex,
+//! `orchestrate mcp`: a Model Context Protocol server over stdio (and over streamable HTTP, mounted
+//! by `orchestrate serve` at `/mcp`), so an agent (Claude Code, Codex,
 //! Gemini CLI, Cursor) can add tasks, watch them and act on their results. Every tool is a thin
 //! call into [`crate::project`], the same functions the CLI and the HTTP server use, so a task added
 //! here is validated and written exactly like one added by `orchestrate add`.
@@ -43,6 +44,43 @@ pub fn run(project: Project) -> Result<()> {
         service.waiting().await?;
         Ok(())
     })
+}
+
+/// The tools that write (a task file, a cancel or retry request, a landing): a read-only server
+/// leaves them out, so a client never sees a tool it may not call.
+const WRITE_TOOLS: [&str; 5] = [
+    "add_task",
+    "cancel_task",
+    "retry_task",
+    "merge_task",
+    "discard_task",
+];
+
+/// The server over streamable HTTP, as an axum router for `orchestrate serve` to mount at `/mcp`
+/// behind its own token check: one session per client, a long call (`wait_for_task`) answered
+/// over the request's event stream. `read_only` leaves out the tools that write. rmcp's check of
+/// the `Host` header (loopback names only, against DNS rebinding) stays on unless a token guards the
+/// server (`any_host`), which is what lets a server on a LAN address answer at all.
+pub fn http_router(project: Project, read_only: bool, any_host: bool) -> axum::Router {
+    use rmcp::transport::streamable_http_server::{
+        StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
+    };
+    let mut server = Server::new(project);
+    if read_only {
+        for name in WRITE_TOOLS {
+            server.tool_router.remove_route(name);
+        }
+    }
+    let mut config = StreamableHttpServerConfig::default();
+    if any_host {
+        config = config.disable_allowed_hosts();
+    }
+    let service = StreamableHttpService::new(
+        move || Ok(server.clone()),
+        Arc::new(LocalSessionManager::default()),
+        config,
+    );
+    axum::Router::new().fallback_service(service)
 }
 
 /// The client's end of stdin: tells the server's calls when it reaches its end. rmcp gives calls

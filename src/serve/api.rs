@@ -20,9 +20,13 @@ use crate::error::UsageError;
 use crate::mirror::read::Reader;
 use crate::project::{NewTask, Retried};
 
-pub fn router(state: Arc<State>) -> Router {
-    Router::new()
-        .route("/", get(dashboard))
+pub fn router(state: Arc<State>, mcp: Option<Router>) -> Router {
+    let app = Router::new();
+    let app = match mcp {
+        Some(mcp) => app.nest_service("/mcp", mcp),
+        None => app,
+    };
+    app.route("/", get(dashboard))
         .route("/api/v1/status", get(status))
         .route("/api/v1/tasks", get(tasks).post(add))
         .route("/api/v1/tasks/{id}", get(task))

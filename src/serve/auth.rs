@@ -70,7 +70,9 @@ fn presented(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
 /// Let a request in or answer 401 (without the token, first); a write on a read-only server gets 403.
 pub async fn guard(Extract(state): Extract<Arc<State>>, req: Request, next: Next) -> Response {
     let read_only = |req: &Request| {
-        (req.method() == Method::POST && state.read_only).then(|| {
+        // MCP sends every message, reads too, as a POST: its server leaves out its writes itself.
+        let mcp = req.uri().path() == "/mcp" || req.uri().path().starts_with("/mcp/");
+        (req.method() == Method::POST && state.read_only && !mcp).then(|| {
             error_response(
                 StatusCode::FORBIDDEN,
                 "this server is read-only (--read-only, or --database-url)",

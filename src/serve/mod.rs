@@ -8,7 +8,8 @@
 //!
 //! Access: without a token it binds loopback only; with one (given, or generated and shown once,
 //! stored as a SHA-256 hash in the state directory) every request needs it, as a bearer header or
-//! the cookie that opening `/?token=…` sets. `--read-only` refuses every write.
+//! the cookie that opening `/?token=…` sets. `--read-only` refuses every write. The MCP server, when
+//! the caller mounts it at `/mcp`, sits behind the same check.
 
 mod api;
 mod auth;
@@ -41,6 +42,8 @@ pub struct Bound {
     state: Arc<State>,
     /// The token made up for this run, to show once.
     pub generated_token: Option<String>,
+    /// What answers at `/mcp` (the MCP server over streamable HTTP), when the caller mounted it.
+    mcp: Option<axum::Router>,
 }
 
 pub(crate) struct State {
@@ -85,6 +88,7 @@ pub fn bind(project: Project, opts: Options) -> Result<Bound> {
     Ok(Bound {
         listener,
         generated_token,
+        mcp: None,
         state: Arc::new(State {
             project,
             database_url: opts.database_url,
@@ -101,6 +105,23 @@ impl Bound {
         Ok(self.listener.local_addr()?)
     }
 
+    /// Whether writes are refused (`--read-only`).
+    pub fn read_only(&self) -> bool {
+        self.state.read_only
+    }
+
+    /// Whether every request must carry a token.
+    pub fn has_token(&self) -> bool {
+        self.state.token_hash.is_some()
+    }
+
+    /// Answer at `/mcp` with `router` (the caller builds it: the MCP server is another surface),
+    /// behind the same token check as everything else. It answers every MCP message with a POST,
+    /// so on a read-only server it must leave out its writes itself.
+    pub fn mount_mcp(&mut self, router: axum::Router) {
+        self.mcp = Some(router);
+    }
+
     /// Answer requests until the process gets SIGINT or SIGTERM.
     pub fn run(self) -> Result<()> {
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -109,7 +130,7 @@ impl Bound {
             .build()?;
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::from_std(self.listener)?;
-            let app = api::router(self.state);
+            let app = api::router(self.state, self.mcp);
             axum::serve(listener, app)
                 .with_graceful_shutdown(shutdown())
                 .await?;
