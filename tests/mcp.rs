@@ -722,15 +722,26 @@ mod claude {
         prompt: &str,
         tools: &[&str],
     ) -> (bool, String) {
+        let stdio = json!({
+            "command": BIN,
+            "args": ["-C", p.root().display().to_string(), "mcp"]
+        });
+        run_claude_with(p, server, prompt, tools, stdio)
+    }
+
+    /// [`run_claude`] with `entry` as the server's `mcpServers` entry.
+    fn run_claude_with(
+        p: &Project,
+        server: &ModelServer,
+        prompt: &str,
+        tools: &[&str],
+        entry: Value,
+    ) -> (bool, String) {
         let bin = claude();
         let mcp = p.path("mcp.json");
         std::fs::write(
             &mcp,
-            json!({"mcpServers": {"orchestrate": {
-                "command": BIN,
-                "args": ["-C", p.root().display().to_string(), "mcp"]
-            }}})
-            .to_string(),
+            json!({"mcpServers": {"orchestrate": entry}}).to_string(),
         )
         .expect("write mcp.json");
         let allowed: Vec<String> = tools
@@ -874,6 +885,38 @@ mod claude {
             "{results:?}"
         );
         assert!(sup.stop().success(), "{}", sup.output());
+    }
+
+    /// Claude Code reaches the server over HTTP at `serve`'s `/mcp` with the bearer token, as the
+    /// README registers it, and the model's call adds a task there.
+    #[test]
+    fn claude_code_reaches_the_server_over_http_with_the_token() {
+        let server = ModelServer::start();
+        server.script(
+            Api::Anthropic,
+            vec![Reply::CallTool {
+                tool: "add_task".into(),
+                args: json!({"description": "@fake print=done-via-http", "agent": "fake", "id": "viahttp"}),
+                then: "I queued task viahttp.".into(),
+            }],
+        );
+        let p = Project::with_config(&config());
+        let token = "claude-http-token-0a1b2c";
+        let (mut serving, addr) = serve(&p, &["--token", token]);
+        let entry = json!({
+            "type": "http",
+            "url": format!("http://{addr}/mcp"),
+            "headers": {"Authorization": format!("Bearer {token}")}
+        });
+        let (ok, said) = run_claude_with(&p, &server, "Queue a task.", &["add_task"], entry);
+        let _ = serving.kill();
+        let _ = serving.wait();
+        assert!(ok, "{said}");
+        assert!(said.contains("I queued task viahttp."), "{said}");
+        assert_eq!(p.tasks_in("pending"), ["viahttp"]);
+        let results = tool_results(&posts(&server));
+        assert_eq!(results.len(), 1, "{results:?}");
+        assert_eq!(results[0].1["id"], "viahttp", "{results:?}");
     }
 
     /// The conversation the issue describes: the model adds two tasks (the second after the first,
