@@ -131,6 +131,43 @@ async fn every_tool_against_a_running_supervisor() {
         assert!(props.contains_key(field), "add_task's schema lacks {field}");
     }
     assert_eq!(add.input_schema["required"], json!(["description"]));
+    // Each tool but `status` (whose answer is `status --json`'s) shows the shape of its answer.
+    let outputs: std::collections::HashMap<String, Value> = tools
+        .iter()
+        .filter_map(|t| {
+            let schema = t.output_schema.as_ref()?;
+            Some((t.name.to_string(), Value::Object((**schema).clone())))
+        })
+        .collect();
+    for t in TOOLS.iter().filter(|t| **t != "status") {
+        let schema = outputs
+            .get(*t)
+            .unwrap_or_else(|| panic!("{t} has no output schema"));
+        assert!(
+            schema["properties"]
+                .as_object()
+                .is_some_and(|p| !p.is_empty()),
+            "{t}: {schema}"
+        );
+    }
+    // An answer has every field its schema requires, and no field the schema does not name.
+    let conforms = |tool: &str, answer: &Value| {
+        let schema = &outputs[tool];
+        let props = schema["properties"].as_object().expect("properties");
+        for r in schema["required"].as_array().into_iter().flatten() {
+            let r = r.as_str().expect("a name");
+            assert!(
+                answer.get(r).is_some(),
+                "{tool} answered without {r}: {answer}"
+            );
+        }
+        for k in answer.as_object().expect("an object").keys() {
+            assert!(
+                props.contains_key(k),
+                "{tool} answered {k}, not in its schema {schema}"
+            );
+        }
+    };
 
     // Added, run by the supervisor's fake agent, waited for; the description carries a secret.
     let added = ok(
@@ -139,6 +176,7 @@ async fn every_tool_against_a_running_supervisor() {
         json!({"description": format!("say hi {}\n@fake print=done-by-fake", SECRET.1), "agent": "fake", "priority": "high", "labels": ["mcp"]}),
     )
     .await;
+    conforms("add_task", &added);
     let id = added["id"].as_str().expect("an id").to_string();
     let done = ok(
         &c,
@@ -148,6 +186,7 @@ async fn every_tool_against_a_running_supervisor() {
     .await;
     assert_eq!(done["state"], "completed", "{done}");
     assert_eq!(done["terminal"], true);
+    conforms("wait_for_task", &done);
     assert!(
         done["output"]
             .as_str()
@@ -156,6 +195,7 @@ async fn every_tool_against_a_running_supervisor() {
         "{done}"
     );
     let got = ok(&c, "get_task", json!({"id": id})).await;
+    conforms("get_task", &got);
     assert_eq!(got["state"], "completed");
     assert!(!got["attempts"].as_array().expect("attempts").is_empty());
     let file = got["task"].as_str().unwrap_or_default();
@@ -188,7 +228,9 @@ async fn every_tool_against_a_running_supervisor() {
         .filter_map(|t| t["id"].as_str())
         .collect();
     assert_eq!(ids, [id.as_str()]);
+    conforms("list_tasks", &listed);
     let agents = ok(&c, "list_agents", json!({})).await;
+    conforms("list_agents", &agents);
     assert_eq!(agents["agents"][0]["name"], "fake", "{agents}");
     let status = ok(&c, "status", json!({})).await;
     assert!(status.to_string().contains("completed"), "{status}");
@@ -218,7 +260,9 @@ async fn every_tool_against_a_running_supervisor() {
         log["log"].as_str().unwrap_or_default().contains("tick 1"),
         "{log}"
     );
+    conforms("get_log", &log);
     let cancelled = ok(&c, "cancel_task", json!({"id": lid})).await;
+    conforms("cancel_task", &cancelled);
     assert!(
         cancelled["cancelled"]
             .as_str()
@@ -240,6 +284,7 @@ async fn every_tool_against_a_running_supervisor() {
     );
     let retried = ok(&c, "retry_task", json!({"id": lid})).await;
     assert_eq!(retried["retried"], "pending", "{retried}");
+    conforms("retry_task", &retried);
     // Cancelled again wherever it is (a claim is written just after the move to assigned/).
     let mut again = call(&c, "cancel_task", json!({"id": lid})).await;
     for _ in 0..100 {

@@ -267,32 +267,140 @@ pub struct WaitArgs {
 #[serde(deny_unknown_fields)]
 pub struct NoArgs {}
 
+// What each tool answers. Each is the tool's output schema as well as what builds its answer, so
+// the schema a client is shown cannot drift from what it gets.
+
+/// What `add_task` answers.
+#[derive(Serialize, JsonSchema)]
+pub struct Added {
+    /// The new task's id: give it to get_task, wait_for_task or another task's `after`.
+    pub id: String,
+    /// Its task file, relative to the project root.
+    pub file: String,
+    /// Always `pending`: the supervisor takes it from there.
+    pub state: String,
+}
+
+/// What `list_tasks` answers.
+#[derive(Serialize, JsonSchema)]
+pub struct Listed {
+    /// One row per task: id, state, agent, description and more.
+    #[schemars(with = "Vec<JsonObject>")]
+    pub tasks: Vec<Value>,
+}
+
+/// What `get_task` and `wait_for_task` answer.
+#[derive(Serialize, JsonSchema)]
+pub struct TaskView {
+    pub id: String,
+    /// pending, running, completed or failed (or the mirror's word for a state in between).
+    pub state: String,
+    /// Whether the task has finished (completed or failed): false means it is still going.
+    pub terminal: bool,
+    /// Its task file, relative to the project root.
+    pub file: Option<String>,
+    /// The task file's text.
+    pub task: Option<String>,
+    pub note: Option<String>,
+    /// The running attempt's claim (agent, attempt, started_at), while it runs.
+    #[schemars(with = "Option<JsonObject>")]
+    pub claim: Option<Value>,
+    /// The result record, once finished.
+    #[schemars(with = "Option<JsonObject>")]
+    pub result: Option<Value>,
+    pub error: Option<String>,
+    /// What the agent said (its end, when long: see `notes`).
+    pub output: Option<String>,
+    /// The diff of what it changed (its end, when long: see `notes`).
+    pub diff: Option<String>,
+    /// Each attempt: agent, start and end, outcome, exit code, cost, tokens.
+    #[schemars(with = "Vec<JsonObject>")]
+    pub attempts: Vec<Value>,
+    /// Where the whole of a text that was cut is.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+/// What `get_log` answers.
+#[derive(Serialize, JsonSchema)]
+pub struct Logged {
+    pub id: String,
+    pub attempt: u32,
+    pub agent: String,
+    /// The log so far (its end, when long: see `note`).
+    pub log: Option<String>,
+    pub note: Option<String>,
+}
+
+/// What `cancel_task` answers.
+#[derive(Serialize, JsonSchema)]
+pub struct Cancelled {
+    pub id: String,
+    /// What was done: the pending task moved to failed/, or a stop requested.
+    pub cancelled: String,
+}
+
+/// What `retry_task` answers.
+#[derive(Serialize, JsonSchema)]
+pub struct RetriedOut {
+    pub id: String,
+    /// `pending` (moved back from failed/) or `runs now` (its back-off skipped).
+    pub retried: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_attempts: Option<usize>,
+}
+
+/// What `merge_task` and `discard_task` answer.
+#[derive(Serialize, JsonSchema)]
+pub struct Landing {
+    pub id: String,
+    /// `applied`, `committed`, `conflict` or `discarded`.
+    pub merge: String,
+    /// The files that conflict, when `merge` is `conflict` (nothing was written).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conflicts: Option<Vec<String>>,
+    /// The kept branch, deleted (not on a conflict).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch_deleted: Option<String>,
+}
+
+/// What `list_agents` answers.
+#[derive(Serialize, JsonSchema)]
+pub struct Agents {
+    /// One per configured agent: name, whether it can run, cooldown, login, instances, totals.
+    #[schemars(with = "Vec<JsonObject>")]
+    pub agents: Vec<Value>,
+}
+
 /// One task as `get_task` and `wait_for_task` return it.
-fn task_view(p: &Project, id: &str) -> Result<Value> {
+fn task_view(p: &Project, id: &str) -> Result<TaskView> {
     let reader = p.reader(None)?;
     let shown = p.show(&reader, id)?;
-    let (output, output_note) = cut(shown.output.clone(), &p.rel(&p.layout.output_path(id)));
-    let (diff, diff_note) = cut(shown.diff.clone(), &p.rel(&p.layout.diff_path(id)));
-    let mut v = serde_json::to_value(&shown)?;
-    let o = v.as_object_mut().expect("a task serialises to an object");
-    o.insert("output".into(), serde_json::to_value(output)?);
-    o.insert("diff".into(), serde_json::to_value(diff)?);
-    o.insert(
-        "terminal".into(),
-        Value::Bool(matches!(shown.state.as_str(), "completed" | "failed")),
-    );
-    let notes: Vec<String> = [output_note, diff_note].into_iter().flatten().collect();
-    if !notes.is_empty() {
-        o.insert("notes".into(), serde_json::to_value(notes)?);
-    }
-    Ok(v)
+    let (output, output_note) = cut(shown.output, &p.rel(&p.layout.output_path(id)));
+    let (diff, diff_note) = cut(shown.diff, &p.rel(&p.layout.diff_path(id)));
+    Ok(TaskView {
+        terminal: matches!(shown.state.as_str(), "completed" | "failed"),
+        id: shown.id,
+        state: shown.state,
+        file: shown.file,
+        task: shown.task,
+        note: shown.note,
+        claim: shown.claim.map(serde_json::to_value).transpose()?,
+        result: shown.result.map(serde_json::to_value).transpose()?,
+        error: shown.error,
+        output,
+        diff,
+        attempts: shown.attempts,
+        notes: [output_note, diff_note].into_iter().flatten().collect(),
+    })
 }
 
 #[tool_router]
 impl Server {
     #[tool(
         description = "Add a task to the queue: written as a task file into tasks/pending/, validated exactly like one; the supervisor (`orchestrate start`) runs it. Returns its id and file.",
-        input_schema = schema::<AddTaskArgs>()
+        input_schema = schema::<AddTaskArgs>(),
+        output_schema = schema::<Added>()
     )]
     async fn add_task(
         &self,
@@ -315,14 +423,19 @@ impl Server {
         };
         self.call(move |p| {
             let (id, file) = p.add_task(&new)?;
-            Ok(serde_json::json!({"id": id, "file": file, "state": "pending"}))
+            Ok(Added {
+                id,
+                file,
+                state: "pending".into(),
+            })
         })
         .await
     }
 
     #[tool(
         description = "List tasks, oldest change first: id, state, agent, description and more. Filter by state (pending, running, completed, failed) and agent; limit keeps the N most recently updated.",
-        input_schema = schema::<ListTasksArgs>()
+        input_schema = schema::<ListTasksArgs>(),
+        output_schema = schema::<Listed>()
     )]
     async fn list_tasks(
         &self,
@@ -352,14 +465,20 @@ impl Server {
             if let Some(n) = a.limit {
                 rows.drain(..rows.len().saturating_sub(n));
             }
-            Ok(serde_json::json!({"tasks": rows}))
+            Ok(Listed {
+                tasks: rows
+                    .iter()
+                    .map(serde_json::to_value)
+                    .collect::<Result<_, _>>()?,
+            })
         })
         .await
     }
 
     #[tool(
         description = "One task: state, its file, attempts, result, error, output and diff (long texts are cut to their last 20000 characters, with a note naming the file that holds all of it). `terminal` says whether it has finished.",
-        input_schema = schema::<IdArgs>()
+        input_schema = schema::<IdArgs>(),
+        output_schema = schema::<TaskView>()
     )]
     async fn get_task(
         &self,
@@ -371,7 +490,8 @@ impl Server {
 
     #[tool(
         description = "The running attempt's log so far (its last 20000 characters). Only for a running task; a finished one's output is in get_task.",
-        input_schema = schema::<IdArgs>()
+        input_schema = schema::<IdArgs>(),
+        output_schema = schema::<Logged>()
     )]
     async fn get_log(
         &self,
@@ -396,16 +516,24 @@ impl Server {
             };
             let attempt = claim.attempt.max(1);
             let path = p.layout.log_path(&id, attempt);
-            let text = String::from_utf8_lossy(&std::fs::read(&path).unwrap_or_default()).into_owned();
+            let text =
+                String::from_utf8_lossy(&std::fs::read(&path).unwrap_or_default()).into_owned();
             let (log, note) = cut(Some(text), &p.rel(&path));
-            Ok(serde_json::json!({"id": id, "attempt": attempt, "agent": claim.agent, "log": log, "note": note}))
+            Ok(Logged {
+                id,
+                attempt,
+                agent: claim.agent,
+                log,
+                note,
+            })
         })
         .await
     }
 
     #[tool(
         description = "Wait until a task has finished (completed or failed) or timeout_seconds (default 60, at most 300) pass, then return what get_task returns; `terminal` false means it is still going: call again.",
-        input_schema = schema::<WaitArgs>()
+        input_schema = schema::<WaitArgs>(),
+        output_schema = schema::<TaskView>()
     )]
     async fn wait_for_task(
         &self,
@@ -447,7 +575,8 @@ impl Server {
 
     #[tool(
         description = "Cancel a pending task, or stop a running one; it ends in failed/.",
-        input_schema = schema::<IdArgs>()
+        input_schema = schema::<IdArgs>(),
+        output_schema = schema::<Cancelled>()
     )]
     async fn cancel_task(
         &self,
@@ -455,15 +584,19 @@ impl Server {
     ) -> Result<Json<Answer>, String> {
         let a: IdArgs = args(raw)?;
         self.call(move |p| {
-            let what = p.cancel(&a.id)?;
-            Ok(serde_json::json!({"id": a.id, "cancelled": what}))
+            let cancelled = p.cancel(&a.id)?;
+            Ok(Cancelled {
+                id: a.id,
+                cancelled,
+            })
         })
         .await
     }
 
     #[tool(
         description = "Move a failed task back to pending (its attempt history kept), or make a task waiting out a retry back-off run now.",
-        input_schema = schema::<IdArgs>()
+        input_schema = schema::<IdArgs>(),
+        output_schema = schema::<RetriedOut>()
     )]
     async fn retry_task(
         &self,
@@ -471,9 +604,14 @@ impl Server {
     ) -> Result<Json<Answer>, String> {
         let a: IdArgs = args(raw)?;
         self.call(move |p| {
-            Ok(match p.retry(&a.id)? {
-                Retried::RunsNow => serde_json::json!({"id": a.id, "retried": "runs now"}),
-                Retried::Pending { previous_attempts } => serde_json::json!({"id": a.id, "retried": "pending", "previous_attempts": previous_attempts}),
+            let (retried, previous_attempts) = match p.retry(&a.id)? {
+                Retried::RunsNow => ("runs now", None),
+                Retried::Pending { previous_attempts } => ("pending", Some(previous_attempts)),
+            };
+            Ok(RetriedOut {
+                id: a.id,
+                retried: retried.into(),
+                previous_attempts,
             })
         })
         .await
@@ -481,7 +619,8 @@ impl Server {
 
     #[tool(
         description = "Land a completed task's changes kept on its branch into the working tree (all or nothing; `commit` also commits them). On a conflict nothing is written and the conflicting files are listed.",
-        input_schema = schema::<MergeArgs>()
+        input_schema = schema::<MergeArgs>(),
+        output_schema = schema::<Landing>()
     )]
     async fn merge_task(
         &self,
@@ -490,12 +629,18 @@ impl Server {
         let a: MergeArgs = args(raw)?;
         self.call(move |p| {
             Ok(match p.merge_kept(&a.id, a.commit)? {
-                crate::project::land::Merged::Conflict { files, .. } => {
-                    serde_json::json!({"id": a.id, "merge": "conflict", "conflicts": files})
-                }
-                crate::project::land::Merged::Landed { how, branch } => {
-                    serde_json::json!({"id": a.id, "merge": how, "branch_deleted": branch})
-                }
+                crate::project::land::Merged::Conflict { files, .. } => Landing {
+                    id: a.id,
+                    merge: "conflict".into(),
+                    conflicts: Some(files),
+                    branch_deleted: None,
+                },
+                crate::project::land::Merged::Landed { how, branch } => Landing {
+                    id: a.id,
+                    merge: how.into(),
+                    conflicts: None,
+                    branch_deleted: Some(branch),
+                },
             })
         })
         .await
@@ -503,7 +648,8 @@ impl Server {
 
     #[tool(
         description = "Delete a completed task's kept branch, and its changes with it.",
-        input_schema = schema::<IdArgs>()
+        input_schema = schema::<IdArgs>(),
+        output_schema = schema::<Landing>()
     )]
     async fn discard_task(
         &self,
@@ -512,22 +658,36 @@ impl Server {
         let a: IdArgs = args(raw)?;
         self.call(move |p| {
             let branch = p.discard_kept(&a.id)?;
-            Ok(serde_json::json!({"id": a.id, "merge": "discarded", "branch_deleted": branch}))
+            Ok(Landing {
+                id: a.id,
+                merge: "discarded".into(),
+                conflicts: None,
+                branch_deleted: Some(branch),
+            })
         })
         .await
     }
 
     #[tool(
         description = "The configured agents: whether each can run, cooldowns, login problems, running instances and totals. Use a name from here as add_task's agent.",
-        input_schema = schema::<NoArgs>()
+        input_schema = schema::<NoArgs>(),
+        output_schema = schema::<Agents>()
     )]
     async fn list_agents(
         &self,
         Parameters(raw): Parameters<JsonObject>,
     ) -> Result<Json<Answer>, String> {
         let _: NoArgs = args(raw)?;
-        self.call(|p| Ok(serde_json::json!({"agents": p.agents(&p.reader(None)?)?})))
-            .await
+        self.call(|p| {
+            let agents = p.agents(&p.reader(None)?)?;
+            Ok(Agents {
+                agents: agents
+                    .iter()
+                    .map(serde_json::to_value)
+                    .collect::<Result<_, _>>()?,
+            })
+        })
+        .await
     }
 
     #[tool(
