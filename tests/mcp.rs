@@ -439,6 +439,83 @@ async fn a_client_that_goes_away_mid_call_ends_the_server_cleanly() {
     assert_eq!(p.tasks_in("pending"), ["task_001"]);
 }
 
+/// A client that speaks the protocol's tasks can run `wait_for_task` as one: the call answers at
+/// once with a task, `tasks/get` says it is working until the supervisor has finished the orchestrate
+/// task, and `tasks/result` gives what the plain call would have. The other tools are not offered
+/// as tasks.
+#[tokio::test(flavor = "multi_thread")]
+async fn wait_for_task_runs_as_a_protocol_task() {
+    use rmcp::model::{ClientRequest, ServerResult};
+    let p = Project::with_config(&config());
+    let c = connect(&p).await;
+    let caps = &c.peer_info().expect("introduced").capabilities;
+    assert!(caps.tasks.is_some(), "no tasks capability: {caps:?}");
+    let tools = c.list_all_tools().await.expect("list tools");
+    for t in &tools {
+        let support = t.task_support();
+        if t.name == "wait_for_task" {
+            assert_eq!(support, rmcp::model::TaskSupport::Optional);
+        } else {
+            assert_eq!(support, rmcp::model::TaskSupport::Forbidden, "{}", t.name);
+        }
+    }
+    let added = ok(
+        &c,
+        "add_task",
+        json!({"description": "@fake print=done-as-a-task"}),
+    )
+    .await;
+    let id = added["id"].as_str().expect("an id").to_string();
+    let request = |v: Value| -> ClientRequest { serde_json::from_value(v).expect("a request") };
+    let send = |r: ClientRequest| {
+        let peer = c.peer().clone();
+        async move {
+            tokio::time::timeout(LIMIT, peer.send_request(r))
+                .await
+                .expect("answered in time")
+                .expect("answered")
+        }
+    };
+    let created = send(request(json!({
+        "method": "tools/call",
+        "params": {"name": "wait_for_task", "arguments": {"id": id, "timeout_seconds": 120}, "task": {}}
+    })))
+    .await;
+    let ServerResult::CreateTaskResult(created) = created else {
+        panic!("not a task: {created:?}")
+    };
+    let task_id = created.task.task_id.clone();
+    // No supervisor yet: the task stays at work.
+    let info = send(request(
+        json!({"method": "tasks/get", "params": {"taskId": task_id}}),
+    ))
+    .await;
+    let ServerResult::GetTaskResult(info) = info else {
+        panic!("{info:?}")
+    };
+    assert_eq!(info.task.status, rmcp::model::TaskStatus::Working);
+    let mut sup = p.start_with_env(&[SECRET]);
+    let result = send(request(
+        json!({"method": "tasks/result", "params": {"taskId": task_id}}),
+    ))
+    .await;
+    let payload = match result {
+        ServerResult::GetTaskPayloadResult(r) => r.0,
+        other => serde_json::to_value(&other).expect("json"),
+    };
+    let waited = &payload["structuredContent"];
+    assert_eq!(waited["state"], "completed", "{payload}");
+    assert!(
+        waited["output"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("done-as-a-task"),
+        "{payload}"
+    );
+    c.cancel().await.expect("close the client");
+    assert!(sup.stop().success(), "{}", sup.output());
+}
+
 #[test]
 fn print_config_names_this_project_for_each_client() {
     let p = Project::with_config(&config());

@@ -13,10 +13,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use rmcp::ErrorData as McpError;
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::{Json, Parameters};
 use rmcp::model::{JsonObject, ServerCapabilities, ServerInfo};
-use rmcp::{ServiceExt, tool, tool_handler, tool_router};
+use rmcp::{ServiceExt, task_handler, tool, tool_handler, tool_router};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -117,6 +118,9 @@ pub struct Server {
     tool_router: ToolRouter<Server>,
     /// Set once the client has gone (its input closed): waits end at once.
     gone: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Calls a client made as the protocol's tasks (`wait_for_task` only): running, or finished
+    /// and waiting for the client to fetch their result.
+    processor: Arc<tokio::sync::Mutex<rmcp::task_manager::OperationProcessor>>,
 }
 
 /// The input schema a tool advertises: its arguments type's, while the handler takes the raw object
@@ -143,6 +147,9 @@ impl Server {
             project: Arc::new(project),
             tool_router: Self::tool_router(),
             gone: Arc::new(tokio::sync::watch::channel(false).0),
+            processor: Arc::new(tokio::sync::Mutex::new(
+                rmcp::task_manager::OperationProcessor::new(),
+            )),
         }
     }
 
@@ -531,9 +538,10 @@ impl Server {
     }
 
     #[tool(
-        description = "Wait until a task has finished (completed or failed) or timeout_seconds (default 60, at most 300) pass, then return what get_task returns; `terminal` false means it is still going: call again.",
+        description = "Wait until a task has finished (completed or failed) or timeout_seconds (default 60, at most 300) pass, then return what get_task returns; `terminal` false means it is still going: call again. A client that supports the protocol's tasks may run it as one.",
         input_schema = schema::<WaitArgs>(),
-        output_schema = schema::<TaskView>()
+        output_schema = schema::<TaskView>(),
+        execution(task_support = "optional")
     )]
     async fn wait_for_task(
         &self,
@@ -735,8 +743,52 @@ impl Server {
     }
 }
 
+// `task_handler` answers the protocol's task requests (tasks/get, tasks/result, tasks/list,
+// tasks/cancel) from `processor`, for the tools that offer them.
 #[tool_handler(router = self.tool_router)]
+#[task_handler(processor = self.processor)]
 impl rmcp::ServerHandler for Server {
+    /// A call made as a task (what `task_handler` would generate, but for the cancellation token):
+    /// the request's own token is cancelled as soon as the task is created and answered, which
+    /// would end a `wait_for_task` at once, so the call gets a token of its own; `tasks/cancel`
+    /// stops it by aborting it instead.
+    async fn enqueue_task(
+        &self,
+        request: rmcp::model::CallToolRequestParams,
+        context: rmcp::service::RequestContext<rmcp::RoleServer>,
+    ) -> Result<rmcp::model::CreateTaskResult, McpError> {
+        use rmcp::task_manager::{
+            OperationDescriptor, OperationMessage, OperationResultTransport, ToolCallTaskResult,
+            current_timestamp,
+        };
+        let task_id = context.id.to_string();
+        let mut call_context = context.clone();
+        call_context.ct = Default::default();
+        let call_request = request.clone();
+        let server = self.clone();
+        let descriptor = OperationDescriptor::new(task_id.clone(), request.name.to_string())
+            .with_context(context)
+            .with_client_request(rmcp::model::ClientRequest::CallToolRequest(
+                rmcp::model::Request::new(request),
+            ));
+        let result_id = task_id.clone();
+        let future = Box::pin(async move {
+            let result = server.call_tool(call_request, call_context).await;
+            Ok(Box::new(ToolCallTaskResult::new(result_id, result))
+                as Box<dyn OperationResultTransport>)
+        });
+        self.processor
+            .lock()
+            .await
+            .submit_operation(OperationMessage::new(descriptor, future))
+            .map_err(|e| McpError::internal_error(format!("cannot start the task: {e}"), None))?;
+        let now = current_timestamp();
+        Ok(rmcp::model::CreateTaskResult::new(
+            rmcp::model::Task::new(task_id, rmcp::model::TaskStatus::Working, now.clone(), now)
+                .with_status_message("waiting"),
+        ))
+    }
+
     async fn list_resources(
         &self,
         _request: Option<rmcp::model::PaginatedRequestParams>,
@@ -816,6 +868,7 @@ impl rmcp::ServerHandler for Server {
             ServerCapabilities::builder()
                 .enable_tools()
                 .enable_resources()
+                .enable_tasks_with(rmcp::model::TasksCapability::server_default())
                 .build(),
         )
         .with_server_info(rmcp::model::Implementation::new(
