@@ -254,6 +254,62 @@ pub struct TaskResult {
     /// results have none, and results are moved around a lot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workspace: Option<Box<WorkspaceResult>>,
+    /// A `fan_out` task's candidates and which of them won. Boxed as `workspace` is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fan_out: Option<Box<FanOutResult>>,
+}
+
+/// How a fan-out went: every candidate, the winner and why it was picked. Cost and tokens are the
+/// sums over the candidates (the parent task ran no agent of its own).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FanOutResult {
+    /// `first_pass`, `judge` or `all`.
+    pub pick: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub winner: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub picked_because: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_tokens: Option<u64>,
+    #[serde(default)]
+    pub candidates: Vec<CandidateResult>,
+}
+
+/// One candidate of a fan-out, as the parent's result lists it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CandidateResult {
+    /// The candidate's name (an agent, or a number).
+    pub name: String,
+    /// Its own task: `<id>.<name>`.
+    pub task_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// `completed`, `failed`, or `cancelled` (another candidate won first).
+    pub status: String,
+    /// Its last attempt's check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<CheckRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// Its branch, while it is kept (`pick: all`, or until it is merged or discarded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diff_file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// A worktree task's git facts: the commits its diff spans and how it landed.
@@ -307,6 +363,7 @@ impl TaskResult {
             error: Some(error),
             chosen_because: None,
             workspace: None,
+            fan_out: None,
         }
     }
 

@@ -21,6 +21,9 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
         max_retries,
         id,
         check,
+        fan_out,
+        pick,
+        judge,
     } = &cli.command
     else {
         unreachable!("dispatched on Add")
@@ -38,6 +41,9 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
         id: id.clone(),
         check: check.clone(),
         labels: vec![],
+        fan_out: fan_out.clone(),
+        pick: *pick,
+        judge: judge.clone(),
     })?;
     if cli.json {
         super::print_json(&serde_json::json!({ "id": tid, "file": file }))?;

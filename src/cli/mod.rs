@@ -129,6 +129,16 @@ pub enum Command {
         /// (for example `cargo test`).
         #[arg(long, value_name = "COMMAND")]
         check: Option<String>,
+        /// Race several candidates: agents separated by commas (`claude,codex`), or a count
+        /// (`3`: that many attempts on the agent routing picks).
+        #[arg(long = "fan-out", value_name = "AGENTS|N", value_parser = parse_fan_out)]
+        fan_out: Option<crate::task::FanOut>,
+        /// Which candidate lands: first_pass (default), judge, all.
+        #[arg(long, value_parser = parse_pick)]
+        pick: Option<crate::task::Pick>,
+        /// The agent that chooses with `--pick judge`.
+        #[arg(long, value_name = "AGENT")]
+        judge: Option<String>,
         /// Use this id instead of the next task_NNN.
         #[arg(long)]
         id: Option<String>,
@@ -163,6 +173,9 @@ pub enum Command {
         /// Also commit them on the current branch.
         #[arg(long)]
         commit: bool,
+        /// For a fan-out task: land this candidate's branch (`pick: all` keeps them all).
+        #[arg(long, value_name = "NAME")]
+        candidate: Option<String>,
     },
     /// Delete a completed task's kept branch, and its changes with it.
     Discard { id: String },
@@ -256,6 +269,31 @@ fn parse_priority(s: &str) -> Result<crate::task::Priority, String> {
         .ok_or_else(|| format!("`{s}` is not high, normal, low or an integer"))
 }
 
+fn parse_fan_out(s: &str) -> Result<crate::task::FanOut, String> {
+    if let Ok(n) = s.trim().parse::<u32>() {
+        return Ok(crate::task::FanOut::Count(n));
+    }
+    let agents: Vec<String> = s
+        .split(',')
+        .map(|a| a.trim().to_string())
+        .filter(|a| !a.is_empty())
+        .collect();
+    if agents.is_empty() {
+        return Err("give agents separated by commas (`claude,codex`) or a count".into());
+    }
+    Ok(crate::task::FanOut::Agents(agents))
+}
+
+fn parse_pick(s: &str) -> Result<crate::task::Pick, String> {
+    use crate::task::Pick;
+    match s {
+        "first_pass" | "first-pass" => Ok(Pick::FirstPass),
+        "judge" => Ok(Pick::Judge),
+        "all" => Ok(Pick::All),
+        _ => Err(format!("`{s}` is not first_pass, judge or all")),
+    }
+}
+
 pub fn run(cli: Cli) -> Result<i32> {
     if cli.database_url.is_some()
         && !matches!(
@@ -300,7 +338,11 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Agents { reset: None } => agents::run(&cli, &load(&cli)?),
         Command::Show { id } => show::run(&cli, &load(&cli)?, id),
         Command::Retry { id } => retry::run(&cli, &load(&cli)?, id),
-        Command::Merge { id, commit } => land::merge(&cli, &load(&cli)?, id, *commit),
+        Command::Merge {
+            id,
+            commit,
+            candidate,
+        } => land::merge(&cli, &load(&cli)?, id, *commit, candidate.as_deref()),
         Command::Discard { id } => land::discard(&cli, &load(&cli)?, id),
         Command::Cancel { id } => cancel::run(&cli, &load(&cli)?, id),
         Command::Follow { since, limit } => follow::run(&cli, &load(&cli)?, *since, *limit),

@@ -239,6 +239,7 @@ impl Server {
             id: a.id,
             check: a.check,
             labels: a.labels,
+            ..Default::default()
         };
         self.call(move |p| {
             let (id, file) = p.add_task(&new)?;

@@ -169,6 +169,13 @@ pub struct NewTask {
     pub check: Option<String>,
     #[serde(default)]
     pub labels: Vec<String>,
+    /// Candidates to race (`fan_out`): agents, or a count.
+    #[serde(default)]
+    pub fan_out: Option<crate::task::FanOut>,
+    #[serde(default)]
+    pub pick: Option<crate::task::Pick>,
+    #[serde(default)]
+    pub judge: Option<String>,
 }
 
 /// The next free `task_NNN` across the whole tree.
@@ -244,6 +251,10 @@ impl Project {
             merge: None,
             check: new.check.clone(),
             check_timeout_minutes: None,
+            fan_out: new.fan_out.clone(),
+            pick: new.pick,
+            judge: new.judge.clone(),
+            ..Default::default()
         };
         let id = &new.id;
         let mut n = next_number(project);

@@ -577,7 +577,7 @@ impl Pass {
             let dep_state = |d: &str| dep_state(view, queue, d);
             let decision = match scheduler::decide(cfg, p, self.now, &cap, &dep_state, routed) {
                 // Every claim needs the disk: the floor holds back whatever would start.
-                Decision::Run { .. } | Decision::CompleteParent
+                Decision::Run { .. } | Decision::CompleteParent | Decision::Pick
                     if let Some((_, min_mb)) = dispatch.disk.low =>
                 {
                     Decision::Wait(WaitReason::LowDisk { min_mb })
@@ -612,6 +612,8 @@ impl Pass {
                     return Some(Action::Start { id, agent, because });
                 }
                 Decision::CompleteParent => return Some(Action::CompleteParent(id.clone())),
+                Decision::Pick => return Some(Action::Pick(id.clone())),
+                Decision::Judge => return Some(Action::Judge(id.clone())),
                 Decision::Fail(reason) => {
                     let id = id.clone();
                     return Some(Action::Fail { id, reason });
@@ -660,7 +662,7 @@ fn dep_state(view: &View, queue: &Scheduler, id: &str) -> DepState {
     }
 }
 
-fn claim_record(me: &Instance, p: &Pending, agent: &str, because: &str) -> Claim {
+pub(super) fn claim_record(me: &Instance, p: &Pending, agent: &str, because: &str) -> Claim {
     let now = fsutil::now_rfc3339();
     Claim {
         task_id: p.task.id.clone(),
@@ -862,6 +864,7 @@ impl Supervisor {
             error: None,
             chosen_because: Some("all subtasks completed".into()),
             workspace: None,
+            fan_out: None,
         };
         vec![Action::commit(&p.task, result)]
     }

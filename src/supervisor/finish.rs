@@ -229,6 +229,28 @@ impl Commits {
         self.finishing.insert(id, handle.id());
     }
 
+    /// Work out the result on a blocking thread (`make`: a fan-out's pick lands its winner
+    /// there), then commit it as [`Commits::start`] does.
+    pub(super) fn start_with(
+        &mut self,
+        spool: &Spool,
+        task: Task,
+        make: impl FnOnce() -> TaskResult + Send + 'static,
+    ) {
+        let id = task.id.clone();
+        let spool = spool.clone();
+        let handle = self.tasks.spawn_blocking(move || {
+            let result = make();
+            let outcome = spool.finish(&result).map_err(|e| format!("{e:#}"));
+            Committed {
+                task,
+                result,
+                outcome,
+            }
+        });
+        self.finishing.insert(id, handle.id());
+    }
+
     pub(super) async fn join_next(&mut self) -> Option<Result<Committed, JoinError>> {
         self.tasks.join_next().await
     }
@@ -403,6 +425,10 @@ impl Supervisor {
                 requeue(env, &run.task, history, &why)
             }
             Verdict::Done { status, error } => {
+                let error = match (&run.cancel_reason, outcome) {
+                    (Some(why), Outcome::Cancelled) => Some(why.clone()),
+                    _ => error,
+                };
                 if status == Terminal::Completed {
                     self.dispatch.succeeded(agent);
                 }
@@ -430,6 +456,7 @@ impl Supervisor {
                     error,
                     chosen_because: run.claim.chosen_because.clone(),
                     workspace: r.workspace.clone().map(Box::new),
+                    fan_out: None,
                 };
                 // Capped: a task that changed 200,000 files keeps a record that reads back.
                 result.set_files(&r.files_modified, rel(&r.files_file), review);

@@ -42,6 +42,7 @@
 //! - `runs.rs`: the attempts in flight.
 //! - `attempt.rs`: one attempt, off the loop.
 //! - `check.rs`: an attempt's `check` command, run after its agent.
+//! - `fan_out.rs`: a fan-out's judge and pick: stop the losers, land the winner, record them all.
 //! - `finish.rs`: a report's verdict (a pure function), requeues, retries, terminal commits.
 //! - `ledger.rs`: what has finished.
 //! - `recovery.rs`: start-up recovery, the heartbeat, cancels, state files.
@@ -53,6 +54,7 @@ mod attempt;
 mod check;
 mod dispatch;
 mod events;
+mod fan_out;
 mod finish;
 mod intake;
 mod ledger;
@@ -508,7 +510,13 @@ impl Supervisor {
             Action::Settle(path) => self.intake.settle(&path),
             Action::Start { id, agent, because } => self.start(&id, &agent, &because),
             Action::CompleteParent(id) => return self.complete_parent(&id),
-            Action::Fail { id, reason } => self.fail_pending(&id, &reason),
+            Action::Pick(id) => return self.pick(&id),
+            Action::Judge(id) => return self.write_judge(&id),
+            Action::Fail { id, reason } => {
+                let more = self.stop_candidates_of(&id, &reason);
+                self.fail_pending(&id, &reason);
+                return more;
+            }
             Action::CancelAnswered(id) => self.env.spool.drop_cancel_request(&id),
             Action::Commit(commit) => {
                 let Commit { task, result } = *commit;
