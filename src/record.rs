@@ -163,6 +163,10 @@ impl Attempt {
     }
 }
 
+/// The agent a claim names when orchestrate itself finishes the task (a subtask parent, a fan-out's
+/// pick): no agent runs, so a supervisor that dies meanwhile costs the task no retry.
+pub const NO_AGENT: &str = "-";
+
 /// `assigned/X.claim.yaml`: who runs the task, since when, and everything earlier attempts left.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claim {

@@ -478,10 +478,7 @@ fn check_fan_out(text: &str, id: &str, file: &TaskFile) -> Result<(), TaskError>
         );
     }
     if file.candidate.is_some() {
-        return err(
-            "fan_out",
-            "a fan-out candidate cannot fan out again".into(),
-        );
+        return err("fan_out", "a fan-out candidate cannot fan out again".into());
     }
     if file.isolation == Some(Isolation::None) {
         return err(
@@ -512,23 +509,35 @@ fn check_fan_out(text: &str, id: &str, file: &TaskFile) -> Result<(), TaskError>
         if !valid_name(name) {
             return err(
                 "fan_out",
-                format!("fan_out[{i}]: `{}` is not a valid agent name", name.escape_debug()),
+                format!(
+                    "fan_out[{i}]: `{}` is not a valid agent name",
+                    name.escape_debug()
+                ),
             );
         }
         if name == JUDGE {
             return err(
                 "fan_out",
-                format!("fan_out[{i}]: `{JUDGE}` is the name of the fan-out's judge task; rename the agent"),
+                format!(
+                    "fan_out[{i}]: `{JUDGE}` is the name of the fan-out's judge task; rename the agent"
+                ),
             );
         }
         if names[..i].contains(name) {
             return err(
                 "fan_out",
-                format!("fan_out[{i}]: `{name}` is listed twice (use a count to run one agent several times)"),
+                format!(
+                    "fan_out[{i}]: `{name}` is listed twice (use a count to run one agent several times)"
+                ),
             );
         }
     }
-    let longest = names.iter().map(String::len).max().unwrap_or(0).max(JUDGE.len());
+    let longest = names
+        .iter()
+        .map(String::len)
+        .max()
+        .unwrap_or(0)
+        .max(JUDGE.len());
     if id.len() + 1 + longest > MAX_ID_LEN {
         return err(
             "fan_out",
@@ -547,10 +556,9 @@ fn check_fan_out(text: &str, id: &str, file: &TaskFile) -> Result<(), TaskError>
             "judge",
             format!("`{}` is not a valid agent name", j.escape_debug()),
         ),
-        (Pick::FirstPass | Pick::All, Some(_)) => err(
-            "judge",
-            "`judge` only applies with `pick: judge`".into(),
-        ),
+        (Pick::FirstPass | Pick::All, Some(_)) => {
+            err("judge", "`judge` only applies with `pick: judge`".into())
+        }
         _ => Ok(()),
     }
 }

@@ -123,10 +123,12 @@ fn a_crash_at_every_commit_point_loses_and_duplicates_nothing() {
     for point in orchestrate::failpoint::POINTS {
         if point.starts_with("needs_login.")
             || point.starts_with("worktree.")
+            || point.starts_with("fanout.")
             || *point == "attempt.after_check"
         {
-            // Only an agent whose credentials are refused, a task in a git repository, or a task
-            // with a check gets there: see the tests below and tests/isolation.rs.
+            // Only an agent whose credentials are refused, a task in a git repository, a task
+            // with a check or a fan-out gets there: see the tests below, tests/isolation.rs and
+            // tests/fan_out.rs.
             continue;
         }
         // Early and later hits: the first claim, and one with other tasks already in flight.

@@ -105,7 +105,9 @@ impl Project {
             bail!(UsageError(format!("task {id} is not in completed/")));
         };
         let Some(fan) = result.fan_out.as_deref() else {
-            bail!(UsageError(format!("task {id} did not fan out to candidates")));
+            bail!(UsageError(format!(
+                "task {id} did not fan out to candidates"
+            )));
         };
         let Some(c) = fan.candidates.iter().find(|c| c.name == name) else {
             let names: Vec<&str> = fan.candidates.iter().map(|c| c.name.as_str()).collect();

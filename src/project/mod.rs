@@ -342,6 +342,26 @@ impl Project {
                 row: mirror::terminal_row(spool, &result, Some(&task)),
                 attempts: result.attempts.clone(),
             }]);
+            // A fan-out's candidates (and judge) are its work: they go with it.
+            let mut children = crate::scheduler::fan_out::candidate_ids(&task);
+            if !children.is_empty() {
+                children.push(crate::scheduler::fan_out::judge_id(id));
+            }
+            let mut stopped = 0;
+            for child in children {
+                if matches!(
+                    spool.settled_place(&child),
+                    Some(Place::Pending | Place::Assigned)
+                ) && self.cancel(&child).is_ok()
+                {
+                    stopped += 1;
+                }
+            }
+            if stopped > 0 {
+                return Ok(format!(
+                    "cancelled (it had not started), with {stopped} of its candidates"
+                ));
+            }
             return Ok("cancelled (it had not started)".into());
         }
         // Claimed between our look and the move: stop it as a running task.

@@ -7,7 +7,7 @@
 use crate::config::Config;
 use crate::task::{FanOut, Isolation, JUDGE, MergeMode, Pick, Task, TaskFile};
 
-use super::{DepState, Decision, Pending, WaitReason};
+use super::{Decision, DepState, Pending, WaitReason};
 
 /// The task id of candidate `name` of `parent`.
 pub fn candidate_id(parent: &str, name: &str) -> String {

@@ -773,6 +773,8 @@ impl Supervisor {
         else {
             return;
         };
+        // A judge task written during the pass is not in its order: another pass starts it.
+        let mut again = false;
         loop {
             let next = {
                 let (intake, dispatch, view) = self.parts();
@@ -781,6 +783,7 @@ impl Supervisor {
             let Some(action) = next else {
                 break;
             };
+            again |= matches!(action, Action::Judge(_));
             if let Action::Fail { id, .. } = &action
                 && self.names_unknown_agent(id)
                 && self.reload_config()
@@ -793,6 +796,9 @@ impl Supervisor {
             self.apply(vec![action]);
         }
         pass.end(&mut self.intake.queue);
+        if again {
+            self.dispatch_phase();
+        }
     }
 
     /// The pending task `id` names an agent the running configuration does not have.
@@ -824,7 +830,12 @@ impl Supervisor {
             return vec![];
         };
         let env = &self.env;
-        let claim = claim_record(&env.me, &p, "-", "all subtasks completed");
+        let claim = claim_record(
+            &env.me,
+            &p,
+            crate::record::NO_AGENT,
+            "all subtasks completed",
+        );
         // Rare and quick (no agent runs): claimed on the loop.
         match claim_task(&env.spool, &p.path, &claim, p.hash, None) {
             Claimed::Ours => {}

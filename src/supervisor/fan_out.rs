@@ -99,7 +99,12 @@ impl Supervisor {
             return out;
         };
         let env = &self.env;
-        let claim = claim_record(&env.me, &p, "-", "its candidates settled the fan-out");
+        let claim = claim_record(
+            &env.me,
+            &p,
+            crate::record::NO_AGENT,
+            "its candidates settled the fan-out",
+        );
         // Rare and quick (no agent runs): claimed on the loop, as a subtask parent is.
         match claim_task(&env.spool, &p.path, &claim, p.hash, None) {
             Claimed::Ours => {}
@@ -126,7 +131,12 @@ impl Supervisor {
     /// open go with it.
     #[must_use = "the actions are the rest of the work: apply them"]
     pub(super) fn stop_candidates_of(&mut self, id: &str, reason: &str) -> Vec<Action> {
-        let Some(p) = self.intake.queue.get(id).filter(|p| p.task.file.fan_out.is_some()) else {
+        let Some(p) = self
+            .intake
+            .queue
+            .get(id)
+            .filter(|p| p.task.file.fan_out.is_some())
+        else {
             return vec![];
         };
         let mut ids = candidate_ids(&p.task);
@@ -186,10 +196,7 @@ fn judge_prompt(spool: &Spool, layout: &Layout, task: &Task, max_task_bytes: u64
             None => p.push_str("No check ran.\n"),
         }
         if !r.files_modified.is_empty() {
-            p.push_str(&format!(
-                "Changed files: {}\n",
-                r.files_modified.join(", ")
-            ));
+            p.push_str(&format!("Changed files: {}\n", r.files_modified.join(", ")));
         }
         let read = |rel: &Option<String>, cap: usize| {
             rel.as_ref()
@@ -246,7 +253,8 @@ pub(super) fn judge_verdict(
 ) -> Result<(String, String), String> {
     let mut found = None;
     for (i, _) in text.match_indices('{') {
-        let mut it = serde_json::Deserializer::from_str(&text[i..]).into_iter::<serde_json::Value>();
+        let mut it =
+            serde_json::Deserializer::from_str(&text[i..]).into_iter::<serde_json::Value>();
         if let Some(Ok(serde_json::Value::Object(o))) = it.next()
             && let Some(w) = o.get("winner").and_then(|w| w.as_str())
         {
@@ -326,8 +334,10 @@ impl PickJob {
             })
             .collect();
         // Those that completed, in the order they finished (ties: the order of `fan_out`).
-        let mut passed: Vec<&Candidate> =
-            candidates.iter().filter(|c| c.completed().is_some()).collect();
+        let mut passed: Vec<&Candidate> = candidates
+            .iter()
+            .filter(|c| c.completed().is_some())
+            .collect();
         passed.sort_by_key(|c| {
             c.completed()
                 .and_then(|r| fsutil::parse_time(&r.finished_at))
@@ -636,10 +646,7 @@ impl PickJob {
                 c.status,
                 c.check
                     .as_ref()
-                    .map(|k| format!(
-                        ", check {}",
-                        if k.passed { "passed" } else { "failed" }
-                    ))
+                    .map(|k| format!(", check {}", if k.passed { "passed" } else { "failed" }))
                     .unwrap_or_default(),
                 c.branch
                     .as_ref()
@@ -658,7 +665,10 @@ impl PickJob {
             agent: won.and_then(|r| r.agent.as_deref()).unwrap_or("-"),
             attempt: self.claim.attempt,
             duration: std::time::Duration::ZERO,
-            exit: format!("fan-out picked {}", winner_name.as_deref().unwrap_or("none")),
+            exit: format!(
+                "fan-out picked {}",
+                winner_name.as_deref().unwrap_or("none")
+            ),
         };
         let output = context::write_output(&self.layout, &header, &text, &self.redactor)
             .map_err(|e| console::warn(&format!("cannot write the output of {id}: {e:#}")))
