@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::*;
 
-/// Agents `fa` (writes a.txt), `fb` (writes b.txt), `slow` (writes s.txt after a wait) and the
+/// Agents `fa` (writes a.txt, done a second later), `fb` (writes b.txt at once), `slow` (writes s.txt after a wait) and the
 /// judge `fj`, whose answer is `judge_says`.
 fn config(judge_says: &str) -> String {
     let bin = env!("CARGO_BIN_EXE_orchestrate");
@@ -20,7 +20,7 @@ fn config(judge_says: &str) -> String {
         )
     };
     let agents = [
-        agent("fa", "'write=a.txt:from-a'"),
+        agent("fa", "'write=a.txt:from-a', 'sleep=1'"),
         agent("fb", "'write=b.txt:from-b'"),
         agent("slow", "'sleep=60', 'write=s.txt:from-slow'"),
         agent("fj", &format!("'print={judge_says}'")),
