@@ -463,7 +463,8 @@ fn check_fan_out(text: &str, id: &str, file: &TaskFile) -> Result<(), TaskError>
             let set = match key {
                 "pick" => file.pick.is_some(),
                 "judge" => file.judge.is_some(),
-                _ => file.fan_out_skip_cooling.is_some(),
+                // A candidate carries it from its fan-out.
+                _ => file.fan_out_skip_cooling.is_some() && file.candidate.is_none(),
             };
             if set {
                 return err(key, format!("`{key}` only applies with `fan_out`"));

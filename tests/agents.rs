@@ -825,6 +825,197 @@ fn claude_without_a_login_is_marked_until_its_login_check_passes() {
 
 // ---- the tests of each CLI, in modules named after what they need ----------------------------------
 
+/// A fan-out project: claude and codex against `server`, the workdir `work` a git repository, and
+/// an `openai` agent `local` (the judge) on the server's chat endpoint.
+fn fan_out_project(server: &ModelServer) -> (Project, PathBuf) {
+    let p = project(
+        &[
+            ("claude", Cli::Claude, cli("claude")),
+            ("codex", Cli::Codex, cli("codex")),
+        ],
+        server,
+        "",
+    );
+    let local = format!(
+        "  local:\n    kind: openai\n    base_url: {}/v1\n    model: judge-model\n    max_instances: 1\nrouting:\n",
+        server.url()
+    );
+    let cfg = std::fs::read_to_string(p.path("config.yaml"))
+        .expect("config")
+        .replacen("routing:\n", &local, 1);
+    std::fs::write(p.path("config.yaml"), cfg).expect("config");
+    let work = p.path("work");
+    std::fs::write(work.join("readme.txt"), "hello\n").expect("write");
+    git_init_commit(&work);
+    (p, work)
+}
+
+fn writes(path: &str, who: &str) -> Reply {
+    Reply::WriteFile {
+        path: path.into(),
+        content: format!("from {who}\n"),
+        then: format!("I wrote {path}."),
+    }
+}
+
+fn fan_out_candidate<'a>(r: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    r["fan_out"]["candidates"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == name))
+        .unwrap_or_else(|| panic!("no candidate {name}: {r}"))
+}
+
+/// claude writes a.txt, codex b.txt; the check wants a.txt (and takes its time when it passes, so
+/// codex's failed check is in before claude's passes): claude wins, codex's candidate failed on its
+/// check, and only a.txt lands.
+fn fan_out_first_pass_lands_the_candidate_whose_check_passes() {
+    let server = ModelServer::start();
+    server.script(Api::Anthropic, vec![writes("a.txt", "claude")]);
+    server.script(Api::Responses, vec![writes("b.txt", "codex")]);
+    let (p, work) = fan_out_project(&server);
+    let mut sup = p.start();
+    p.drop_task(
+        "race.yaml",
+        "description: Create the file the check wants\nworkdir: work\nfan_out: [claude, codex]\n\
+         check: 'if test -f a.txt; then sleep 8; else echo no a.txt; exit 1; fi'\n",
+    );
+    let (state, r) = wait_terminal(&p, "race", Duration::from_secs(180));
+    assert_eq!(state, "completed", "{r}\n{}", sup.output());
+    assert_eq!(r["fan_out"]["winner"], "claude", "{r}");
+    assert_eq!(r["agent"], "claude");
+    let codex = fan_out_candidate(&r, "codex");
+    assert_eq!(codex["status"], "failed", "{r}");
+    assert_eq!(codex["check"]["passed"], false, "{r}");
+    let own = p.result("failed", "race.codex");
+    assert_eq!(own["attempts"][0]["outcome"], "check_failed", "{own}");
+    assert_eq!(
+        std::fs::read_to_string(work.join("a.txt")).expect("a.txt landed"),
+        "from claude\n"
+    );
+    assert!(!work.join("b.txt").exists());
+    assert!(
+        p.read("context/diffs/race.codex.diff")
+            .contains("+from codex")
+    );
+    assert!(p.read("context/diffs/race.diff").contains("+from claude"));
+    assert_eq!(git(&work, &["branch", "--list", "orchestrate/*"]), "");
+    assert!(sup.stop().success(), "{}", sup.output());
+    assert_nothing_left(&p, &work);
+}
+
+/// Both candidates complete; the `openai` judge, shown both diffs, answers codex: codex's change
+/// lands and the result says why.
+fn fan_out_judge_picks_codex() {
+    let server = ModelServer::start();
+    server.script(Api::Anthropic, vec![writes("a.txt", "claude")]);
+    server.script(Api::Responses, vec![writes("b.txt", "codex")]);
+    server.script(
+        Api::Chat,
+        vec![Reply::Text(
+            r#"{"winner": "codex", "reason": "b.txt is the file the task names"}"#.into(),
+        )],
+    );
+    let (p, work) = fan_out_project(&server);
+    let mut sup = p.start();
+    p.drop_task(
+        "judged.yaml",
+        "description: Create b.txt\nworkdir: work\nfan_out: [claude, codex]\npick: judge\njudge: local\n",
+    );
+    let (state, r) = wait_terminal(&p, "judged", Duration::from_secs(180));
+    assert_eq!(state, "completed", "{r}\n{}", sup.output());
+    assert_eq!(r["fan_out"]["winner"], "codex", "{r}");
+    assert_eq!(
+        r["fan_out"]["picked_because"],
+        "judge local: b.txt is the file the task names"
+    );
+    assert_eq!(fan_out_candidate(&r, "claude")["status"], "completed");
+    assert_eq!(
+        std::fs::read_to_string(work.join("b.txt")).expect("b.txt landed"),
+        "from codex\n"
+    );
+    assert!(!work.join("a.txt").exists());
+    // The judge's request carried both candidates' changes.
+    let asked: Vec<String> = server
+        .requests()
+        .into_iter()
+        .filter(|(m, path, _)| m == "POST" && path.contains("chat/completions"))
+        .map(|(_, _, b)| b)
+        .collect();
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    assert!(
+        asked[0].contains("+from claude") && asked[0].contains("+from codex"),
+        "{}",
+        asked[0]
+    );
+    assert_eq!(git(&work, &["branch", "--list", "orchestrate/*"]), "");
+    assert!(sup.stop().success(), "{}", sup.output());
+    assert_nothing_left(&p, &work);
+}
+
+/// codex answers 429: it cools down, its candidate waits and is stopped when claude's wins. A
+/// second fan-out with `fan_out_skip_cooling` drops codex's candidate at once instead, without
+/// asking codex again.
+fn fan_out_candidate_on_a_rate_limited_agent() {
+    let server = ModelServer::start();
+    server.script(
+        Api::Anthropic,
+        vec![writes("a.txt", "claude"), writes("c.txt", "claude")],
+    );
+    server.script(
+        Api::Responses,
+        vec![Reply::RateLimit {
+            retry_after_secs: Some(600),
+        }],
+    );
+    let (p, work) = fan_out_project(&server);
+    let mut sup = p.start();
+    p.drop_task(
+        "busy.yaml",
+        "description: Create a.txt\nworkdir: work\nfan_out: [claude, codex]\n",
+    );
+    let (state, r) = wait_terminal(&p, "busy", Duration::from_secs(180));
+    assert_eq!(state, "completed", "{r}\n{}", sup.output());
+    assert_eq!(r["fan_out"]["winner"], "claude", "{r}");
+    let codex = p.result("failed", "busy.codex");
+    assert_eq!(codex["attempts"][0]["outcome"], "rate_limited", "{codex}");
+    assert!(
+        codex["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("another candidate of busy completed first")),
+        "{codex}"
+    );
+    let agents = p.run(&["agents", "--json"]).assert_code(0).json();
+    assert!(
+        agents
+            .as_array()
+            .and_then(|v| v.iter().find(|a| a["name"] == "codex"))
+            .is_some_and(|a| a["cooldown_until"].is_string()),
+        "{agents}"
+    );
+    let asked = server.conversations(Api::Responses);
+    p.drop_task(
+        "skip.yaml",
+        "description: Create c.txt\nworkdir: work\nfan_out: [claude, codex]\npick: all\nfan_out_skip_cooling: true\n",
+    );
+    let (state, r) = wait_terminal(&p, "skip", Duration::from_secs(180));
+    assert_eq!(state, "completed", "{r}\n{}", sup.output());
+    let codex = fan_out_candidate(&r, "codex");
+    assert_eq!(codex["status"], "not run", "{r}");
+    assert!(
+        codex["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("candidate dropped (fan_out_skip_cooling)")),
+        "{r}"
+    );
+    assert_eq!(fan_out_candidate(&r, "claude")["status"], "completed");
+    assert_eq!(
+        server.conversations(Api::Responses),
+        asked,
+        "codex was not asked again"
+    );
+    assert!(sup.stop().success(), "{}", sup.output());
+}
+
 mod claude {
     use super::*;
 
@@ -873,6 +1064,21 @@ mod claude {
         #[test]
         fn without_a_login_claude_is_marked_until_its_login_check_passes() {
             super::super::claude_without_a_login_is_marked_until_its_login_check_passes();
+        }
+
+        #[test]
+        fn fan_out_first_pass_lands_the_candidate_whose_check_passes() {
+            super::super::fan_out_first_pass_lands_the_candidate_whose_check_passes();
+        }
+
+        #[test]
+        fn fan_out_judge_picks_codex() {
+            super::super::fan_out_judge_picks_codex();
+        }
+
+        #[test]
+        fn fan_out_candidate_on_a_rate_limited_agent() {
+            super::super::fan_out_candidate_on_a_rate_limited_agent();
         }
     }
 }
