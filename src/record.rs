@@ -500,6 +500,7 @@ mod tests {
                 conflicts: vec!["a.txt".into()],
                 ..Default::default()
             })),
+            fan_out: None,
         };
         let back: TaskResult = from_yaml(&to_yaml(&r, &Redactor::none())).expect("round trip");
         assert_eq!(back.description, r.description);

@@ -369,8 +369,8 @@ fn a_crash_right_after_the_winner_landed_lands_it_once() {
         assert!(!p.path("b.txt").exists());
         assert_eq!(branches(&p), "", "{merge}\n{logs}");
         let commits_after = git(p.root(), &["rev-list", "--count", "HEAD"]);
-        let added: u32 = commits_after.trim().parse::<u32>().unwrap()
-            - commits_before.trim().parse::<u32>().unwrap();
+        let added: u32 = commits_after.trim().parse::<u32>().expect("a count")
+            - commits_before.trim().parse::<u32>().expect("a count");
         assert_eq!(
             added,
             u32::from(merge == "commit"),
