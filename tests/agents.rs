@@ -1013,6 +1013,16 @@ fn fan_out_candidate_on_a_rate_limited_agent() {
         asked,
         "codex was not asked again"
     );
+    // The first fan-out landed claude's a.txt; `pick: all` keeps claude's c.txt on its branch.
+    assert_eq!(
+        std::fs::read_to_string(work.join("a.txt")).expect("a.txt landed"),
+        "from claude\n"
+    );
+    assert!(!work.join("c.txt").exists());
+    assert_eq!(
+        git(&work, &["branch", "--list", "orchestrate/*"]).trim(),
+        "orchestrate/skip/claude"
+    );
     assert!(sup.stop().success(), "{}", sup.output());
 }
 
