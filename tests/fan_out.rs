@@ -90,6 +90,7 @@ fn first_pass_lands_the_first_candidate_whose_check_passes_and_stops_the_others(
     // The slow one was stopped when fa won, and says why.
     let slow = p.result("failed", "race.slow");
     assert_eq!(slow["attempts"][0]["outcome"], "cancelled", "{slow}");
+    assert_eq!(slow["attempts"][0]["error"], slow["error"], "{slow}");
     assert!(
         slow["error"]
             .as_str()

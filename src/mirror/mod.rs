@@ -87,6 +87,11 @@ pub struct Payload {
     /// (`merge: kept` or `conflict`) from these without opening result files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workspace: Option<crate::record::WorkspaceResult>,
+    /// A fan-out's candidates and winner, so remote readers (`show --database-url`, the API) list
+    /// them. Its costs are the candidates', which have rows of their own: sums over rows use
+    /// `cost_usd`, never these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fan_out: Option<crate::record::FanOutResult>,
 }
 
 /// What a mirror holds per task, as the reconciler compares it with the tree: (state, version, task
@@ -483,6 +488,7 @@ pub fn terminal_row(spool: &Spool, result: &TaskResult, task: Option<&Task>) -> 
             output_file: result.output_file.clone(),
             diff_file: result.diff_file.clone(),
             workspace: result.workspace.as_deref().cloned(),
+            fan_out: result.fan_out.as_deref().cloned(),
             ..Default::default()
         },
         updated_at: result.finished_at.clone(),

@@ -425,8 +425,14 @@ impl Supervisor {
                 requeue(env, &run.task, history, &why)
             }
             Verdict::Done { status, error } => {
+                // Orchestrate's own cancel (another candidate won) says so, not "by user".
                 let error = match (&run.cancel_reason, outcome) {
-                    (Some(why), Outcome::Cancelled) => Some(why.clone()),
+                    (Some(why), Outcome::Cancelled) => {
+                        if let Some(a) = attempts.last_mut() {
+                            a.error = Some(why.clone());
+                        }
+                        Some(why.clone())
+                    }
                     _ => error,
                 };
                 if status == Terminal::Completed {
