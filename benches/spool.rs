@@ -73,16 +73,21 @@ impl Tree {
 
     /// Write `n` task files straight into pending/ with an mtime in the past (ready at once).
     fn fill_pending(&self, n: usize, body: &str) {
-        let old = std::time::SystemTime::now() - Duration::from_secs(60);
         for i in 0..n {
-            let path = self.p(&format!("tasks/pending/n{i:06}.yaml"));
-            std::fs::write(&path, body).expect("write");
-            std::fs::File::options()
-                .write(true)
-                .open(&path)
-                .and_then(|f| f.set_modified(old))
-                .expect("mtime");
+            self.drop_ready(&format!("n{i:06}"), body);
         }
+    }
+
+    /// Write `pending/<name>.yaml` with an mtime in the past: ready at once, no settling.
+    fn drop_ready(&self, name: &str, body: &str) {
+        let path = self.p(&format!("tasks/pending/{name}.yaml"));
+        std::fs::write(&path, body).expect("write");
+        let old = std::time::SystemTime::now() - Duration::from_secs(60);
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_modified(old))
+            .expect("mtime");
     }
 
     fn count(&self, dir: &str) -> usize {
@@ -365,14 +370,10 @@ fn idle() {
 
 fn run_tasks(t: &Tree, n: usize, workdir: &str) -> f64 {
     for i in 0..n {
-        let path = t.p(&format!("tasks/pending/d{workdir}{i:04}.yaml"));
-        std::fs::write(&path, format!("description: no-op\nworkdir: {workdir}\n")).expect("w");
-        let old = std::time::SystemTime::now() - Duration::from_secs(60);
-        std::fs::File::options()
-            .write(true)
-            .open(&path)
-            .and_then(|f| f.set_modified(old))
-            .expect("mtime");
+        t.drop_ready(
+            &format!("d{workdir}{i:04}"),
+            &format!("description: no-op\nworkdir: {workdir}\n"),
+        );
     }
     let t0 = Instant::now();
     let mut c = t.start(&["--once"]);
@@ -542,15 +543,8 @@ fn fan_out(units: usize, rounds: usize) {
         t
     };
     let run = |t: &Tree, files: &[(String, String)]| {
-        let old = std::time::SystemTime::now() - Duration::from_secs(60);
         for (name, body) in files {
-            let path = t.p(&format!("tasks/pending/{name}.yaml"));
-            std::fs::write(&path, body).expect("w");
-            std::fs::File::options()
-                .write(true)
-                .open(&path)
-                .and_then(|f| f.set_modified(old))
-                .expect("mtime");
+            t.drop_ready(name, body);
         }
         let t0 = Instant::now();
         let mut c = t.start(&["--once"]);

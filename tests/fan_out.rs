@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
@@ -336,24 +335,7 @@ fn a_crash_right_after_the_winner_landed_lands_it_once() {
             ),
         );
         let commits_before = git(p.root(), &["rev-list", "--count", "HEAD"]);
-        let log = p.path("crashed.log");
-        let f = std::fs::File::create(&log).expect("log");
-        let mut child = p
-            .cmd(&["start", "-v"])
-            .env("ORCHESTRATE_CRASH_AT", "fanout.after_land:1")
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().expect("clone"))
-            .stderr(f)
-            .spawn()
-            .expect("spawn");
-        let status = wait_child(&mut child, Duration::from_secs(60));
-        let crashed = std::fs::read_to_string(&log).unwrap_or_default();
-        let Some(status) = status else {
-            let _ = child.kill();
-            panic!("{merge}: never reached the crash point\n{crashed}");
-        };
-        use std::os::unix::process::ExitStatusExt;
-        assert_eq!(status.signal(), Some(libc::SIGKILL), "{crashed}");
+        let crashed = p.run_until_crash("fanout.after_land:1");
         assert_eq!(p.read("a.txt"), "from-a\n", "landed before the crash");
         let logs = run_once(&p);
         assert_eq!(

@@ -823,24 +823,33 @@ impl Supervisor {
         self.state_dirty = true;
     }
 
+    /// Claim pending task `id` for work orchestrate does itself (no agent runs: a subtask parent's
+    /// completion, a fan-out's pick). Rare and quick, so claimed on the loop. `Err`: it was not ours
+    /// to claim, and what follows from that.
+    pub(super) fn claim_agentless(
+        &mut self,
+        id: &str,
+        because: &str,
+    ) -> Result<(Pending, Claim), Vec<Action>> {
+        let Some(p) = self.intake.take(id) else {
+            return Err(vec![]);
+        };
+        let env = &self.env;
+        let claim = claim_record(&env.me, &p, crate::record::NO_AGENT, because);
+        match claim_task(&env.spool, &p.path, &claim, p.hash, None) {
+            Claimed::Ours => Ok((p, claim)),
+            how => Err(unclaimed(env, &p.task, &claim, &p.path, false, how)),
+        }
+    }
+
     /// Finish a parent whose subtasks all completed: its output is theirs, one after the other.
     #[must_use = "the actions are the rest of the work: apply them"]
     pub(super) fn complete_parent(&mut self, id: &str) -> Vec<Action> {
-        let Some(p) = self.intake.take(id) else {
-            return vec![];
+        let (p, claim) = match self.claim_agentless(id, "all subtasks completed") {
+            Ok(claimed) => claimed,
+            Err(actions) => return actions,
         };
         let env = &self.env;
-        let claim = claim_record(
-            &env.me,
-            &p,
-            crate::record::NO_AGENT,
-            "all subtasks completed",
-        );
-        // Rare and quick (no agent runs): claimed on the loop.
-        match claim_task(&env.spool, &p.path, &claim, p.hash, None) {
-            Claimed::Ours => {}
-            how => return unclaimed(env, &p.task, &claim, &p.path, false, how),
-        }
         let mut text = String::new();
         for i in 1..=p.task.file.subtasks.len() {
             let child = scheduler::subtask_id(id, i);

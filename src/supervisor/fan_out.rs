@@ -17,9 +17,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::Supervisor;
-use super::attempt::claim_task;
-use super::dispatch::{claim_record, unclaimed};
-use super::events::{Action, Claimed};
+use super::events::Action;
 use crate::config::Config;
 use crate::console;
 use crate::context;
@@ -95,21 +93,14 @@ impl Supervisor {
             // the pick would leave a branch no record owns.
             return out;
         }
-        let Some(p) = self.intake.take(id) else {
-            return out;
+        let (p, claim) = match self.claim_agentless(id, "its candidates settled the fan-out") {
+            Ok(claimed) => claimed,
+            Err(mut more) => {
+                out.append(&mut more);
+                return out;
+            }
         };
         let env = &self.env;
-        let claim = claim_record(
-            &env.me,
-            &p,
-            crate::record::NO_AGENT,
-            "its candidates settled the fan-out",
-        );
-        // Rare and quick (no agent runs): claimed on the loop, as a subtask parent is.
-        match claim_task(&env.spool, &p.path, &claim, p.hash, None) {
-            Claimed::Ours => {}
-            how => return unclaimed(env, &p.task, &claim, &p.path, false, how),
-        }
         let job = PickJob {
             cfg: env.cfg.clone(),
             layout: env.layout.clone(),
@@ -199,8 +190,7 @@ fn judge_prompt(spool: &Spool, layout: &Layout, task: &Task, max_task_bytes: u64
             p.push_str(&format!("Changed files: {}\n", r.files_modified.join(", ")));
         }
         let read = |rel: &Option<String>, cap: usize| {
-            rel.as_ref()
-                .and_then(|f| std::fs::read_to_string(layout.root.join(f)).ok())
+            read_rel(layout, rel)
                 .map(|t| cut(&t, cap))
                 .unwrap_or_default()
         };
@@ -226,6 +216,12 @@ fn judge_prompt(spool: &Spool, layout: &Layout, task: &Task, max_task_bytes: u64
         list.join(", ")
     ));
     p
+}
+
+/// The text of a file a record names relative to the project root (`None`: none named, or unreadable).
+fn read_rel(layout: &Layout, rel: &Option<String>) -> Option<String> {
+    rel.as_ref()
+        .and_then(|f| std::fs::read_to_string(layout.root.join(f)).ok())
 }
 
 /// `text` cut to at most `cap` bytes at a character boundary, saying so.
@@ -413,11 +409,7 @@ impl PickJob {
         let names: Vec<&str> = passed.iter().map(|c| c.name.as_str()).collect();
         let problem = match self.spool.read_result(Terminal::Completed, &jid) {
             Some(r) => {
-                let text = r
-                    .output_file
-                    .as_ref()
-                    .and_then(|f| std::fs::read_to_string(self.layout.root.join(f)).ok())
-                    .unwrap_or_default();
+                let text = read_rel(&self.layout, &r.output_file).unwrap_or_default();
                 match judge_verdict(&text, id, &names) {
                     Ok((name, reason)) => {
                         let i = names.iter().position(|n| *n == name).unwrap_or(0);
@@ -654,10 +646,7 @@ impl PickJob {
                     .unwrap_or_default()
             ));
         }
-        if let Some(out) = won
-            .and_then(|r| r.output_file.as_ref())
-            .and_then(|f| std::fs::read_to_string(self.layout.root.join(f)).ok())
-        {
+        if let Some(out) = won.and_then(|r| read_rel(&self.layout, &r.output_file)) {
             text.push_str(&format!("\n## The winner's output\n\n{out}"));
         }
         let header = context::OutputHeader {
@@ -674,8 +663,7 @@ impl PickJob {
             .map_err(|e| console::warn(&format!("cannot write the output of {id}: {e:#}")))
             .ok();
         let diff = won
-            .and_then(|r| r.diff_file.as_ref())
-            .and_then(|f| std::fs::read_to_string(self.layout.root.join(f)).ok())
+            .and_then(|r| read_rel(&self.layout, &r.diff_file))
             .and_then(|d| {
                 context::write_diff(&self.layout, id, &d, &self.redactor)
                     .map_err(|e| console::warn(&format!("cannot write the diff of {id}: {e:#}")))

@@ -216,17 +216,7 @@ impl Commits {
 
     /// Hand the result to a blocking thread that commits it; `on_committed` takes it from there.
     pub(super) fn start(&mut self, spool: &Spool, task: Task, result: TaskResult) {
-        let id = result.task_id.clone();
-        let spool = spool.clone();
-        let handle = self.tasks.spawn_blocking(move || {
-            let outcome = spool.finish(&result).map_err(|e| format!("{e:#}"));
-            Committed {
-                task,
-                result,
-                outcome,
-            }
-        });
-        self.finishing.insert(id, handle.id());
+        self.start_with(spool, task, move || result);
     }
 
     /// Work out the result on a blocking thread (`make`: a fan-out's pick lands its winner

@@ -167,6 +167,34 @@ impl Project {
     }
 
     /// Start `orchestrate start` in the background with output to a log file.
+    /// Run a supervisor with a crash armed at `spec` (`point:nth`, see src/failpoint.rs); it must
+    /// die by SIGKILL, the point reached. Returns what it printed.
+    pub fn run_until_crash(&self, spec: &str) -> String {
+        use std::os::unix::process::ExitStatusExt;
+        let log = self.path("crashed.log");
+        let f = std::fs::File::create(&log).expect("log");
+        let mut child = self
+            .cmd(&["start", "-v"])
+            .env("ORCHESTRATE_CRASH_AT", spec)
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().expect("clone"))
+            .stderr(f)
+            .spawn()
+            .expect("spawn");
+        let status = wait_child(&mut child, Duration::from_secs(60));
+        let out = std::fs::read_to_string(&log).unwrap_or_default();
+        let Some(status) = status else {
+            let _ = child.kill();
+            panic!("{spec}: the supervisor never reached the crash point\n{out}");
+        };
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGKILL),
+            "{spec}: expected death by SIGKILL, got {status:?}\n{out}"
+        );
+        out
+    }
+
     pub fn start(&self) -> Supervisor {
         self.start_with_env(&[])
     }
