@@ -238,6 +238,7 @@ impl Project {
             workdir: new.workdir.clone(),
             timeout_minutes: new.timeout_minutes,
             max_retries: new.max_retries,
+            max_cost_usd: None,
             subtasks: vec![],
             parent: None,
             isolation: None,

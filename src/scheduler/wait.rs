@@ -133,6 +133,9 @@ pub enum Unavailable {
     },
     /// Cannot run at all (not installed, no adapter), in the words of `agents::unavailable_reason`.
     Missing(String),
+    /// Its spend (or all agents' spend, under `orchestrator.budget`) reached a `budget` limit:
+    /// paused until the window resets. `reason` names spend, limit and reset.
+    OverBudget { agent: String, reason: String },
 }
 
 impl fmt::Display for Unavailable {
@@ -153,6 +156,7 @@ impl fmt::Display for Unavailable {
                 hint,
             } => write!(f, "agent {agent}: needs login: {reason} ({hint})"),
             Unavailable::Missing(reason) => f.write_str(reason),
+            Unavailable::OverBudget { agent, reason } => write!(f, "agent {agent}: {reason}"),
         }
     }
 }

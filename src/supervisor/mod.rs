@@ -44,6 +44,7 @@
 //! - `check.rs`: an attempt's `check` command, run after its agent.
 //! - `finish.rs`: a report's verdict (a pure function), requeues, retries, terminal commits.
 //! - `ledger.rs`: what has finished.
+//! - `spend.rs`: what the agents spent against their budgets.
 //! - `recovery.rs`: start-up recovery, the heartbeat, cancels, state files.
 //! - `tests.rs`: the loop's decisions, event by event, without agents.
 //!
@@ -59,6 +60,7 @@ mod ledger;
 mod recovery;
 mod reload;
 mod runs;
+mod spend;
 #[cfg(test)]
 mod tests;
 mod workspace;
