@@ -71,6 +71,22 @@ impl Spend {
     }
 }
 
+/// An amount of US dollars as reasons say it: cents (`20.00`), or as many decimals as a smaller
+/// amount needs, up to six (`0.0003`, `0.000185`).
+pub fn usd(v: f64) -> String {
+    let cents = v * 100.0;
+    if v.abs() >= 100.0 || (cents - cents.round()).abs() < 1e-6 {
+        return format!("{v:.2}");
+    }
+    let s = format!("{v:.6}");
+    let s = s.trim_end_matches('0');
+    // Two decimals at least: `0.50`, not `0.5`.
+    match s.split_once('.') {
+        Some((_, d)) if d.len() < 2 => format!("{v:.2}"),
+        _ => s.to_string(),
+    }
+}
+
 /// A limit that is reached: why, in a person's words, and when its window ends.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reached {
@@ -88,7 +104,7 @@ pub fn reached(
     zone: UtcOffset,
 ) -> Option<Reached> {
     let mut found: Option<Reached> = None;
-    for (w, spend, usd, tokens) in [
+    for (w, spend, usd_limit, tokens) in [
         (Window::Day, day, limits.daily_usd, limits.daily_tokens),
         (
             Window::Month,
@@ -98,8 +114,8 @@ pub fn reached(
         ),
     ] {
         let (_, end) = window(now, zone, w);
-        let what = match (usd, tokens) {
-            (Some(l), _) if spend.usd >= l => format!("${:.2} of ${l:.2}", spend.usd),
+        let what = match (usd_limit, tokens) {
+            (Some(l), _) if spend.usd >= l => format!("${} of ${}", usd(spend.usd), usd(l)),
             (_, Some(l)) if spend.tokens >= l => format!("{} of {l} tokens", spend.tokens),
             _ => continue,
         };
@@ -125,6 +141,14 @@ pub fn reached(
         }
     }
     found
+}
+
+/// A reason of `orchestrator.budget`, as an agent it pauses says it.
+pub fn global_reason(reason: &str) -> String {
+    match reason.strip_prefix("budget: ") {
+        Some(rest) => format!("budget of all agents (orchestrator.budget): {rest}"),
+        None => reason.to_string(),
+    }
 }
 
 /// One attempt's spend, as the records hold it.
@@ -254,7 +278,16 @@ impl Ledger {
         .unwrap_or_default();
         let today = self.spent(agent, Window::Day, now, zone);
         let this_month = self.spent(agent, Window::Month, now, zone);
-        let r = reached(&limits, today, this_month, now, zone);
+        // An agent within its own limits is paused all the same by the limit over all agents.
+        let r = reached(&limits, today, this_month, now, zone).or_else(|| {
+            let all = cfg.orchestrator.budget.filter(|_| agent.is_some())?;
+            let day = self.spent(None, Window::Day, now, zone);
+            let month = self.spent(None, Window::Month, now, zone);
+            reached(&all, day, month, now, zone).map(|r| Reached {
+                reason: global_reason(&r.reason),
+                ..r
+            })
+        });
         Standing {
             today,
             this_month,
@@ -376,6 +409,17 @@ mod tests {
             "budget: 10 of 10 tokens this month, resets at 2026-12-01 00:00 +02:00"
         );
         assert_eq!(r.resets_at, datetime!(2026-11-30 22:00 UTC));
+    }
+
+    #[test]
+    fn amounts_show_cents_or_the_decimals_a_small_one_needs() {
+        assert_eq!(usd(20.0), "20.00");
+        assert_eq!(usd(36.0), "36.00");
+        assert_eq!(usd(0.5), "0.50");
+        assert_eq!(usd(19.999), "19.999");
+        assert_eq!(usd(0.0003), "0.0003");
+        assert_eq!(usd(0.0001846), "0.000185");
+        assert_eq!(usd(1234.5678), "1234.57");
     }
 
     #[test]

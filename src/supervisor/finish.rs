@@ -101,7 +101,9 @@ pub(super) fn verdict(j: &Judged, cfg: &Config) -> Verdict {
         return Verdict::Done {
             status: Terminal::Failed,
             error: Some(format!(
-                "budget_exhausted: spent ${spent:.4} of max_cost_usd ${max:.2} in {n} attempt(s); last: {}",
+                "budget_exhausted: spent ${} of max_cost_usd ${} in {n} attempt(s); last: {}",
+                crate::budget::usd(spent),
+                crate::budget::usd(max),
                 j.attempt.error.as_deref().unwrap_or(outcome.as_str())
             )),
         };
@@ -854,7 +856,7 @@ mod tests {
             let this = costing(outcome, Some(2.0));
             assert!(
                 matches!(judge_costly(&this, &[], stopped, 1.0),
-                    Verdict::Done { status: Terminal::Failed, error: Some(e) } if e.starts_with("budget_exhausted: spent $2.0000")),
+                    Verdict::Done { status: Terminal::Failed, error: Some(e) } if e.starts_with("budget_exhausted: spent $2.00 of max_cost_usd $1.00")),
                 "{outcome:?}"
             );
         }
@@ -876,7 +878,7 @@ mod tests {
         let capped = costing(Outcome::BudgetExhausted, Some(0.97));
         assert!(matches!(
             judge_costly(&capped, &[], None, 1.0),
-            Verdict::Done { status: Terminal::Failed, error: Some(e) } if e.starts_with("budget_exhausted: spent $0.9700 of max_cost_usd $1.00 in 1 attempt(s)")
+            Verdict::Done { status: Terminal::Failed, error: Some(e) } if e.starts_with("budget_exhausted: spent $0.97 of max_cost_usd $1.00 in 1 attempt(s)")
         ));
         // Without a cap nothing changes: an attempt that cost a lot is retried.
         let this = costing(Outcome::AgentError, Some(100.0));

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use time::OffsetDateTime;
 
 use super::Env;
-use crate::budget::{Ledger, Reached, Scope};
+use crate::budget::{Ledger, Reached, Scope, global_reason};
 use crate::console;
 use crate::fsutil;
 use crate::record::Attempt;
@@ -141,14 +141,6 @@ impl Spending {
             .map(|r| r.resets_at)
             .min()
             .map(|t| (t - wall).try_into().unwrap_or(Duration::ZERO) + Duration::from_millis(10))
-    }
-}
-
-/// `orchestrator.budget`'s reason, as an agent's unavailability says it.
-fn global_reason(reason: &str) -> String {
-    match reason.strip_prefix("budget: ") {
-        Some(rest) => format!("budget of all agents (orchestrator.budget): {rest}"),
-        None => reason.to_string(),
     }
 }
 
