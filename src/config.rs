@@ -1624,6 +1624,67 @@ mod tests {
     }
 
     #[test]
+    fn budgets_and_the_time_zone_are_checked_naming_the_key() {
+        let agent = |budget: &str| {
+            format!("agents:\n  a:\n    kind: command\n    command: sh\n    budget: {budget}\n")
+        };
+        let cfg = Config::parse(
+            &format!(
+                "orchestrator:\n  timezone: \"+02:00\"\n  budget: {{monthly_usd: 300}}\n{}",
+                agent("{daily_usd: 20, daily_tokens: 1000}")
+            ),
+            "c.yaml",
+        )
+        .expect("valid");
+        assert_eq!(cfg.orchestrator.zone(), time::macros::offset!(+2));
+        assert_eq!(
+            cfg.orchestrator.budget.and_then(|b| b.monthly_usd),
+            Some(300.0)
+        );
+        assert_eq!(
+            cfg.agents["a"].budget.and_then(|b| b.daily_tokens),
+            Some(1000)
+        );
+        assert_eq!(Config::default().orchestrator.zone(), time::UtcOffset::UTC);
+        for (text, key, why) in [
+            (
+                agent("{daily_usd: 0}"),
+                "agents.a.budget.daily_usd",
+                "positive number",
+            ),
+            (
+                agent("{monthly_usd: .nan}"),
+                "agents.a.budget.monthly_usd",
+                "positive number",
+            ),
+            (
+                agent("{daily_tokens: 0}"),
+                "agents.a.budget.daily_tokens",
+                "at least 1",
+            ),
+            (agent("{}"), "agents.a.budget", "names no limit"),
+            (
+                "orchestrator:\n  budget: {monthly_usd: -1}\n".into(),
+                "orchestrator.budget.monthly_usd",
+                "positive number",
+            ),
+            (
+                "orchestrator:\n  timezone: Europe/Berlin\n".into(),
+                "orchestrator.timezone",
+                "fixed offset such as +02:00",
+            ),
+        ] {
+            let e = Config::parse(&text, "c.yaml").unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(why), "{text}: {e}");
+        }
+        // An unknown limit is named with its line.
+        let e = Config::parse(&agent("{daily_dollars: 5}"), "c.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("daily_dollars") && e.contains("c.yaml:5"), "{e}");
+    }
+
+    #[test]
     fn workspace_keys_are_checked() {
         let e = Config::parse("workspace:\n  isolation: sometimes\n", "c.yaml")
             .unwrap_err()
