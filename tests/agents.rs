@@ -825,28 +825,6 @@ fn claude_without_a_login_is_marked_until_its_login_check_passes() {
 
 // ---- the tests of each CLI, in modules named after what they need ----------------------------------
 
-/// `orchestrator.timezone` for a test: an offset at which it is about noon now, so no day or
-/// month of the test's budget windows ends while it runs. With the label `reached` reasons use.
-fn noon_zone() -> (String, String) {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs();
-    let hour = (now / 3600 % 24) as i64;
-    let offset = (12 - hour + 36) % 24 - 12;
-    let zone = format!(
-        "{}{:02}:00",
-        if offset < 0 { '-' } else { '+' },
-        offset.abs()
-    );
-    let label = if offset == 0 {
-        "UTC".to_string()
-    } else {
-        zone.clone()
-    };
-    (zone, label)
-}
-
 /// One agent as `orchestrate agents --json` lists it.
 fn agent_info(p: &Project, name: &str) -> serde_json::Value {
     let agents = p.run(&["agents", "--json"]).assert_code(0).json();
