@@ -844,7 +844,7 @@ mod tests {
         assert_eq!(
             v,
             failed(
-                "budget_exhausted: spent $1.0000 of max_cost_usd $1.00 in 2 attempt(s); last: exit 1"
+                "budget_exhausted: spent $1.00 of max_cost_usd $1.00 in 2 attempt(s); last: exit 1"
             )
         );
         // Whatever would have re-run it: a rate limit, a failed check, a shutdown.
