@@ -151,6 +151,16 @@ pub fn global_reason(reason: &str) -> String {
     }
 }
 
+/// What a task's `attempts` cost together, and its `max_cost_usd`, when that is set and reached.
+pub fn task_spent<'a>(
+    max_cost_usd: Option<f64>,
+    attempts: impl IntoIterator<Item = &'a crate::record::Attempt>,
+) -> Option<(f64, f64)> {
+    let max = max_cost_usd?;
+    let spent: f64 = attempts.into_iter().filter_map(|a| a.cost_usd).sum();
+    (spent >= max).then_some((spent, max))
+}
+
 /// One attempt's spend, as the records hold it.
 #[derive(Debug, Clone)]
 struct Entry {

@@ -610,7 +610,7 @@ pub(super) async fn run_attempt(
                     let completed = outcome == Outcome::Completed;
                     // A task whose `max_cost_usd` is spent has no next attempt (see `verdict`):
                     // what it did stays on its branch.
-                    let spent = super::finish::budget_spent(
+                    let spent = crate::budget::task_spent(
                         task.file.max_cost_usd,
                         claim.history.iter().chain([&attempt]),
                     );

@@ -73,16 +73,6 @@ pub(super) struct Judged<'a> {
     pub(super) max_cost_usd: Option<f64>,
 }
 
-/// What `attempts` cost together, when the task's `max_cost_usd` is set and that reaches it.
-pub(super) fn budget_spent<'a>(
-    max_cost_usd: Option<f64>,
-    attempts: impl IntoIterator<Item = &'a Attempt>,
-) -> Option<(f64, f64)> {
-    let max = max_cost_usd?;
-    let spent: f64 = attempts.into_iter().filter_map(|a| a.cost_usd).sum();
-    (spent >= max).then_some((spent, max))
-}
-
 /// Decide what an attempt's report means. Pure: no clock, no disk, no state.
 pub(super) fn verdict(j: &Judged, cfg: &Config) -> Verdict {
     let outcome = j.attempt.outcome;
@@ -90,7 +80,7 @@ pub(super) fn verdict(j: &Judged, cfg: &Config) -> Verdict {
     // a rate limit, a shutdown): another attempt could only spend more. Its work stays on its branch.
     let all = || j.earlier.iter().chain([j.attempt]);
     if !matches!(outcome, Outcome::Completed | Outcome::Cancelled)
-        && let Some((spent, max)) = budget_spent(j.max_cost_usd, all()).or_else(|| {
+        && let Some((spent, max)) = crate::budget::task_spent(j.max_cost_usd, all()).or_else(|| {
             (outcome == Outcome::BudgetExhausted).then(|| {
                 let spent = all().filter_map(|a| a.cost_usd).sum();
                 (spent, j.max_cost_usd.unwrap_or(spent))
