@@ -268,6 +268,20 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn an_agent_over_budget_says_spend_limit_and_reset() {
+        let why = WaitReason::AgentUnavailable(vec![Unavailable::OverBudget {
+            agent: "claude".into(),
+            reason: "budget: $20.00 of $20.00 today, resets at 00:00 UTC".into(),
+        }]);
+        assert_eq!(
+            why.to_string(),
+            "no agent available: agent claude: budget: $20.00 of $20.00 today, resets at 00:00 UTC"
+        );
+        // Hours away: `--once` does not stay for it.
+        assert!(!why.waits_for_cooldown());
+    }
+
+    #[test]
     fn only_a_cooldown_among_the_reasons_is_waiting_for_a_cooldown() {
         let quota = cooling(Outcome::QuotaExhausted);
         let missing = Unavailable::Missing("agent b: `b` not found on PATH".into());
