@@ -925,6 +925,40 @@ fn a_spent_budget_pauses_the_agent_and_a_restart_counts_the_spend_once() {
     assert!(sup.stop().success(), "{}", sup.output());
 }
 
+/// For an agent that does not cap itself, `max_cost_usd` is checked after the attempt: an `openai`
+/// agent's $18 answer fails its check, and with retries left the task still ends `budget_exhausted`
+/// after that one attempt.
+#[test]
+fn max_cost_usd_is_checked_after_the_attempt_of_an_agent_without_a_cap() {
+    let server = ModelServer::start();
+    let p = openai_project(&server, &["local"], "  fallback: [local]\n");
+    let cfg = p
+        .read("config.yaml")
+        .replace(
+            "    model: local-model\n",
+            "    model: local-model\n    prices: {input_per_mtok: 1000000, output_per_mtok: 1000000}\n",
+        )
+        .replace("max_retries: 0", "max_retries: 3");
+    std::fs::write(p.path("config.yaml"), cfg).expect("config");
+    let mut sup = p.start();
+    p.drop_task(
+        "capped.yaml",
+        "description: Plan\nworkdir: work\nmax_cost_usd: 10\ncheck: 'exit 1'\n",
+    );
+    let (state, r) = wait_terminal(&p, "capped", Duration::from_secs(60));
+    assert_eq!(state, "failed", "{r}\n{}", sup.output());
+    let a = r["attempts"].as_array().expect("attempts");
+    assert_eq!(a.len(), 1, "{r}");
+    assert_eq!(a[0]["outcome"], "check_failed", "{r}");
+    assert_eq!(
+        r["error"].as_str().and_then(|e| e.split("; last:").next()),
+        Some("budget_exhausted: spent $18.00 of max_cost_usd $10.00 in 1 attempt(s)"),
+        "{r}"
+    );
+    assert_eq!(server.conversations(Api::Chat), 1);
+    assert!(sup.stop().success(), "{}", sup.output());
+}
+
 mod claude {
     use super::*;
 
