@@ -655,13 +655,16 @@ fn budgets_show_in_the_api_and_the_metrics() {
     p.drop_task("two.yaml", "description: Plan again\n");
     let srv = serve(&p, &[], 0);
     let a = srv.addr.as_str();
+    let note = format!(
+        "agent local: budget of all agents (orchestrator.budget): 18 of 10 tokens today, resets at 00:00 {label}"
+    );
     wait_for(
         "two to wait for the budget",
         Duration::from_secs(30),
         || {
             get(a, "/api/v1/tasks/two").json()["note"]
-            .as_str()
-            .is_some_and(|n| n.contains(&format!("agent local: budget of all agents (orchestrator.budget): 18 of 10 tokens today, resets at 00:00 {label}")))
+                .as_str()
+                .is_some_and(|n| n.contains(&note))
         },
     );
     let agents = get(a, "/api/v1/agents").json();

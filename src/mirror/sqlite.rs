@@ -536,7 +536,7 @@ pub fn supervisors(conn: &Connection) -> Result<Vec<SupervisorRow>> {
 pub fn spent_since(conn: &Connection, since: &str) -> Result<Vec<SpentRow>> {
     let mut stmt = conn.prepare(
         "SELECT task_id, n, agent, finished_at, cost_usd, input_tokens, output_tokens
-         FROM attempts WHERE finished_at >= ?1 ORDER BY finished_at",
+         FROM attempts WHERE finished_at >= ?1 ORDER BY finished_at, task_id, n",
     )?;
     let rows = stmt.query_map([since], |r| {
         Ok(SpentRow {

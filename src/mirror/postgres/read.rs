@@ -278,7 +278,7 @@ pub async fn spent_since(client: &Client, since: &str) -> Result<Vec<SpentRow>> 
             "SELECT task_id, n, agent, ",
             text_time!("finished_at"),
             ", cost_usd, input_tokens, output_tokens FROM attempts
-             WHERE finished_at >= $1::text::timestamptz ORDER BY finished_at"
+             WHERE finished_at >= $1::text::timestamptz ORDER BY finished_at, task_id COLLATE \"C\", n"
         ),
         &[&since],
     )
