@@ -80,20 +80,20 @@ pub(super) fn verdict(j: &Judged, cfg: &Config) -> Verdict {
     // a rate limit, a shutdown): another attempt could only spend more. Its work stays on its branch.
     let all = || j.earlier.iter().chain([j.attempt]);
     if !matches!(outcome, Outcome::Completed | Outcome::Cancelled)
-        && let Some((spent, max)) = crate::budget::task_spent(j.max_cost_usd, all()).or_else(|| {
-            (outcome == Outcome::BudgetExhausted).then(|| {
-                let spent = all().filter_map(|a| a.cost_usd).sum();
-                (spent, j.max_cost_usd.unwrap_or(spent))
-            })
-        })
+        && (outcome == Outcome::BudgetExhausted
+            || crate::budget::task_spent(j.max_cost_usd, all()).is_some())
     {
         let n = all().count();
+        let spent = crate::budget::usd(all().filter_map(|a| a.cost_usd).sum());
+        // Without `max_cost_usd` the cap was the agent's own (`--max-budget-usd` in its `args`).
+        let cap = match j.max_cost_usd {
+            Some(max) => format!("max_cost_usd ${}", crate::budget::usd(max)),
+            None => "the agent's own cost cap".into(),
+        };
         return Verdict::Done {
             status: Terminal::Failed,
             error: Some(format!(
-                "budget_exhausted: spent ${} of max_cost_usd ${} in {n} attempt(s); last: {}",
-                crate::budget::usd(spent),
-                crate::budget::usd(max),
+                "budget_exhausted: spent ${spent} of {cap} in {n} attempt(s); last: {}",
                 j.attempt.error.as_deref().unwrap_or(outcome.as_str())
             )),
         };
@@ -870,6 +870,14 @@ mod tests {
             judge_costly(&capped, &[], None, 1.0),
             Verdict::Done { status: Terminal::Failed, error: Some(e) } if e.starts_with("budget_exhausted: spent $0.97 of max_cost_usd $1.00 in 1 attempt(s)")
         ));
+        // A cap in the agent's own `args`: said so.
+        let capped = costing(Outcome::BudgetExhausted, Some(0.5));
+        assert_eq!(
+            judge(&capped, &[], None, false),
+            failed(
+                "budget_exhausted: spent $0.50 of the agent's own cost cap in 1 attempt(s); last: exit 1"
+            )
+        );
         // Without a cap nothing changes: an attempt that cost a lot is retried.
         let this = costing(Outcome::AgentError, Some(100.0));
         assert!(matches!(
