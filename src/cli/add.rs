@@ -19,6 +19,7 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
         workdir,
         timeout_minutes,
         max_retries,
+        max_cost_usd,
         id,
         check,
     } = &cli.command
@@ -35,6 +36,7 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
         workdir: workdir.clone(),
         timeout_minutes: *timeout_minutes,
         max_retries: *max_retries,
+        max_cost_usd: *max_cost_usd,
         id: id.clone(),
         check: check.clone(),
         labels: vec![],

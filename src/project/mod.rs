@@ -162,6 +162,9 @@ pub struct NewTask {
     pub timeout_minutes: Option<f64>,
     #[serde(default)]
     pub max_retries: Option<u32>,
+    /// What all its attempts together may cost, in USD (`max_cost_usd`).
+    #[serde(default)]
+    pub max_cost_usd: Option<f64>,
     #[serde(default)]
     pub id: Option<String>,
     /// The command that verifies the result (`check`).
@@ -238,7 +241,7 @@ impl Project {
             workdir: new.workdir.clone(),
             timeout_minutes: new.timeout_minutes,
             max_retries: new.max_retries,
-            max_cost_usd: None,
+            max_cost_usd: new.max_cost_usd,
             subtasks: vec![],
             parent: None,
             isolation: None,
