@@ -959,6 +959,55 @@ fn max_cost_usd_is_checked_after_the_attempt_of_an_agent_without_a_cap() {
     assert!(sup.stop().success(), "{}", sup.output());
 }
 
+/// A task waiting for its retry holds an attempt that cost $18 in its history: a supervisor started
+/// on a lost mirror (the state database deleted) still counts it, from the history it reads in
+/// `pending/`, so the next $18 reaches the $30 budget.
+#[test]
+fn a_restart_on_a_lost_mirror_counts_the_spend_of_a_task_waiting_to_retry() {
+    let server = ModelServer::start();
+    let p = openai_project(&server, &["local"], "  fallback: [local]\n");
+    let (zone, label) = noon_zone();
+    let cfg = p
+        .read("config.yaml")
+        .replace(
+            "    model: local-model\n",
+            "    model: local-model\n    prices: {input_per_mtok: 1000000, output_per_mtok: 1000000}\n    budget: {daily_usd: 30}\n",
+        )
+        .replace("orchestrator:\n", &format!("orchestrator:\n  timezone: \"{zone}\"\n"))
+        .replace("max_retries: 0", "max_retries: 3\n  retry_delay_seconds: 3600");
+    std::fs::write(p.path("config.yaml"), cfg).expect("config");
+    let mut sup = p.start();
+    p.drop_task(
+        "later.yaml",
+        "description: Plan\nworkdir: work\ncheck: 'exit 1'\n",
+    );
+    wait_for(
+        "later's first attempt to fail",
+        Duration::from_secs(60),
+        || p.path("tasks/pending/.later.history.yaml").exists(),
+    );
+    assert!(sup.stop().success(), "{}", sup.output());
+    for f in ["state.db", "state.db-wal", "state.db-shm"] {
+        let _ = std::fs::remove_file(p.path(&format!(".orchestrate/{f}")));
+    }
+
+    let mut sup = p.start();
+    p.drop_task("now.yaml", "description: Plan\nworkdir: work\n");
+    let (state, r) = wait_terminal(&p, "now", Duration::from_secs(60));
+    assert_eq!(state, "completed", "{r}\n{}", sup.output());
+    p.drop_task("next.yaml", "description: Plan\nworkdir: work\n");
+    let note = format!(
+        "no agent available: agent local: budget: $36.00 of $30.00 today, resets at 00:00 {label}"
+    );
+    wait_for(
+        "next to wait for the budget",
+        Duration::from_secs(30),
+        || wait_note(&p, "next").as_deref() == Some(note.as_str()),
+    );
+    assert_eq!(server.conversations(Api::Chat), 2);
+    assert!(sup.stop().success(), "{}", sup.output());
+}
+
 mod claude {
     use super::*;
 

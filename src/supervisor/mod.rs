@@ -496,7 +496,16 @@ impl Supervisor {
     #[must_use = "the actions are the rest of the work: apply them"]
     fn carry_out(&mut self, action: Action) -> Vec<Action> {
         match action {
-            Action::Queued { id, not_before } => self.dispatch.queued(&id, not_before),
+            Action::Queued { id, not_before } => {
+                // Its earlier attempts count against the budgets, once (a mirror rebuilt at start
+                // has no rows for `pending/` yet).
+                if let Some(p) = self.intake.queue.get(&id) {
+                    for a in &p.history.attempts {
+                        self.dispatch.spending.attempt_finished(&id, a);
+                    }
+                }
+                self.dispatch.queued(&id, not_before)
+            }
             Action::Left(id) => self.dispatch.forget(&id),
             Action::Reopened(id) => self.ledger.reopen(&id),
             Action::Ingest(path) => {
