@@ -1,7 +1,9 @@
 //! What the agents spent, against their `budget` limits: the loop's side of `crate::budget`.
 //!
 //! Loaded at start from the mirror's attempts (start-up has just reconciled the mirror with the
-//! tree, so they are the records' attempts), then told of every attempt as it finishes. Each
+//! tree, so they are the records' attempts), then told of the history of every task that enters the
+//! queue (`pending/` is not in the mirror yet at start when it was rebuilt) and of every attempt as
+//! it finishes; each attempt counts once, however often it is told. Each
 //! scheduling pass asks which agents a reached limit pauses (`pause`): they are unavailable like an
 //! agent that cools down, so no attempt starts on them and their tasks go down the fallback chain or
 //! wait; running attempts go on. When a limit is newly reached, `budget_reached` is called once: the
