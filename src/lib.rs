@@ -10,6 +10,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod agents;
+pub mod budget;
 pub mod cli;
 pub mod config;
 pub mod console;

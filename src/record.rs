@@ -47,6 +47,9 @@ pub enum Outcome {
     /// The agent finished, but the task's `check` command did not pass: nothing landed, and the
     /// next attempt is told what the check printed.
     CheckFailed,
+    /// The task's `max_cost_usd` was reached: the CLI stopped itself at the cap it was given
+    /// (Claude Code's `--max-budget-usd`). The task is not retried.
+    BudgetExhausted,
 }
 
 impl Outcome {
@@ -65,6 +68,7 @@ impl Outcome {
             Outcome::Stalled => "stalled",
             Outcome::SetupFailed => "setup_failed",
             Outcome::CheckFailed => "check_failed",
+            Outcome::BudgetExhausted => "budget_exhausted",
         }
     }
 

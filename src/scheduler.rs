@@ -84,6 +84,7 @@ pub fn subtask_file(parent: &Task, n: usize) -> crate::task::TaskFile {
         workdir: f.workdir.clone(),
         timeout_minutes: f.timeout_minutes,
         max_retries: f.max_retries,
+        max_cost_usd: f.max_cost_usd,
         subtasks: vec![],
         parent: Some(parent.id.clone()),
         isolation: f.isolation,

@@ -39,6 +39,11 @@ pub struct TaskFile {
     pub timeout_minutes: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_retries: Option<u32>,
+    /// What the task's attempts together may cost, in USD: passed to CLIs that cap themselves
+    /// (Claude Code's `--max-budget-usd`), and checked after each attempt: a task that spent it is
+    /// not retried (it fails with `budget_exhausted`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cost_usd: Option<f64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subtasks: Vec<String>,
     /// Set on the child tasks orchestrate writes when it expands `subtasks`.
@@ -418,6 +423,15 @@ pub fn parse_task(text: &str, stem: &str, source_name: &str) -> Result<Task, Tas
             "`timeout_minutes` must be a positive number",
         ));
     }
+    if let Some(c) = file.max_cost_usd
+        && !(c > 0.0 && c.is_finite())
+    {
+        return Err(TaskError::at_key(
+            text,
+            "max_cost_usd",
+            "`max_cost_usd` must be a positive number of US dollars",
+        ));
+    }
     if let Some(t) = file.check_timeout_minutes
         && !(t > 0.0 && t.is_finite())
     {
@@ -642,6 +656,8 @@ mod tests {
             ("description: d\n'agent': a/b\n", 2),
             ("description: d\ntimeout_minutes : -1\n", 2),
             ("description: d\ncheck: x\ncheck_timeout_minutes: 0\n", 3),
+            ("description: d\nmax_cost_usd: 0\n", 2),
+            ("description: d\nmax_cost_usd: -1.5\n", 2),
             ("description: |\n  id: old\nid: ../x\n", 3),
             // Found by the fuzzer: node properties before the key.
             ("!t agent: s\"\ndescription: d\n", 1),

@@ -19,7 +19,8 @@ const LAYERS: &[&[&str]] = &[
     ],
     &["config", "task", "record"],
     &[
-        "spool", "instance", "process", "marker", "watch", "writers", "cooldown", "login", "git",
+        "spool", "instance", "process", "marker", "watch", "writers", "cooldown", "budget",
+        "login", "git",
     ],
     &["llm", "agents"],
     &["context", "snapshot"],

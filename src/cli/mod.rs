@@ -125,6 +125,9 @@ pub enum Command {
         /// Failed attempts retried this many times; default: task_queue.max_retries.
         #[arg(long)]
         max_retries: Option<u32>,
+        /// What all attempts together may cost, in USD; once spent, no retry.
+        #[arg(long, value_name = "USD")]
+        max_cost_usd: Option<f64>,
         /// A shell command run after the agent; the task completes only when it exits 0
         /// (for example `cargo test`).
         #[arg(long, value_name = "COMMAND")]

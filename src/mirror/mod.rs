@@ -158,6 +158,18 @@ pub struct AttemptLine {
     pub check: Option<crate::record::CheckRecord>,
 }
 
+/// One finished attempt's spend (`crate::budget` sums them per window).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpentRow {
+    pub task_id: String,
+    pub n: u32,
+    pub agent: String,
+    pub finished_at: String,
+    pub cost_usd: Option<f64>,
+    pub input_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
+}
+
 /// One `task_events` row: a transition the mirror applied, numbered in commit order.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Event {

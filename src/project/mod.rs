@@ -162,6 +162,9 @@ pub struct NewTask {
     pub timeout_minutes: Option<f64>,
     #[serde(default)]
     pub max_retries: Option<u32>,
+    /// What all its attempts together may cost, in USD (`max_cost_usd`).
+    #[serde(default)]
+    pub max_cost_usd: Option<f64>,
     #[serde(default)]
     pub id: Option<String>,
     /// The command that verifies the result (`check`).
@@ -245,6 +248,7 @@ impl Project {
             workdir: new.workdir.clone(),
             timeout_minutes: new.timeout_minutes,
             max_retries: new.max_retries,
+            max_cost_usd: new.max_cost_usd,
             subtasks: vec![],
             parent: None,
             isolation: None,
@@ -540,6 +544,9 @@ pub struct AgentInfo {
     pub cost_usd: f64,
     pub input_tokens: u64,
     pub output_tokens: u64,
+    /// Spend today and this month (in `orchestrator.timezone`) against the agent's `budget`, and
+    /// whether a reached limit pauses it.
+    pub budget: crate::budget::Standing,
 }
 
 #[derive(serde::Serialize)]
@@ -565,6 +572,7 @@ impl Project {
         let cooldowns = crate::cooldown::Cooldowns::read(&project.layout);
         let logins = crate::login::Logins::read(&project.layout);
         let now = time::OffsetDateTime::now_utc();
+        let spending = project.spending(reader, now)?;
         // Node CLIs take a second or so each to print a version: ask them all at once.
         let found_paths: Vec<Option<std::path::PathBuf>> = project
             .cfg
@@ -640,10 +648,68 @@ impl Project {
                 cost_usd: t.map(|t| t.cost_usd).unwrap_or(0.0),
                 input_tokens: t.map(|t| t.input_tokens).unwrap_or(0),
                 output_tokens: t.map(|t| t.output_tokens).unwrap_or(0),
+                budget: spending.standing(&project.cfg, Some(name), now),
             });
         }
         Ok(out)
     }
+
+    /// What the agents spent in `now`'s month, from the mirror's attempts: the sums budgets are
+    /// held to, as the supervisor makes them (see `crate::budget`).
+    pub fn spending(
+        &self,
+        reader: &Reader,
+        now: time::OffsetDateTime,
+    ) -> Result<crate::budget::Ledger> {
+        let zone = self.cfg.orchestrator.zone();
+        let (since, _) = crate::budget::window(now, zone, crate::budget::Window::Month);
+        let mut ledger = crate::budget::Ledger::default();
+        for r in reader.spent_since(&crate::fsutil::fmt_time(since))? {
+            ledger.add(
+                &r.task_id,
+                r.n,
+                &r.agent,
+                Some(&r.finished_at),
+                r.cost_usd,
+                r.input_tokens,
+                r.output_tokens,
+            );
+        }
+        Ok(ledger)
+    }
+
+    /// The standing of every configured budget: `orchestrator.budget` (scope `all`) and each
+    /// agent's, for `status`, the API and `/metrics`.
+    pub fn budgets(&self, reader: &Reader) -> Result<Vec<BudgetStanding>> {
+        let now = time::OffsetDateTime::now_utc();
+        let ledger = self.spending(reader, now)?;
+        let cfg = &self.cfg;
+        let mut out = Vec::new();
+        if cfg.orchestrator.budget.is_some() {
+            out.push(BudgetStanding {
+                scope: "all".into(),
+                standing: ledger.standing(cfg, None, now),
+            });
+        }
+        for (name, a) in &cfg.agents {
+            if a.budget.is_some() {
+                out.push(BudgetStanding {
+                    scope: name.clone(),
+                    standing: ledger.standing(cfg, Some(name), now),
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A configured budget's spend against its limits.
+#[derive(serde::Serialize)]
+pub struct BudgetStanding {
+    /// `all` for `orchestrator.budget`, else the agent's name.
+    pub scope: String,
+    #[serde(flatten)]
+    pub standing: crate::budget::Standing,
 }
 
 /// `<program> --version`, bounded: a CLI that hangs (first-run prompt, network) must not hang us.

@@ -40,6 +40,8 @@ pub struct Status {
     pub worktrees: Vec<WorktreeUse>,
     /// Completed tasks whose changes stayed on their branch (`merge: kept` or `conflict`).
     pub kept_branches: Vec<KeptBranch>,
+    /// Each configured budget's spend against its limits (`all`: `orchestrator.budget`).
+    pub budgets: Vec<super::BudgetStanding>,
 }
 
 #[derive(Serialize)]
@@ -184,6 +186,7 @@ pub fn status(project: &Project, reader: &Reader) -> Result<Status> {
         being_written: vec![],
         worktrees: vec![],
         kept_branches: kept_of(reader.kept_branches()?),
+        budgets: project.budgets(reader)?,
     };
     if reader.is_local() {
         add_local(&mut st, project);

@@ -54,6 +54,8 @@ pub fn candidate_file(parent: &Task, name: &str) -> TaskFile {
         workdir: f.workdir.clone(),
         timeout_minutes: f.timeout_minutes,
         max_retries: f.max_retries,
+        // Each candidate may spend up to the task's cap.
+        max_cost_usd: f.max_cost_usd,
         parent: Some(parent.id.clone()),
         isolation: Some(Isolation::Worktree),
         merge: Some(MergeMode::Branch),

@@ -62,6 +62,8 @@ pub(super) struct Dispatch {
     route_tx: mpsc::UnboundedSender<(String, Routed)>,
     /// The free-space floor (`workspace.min_free_disk_mb`) as last looked at.
     disk: DiskFloor,
+    /// What the agents spent against their budgets; a reached limit pauses agents like a cooldown.
+    pub(super) spending: super::spend::Spending,
 }
 
 /// How often, at most, the free space of the state directory's file system is looked at (one
@@ -101,6 +103,7 @@ impl Dispatch {
             routes: HashMap::new(),
             route_tx,
             disk: DiskFloor::default(),
+            spending: Default::default(),
         };
         (
             dispatch,
@@ -400,7 +403,12 @@ impl Dispatch {
     /// Which agents cannot run now, and why: not installed (looked up at most once a second: a
     /// PATH lookup per agent on every pass would be the scheduler's main cost in a burst, and
     /// installs are not that quick), cooling down, or in need of a login.
-    fn availability(&mut self, cfg: &Config, wall: OffsetDateTime) -> HashMap<String, Unavailable> {
+    fn availability(
+        &mut self,
+        env: &Env,
+        cfg: &Config,
+        wall: OffsetDateTime,
+    ) -> HashMap<String, Unavailable> {
         let fresh = self
             .unavailable
             .as_ref()
@@ -429,6 +437,8 @@ impl Dispatch {
                     outcome: c.outcome,
                 });
         }
+        // A reached budget pauses like a cooldown (which, ending sooner, is said first).
+        self.spending.pause(env, wall, &mut unavailable);
         // A login outlasts any cooldown: when both hold, the login is what a person must see to
         // (a CLI that is not installed comes first all the same).
         for (agent, m) in self.logins.active() {
@@ -453,13 +463,14 @@ impl Dispatch {
     /// while agents are busy. `None`: every slot is taken and no full pass is due.
     pub(super) fn begin_pass(
         &mut self,
-        cfg: &Config,
+        env: &Env,
         running: usize,
         queue: &mut Scheduler,
     ) -> Option<Pass> {
+        let cfg = &env.cfg;
         let now = Instant::now();
         let wall = OffsetDateTime::now_utc();
-        let unavailable = self.availability(cfg, wall);
+        let unavailable = self.availability(env, cfg, wall);
         let full = std::mem::take(&mut self.full_pass_due);
         if !full && running >= cfg.orchestrator.max_concurrent {
             return None;
@@ -473,6 +484,10 @@ impl Dispatch {
         }
         if let Some(d) = self.cooldowns.next_end(wall) {
             // Wake when the first cooldown ends, so the tasks waiting for it are looked at again.
+            self.wake_at(now + d);
+        }
+        if let Some(d) = self.spending.next_reset(wall) {
+            // Likewise when a budget window resets.
             self.wake_at(now + d);
         }
         Some(Pass {
@@ -769,7 +784,7 @@ impl Supervisor {
         }
         let Some(mut pass) =
             self.dispatch
-                .begin_pass(&self.env.cfg, self.runs.len(), &mut self.intake.queue)
+                .begin_pass(&self.env, self.runs.len(), &mut self.intake.queue)
         else {
             return;
         };

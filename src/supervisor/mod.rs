@@ -45,6 +45,7 @@
 //! - `fan_out.rs`: a fan-out's judge and pick: stop the losers, land the winner, record them all.
 //! - `finish.rs`: a report's verdict (a pure function), requeues, retries, terminal commits.
 //! - `ledger.rs`: what has finished.
+//! - `spend.rs`: what the agents spent against their budgets.
 //! - `recovery.rs`: start-up recovery, the heartbeat, cancels, state files.
 //! - `tests.rs`: the loop's decisions, event by event, without agents.
 //!
@@ -61,6 +62,7 @@ mod ledger;
 mod recovery;
 mod reload;
 mod runs;
+mod spend;
 #[cfg(test)]
 mod tests;
 mod workspace;
@@ -496,7 +498,16 @@ impl Supervisor {
     #[must_use = "the actions are the rest of the work: apply them"]
     fn carry_out(&mut self, action: Action) -> Vec<Action> {
         match action {
-            Action::Queued { id, not_before } => self.dispatch.queued(&id, not_before),
+            Action::Queued { id, not_before } => {
+                // Its earlier attempts count against the budgets, once (a mirror rebuilt at start
+                // has no rows for `pending/` yet).
+                if let Some(p) = self.intake.queue.get(&id) {
+                    for a in &p.history.attempts {
+                        self.dispatch.spending.attempt_finished(&id, a);
+                    }
+                }
+                self.dispatch.queued(&id, not_before)
+            }
             Action::Left(id) => self.dispatch.forget(&id),
             Action::Reopened(id) => self.ledger.reopen(&id),
             Action::Ingest(path) => {

@@ -82,6 +82,28 @@ pub fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// `orchestrator.timezone` for a test: an offset at which it is about noon now, so no day or
+/// month of the test's budget windows ends while it runs. With the label `reached` reasons use.
+pub fn noon_zone() -> (String, String) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let hour = (now / 3600 % 24) as i64;
+    let offset = (12 - hour + 36) % 24 - 12;
+    let zone = format!(
+        "{}{:02}:00",
+        if offset < 0 { '-' } else { '+' },
+        offset.abs()
+    );
+    let label = if offset == 0 {
+        "UTC".to_string()
+    } else {
+        zone.clone()
+    };
+    (zone, label)
+}
+
 /// The test configuration: a `fake` agent (this binary) and short timings.
 pub fn test_config(extra: &str) -> String {
     format!(

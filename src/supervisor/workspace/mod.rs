@@ -304,6 +304,12 @@ pub(super) struct Committed {
 }
 
 impl Committed {
+    /// The task ends here without landing (its `max_cost_usd` is spent): its branch stays, with
+    /// what the agent did, for a person to take on.
+    pub(super) fn keep_branch(&mut self) {
+        self.keep_branch = true;
+    }
+
     /// The task's commit, when it was made.
     pub(super) fn head(&self) -> Option<&str> {
         self.result.head.as_deref()
