@@ -56,6 +56,7 @@ mod events;
 mod finish;
 mod intake;
 mod ledger;
+mod notices;
 mod recovery;
 mod reload;
 mod runs;
