@@ -128,11 +128,38 @@ impl NotifyFilter {
 }
 
 /// A command: an argv list (run directly) or one string (run by `/bin/sh -c`).
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 #[serde(untagged)]
 pub enum NotifyCommand {
     Shell(String),
     Argv(Vec<String>),
+}
+
+// By hand rather than `untagged`, whose error ("did not match any variant") says nothing useful.
+impl<'de> Deserialize<'de> for NotifyCommand {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = NotifyCommand;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a shell command (a string) or a list: the program, then its arguments")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<NotifyCommand, E> {
+                Ok(NotifyCommand::Shell(v.to_string()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<NotifyCommand, A::Error> {
+                let mut v = Vec::new();
+                while let Some(s) = seq.next_element::<String>()? {
+                    v.push(s);
+                }
+                Ok(NotifyCommand::Argv(v))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 impl NotifyCommand {
@@ -440,7 +467,7 @@ mod tests {
                 "bad regex",
             ),
             (
-                "  - command: x\n    name: a\n  - command: y\n    name: a\n",
+                "  - command: one\n    name: a\n  - command: two\n    name: a\n",
                 "notify[1].name",
                 "two channels",
             ),
@@ -453,8 +480,16 @@ mod tests {
             let e = err(yaml);
             assert!(e.contains(key) && e.contains(says), "{yaml}: {e}");
         }
-        let e = err("  - command: x\n    on: [failed, sometimes]\n");
-        assert!(e.contains("sometimes") && e.contains("line"), "{e}");
+        for (yaml, says) in [
+            (
+                "  - command: x\n    on: [failed, sometimes]\n",
+                "config.yaml:5:",
+            ),
+            ("  - command: {program: x}\n", "config.yaml:4:"),
+        ] {
+            let e = err(yaml);
+            assert!(e.contains(says), "{e}");
+        }
     }
 
     #[test]
