@@ -185,6 +185,11 @@ impl Layout {
     }
 
     /// The PostgreSQL writer's health, for `status`.
+    /// The last run's output of a notification channel's command.
+    pub fn notify_log(&self, channel: &str) -> PathBuf {
+        self.state_dir.join("notify").join(format!("{channel}.log"))
+    }
+
     pub fn postgres_health(&self) -> PathBuf {
         self.state_dir.join("postgres.json")
     }

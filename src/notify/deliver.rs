@@ -216,11 +216,7 @@ async fn run(cx: &Context<'_>, channel: &NotifyChannel, event: &Event) -> Result
     };
     let (program, args) = command.argv();
     let name = channel.name();
-    let log_path = cx
-        .layout
-        .state_dir
-        .join("notify")
-        .join(format!("{name}.log"));
+    let log_path = cx.layout.notify_log(name);
     if let Some(dir) = log_path.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
