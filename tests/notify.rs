@@ -513,3 +513,30 @@ fn an_event_given_up_on_shows_in_status() {
     assert_eq!(json["notifications"][0]["state"], "gave_up");
     assert_eq!(json["notifications"][0]["channel"], "pager");
 }
+
+#[test]
+fn a_new_channel_announces_no_history_and_start_once_sends_before_it_exits() {
+    let rx = Receiver::start(&[], 200);
+    let p = Project::new();
+    failing_task(&p, "old");
+    p.run(&["start", "--once"]).assert_code(0);
+    assert_eq!(p.tasks_in("failed"), ["old"]);
+    std::fs::write(
+        p.path("config.yaml"),
+        test_config(&format!("notify:\n  - webhook: {{url: {}}}\n", rx.url("/"))),
+    )
+    .expect("config");
+    failing_task(&p, "new");
+    // `--once` exits when the queue is done; its last event goes out before that.
+    p.run(&["start", "--once"]).assert_code(0);
+    let got = rx.got();
+    let ids: Vec<_> = got
+        .iter()
+        .map(|r| r.json()["task"]["id"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        ids,
+        ["new"],
+        "the failure from before the channel is history"
+    );
+}

@@ -8,9 +8,9 @@
 //! one row per (channel, event), in the same transaction that moves the cursor. A row stays
 //! `pending` until it is delivered or given up on; a restart finds it there.
 //!
-//! A channel seen for the first time starts at the beginning of the stream but takes only events
-//! from after that moment (`since`): a rebuilt mirror, whose events carry the tasks' old times,
-//! does not notify the project's whole history again.
+//! A channel seen for the first time starts at the end of both streams, and takes only events from
+//! after that moment (`since`): neither the project's history nor a rebuilt mirror (whose cursors
+//! are gone and whose events, made again from the tree, carry the tasks' old times) is announced.
 //!
 //! This file holds the tables and their statements only: what an event says and where it goes is
 //! the `notify` module's.
@@ -121,23 +121,34 @@ pub struct Cursor {
     pub since: String,
 }
 
-/// The channel's cursor, made (at the start of both streams, from now) when it has none.
+/// The channel's cursor, made (at the end of both streams, from now) when it has none. Reading
+/// an existing one writes nothing: the sender asks every pass, and must not contend with the
+/// mirror's writer for the database's write lock while idle.
 pub fn cursor(conn: &Connection, channel: &str) -> Result<Cursor> {
+    let read = |conn: &Connection| {
+        conn.query_row(
+            "SELECT task_seq, notice_seq, since FROM notify_cursors WHERE channel = ?1",
+            [channel],
+            |r| {
+                Ok(Cursor {
+                    task_seq: r.get(0)?,
+                    notice_seq: r.get(1)?,
+                    since: r.get(2)?,
+                })
+            },
+        )
+        .optional()
+    };
+    if let Some(c) = read(conn)? {
+        return Ok(c);
+    }
     conn.execute(
-        "INSERT OR IGNORE INTO notify_cursors(channel, task_seq, notice_seq, since) VALUES(?1, 0, 0, ?2)",
+        "INSERT OR IGNORE INTO notify_cursors(channel, task_seq, notice_seq, since)
+         VALUES(?1, (SELECT coalesce(max(seq), 0) FROM task_events),
+                (SELECT coalesce(max(seq), 0) FROM notices), ?2)",
         params![channel, crate::fsutil::now_rfc3339()],
     )?;
-    Ok(conn.query_row(
-        "SELECT task_seq, notice_seq, since FROM notify_cursors WHERE channel = ?1",
-        [channel],
-        |r| {
-            Ok(Cursor {
-                task_seq: r.get(0)?,
-                notice_seq: r.get(1)?,
-                since: r.get(2)?,
-            })
-        },
-    )?)
+    read(conn)?.ok_or_else(|| anyhow::anyhow!("the cursor of {channel} was not made"))
 }
 
 /// A task event with the task as its row says, when the row is still at that transition.

@@ -119,7 +119,24 @@ impl State {
         let mut db: Option<WriterDb> = None;
         let mut failing = false;
         let mut last_prune = std::time::Instant::now() - Duration::from_secs(3600);
+        let mut lock: Option<std::fs::File> = None;
+        let mut waiting_said = false;
         loop {
+            // One sender per state directory: another supervisor's holds the lock, and this one
+            // takes over when that one ends.
+            if lock.is_none() {
+                lock = self.take_lock();
+                if lock.is_none() {
+                    if !waiting_said {
+                        console::info(
+                            "notify: another supervisor on this tree delivers notifications; taking over when it stops",
+                        );
+                        waiting_said = true;
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            }
             if db.is_none() {
                 match WriterDb::open(&self.db_path) {
                     Ok(d) => db = Some(d),
@@ -156,6 +173,21 @@ impl State {
             }
             tokio::time::sleep(POLL).await;
         }
+    }
+
+    fn take_lock(&self) -> Option<std::fs::File> {
+        let path = self.layout.notify_lock();
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .ok()?;
+        f.try_lock().ok()?;
+        Some(f)
     }
 
     /// Queue what is new for each channel, then deliver what is due. Returns whether there was

@@ -263,7 +263,11 @@ fn add_local(st: &mut Status, project: &Project) {
         .ok()
         .flatten()
         .and_then(|conn| crate::mirror::outbox::troubles(&conn).ok())
-        .unwrap_or_default();
+        .unwrap_or_default()
+        .into_iter()
+        // A channel no longer configured is retried by nobody: its rows are history.
+        .filter(|t| project.cfg.notify.iter().any(|c| c.name() == t.channel))
+        .collect();
 }
 
 /// The folders under `state_dir/worktrees` (a task's) and under its pool (idle ones), by name,
