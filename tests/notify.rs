@@ -540,3 +540,30 @@ fn a_new_channel_announces_no_history_and_start_once_sends_before_it_exits() {
         "the failure from before the channel is history"
     );
 }
+
+#[test]
+fn a_task_touching_a_review_path_is_announced_as_needing_review() {
+    let rx = Receiver::start(&[], 200);
+    let p = Project::with_config(&test_config(&format!(
+        "notify:\n  - webhook: {{url: {}, preset: discord}}\n",
+        rx.url("/")
+    )));
+    let _sup = p.start();
+    p.drop_task(
+        "deps.yaml",
+        "description: \"@fake write=package.json:{}\"\n",
+    );
+    let got = rx.wait("the review event", |g| !g.is_empty());
+    assert_eq!(
+        got[0].header("x-orchestrate-event"),
+        Some("review_required")
+    );
+    let content = got[0].json()["content"]
+        .as_str()
+        .expect("discord content")
+        .to_string();
+    assert!(
+        content.contains("deps needs review") && content.contains("review_paths"),
+        "{content}"
+    );
+}

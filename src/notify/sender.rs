@@ -238,6 +238,8 @@ impl State {
             let now = now_ms();
             for (row, result) in done {
                 let name = channel.name();
+                // A receiver's answer or a command's output may quote a secret back.
+                let result = result.map_err(|e| self.redactor.redact(&e));
                 let tried = match &result {
                     Ok(answer) => {
                         console::debug(&format!(
