@@ -567,3 +567,34 @@ fn a_task_touching_a_review_path_is_announced_as_needing_review() {
         "{content}"
     );
 }
+
+#[test]
+fn a_failure_the_mirror_never_recorded_before_a_crash_is_announced_after_the_restart() {
+    let rx = Receiver::start(&[], 200);
+    let p = Project::with_config(&test_config(&format!(
+        "notify:\n  - webhook: {{url: {}}}\n",
+        rx.url("/")
+    )));
+    // Killed right after the task's move to failed/ is durable, before the mirror hears of it.
+    let mut sup = p.start_with_env(&[("ORCHESTRATE_CRASH_AT", "finish.after_fsync")]);
+    failing_task(&p, "unrecorded");
+    let mut child = sup.child.take().expect("running");
+    wait_child(&mut child, Duration::from_secs(60)).expect("the supervisor killed itself");
+    assert_eq!(p.tasks_in("failed"), ["unrecorded"]);
+    let recorded: i64 = p
+        .db()
+        .query_row(
+            "SELECT count(*) FROM task_events WHERE task_id = 'unrecorded' AND state = 'failed'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("count");
+    assert_eq!(recorded, 0, "the mirror write was lost with the process");
+    assert!(rx.got().is_empty());
+    // The reconciler finds the transition in the tree at the next start; the event goes out.
+    let _sup = p.start();
+    let got = rx.wait("the failure, after the restart", |g| !g.is_empty());
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].json()["task"]["id"], "unrecorded");
+    assert_eq!(got[0].header("x-orchestrate-event"), Some("failed"));
+}
