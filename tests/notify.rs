@@ -43,6 +43,8 @@ struct Script {
     next: VecDeque<u16>,
     default: u16,
     got: Vec<Got>,
+    /// Requests are read and recorded, but not answered while this holds (at most 60 s).
+    hold: bool,
 }
 
 /// A webhook receiver: a plain HTTP/1.1 server on 127.0.0.1 (one connection at a time,
@@ -60,6 +62,7 @@ impl Receiver {
             next: statuses.iter().copied().collect(),
             default,
             got: vec![],
+            hold: false,
         }));
         let s = script.clone();
         std::thread::spawn(move || {
@@ -102,6 +105,10 @@ impl Receiver {
                     });
                     status
                 };
+                let held = std::time::Instant::now();
+                while s.lock().expect("lock").hold && held.elapsed() < Duration::from_secs(60) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
                 let text = if status == 200 {
                     "ok thanks\nsecond line"
                 } else {
@@ -129,6 +136,10 @@ impl Receiver {
 
     fn answer(&self, status: u16) {
         self.script.lock().expect("lock").default = status;
+    }
+
+    fn hold(&self, hold: bool) {
+        self.script.lock().expect("lock").hold = hold;
     }
 
     /// Wait until a request satisfies `f`; returns the requests seen by then.
@@ -597,4 +608,26 @@ fn a_failure_the_mirror_never_recorded_before_a_crash_is_announced_after_the_res
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].json()["task"]["id"], "unrecorded");
     assert_eq!(got[0].header("x-orchestrate-event"), Some("failed"));
+}
+
+#[test]
+fn a_receiver_that_does_not_answer_holds_up_no_task() {
+    let rx = Receiver::start(&[], 200);
+    rx.hold(true);
+    let p = Project::with_config(&test_config(&format!(
+        "notify:\n  - webhook: {{url: {}}}\n    on: [failed, completed]\n",
+        rx.url("/")
+    )));
+    let _sup = p.start();
+    failing_task(&p, "first");
+    rx.wait("the first event, read and not answered", |g| g.len() == 1);
+    // The sender waits for an answer; the supervisor does not.
+    p.drop_task("second.yaml", "description: \"@fake print=done\"\n");
+    wait_for("the second task completed", Duration::from_secs(60), || {
+        p.tasks_in("completed") == ["second"]
+    });
+    assert_eq!(rx.got().len(), 1, "still waiting for the first answer");
+    rx.hold(false);
+    let got = rx.wait("the second task's event", |g| g.len() == 2);
+    assert_eq!(got[1].json()["task"]["id"], "second");
 }
