@@ -54,6 +54,16 @@ impl Sender {
         if cfg.notify.is_empty() {
             return Ok(None);
         }
+        // A channel seen for the first time starts at the end of the event streams: make its cursor
+        // now, before the supervisor starts, so the first events of this run are after it.
+        // (Should this fail, the thread makes it on its first pass.)
+        if let Err(e) = crate::mirror::sqlite::open(&layout.state_db()).and_then(|conn| {
+            cfg.notify
+                .iter()
+                .try_for_each(|c| outbox::cursor(&conn, c.name()).map(|_| ()))
+        }) {
+            console::warn(&format!("notify: {e:#}; trying again"));
+        }
         let idle_passes = Arc::new(AtomicU64::new(0));
         let passes = Arc::new(AtomicU64::new(0));
         let state = State {
