@@ -19,6 +19,9 @@ use crate::error::ConfigError;
 use crate::layout::Layout;
 use crate::redact::Redactor;
 
+pub mod notify;
+pub use notify::{NotifyChannel, NotifyOn};
+
 /// The documented default configuration (also what `orchestrate init` writes).
 pub const DEFAULT_CONFIG: &str = include_str!("../config.yaml");
 
@@ -33,6 +36,8 @@ pub struct Config {
     pub security: SecurityConfig,
     pub context: ContextConfig,
     pub workspace: WorkspaceConfig,
+    /// Notification channels (see [`notify`]).
+    pub notify: Vec<NotifyChannel>,
     /// What validation noticed that is not wrong but worth saying (a permission flag in an agent's
     /// `args` that a config key says too). `validate --check-config` prints them and `start` logs them
     /// once; nothing else reads them.
@@ -874,6 +879,7 @@ impl Config {
                 *v = expand_vars(v);
             }
         }
+        notify::expand_env(&mut self.notify);
     }
 
     /// Check every value, and keep what had to be compiled to check it. Errors are `(key, message)`.
@@ -1087,6 +1093,7 @@ impl Config {
         self.security.review_globs = globs("security.review_paths", &self.security.review_paths)?;
         self.context.diff_exclude_globs =
             globs("context.diff_exclude", &self.context.diff_exclude)?;
+        notify::check(&mut self.notify, &self.agents)?;
         Ok(())
     }
 
@@ -1104,6 +1111,10 @@ impl Config {
         for a in self.agents.values() {
             names.extend(a.api_key_env.clone());
             names.extend(a.kind.key_var().map(String::from));
+        }
+        // A webhook's URL, headers and secret are credentials (a Slack URL is one by itself).
+        for c in &self.notify {
+            names.extend(c.webhook.iter().flat_map(|w| w.secret_vars.clone()));
         }
         names.sort();
         names.dedup();

@@ -27,6 +27,7 @@ pub mod login;
 pub mod marker;
 pub mod mcp;
 pub mod mirror;
+pub mod notify;
 pub mod process;
 pub mod project;
 pub mod record;

@@ -1062,6 +1062,13 @@ fn a_spent_budget_pauses_the_agent_and_a_restart_counts_the_spend_once() {
             "    model: local-model\n    prices: {input_per_mtok: 1000000, output_per_mtok: 1000000}\n    budget: {daily_usd: 20, monthly_tokens: 1000}\n",
         )
         .replace("orchestrator:\n", &format!("orchestrator:\n  timezone: \"{zone}\"\n"));
+    // A `budget` notice goes to a command hook, once.
+    let hook = p.path("budget-events.jsonl");
+    let cfg = format!(
+        "{cfg}notify:\n  - name: hook\n    on: [budget]\n    command: 'cat >> {}; echo >> {}'\n",
+        hook.display(),
+        hook.display()
+    );
     std::fs::write(p.path("config.yaml"), cfg).expect("config");
     let mut sup = p.start();
     for (i, id) in ["one", "two"].iter().enumerate() {
@@ -1102,11 +1109,30 @@ fn a_spent_budget_pauses_the_agent_and_a_restart_counts_the_spend_once() {
         status.contains(&format!("local: PAUSED: {reason}")),
         "{status}"
     );
+    // Delivered beside the supervisor, a moment after the pause.
+    wait_for("the budget notice", Duration::from_secs(30), || {
+        std::fs::read_to_string(&hook).is_ok_and(|t| t.contains("\"budget\""))
+    });
     assert!(sup.stop().success(), "{}", sup.output());
     assert!(
         sup.output().contains("budget     agent local paused"),
         "{}",
         sup.output()
+    );
+    let events: Vec<serde_json::Value> = std::fs::read_to_string(&hook)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("an event"))
+        .collect();
+    assert_eq!(events.len(), 1, "{events:?}\n{}", sup.output());
+    assert_eq!(events[0]["kind"], "budget", "{events:?}");
+    assert_eq!(events[0]["agent"], "local", "{events:?}");
+    assert!(
+        events[0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&reason)),
+        "{events:?}"
     );
 
     // Restarted: the records say $36 today, not 0 and not 72.
@@ -1124,6 +1150,9 @@ fn a_spent_budget_pauses_the_agent_and_a_restart_counts_the_spend_once() {
     assert!(p.tasks_in("pending").contains(&"three".to_string()));
     assert_eq!(server.conversations(Api::Chat), 2);
     assert!(sup.stop().success(), "{}", sup.output());
+    // The restart found the limit reached; it did not announce it again.
+    let sent = std::fs::read_to_string(&hook).unwrap_or_default();
+    assert_eq!(sent.matches("\"budget\"").count(), 1, "{sent}");
 }
 
 /// For an agent that does not cap itself, `max_cost_usd` is checked after the attempt: an `openai`

@@ -592,7 +592,10 @@ fn man_pages_need_no_project_and_render() {
         .stdout();
     let mut expected: Vec<std::path::PathBuf> = std::iter::once("orchestrate".to_string())
         .chain(subcommands.iter().map(|s| format!("orchestrate-{s}")))
-        .chain(["orchestrate-mirror-rebuild".to_string()])
+        .chain([
+            "orchestrate-mirror-rebuild".to_string(),
+            "orchestrate-notify-test".to_string(),
+        ])
         .map(|n| pages.join(format!("{n}.1")))
         .collect();
     let mut written: Vec<std::path::PathBuf> =

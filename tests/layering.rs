@@ -28,7 +28,7 @@ const LAYERS: &[&[&str]] = &[
     &["router", "scheduler"],
     &["supervisor"],
     &["project"],
-    &["cli", "serve", "tui", "mcp"],
+    &["cli", "serve", "tui", "mcp", "notify"],
 ];
 
 fn layer_of(module: &str) -> Option<usize> {

@@ -28,6 +28,7 @@ mod land;
 mod man;
 mod mcp;
 mod mirror_cmd;
+mod notify_cmd;
 mod openai_agent;
 mod retry;
 mod serve;
@@ -243,6 +244,11 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
+    /// Notification channels (`notify` in config.yaml).
+    Notify {
+        #[command(subcommand)]
+        action: NotifyAction,
+    },
     /// Mirror maintenance.
     Mirror {
         #[command(subcommand)]
@@ -265,6 +271,16 @@ pub enum Command {
 pub enum MirrorAction {
     /// Drop the SQLite mirror's rows and rebuild them from the tree.
     Rebuild,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NotifyAction {
+    /// Send a sample event on every channel (or the one named) and print what each receiver
+    /// answered; exit 1 when one did not accept it.
+    Test {
+        /// A channel's `name` (default `command-N`/`webhook-N`, N its place in the list).
+        channel: Option<String>,
+    },
 }
 
 fn parse_priority(s: &str) -> Result<crate::task::Priority, String> {
@@ -373,6 +389,9 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Mirror {
             action: MirrorAction::Rebuild,
         } => mirror_cmd::rebuild(&cli, &load(&cli)?),
+        Command::Notify {
+            action: NotifyAction::Test { channel },
+        } => notify_cmd::test(&cli, &load(&cli)?, channel.as_deref()),
     }
 }
 

@@ -140,6 +140,31 @@ fn render(cli: &Cli, st: &Status) -> Result<i32> {
             short(&c.reason, 80)
         )?;
     }
+    for n in &st.notifications {
+        if n.state == "gave_up" {
+            outln!(
+                out,
+                "notify: {}: GAVE UP on {} {} after {} tries (queued {}): {}",
+                n.channel,
+                n.kind,
+                n.event_id,
+                n.tries,
+                n.queued_at,
+                short(&n.error, 120)
+            )?;
+        } else {
+            outln!(
+                out,
+                "notify: {}: {} {} not delivered yet, retrying ({} tries since {}): {}",
+                n.channel,
+                n.kind,
+                n.event_id,
+                n.tries,
+                n.queued_at,
+                short(&n.error, 120)
+            )?;
+        }
+    }
     for l in &st.needs_login {
         outln!(
             out,

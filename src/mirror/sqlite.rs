@@ -81,6 +81,7 @@ pub fn open(path: &Path) -> Result<Connection> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.execute_batch(SCHEMA)?;
+    conn.execute_batch(super::outbox::SCHEMA)?;
     // A database made before attempts had checks gains the column (`CREATE TABLE IF NOT EXISTS`
     // leaves an existing table as it is).
     if !has_check_column(&conn)? {
@@ -334,6 +335,7 @@ pub fn apply(conn: &mut Connection, host: &str, ops: &mut Vec<Op>) -> Result<usi
                         )?;
                     }
                 }
+                Op::Notice(n) => super::outbox::insert_notice(&tx, &n)?,
                 // Answered once the commit holding everything sent before them is durable.
                 Op::Flush(reply) => replies.push(reply),
                 Op::Reconcile { .. } => {

@@ -365,6 +365,20 @@ impl Supervisor {
         let verdict = verdict(&judged, &env.cfg);
         // Spent whatever becomes of the task; the agent's budget counts it at once.
         self.dispatch.spending.attempt_finished(&r.id, &r.attempt);
+        if r.attempt.outcome == crate::record::Outcome::Stalled {
+            env.notice(
+                crate::config::NotifyOn::Stalled,
+                Some(&run.claim.agent),
+                Some(&r.id),
+                format!(
+                    "{} on {}: {}",
+                    r.id,
+                    run.claim.agent,
+                    r.attempt.error.as_deref().unwrap_or("stalled")
+                ),
+                None,
+            );
+        }
         let mut attempts = run.claim.history.clone();
         attempts.push(r.attempt.clone());
         let outcome = r.attempt.outcome;
@@ -400,6 +414,13 @@ impl Supervisor {
                 console::warn(&format!(
                     "cooldown   {agent} until {until}: {outcome} ({error})"
                 ));
+                env.notice(
+                    crate::config::NotifyOn::Cooldown,
+                    Some(agent),
+                    Some(&r.id),
+                    format!("{agent} is cooling down until {until}: {outcome} ({error})"),
+                    Some(until.clone()),
+                );
                 let reason = format!("{outcome} on {agent}; cooling down until {until}");
                 let history = history(None, Some(reason));
                 let why = format!("{outcome} on {agent}: re-dispatched");
@@ -419,6 +440,13 @@ impl Supervisor {
                     "login      {agent} needs login: {error} ({})",
                     mark.hint
                 ));
+                env.notice(
+                    crate::config::NotifyOn::NeedsLogin,
+                    Some(agent),
+                    Some(&r.id),
+                    format!("{agent} needs a login: {error} ({})", mark.hint),
+                    None,
+                );
                 let reason = format!("auth on {agent}: needs login ({error})");
                 let history = history(None, Some(reason));
                 let why = format!("auth on {agent}: needs login; re-dispatched");

@@ -59,6 +59,7 @@ mod fan_out;
 mod finish;
 mod intake;
 mod ledger;
+mod notices;
 mod recovery;
 mod reload;
 mod runs;

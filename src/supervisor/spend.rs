@@ -153,12 +153,23 @@ fn scope_name(scope: &Scope) -> String {
     }
 }
 
-/// A budget limit was just reached: `scope`'s new attempts pause until `r.resets_at`. The one call
-/// site for a `budget` notification (the notifier connects here); today it says so on the console.
-pub(super) fn budget_reached(_env: &Env, scope: &Scope, r: &Reached) {
+/// A budget limit was just reached: `scope`'s new attempts pause until `r.resets_at`. Said on the
+/// console and sent as a `budget` notice (once per limit reached, not again at a restart).
+pub(super) fn budget_reached(env: &Env, scope: &Scope, r: &Reached) {
     console::warn(&format!(
         "budget     {} paused: {} (running attempts go on)",
         scope_name(scope),
         r.reason
     ));
+    let agent = match scope {
+        Scope::All => None,
+        Scope::Agent(a) => Some(a.as_str()),
+    };
+    env.notice(
+        crate::config::NotifyOn::Budget,
+        agent,
+        None,
+        format!("{} paused: {}", scope_name(scope), r.reason),
+        Some(crate::fsutil::fmt_time(r.resets_at)),
+    );
 }
