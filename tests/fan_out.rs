@@ -250,6 +250,21 @@ fn a_fan_out_whose_candidates_all_fail_fails_and_names_them() {
     );
     assert!(!p.path("a.txt").exists() && !p.path("b.txt").exists());
     assert_eq!(branches(&p), "");
+    // Retried once the check can pass: the candidates run again, and one lands.
+    std::fs::write(p.path("c.txt"), "now\n").expect("write");
+    git(p.root(), &["add", "c.txt"]);
+    git(p.root(), &["commit", "-qm", "c"]);
+    p.run(&["retry", "none"]).assert_code(0);
+    assert_eq!(p.tasks_in("failed"), Vec::<String>::new());
+    let logs = run_once(&p);
+    let r = p.result("completed", "none");
+    let winner = r["fan_out"]["winner"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(winner == "fa" || winner == "fb", "{r}\n{logs}");
+    let won = p.result("completed", &format!("none.{winner}"));
+    assert_eq!(won["attempts"].as_array().map(Vec::len), Some(2), "{won}");
 }
 
 #[test]

@@ -408,6 +408,16 @@ impl Project {
         if self.spool.settled_place(id).is_none() && self.spool.run_now(id)? {
             return Ok(Retried::RunsNow);
         }
+        // A fan-out runs its failed candidates again; they go back first, so the fan-out never
+        // finds them all failed again the moment it is back in pending/.
+        let failed_file = self.spool.task_path(Place::Failed, id);
+        if let Ok((task, _)) = crate::task::read_task(&failed_file, u64::MAX) {
+            for child in crate::scheduler::fan_out::candidate_ids(&task) {
+                if self.spool.settled_place(&child) == Some(Place::Failed) {
+                    self.retry(&child)?;
+                }
+            }
+        }
         let history = self.spool.retry(id)?;
         let path = self.spool.task_path(Place::Pending, id);
         if let Ok((task, _)) = crate::task::read_task(&path, u64::MAX) {
