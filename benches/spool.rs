@@ -73,16 +73,21 @@ impl Tree {
 
     /// Write `n` task files straight into pending/ with an mtime in the past (ready at once).
     fn fill_pending(&self, n: usize, body: &str) {
-        let old = std::time::SystemTime::now() - Duration::from_secs(60);
         for i in 0..n {
-            let path = self.p(&format!("tasks/pending/n{i:06}.yaml"));
-            std::fs::write(&path, body).expect("write");
-            std::fs::File::options()
-                .write(true)
-                .open(&path)
-                .and_then(|f| f.set_modified(old))
-                .expect("mtime");
+            self.drop_ready(&format!("n{i:06}"), body);
         }
+    }
+
+    /// Write `pending/<name>.yaml` with an mtime in the past: ready at once, no settling.
+    fn drop_ready(&self, name: &str, body: &str) {
+        let path = self.p(&format!("tasks/pending/{name}.yaml"));
+        std::fs::write(&path, body).expect("write");
+        let old = std::time::SystemTime::now() - Duration::from_secs(60);
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_modified(old))
+            .expect("mtime");
     }
 
     fn count(&self, dir: &str) -> usize {
@@ -365,14 +370,10 @@ fn idle() {
 
 fn run_tasks(t: &Tree, n: usize, workdir: &str) -> f64 {
     for i in 0..n {
-        let path = t.p(&format!("tasks/pending/d{workdir}{i:04}.yaml"));
-        std::fs::write(&path, format!("description: no-op\nworkdir: {workdir}\n")).expect("w");
-        let old = std::time::SystemTime::now() - Duration::from_secs(60);
-        std::fs::File::options()
-            .write(true)
-            .open(&path)
-            .and_then(|f| f.set_modified(old))
-            .expect("mtime");
+        t.drop_ready(
+            &format!("d{workdir}{i:04}"),
+            &format!("description: no-op\nworkdir: {workdir}\n"),
+        );
     }
     let t0 = Instant::now();
     let mut c = t.start(&["--once"]);
@@ -507,6 +508,87 @@ fn isolation(files: usize, tasks: usize, rounds: usize) {
             println!(
                 "round {round}: throughput, {label}: {n} no-op tasks, 8 slots: {:.1} tasks/s",
                 n as f64 / secs
+            );
+        }
+    }
+}
+
+/// The supervisor's own cost of a fan-out: `units` fan-outs of 3 candidates (agents a, b, c, each
+/// writing one file at once) against `3 × units` separate isolated tasks on the same agents, in a
+/// git repository of 100 files, 3 slots; `rounds` rounds, alternating (this machine is noisy).
+fn fan_out(units: usize, rounds: usize) {
+    let agent = |name: &str| {
+        format!(
+            "  {name}: {{kind: command, command: sh, args: [-c, \"echo $$ > f$$.txt\"], max_instances: 3}}\n"
+        )
+    };
+    let make = || {
+        let t = Tree::new(&format!(
+            "orchestrator: {{max_concurrent: 3, durable: true, log_level: warn, rescan_seconds: 3600}}\n\
+             agents:\n{}{}{}routing: {{fallback: [a]}}\n\
+             workspace: {{isolation: worktree}}\n",
+            agent("a"),
+            agent("b"),
+            agent("c")
+        ));
+        let repo = t.p("repo");
+        for i in 0..100 {
+            let d = repo.join(format!("src/d{}", i / 10));
+            std::fs::create_dir_all(&d).expect("mkdir");
+            std::fs::write(d.join(format!("f{i}.rs")), format!("// {i}\n")).expect("w");
+        }
+        git(&repo, &["init", "-q"]);
+        git(&repo, &["add", "."]);
+        git(&repo, &["commit", "-qm", "init"]);
+        t
+    };
+    let run = |t: &Tree, files: &[(String, String)]| {
+        for (name, body) in files {
+            t.drop_ready(name, body);
+        }
+        let t0 = Instant::now();
+        let mut c = t.start(&["--once"]);
+        let _ = c.wait();
+        t0.elapsed().as_secs_f64()
+    };
+    for round in 1..=rounds {
+        let t = make();
+        let separate: Vec<(String, String)> = (0..units)
+            .flat_map(|u| {
+                ["a", "b", "c"].map(|a| {
+                    (
+                        format!("s{u:03}{a}"),
+                        format!("description: no-op\nworkdir: repo\nagent: {a}\n"),
+                    )
+                })
+            })
+            .collect();
+        let secs = run(&t, &separate);
+        println!(
+            "round {round}: {} separate tasks (3 per unit, each landing its file): {:.1} ms per 3 tasks, {:.1} tasks/s (completed {})",
+            3 * units,
+            secs / units as f64 * 1000.0,
+            (3 * units) as f64 / secs,
+            t.count("tasks/completed")
+        );
+        for pick in ["first_pass", "all"] {
+            let t = make();
+            let fans: Vec<(String, String)> = (0..units)
+                .map(|u| {
+                    (
+                        format!("f{u:03}"),
+                        format!(
+                            "description: no-op\nworkdir: repo\nfan_out: [a, b, c]\npick: {pick}\n"
+                        ),
+                    )
+                })
+                .collect();
+            let secs = run(&t, &fans);
+            println!(
+                "round {round}: {units} fan-outs of 3, pick {pick}: {:.1} ms per fan-out, {:.1} candidates/s (results {})",
+                secs / units as f64 * 1000.0,
+                (3 * units) as f64 / secs,
+                t.count("tasks/completed") + t.count("tasks/failed")
             );
         }
     }
@@ -773,6 +855,9 @@ fn main() {
     }
     if want("isolation") {
         isolation(10_000, 20, 2);
+    }
+    if want("fanout") {
+        fan_out(20, 3);
     }
     if want("sse") {
         sse(20, 1000);

@@ -19,6 +19,9 @@ use crate::error::ConfigError;
 use crate::layout::Layout;
 use crate::redact::Redactor;
 
+pub mod notify;
+pub use notify::{NotifyChannel, NotifyOn};
+
 /// The documented default configuration (also what `orchestrate init` writes).
 pub const DEFAULT_CONFIG: &str = include_str!("../config.yaml");
 
@@ -33,6 +36,8 @@ pub struct Config {
     pub security: SecurityConfig,
     pub context: ContextConfig,
     pub workspace: WorkspaceConfig,
+    /// Notification channels (see [`notify`]).
+    pub notify: Vec<NotifyChannel>,
     /// What validation noticed that is not wrong but worth saying (a permission flag in an agent's
     /// `args` that a config key says too). `validate --check-config` prints them and `start` logs them
     /// once; nothing else reads them.
@@ -65,6 +70,114 @@ pub struct OrchestratorConfig {
     /// to an hour. 0: only a change of its configuration, environment or credentials, or
     /// `orchestrate agents --reset`, clears the mark.
     pub login_recheck_seconds: u64,
+    /// The zone budget days and months are counted in: `UTC` or a fixed offset like `+02:00`.
+    pub timezone: String,
+    /// Limits over all agents together; reaching one pauses every agent until its window resets.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget: Option<Budget>,
+    /// `timezone`, parsed (by `compile`).
+    #[serde(skip)]
+    pub utc_offset: Option<time::UtcOffset>,
+}
+
+impl OrchestratorConfig {
+    /// The zone budget windows are counted in.
+    pub fn zone(&self) -> time::UtcOffset {
+        self.utc_offset.unwrap_or(time::UtcOffset::UTC)
+    }
+}
+
+/// Spending limits over a day or a month in `orchestrator.timezone`, in USD (the cost the attempts
+/// record) and in tokens (input plus output, for agents without a price). Reaching any of them
+/// pauses the agent (or, under `orchestrator.budget`, every agent) until its window resets.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daily_usd: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monthly_usd: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daily_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monthly_tokens: Option<u64>,
+}
+
+impl Budget {
+    /// Every limit a number of its kind; at least one limit. Errors are `(key, message)`.
+    fn check(&self, key: &str) -> Result<(), (String, String)> {
+        for (k, v) in [
+            ("daily_usd", self.daily_usd),
+            ("monthly_usd", self.monthly_usd),
+        ] {
+            if let Some(v) = v
+                && !(v > 0.0 && v.is_finite())
+            {
+                return Err((
+                    format!("{key}.{k}"),
+                    "must be a positive number of US dollars".into(),
+                ));
+            }
+        }
+        for (k, v) in [
+            ("daily_tokens", self.daily_tokens),
+            ("monthly_tokens", self.monthly_tokens),
+        ] {
+            if v == Some(0) {
+                return Err((format!("{key}.{k}"), "must be at least 1".into()));
+            }
+        }
+        if *self == Budget::default() {
+            return Err((
+                key.into(),
+                "names no limit: give daily_usd, monthly_usd, daily_tokens or monthly_tokens"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `UTC`, `Z` or a fixed offset `+HH:MM` / `-HH:MM`: the zone budget windows are counted in. A fixed
+/// offset, not a named zone: `time` has no zone database, and a day that starts at the same offset
+/// all year is what a budget needs (a summer-time change moves the reset by an hour, nothing more).
+pub fn parse_zone(s: &str) -> Result<time::UtcOffset, String> {
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("utc") || t == "Z" {
+        return Ok(time::UtcOffset::UTC);
+    }
+    let bad = || {
+        format!(
+            "`{s}` is not a time zone orchestrate knows: use UTC or a fixed offset such as +02:00 or -05:00 (named zones like Europe/Berlin are not supported)"
+        )
+    };
+    let t = t
+        .strip_prefix("UTC")
+        .or_else(|| t.strip_prefix("utc"))
+        .unwrap_or(t);
+    let (sign, rest) = match t.as_bytes().first() {
+        Some(b'+') => (1i8, &t[1..]),
+        Some(b'-') => (-1i8, &t[1..]),
+        _ => return Err(bad()),
+    };
+    let (h, m) = rest.split_once(':').unwrap_or((rest, "0"));
+    let (Ok(h), Ok(m)) = (h.parse::<i8>(), m.parse::<i8>()) else {
+        return Err(bad());
+    };
+    if !(0..=14).contains(&h) || !(0..60).contains(&m) {
+        return Err(bad());
+    }
+    time::UtcOffset::from_hms(sign * h, sign * m, 0).map_err(|_| bad())
+}
+
+/// How a zone is named in reasons: `UTC` or `+02:00`.
+pub fn zone_label(zone: time::UtcOffset) -> String {
+    if zone == time::UtcOffset::UTC {
+        return "UTC".into();
+    }
+    let (h, m, _) = zone.as_hms();
+    let sign = if zone.is_negative() { '-' } else { '+' };
+    format!("{sign}{:02}:{:02}", h.unsigned_abs(), m.unsigned_abs())
 }
 
 impl Default for OrchestratorConfig {
@@ -83,6 +196,9 @@ impl Default for OrchestratorConfig {
             max_log_bytes: 8 * 1024 * 1024,
             heartbeat_seconds: 10,
             login_recheck_seconds: 300,
+            timezone: "UTC".into(),
+            budget: None,
+            utc_offset: None,
         }
     }
 }
@@ -271,6 +387,9 @@ pub struct AgentConfig {
     pub check: Option<String>,
     #[serde(default)]
     pub check_timeout_minutes: Option<f64>,
+    /// This agent's spending limits (see [`Budget`]).
+    #[serde(default)]
+    pub budget: Option<Budget>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq)]
@@ -760,6 +879,7 @@ impl Config {
                 *v = expand_vars(v);
             }
         }
+        notify::expand_env(&mut self.notify);
     }
 
     /// Check every value, and keep what had to be compiled to check it. Errors are `(key, message)`.
@@ -809,6 +929,11 @@ impl Config {
                 format!("`{}` is not one of error, warn, info, debug", o.log_level),
             ));
         }
+        let zone = parse_zone(&o.timezone).map_err(|e| ("orchestrator.timezone".to_string(), e))?;
+        if let Some(b) = &o.budget {
+            b.check("orchestrator.budget")?;
+        }
+        self.orchestrator.utc_offset = Some(zone);
         if self.context.max_diff_seconds == 0 {
             return Err((
                 "context.max_diff_seconds".into(),
@@ -907,6 +1032,9 @@ impl Config {
                 &format!("agents.{name}.check_timeout_minutes"),
                 a.check_timeout_minutes,
             )?;
+            if let Some(b) = &a.budget {
+                b.check(&format!("agents.{name}.budget"))?;
+            }
             notes.extend(permission_args_note(name, a)?);
         }
         check_timeout_ok(
@@ -965,6 +1093,7 @@ impl Config {
         self.security.review_globs = globs("security.review_paths", &self.security.review_paths)?;
         self.context.diff_exclude_globs =
             globs("context.diff_exclude", &self.context.diff_exclude)?;
+        notify::check(&mut self.notify, &self.agents)?;
         Ok(())
     }
 
@@ -982,6 +1111,10 @@ impl Config {
         for a in self.agents.values() {
             names.extend(a.api_key_env.clone());
             names.extend(a.kind.key_var().map(String::from));
+        }
+        // A webhook's URL, headers and secret are credentials (a Slack URL is one by itself).
+        for c in &self.notify {
+            names.extend(c.webhook.iter().flat_map(|w| w.secret_vars.clone()));
         }
         names.sort();
         names.dedup();
@@ -1499,6 +1632,67 @@ mod tests {
             j(serde_json::to_value(&shown.workspace)),
             j(serde_json::to_value(&bare.workspace))
         );
+    }
+
+    #[test]
+    fn budgets_and_the_time_zone_are_checked_naming_the_key() {
+        let agent = |budget: &str| {
+            format!("agents:\n  a:\n    kind: command\n    command: sh\n    budget: {budget}\n")
+        };
+        let cfg = Config::parse(
+            &format!(
+                "orchestrator:\n  timezone: \"+02:00\"\n  budget: {{monthly_usd: 300}}\n{}",
+                agent("{daily_usd: 20, daily_tokens: 1000}")
+            ),
+            "c.yaml",
+        )
+        .expect("valid");
+        assert_eq!(cfg.orchestrator.zone(), time::macros::offset!(+2));
+        assert_eq!(
+            cfg.orchestrator.budget.and_then(|b| b.monthly_usd),
+            Some(300.0)
+        );
+        assert_eq!(
+            cfg.agents["a"].budget.and_then(|b| b.daily_tokens),
+            Some(1000)
+        );
+        assert_eq!(Config::default().orchestrator.zone(), time::UtcOffset::UTC);
+        for (text, key, why) in [
+            (
+                agent("{daily_usd: 0}"),
+                "agents.a.budget.daily_usd",
+                "positive number",
+            ),
+            (
+                agent("{monthly_usd: .nan}"),
+                "agents.a.budget.monthly_usd",
+                "positive number",
+            ),
+            (
+                agent("{daily_tokens: 0}"),
+                "agents.a.budget.daily_tokens",
+                "at least 1",
+            ),
+            (agent("{}"), "agents.a.budget", "names no limit"),
+            (
+                "orchestrator:\n  budget: {monthly_usd: -1}\n".into(),
+                "orchestrator.budget.monthly_usd",
+                "positive number",
+            ),
+            (
+                "orchestrator:\n  timezone: Europe/Berlin\n".into(),
+                "orchestrator.timezone",
+                "fixed offset such as +02:00",
+            ),
+        ] {
+            let e = Config::parse(&text, "c.yaml").unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(why), "{text}: {e}");
+        }
+        // An unknown limit is named with its line.
+        let e = Config::parse(&agent("{daily_dollars: 5}"), "c.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("daily_dollars") && e.contains("c.yaml:5"), "{e}");
     }
 
     #[test]

@@ -114,7 +114,12 @@ pub fn build_prompt(
             read_capped(&path, cap)?.trim_end()
         ));
     }
-    if let Some(parent) = &task.file.parent {
+    if let Some(parent) = task
+        .file
+        .parent
+        .as_ref()
+        .filter(|_| task.file.candidate.is_none())
+    {
         // Subtask: the whole task it is a step of, read from the parent's file (it waits in pending/).
         let n = task.id.rsplit('.').next().unwrap_or("?");
         let parent_file = Layout::task_file(&layout.pending, parent);

@@ -50,6 +50,9 @@ pub const POINTS: &[&str] = &[
     "worktree.after_land",
     "worktree.after_release",
     "worktree.after_reuse",
+    // A fan-out's pick landed the winner's branch in the user's tree (before the winner's record
+    // says so and before the task's terminal commit).
+    "fanout.after_land",
 ];
 
 struct Target {

@@ -959,6 +959,10 @@ pub fn land(
         .next()
         .unwrap_or_default()
         .to_string();
+    // HEAD holds these changes already (the same landing again, after a crash): no empty commit.
+    if Git::new(root, &["rev-parse", &format!("{user_head}^{{tree}}")]).line()? == tree {
+        return Ok(Landed::Committed(user_head));
+    }
     let commit = Git::new(
         root,
         &["commit-tree", &tree, "-p", &user_head, "-m", message],

@@ -185,6 +185,17 @@ impl Layout {
     }
 
     /// The PostgreSQL writer's health, for `status`.
+    /// Held by the one notification sender of this state directory (several supervisors on one
+    /// tree would otherwise deliver each event once each).
+    pub fn notify_lock(&self) -> PathBuf {
+        self.state_dir.join("notify").join("sender.lock")
+    }
+
+    /// The last run's output of a notification channel's command.
+    pub fn notify_log(&self, channel: &str) -> PathBuf {
+        self.state_dir.join("notify").join(format!("{channel}.log"))
+    }
+
     pub fn postgres_health(&self) -> PathBuf {
         self.state_dir.join("postgres.json")
     }

@@ -10,6 +10,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod agents;
+pub mod budget;
 pub mod cli;
 pub mod config;
 pub mod console;
@@ -26,6 +27,7 @@ pub mod login;
 pub mod marker;
 pub mod mcp;
 pub mod mirror;
+pub mod notify;
 pub mod process;
 pub mod project;
 pub mod record;

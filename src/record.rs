@@ -47,6 +47,9 @@ pub enum Outcome {
     /// The agent finished, but the task's `check` command did not pass: nothing landed, and the
     /// next attempt is told what the check printed.
     CheckFailed,
+    /// The task's `max_cost_usd` was reached: the CLI stopped itself at the cap it was given
+    /// (Claude Code's `--max-budget-usd`). The task is not retried.
+    BudgetExhausted,
 }
 
 impl Outcome {
@@ -65,6 +68,7 @@ impl Outcome {
             Outcome::Stalled => "stalled",
             Outcome::SetupFailed => "setup_failed",
             Outcome::CheckFailed => "check_failed",
+            Outcome::BudgetExhausted => "budget_exhausted",
         }
     }
 
@@ -163,6 +167,10 @@ impl Attempt {
     }
 }
 
+/// The agent a claim names when orchestrate itself finishes the task (a subtask parent, a fan-out's
+/// pick): no agent runs, so a supervisor that dies meanwhile costs the task no retry.
+pub const NO_AGENT: &str = "-";
+
 /// `assigned/X.claim.yaml`: who runs the task, since when, and everything earlier attempts left.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claim {
@@ -254,6 +262,62 @@ pub struct TaskResult {
     /// results have none, and results are moved around a lot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workspace: Option<Box<WorkspaceResult>>,
+    /// A `fan_out` task's candidates and which of them won. Boxed as `workspace` is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fan_out: Option<Box<FanOutResult>>,
+}
+
+/// How a fan-out went: every candidate, the winner and why it was picked. Cost and tokens are the
+/// sums over the candidates (the parent task ran no agent of its own).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FanOutResult {
+    /// `first_pass`, `judge` or `all`.
+    pub pick: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub winner: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub picked_because: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_tokens: Option<u64>,
+    #[serde(default)]
+    pub candidates: Vec<CandidateResult>,
+}
+
+/// One candidate of a fan-out, as the parent's result lists it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CandidateResult {
+    /// The candidate's name (an agent, or a number).
+    pub name: String,
+    /// Its own task: `<id>.<name>`.
+    pub task_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// `completed`, `failed`, or `cancelled` (another candidate won first).
+    pub status: String,
+    /// Its last attempt's check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<CheckRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// Its branch, while it is kept (`pick: all`, or until it is merged or discarded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diff_file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// A worktree task's git facts: the commits its diff spans and how it landed.
@@ -307,6 +371,7 @@ impl TaskResult {
             error: Some(error),
             chosen_because: None,
             workspace: None,
+            fan_out: None,
         }
     }
 
@@ -439,6 +504,7 @@ mod tests {
                 conflicts: vec!["a.txt".into()],
                 ..Default::default()
             })),
+            fan_out: None,
         };
         let back: TaskResult = from_yaml(&to_yaml(&r, &Redactor::none())).expect("round trip");
         assert_eq!(back.description, r.description);

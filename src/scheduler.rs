@@ -7,6 +7,7 @@
 //! decisions and carries them out. A task that cannot run gets a typed [`WaitReason`]; the note people
 //! read is rendered from it, and the supervisor decides on the variant, never on the text.
 
+pub mod fan_out;
 mod wait;
 
 use std::collections::{BTreeMap, HashMap};
@@ -45,7 +46,9 @@ impl Pending {
     /// The dependencies the scheduler waits for: the declared ones, or the children of a task that
     /// was expanded into subtasks (it completes when they all have).
     pub fn waits_for(&self) -> Vec<String> {
-        if self.task.file.subtasks.is_empty() {
+        if self.task.file.fan_out.is_some() {
+            fan_out::candidate_ids(&self.task)
+        } else if self.task.file.subtasks.is_empty() {
             self.task.file.dependencies.clone()
         } else {
             (1..=self.task.file.subtasks.len())
@@ -81,12 +84,14 @@ pub fn subtask_file(parent: &Task, n: usize) -> crate::task::TaskFile {
         workdir: f.workdir.clone(),
         timeout_minutes: f.timeout_minutes,
         max_retries: f.max_retries,
+        max_cost_usd: f.max_cost_usd,
         subtasks: vec![],
         parent: Some(parent.id.clone()),
         isolation: f.isolation,
         merge: f.merge,
         check: f.check.clone(),
         check_timeout_minutes: f.check_timeout_minutes,
+        ..Default::default()
     }
 }
 
@@ -109,6 +114,10 @@ pub enum Decision {
     },
     /// All children of a subtask parent completed: finish it without an agent.
     CompleteParent,
+    /// A fan-out's candidates have settled it: pick the winner (stopping the others first).
+    Pick,
+    /// Every candidate of a `pick: judge` fan-out has finished: write the judge's task.
+    Judge,
     Fail(String),
     Wait(WaitReason),
     /// Ask the router which agent fits, then decide again with its answer.
@@ -360,6 +369,9 @@ pub fn decide(
     dep_state: &dyn Fn(&str) -> DepState,
     routed: Option<&Routed>,
 ) -> Decision {
+    if p.task.file.fan_out.is_some() {
+        return fan_out::decide(cfg, p, dep_state);
+    }
     let parent = !p.task.file.subtasks.is_empty();
     let mut waiting_on = Vec::new();
     for dep in p.waits_for() {
@@ -449,7 +461,9 @@ pub fn choose_agent(
             }
         }
     }
-    for f in &cfg.routing.fallback {
+    // A fan-out candidate named after its agent is that agent's entry: it never runs elsewhere.
+    let pinned = task.file.candidate.is_some() && task.file.agent.is_some();
+    for f in cfg.routing.fallback.iter().filter(|_| !pinned) {
         if !chain.iter().any(|(a, _)| a == f) {
             chain.push((f.clone(), "routing.fallback".into()));
         }
@@ -499,6 +513,12 @@ pub fn choose_agent(
             agent: name.clone(),
             because,
         };
+    }
+    if task.file.candidate.is_some() && task.file.fan_out_skip_cooling == Some(true) {
+        return Decision::Fail(format!(
+            "candidate dropped (fan_out_skip_cooling): {}",
+            wait::join(&skipped)
+        ));
     }
     Decision::Wait(WaitReason::AgentUnavailable(skipped))
 }

@@ -692,13 +692,19 @@ impl Spool {
                     ));
                 }
             }
+            // Orchestrate's own work (no agent ran) is done again at no cost to the task.
+            let outcome = if c.agent == record::NO_AGENT {
+                Outcome::Interrupted
+            } else {
+                Outcome::Lost
+            };
             attempts.push(Attempt {
                 finished_at: Some(fsutil::now_rfc3339()),
                 error: Some(format!(
                     "supervisor {} (pid {}) stopped while this attempt ran",
                     c.instance, c.pid
                 )),
-                ..Attempt::new(c.attempt, &c.agent, &c.started_at, Outcome::Lost)
+                ..Attempt::new(c.attempt, &c.agent, &c.started_at, outcome)
             });
         }
         let failures = attempts

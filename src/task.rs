@@ -14,7 +14,7 @@ use crate::yaml::{self, YamlProblem, key_lines};
 /// Longest task id (file names must stay well under 255 bytes with suffixes like `_result.yaml`).
 pub const MAX_ID_LEN: usize = 200;
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TaskFile {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -39,6 +39,11 @@ pub struct TaskFile {
     pub timeout_minutes: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_retries: Option<u32>,
+    /// What the task's attempts together may cost, in USD: passed to CLIs that cap themselves
+    /// (Claude Code's `--max-budget-usd`), and checked after each attempt: a task that spent it is
+    /// not retried (it fails with `budget_exhausted`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cost_usd: Option<f64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subtasks: Vec<String>,
     /// Set on the child tasks orchestrate writes when it expands `subtasks`.
@@ -57,6 +62,73 @@ pub struct TaskFile {
     /// How long the check may run (default: the agent's, `routing`'s, else 10).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check_timeout_minutes: Option<f64>,
+    /// Run the task as several candidates at once: a list of agents, or a count of attempts on
+    /// the agent routing picks. Each candidate is a child task `<id>.<agent>` (or `<id>.<n>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fan_out: Option<FanOut>,
+    /// Which candidate of a `fan_out` lands (default `first_pass`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pick: Option<Pick>,
+    /// The agent that chooses among candidates with `pick: judge`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judge: Option<String>,
+    /// A candidate whose agent cannot run now (cooling down, needs a login) is dropped instead of
+    /// waiting for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fan_out_skip_cooling: Option<bool>,
+    /// Set on the candidate tasks orchestrate writes for a `fan_out` (with `parent`): the
+    /// candidate's name, an agent or a number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate: Option<String>,
+}
+
+/// How many candidates a task fans out to.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum FanOut {
+    /// That many candidates, each on the agent routing picks for it.
+    Count(u32),
+    /// One candidate per agent named.
+    Agents(Vec<String>),
+}
+
+/// The most candidates one task may fan out to.
+pub const MAX_FAN_OUT: usize = 16;
+
+/// The id of a fan-out's judge task: `judge` is never a candidate's name.
+pub const JUDGE: &str = "judge";
+
+impl FanOut {
+    /// The candidates' names: the agents, or `1`..`n`.
+    pub fn names(&self) -> Vec<String> {
+        match self {
+            FanOut::Count(n) => (1..=*n).map(|i| i.to_string()).collect(),
+            FanOut::Agents(a) => a.clone(),
+        }
+    }
+}
+
+/// Which candidate of a fan-out lands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pick {
+    /// The first candidate that completes (its check passed) wins; the others are cancelled.
+    #[default]
+    FirstPass,
+    /// Every candidate finishes; the `judge` agent chooses among those that completed.
+    Judge,
+    /// Every candidate's branch is kept and none lands: a person chooses (`merge --candidate`).
+    All,
+}
+
+impl Pick {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pick::FirstPass => "first_pass",
+            Pick::Judge => "judge",
+            Pick::All => "all",
+        }
+    }
 }
 
 /// Where a task's agent works.
@@ -351,6 +423,15 @@ pub fn parse_task(text: &str, stem: &str, source_name: &str) -> Result<Task, Tas
             "`timeout_minutes` must be a positive number",
         ));
     }
+    if let Some(c) = file.max_cost_usd
+        && !(c > 0.0 && c.is_finite())
+    {
+        return Err(TaskError::at_key(
+            text,
+            "max_cost_usd",
+            "`max_cost_usd` must be a positive number of US dollars",
+        ));
+    }
     if let Some(t) = file.check_timeout_minutes
         && !(t > 0.0 && t.is_finite())
     {
@@ -383,7 +464,118 @@ pub fn parse_task(text: &str, stem: &str, source_name: &str) -> Result<Task, Tas
             "subtasks must not be empty strings",
         ));
     }
+    check_fan_out(text, &id, &file)?;
     Ok(Task { id, file })
+}
+
+/// The `fan_out`, `pick` and `judge` rules: candidates are child tasks, so their names must make
+/// valid, distinct ids; a judge must be named where it decides.
+fn check_fan_out(text: &str, id: &str, file: &TaskFile) -> Result<(), TaskError> {
+    let err = |key: &str, msg: String| Err(TaskError::at_key(text, key, msg));
+    let Some(fan) = &file.fan_out else {
+        for key in ["pick", "judge", "fan_out_skip_cooling"] {
+            let set = match key {
+                "pick" => file.pick.is_some(),
+                "judge" => file.judge.is_some(),
+                // A candidate carries it from its fan-out.
+                _ => file.fan_out_skip_cooling.is_some() && file.candidate.is_none(),
+            };
+            if set {
+                return err(key, format!("`{key}` only applies with `fan_out`"));
+            }
+        }
+        return Ok(());
+    };
+    if !file.subtasks.is_empty() {
+        return err(
+            "fan_out",
+            "`fan_out` and `subtasks` cannot be combined: fan out each step instead".into(),
+        );
+    }
+    if file.candidate.is_some() {
+        return err("fan_out", "a fan-out candidate cannot fan out again".into());
+    }
+    if file.isolation == Some(Isolation::None) {
+        return err(
+            "isolation",
+            "`fan_out` runs each candidate in a git worktree of its own: `isolation: none` cannot be combined with it".into(),
+        );
+    }
+    let names = fan.names();
+    match fan {
+        FanOut::Count(n) if *n < 2 || *n as usize > MAX_FAN_OUT => {
+            return err(
+                "fan_out",
+                format!("`fan_out` must be between 2 and {MAX_FAN_OUT} candidates, not {n}"),
+            );
+        }
+        FanOut::Agents(a) if a.is_empty() || a.len() > MAX_FAN_OUT => {
+            return err(
+                "fan_out",
+                format!(
+                    "`fan_out` must list between 1 and {MAX_FAN_OUT} agents, not {}",
+                    a.len()
+                ),
+            );
+        }
+        _ => {}
+    }
+    for (i, name) in names.iter().enumerate() {
+        if !valid_name(name) {
+            return err(
+                "fan_out",
+                format!(
+                    "fan_out[{i}]: `{}` is not a valid agent name",
+                    name.escape_debug()
+                ),
+            );
+        }
+        if name == JUDGE {
+            return err(
+                "fan_out",
+                format!(
+                    "fan_out[{i}]: `{JUDGE}` is the name of the fan-out's judge task; rename the agent"
+                ),
+            );
+        }
+        if names[..i].contains(name) {
+            return err(
+                "fan_out",
+                format!(
+                    "fan_out[{i}]: `{name}` is listed twice (use a count to run one agent several times)"
+                ),
+            );
+        }
+    }
+    let longest = names
+        .iter()
+        .map(String::len)
+        .max()
+        .unwrap_or(0)
+        .max(JUDGE.len());
+    if id.len() + 1 + longest > MAX_ID_LEN {
+        return err(
+            "fan_out",
+            format!(
+                "with these candidates the id may have at most {} characters (candidates are named `<id>.<candidate>`)",
+                MAX_ID_LEN - 1 - longest
+            ),
+        );
+    }
+    match (file.pick.unwrap_or_default(), &file.judge) {
+        (Pick::Judge, None) => err(
+            "pick",
+            "`pick: judge` needs `judge: AGENT`, the agent that chooses".into(),
+        ),
+        (Pick::Judge, Some(j)) if !valid_name(j) => err(
+            "judge",
+            format!("`{}` is not a valid agent name", j.escape_debug()),
+        ),
+        (Pick::FirstPass | Pick::All, Some(_)) => {
+            err("judge", "`judge` only applies with `pick: judge`".into())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Read a task file with the size cap applied before reading.
@@ -464,6 +656,8 @@ mod tests {
             ("description: d\n'agent': a/b\n", 2),
             ("description: d\ntimeout_minutes : -1\n", 2),
             ("description: d\ncheck: x\ncheck_timeout_minutes: 0\n", 3),
+            ("description: d\nmax_cost_usd: 0\n", 2),
+            ("description: d\nmax_cost_usd: -1.5\n", 2),
             ("description: |\n  id: old\nid: ../x\n", 3),
             // Found by the fuzzer: node properties before the key.
             ("!t agent: s\"\ndescription: d\n", 1),

@@ -825,6 +825,419 @@ fn claude_without_a_login_is_marked_until_its_login_check_passes() {
 
 // ---- the tests of each CLI, in modules named after what they need ----------------------------------
 
+/// A fan-out project: claude and codex against `server`, the workdir `work` a git repository, and
+/// an `openai` agent `local` (the judge) on the server's chat endpoint.
+fn fan_out_project(server: &ModelServer) -> (Project, PathBuf) {
+    let p = project(
+        &[
+            ("claude", Cli::Claude, cli("claude")),
+            ("codex", Cli::Codex, cli("codex")),
+        ],
+        server,
+        "",
+    );
+    let local = format!(
+        "  local:\n    kind: openai\n    base_url: {}/v1\n    model: judge-model\n    max_instances: 1\nrouting:\n",
+        server.url()
+    );
+    let cfg = std::fs::read_to_string(p.path("config.yaml"))
+        .expect("config")
+        .replacen("routing:\n", &local, 1);
+    std::fs::write(p.path("config.yaml"), cfg).expect("config");
+    let work = p.path("work");
+    std::fs::write(work.join("readme.txt"), "hello\n").expect("write");
+    git_init_commit(&work);
+    (p, work)
+}
+
+fn writes(path: &str, who: &str) -> Reply {
+    Reply::WriteFile {
+        path: path.into(),
+        content: format!("from {who}\n"),
+        then: format!("I wrote {path}."),
+    }
+}
+
+fn fan_out_candidate<'a>(r: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    r["fan_out"]["candidates"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == name))
+        .unwrap_or_else(|| panic!("no candidate {name}: {r}"))
+}
+
+/// claude writes a.txt, codex b.txt; the check wants a.txt (and takes its time when it passes, so
+/// codex's failed check is in before claude's passes): claude wins, codex's candidate failed on its
+/// check, and only a.txt lands.
+fn fan_out_first_pass_lands_the_candidate_whose_check_passes() {
+    let server = ModelServer::start();
+    server.script(Api::Anthropic, vec![writes("a.txt", "claude")]);
+    server.script(Api::Responses, vec![writes("b.txt", "codex")]);
+    let (p, work) = fan_out_project(&server);
+    let mut sup = p.start();
+    p.drop_task(
+        "race.yaml",
+        "description: Create the file the check wants\nworkdir: work\nfan_out: [claude, codex]\n\
+         check: 'if test -f a.txt; then sleep 8; else echo no a.txt; exit 1; fi'\n",
+    );
+    let (state, r) = wait_terminal(&p, "race", Duration::from_secs(180));
+    assert_eq!(state, "completed", "{r}\n{}", sup.output());
+    assert_eq!(r["fan_out"]["winner"], "claude", "{r}");
+    assert_eq!(r["agent"], "claude");
+    let codex = fan_out_candidate(&r, "codex");
+    assert_eq!(codex["status"], "failed", "{r}");
+    assert_eq!(codex["check"]["passed"], false, "{r}");
+    let own = p.result("failed", "race.codex");
+    assert_eq!(own["attempts"][0]["outcome"], "check_failed", "{own}");
+    assert_eq!(
+        std::fs::read_to_string(work.join("a.txt")).expect("a.txt landed"),
+        "from claude\n"
+    );
+    assert!(!work.join("b.txt").exists());
+    assert!(
+        p.read("context/diffs/race.codex.diff")
+            .contains("+from codex")
+    );
+    assert!(p.read("context/diffs/race.diff").contains("+from claude"));
+    assert_eq!(git(&work, &["branch", "--list", "orchestrate/*"]), "");
+    assert!(sup.stop().success(), "{}", sup.output());
+    assert_nothing_left(&p, &work);
+}
+
+/// Both candidates complete; the `openai` judge, shown both diffs, answers codex: codex's change
+/// lands and the result says why.
+fn fan_out_judge_picks_codex() {
+    let server = ModelServer::start();
+    server.script(Api::Anthropic, vec![writes("a.txt", "claude")]);
+    server.script(Api::Responses, vec![writes("b.txt", "codex")]);
+    server.script(
+        Api::Chat,
+        vec![Reply::Text(
+            r#"{"winner": "codex", "reason": "b.txt is the file the task names"}"#.into(),
+        )],
+    );
+    let (p, work) = fan_out_project(&server);
+    let mut sup = p.start();
+    p.drop_task(
+        "judged.yaml",
+        "description: Create b.txt\nworkdir: work\nfan_out: [claude, codex]\npick: judge\njudge: local\n",
+    );
+    let (state, r) = wait_terminal(&p, "judged", Duration::from_secs(180));
+    assert_eq!(state, "completed", "{r}\n{}", sup.output());
+    assert_eq!(r["fan_out"]["winner"], "codex", "{r}");
+    assert_eq!(
+        r["fan_out"]["picked_because"],
+        "judge local: b.txt is the file the task names"
+    );
+    assert_eq!(fan_out_candidate(&r, "claude")["status"], "completed");
+    assert_eq!(
+        std::fs::read_to_string(work.join("b.txt")).expect("b.txt landed"),
+        "from codex\n"
+    );
+    assert!(!work.join("a.txt").exists());
+    // The judge's request carried both candidates' changes.
+    let asked: Vec<String> = server
+        .requests()
+        .into_iter()
+        .filter(|(m, path, _)| m == "POST" && path.contains("chat/completions"))
+        .map(|(_, _, b)| b)
+        .collect();
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    assert!(
+        asked[0].contains("+from claude") && asked[0].contains("+from codex"),
+        "{}",
+        asked[0]
+    );
+    assert_eq!(git(&work, &["branch", "--list", "orchestrate/*"]), "");
+    assert!(sup.stop().success(), "{}", sup.output());
+    assert_nothing_left(&p, &work);
+}
+
+/// codex answers 429: it cools down, its candidate waits and is stopped when claude's wins. A
+/// second fan-out with `fan_out_skip_cooling` drops codex's candidate at once instead, without
+/// asking codex again.
+fn fan_out_candidate_on_a_rate_limited_agent() {
+    let server = ModelServer::start();
+    server.script(
+        Api::Anthropic,
+        vec![writes("a.txt", "claude"), writes("c.txt", "claude")],
+    );
+    server.script(
+        Api::Responses,
+        vec![Reply::RateLimit {
+            retry_after_secs: Some(600),
+        }],
+    );
+    let (p, work) = fan_out_project(&server);
+    let mut sup = p.start();
+    p.drop_task(
+        "busy.yaml",
+        "description: Create a.txt\nworkdir: work\nfan_out: [claude, codex]\n",
+    );
+    let (state, r) = wait_terminal(&p, "busy", Duration::from_secs(180));
+    assert_eq!(state, "completed", "{r}\n{}", sup.output());
+    assert_eq!(r["fan_out"]["winner"], "claude", "{r}");
+    let codex = p.result("failed", "busy.codex");
+    assert_eq!(codex["attempts"][0]["outcome"], "rate_limited", "{codex}");
+    assert!(
+        codex["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("another candidate of busy completed first")),
+        "{codex}"
+    );
+    let agents = p.run(&["agents", "--json"]).assert_code(0).json();
+    assert!(
+        agents
+            .as_array()
+            .and_then(|v| v.iter().find(|a| a["name"] == "codex"))
+            .is_some_and(|a| a["cooldown_until"].is_string()),
+        "{agents}"
+    );
+    let asked = server.conversations(Api::Responses);
+    p.drop_task(
+        "skip.yaml",
+        "description: Create c.txt\nworkdir: work\nfan_out: [claude, codex]\npick: all\nfan_out_skip_cooling: true\n",
+    );
+    let (state, r) = wait_terminal(&p, "skip", Duration::from_secs(180));
+    assert_eq!(state, "completed", "{r}\n{}", sup.output());
+    let codex = fan_out_candidate(&r, "codex");
+    assert_eq!(codex["status"], "not run", "{r}");
+    assert!(
+        codex["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("candidate dropped (fan_out_skip_cooling)")),
+        "{r}"
+    );
+    assert_eq!(fan_out_candidate(&r, "claude")["status"], "completed");
+    assert_eq!(
+        server.conversations(Api::Responses),
+        asked,
+        "codex was not asked again"
+    );
+    // The first fan-out landed claude's a.txt; `pick: all` keeps claude's c.txt on its branch.
+    assert_eq!(
+        std::fs::read_to_string(work.join("a.txt")).expect("a.txt landed"),
+        "from claude\n"
+    );
+    assert!(!work.join("c.txt").exists());
+    assert_eq!(
+        git(&work, &["branch", "--list", "orchestrate/*"]).trim(),
+        "orchestrate/skip/claude"
+    );
+    assert!(sup.stop().success(), "{}", sup.output());
+}
+
+/// One agent as `orchestrate agents --json` lists it.
+fn agent_info(p: &Project, name: &str) -> serde_json::Value {
+    let agents = p.run(&["agents", "--json"]).assert_code(0).json();
+    agents
+        .as_array()
+        .and_then(|v| v.iter().find(|a| a["name"] == name))
+        .expect("agent listed")
+        .clone()
+}
+
+/// What `status` says `id` waits for, if it waits.
+fn wait_note(p: &Project, id: &str) -> Option<String> {
+    let st = p.run(&["status", "--json"]).assert_code(0).json();
+    st["waiting"]
+        .as_array()?
+        .iter()
+        .find(|w| w["id"] == id)
+        .and_then(|w| w["reason"].as_str().map(String::from))
+}
+
+/// An `openai` agent priced at a dollar a token costs $18 an attempt (the model server reports 11
+/// input and 7 output tokens): its $20 daily budget lets two attempts start, then pauses it. The
+/// third task waits, saying why; a restart recounts the $36 from the records (neither forgets them
+/// nor counts them twice), and the task still waits.
+#[test]
+fn a_spent_budget_pauses_the_agent_and_a_restart_counts_the_spend_once() {
+    let server = ModelServer::start();
+    let p = openai_project(&server, &["local"], "  fallback: [local]\n");
+    let (zone, label) = noon_zone();
+    let cfg = p
+        .read("config.yaml")
+        .replace(
+            "    model: local-model\n",
+            "    model: local-model\n    prices: {input_per_mtok: 1000000, output_per_mtok: 1000000}\n    budget: {daily_usd: 20, monthly_tokens: 1000}\n",
+        )
+        .replace("orchestrator:\n", &format!("orchestrator:\n  timezone: \"{zone}\"\n"));
+    // A `budget` notice goes to a command hook, once.
+    let hook = p.path("budget-events.jsonl");
+    let cfg = format!(
+        "{cfg}notify:\n  - name: hook\n    on: [budget]\n    command: 'cat >> {}; echo >> {}'\n",
+        hook.display(),
+        hook.display()
+    );
+    std::fs::write(p.path("config.yaml"), cfg).expect("config");
+    let mut sup = p.start();
+    for (i, id) in ["one", "two"].iter().enumerate() {
+        p.drop_task(&format!("{id}.yaml"), "description: Plan\nworkdir: work\n");
+        let (state, r) = wait_terminal(&p, id, Duration::from_secs(60));
+        assert_eq!(state, "completed", "{r}\n{}", sup.output());
+        assert_eq!(r["attempts"][0]["cost_usd"].as_f64(), Some(18.0), "{r}");
+        // The mirror (which `agents` reads) may lag the tree by a moment.
+        let spent = 18.0 * (i + 1) as f64;
+        wait_for("agents to count the spend", Duration::from_secs(30), || {
+            agent_info(&p, "local")["budget"]["today"]["usd"].as_f64() == Some(spent)
+        });
+    }
+    let local = agent_info(&p, "local");
+    let reason = format!("budget: $36.00 of $20.00 today, resets at 00:00 {label}");
+    assert_eq!(
+        local["budget"]["paused"].as_str(),
+        Some(reason.as_str()),
+        "{local}"
+    );
+    assert_eq!(local["budget"]["this_month"]["tokens"], 36, "{local}");
+    assert_eq!(local["budget"]["limits"]["daily_usd"], 20.0, "{local}");
+    let table = p.run(&["agents"]).assert_code(0).stdout();
+    assert!(table.contains(&reason), "{table}");
+    assert!(
+        table.contains("budget: spent today $36.00 of $20.00, this month 36 of 1000 tokens"),
+        "{table}"
+    );
+    p.drop_task("three.yaml", "description: Plan\nworkdir: work\n");
+    let note = format!("no agent available: agent local: {reason}");
+    wait_for(
+        "three to wait for the budget",
+        Duration::from_secs(30),
+        || wait_note(&p, "three").as_deref() == Some(note.as_str()),
+    );
+    let status = p.run(&["status"]).assert_code(0).stdout();
+    assert!(
+        status.contains(&format!("local: PAUSED: {reason}")),
+        "{status}"
+    );
+    // Delivered beside the supervisor, a moment after the pause.
+    wait_for("the budget notice", Duration::from_secs(30), || {
+        std::fs::read_to_string(&hook).is_ok_and(|t| t.contains("\"budget\""))
+    });
+    assert!(sup.stop().success(), "{}", sup.output());
+    assert!(
+        sup.output().contains("budget     agent local paused"),
+        "{}",
+        sup.output()
+    );
+    let events: Vec<serde_json::Value> = std::fs::read_to_string(&hook)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("an event"))
+        .collect();
+    assert_eq!(events.len(), 1, "{events:?}\n{}", sup.output());
+    assert_eq!(events[0]["kind"], "budget", "{events:?}");
+    assert_eq!(events[0]["agent"], "local", "{events:?}");
+    assert!(
+        events[0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&reason)),
+        "{events:?}"
+    );
+
+    // Restarted: the records say $36 today, not 0 and not 72.
+    let mut sup = p.start();
+    wait_for(
+        "the restarted supervisor to look at three",
+        Duration::from_secs(30),
+        || sup.output().contains("budget     agent local: paused"),
+    );
+    assert_eq!(wait_note(&p, "three").as_deref(), Some(note.as_str()));
+    assert_eq!(
+        agent_info(&p, "local")["budget"]["today"]["usd"].as_f64(),
+        Some(36.0)
+    );
+    assert!(p.tasks_in("pending").contains(&"three".to_string()));
+    assert_eq!(server.conversations(Api::Chat), 2);
+    assert!(sup.stop().success(), "{}", sup.output());
+    // The restart found the limit reached; it did not announce it again.
+    let sent = std::fs::read_to_string(&hook).unwrap_or_default();
+    assert_eq!(sent.matches("\"budget\"").count(), 1, "{sent}");
+}
+
+/// For an agent that does not cap itself, `max_cost_usd` is checked after the attempt: an `openai`
+/// agent's $18 answer fails its check, and with retries left the task still ends `budget_exhausted`
+/// after that one attempt.
+#[test]
+fn max_cost_usd_is_checked_after_the_attempt_of_an_agent_without_a_cap() {
+    let server = ModelServer::start();
+    let p = openai_project(&server, &["local"], "  fallback: [local]\n");
+    let cfg = p
+        .read("config.yaml")
+        .replace(
+            "    model: local-model\n",
+            "    model: local-model\n    prices: {input_per_mtok: 1000000, output_per_mtok: 1000000}\n",
+        )
+        .replace("max_retries: 0", "max_retries: 3");
+    std::fs::write(p.path("config.yaml"), cfg).expect("config");
+    let mut sup = p.start();
+    p.drop_task(
+        "capped.yaml",
+        "description: Plan\nworkdir: work\nmax_cost_usd: 10\ncheck: 'exit 1'\n",
+    );
+    let (state, r) = wait_terminal(&p, "capped", Duration::from_secs(60));
+    assert_eq!(state, "failed", "{r}\n{}", sup.output());
+    let a = r["attempts"].as_array().expect("attempts");
+    assert_eq!(a.len(), 1, "{r}");
+    assert_eq!(a[0]["outcome"], "check_failed", "{r}");
+    assert_eq!(
+        r["error"].as_str().and_then(|e| e.split("; last:").next()),
+        Some("budget_exhausted: spent $18.00 of max_cost_usd $10.00 in 1 attempt(s)"),
+        "{r}"
+    );
+    assert_eq!(server.conversations(Api::Chat), 1);
+    assert!(sup.stop().success(), "{}", sup.output());
+}
+
+/// A task waiting for its retry holds an attempt that cost $18 in its history: a supervisor started
+/// on a lost mirror (the state database deleted) still counts it, from the history it reads in
+/// `pending/`, so the next $18 reaches the $30 budget.
+#[test]
+fn a_restart_on_a_lost_mirror_counts_the_spend_of_a_task_waiting_to_retry() {
+    let server = ModelServer::start();
+    let p = openai_project(&server, &["local"], "  fallback: [local]\n");
+    let (zone, label) = noon_zone();
+    let cfg = p
+        .read("config.yaml")
+        .replace(
+            "    model: local-model\n",
+            "    model: local-model\n    prices: {input_per_mtok: 1000000, output_per_mtok: 1000000}\n    budget: {daily_usd: 30}\n",
+        )
+        .replace("orchestrator:\n", &format!("orchestrator:\n  timezone: \"{zone}\"\n"))
+        .replace("max_retries: 0", "max_retries: 3\n  retry_delay_seconds: 3600");
+    std::fs::write(p.path("config.yaml"), cfg).expect("config");
+    let mut sup = p.start();
+    p.drop_task(
+        "later.yaml",
+        "description: Plan\nworkdir: work\ncheck: 'exit 1'\n",
+    );
+    wait_for(
+        "later's first attempt to fail",
+        Duration::from_secs(60),
+        || p.path("tasks/pending/.later.history.yaml").exists(),
+    );
+    assert!(sup.stop().success(), "{}", sup.output());
+    for f in ["state.db", "state.db-wal", "state.db-shm"] {
+        let _ = std::fs::remove_file(p.path(&format!(".orchestrate/{f}")));
+    }
+
+    let mut sup = p.start();
+    p.drop_task("now.yaml", "description: Plan\nworkdir: work\n");
+    let (state, r) = wait_terminal(&p, "now", Duration::from_secs(60));
+    assert_eq!(state, "completed", "{r}\n{}", sup.output());
+    p.drop_task("next.yaml", "description: Plan\nworkdir: work\n");
+    let note = format!(
+        "no agent available: agent local: budget: $36.00 of $30.00 today, resets at 00:00 {label}"
+    );
+    wait_for(
+        "next to wait for the budget",
+        Duration::from_secs(30),
+        || wait_note(&p, "next").as_deref() == Some(note.as_str()),
+    );
+    assert_eq!(server.conversations(Api::Chat), 2);
+    assert!(sup.stop().success(), "{}", sup.output());
+}
+
 mod claude {
     use super::*;
 
@@ -863,6 +1276,144 @@ mod claude {
         super::a_failed_check_is_fixed_on_the_same_session(Cli::Claude);
     }
 
+    /// A project with claude first and the fake agent after it in the fallback chain, `budget`
+    /// (a YAML mapping) on claude.
+    fn claude_then_fake(server: &ModelServer, budget: &str) -> Project {
+        let p = project(&[("claude", Cli::Claude, cli("claude"))], server, "");
+        let fake = format!(
+            "  fake:\n    kind: command\n    command: {BIN}\n    args: [fake-agent]\n    max_instances: 2\nrouting:\n  fallback: [claude, fake]\n"
+        );
+        let cfg = p
+            .read("config.yaml")
+            .replace("routing:\n  fallback: [claude]\n", &fake)
+            .replace("  claude:\n", &format!("  claude:\n    budget: {budget}\n"));
+        std::fs::write(p.path("config.yaml"), cfg).expect("config");
+        p
+    }
+
+    /// Claude Code's own cost of one scripted answer reaches a tiny daily budget: claude is paused
+    /// (the attempt that reached it completes), the next task goes to the fake agent without
+    /// asking claude, and `agents` shows the spend against the budget.
+    #[test]
+    fn a_spent_budget_pauses_claude_and_the_next_task_goes_down_the_chain() {
+        let server = ModelServer::start();
+        server.script(Api::Anthropic, vec![Reply::Text("first".into())]);
+        let p = claude_then_fake(&server, "{daily_usd: 0.000001}");
+        let (zone, label) = noon_zone();
+        let cfg = p.read("config.yaml").replace(
+            "orchestrator:\n",
+            &format!("orchestrator:\n  timezone: \"{zone}\"\n"),
+        );
+        std::fs::write(p.path("config.yaml"), cfg).expect("config");
+        let mut sup = p.start();
+        p.drop_task("first.yaml", "description: Say hello\nworkdir: work\n");
+        let (state, r) = wait_terminal(&p, "first", Duration::from_secs(120));
+        assert_eq!(state, "completed", "{r}\n{}", sup.output());
+        assert_eq!(r["agent"], "claude", "{r}");
+        let cost = r["attempts"][0]["cost_usd"]
+            .as_f64()
+            .expect("claude reports a cost");
+        assert!(cost > 0.000001, "{r}");
+        wait_for(
+            "agents to count claude's spend",
+            Duration::from_secs(30),
+            || agent_info(&p, "claude")["budget"]["today"]["usd"].as_f64() == Some(cost),
+        );
+        let claude = agent_info(&p, "claude");
+        let paused = claude["budget"]["paused"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let spent = format!("${cost:.6}");
+        let spent = spent.trim_end_matches('0');
+        assert_eq!(
+            paused,
+            format!("budget: {spent} of $0.000001 today, resets at 00:00 {label}"),
+            "{claude}"
+        );
+        let table = p.run(&["agents"]).assert_code(0).stdout();
+        assert!(table.contains(&paused), "{table}");
+        assert!(
+            table.contains(&format!("budget: spent today {spent} of $0.000001")),
+            "{table}"
+        );
+
+        let asked = server.conversations(Api::Anthropic);
+        p.drop_task(
+            "second.yaml",
+            "description: Say hello again\nworkdir: work\n",
+        );
+        let (state, r) = wait_terminal(&p, "second", Duration::from_secs(60));
+        assert_eq!(state, "completed", "{r}\n{}", sup.output());
+        assert_eq!(r["agent"], "fake", "{r}");
+        assert_eq!(r["attempts"].as_array().map(Vec::len), Some(1), "{r}");
+        assert!(
+            r["chosen_because"]
+                .as_str()
+                .is_some_and(|b| b.contains(&format!("skipped: agent claude: {paused}"))),
+            "{r}"
+        );
+        assert_eq!(server.conversations(Api::Anthropic), asked);
+        assert!(sup.stop().success(), "{}", sup.output());
+    }
+
+    /// A task whose first attempt costs more than its `max_cost_usd` (Claude Code is given the cap
+    /// as `--max-budget-usd`) and does not complete ends failed, `budget_exhausted`, without a
+    /// second attempt although `max_retries` allows one; what the agent wrote stays on its branch.
+    #[test]
+    fn max_cost_usd_stops_the_retries_and_keeps_the_work_on_its_branch() {
+        let server = ModelServer::start();
+        server.script(
+            Api::Anthropic,
+            vec![Reply::WriteFile {
+                path: "answer.txt".into(),
+                content: "wrong\n".into(),
+                then: "I wrote answer.txt.".into(),
+            }],
+        );
+        let p = project(&[("claude", Cli::Claude, cli("claude"))], &server, "");
+        let cfg = p
+            .read("config.yaml")
+            .replace("max_retries: 0", "max_retries: 2");
+        std::fs::write(p.path("config.yaml"), cfg).expect("config");
+        let work = p.path("work");
+        std::fs::write(work.join("readme.txt"), "hello\n").expect("write");
+        git_init_commit(&work);
+        let mut sup = p.start();
+        p.drop_task(
+            "costly.yaml",
+            "description: Write the answer into answer.txt\nworkdir: work\nmax_cost_usd: 0.0003\n",
+        );
+        let (state, r) = wait_terminal(&p, "costly", Duration::from_secs(180));
+        assert_eq!(state, "failed", "{r}\n{}", sup.output());
+        let a = r["attempts"].as_array().expect("attempts");
+        assert_eq!(a.len(), 1, "{r}");
+        assert!(
+            a[0]["cost_usd"].as_f64().is_some_and(|c| c > 0.000001),
+            "{r}"
+        );
+        let error = r["error"].as_str().unwrap_or_default();
+        assert!(error.starts_with("budget_exhausted: spent $"), "{r}");
+        assert!(
+            error.contains("of max_cost_usd $0.0003 in 1 attempt(s)"),
+            "{r}"
+        );
+        // Claude Code was told the cap, and stopped itself at it after its second turn (the file
+        // written, the answer costing more than the cap).
+        assert_eq!(a[0]["outcome"], "budget_exhausted", "{r}");
+        let log = p.read("context/logs/costly/attempt-1.log");
+        assert!(log.contains("Reached maximum budget ($0.0003)"), "{log}");
+        assert_eq!(server.conversations(Api::Anthropic), 1);
+        // The work is on the task's branch, not in the user's tree.
+        assert!(!work.join("answer.txt").exists());
+        assert_eq!(r["workspace"]["branch"], "orchestrate/costly", "{r}");
+        assert_eq!(
+            git(&work, &["show", "orchestrate/costly:answer.txt"]),
+            "wrong\n"
+        );
+        assert!(sup.stop().success(), "{}", sup.output());
+    }
+
     /// Claude rate-limited or logged out, codex next in the chain.
     mod codex {
         #[test]
@@ -873,6 +1424,21 @@ mod claude {
         #[test]
         fn without_a_login_claude_is_marked_until_its_login_check_passes() {
             super::super::claude_without_a_login_is_marked_until_its_login_check_passes();
+        }
+
+        #[test]
+        fn fan_out_first_pass_lands_the_candidate_whose_check_passes() {
+            super::super::fan_out_first_pass_lands_the_candidate_whose_check_passes();
+        }
+
+        #[test]
+        fn fan_out_judge_picks_codex() {
+            super::super::fan_out_judge_picks_codex();
+        }
+
+        #[test]
+        fn fan_out_candidate_on_a_rate_limited_agent() {
+            super::super::fan_out_candidate_on_a_rate_limited_agent();
         }
     }
 }

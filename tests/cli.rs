@@ -124,6 +124,20 @@ fn add_writes_valid_tasks_with_unique_ids() {
         bad.stderr()
     );
     assert!(!p.path("tasks/pending/task_004.yaml").exists());
+    // A cost cap is written as `max_cost_usd`; one that is not a positive amount is refused.
+    let bad = p.run(&["add", "x", "--max-cost-usd", "0"]);
+    bad.assert_code(2);
+    assert!(
+        bad.stderr()
+            .contains("`max_cost_usd` must be a positive number"),
+        "{}",
+        bad.stderr()
+    );
+    assert!(!p.path("tasks/pending/task_004.yaml").exists());
+    p.run(&["add", "capped", "--max-cost-usd", "2.5"])
+        .assert_code(0);
+    let t = p.read("tasks/pending/task_004.yaml");
+    assert!(t.contains("max_cost_usd: 2.5"), "{t}");
 }
 
 #[test]
@@ -578,7 +592,10 @@ fn man_pages_need_no_project_and_render() {
         .stdout();
     let mut expected: Vec<std::path::PathBuf> = std::iter::once("orchestrate".to_string())
         .chain(subcommands.iter().map(|s| format!("orchestrate-{s}")))
-        .chain(["orchestrate-mirror-rebuild".to_string()])
+        .chain([
+            "orchestrate-mirror-rebuild".to_string(),
+            "orchestrate-notify-test".to_string(),
+        ])
         .map(|n| pages.join(format!("{n}.1")))
         .collect();
     let mut written: Vec<std::path::PathBuf> =

@@ -6,7 +6,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -89,32 +88,6 @@ fn check_outcome(p: &Project, ids: &[String], logs: &str) -> usize {
     lost
 }
 
-/// Run a supervisor with a crash armed at `point:nth`; it must die by SIGKILL (the point was reached).
-fn run_until_crash(p: &Project, spec: &str) -> String {
-    let log = p.path("crashed.log");
-    let f = std::fs::File::create(&log).expect("log");
-    let mut child = p
-        .cmd(&["start", "-v"])
-        .env("ORCHESTRATE_CRASH_AT", spec)
-        .stdin(Stdio::null())
-        .stdout(f.try_clone().expect("clone"))
-        .stderr(f)
-        .spawn()
-        .expect("spawn");
-    let status = wait_child(&mut child, Duration::from_secs(60));
-    let out = std::fs::read_to_string(&log).unwrap_or_default();
-    let Some(status) = status else {
-        let _ = child.kill();
-        panic!("{spec}: the supervisor never reached the crash point\n{out}");
-    };
-    assert_eq!(
-        status.signal(),
-        Some(libc::SIGKILL),
-        "{spec}: expected death by SIGKILL, got {status:?}\n{out}"
-    );
-    out
-}
-
 #[test]
 fn a_crash_at_every_commit_point_loses_and_duplicates_nothing() {
     let mut thrown = 0;
@@ -123,10 +96,12 @@ fn a_crash_at_every_commit_point_loses_and_duplicates_nothing() {
     for point in orchestrate::failpoint::POINTS {
         if point.starts_with("needs_login.")
             || point.starts_with("worktree.")
+            || point.starts_with("fanout.")
             || *point == "attempt.after_check"
         {
-            // Only an agent whose credentials are refused, a task in a git repository, or a task
-            // with a check gets there: see the tests below and tests/isolation.rs.
+            // Only an agent whose credentials are refused, a task in a git repository, a task
+            // with a check or a fan-out gets there: see the tests below, tests/isolation.rs and
+            // tests/fan_out.rs.
             continue;
         }
         // Early and later hits: the first claim, and one with other tasks already in flight.
@@ -143,7 +118,7 @@ fn a_crash_at_every_commit_point_loses_and_duplicates_nothing() {
                 Project::with_config(&test_config("").replace("max_retries: 1", "max_retries: 3"));
             let ids = drop_tasks(&p, "c", TASKS);
             thrown += ids.len();
-            let crashed = run_until_crash(&p, &spec);
+            let crashed = p.run_until_crash(&spec);
             crashes += 1;
             // Restart without the crash and let it finish everything.
             let second = p.run(&["start", "--once", "-v"]);
@@ -193,7 +168,7 @@ fn a_crash_while_marking_an_agent_as_needing_a_login_loses_and_duplicates_nothin
         let p = Project::with_config(&config);
         let ids = drop_tasks(&p, "n", 3);
         let spec = format!("{point}:1");
-        let crashed = run_until_crash(&p, &spec);
+        let crashed = p.run_until_crash(&spec);
         let second = p.run(&["start", "--once", "-v"]);
         let logs = format!(
             "--- {spec}: crashed run\n{crashed}\n--- restart\n{}{}",

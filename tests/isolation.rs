@@ -475,29 +475,10 @@ fn a_crash_at_each_worktree_step_leaves_nothing_behind_and_loses_nothing() {
             );
         }
         thrown += 3;
-        let log = p.path("crashed.log");
-        let f = std::fs::File::create(&log).expect("log");
-        let mut child = p
-            .cmd(&["start", "-v"])
-            .env("ORCHESTRATE_CRASH_AT", format!("{point}:1"))
-            .stdin(std::process::Stdio::null())
-            .stdout(f.try_clone().expect("clone"))
-            .stderr(f)
-            .spawn()
-            .expect("spawn");
-        let status = wait_child(&mut child, Duration::from_secs(60)).unwrap_or_else(|| {
-            let _ = child.kill();
-            panic!(
-                "{point}: never reached\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            )
-        });
-        use std::os::unix::process::ExitStatusExt;
-        assert_eq!(status.signal(), Some(libc::SIGKILL), "{point}: {status:?}");
+        let crashed = p.run_until_crash(&format!("{point}:1"));
         let again = p.run(&["start", "--once", "-v"]);
         let logs = format!(
-            "--- {point}\n{}\n--- restart\n{}{}",
-            std::fs::read_to_string(&log).unwrap_or_default(),
+            "--- {point}\n{crashed}\n--- restart\n{}{}",
             again.stdout(),
             again.stderr()
         );

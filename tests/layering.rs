@@ -19,7 +19,8 @@ const LAYERS: &[&[&str]] = &[
     ],
     &["config", "task", "record"],
     &[
-        "spool", "instance", "process", "marker", "watch", "writers", "cooldown", "login", "git",
+        "spool", "instance", "process", "marker", "watch", "writers", "cooldown", "budget",
+        "login", "git",
     ],
     &["llm", "agents"],
     &["context", "snapshot"],
@@ -27,7 +28,7 @@ const LAYERS: &[&[&str]] = &[
     &["router", "scheduler"],
     &["supervisor"],
     &["project"],
-    &["cli", "serve", "tui", "mcp"],
+    &["cli", "serve", "tui", "mcp", "notify"],
 ];
 
 fn layer_of(module: &str) -> Option<usize> {

@@ -467,4 +467,12 @@ fn both_mirrors_answer_every_read_the_same() {
     let totals = same!(agent_totals());
     let names: Vec<&str> = totals.iter().map(|t| t.agent.as_str()).collect();
     assert_eq!(names, ["Gemini", "claude", "codex"]);
+    // What budgets sum: the finished attempts from a time on, with their spend.
+    assert_eq!(same!(spent_since("2000-01-01T00:00:00.000Z")).len(), 6);
+    let since = same!(spent_since("2025-03-04T05:06:02.000Z"));
+    let ids: Vec<&str> = since.iter().map(|r| r.task_id.as_str()).collect();
+    assert_eq!(ids, ["t02", "t07", "t03"]);
+    assert_eq!(since[0].cost_usd, Some(0.25));
+    assert_eq!(since[0].input_tokens, Some(200));
+    assert_eq!(since[0].finished_at, "2025-03-04T05:06:02.500Z");
 }

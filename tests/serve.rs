@@ -633,6 +633,99 @@ fn start_serve_answers_beside_the_supervisor() {
     assert!(text.contains("completed  one"), "{text}");
 }
 
+/// Spend against budget through the API and `/metrics`: an `openai` agent priced at a dollar a
+/// token (the model server reports 11 + 7 tokens, so $18 an attempt) within its own $20 a day, but
+/// over `orchestrator.budget`'s 10 tokens a day, which pauses every agent: the next task waits,
+/// saying why.
+#[test]
+fn budgets_show_in_the_api_and_the_metrics() {
+    use common::model_server::{Api, ModelServer};
+    let server = ModelServer::start();
+    let (zone, label) = noon_zone();
+    let config = format!(
+        "orchestrator:\n  timezone: \"{zone}\"\n  settle_ms: 100\n  rescan_seconds: 2\n  kill_grace_seconds: 1\n  budget: {{daily_tokens: 10}}\nagents:\n  local:\n    kind: openai\n    base_url: {}/v1\n    model: local-model\n    prices: {{input_per_mtok: 1000000, output_per_mtok: 1000000}}\n    budget: {{daily_usd: 20}}\nrouting:\n  fallback: [local]\ntask_queue:\n  max_retries: 0\nsecurity:\n  env_allow: [PATH]\n",
+        server.url()
+    );
+    let p = Project::with_config(&config);
+    let mut sup = p.start();
+    p.drop_task("one.yaml", "description: Plan\n");
+    wait_for("one to complete", Duration::from_secs(60), || {
+        p.tasks_in("completed").contains(&"one".to_string())
+    });
+    p.drop_task("two.yaml", "description: Plan again\n");
+    let srv = serve(&p, &[], 0);
+    let a = srv.addr.as_str();
+    let note = format!(
+        "agent local: budget of all agents (orchestrator.budget): 18 of 10 tokens today, resets at 00:00 {label}"
+    );
+    wait_for(
+        "two to wait for the budget",
+        Duration::from_secs(30),
+        || {
+            get(a, "/api/v1/tasks/two").json()["note"]
+                .as_str()
+                .is_some_and(|n| n.contains(&note))
+        },
+    );
+    let agents = get(a, "/api/v1/agents").json();
+    let local = agents
+        .as_array()
+        .and_then(|v| v.iter().find(|x| x["name"] == "local"))
+        .expect("local listed")
+        .clone();
+    assert_eq!(local["budget"]["today"]["usd"], 18.0, "{local}");
+    assert_eq!(local["budget"]["limits"]["daily_usd"], 20.0, "{local}");
+    assert!(
+        local["budget"]["paused"]
+            .as_str()
+            .is_some_and(|r| r
+                .starts_with("budget of all agents (orchestrator.budget): 18 of 10 tokens today")),
+        "{local}"
+    );
+    let status = get(a, "/api/v1/status").json();
+    let budgets = status["budgets"].as_array().expect("budgets").clone();
+    assert_eq!(budgets.len(), 2, "{status}");
+    assert_eq!(budgets[0]["scope"], "all");
+    assert_eq!(budgets[0]["today"]["tokens"], 18);
+    assert_eq!(
+        budgets[0]["paused"],
+        format!("budget: 18 of 10 tokens today, resets at 00:00 {label}")
+    );
+    assert_eq!(budgets[1]["scope"], "local");
+    assert_eq!(budgets[1]["today"]["usd"], 18.0);
+
+    let m = get(a, "/metrics");
+    assert_eq!(m.status, 200);
+    let lines = m.body.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("the Prometheus text format");
+    let value = |name: &str, labels: &[(&str, &str)]| -> f64 {
+        let s = scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .unwrap_or_else(|| panic!("no sample {name} {labels:?} in\n{}", m.body));
+        match s.value {
+            prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => panic!("{name} is not a number"),
+        }
+    };
+    let day = |scope| [("scope", scope), ("window", "day")];
+    assert_eq!(value("orchestrate_budget_spent_usd", &day("local")), 18.0);
+    assert_eq!(value("orchestrate_budget_limit_usd", &day("local")), 20.0);
+    assert_eq!(value("orchestrate_budget_spent_tokens", &day("all")), 18.0);
+    assert_eq!(value("orchestrate_budget_limit_tokens", &day("all")), 10.0);
+    assert_eq!(value("orchestrate_budget_paused", &[("scope", "all")]), 1.0);
+    // Within its own limit, the agent is paused all the same by the one over all agents.
+    assert_eq!(
+        value("orchestrate_budget_paused", &[("scope", "local")]),
+        1.0
+    );
+    assert_eq!(server.conversations(Api::Chat), 1);
+    assert!(sup.stop().success(), "{}", sup.output());
+}
+
 mod postgres {
     use super::*;
 

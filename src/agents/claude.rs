@@ -34,6 +34,12 @@ impl Adapter for ClaudeAdapter {
         {
             args.extend(["--model".into(), m.clone()]);
         }
+        // The task's cost cap, which Claude Code enforces itself between turns.
+        if let Some(max) = req.max_cost_usd
+            && !super::user_sets(cfg, &["--max-budget-usd"])
+        {
+            args.extend(["--max-budget-usd".into(), format!("{max:.6}")]);
+        }
         let session = super::session_args(req, &mut args);
         args.extend(cfg.args.iter().cloned());
         Ok(Invocation {
@@ -160,6 +166,7 @@ fn parse_result(doc: &Value, exit: &Exit) -> AgentOutcome {
         }
         Some(401) | Some(403) => (Outcome::Auth, None),
         Some(402) => (Outcome::QuotaExhausted, None),
+        _ if subtype == "error_max_budget_usd" => (Outcome::BudgetExhausted, None),
         _ => classify_error_text(&text).unwrap_or((Outcome::AgentError, None)),
     };
     o.outcome = outcome;

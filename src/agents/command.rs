@@ -102,6 +102,7 @@ mod tests {
             prompt_file: Path::new("/p.md"),
             workdir: Path::new("/w"),
             resume_session: None,
+            max_cost_usd: None,
         };
         assert_eq!(
             expand("{description}|{task_id}|{workdir}|{x}|{prompt_file}", &req),

@@ -32,6 +32,9 @@ pub struct RunRequest<'a> {
     /// The session an earlier attempt on this same agent left behind, when the retry should
     /// continue it (after a timeout or an interrupted run) rather than start over.
     pub resume_session: Option<&'a str>,
+    /// What this attempt may still cost (the task's `max_cost_usd` less its earlier attempts'), for
+    /// CLIs that cap themselves.
+    pub max_cost_usd: Option<f64>,
 }
 
 /// The command line for one attempt.
@@ -600,6 +603,7 @@ mod tests {
             prompt_file: dir,
             workdir: dir,
             resume_session: None,
+            max_cost_usd: None,
         };
         let count =
             |args: &[String], flag: &str| args.iter().filter(|a| a.starts_with(flag)).count();
@@ -667,6 +671,7 @@ mod tests {
                     prompt_file: dir,
                     workdir: dir,
                     resume_session: resume,
+                    max_cost_usd: None,
                 };
                 let inv = adapter_for(cfg.kind)
                     .expect("adapter")

@@ -19,8 +19,12 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
         workdir,
         timeout_minutes,
         max_retries,
+        max_cost_usd,
         id,
         check,
+        fan_out,
+        pick,
+        judge,
     } = &cli.command
     else {
         unreachable!("dispatched on Add")
@@ -35,9 +39,13 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
         workdir: workdir.clone(),
         timeout_minutes: *timeout_minutes,
         max_retries: *max_retries,
+        max_cost_usd: *max_cost_usd,
         id: id.clone(),
         check: check.clone(),
         labels: vec![],
+        fan_out: fan_out.clone(),
+        pick: *pick,
+        judge: judge.clone(),
     })?;
     if cli.json {
         super::print_json(&serde_json::json!({ "id": tid, "file": file }))?;

@@ -56,6 +56,11 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
     )?;
     for a in out {
         let status = match (&a.problem, &a.needs_login, &a.cooldown_until) {
+            // A cooldown or a login ends sooner than a budget window, and says more: they come
+            // first; a reached budget comes before "ready".
+            (None, None, None) if a.budget.paused.is_some() => {
+                a.budget.paused.clone().unwrap_or_default()
+            }
             (Some(p), _, _) => p.clone(),
             (None, Some(l), _) => {
                 format!("needs login: {} ({})", super::short(&l.reason, 80), l.hint)
@@ -89,7 +94,33 @@ pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
             format!("{}/{}", a.input_tokens, a.output_tokens),
             status
         )?;
+        if let Some(line) = budget_line(&a.budget) {
+            outln!(w, "{:<10} {line}", "")?;
+        }
     }
     w.flush()?;
     Ok(0)
+}
+
+/// `spent today $0.42 of $20.00, this month $3.10 of $100.00` for an agent with a budget; spend
+/// alone (no line) for one without.
+pub(super) fn budget_line(b: &crate::budget::Standing) -> Option<String> {
+    let l = &b.limits;
+    let mut parts = Vec::new();
+    for (when, spend, usd, tokens) in [
+        ("today", b.today, l.daily_usd, l.daily_tokens),
+        ("this month", b.this_month, l.monthly_usd, l.monthly_tokens),
+    ] {
+        if let Some(max) = usd {
+            parts.push(format!(
+                "{when} ${} of ${}",
+                crate::budget::usd(spend.usd),
+                crate::budget::usd(max)
+            ));
+        }
+        if let Some(max) = tokens {
+            parts.push(format!("{when} {} of {max} tokens", spend.tokens));
+        }
+    }
+    (!parts.is_empty()).then(|| format!("budget: spent {}", parts.join(", ")))
 }

@@ -6,9 +6,19 @@ use anyhow::Result;
 use super::{Cli, Project};
 use crate::project::land::Merged;
 
-pub fn merge(cli: &Cli, project: &Project, id: &str, commit: bool) -> Result<i32> {
+pub fn merge(
+    cli: &Cli,
+    project: &Project,
+    id: &str,
+    commit: bool,
+    candidate: Option<&str>,
+) -> Result<i32> {
     let mut out = super::Out::new();
-    match project.merge_kept(id, commit)? {
+    let merged = match candidate {
+        Some(c) => project.merge_candidate(id, c, commit)?,
+        None => project.merge_kept(id, commit)?,
+    };
+    match merged {
         Merged::Conflict { files, branch } => {
             if cli.json {
                 super::print_json(

@@ -28,6 +28,7 @@ mod land;
 mod man;
 mod mcp;
 mod mirror_cmd;
+mod notify_cmd;
 mod openai_agent;
 mod retry;
 mod serve;
@@ -125,10 +126,23 @@ pub enum Command {
         /// Failed attempts retried this many times; default: task_queue.max_retries.
         #[arg(long)]
         max_retries: Option<u32>,
+        /// What all attempts together may cost, in USD; once spent, no retry.
+        #[arg(long, value_name = "USD")]
+        max_cost_usd: Option<f64>,
         /// A shell command run after the agent; the task completes only when it exits 0
         /// (for example `cargo test`).
         #[arg(long, value_name = "COMMAND")]
         check: Option<String>,
+        /// Race several candidates: agents separated by commas (`claude,codex`), or a count
+        /// (`3`: that many attempts on the agent routing picks).
+        #[arg(long = "fan-out", value_name = "AGENTS|N", value_parser = parse_fan_out)]
+        fan_out: Option<crate::task::FanOut>,
+        /// Which candidate lands: first_pass (default), judge, all.
+        #[arg(long, value_parser = parse_pick)]
+        pick: Option<crate::task::Pick>,
+        /// The agent that chooses with `--pick judge`.
+        #[arg(long, value_name = "AGENT")]
+        judge: Option<String>,
         /// Use this id instead of the next task_NNN.
         #[arg(long)]
         id: Option<String>,
@@ -163,6 +177,9 @@ pub enum Command {
         /// Also commit them on the current branch.
         #[arg(long)]
         commit: bool,
+        /// For a fan-out task: land this candidate's branch (`pick: all` keeps them all).
+        #[arg(long, value_name = "NAME")]
+        candidate: Option<String>,
     },
     /// Delete a completed task's kept branch, and its changes with it.
     Discard { id: String },
@@ -227,6 +244,11 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
+    /// Notification channels (`notify` in config.yaml).
+    Notify {
+        #[command(subcommand)]
+        action: NotifyAction,
+    },
     /// Mirror maintenance.
     Mirror {
         #[command(subcommand)]
@@ -251,9 +273,44 @@ pub enum MirrorAction {
     Rebuild,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum NotifyAction {
+    /// Send a sample event on every channel (or the one named) and print what each receiver
+    /// answered; exit 1 when one did not accept it.
+    Test {
+        /// A channel's `name` (default `command-N`/`webhook-N`, N its place in the list).
+        channel: Option<String>,
+    },
+}
+
 fn parse_priority(s: &str) -> Result<crate::task::Priority, String> {
     crate::task::Priority::parse_cli(s)
         .ok_or_else(|| format!("`{s}` is not high, normal, low or an integer"))
+}
+
+fn parse_fan_out(s: &str) -> Result<crate::task::FanOut, String> {
+    if let Ok(n) = s.trim().parse::<u32>() {
+        return Ok(crate::task::FanOut::Count(n));
+    }
+    let agents: Vec<String> = s
+        .split(',')
+        .map(|a| a.trim().to_string())
+        .filter(|a| !a.is_empty())
+        .collect();
+    if agents.is_empty() {
+        return Err("give agents separated by commas (`claude,codex`) or a count".into());
+    }
+    Ok(crate::task::FanOut::Agents(agents))
+}
+
+fn parse_pick(s: &str) -> Result<crate::task::Pick, String> {
+    use crate::task::Pick;
+    match s {
+        "first_pass" | "first-pass" => Ok(Pick::FirstPass),
+        "judge" => Ok(Pick::Judge),
+        "all" => Ok(Pick::All),
+        _ => Err(format!("`{s}` is not first_pass, judge or all")),
+    }
 }
 
 pub fn run(cli: Cli) -> Result<i32> {
@@ -300,7 +357,11 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Agents { reset: None } => agents::run(&cli, &load(&cli)?),
         Command::Show { id } => show::run(&cli, &load(&cli)?, id),
         Command::Retry { id } => retry::run(&cli, &load(&cli)?, id),
-        Command::Merge { id, commit } => land::merge(&cli, &load(&cli)?, id, *commit),
+        Command::Merge {
+            id,
+            commit,
+            candidate,
+        } => land::merge(&cli, &load(&cli)?, id, *commit, candidate.as_deref()),
         Command::Discard { id } => land::discard(&cli, &load(&cli)?, id),
         Command::Cancel { id } => cancel::run(&cli, &load(&cli)?, id),
         Command::Follow { since, limit } => follow::run(&cli, &load(&cli)?, *since, *limit),
@@ -328,6 +389,9 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Mirror {
             action: MirrorAction::Rebuild,
         } => mirror_cmd::rebuild(&cli, &load(&cli)?),
+        Command::Notify {
+            action: NotifyAction::Test { channel },
+        } => notify_cmd::test(&cli, &load(&cli)?, channel.as_deref()),
     }
 }
 

@@ -125,6 +125,44 @@ pub fn run(cli: &Cli, project: &Project, id: &str) -> Result<i32> {
             }
         }
     }
+    if let Some(f) = shown.result.as_ref().and_then(|r| r.fan_out.as_deref()) {
+        outln!(
+            out,
+            "fan-out, pick {}: winner {}{}{}",
+            f.pick,
+            f.winner.as_deref().unwrap_or("none"),
+            f.picked_because
+                .as_deref()
+                .map(|b| format!(" — {}", super::short(b, 200)))
+                .unwrap_or_default(),
+            f.cost_usd
+                .map(|c| format!("; ${c:.4} over all candidates"))
+                .unwrap_or_default()
+        )?;
+        for c in &f.candidates {
+            outln!(
+                out,
+                "  candidate {} ({}, {}): {}{}{}{}",
+                c.name,
+                c.task_id,
+                c.agent.as_deref().unwrap_or("-"),
+                c.status,
+                c.check
+                    .as_ref()
+                    .map(|k| format!(", {}", check_line(k)))
+                    .unwrap_or_default(),
+                c.branch
+                    .as_deref()
+                    .map(|b| format!(", branch {b}"))
+                    .unwrap_or_default(),
+                c.error
+                    .as_deref()
+                    .filter(|_| c.status != "completed")
+                    .map(|e| format!(" — {}", super::short(e, 100)))
+                    .unwrap_or_default()
+            )?;
+        }
+    }
     if let Some(t) = &shown.task {
         outln!(out, "\n--- task file ---\n{}", t.trim_end())?;
     }

@@ -49,6 +49,12 @@ pub fn start(cli: &Cli, once: bool, detach: bool, verbose: u8, serve: Option<&st
                 }
             })?;
     }
+    // Beside the loop, on its own thread: a slow or dead receiver never slows the supervisor.
+    let notifier = crate::notify::sender::Sender::start(
+        &project.cfg,
+        &project.layout,
+        &crate::fsutil::hostname(),
+    )?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .worker_threads(2)
@@ -63,6 +69,13 @@ pub fn start(cli: &Cli, once: bool, detach: bool, verbose: u8, serve: Option<&st
     rt.block_on(sup.run())?;
     // Agents' stdin writers may still be parked; do not wait for them.
     rt.shutdown_timeout(Duration::from_millis(100));
+    // A `--once` run's last events go out before it exits (bounded: a receiver that is down gets
+    // them at the next start).
+    if let Some(n) = &notifier
+        && once
+    {
+        n.settle(Duration::from_secs(10));
+    }
     Ok(0)
 }
 

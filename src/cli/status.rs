@@ -118,6 +118,18 @@ fn render(cli: &Cli, st: &Status) -> Result<i32> {
     if st.source == "postgres" {
         outln!(out, "(from PostgreSQL; last event {})", st.last_event_seq)?;
     }
+    for b in &st.budgets {
+        let who = if b.scope == "all" {
+            "all agents".to_string()
+        } else {
+            b.scope.clone()
+        };
+        let spent = super::agents::budget_line(&b.standing).unwrap_or_default();
+        match &b.standing.paused {
+            Some(p) => outln!(out, "{who}: PAUSED: {p} ({spent})")?,
+            None => outln!(out, "{who}: {spent}")?,
+        }
+    }
     for c in &st.cooldowns {
         outln!(
             out,
@@ -127,6 +139,31 @@ fn render(cli: &Cli, st: &Status) -> Result<i32> {
             c.outcome,
             short(&c.reason, 80)
         )?;
+    }
+    for n in &st.notifications {
+        if n.state == "gave_up" {
+            outln!(
+                out,
+                "notify: {}: GAVE UP on {} {} after {} tries (queued {}): {}",
+                n.channel,
+                n.kind,
+                n.event_id,
+                n.tries,
+                n.queued_at,
+                short(&n.error, 120)
+            )?;
+        } else {
+            outln!(
+                out,
+                "notify: {}: {} {} not delivered yet, retrying ({} tries since {}): {}",
+                n.channel,
+                n.kind,
+                n.event_id,
+                n.tries,
+                n.queued_at,
+                short(&n.error, 120)
+            )?;
+        }
     }
     for l in &st.needs_login {
         outln!(

@@ -229,6 +229,8 @@ pub struct AddTaskArgs {
     pub timeout_minutes: Option<f64>,
     /// How many times a failed attempt is retried.
     pub max_retries: Option<u32>,
+    /// What all its attempts together may cost, in USD; once spent, it is not retried.
+    pub max_cost_usd: Option<f64>,
     /// Use this id instead of the next task_NNN.
     pub id: Option<String>,
 }
@@ -424,9 +426,11 @@ impl Server {
             workdir: a.workdir,
             timeout_minutes: a.timeout_minutes,
             max_retries: a.max_retries,
+            max_cost_usd: a.max_cost_usd,
             id: a.id,
             check: a.check,
             labels: a.labels,
+            ..Default::default()
         };
         self.call(move |p| {
             let (id, file) = p.add_task(&new)?;

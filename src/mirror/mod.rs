@@ -13,7 +13,9 @@
 //! - [`postgres`]: the PostgreSQL backend (connections, migrations, writes with `NOTIFY`, its writer
 //!   thread, reads);
 //! - [`reconcile`]: the tree → rows plan both backends reconcile by;
-//! - [`read`]: one read API over either database, for every surface.
+//! - [`read`]: one read API over either database, for every surface;
+//! - [`outbox`]: the notification outbox (SQLite only): channels' cursors, undelivered events and
+//!   the agent events ([`outbox::Notice`]) the loop sends as [`Op::Notice`].
 //!
 //! The mirror never leads the tree: nothing here moves, writes or decides about a task file, and
 //! losing either database loses nothing (the reconciler and `orchestrate mirror rebuild` bring the
@@ -34,6 +36,7 @@ use crate::spool::{Place, Spool};
 use crate::task::Task;
 use reconcile::ReconcileReport;
 
+pub mod outbox;
 pub mod postgres;
 pub mod read;
 pub mod reconcile;
@@ -52,6 +55,9 @@ pub struct Payload {
     pub dependencies: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
+    /// The task's labels (notification filters match on them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
     /// The task file, relative to the tasks directory.
     pub file: String,
     #[serde(default)]
@@ -87,6 +93,11 @@ pub struct Payload {
     /// (`merge: kept` or `conflict`) from these without opening result files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workspace: Option<crate::record::WorkspaceResult>,
+    /// A fan-out's candidates and winner, so remote readers (`show --database-url`, the API) list
+    /// them. Its costs are the candidates', which have rows of their own: sums over rows use
+    /// `cost_usd`, never these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fan_out: Option<crate::record::FanOutResult>,
 }
 
 /// What a mirror holds per task, as the reconciler compares it with the tree: (state, version, task
@@ -127,6 +138,8 @@ pub enum Op {
         heartbeat_at: String,
         alive: bool,
     },
+    /// An agent event for the notification outbox (SQLite only: the sender reads it there).
+    Notice(outbox::Notice),
     Flush(mpsc::Sender<()>),
     /// Run the reconciler on the writer's connection, so it is serialised with every other write.
     Reconcile {
@@ -151,6 +164,18 @@ pub struct AttemptLine {
     /// The attempt's check, when one ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub check: Option<crate::record::CheckRecord>,
+}
+
+/// One finished attempt's spend (`crate::budget` sums them per window).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpentRow {
+    pub task_id: String,
+    pub n: u32,
+    pub agent: String,
+    pub finished_at: String,
+    pub cost_usd: Option<f64>,
+    pub input_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
 }
 
 /// One `task_events` row: a transition the mirror applied, numbered in commit order.
@@ -227,6 +252,10 @@ impl Op {
                 id,
                 note: opt(note),
             },
+            Op::Notice(mut n) => {
+                n.message = r.redact_owned(n.message);
+                Op::Notice(n)
+            }
             other => other,
         }
     }
@@ -308,7 +337,7 @@ impl Writer {
     pub fn send(&self, op: Op) {
         let op = op.redacted(&self.redactor);
         if let Some(pg) = &self.pg
-            && !matches!(op, Op::Flush(_) | Op::Reconcile { .. })
+            && !matches!(op, Op::Flush(_) | Op::Reconcile { .. } | Op::Notice(_))
         {
             pg.send(op.clone());
         }
@@ -412,6 +441,7 @@ pub fn pending_row(
             task_type: task.file.task_type.clone(),
             dependencies: task.file.dependencies.clone(),
             parent: task.file.parent.clone(),
+            labels: task.file.labels.clone(),
             file: rel_to(&spool.layout().tasks_dir, file),
             attempts: history.map(|h| h.attempts.len() as u32).unwrap_or(0),
             error: None,
@@ -435,6 +465,7 @@ pub fn running_row(spool: &Spool, task: &Task, claim: &crate::record::Claim) -> 
             task_type: task.file.task_type.clone(),
             dependencies: task.file.dependencies.clone(),
             parent: task.file.parent.clone(),
+            labels: task.file.labels.clone(),
             file: rel_to(
                 &spool.layout().tasks_dir,
                 &spool.task_path(Place::Assigned, &task.id),
@@ -464,6 +495,7 @@ pub fn terminal_row(spool: &Spool, result: &TaskResult, task: Option<&Task>) -> 
                 .map(|t| t.file.dependencies.clone())
                 .unwrap_or_default(),
             parent: task.and_then(|t| t.file.parent.clone()),
+            labels: task.map(|t| t.file.labels.clone()).unwrap_or_default(),
             file: rel_to(
                 &spool.layout().tasks_dir,
                 &spool.task_path(place, &result.task_id),
@@ -483,6 +515,7 @@ pub fn terminal_row(spool: &Spool, result: &TaskResult, task: Option<&Task>) -> 
             output_file: result.output_file.clone(),
             diff_file: result.diff_file.clone(),
             workspace: result.workspace.as_deref().cloned(),
+            fan_out: result.fan_out.as_deref().cloned(),
             ..Default::default()
         },
         updated_at: result.finished_at.clone(),

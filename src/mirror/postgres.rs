@@ -602,7 +602,7 @@ pub async fn apply(session: &mut Session, host: &str, channel: &str, ops: &[Op])
             }
             // Local-only operations: flushes are answered by the SQLite writer, reconciles run in the
             // writer thread (`writer`).
-            Op::Flush(_) | Op::Reconcile { .. } => {}
+            Op::Flush(_) | Op::Reconcile { .. } | Op::Notice(_) => {}
         }
     }
     if max_seq > 0 {

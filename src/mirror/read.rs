@@ -16,7 +16,7 @@ use rusqlite::Connection;
 use tokio_postgres::Client;
 
 use super::postgres::{self, Notifications, read as pg};
-use super::{AgentTotals, AttemptLine, Event, SupervisorRow, TaskRow, sqlite};
+use super::{AgentTotals, AttemptLine, Event, SpentRow, SupervisorRow, TaskRow, sqlite};
 
 /// Events read per query while catching up.
 const BATCH: usize = 1000;
@@ -164,6 +164,8 @@ reads! {
     fn attempts_of(id: &str) -> Vec<AttemptLine>;
     /// Attempts, outcomes, cost and tokens per agent, by name.
     fn agent_totals() -> Vec<AgentTotals>;
+    /// The attempts finished at or after `since` (RFC 3339), with what each spent.
+    fn spent_since(since: &str) -> Vec<SpentRow>;
 }
 
 impl Reader {

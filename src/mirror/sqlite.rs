@@ -23,7 +23,7 @@ use anyhow::{Context, Result};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::Known;
-use super::{AgentTotals, AttemptLine, Event, Op, SupervisorRow, TaskRow};
+use super::{AgentTotals, AttemptLine, Event, Op, SpentRow, SupervisorRow, TaskRow};
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS tasks(
@@ -81,6 +81,7 @@ pub fn open(path: &Path) -> Result<Connection> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.execute_batch(SCHEMA)?;
+    conn.execute_batch(super::outbox::SCHEMA)?;
     // A database made before attempts had checks gains the column (`CREATE TABLE IF NOT EXISTS`
     // leaves an existing table as it is).
     if !has_check_column(&conn)? {
@@ -334,6 +335,7 @@ pub fn apply(conn: &mut Connection, host: &str, ops: &mut Vec<Op>) -> Result<usi
                         )?;
                     }
                 }
+                Op::Notice(n) => super::outbox::insert_notice(&tx, &n)?,
                 // Answered once the commit holding everything sent before them is durable.
                 Op::Flush(reply) => replies.push(reply),
                 Op::Reconcile { .. } => {
@@ -527,6 +529,26 @@ pub fn supervisors(conn: &Connection) -> Result<Vec<SupervisorRow>> {
             pid: r.get(2)?,
             started_at: r.get(3)?,
             heartbeat_at: r.get(4)?,
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// The attempts finished at or after `since` (RFC 3339, as the mirror writes times).
+pub fn spent_since(conn: &Connection, since: &str) -> Result<Vec<SpentRow>> {
+    let mut stmt = conn.prepare(
+        "SELECT task_id, n, agent, finished_at, cost_usd, input_tokens, output_tokens
+         FROM attempts WHERE finished_at >= ?1 ORDER BY finished_at, task_id, n",
+    )?;
+    let rows = stmt.query_map([since], |r| {
+        Ok(SpentRow {
+            task_id: r.get(0)?,
+            n: r.get(1)?,
+            agent: r.get(2)?,
+            finished_at: r.get(3)?,
+            cost_usd: r.get(4)?,
+            input_tokens: r.get::<_, Option<i64>>(5)?.map(|v| v.max(0) as u64),
+            output_tokens: r.get::<_, Option<i64>>(6)?.map(|v| v.max(0) as u64),
         })
     })?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)

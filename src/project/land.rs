@@ -98,6 +98,47 @@ impl Project {
         Ok(Merged::Landed { how, branch })
     }
 
+    /// Land candidate `name` of the completed fan-out task `id` (its own task `<id>.<name>` holds
+    /// the branch), then record it as the fan-out's winner.
+    pub fn merge_candidate(&self, id: &str, name: &str, commit: bool) -> Result<Merged> {
+        let Some(mut result) = self.spool.read_result(Terminal::Completed, id) else {
+            bail!(UsageError(format!("task {id} is not in completed/")));
+        };
+        let Some(fan) = result.fan_out.as_deref() else {
+            bail!(UsageError(format!(
+                "task {id} did not fan out to candidates"
+            )));
+        };
+        let Some(c) = fan.candidates.iter().find(|c| c.name == name) else {
+            let names: Vec<&str> = fan.candidates.iter().map(|c| c.name.as_str()).collect();
+            bail!(UsageError(format!(
+                "task {id} has no candidate `{name}` (its candidates: {})",
+                names.join(", ")
+            )));
+        };
+        if let Some(w) = fan.winner.as_deref().filter(|w| *w != name) {
+            bail!(UsageError(format!(
+                "task {id}'s candidate `{w}` already won and landed; `{name}` lost and its branch is gone"
+            )));
+        }
+        let child = c.task_id.clone();
+        let merged = self.merge_kept(&child, commit)?;
+        if let Merged::Landed { .. } = merged {
+            let path = self.spool.task_path(Place::Completed, id);
+            let (task, _) = crate::task::read_task(&path, u64::MAX)
+                .map_err(|e| anyhow::anyhow!("{}", e.render(&self.rel(&path))))?;
+            if let Some(f) = result.fan_out.as_deref_mut() {
+                f.winner = Some(name.to_string());
+                f.picked_because = Some("merged by hand (`orchestrate merge --candidate`)".into());
+                for c in f.candidates.iter_mut().filter(|c| c.name == name) {
+                    c.branch = None;
+                }
+            }
+            self.save_result(&task, &mut result)?;
+        }
+        Ok(merged)
+    }
+
     /// Delete completed task `id`'s kept branch; returns the branch's name.
     pub fn discard_kept(&self, id: &str) -> Result<String> {
         let (task, mut result, root) = self.kept(id)?;

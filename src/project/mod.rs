@@ -162,6 +162,9 @@ pub struct NewTask {
     pub timeout_minutes: Option<f64>,
     #[serde(default)]
     pub max_retries: Option<u32>,
+    /// What all its attempts together may cost, in USD (`max_cost_usd`).
+    #[serde(default)]
+    pub max_cost_usd: Option<f64>,
     #[serde(default)]
     pub id: Option<String>,
     /// The command that verifies the result (`check`).
@@ -169,6 +172,13 @@ pub struct NewTask {
     pub check: Option<String>,
     #[serde(default)]
     pub labels: Vec<String>,
+    /// Candidates to race (`fan_out`): agents, or a count.
+    #[serde(default)]
+    pub fan_out: Option<crate::task::FanOut>,
+    #[serde(default)]
+    pub pick: Option<crate::task::Pick>,
+    #[serde(default)]
+    pub judge: Option<String>,
 }
 
 /// The next free `task_NNN` across the whole tree.
@@ -238,12 +248,17 @@ impl Project {
             workdir: new.workdir.clone(),
             timeout_minutes: new.timeout_minutes,
             max_retries: new.max_retries,
+            max_cost_usd: new.max_cost_usd,
             subtasks: vec![],
             parent: None,
             isolation: None,
             merge: None,
             check: new.check.clone(),
             check_timeout_minutes: None,
+            fan_out: new.fan_out.clone(),
+            pick: new.pick,
+            judge: new.judge.clone(),
+            ..Default::default()
         };
         let id = &new.id;
         let mut n = next_number(project);
@@ -331,6 +346,26 @@ impl Project {
                 row: mirror::terminal_row(spool, &result, Some(&task)),
                 attempts: result.attempts.clone(),
             }]);
+            // A fan-out's candidates (and judge) are its work: they go with it.
+            let mut children = crate::scheduler::fan_out::candidate_ids(&task);
+            if !children.is_empty() {
+                children.push(crate::scheduler::fan_out::judge_id(id));
+            }
+            let mut stopped = 0;
+            for child in children {
+                if matches!(
+                    spool.settled_place(&child),
+                    Some(Place::Pending | Place::Assigned)
+                ) && self.cancel(&child).is_ok()
+                {
+                    stopped += 1;
+                }
+            }
+            if stopped > 0 {
+                return Ok(format!(
+                    "cancelled (it had not started), with {stopped} of its candidates"
+                ));
+            }
             return Ok("cancelled (it had not started)".into());
         }
         // Claimed between our look and the move: stop it as a running task.
@@ -372,6 +407,16 @@ impl Project {
     pub fn retry(&self, id: &str) -> Result<Retried> {
         if self.spool.settled_place(id).is_none() && self.spool.run_now(id)? {
             return Ok(Retried::RunsNow);
+        }
+        // A fan-out runs its failed candidates again; they go back first, so the fan-out never
+        // finds them all failed again the moment it is back in pending/.
+        let failed_file = self.spool.task_path(Place::Failed, id);
+        if let Ok((task, _)) = crate::task::read_task(&failed_file, u64::MAX) {
+            for child in crate::scheduler::fan_out::candidate_ids(&task) {
+                if self.spool.settled_place(&child) == Some(Place::Failed) {
+                    self.retry(&child)?;
+                }
+            }
         }
         let history = self.spool.retry(id)?;
         let path = self.spool.task_path(Place::Pending, id);
@@ -509,6 +554,9 @@ pub struct AgentInfo {
     pub cost_usd: f64,
     pub input_tokens: u64,
     pub output_tokens: u64,
+    /// Spend today and this month (in `orchestrator.timezone`) against the agent's `budget`, and
+    /// whether a reached limit pauses it.
+    pub budget: crate::budget::Standing,
 }
 
 #[derive(serde::Serialize)]
@@ -534,6 +582,7 @@ impl Project {
         let cooldowns = crate::cooldown::Cooldowns::read(&project.layout);
         let logins = crate::login::Logins::read(&project.layout);
         let now = time::OffsetDateTime::now_utc();
+        let spending = project.spending(reader, now)?;
         // Node CLIs take a second or so each to print a version: ask them all at once.
         let found_paths: Vec<Option<std::path::PathBuf>> = project
             .cfg
@@ -609,10 +658,68 @@ impl Project {
                 cost_usd: t.map(|t| t.cost_usd).unwrap_or(0.0),
                 input_tokens: t.map(|t| t.input_tokens).unwrap_or(0),
                 output_tokens: t.map(|t| t.output_tokens).unwrap_or(0),
+                budget: spending.standing(&project.cfg, Some(name), now),
             });
         }
         Ok(out)
     }
+
+    /// What the agents spent in `now`'s month, from the mirror's attempts: the sums budgets are
+    /// held to, as the supervisor makes them (see `crate::budget`).
+    pub fn spending(
+        &self,
+        reader: &Reader,
+        now: time::OffsetDateTime,
+    ) -> Result<crate::budget::Ledger> {
+        let zone = self.cfg.orchestrator.zone();
+        let (since, _) = crate::budget::window(now, zone, crate::budget::Window::Month);
+        let mut ledger = crate::budget::Ledger::default();
+        for r in reader.spent_since(&crate::fsutil::fmt_time(since))? {
+            ledger.add(
+                &r.task_id,
+                r.n,
+                &r.agent,
+                Some(&r.finished_at),
+                r.cost_usd,
+                r.input_tokens,
+                r.output_tokens,
+            );
+        }
+        Ok(ledger)
+    }
+
+    /// The standing of every configured budget: `orchestrator.budget` (scope `all`) and each
+    /// agent's, for `status`, the API and `/metrics`.
+    pub fn budgets(&self, reader: &Reader) -> Result<Vec<BudgetStanding>> {
+        let now = time::OffsetDateTime::now_utc();
+        let ledger = self.spending(reader, now)?;
+        let cfg = &self.cfg;
+        let mut out = Vec::new();
+        if cfg.orchestrator.budget.is_some() {
+            out.push(BudgetStanding {
+                scope: "all".into(),
+                standing: ledger.standing(cfg, None, now),
+            });
+        }
+        for (name, a) in &cfg.agents {
+            if a.budget.is_some() {
+                out.push(BudgetStanding {
+                    scope: name.clone(),
+                    standing: ledger.standing(cfg, Some(name), now),
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A configured budget's spend against its limits.
+#[derive(serde::Serialize)]
+pub struct BudgetStanding {
+    /// `all` for `orchestrator.budget`, else the agent's name.
+    pub scope: String,
+    #[serde(flatten)]
+    pub standing: crate::budget::Standing,
 }
 
 /// `<program> --version`, bounded: a CLI that hangs (first-run prompt, network) must not hang us.

@@ -40,6 +40,11 @@ pub struct Status {
     pub worktrees: Vec<WorktreeUse>,
     /// Completed tasks whose changes stayed on their branch (`merge: kept` or `conflict`).
     pub kept_branches: Vec<KeptBranch>,
+    /// Each configured budget's spend against its limits (`all`: `orchestrator.budget`).
+    pub budgets: Vec<super::BudgetStanding>,
+    /// Notifications given up on (the last week's) or still being retried after a failure (only
+    /// known locally: the outbox is in the SQLite mirror).
+    pub notifications: Vec<crate::mirror::outbox::Trouble>,
 }
 
 #[derive(Serialize)]
@@ -184,6 +189,8 @@ pub fn status(project: &Project, reader: &Reader) -> Result<Status> {
         being_written: vec![],
         worktrees: vec![],
         kept_branches: kept_of(reader.kept_branches()?),
+        budgets: project.budgets(reader)?,
+        notifications: vec![],
     };
     if reader.is_local() {
         add_local(&mut st, project);
@@ -254,6 +261,16 @@ fn add_local(st: &mut Status, project: &Project) {
         .collect();
     st.being_written.sort_by(|a, b| a.file.cmp(&b.file));
     st.worktrees = worktrees(&project.layout);
+    // A mirror that cannot be read has no troubles to tell; the counts above already failed loudly.
+    st.notifications = crate::mirror::sqlite::open_read(&project.layout.state_db())
+        .ok()
+        .flatten()
+        .and_then(|conn| crate::mirror::outbox::troubles(&conn).ok())
+        .unwrap_or_default()
+        .into_iter()
+        // A channel no longer configured is retried by nobody: its rows are history.
+        .filter(|t| project.cfg.notify.iter().any(|c| c.name() == t.channel))
+        .collect();
 }
 
 /// The folders under `state_dir/worktrees` (a task's) and under its pool (idle ones), by name,

@@ -271,3 +271,100 @@ fn backoff_doubles() {
     assert_eq!(retry_delay(&cfg, 1), Duration::from_secs(60));
     assert_eq!(retry_delay(&cfg, 3), Duration::from_secs(240));
 }
+
+/// A fan-out parent waits for its candidates; `first_pass` picks at the first completion, `all` and
+/// `judge` only once every candidate finished, and `judge` asks its judge first when more than one
+/// candidate completed.
+#[test]
+fn a_fan_out_is_decided_by_its_candidates() {
+    let decide_with = |yaml: &str, states: &[(&str, DepState)]| {
+        let mut s = Scheduler::new();
+        pending(&mut s, yaml, "f");
+        let p = s.get("f").expect("pending").clone();
+        let states: HashMap<String, DepState> =
+            states.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        let dep = |id: &str| states.get(id).copied().unwrap_or(DepState::Missing);
+        let unavailable = HashMap::new();
+        let running = HashMap::new();
+        let cap = Capacity {
+            running_total: 0,
+            running_per_agent: &running,
+            unavailable: &unavailable,
+        };
+        decide(&cfg(), &p, Instant::now(), &cap, &dep, None)
+    };
+    use DepState::*;
+    let first = "description: x\nfan_out: [a, b]\n";
+    assert_eq!(
+        decide_with(first, &[("f.a", Running), ("f.b", Pending)]),
+        Decision::Wait(WaitReason::Dependencies(vec![
+            ("f.a".into(), Running),
+            ("f.b".into(), Pending)
+        ]))
+    );
+    assert_eq!(
+        decide_with(first, &[("f.a", Running), ("f.b", Completed)]),
+        Decision::Pick
+    );
+    assert!(matches!(
+        decide_with(first, &[("f.a", Failed), ("f.b", Failed)]),
+        Decision::Fail(e) if e.contains("no candidate completed")
+    ));
+    let all = "description: x\nfan_out: 2\npick: all\n";
+    assert!(matches!(
+        decide_with(all, &[("f.1", Completed), ("f.2", Running)]),
+        Decision::Wait(_)
+    ));
+    assert_eq!(
+        decide_with(all, &[("f.1", Completed), ("f.2", Failed)]),
+        Decision::Pick
+    );
+    let judged = "description: x\nfan_out: [a, b]\npick: judge\njudge: b\n";
+    let both = [("f.a", Completed), ("f.b", Completed)];
+    assert_eq!(decide_with(judged, &both), Decision::Judge);
+    let mut asked = both.to_vec();
+    asked.push(("f.judge", Running));
+    assert!(matches!(decide_with(judged, &asked), Decision::Wait(_)));
+    asked[2].1 = Failed;
+    assert_eq!(decide_with(judged, &asked), Decision::Pick);
+    // One completed: no judge is needed.
+    assert_eq!(
+        decide_with(judged, &[("f.a", Completed), ("f.b", Failed)]),
+        Decision::Pick
+    );
+    assert!(matches!(
+        decide_with("description: x\nfan_out: [a, zz]\n", &[]),
+        Decision::Fail(e) if e.contains("agent `zz` is not configured")
+    ));
+}
+
+/// A candidate pinned to its agent never falls back to another; with `fan_out_skip_cooling` it
+/// is dropped while its agent cannot run.
+#[test]
+fn a_candidate_stays_on_its_agent() {
+    let task = |yaml: &str| parse_task(yaml, "f.a", "t.yaml").expect("valid");
+    let mut unavailable = HashMap::new();
+    unavailable.insert("a".to_string(), cooling(Outcome::RateLimited));
+    let running = HashMap::new();
+    let cap = Capacity {
+        running_total: 0,
+        running_per_agent: &running,
+        unavailable: &unavailable,
+    };
+    let plain = task("description: x\nagent: a\n");
+    assert!(matches!(
+        choose_agent(&cfg(), &plain, &cap, None, None),
+        Decision::Run { agent, .. } if agent == "b"
+    ));
+    let candidate = task("description: x\nagent: a\nparent: f\ncandidate: a\n");
+    assert!(matches!(
+        choose_agent(&cfg(), &candidate, &cap, None, None),
+        Decision::Wait(WaitReason::AgentUnavailable(_))
+    ));
+    let dropped =
+        task("description: x\nagent: a\nparent: f\ncandidate: a\nfan_out_skip_cooling: true\n");
+    assert!(matches!(
+        choose_agent(&cfg(), &dropped, &cap, None, None),
+        Decision::Fail(e) if e.contains("candidate dropped (fan_out_skip_cooling)")
+    ));
+}

@@ -133,6 +133,9 @@ pub enum Unavailable {
     },
     /// Cannot run at all (not installed, no adapter), in the words of `agents::unavailable_reason`.
     Missing(String),
+    /// Its spend (or all agents' spend, under `orchestrator.budget`) reached a `budget` limit:
+    /// paused until the window resets. `reason` names spend, limit and reset.
+    OverBudget { agent: String, reason: String },
 }
 
 impl fmt::Display for Unavailable {
@@ -153,6 +156,7 @@ impl fmt::Display for Unavailable {
                 hint,
             } => write!(f, "agent {agent}: needs login: {reason} ({hint})"),
             Unavailable::Missing(reason) => f.write_str(reason),
+            Unavailable::OverBudget { agent, reason } => write!(f, "agent {agent}: {reason}"),
         }
     }
 }
@@ -260,6 +264,20 @@ pub(super) mod tests {
              (run `claude` once to log in, or set ANTHROPIC_API_KEY)"
         );
         // A person has to act: `--once` does not stay for it.
+        assert!(!why.waits_for_cooldown());
+    }
+
+    #[test]
+    fn an_agent_over_budget_says_spend_limit_and_reset() {
+        let why = WaitReason::AgentUnavailable(vec![Unavailable::OverBudget {
+            agent: "claude".into(),
+            reason: "budget: $20.00 of $20.00 today, resets at 00:00 UTC".into(),
+        }]);
+        assert_eq!(
+            why.to_string(),
+            "no agent available: agent claude: budget: $20.00 of $20.00 today, resets at 00:00 UTC"
+        );
+        // Hours away: `--once` does not stay for it.
         assert!(!why.waits_for_cooldown());
     }
 

@@ -221,6 +221,67 @@ pub fn render(state: &State, reader: &Reader) -> Result<String> {
             .inc_by(t.output_tokens);
     }
 
+    // Spend against each configured budget, per window (in `orchestrator.timezone`).
+    let spend_usd = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+    reg.register(
+        "budget_spent_usd",
+        "What the attempts of a budget's scope (an agent, or `all`) cost in the current window",
+        spend_usd.clone(),
+    );
+    let spend_tokens = Family::<Labels, Gauge>::default();
+    reg.register(
+        "budget_spent_tokens",
+        "Input plus output tokens of a budget's scope (an agent, or `all`) in the current window",
+        spend_tokens.clone(),
+    );
+    let limit_usd = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+    reg.register(
+        "budget_limit_usd",
+        "A configured budget limit in US dollars, per window",
+        limit_usd.clone(),
+    );
+    let limit_tokens = Family::<Labels, Gauge>::default();
+    reg.register(
+        "budget_limit_tokens",
+        "A configured budget limit in tokens, per window",
+        limit_tokens.clone(),
+    );
+    let paused = Family::<Labels, Gauge>::default();
+    reg.register(
+        "budget_paused",
+        "1 while a reached budget limit pauses the scope (an agent, or `all`)",
+        paused.clone(),
+    );
+    for b in project.budgets(reader)? {
+        let s = &b.standing;
+        paused
+            .get_or_create(&labels(&[("scope", &b.scope)]))
+            .set(i64::from(s.paused.is_some()));
+        for (w, spend, usd, tokens) in [
+            ("day", s.today, s.limits.daily_usd, s.limits.daily_tokens),
+            (
+                "month",
+                s.this_month,
+                s.limits.monthly_usd,
+                s.limits.monthly_tokens,
+            ),
+        ] {
+            let l = labels(&[("scope", &b.scope), ("window", w)]);
+            spend_usd.get_or_create(&l).set(spend.usd);
+            spend_tokens
+                .get_or_create(&l)
+                .set(i64::try_from(spend.tokens).unwrap_or(i64::MAX));
+            if let Some(v) = usd {
+                limit_usd.get_or_create(&l).set(v);
+            }
+            if let Some(v) = tokens {
+                limit_tokens
+                    .get_or_create(&l)
+                    .set(i64::try_from(v).unwrap_or(i64::MAX));
+            }
+        }
+    }
+
     let last_seq = Gauge::<i64>::default();
     reg.register(
         "mirror_last_event_seq",

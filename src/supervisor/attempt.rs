@@ -443,6 +443,10 @@ pub(super) async fn run_attempt(
         prompt_file: &prompt_file,
         workdir: &workdir_path,
         resume_session: resumable_session(&claim),
+        max_cost_usd: task.file.max_cost_usd.map(|max| {
+            let spent: f64 = claim.history.iter().filter_map(|a| a.cost_usd).sum();
+            (max - spent).max(0.0)
+        }),
     };
     let inv = match adapter.invocation(&claim.agent, &agent_cfg, &req) {
         Ok(i) => i,
@@ -596,7 +600,7 @@ pub(super) async fn run_attempt(
             })
             .await;
             match committed {
-                Ok((w, c)) => {
+                Ok((w, mut c)) => {
                     if let Some(check) = check.as_ref().filter(|_| c.head().is_some()) {
                         let run = check_run(&w.cwd);
                         checked = Some(super::check::run(run, check, stop_for_check).await);
@@ -604,8 +608,20 @@ pub(super) async fn run_attempt(
                     }
                     let outcome = after_check(&mut parsed, checked.as_ref());
                     let completed = outcome == Outcome::Completed;
+                    // A task whose `max_cost_usd` is spent has no next attempt (see `verdict`):
+                    // what it did stays on its branch.
+                    let spent = crate::budget::task_spent(
+                        task.file.max_cost_usd,
+                        claim.history.iter().chain([&attempt]),
+                    );
+                    let out_of_budget = !completed
+                        && outcome != Outcome::Cancelled
+                        && (spent.is_some() || outcome == Outcome::BudgetExhausted);
+                    if out_of_budget {
+                        c.keep_branch();
+                    }
                     // The next attempt may continue this one's session: it does so in this worktree.
-                    let hold = parsed.session_id.is_some() && resumable(outcome);
+                    let hold = !out_of_budget && parsed.session_id.is_some() && resumable(outcome);
                     let t = task.clone();
                     let finish = move || w.land_and_release(&t, c, completed, hold);
                     match tokio::task::spawn_blocking(finish).await {

@@ -62,6 +62,8 @@ pub(super) struct Dispatch {
     route_tx: mpsc::UnboundedSender<(String, Routed)>,
     /// The free-space floor (`workspace.min_free_disk_mb`) as last looked at.
     disk: DiskFloor,
+    /// What the agents spent against their budgets; a reached limit pauses agents like a cooldown.
+    pub(super) spending: super::spend::Spending,
 }
 
 /// How often, at most, the free space of the state directory's file system is looked at (one
@@ -101,6 +103,7 @@ impl Dispatch {
             routes: HashMap::new(),
             route_tx,
             disk: DiskFloor::default(),
+            spending: Default::default(),
         };
         (
             dispatch,
@@ -400,7 +403,12 @@ impl Dispatch {
     /// Which agents cannot run now, and why: not installed (looked up at most once a second: a
     /// PATH lookup per agent on every pass would be the scheduler's main cost in a burst, and
     /// installs are not that quick), cooling down, or in need of a login.
-    fn availability(&mut self, cfg: &Config, wall: OffsetDateTime) -> HashMap<String, Unavailable> {
+    fn availability(
+        &mut self,
+        env: &Env,
+        cfg: &Config,
+        wall: OffsetDateTime,
+    ) -> HashMap<String, Unavailable> {
         let fresh = self
             .unavailable
             .as_ref()
@@ -429,6 +437,8 @@ impl Dispatch {
                     outcome: c.outcome,
                 });
         }
+        // A reached budget pauses like a cooldown (which, ending sooner, is said first).
+        self.spending.pause(env, wall, &mut unavailable);
         // A login outlasts any cooldown: when both hold, the login is what a person must see to
         // (a CLI that is not installed comes first all the same).
         for (agent, m) in self.logins.active() {
@@ -453,13 +463,14 @@ impl Dispatch {
     /// while agents are busy. `None`: every slot is taken and no full pass is due.
     pub(super) fn begin_pass(
         &mut self,
-        cfg: &Config,
+        env: &Env,
         running: usize,
         queue: &mut Scheduler,
     ) -> Option<Pass> {
+        let cfg = &env.cfg;
         let now = Instant::now();
         let wall = OffsetDateTime::now_utc();
-        let unavailable = self.availability(cfg, wall);
+        let unavailable = self.availability(env, cfg, wall);
         let full = std::mem::take(&mut self.full_pass_due);
         if !full && running >= cfg.orchestrator.max_concurrent {
             return None;
@@ -473,6 +484,10 @@ impl Dispatch {
         }
         if let Some(d) = self.cooldowns.next_end(wall) {
             // Wake when the first cooldown ends, so the tasks waiting for it are looked at again.
+            self.wake_at(now + d);
+        }
+        if let Some(d) = self.spending.next_reset(wall) {
+            // Likewise when a budget window resets.
             self.wake_at(now + d);
         }
         Some(Pass {
@@ -577,7 +592,7 @@ impl Pass {
             let dep_state = |d: &str| dep_state(view, queue, d);
             let decision = match scheduler::decide(cfg, p, self.now, &cap, &dep_state, routed) {
                 // Every claim needs the disk: the floor holds back whatever would start.
-                Decision::Run { .. } | Decision::CompleteParent
+                Decision::Run { .. } | Decision::CompleteParent | Decision::Pick
                     if let Some((_, min_mb)) = dispatch.disk.low =>
                 {
                     Decision::Wait(WaitReason::LowDisk { min_mb })
@@ -612,6 +627,8 @@ impl Pass {
                     return Some(Action::Start { id, agent, because });
                 }
                 Decision::CompleteParent => return Some(Action::CompleteParent(id.clone())),
+                Decision::Pick => return Some(Action::Pick(id.clone())),
+                Decision::Judge => return Some(Action::Judge(id.clone())),
                 Decision::Fail(reason) => {
                     let id = id.clone();
                     return Some(Action::Fail { id, reason });
@@ -660,7 +677,7 @@ fn dep_state(view: &View, queue: &Scheduler, id: &str) -> DepState {
     }
 }
 
-fn claim_record(me: &Instance, p: &Pending, agent: &str, because: &str) -> Claim {
+pub(super) fn claim_record(me: &Instance, p: &Pending, agent: &str, because: &str) -> Claim {
     let now = fsutil::now_rfc3339();
     Claim {
         task_id: p.task.id.clone(),
@@ -767,10 +784,12 @@ impl Supervisor {
         }
         let Some(mut pass) =
             self.dispatch
-                .begin_pass(&self.env.cfg, self.runs.len(), &mut self.intake.queue)
+                .begin_pass(&self.env, self.runs.len(), &mut self.intake.queue)
         else {
             return;
         };
+        // A judge task written during the pass is not in its order: another pass starts it.
+        let mut again = false;
         loop {
             let next = {
                 let (intake, dispatch, view) = self.parts();
@@ -779,6 +798,7 @@ impl Supervisor {
             let Some(action) = next else {
                 break;
             };
+            again |= matches!(action, Action::Judge(_));
             if let Action::Fail { id, .. } = &action
                 && self.names_unknown_agent(id)
                 && self.reload_config()
@@ -791,6 +811,9 @@ impl Supervisor {
             self.apply(vec![action]);
         }
         pass.end(&mut self.intake.queue);
+        if again {
+            self.dispatch_phase();
+        }
     }
 
     /// The pending task `id` names an agent the running configuration does not have.
@@ -815,19 +838,33 @@ impl Supervisor {
         self.state_dirty = true;
     }
 
+    /// Claim pending task `id` for work orchestrate does itself (no agent runs: a subtask parent's
+    /// completion, a fan-out's pick). Rare and quick, so claimed on the loop. `Err`: it was not ours
+    /// to claim, and what follows from that.
+    pub(super) fn claim_agentless(
+        &mut self,
+        id: &str,
+        because: &str,
+    ) -> Result<(Pending, Claim), Vec<Action>> {
+        let Some(p) = self.intake.take(id) else {
+            return Err(vec![]);
+        };
+        let env = &self.env;
+        let claim = claim_record(&env.me, &p, crate::record::NO_AGENT, because);
+        match claim_task(&env.spool, &p.path, &claim, p.hash, None) {
+            Claimed::Ours => Ok((p, claim)),
+            how => Err(unclaimed(env, &p.task, &claim, &p.path, false, how)),
+        }
+    }
+
     /// Finish a parent whose subtasks all completed: its output is theirs, one after the other.
     #[must_use = "the actions are the rest of the work: apply them"]
     pub(super) fn complete_parent(&mut self, id: &str) -> Vec<Action> {
-        let Some(p) = self.intake.take(id) else {
-            return vec![];
+        let (p, claim) = match self.claim_agentless(id, "all subtasks completed") {
+            Ok(claimed) => claimed,
+            Err(actions) => return actions,
         };
         let env = &self.env;
-        let claim = claim_record(&env.me, &p, "-", "all subtasks completed");
-        // Rare and quick (no agent runs): claimed on the loop.
-        match claim_task(&env.spool, &p.path, &claim, p.hash, None) {
-            Claimed::Ours => {}
-            how => return unclaimed(env, &p.task, &claim, &p.path, false, how),
-        }
         let mut text = String::new();
         for i in 1..=p.task.file.subtasks.len() {
             let child = scheduler::subtask_id(id, i);
@@ -862,6 +899,7 @@ impl Supervisor {
             error: None,
             chosen_because: Some("all subtasks completed".into()),
             workspace: None,
+            fan_out: None,
         };
         vec![Action::commit(&p.task, result)]
     }

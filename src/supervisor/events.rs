@@ -104,6 +104,10 @@ pub(super) enum Action {
     },
     /// Finish a parent whose subtasks all completed, without an agent.
     CompleteParent(String),
+    /// A fan-out's candidates settled it: stop the others, then pick and land the winner.
+    Pick(String),
+    /// Write the judge task of a `pick: judge` fan-out whose candidates all finished.
+    Judge(String),
     /// Fail a pending task without running it.
     Fail { id: String, reason: String },
     /// The cancel request for a task has been carried out.

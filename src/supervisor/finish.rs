@@ -69,11 +69,35 @@ pub(super) struct Judged<'a> {
     /// The task itself is at fault (bad workdir, missing context file): retrying cannot help.
     pub(super) permanent: bool,
     pub(super) max_retries: u32,
+    /// The task's `max_cost_usd`: what its attempts together may cost.
+    pub(super) max_cost_usd: Option<f64>,
 }
 
 /// Decide what an attempt's report means. Pure: no clock, no disk, no state.
 pub(super) fn verdict(j: &Judged, cfg: &Config) -> Verdict {
     let outcome = j.attempt.outcome;
+    // A task that spent its `max_cost_usd` is not run again, whatever ended the attempt (a failure,
+    // a rate limit, a shutdown): another attempt could only spend more. Its work stays on its branch.
+    let all = || j.earlier.iter().chain([j.attempt]);
+    if !matches!(outcome, Outcome::Completed | Outcome::Cancelled)
+        && (outcome == Outcome::BudgetExhausted
+            || crate::budget::task_spent(j.max_cost_usd, all()).is_some())
+    {
+        let n = all().count();
+        let spent = crate::budget::usd(all().filter_map(|a| a.cost_usd).sum());
+        // Without `max_cost_usd` the cap was the agent's own (`--max-budget-usd` in its `args`).
+        let cap = match j.max_cost_usd {
+            Some(max) => format!("max_cost_usd ${}", crate::budget::usd(max)),
+            None => "the agent's own cost cap".into(),
+        };
+        return Verdict::Done {
+            status: Terminal::Failed,
+            error: Some(format!(
+                "budget_exhausted: spent ${spent} of {cap} in {n} attempt(s); last: {}",
+                j.attempt.error.as_deref().unwrap_or(outcome.as_str())
+            )),
+        };
+    }
     if j.stopped == Some(StopKind::Shutdown) && outcome != Outcome::Completed {
         return Verdict::Interrupted;
     }
@@ -216,9 +240,21 @@ impl Commits {
 
     /// Hand the result to a blocking thread that commits it; `on_committed` takes it from there.
     pub(super) fn start(&mut self, spool: &Spool, task: Task, result: TaskResult) {
-        let id = result.task_id.clone();
+        self.start_with(spool, task, move || result);
+    }
+
+    /// Work out the result on a blocking thread (`make`: a fan-out's pick lands its winner
+    /// there), then commit it as [`Commits::start`] does.
+    pub(super) fn start_with(
+        &mut self,
+        spool: &Spool,
+        task: Task,
+        make: impl FnOnce() -> TaskResult + Send + 'static,
+    ) {
+        let id = task.id.clone();
         let spool = spool.clone();
         let handle = self.tasks.spawn_blocking(move || {
+            let result = make();
             let outcome = spool.finish(&result).map_err(|e| format!("{e:#}"));
             Committed {
                 task,
@@ -324,8 +360,25 @@ impl Supervisor {
             stopped: r.stopped,
             permanent: r.permanent,
             max_retries,
+            max_cost_usd: run.task.file.max_cost_usd,
         };
         let verdict = verdict(&judged, &env.cfg);
+        // Spent whatever becomes of the task; the agent's budget counts it at once.
+        self.dispatch.spending.attempt_finished(&r.id, &r.attempt);
+        if r.attempt.outcome == crate::record::Outcome::Stalled {
+            env.notice(
+                crate::config::NotifyOn::Stalled,
+                Some(&run.claim.agent),
+                Some(&r.id),
+                format!(
+                    "{} on {}: {}",
+                    r.id,
+                    run.claim.agent,
+                    r.attempt.error.as_deref().unwrap_or("stalled")
+                ),
+                None,
+            );
+        }
         let mut attempts = run.claim.history.clone();
         attempts.push(r.attempt.clone());
         let outcome = r.attempt.outcome;
@@ -361,6 +414,13 @@ impl Supervisor {
                 console::warn(&format!(
                     "cooldown   {agent} until {until}: {outcome} ({error})"
                 ));
+                env.notice(
+                    crate::config::NotifyOn::Cooldown,
+                    Some(agent),
+                    Some(&r.id),
+                    format!("{agent} is cooling down until {until}: {outcome} ({error})"),
+                    Some(until.clone()),
+                );
                 let reason = format!("{outcome} on {agent}; cooling down until {until}");
                 let history = history(None, Some(reason));
                 let why = format!("{outcome} on {agent}: re-dispatched");
@@ -380,6 +440,13 @@ impl Supervisor {
                     "login      {agent} needs login: {error} ({})",
                     mark.hint
                 ));
+                env.notice(
+                    crate::config::NotifyOn::NeedsLogin,
+                    Some(agent),
+                    Some(&r.id),
+                    format!("{agent} needs a login: {error} ({})", mark.hint),
+                    None,
+                );
                 let reason = format!("auth on {agent}: needs login ({error})");
                 let history = history(None, Some(reason));
                 let why = format!("auth on {agent}: needs login; re-dispatched");
@@ -403,6 +470,16 @@ impl Supervisor {
                 requeue(env, &run.task, history, &why)
             }
             Verdict::Done { status, error } => {
+                // Orchestrate's own cancel (another candidate won) says so, not "by user".
+                let error = match (&run.cancel_reason, outcome) {
+                    (Some(why), Outcome::Cancelled) => {
+                        if let Some(a) = attempts.last_mut() {
+                            a.error = Some(why.clone());
+                        }
+                        Some(why.clone())
+                    }
+                    _ => error,
+                };
                 if status == Terminal::Completed {
                     self.dispatch.succeeded(agent);
                 }
@@ -430,6 +507,7 @@ impl Supervisor {
                     error,
                     chosen_because: run.claim.chosen_because.clone(),
                     workspace: r.workspace.clone().map(Box::new),
+                    fan_out: None,
                 };
                 // Capped: a task that changed 200,000 files keeps a record that reads back.
                 result.set_files(&r.files_modified, rel(&r.files_file), review);
@@ -682,6 +760,7 @@ mod tests {
             stopped,
             permanent,
             max_retries: 2,
+            max_cost_usd: None,
         };
         verdict(&j, &cfg())
     }
@@ -765,6 +844,97 @@ mod tests {
             judge(&this, &[], Some(StopKind::Shutdown), false),
             Verdict::Interrupted
         );
+    }
+
+    /// The verdict on `this` after `earlier`, with `max_retries` 2 and `max_cost_usd`.
+    fn judge_costly(
+        this: &Attempt,
+        earlier: &[Attempt],
+        stopped: Option<StopKind>,
+        max: f64,
+    ) -> Verdict {
+        let j = Judged {
+            attempt: this,
+            earlier,
+            stopped,
+            permanent: false,
+            max_retries: 2,
+            max_cost_usd: Some(max),
+        };
+        verdict(&j, &cfg())
+    }
+
+    fn costing(outcome: Outcome, cost: Option<f64>) -> Attempt {
+        Attempt {
+            cost_usd: cost,
+            ..attempt(outcome, Some("exit 1"))
+        }
+    }
+
+    #[test]
+    fn a_task_that_spent_its_max_cost_is_not_retried() {
+        // Under the cap: retried as usual.
+        let this = costing(Outcome::AgentError, Some(0.40));
+        assert!(matches!(
+            judge_costly(&this, &[], None, 1.0),
+            Verdict::Retry { failures: 1, .. }
+        ));
+        // Earlier attempts count too: 0.40 + 0.60 reaches 1.00, with retries left.
+        let earlier = [costing(Outcome::Timeout, Some(0.60))];
+        let v = judge_costly(&this, &earlier, None, 1.0);
+        assert_eq!(
+            v,
+            failed(
+                "budget_exhausted: spent $1.00 of max_cost_usd $1.00 in 2 attempt(s); last: exit 1"
+            )
+        );
+        // Whatever would have re-run it: a rate limit, a failed check, a shutdown.
+        for (outcome, stopped) in [
+            (Outcome::RateLimited, None),
+            (Outcome::CheckFailed, None),
+            (Outcome::Interrupted, Some(StopKind::Shutdown)),
+        ] {
+            let this = costing(outcome, Some(2.0));
+            assert!(
+                matches!(judge_costly(&this, &[], stopped, 1.0),
+                    Verdict::Done { status: Terminal::Failed, error: Some(e) } if e.starts_with("budget_exhausted: spent $2.00 of max_cost_usd $1.00")),
+                "{outcome:?}"
+            );
+        }
+        // A completed task completes, and a cancel is a cancel, whatever they cost.
+        let done = costing(Outcome::Completed, Some(5.0));
+        assert!(matches!(
+            judge_costly(&done, &[], None, 1.0),
+            Verdict::Done {
+                status: Terminal::Completed,
+                ..
+            }
+        ));
+        let cancelled = costing(Outcome::Cancelled, Some(5.0));
+        assert_eq!(
+            judge_costly(&cancelled, &[], None, 1.0),
+            failed("cancelled by user")
+        );
+        // The CLI stopped itself at its cap (a few cents under it, as the CLI measures): not retried.
+        let capped = costing(Outcome::BudgetExhausted, Some(0.97));
+        assert!(matches!(
+            judge_costly(&capped, &[], None, 1.0),
+            Verdict::Done { status: Terminal::Failed, error: Some(e) } if e.starts_with("budget_exhausted: spent $0.97 of max_cost_usd $1.00 in 1 attempt(s)")
+        ));
+        // A cap in the agent's own `args`: said so.
+        let capped = costing(Outcome::BudgetExhausted, Some(0.5));
+        assert_eq!(
+            judge(&capped, &[], None, false),
+            failed(
+                "budget_exhausted: spent $0.50 of the agent's own cost cap in 1 attempt(s); last: exit 1"
+            )
+        );
+        // Without a cap nothing changes: an attempt that cost a lot is retried.
+        let this = costing(Outcome::AgentError, Some(100.0));
+        assert!(matches!(
+            judge(&this, &[], None, false),
+            Verdict::Retry { .. }
+        ));
     }
 
     #[test]

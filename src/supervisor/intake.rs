@@ -656,6 +656,9 @@ impl Intake {
         if !task.file.subtasks.is_empty() {
             self.expand_subtasks(view, &task, out);
         }
+        if task.file.fan_out.is_some() {
+            self.expand_fan_out(view, &task, out);
+        }
         let is_new = !self.queue.contains(&id);
         let seq = match self.queue.get(&id) {
             Some(p) => p.seq,
@@ -723,19 +726,53 @@ impl Intake {
         self.forget_path(view, path, out);
     }
 
-    /// Write a child task per subtask, each depending on the one before. Idempotent: a child that
-    /// exists anywhere in the tree is left alone, so a crash mid-way is finished on the next pass.
+    /// Write a child task per subtask, each depending on the one before.
     fn expand_subtasks(&mut self, view: &View, parent: &Task, out: &mut Vec<Action>) {
+        let children = (1..=parent.file.subtasks.len())
+            .map(|n| scheduler::subtask_file(parent, n))
+            .collect();
+        self.write_children(view, children, out);
+    }
+
+    /// Write a candidate task per `fan_out` entry. Not one when an agent it names is unknown:
+    /// the scheduler fails the task at once, and no candidate should run for it.
+    fn expand_fan_out(&mut self, view: &View, parent: &Task, out: &mut Vec<Action>) {
+        let Some(fan) = parent.file.fan_out.as_ref() else {
+            return;
+        };
+        if let task::FanOut::Agents(agents) = fan
+            && agents.iter().any(|a| !view.env.cfg.agents.contains_key(a))
+        {
+            return;
+        }
+        let names = fan.names();
+        let children = names
+            .iter()
+            .map(|n| scheduler::fan_out::candidate_file(parent, n))
+            .collect();
+        self.write_children(view, children, out);
+    }
+
+    /// Write child task files orchestrate makes (subtasks, fan-out candidates, a judge) into
+    /// `pending/` and read them at once. Idempotent: a child that exists anywhere in the tree is
+    /// left alone, so a crash mid-way is finished on the next pass.
+    pub(super) fn write_children(
+        &mut self,
+        view: &View,
+        children: Vec<task::TaskFile>,
+        out: &mut Vec<Action>,
+    ) {
         let spool = &view.env.spool;
-        for n in 1..=parent.file.subtasks.len() {
-            let id = scheduler::subtask_id(&parent.id, n);
+        for child in children {
+            let Some(id) = child.id.clone() else {
+                continue;
+            };
             if self.queue.contains(&id)
                 || spool.settled_place(&id).is_some()
                 || view.ledger.is_done(&id)
             {
                 continue;
             }
-            let child = scheduler::subtask_file(parent, n);
             let name = format!("{id}.yaml");
             match spool.add_pending(&name, child.to_yaml().as_bytes()) {
                 Ok(true) => {
@@ -746,7 +783,7 @@ impl Intake {
                     self.ingest_ready(view, &p, &name, sig, out);
                 }
                 Ok(false) => {}
-                Err(e) => console::warn(&format!("cannot write subtask {id}: {e}")),
+                Err(e) => console::warn(&format!("cannot write task {id}: {e}")),
             }
         }
     }

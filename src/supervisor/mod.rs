@@ -42,8 +42,10 @@
 //! - `runs.rs`: the attempts in flight.
 //! - `attempt.rs`: one attempt, off the loop.
 //! - `check.rs`: an attempt's `check` command, run after its agent.
+//! - `fan_out.rs`: a fan-out's judge and pick: stop the losers, land the winner, record them all.
 //! - `finish.rs`: a report's verdict (a pure function), requeues, retries, terminal commits.
 //! - `ledger.rs`: what has finished.
+//! - `spend.rs`: what the agents spent against their budgets.
 //! - `recovery.rs`: start-up recovery, the heartbeat, cancels, state files.
 //! - `tests.rs`: the loop's decisions, event by event, without agents.
 //!
@@ -53,12 +55,15 @@ mod attempt;
 mod check;
 mod dispatch;
 mod events;
+mod fan_out;
 mod finish;
 mod intake;
 mod ledger;
+mod notices;
 mod recovery;
 mod reload;
 mod runs;
+mod spend;
 #[cfg(test)]
 mod tests;
 mod workspace;
@@ -494,7 +499,16 @@ impl Supervisor {
     #[must_use = "the actions are the rest of the work: apply them"]
     fn carry_out(&mut self, action: Action) -> Vec<Action> {
         match action {
-            Action::Queued { id, not_before } => self.dispatch.queued(&id, not_before),
+            Action::Queued { id, not_before } => {
+                // Its earlier attempts count against the budgets, once (a mirror rebuilt at start
+                // has no rows for `pending/` yet).
+                if let Some(p) = self.intake.queue.get(&id) {
+                    for a in &p.history.attempts {
+                        self.dispatch.spending.attempt_finished(&id, a);
+                    }
+                }
+                self.dispatch.queued(&id, not_before)
+            }
             Action::Left(id) => self.dispatch.forget(&id),
             Action::Reopened(id) => self.ledger.reopen(&id),
             Action::Ingest(path) => {
@@ -508,7 +522,13 @@ impl Supervisor {
             Action::Settle(path) => self.intake.settle(&path),
             Action::Start { id, agent, because } => self.start(&id, &agent, &because),
             Action::CompleteParent(id) => return self.complete_parent(&id),
-            Action::Fail { id, reason } => self.fail_pending(&id, &reason),
+            Action::Pick(id) => return self.pick(&id),
+            Action::Judge(id) => return self.write_judge(&id),
+            Action::Fail { id, reason } => {
+                let more = self.stop_candidates_of(&id, &reason);
+                self.fail_pending(&id, &reason);
+                return more;
+            }
             Action::CancelAnswered(id) => self.env.spool.drop_cancel_request(&id),
             Action::Commit(commit) => {
                 let Commit { task, result } = *commit;

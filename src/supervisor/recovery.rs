@@ -54,6 +54,8 @@ impl Supervisor {
             report.upserted, report.deleted
         ));
         let conn = mirror::sqlite::open(&env.layout.state_db())?;
+        // The mirror now holds the records' attempts: what this month cost so far.
+        self.dispatch.spending.load(env, &conn);
         let completed = mirror::sqlite::list(&conn, Some("completed"))?
             .into_iter()
             .map(|row| {

@@ -27,6 +27,9 @@ pub(super) struct Running {
     stop: watch::Sender<Option<Stop>>,
     /// A cancel was requested: a later shutdown must not turn it into a requeue.
     pub(super) cancelling: bool,
+    /// Why, when orchestrate itself cancelled it (another fan-out candidate won); `None` for
+    /// `orchestrate cancel`.
+    pub(super) cancel_reason: Option<String>,
     /// Where the task file was in `pending/` before the claim.
     pub(super) path: PathBuf,
     /// Which start of the supervisor's this is (see `Runs::claimed_tx`).
@@ -138,6 +141,7 @@ impl Runs {
                 claim,
                 stop: stop_tx,
                 cancelling: false,
+                cancel_reason: None,
                 path: p.path,
                 start: self.starts,
                 claimed: false,
@@ -190,6 +194,16 @@ impl Runs {
         r.cancelling = true;
         let _ = r.stop.send(Some(Stop::Cancel));
         Some(true)
+    }
+
+    /// Stop `id`'s agent because `reason` (orchestrate's own cancel: a fan-out decided without
+    /// it). `None`: it is not running.
+    pub(super) fn cancel_because(&mut self, id: &str, reason: &str) -> Option<bool> {
+        let newly = self.cancel(id)?;
+        if newly && let Some(r) = self.running.get_mut(id) {
+            r.cancel_reason = Some(reason.to_string());
+        }
+        Some(newly)
     }
 
     /// A graceful stop: every agent not being cancelled gets SIGTERM, then SIGKILL after the grace

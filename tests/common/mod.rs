@@ -82,6 +82,28 @@ pub fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// `orchestrator.timezone` for a test: an offset at which it is about noon now, so no day or
+/// month of the test's budget windows ends while it runs. With the label `reached` reasons use.
+pub fn noon_zone() -> (String, String) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let hour = (now / 3600 % 24) as i64;
+    let offset = (12 - hour + 36) % 24 - 12;
+    let zone = format!(
+        "{}{:02}:00",
+        if offset < 0 { '-' } else { '+' },
+        offset.abs()
+    );
+    let label = if offset == 0 {
+        "UTC".to_string()
+    } else {
+        zone.clone()
+    };
+    (zone, label)
+}
+
 /// The test configuration: a `fake` agent (this binary) and short timings.
 pub fn test_config(extra: &str) -> String {
     format!(
@@ -167,6 +189,34 @@ impl Project {
     }
 
     /// Start `orchestrate start` in the background with output to a log file.
+    /// Run a supervisor with a crash armed at `spec` (`point:nth`, see src/failpoint.rs); it must
+    /// die by SIGKILL, the point reached. Returns what it printed.
+    pub fn run_until_crash(&self, spec: &str) -> String {
+        use std::os::unix::process::ExitStatusExt;
+        let log = self.path("crashed.log");
+        let f = std::fs::File::create(&log).expect("log");
+        let mut child = self
+            .cmd(&["start", "-v"])
+            .env("ORCHESTRATE_CRASH_AT", spec)
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().expect("clone"))
+            .stderr(f)
+            .spawn()
+            .expect("spawn");
+        let status = wait_child(&mut child, Duration::from_secs(60));
+        let out = std::fs::read_to_string(&log).unwrap_or_default();
+        let Some(status) = status else {
+            let _ = child.kill();
+            panic!("{spec}: the supervisor never reached the crash point\n{out}");
+        };
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGKILL),
+            "{spec}: expected death by SIGKILL, got {status:?}\n{out}"
+        );
+        out
+    }
+
     pub fn start(&self) -> Supervisor {
         self.start_with_env(&[])
     }

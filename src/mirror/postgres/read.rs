@@ -13,7 +13,7 @@ use tokio_postgres::Client;
 
 use super::{ANSWER_WITHIN, Notifications, Permanent, answer, channel, one, open, rows};
 use crate::config::valid_schema;
-use crate::mirror::{AgentTotals, AttemptLine, Event, SupervisorRow, TaskRow};
+use crate::mirror::{AgentTotals, AttemptLine, Event, SpentRow, SupervisorRow, TaskRow};
 
 /// A read-only session on a schema a supervisor has written to. A schema without our tables is a
 /// [`Permanent`] error: a one-shot read has nothing to wait for.
@@ -265,6 +265,34 @@ pub async fn supervisors(client: &Client) -> Result<Vec<SupervisorRow>> {
             pid: r.get::<_, i32>(2) as u32,
             started_at: r.get(3),
             heartbeat_at: r.get(4),
+        })
+        .collect())
+}
+
+pub async fn spent_since(client: &Client, since: &str) -> Result<Vec<SpentRow>> {
+    let rows = rows(
+        client,
+        None,
+        "reading attempts",
+        concat!(
+            "SELECT task_id, n, agent, ",
+            text_time!("finished_at"),
+            ", cost_usd, input_tokens, output_tokens FROM attempts
+             WHERE finished_at >= $1::text::timestamptz ORDER BY finished_at, task_id COLLATE \"C\", n"
+        ),
+        &[&since],
+    )
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|r| SpentRow {
+            task_id: r.get(0),
+            n: r.get::<_, i32>(1) as u32,
+            agent: r.get(2),
+            finished_at: r.get(3),
+            cost_usd: r.get(4),
+            input_tokens: r.get::<_, Option<i64>>(5).map(|v| v.max(0) as u64),
+            output_tokens: r.get::<_, Option<i64>>(6).map(|v| v.max(0) as u64),
         })
         .collect())
 }

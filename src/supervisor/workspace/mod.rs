@@ -133,7 +133,7 @@ pub(super) fn prepare(
     let id = &task.id;
     let path = layout.worktree_path(id);
     let busy = Arc::new(Busy::wait(&path));
-    let branch = format!("{}{id}", cfg.workspace.branch_prefix);
+    let branch = task_branch(cfg, task);
     let pooled = (cfg.workspace.pool_idle_seconds > 0 && !cfg.workspace.keep).then(|| pool.clone());
     let made = |base: String, resumed: bool| {
         let cwd = path.join(&sub);
@@ -200,6 +200,16 @@ pub(super) fn prepare(
         std::fs::write(dir.join(BASE_NOTE), format!("{base}\n"))?;
     }
     made(base, false)
+}
+
+/// The branch a task's worktree is on: `<prefix><id>`, and for a fan-out candidate
+/// `<prefix><parent>/<name>`, so a fan-out's branches sit together.
+pub(super) fn task_branch(cfg: &Config, task: &Task) -> String {
+    let prefix = &cfg.workspace.branch_prefix;
+    match (&task.file.parent, &task.file.candidate) {
+        (Some(parent), Some(name)) => format!("{prefix}{parent}/{name}"),
+        _ => format!("{prefix}{}", task.id),
+    }
 }
 
 /// `base` with the changes of `task`'s dependencies that stayed on their branches (`merge: branch`,
@@ -294,6 +304,12 @@ pub(super) struct Committed {
 }
 
 impl Committed {
+    /// The task ends here without landing (its `max_cost_usd` is spent): its branch stays, with
+    /// what the agent did, for a person to take on.
+    pub(super) fn keep_branch(&mut self) {
+        self.keep_branch = true;
+    }
+
     /// The task's commit, when it was made.
     pub(super) fn head(&self) -> Option<&str> {
         self.result.head.as_deref()
@@ -535,8 +551,13 @@ pub(super) fn sweep(cfg: &Config, layout: &Layout, spool: &crate::spool::Spool, 
         }
         // A worktree held for a resume whose task then ended without it (its retries spent) is
         // still on the task's branch: that branch holds nothing that landed, and goes with it.
-        let branch = format!("{}{id}", cfg.workspace.branch_prefix);
-        let on_branch = git::current_branch(&e.path()).is_some_and(|b| b == branch);
+        // (A fan-out candidate `<parent>.<name>` is on `<prefix><parent>/<name>`.)
+        let own = format!("{}{id}", cfg.workspace.branch_prefix);
+        let candidate = id
+            .rsplit_once('.')
+            .map(|(p, c)| format!("{}{p}/{c}", cfg.workspace.branch_prefix));
+        let branch = git::current_branch(&e.path()).unwrap_or_default();
+        let on_branch = branch == own || Some(&branch) == candidate.as_ref();
         let repo = git::worktree_repo(&e.path());
         match git::remove_orphan(&e.path()) {
             Ok(()) => {
