@@ -763,6 +763,61 @@ async fn serve_answers_mcp_over_http_behind_its_token() {
     assert!(sup.stop().success(), "{}", sup.output());
 }
 
+/// `start --serve` mounts the MCP server too: a client adds a task there, the supervisor of the same
+/// process runs it, and the wait answers; SIGTERM ends the process with the client still connected.
+#[tokio::test(flavor = "multi_thread")]
+async fn start_serve_answers_mcp_beside_the_supervisor() {
+    let p = Project::with_config(&config());
+    let log = p.path("start-serve.log");
+    let f = std::fs::File::create(&log).expect("log");
+    let mut child = p
+        .cmd(&["start", "--serve", "127.0.0.1:0"])
+        .env_remove("ORCHESTRATE_SERVE_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(f.try_clone().expect("clone"))
+        .stderr(f)
+        .spawn()
+        .expect("spawn");
+    let mut addr = String::new();
+    wait_for("it says where it serves", LIMIT, || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        addr = text
+            .lines()
+            .find_map(|l| l.split("serving    http://").nth(1))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        !addr.is_empty() && text.contains("watching")
+    });
+    let c = connect_http(&addr, None).await.expect("initialise");
+    let added = ok(&c, "add_task", json!({"description": "@fake print=beside"})).await;
+    let done = ok(
+        &c,
+        "wait_for_task",
+        json!({"id": added["id"], "timeout_seconds": 90}),
+    )
+    .await;
+    assert_eq!(done["state"], "completed", "{done}");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = wait_child(&mut child, Duration::from_secs(30));
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    let status = status.unwrap_or_else(|| {
+        panic!(
+            "start --serve did not end on SIGTERM with an MCP client connected:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    });
+    assert!(
+        status.success(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    drop(c);
+}
+
 /// `serve --read-only` offers only the tools that read: a write tool is not listed, and a call of
 /// one is refused without a file written.
 #[tokio::test(flavor = "multi_thread")]
