@@ -1339,6 +1339,25 @@ mod codex {
         );
         assert!(status.is_some_and(|s| s.success()), "{said}");
         assert!(said.contains("Both tasks finished."), "{said}");
+        // Codex offered the model every tool it loaded from the server, in its namespace.
+        let first: Value = server
+            .requests()
+            .iter()
+            .find(|(m, _, _)| m == "POST")
+            .and_then(|(_, _, b)| serde_json::from_str(b).ok())
+            .expect("a request");
+        let namespace = first["tools"]
+            .as_array()
+            .and_then(|a| a.iter().find(|t| t["name"] == "mcp__orchestrate"))
+            .unwrap_or_else(|| panic!("no mcp__orchestrate namespace: {}", first["tools"]));
+        let mut offered: Vec<&str> = namespace["tools"]
+            .as_array()
+            .expect("tools")
+            .iter()
+            .filter_map(|t| t["name"].as_str())
+            .collect();
+        offered.sort();
+        assert_eq!(offered, TOOLS);
         let results = tool_results(&server);
         let names: Vec<&str> = results.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(
