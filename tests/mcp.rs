@@ -127,6 +127,9 @@ async fn every_tool_against_a_running_supervisor() {
         "workdir",
         "check",
         "labels",
+        "fan_out",
+        "pick",
+        "judge",
     ] {
         assert!(props.contains_key(field), "add_task's schema lacks {field}");
     }
@@ -350,6 +353,21 @@ async fn wrong_input_is_a_tool_error_the_model_can_correct() {
             "timeout_minutes",
         ),
         (
+            "add_task",
+            json!({"description": "x", "fan_out": 1}),
+            "`fan_out` must be between 2 and 16 candidates",
+        ),
+        (
+            "add_task",
+            json!({"description": "x", "fan_out": ["fake"], "pick": "best"}),
+            "`pick`",
+        ),
+        (
+            "add_task",
+            json!({"description": "x", "fan_out": ["fake"], "pick": "judge"}),
+            "needs `judge: AGENT`",
+        ),
+        (
             "list_tasks",
             json!({"state": "done"}),
             "state must be pending, running, completed or failed",
@@ -382,6 +400,21 @@ async fn wrong_input_is_a_tool_error_the_model_can_correct() {
     // Still serving.
     let added = ok(&c, "add_task", json!({"description": "fine"})).await;
     assert_eq!(added["id"], "task_001");
+    // A fan-out is written as its task file says one.
+    let raced = ok(
+        &c,
+        "add_task",
+        json!({"description": "race", "fan_out": ["fake"], "pick": "all"}),
+    )
+    .await;
+    let file = p.read(&format!(
+        "tasks/pending/{}.yaml",
+        raced["id"].as_str().expect("an id")
+    ));
+    assert!(
+        file.contains("fan_out:\n- fake") && file.contains("pick: all"),
+        "{file}"
+    );
     c.cancel().await.expect("close the client");
 }
 

@@ -231,6 +231,16 @@ pub struct AddTaskArgs {
     pub max_retries: Option<u32>,
     /// What all its attempts together may cost, in USD; once spent, it is not retried.
     pub max_cost_usd: Option<f64>,
+    /// Race several candidates: a list of agent names (`["claude", "codex"]`), or a count (2 to 16)
+    /// of candidates on the agent routing picks. Each runs in its own worktree as task `<id>.<name>`.
+    #[schemars(with = "Option<Value>")]
+    pub fan_out: Option<crate::task::FanOut>,
+    /// With `fan_out`: which candidate lands: "first_pass" (default: the first to complete with its
+    /// check passing), "judge" (the `judge` agent chooses), "all" (none; merge one with `merge_task`).
+    #[schemars(with = "Option<String>")]
+    pub pick: Option<crate::task::Pick>,
+    /// With `pick: "judge"`: the agent that chooses among the candidates.
+    pub judge: Option<String>,
     /// Use this id instead of the next task_NNN.
     pub id: Option<String>,
 }
@@ -261,6 +271,8 @@ pub struct MergeArgs {
     /// Also commit the changes on the current branch (default: leave them uncommitted).
     #[serde(default)]
     pub commit: bool,
+    /// For a fan-out task: the candidate to land (its name: an agent, or a number).
+    pub candidate: Option<String>,
 }
 
 #[derive(Deserialize, JsonSchema)]
@@ -430,7 +442,9 @@ impl Server {
             id: a.id,
             check: a.check,
             labels: a.labels,
-            ..Default::default()
+            fan_out: a.fan_out,
+            pick: a.pick,
+            judge: a.judge,
         };
         self.call(move |p| {
             let (id, file) = p.add_task(&new)?;
@@ -640,7 +654,11 @@ impl Server {
     ) -> Result<Json<Answer>, String> {
         let a: MergeArgs = args(raw)?;
         self.call(move |p| {
-            Ok(match p.merge_kept(&a.id, a.commit)? {
+            let merged = match &a.candidate {
+                Some(c) => p.merge_candidate(&a.id, c, a.commit)?,
+                None => p.merge_kept(&a.id, a.commit)?,
+            };
+            Ok(match merged {
                 crate::project::land::Merged::Conflict { files, .. } => Landing {
                     id: a.id,
                     merge: "conflict".into(),
