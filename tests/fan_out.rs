@@ -227,7 +227,15 @@ fn pick_all_keeps_every_branch_until_a_person_merges_one() {
     let r = p.result("completed", "both");
     assert_eq!(r["fan_out"]["winner"], "fb", "{r}");
     assert!(candidate(&r, "fb")["branch"].is_null(), "{r}");
-    assert!(!branches(&p).contains("orchestrate/both/fb"));
+    // The other candidate's branch went with the choice; its record says so.
+    assert_eq!(branches(&p), "");
+    assert!(candidate(&r, "fa")["branch"].is_null(), "{r}");
+    assert!(
+        p.result("completed", "both.fa")["workspace"]["merge"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("discarded")),
+        "{r}"
+    );
     // Once one landed, another cannot.
     let again = p.run(&["merge", "both", "--candidate", "fa"]);
     again.assert_code(2);

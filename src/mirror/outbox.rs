@@ -271,13 +271,15 @@ pub struct Pending {
     pub tries: u32,
 }
 
-/// Undelivered events whose next try is due, oldest first.
-pub fn due(conn: &Connection, now_ms: i64, limit: usize) -> Result<Vec<Pending>> {
+/// `channel`'s undelivered events whose next try is due, oldest first. Asked per channel, so one
+/// channel's backlog never takes the places of another's.
+pub fn due(conn: &Connection, channel: &str, now_ms: i64, limit: usize) -> Result<Vec<Pending>> {
     let mut stmt = conn.prepare(
         "SELECT channel, event_id, kind, body, queued_ms, tries FROM notify_outbox
-         WHERE state = 'pending' AND next_ms <= ?1 ORDER BY queued_ms, rowid LIMIT ?2",
+         WHERE channel = ?3 AND state = 'pending' AND next_ms <= ?1
+         ORDER BY queued_ms, rowid LIMIT ?2",
     )?;
-    let rows = stmt.query_map(params![now_ms, limit as i64], |r| {
+    let rows = stmt.query_map(params![now_ms, limit as i64, channel], |r| {
         Ok(Pending {
             channel: r.get(0)?,
             event_id: r.get(1)?,
@@ -324,6 +326,36 @@ pub fn record_try(
         params![channel, event_id, state, error, next, done],
     )?;
     Ok(())
+}
+
+/// A receiver failed: none of `channel`'s waiting events is tried before `until_ms`, so a receiver
+/// that is down gets one try per back-off, not one per pass for each of its events.
+pub fn hold_channel(conn: &Connection, channel: &str, until_ms: i64) -> Result<()> {
+    conn.execute(
+        "UPDATE notify_outbox SET next_ms = max(next_ms, ?2)
+         WHERE channel = ?1 AND state = 'pending'",
+        params![channel, until_ms],
+    )?;
+    Ok(())
+}
+
+/// Events of channels no longer configured are given up on (the list names them in `status` for a
+/// week, like any given-up event), rather than waiting forever.
+pub fn drop_unconfigured(conn: &Connection, configured: &[&str], now_ms: i64) -> Result<usize> {
+    let pending: Vec<String> = conn
+        .prepare("SELECT DISTINCT channel FROM notify_outbox WHERE state = 'pending'")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut n = 0;
+    for channel in pending.iter().filter(|c| !configured.contains(&c.as_str())) {
+        n += conn.execute(
+            "UPDATE notify_outbox SET state = 'gave_up', done_ms = ?2,
+               last_error = 'the channel is no longer configured'
+             WHERE channel = ?1 AND state = 'pending'",
+            params![channel, now_ms],
+        )?;
+    }
+    Ok(n)
 }
 
 /// Forget delivered events after a day and given-up ones after a week (status shows those).
@@ -393,4 +425,59 @@ pub fn troubles(conn: &Connection) -> Result<Vec<Trouble>> {
         })
     })?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(i: usize) -> Queued {
+        Queued {
+            event_id: format!("h:t{i}:v2"),
+            kind: "failed".into(),
+            body: "{}".into(),
+        }
+    }
+
+    /// A removed channel's backlog neither hides another channel's events nor waits forever, and a
+    /// failure holds back the rest of its own channel until its next try.
+    #[test]
+    fn one_channel_backlog_holds_up_no_other() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t0 = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+        let mut conn = crate::mirror::sqlite::open(&dir.path().join("state.db")).expect("open");
+        let gone: Vec<Queued> = (0..150).map(event).collect();
+        queue(&mut conn, "gone", &gone, 0, 0, t0 + 1_000).expect("queue");
+        queue(&mut conn, "live", &[event(999), event(1000)], 0, 0, t0 + 2_000).expect("queue");
+        let due_live = due(&conn, "live", t0 + 5_000, 100).expect("due");
+        assert_eq!(due_live.len(), 2, "{due_live:?}");
+        assert_eq!(due_live[0].event_id, "h:t999:v2");
+        assert_eq!(
+            drop_unconfigured(&conn, &["live"], t0 + 5_000).expect("drop"),
+            150
+        );
+        assert!(due(&conn, "gone", t0 + 5_000, 100).expect("due").is_empty());
+        let listed = troubles(&conn).expect("troubles");
+        assert!(
+            listed
+                .iter()
+                .any(|t| t.channel == "gone" && t.error.contains("no longer configured")),
+            "{listed:?}"
+        );
+        // The first live event fails: the second waits for the same next try.
+        hold_channel(&conn, "live", t0 + 9_000).expect("hold");
+        record_try(
+            &conn,
+            "live",
+            "h:t999:v2",
+            Tried::Retry {
+                error: "HTTP 500",
+                next_ms: t0 + 9_000,
+            },
+            t0 + 5_000,
+        )
+        .expect("record");
+        assert!(due(&conn, "live", t0 + 8_999, 100).expect("due").is_empty());
+        assert_eq!(due(&conn, "live", t0 + 9_000, 100).expect("due").len(), 2);
+    }
 }

@@ -150,7 +150,7 @@ async fn post(w: &Webhook, timeout: Duration, event: &Event) -> Result<String, S
     let shown = format!("{}://{}", url.scheme(), url.host_str().unwrap_or(""));
     let (body, ctype, headers) = request(w, event);
     let mut req = client(&url, timeout)?
-        .post(url)
+        .post(url.clone())
         .header(reqwest::header::CONTENT_TYPE, ctype)
         .header(
             reqwest::header::USER_AGENT,
@@ -160,14 +160,16 @@ async fn post(w: &Webhook, timeout: Duration, event: &Event) -> Result<String, S
         req = req.header(k.as_str(), v.as_str());
     }
     let mut resp = req.body(body).send().await.map_err(|e| {
+        // reqwest's own text names the full URL (a token in its path or query): left out, as it
+        // is written (normalised by the URL parser, so not found by a text search).
+        let e = e.without_url();
         let mut why = e.to_string();
         let mut src = std::error::Error::source(&e);
         while let Some(s) = src {
             why = format!("{why}: {s}");
             src = s.source();
         }
-        // reqwest's own text names the full URL.
-        why = why.replace(w.url.as_str(), &shown);
+        why = why.replace(w.url.as_str(), &shown).replace(url.as_str(), &shown);
         format!("POST {shown}: {why}")
     })?;
     let status = resp.status();

@@ -179,6 +179,10 @@ impl State {
                 if last_prune.elapsed() > Duration::from_secs(3600) {
                     last_prune = std::time::Instant::now();
                     let _ = outbox::prune(&d.conn, now_ms());
+                    // At the first pass too: a channel removed from config.yaml leaves events
+                    // nobody will try; they are given up on, so `status` says so.
+                    let names: Vec<&str> = self.cfg.notify.iter().map(|c| c.name()).collect();
+                    let _ = outbox::drop_unconfigured(&d.conn, &names, now_ms());
                 }
             }
             tokio::time::sleep(POLL).await;
@@ -208,10 +212,11 @@ impl State {
             queued_any |= self.queue_new(conn, channel.name())?;
         }
         let known: BTreeMap<&str, _> = self.cfg.notify.iter().map(|c| (c.name(), c)).collect();
-        let due: Vec<_> = outbox::due(conn, now_ms(), 100)?
-            .into_iter()
-            .filter(|p| known.contains_key(p.channel.as_str()))
-            .collect();
+        let now = now_ms();
+        let mut due = Vec::new();
+        for name in known.keys() {
+            due.extend(outbox::due(conn, name, now, 100)?);
+        }
         if due.is_empty() {
             return Ok(!queued_any);
         }
@@ -275,10 +280,9 @@ impl State {
                                 row.event_id,
                                 next.as_secs()
                             ));
-                            Tried::Retry {
-                                error: e,
-                                next_ms: now + next.as_millis() as i64,
-                            }
+                            let next_ms = now + next.as_millis() as i64;
+                            outbox::hold_channel(conn, name, next_ms)?;
+                            Tried::Retry { error: e, next_ms }
                         }
                     }
                 };

@@ -127,11 +127,29 @@ impl Project {
             let path = self.spool.task_path(Place::Completed, id);
             let (task, _) = crate::task::read_task(&path, u64::MAX)
                 .map_err(|e| anyhow::anyhow!("{}", e.render(&self.rel(&path))))?;
+            // One candidate landed: the others' branches go (their diffs stay in context/).
+            let others: Vec<String> = fan
+                .candidates
+                .iter()
+                .filter(|c| c.name != name && c.branch.is_some())
+                .map(|c| c.task_id.clone())
+                .collect();
+            let mut discarded = vec![];
+            for other in others {
+                match self.discard_kept(&other) {
+                    Ok(_) => discarded.push(other),
+                    Err(e) => crate::console::warn(&format!(
+                        "cannot discard the branch of {other}: {e:#}"
+                    )),
+                }
+            }
             if let Some(f) = result.fan_out.as_deref_mut() {
                 f.winner = Some(name.to_string());
                 f.picked_because = Some("merged by hand (`orchestrate merge --candidate`)".into());
-                for c in f.candidates.iter_mut().filter(|c| c.name == name) {
-                    c.branch = None;
+                for c in f.candidates.iter_mut() {
+                    if c.name == name || discarded.contains(&c.task_id) {
+                        c.branch = None;
+                    }
                 }
             }
             self.save_result(&task, &mut result)?;

@@ -417,6 +417,27 @@ impl Project {
                     self.retry(&child)?;
                 }
             }
+            // An earlier judge's verdict is about earlier candidates: the next one is asked anew.
+            let judge = crate::scheduler::fan_out::judge_id(id);
+            if task.file.fan_out.is_some() {
+                for (place, t) in [
+                    (Place::Completed, Terminal::Completed),
+                    (Place::Failed, Terminal::Failed),
+                ] {
+                    let file = self.spool.task_path(place, &judge);
+                    if file.exists() {
+                        std::fs::remove_file(self.spool.result_path(t, &judge))
+                            .or_else(|e| match e.kind() {
+                                std::io::ErrorKind::NotFound => Ok(()),
+                                _ => Err(e),
+                            })
+                            .with_context(|| format!("cannot remove the result of {judge}"))?;
+                        std::fs::remove_file(&file)
+                            .with_context(|| format!("cannot remove {}", file.display()))?;
+                        self.mirror_write(vec![Op::Delete(judge.clone())]);
+                    }
+                }
+            }
         }
         let history = self.spool.retry(id)?;
         let path = self.spool.task_path(Place::Pending, id);

@@ -86,6 +86,13 @@ impl Supervisor {
                     reason: format!("not run: another candidate of {id} completed first"),
                 });
                 settling = true;
+            } else if self.env.spool.settled_place(cid) == Some(Place::Assigned) {
+                // Claimed by another supervisor sharing the tree: asked to stop as `orchestrate
+                // cancel` asks, and picked once it is terminal.
+                if let Err(e) = self.env.spool.request_cancel(cid) {
+                    console::warn(&format!("cannot ask {cid} to stop: {e:#}"));
+                }
+                settling = true;
             }
         }
         if settling {
@@ -142,6 +149,11 @@ impl Supervisor {
                     id: cid,
                     reason: why.clone(),
                 });
+            } else if self.env.spool.settled_place(&cid) == Some(Place::Assigned)
+                && !self.runs.contains(&cid)
+            {
+                // Another supervisor sharing the tree runs it.
+                let _ = self.env.spool.request_cancel(&cid);
             }
         }
         out
@@ -189,11 +201,8 @@ fn judge_prompt(spool: &Spool, layout: &Layout, task: &Task, max_task_bytes: u64
         if !r.files_modified.is_empty() {
             p.push_str(&format!("Changed files: {}\n", r.files_modified.join(", ")));
         }
-        let read = |rel: &Option<String>, cap: usize| {
-            read_rel(layout, rel)
-                .map(|t| cut(&t, cap))
-                .unwrap_or_default()
-        };
+        let read =
+            |rel: &Option<String>, cap: usize| read_rel_capped(layout, rel, cap).unwrap_or_default();
         let summary = read(&r.output_file, JUDGE_OUTPUT_CHARS);
         if !summary.trim().is_empty() {
             p.push_str(&format!("\n### What it said\n\n{}\n", summary.trim()));
@@ -222,6 +231,26 @@ fn judge_prompt(spool: &Spool, layout: &Layout, task: &Task, max_task_bytes: u64
 fn read_rel(layout: &Layout, rel: &Option<String>) -> Option<String> {
     rel.as_ref()
         .and_then(|f| std::fs::read_to_string(layout.root.join(f)).ok())
+}
+
+/// At most `cap` bytes of such a file (a candidate's diff may be huge; the judge sees its start),
+/// saying how much more there is.
+fn read_rel_capped(layout: &Layout, rel: &Option<String>, cap: usize) -> Option<String> {
+    use std::io::Read;
+    let path = layout.root.join(rel.as_ref()?);
+    let size = std::fs::metadata(&path).ok()?.len();
+    let mut head = Vec::new();
+    std::fs::File::open(&path)
+        .ok()?
+        .take(cap as u64 + 4)
+        .read_to_end(&mut head)
+        .ok()?;
+    let text = String::from_utf8_lossy(&head);
+    let mut shown = cut(&text, cap);
+    if size > head.len() as u64 && !shown.ends_with("not shown]") {
+        shown.push_str(&format!("\n[... {} more bytes not shown]", size - head.len() as u64));
+    }
+    Some(shown)
 }
 
 /// `text` cut to at most `cap` bytes at a character boundary, saying so.
@@ -334,10 +363,11 @@ impl PickJob {
             .iter()
             .filter(|c| c.completed().is_some())
             .collect();
+        // (A time that does not parse sorts last: it must not win by being unreadable.)
         passed.sort_by_key(|c| {
             c.completed()
                 .and_then(|r| fsutil::parse_time(&r.finished_at))
-                .map(|t| t.unix_timestamp_nanos())
+                .map_or(i128::MAX, |t| t.unix_timestamp_nanos())
         });
         if passed.is_empty() {
             return self.failed("no candidate's result records a completion".into());
@@ -506,15 +536,16 @@ impl PickJob {
         let Some(branch) = r.workspace.as_ref().and_then(|w| w.branch.clone()) else {
             return;
         };
-        if let Err(e) = git::delete_branch(root, &branch) {
-            console::warn(&format!("cannot delete the branch {branch}: {e:#}"));
-            return;
-        }
+        // The record first, as for the winner: a crash between the two leaves a branch too many,
+        // never a record naming a branch that is gone.
         if let Some(w) = r.workspace.as_deref_mut() {
             w.merge = Some(format!("discarded ({why})"));
             w.branch = None;
         }
         self.rewrite(id, r);
+        if let Err(e) = git::delete_branch(root, &branch) {
+            console::warn(&format!("cannot delete the branch {branch}: {e:#}"));
+        }
     }
 
     /// A new version of a candidate's result record, told to the mirror.

@@ -740,9 +740,13 @@ impl Intake {
         let Some(fan) = parent.file.fan_out.as_ref() else {
             return;
         };
+        let known = |a: &String| view.env.cfg.agents.contains_key(a);
         if let task::FanOut::Agents(agents) = fan
-            && agents.iter().any(|a| !view.env.cfg.agents.contains_key(a))
+            && !agents.iter().all(known)
         {
+            return;
+        }
+        if parent.file.pick == Some(task::Pick::Judge) && !parent.file.judge.iter().all(known) {
             return;
         }
         let names = fan.names();
