@@ -513,12 +513,19 @@ impl Queue {
         Ok(self.session.as_mut().expect("set above"))
     }
 
-    /// Forget a session that broke or went silent, so the next call connects again.
+    /// Forget the session after any error but an answer from the server (a refused statement
+    /// leaves the connection usable): a connection that broke or went silent is made again on the
+    /// next call, however the failure surfaced.
     fn after<T>(&mut self, r: Result<T>) -> Result<T> {
-        if let Err(e) = &r
-            && (is_no_answer(e) || self.session.as_ref().is_none_or(|s| s.is_closed()))
-        {
-            self.session = None;
+        if let Err(e) = &r {
+            let answered = !is_no_answer(e)
+                && e.chain().any(|c| {
+                    c.downcast_ref::<tokio_postgres::Error>()
+                        .is_some_and(|pg| pg.code().is_some())
+                });
+            if !answered || self.session.as_ref().is_none_or(|s| s.is_closed()) {
+                self.session = None;
+            }
         }
         r
     }
