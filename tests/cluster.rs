@@ -32,14 +32,24 @@ mod postgres {
             instance: &str,
             lease: Duration,
         ) -> Host {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
             let settings = Settings {
                 lease,
                 ..Settings::default()
             };
+            Host::with(url, schema, name, instance, settings)
+        }
+
+        fn with(
+            url: &str,
+            schema: &PgSchema,
+            name: &str,
+            instance: &str,
+            settings: Settings,
+        ) -> Host {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
             let q = rt
                 .block_on(Queue::connect(url, &schema.name, name, instance, settings))
                 .unwrap_or_else(|e| panic!("host {name} connects: {e:#}"));
@@ -431,6 +441,75 @@ mod postgres {
         assert_eq!(a.claim(&any(10)), []);
         assert_eq!(a.finish("low", 1, End::Completed), Held::Ok);
         assert_eq!(ids(&a.claim(&any(10))), ["after_low"]);
+    }
+
+    /// With aging, a task that waited long enough overtakes a younger one of higher priority
+    /// (one level per `aging` waited, by the server's clock).
+    #[test]
+    fn aging_lifts_a_task_that_waited() {
+        let s = PgSchema::new("cluster_aging");
+        let ten_minutes = Duration::from_secs(600);
+        let settings = Settings {
+            aging: ten_minutes,
+            ..Settings::default()
+        };
+        let mut a = Host::with(&s.url(), &s, "a", "a-1", settings);
+        let mut young = task("young");
+        young.priority = 5;
+        a.publish(task("old"));
+        a.publish(young);
+        // Published an hour ago, by the server's clock: six levels up, 6 > 5.
+        s.query(
+            "UPDATE cluster_queue SET created_at = now() - interval '61 minutes' WHERE id = 'old'",
+        );
+        assert_eq!(ids(&a.claim(&any(1))), ["old"]);
+        let mut plain = Host::new(&s, "b");
+        plain.publish(task("old2"));
+        let mut young2 = task("young2");
+        young2.priority = 5;
+        plain.publish(young2);
+        s.query(
+            "UPDATE cluster_queue SET created_at = now() - interval '61 minutes' WHERE id = 'old2'",
+        );
+        assert_eq!(
+            ids(&plain.claim(&any(2))),
+            ["young", "young2"],
+            "without aging, priority alone: old2 waits"
+        );
+    }
+
+    /// The heartbeat renews every lease in one statement and says which are gone; a claim given
+    /// back unused is pending again at once, its attempt not counted, its fence kept.
+    #[test]
+    fn renew_all_names_the_lost_leases_and_release_gives_a_claim_back() {
+        let s = PgSchema::new("cluster_renew_all");
+        let mut a = Host::new(&s, "a");
+        let mut b = Host::new(&s, "b");
+        for id in ["x", "y", "z"] {
+            a.publish(task(id));
+        }
+        let held = a.claim(&any(3));
+        assert_eq!(ids(&held), ["x", "y", "z"]);
+        // y's lease runs out by the server's clock, and b takes it.
+        s.query(
+            "UPDATE cluster_queue SET lease_until = now() - interval '1 second' WHERE id = 'y'",
+        );
+        assert_eq!(ids(&b.claim(&any(1))), ["y"]);
+        let leases: Vec<(String, i64)> = held.iter().map(|l| (l.id.clone(), l.fence)).collect();
+        let answers = a
+            .run(async |q| q.renew_all(&leases).await)
+            .expect("renew_all");
+        assert_eq!(answers, [Held::Ok, Held::Fenced, Held::Ok]);
+
+        let back = a.run(async |q| q.release("z", 1).await).expect("release");
+        assert_eq!(back, Held::Ok);
+        assert_eq!(row(&s, "z"), text(&["pending", "", "", "1", "0"]));
+        let again = b.claim(&any(1));
+        assert_eq!(ids(&again), ["z"]);
+        assert_eq!((again[0].fence, again[0].attempt), (2, 1));
+        let late = a.run(async |q| q.release("z", 1).await).expect("release");
+        assert_eq!(late, Held::Fenced, "b holds it now");
+        assert_eq!(row(&s, "z"), text(&["running", "", "b", "2", "1"]));
     }
 
     /// An id already in the queue is refused, naming the host that published it, and the row

@@ -328,6 +328,20 @@ const RENEW: &str = "
 UPDATE cluster_queue SET lease_until = now() + $4::float8 * interval '1 second'
 WHERE id = $1 AND fence = $2 AND owner = $3 AND state = 'running' AND lease_until >= now()";
 
+/// [`RENEW`] for every lease a host holds, in one statement: the ids renewed come back.
+const RENEW_ALL: &str = "
+UPDATE cluster_queue q SET lease_until = now() + $4::float8 * interval '1 second'
+FROM unnest($1::text[], $2::bigint[]) AS h(id, fence)
+WHERE q.id = h.id AND q.fence = h.fence AND q.owner = $3 AND q.state = 'running'
+  AND q.lease_until >= now()
+RETURNING q.id";
+
+/// Give a claim back unused: the attempt never began, so it is not counted (the fence stays, as
+/// fences only grow).
+const RELEASE: &str = "
+UPDATE cluster_queue SET state = 'pending', owner = NULL, lease_until = NULL, attempts = attempts - 1
+WHERE id = $1 AND fence = $2 AND owner = $3 AND state = 'running' AND lease_until >= now()";
+
 /// The task row, locked for a finish (finishes of one task go one at a time).
 const LOCK_TASK: &str = "SELECT fence FROM cluster_queue WHERE id = $1 FOR UPDATE";
 
@@ -391,6 +405,8 @@ pub const STATEMENTS: &[&str] = &[
     CLASH,
     CLAIM,
     RENEW,
+    RENEW_ALL,
+    RELEASE,
     LOCK_TASK,
     SAME_FINISH,
     FINISH,
@@ -714,6 +730,48 @@ impl Queue {
         let lease = secs(self.settings.lease);
         let n = self
             .execute("renewing a lease", RENEW, &[&id, &fence, &host, &lease])
+            .await?;
+        Ok(if n == 1 { Held::Ok } else { Held::Fenced })
+    }
+
+    /// Renew every lease this host holds in one statement (the heartbeat's): one answer per lease,
+    /// in the order given; a [`Held::Fenced`] one must be stopped.
+    pub async fn renew_all(&mut self, leases: &[(String, i64)]) -> Result<Vec<Held>> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (ids, fences): (Vec<&str>, Vec<i64>) =
+            leases.iter().map(|(id, f)| (id.as_str(), *f)).unzip();
+        let host = self.host.clone();
+        let lease = secs(self.settings.lease);
+        let rows = self
+            .query(
+                "renewing leases",
+                RENEW_ALL,
+                &[&ids, &fences, &host, &lease],
+            )
+            .await?;
+        let renewed: std::collections::HashSet<String> =
+            rows.iter().map(|r| r.get::<_, String>(0)).collect();
+        Ok(ids
+            .iter()
+            .map(|id| {
+                if renewed.contains(*id) {
+                    Held::Ok
+                } else {
+                    Held::Fenced
+                }
+            })
+            .collect())
+    }
+
+    /// Give a claimed task back without running it (the agent could not start after all, or the
+    /// host is stopping): it is pending again at once and the attempt is not counted. `Fenced` when
+    /// the lease was no longer this claim's.
+    pub async fn release(&mut self, id: &str, fence: i64) -> Result<Held> {
+        let host = self.host.clone();
+        let n = self
+            .execute("releasing a claim", RELEASE, &[&id, &fence, &host])
             .await?;
         Ok(if n == 1 { Held::Ok } else { Held::Fenced })
     }
