@@ -512,6 +512,81 @@ mod postgres {
         assert_eq!(row(&s, "z"), text(&["running", "", "b", "2", "1"]));
     }
 
+    /// The origin is offered each finished task of its own, with the result that decided it
+    /// (never a stale one), until it says it took delivery.
+    #[test]
+    fn the_origin_is_offered_each_outcome_until_it_takes_delivery() {
+        let s = PgSchema::new("cluster_outcomes");
+        let mut a = Host::new(&s, "a");
+        let mut b = Host::new(&s, "b");
+        for id in ["x", "y"] {
+            a.publish(task(id));
+        }
+        let mut z = task("z");
+        z.max_attempts = 1;
+        z.base_commit = Some("abc123".into());
+        a.publish(z);
+        b.publish(task("of_b"));
+        assert_eq!(ids(&b.claim(&any(10))), ["x", "y", "z", "of_b"]);
+        assert_eq!(b.finish("x", 1, End::Completed), Held::Ok);
+        assert_eq!(b.finish("y", 1, End::Failed), Held::Ok);
+        assert_eq!(b.finish("of_b", 1, End::Completed), Held::Ok);
+        s.query(
+            "UPDATE cluster_queue SET lease_until = now() - interval '1 second' WHERE id = 'z'",
+        );
+        let settled = a.run(async |q| q.reclaim().await).expect("reclaim");
+        assert_eq!(settled.len(), 1);
+        assert_eq!(b.finish("z", 1, End::Completed), Held::Fenced, "too late");
+
+        let out = a.run(async |q| q.outcomes(10).await).expect("outcomes");
+        let seen: Vec<(&str, bool, Option<&str>, Option<&str>)> = out
+            .iter()
+            .map(|o| {
+                (
+                    o.id.as_str(),
+                    o.completed,
+                    o.result.as_ref().map(|r| r.record.as_str()),
+                    o.reason.as_deref(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("x", true, Some("status: x by b\n"), None),
+                ("y", false, Some("status: y by b\n"), None),
+                (
+                    "z",
+                    false,
+                    None,
+                    Some("the lease of attempt 1 ran out on host b and no attempts are left")
+                ),
+            ]
+        );
+        assert_eq!(out[2].base_commit.as_deref(), Some("abc123"));
+        assert_eq!(out[0].result.as_ref().map(|r| r.host.as_str()), Some("b"));
+
+        assert!(a.run(async |q| q.delivered("x").await).expect("ack"));
+        assert!(
+            !a.run(async |q| q.delivered("x").await).expect("ack"),
+            "once"
+        );
+        assert!(
+            !b.run(async |q| q.delivered("y").await).expect("ack"),
+            "not b's"
+        );
+        let left = a.run(async |q| q.outcomes(10).await).expect("outcomes");
+        assert_eq!(
+            left.iter().map(|o| o.id.as_str()).collect::<Vec<_>>(),
+            ["y", "z"]
+        );
+        let of_b = b.run(async |q| q.outcomes(10).await).expect("outcomes");
+        assert_eq!(
+            of_b.iter().map(|o| o.id.as_str()).collect::<Vec<_>>(),
+            ["of_b"]
+        );
+    }
+
     /// An id already in the queue is refused, naming the host that published it, and the row
     /// stays as it was.
     #[test]

@@ -200,6 +200,21 @@ pub struct HostRow {
     pub leases: u32,
 }
 
+/// A finished task of this origin, for it to materialise into its tree and land.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub id: String,
+    pub completed: bool,
+    /// The claim that decided it.
+    pub fence: i64,
+    pub attempts: u32,
+    pub base_commit: Option<String>,
+    /// Why the cluster failed it itself (its last lease ran out); then `result` is `None`.
+    pub reason: Option<String>,
+    /// What the deciding attempt reported (never a stale attempt's).
+    pub result: Option<ResultRow>,
+}
+
 /// A task with this id is already in the queue: the caller quarantines the new file.
 #[derive(Debug, thiserror::Error)]
 #[error("task id {id} is already in the cluster queue (published by host {origin}, {state})")]
@@ -251,10 +266,13 @@ CREATE TABLE IF NOT EXISTS cluster_queue(
     claimed_at timestamptz,
     finished_at timestamptz,
     reason text,
+    delivered_at timestamptz,
     CHECK (state <> 'running' OR (owner IS NOT NULL AND lease_until IS NOT NULL)),
     CHECK ((state = 'done') = (outcome IS NOT NULL)));
 CREATE INDEX IF NOT EXISTS cluster_queue_open ON cluster_queue(priority DESC, created_at)
     WHERE state <> 'done';
+CREATE INDEX IF NOT EXISTS cluster_queue_undelivered ON cluster_queue(origin, finished_at)
+    WHERE state = 'done' AND delivered_at IS NULL;
 CREATE INDEX IF NOT EXISTS cluster_queue_leases ON cluster_queue(lease_until) WHERE state = 'running';
 CREATE TABLE IF NOT EXISTS cluster_results(
     task_id text NOT NULL REFERENCES cluster_queue(id) ON DELETE CASCADE,
@@ -386,6 +404,21 @@ const RESULTS: &str = "
 SELECT task_id, fence, host, outcome, stale, record, output, patch, log_tail
 FROM cluster_results WHERE task_id = $1 ORDER BY fence";
 
+/// Outcomes of an origin's tasks that it has not taken delivery of, with the result that decided
+/// each (none when the cluster failed the task itself: then `reason` says why).
+const OUTCOMES: &str = "
+SELECT q.id, q.outcome, q.fence, q.attempts, q.base_commit, q.reason,
+    r.host, r.outcome, r.record, r.output, r.patch, r.log_tail
+FROM cluster_queue q
+LEFT JOIN cluster_results r ON r.task_id = q.id AND r.fence = q.fence AND NOT r.stale
+WHERE q.origin = $1 AND q.state = 'done' AND q.delivered_at IS NULL
+ORDER BY q.finished_at, q.id
+LIMIT $2";
+
+const DELIVERED: &str = "
+UPDATE cluster_queue SET delivered_at = now()
+WHERE id = $1 AND origin = $2 AND state = 'done' AND delivered_at IS NULL";
+
 const HOSTS: &str = "
 SELECT h.name, h.instance, h.labels,
     to_char(h.started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
@@ -414,6 +447,8 @@ pub const STATEMENTS: &[&str] = &[
     EXPIRED,
     RECLAIM,
     RESULTS,
+    OUTCOMES,
+    DELIVERED,
     HOSTS,
 ];
 
@@ -887,6 +922,55 @@ impl Queue {
                 log_tail: r.get(8),
             })
             .collect())
+    }
+
+    /// Up to `limit` finished tasks this host published and has not taken delivery of, the
+    /// earliest finished first. They come again until [`Queue::delivered`] is called for them, so
+    /// an origin that stops between materialising and acknowledging sees them again (materialising
+    /// must be idempotent: the tree tells whether it was done).
+    pub async fn outcomes(&mut self, limit: u32) -> Result<Vec<Outcome>> {
+        let origin = self.host.clone();
+        let limit = i64::from(limit);
+        let rows = self
+            .query("reading outcomes", OUTCOMES, &[&origin, &limit])
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let id: String = r.get(0);
+                let fence: i64 = r.get(2);
+                let result = r.get::<_, Option<String>>(6).map(|host| ResultRow {
+                    task_id: id.clone(),
+                    fence,
+                    host,
+                    end: r.get(7),
+                    stale: false,
+                    record: r.get(8),
+                    output: r.get(9),
+                    patch: r.get(10),
+                    log_tail: r.get(11),
+                });
+                Outcome {
+                    completed: r.get::<_, Option<String>>(1).as_deref() == Some("completed"),
+                    fence,
+                    attempts: count(r.get(3)),
+                    base_commit: r.get(4),
+                    reason: r.get(5),
+                    result,
+                    id,
+                }
+            })
+            .collect())
+    }
+
+    /// The origin has materialised this outcome: it is not offered again. `false` when it was
+    /// not an undelivered outcome of this host's.
+    pub async fn delivered(&mut self, id: &str) -> Result<bool> {
+        let origin = self.host.clone();
+        let n = self
+            .execute("acknowledging an outcome", DELIVERED, &[&id, &origin])
+            .await?;
+        Ok(n == 1)
     }
 
     /// Every host that ever registered, with whether it is alive and the leases it holds.
