@@ -587,6 +587,35 @@ mod postgres {
         );
     }
 
+    /// Hosts listening on the cluster's channel wake when a task is published (to claim it) and
+    /// when an outcome of theirs is decided (to take delivery).
+    #[test]
+    fn publishing_and_finishing_wake_the_listening_hosts() {
+        let s = PgSchema::new("cluster_wake");
+        let mut a = Host::new(&s, "a");
+        let mut b = Host::new(&s, "b");
+        let bound = Duration::from_secs(10);
+        let mut b_wakes = b.run(async |q| q.listen().await).expect("listen");
+        a.publish(task("x"));
+        let woke =
+            b.rt.block_on(async { tokio::time::timeout(bound, b_wakes.next()).await });
+        assert_eq!(woke.ok().flatten(), Some(()), "b wakes for the new task");
+
+        // a listens from here on: the wake-up of its own publish is behind it.
+        let mut a_wakes = a.run(async |q| q.listen().await).expect("listen");
+        assert_eq!(ids(&b.claim(&any(1))), ["x"]);
+        assert_eq!(b.finish("x", 1, End::Completed), Held::Ok);
+        let woke =
+            a.rt.block_on(async { tokio::time::timeout(bound, a_wakes.next()).await });
+        assert_eq!(
+            woke.ok().flatten(),
+            Some(()),
+            "the origin wakes for the outcome"
+        );
+        let out = a.run(async |q| q.outcomes(10).await).expect("outcomes");
+        assert_eq!(out.len(), 1);
+    }
+
     /// An id already in the queue is refused, naming the host that published it, and the row
     /// stays as it was.
     #[test]

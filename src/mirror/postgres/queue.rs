@@ -27,7 +27,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use super::{ANSWER_WITHIN, LOCK_WITHIN, MIGRATE_LOCK, Session, answer, connect, is_no_answer};
+use super::{
+    ANSWER_WITHIN, LOCK_WITHIN, MIGRATE_LOCK, Notifications, Session, answer, connect,
+    is_no_answer, open,
+};
 
 /// Settings of one host's queue handle. The configuration has no `cluster:` section yet; the caller
 /// passes them.
@@ -361,7 +364,7 @@ UPDATE cluster_queue SET state = 'pending', owner = NULL, lease_until = NULL, at
 WHERE id = $1 AND fence = $2 AND owner = $3 AND state = 'running' AND lease_until >= now()";
 
 /// The task row, locked for a finish (finishes of one task go one at a time).
-const LOCK_TASK: &str = "SELECT fence FROM cluster_queue WHERE id = $1 FOR UPDATE";
+const LOCK_TASK: &str = "SELECT fence, origin FROM cluster_queue WHERE id = $1 FOR UPDATE";
 
 const SAME_FINISH: &str = "SELECT stale FROM cluster_results WHERE task_id = $1 AND fence = $2";
 
@@ -398,7 +401,7 @@ SET state = CASE WHEN gone.spent THEN 'done' ELSE 'pending' END,
     reason = CASE WHEN gone.spent THEN 'the lease of attempt ' || q.attempts || ' ran out on host '
         || gone.owner || ' and no attempts are left' END
 FROM gone WHERE q.id = gone.id
-RETURNING q.id, gone.owner, gone.spent";
+RETURNING q.id, gone.owner, gone.spent, q.origin";
 
 const RESULTS: &str = "
 SELECT task_id, fence, host, outcome, stale, record, output, patch, log_tail
@@ -428,6 +431,10 @@ SELECT h.name, h.instance, h.labels,
      WHERE q.state = 'running' AND q.owner = h.name AND q.lease_until >= now())
 FROM cluster_hosts h ORDER BY h.name";
 
+/// Wake the hosts listening on the cluster's channel: something became claimable, or an outcome
+/// is waiting for its origin. A hint only (a lost one costs a poll's delay).
+const WAKE: &str = "SELECT pg_notify($1, $2)";
+
 /// Every statement this module sends, for the test that none takes a time from the caller.
 pub const STATEMENTS: &[&str] = &[
     REGISTER,
@@ -450,7 +457,42 @@ pub const STATEMENTS: &[&str] = &[
     OUTCOMES,
     DELIVERED,
     HOSTS,
+    WAKE,
 ];
+
+/// The `NOTIFY` channel of the cluster queue in a schema (beside the mirror's, which carries event
+/// numbers): `orchestrate_cluster`, or `orchestrate_cluster_<schema>` outside `public`, cut to the
+/// 63 bytes a channel name may have (schema names are ASCII).
+pub fn channel(schema: &str) -> String {
+    let mut name = if schema == "public" {
+        "orchestrate_cluster".to_string()
+    } else {
+        format!("orchestrate_cluster_{schema}")
+    };
+    name.truncate(63);
+    name
+}
+
+/// A connection that listens on the cluster's channel: each `NOTIFY` is one wake-up. Dropping it
+/// closes the connection.
+pub struct Wakeups {
+    _client: tokio_postgres::Client,
+    driver: tokio::task::AbortHandle,
+    notes: Notifications,
+}
+
+impl Wakeups {
+    /// The next wake-up; `None` once the connection ended (listen again).
+    pub async fn next(&mut self) -> Option<()> {
+        self.notes.recv().await
+    }
+}
+
+impl Drop for Wakeups {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
 
 /// Create the cluster tables if missing, under the migration lock the mirror's tables use (so
 /// hosts starting together do not race on the DDL). New tables only, so no version step yet: a
@@ -617,6 +659,32 @@ impl Queue {
         self.after(r)
     }
 
+    /// Send a wake-up on the cluster's channel; a failure is the next call's to see.
+    async fn wake(&mut self, why: &str) {
+        let channel = channel(&self.schema);
+        let _ = self
+            .execute("waking the cluster", WAKE, &[&channel, &why])
+            .await;
+    }
+
+    /// Listen for wake-ups: a task published, put back or released (`pending`), and an outcome
+    /// decided (`done <origin>`). The payloads are hints; claim or read outcomes on each.
+    pub async fn listen(&self) -> Result<Wakeups> {
+        let (client, notes, driver) = open(&self.url, None).await?;
+        answer(
+            None,
+            ANSWER_WITHIN,
+            "starting to listen",
+            client.batch_execute(&format!("LISTEN {}", channel(&self.schema))),
+        )
+        .await?;
+        Ok(Wakeups {
+            _client: client,
+            driver,
+            notes,
+        })
+    }
+
     /// Enter the cluster (again) under this host's name. Refused with [`NameInUse`] while another
     /// instance holds the name and has beaten within one lease; an instance that left or went
     /// quiet gives the name up.
@@ -696,6 +764,7 @@ impl Queue {
             )
             .await?;
         if !added.is_empty() {
+            self.wake("pending").await;
             return Ok(());
         }
         let there = self.query("publishing a task", CLASH, &[&task.id]).await?;
@@ -808,6 +877,9 @@ impl Queue {
         let n = self
             .execute("releasing a claim", RELEASE, &[&id, &fence, &host])
             .await?;
+        if n == 1 {
+            self.wake("pending").await;
+        }
         Ok(if n == 1 { Held::Ok } else { Held::Fenced })
     }
 
@@ -818,6 +890,7 @@ impl Queue {
     pub async fn finish(&mut self, id: &str, fence: i64, done: &Finished) -> Result<Held> {
         const WHAT: &str = "finishing an attempt";
         let host = self.host.clone();
+        let channel = channel(&self.schema);
         let r = async {
             let s = self.session().await?;
             let a = s.answers.clone();
@@ -846,6 +919,14 @@ impl Queue {
             )
             .await?;
             let stale = moved == 0;
+            if !stale {
+                // In the transaction: the wake-up is delivered when the outcome is visible.
+                let why = match done.end {
+                    End::Retry { .. } => "pending".to_string(),
+                    _ => format!("done {}", task[0].get::<_, String>(1)),
+                };
+                answer(a, ANSWER_WITHIN, WHAT, tx.execute(WAKE, &[&channel, &why])).await?;
+            }
             answer(
                 a,
                 ANSWER_WITHIN,
@@ -895,14 +976,27 @@ impl Queue {
     /// showing pending what no host here can take.
     pub async fn reclaim(&mut self) -> Result<Vec<Reclaimed>> {
         let rows = self.query("reclaiming leases", RECLAIM, &[]).await?;
-        Ok(rows
+        let mut out: Vec<Reclaimed> = rows
             .iter()
             .map(|r| Reclaimed {
                 id: r.get(0),
                 owner: r.get(1),
                 failed: r.get(2),
             })
-            .collect())
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        if out.iter().any(|r| !r.failed) {
+            self.wake("pending").await;
+        }
+        for origin in rows
+            .iter()
+            .filter(|r| r.get::<_, bool>(2))
+            .map(|r| r.get::<_, String>(3))
+            .collect::<std::collections::BTreeSet<_>>()
+        {
+            self.wake(&format!("done {origin}")).await;
+        }
+        Ok(out)
     }
 
     /// Every result row of a task (its outcome and its stale attempts), by fence.
