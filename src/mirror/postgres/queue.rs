@@ -13,6 +13,10 @@
 //! never renew, finish or land what another host now owns. Its finish is still kept, as a *stale*
 //! result row beside the real outcome, so nothing it did is lost from view.
 //!
+//! Results flow back by pull: the origin is offered the outcomes of its tasks ([`Queue::outcomes`])
+//! until it acknowledges them ([`Queue::delivered`]); `NOTIFY` on the cluster's [`channel`] wakes
+//! idle hosts and origins ([`Queue::listen`]), as a hint beside their polling.
+//!
 //! Time is the database's alone. Every lease, heartbeat and age is computed by `now()` in the
 //! statement that reads or writes it; no statement here takes a time from the caller (a test
 //! prepares [`STATEMENTS`] and checks that none has a time parameter), so the hosts' clocks may
@@ -606,17 +610,17 @@ impl Queue {
         Ok(self.session.as_mut().expect("set above"))
     }
 
-    /// Forget the session after any error but an answer from the server (a refused statement
-    /// leaves the connection usable): a connection that broke or went silent is made again on the
-    /// next call, however the failure surfaced.
+    /// Forget the session when the connection broke or went silent, however the failure surfaced
+    /// (a client error without a server's answer is one), so the next call connects again. An
+    /// answer from the server, or a refusal of our own, leaves the connection in use.
     fn after<T>(&mut self, r: Result<T>) -> Result<T> {
         if let Err(e) = &r {
-            let answered = !is_no_answer(e)
-                && e.chain().any(|c| {
+            let broken = is_no_answer(e)
+                || e.chain().any(|c| {
                     c.downcast_ref::<tokio_postgres::Error>()
-                        .is_some_and(|pg| pg.code().is_some())
+                        .is_some_and(|pg| pg.code().is_none())
                 });
-            if !answered || self.session.as_ref().is_none_or(|s| s.is_closed()) {
+            if broken || self.session.as_ref().is_none_or(|s| s.is_closed()) {
                 self.session = None;
             }
         }
