@@ -812,4 +812,37 @@ mod postgres {
             [text(&["1", "a", "t"]), text(&["2", "b", "f"])]
         );
     }
+
+    /// A link that goes silent (the proxy holds everything; no error reaches either side): the
+    /// renewal gives up within the bound on every answer instead of hanging, the others take the
+    /// task once the lease ran out, and the host is fenced off when the link comes back.
+    #[test]
+    fn a_host_behind_a_silent_link_gives_up_within_the_bound_and_is_fenced_off() {
+        let s = PgSchema::new("cluster_silent");
+        let proxy = Proxy::start();
+        let mut a = Host::on(&s.url_on(&proxy.url()), &s, "a", Duration::from_secs(2));
+        let mut b = Host::new(&s, "b");
+        a.publish(task("x"));
+        assert_eq!(ids(&a.claim(&any(1))), ["x"]);
+
+        proxy.blackhole();
+        let e = a
+            .run(async |q| q.renew("x", 1).await)
+            .expect_err("no answer through a silent link");
+        assert!(
+            orchestrate::mirror::postgres::is_no_answer(&e),
+            "a bounded wait, not a hang: {e:#}"
+        );
+        let mut taken = Vec::new();
+        wait_for("b takes x over", Duration::from_secs(30), || {
+            taken = b.claim(&any(1));
+            !taken.is_empty()
+        });
+        assert_eq!(taken[0].fence, 2);
+
+        proxy.restore();
+        assert_eq!(a.renew("x", 1), Held::Fenced, "a new session, and the news");
+        assert_eq!(a.finish("x", 1, End::Completed), Held::Fenced);
+        assert_eq!(b.finish("x", 2, End::Completed), Held::Ok);
+    }
 }
