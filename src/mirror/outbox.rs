@@ -448,7 +448,15 @@ mod tests {
         let mut conn = crate::mirror::sqlite::open(&dir.path().join("state.db")).expect("open");
         let gone: Vec<Queued> = (0..150).map(event).collect();
         queue(&mut conn, "gone", &gone, 0, 0, t0 + 1_000).expect("queue");
-        queue(&mut conn, "live", &[event(999), event(1000)], 0, 0, t0 + 2_000).expect("queue");
+        queue(
+            &mut conn,
+            "live",
+            &[event(999), event(1000)],
+            0,
+            0,
+            t0 + 2_000,
+        )
+        .expect("queue");
         let due_live = due(&conn, "live", t0 + 5_000, 100).expect("due");
         assert_eq!(due_live.len(), 2, "{due_live:?}");
         assert_eq!(due_live[0].event_id, "h:t999:v2");

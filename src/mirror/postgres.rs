@@ -8,7 +8,9 @@
 //!
 //! - [`writer`]: the writer thread that feeds batches in, queues while the server is away and
 //!   reconciles on every (re)connect;
-//! - [`read`]: read-only sessions and the queries behind [`Reader`](super::read::Reader).
+//! - [`read`]: read-only sessions and the queries behind [`Reader`](super::read::Reader);
+//! - [`queue`]: the cluster queue (cluster mode), where PostgreSQL is not a mirror but the
+//!   coordinator of which host runs which task: leases, fences and results, in tables of its own.
 //!
 //! Every wait for the server is bounded here, whatever the network does: a connection that stays
 //! open but carries nothing (a proxy or NAT that kept the socket and lost the peer) ends each wait
@@ -27,6 +29,7 @@ use tokio_postgres::{AsyncMessage, Client};
 
 use super::Op;
 
+pub mod queue;
 pub mod read;
 pub mod writer;
 

@@ -169,7 +169,9 @@ async fn post(w: &Webhook, timeout: Duration, event: &Event) -> Result<String, S
             why = format!("{why}: {s}");
             src = s.source();
         }
-        why = why.replace(w.url.as_str(), &shown).replace(url.as_str(), &shown);
+        why = why
+            .replace(w.url.as_str(), &shown)
+            .replace(url.as_str(), &shown);
         format!("POST {shown}: {why}")
     })?;
     let status = resp.status();

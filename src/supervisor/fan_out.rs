@@ -201,8 +201,9 @@ fn judge_prompt(spool: &Spool, layout: &Layout, task: &Task, max_task_bytes: u64
         if !r.files_modified.is_empty() {
             p.push_str(&format!("Changed files: {}\n", r.files_modified.join(", ")));
         }
-        let read =
-            |rel: &Option<String>, cap: usize| read_rel_capped(layout, rel, cap).unwrap_or_default();
+        let read = |rel: &Option<String>, cap: usize| {
+            read_rel_capped(layout, rel, cap).unwrap_or_default()
+        };
         let summary = read(&r.output_file, JUDGE_OUTPUT_CHARS);
         if !summary.trim().is_empty() {
             p.push_str(&format!("\n### What it said\n\n{}\n", summary.trim()));
@@ -248,7 +249,10 @@ fn read_rel_capped(layout: &Layout, rel: &Option<String>, cap: usize) -> Option<
     let text = String::from_utf8_lossy(&head);
     let mut shown = cut(&text, cap);
     if size > head.len() as u64 && !shown.ends_with("not shown]") {
-        shown.push_str(&format!("\n[... {} more bytes not shown]", size - head.len() as u64));
+        shown.push_str(&format!(
+            "\n[... {} more bytes not shown]",
+            size - head.len() as u64
+        ));
     }
     Some(shown)
 }
