@@ -443,9 +443,9 @@ mod tests {
     /// failure holds back the rest of its own channel until its next try.
     #[test]
     fn one_channel_backlog_holds_up_no_other() {
-        let dir = tempfile::tempdir().expect("tempdir");
         let t0 = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
-        let mut conn = crate::mirror::sqlite::open(&dir.path().join("state.db")).expect("open");
+        let mut conn = Connection::open_in_memory().expect("open");
+        conn.execute_batch(SCHEMA).expect("the outbox tables");
         let gone: Vec<Queued> = (0..150).map(event).collect();
         queue(&mut conn, "gone", &gone, 0, 0, t0 + 1_000).expect("queue");
         queue(
