@@ -899,6 +899,70 @@ async fn read_only_serve_offers_no_write_tools() {
     let _ = server.wait();
 }
 
+/// The conversation issue 17 describes, scripted: add two tasks (the second after the first, named
+/// by the id the first call returned), then wait for each. `tag` marks what each task prints.
+fn two_tasks_then_wait(tag: &str) -> common::model_server::Reply {
+    use common::model_server::{Call, Reply};
+    Reply::CallTools {
+        calls: vec![
+            Call::new(
+                "add_task",
+                json!({"description": format!("@fake sleep=1 print=first-{tag}"), "agent": "fake"}),
+            ),
+            Call::new(
+                "add_task",
+                json!({"description": format!("@fake print=second-{tag}"), "agent": "fake", "after": ["{{0:/id}}"]}),
+            ),
+            Call::new(
+                "wait_for_task",
+                json!({"id": "{{0:/id}}", "timeout_seconds": 90}),
+            ),
+            Call::new(
+                "wait_for_task",
+                json!({"id": "{{1:/id}}", "timeout_seconds": 90}),
+            ),
+        ],
+        then: "Both tasks finished.".into(),
+    }
+}
+
+/// What the model's requests carried back from [`two_tasks_then_wait`]: each call's result in
+/// order, named `add` and `wait` as the CLI names the tools; the ids add_task gave, the dependency
+/// the model named from the first result, and both tasks finished with what they printed.
+fn assert_two_tasks_done(
+    p: &Project,
+    results: &[(String, Value)],
+    add: &str,
+    wait: &str,
+    tag: &str,
+) {
+    let names: Vec<&str> = results.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, [add, add, wait, wait], "{results:?}");
+    let (first, second) = (&results[0].1, &results[1].1);
+    assert_eq!(first["id"], "task_001", "{results:?}");
+    assert_eq!(first["state"], "pending", "{results:?}");
+    assert_eq!(second["id"], "task_002", "{results:?}");
+    assert!(
+        p.read("tasks/completed/task_002.yaml").contains("task_001"),
+        "the dependency the model named is missing"
+    );
+    for (n, id) in ["task_001", "task_002"].into_iter().enumerate() {
+        let printed = format!("{}-{tag}", ["first", "second"][n]);
+        let waited = &results[2 + n].1;
+        assert_eq!(waited["id"], id, "{waited}");
+        assert_eq!(waited["state"], "completed", "{waited}");
+        assert_eq!(waited["terminal"], true, "{waited}");
+        assert!(
+            waited["output"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(&printed),
+            "{waited}"
+        );
+    }
+    assert_eq!(p.tasks_in("completed"), ["task_001", "task_002"]);
+}
+
 /// A real MCP client: the pinned Claude Code CLI, against the scripted model server, loads the
 /// server from `--mcp-config`, lists its tools to the model, and carries out the model's
 /// `add_task` call; a running supervisor completes the task, and the model's next request carries
@@ -1135,32 +1199,8 @@ mod claude {
     /// results: the ids add_task gave, and the finished tasks wait_for_task returned.
     #[test]
     fn claude_code_adds_two_tasks_and_waits_for_them() {
-        use common::model_server::Call;
         let server = ModelServer::start();
-        server.script(
-            Api::Anthropic,
-            vec![Reply::CallTools {
-                calls: vec![
-                    Call::new(
-                        "add_task",
-                        json!({"description": "@fake sleep=1 print=first-via-mcp", "agent": "fake"}),
-                    ),
-                    Call::new(
-                        "add_task",
-                        json!({"description": "@fake print=second-via-mcp", "agent": "fake", "after": ["{{0:/id}}"]}),
-                    ),
-                    Call::new(
-                        "wait_for_task",
-                        json!({"id": "{{0:/id}}", "timeout_seconds": 90}),
-                    ),
-                    Call::new(
-                        "wait_for_task",
-                        json!({"id": "{{1:/id}}", "timeout_seconds": 90}),
-                    ),
-                ],
-                then: "Both tasks finished.".into(),
-            }],
-        );
+        server.script(Api::Anthropic, vec![two_tasks_then_wait("via-mcp")]);
         let p = Project::with_config(&config());
         let mut sup = p.start_with_env(&[SECRET]);
         let (ok, said) = run_claude(
@@ -1172,46 +1212,13 @@ mod claude {
         assert!(ok, "{said}");
         assert!(said.contains("Both tasks finished."), "{said}");
         let results = tool_results(&posts(&server));
-        let names: Vec<&str> = results.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(
-            names,
-            [
-                "mcp__orchestrate__add_task",
-                "mcp__orchestrate__add_task",
-                "mcp__orchestrate__wait_for_task",
-                "mcp__orchestrate__wait_for_task"
-            ],
-            "{results:?}"
+        assert_two_tasks_done(
+            &p,
+            &results,
+            "mcp__orchestrate__add_task",
+            "mcp__orchestrate__wait_for_task",
+            "via-mcp",
         );
-        let (first, second) = (&results[0].1, &results[1].1);
-        assert_eq!(first["id"], "task_001", "{results:?}");
-        assert_eq!(first["state"], "pending", "{results:?}");
-        assert_eq!(second["id"], "task_002", "{results:?}");
-        // The second task was written after the first, as the model named it from the result.
-        assert!(
-            p.read("tasks/completed/task_002.yaml").contains("task_001"),
-            "the dependency the model named is missing"
-        );
-        for (n, (id, printed)) in [
-            ("task_001", "first-via-mcp"),
-            ("task_002", "second-via-mcp"),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let waited = &results[2 + n].1;
-            assert_eq!(waited["id"], id, "{waited}");
-            assert_eq!(waited["state"], "completed", "{waited}");
-            assert_eq!(waited["terminal"], true, "{waited}");
-            assert!(
-                waited["output"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .contains(printed),
-                "{waited}"
-            );
-        }
-        assert_eq!(p.tasks_in("completed"), ["task_001", "task_002"]);
         assert!(sup.stop().success(), "{}", sup.output());
     }
 }
@@ -1220,7 +1227,7 @@ mod claude {
 /// overrides, the scripted model's calls made over the OpenAI Responses API.
 mod codex {
     use super::*;
-    use common::model_server::{Api, Call, ModelServer, Reply};
+    use common::model_server::{Api, ModelServer};
 
     fn codex() -> std::path::PathBuf {
         let dir = std::env::var_os("ORCHESTRATE_AGENT_BIN_DIR")
@@ -1294,30 +1301,7 @@ mod codex {
     fn codex_adds_two_tasks_and_waits_for_them() {
         let bin = codex();
         let server = ModelServer::start();
-        server.script(
-            Api::Responses,
-            vec![Reply::CallTools {
-                calls: vec![
-                    Call::new(
-                        "add_task",
-                        json!({"description": "@fake sleep=1 print=first-via-codex", "agent": "fake"}),
-                    ),
-                    Call::new(
-                        "add_task",
-                        json!({"description": "@fake print=second-via-codex", "agent": "fake", "after": ["{{0:/id}}"]}),
-                    ),
-                    Call::new(
-                        "wait_for_task",
-                        json!({"id": "{{0:/id}}", "timeout_seconds": 90}),
-                    ),
-                    Call::new(
-                        "wait_for_task",
-                        json!({"id": "{{1:/id}}", "timeout_seconds": 90}),
-                    ),
-                ],
-                then: "Both tasks finished.".into(),
-            }],
-        );
+        server.script(Api::Responses, vec![two_tasks_then_wait("via-codex")]);
         let p = Project::with_config(&config());
         let mut sup = p.start_with_env(&[SECRET]);
         let home = tempfile::tempdir().expect("home");
@@ -1392,40 +1376,13 @@ mod codex {
         offered.sort();
         assert_eq!(offered, TOOLS);
         let results = tool_results(&server);
-        let names: Vec<&str> = results.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(
-            names,
-            [
-                "mcp__orchestrate.add_task",
-                "mcp__orchestrate.add_task",
-                "mcp__orchestrate.wait_for_task",
-                "mcp__orchestrate.wait_for_task"
-            ],
-            "{said}"
+        assert_two_tasks_done(
+            &p,
+            &results,
+            "mcp__orchestrate.add_task",
+            "mcp__orchestrate.wait_for_task",
+            "via-codex",
         );
-        assert_eq!(results[0].1["id"], "task_001", "{results:?}");
-        assert_eq!(results[1].1["id"], "task_002", "{results:?}");
-        for (n, (id, printed)) in [
-            ("task_001", "first-via-codex"),
-            ("task_002", "second-via-codex"),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let waited = &results[2 + n].1;
-            assert_eq!(waited["id"], id, "{waited}");
-            assert_eq!(waited["state"], "completed", "{waited}");
-            assert_eq!(waited["terminal"], true, "{waited}");
-            assert!(
-                waited["output"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .contains(printed),
-                "{waited}"
-            );
-        }
-        assert!(p.read("tasks/completed/task_002.yaml").contains("task_001"));
-        assert_eq!(p.tasks_in("completed"), ["task_001", "task_002"]);
         assert!(sup.stop().success(), "{}", sup.output());
     }
 }
