@@ -20,21 +20,7 @@ use common::*;
 #[track_caller]
 fn cli(name: &str) -> PathBuf {
     assert_grouped(name, None, name);
-    let dir = std::env::var_os("ORCHESTRATE_AGENT_BIN_DIR")
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tools/agents/node_modules/.bin")
-        });
-    let bin = dir.join(name);
-    assert!(
-        bin.is_file(),
-        "{name} is missing: {} does not exist. Install the pinned CLIs with \
-         `npm ci --prefix tools/agents`, or run the tests with tools/test, which installs them and \
-         skips the {name} tests when it cannot (and fails under CI).",
-        bin.display()
-    );
-    bin
+    pinned_cli(name)
 }
 
 /// Which real CLI, and how it reaches the model server.

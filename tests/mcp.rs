@@ -679,32 +679,7 @@ async fn context_pages_and_task_results_read_as_resources() {
 
 /// `orchestrate serve` on a free loopback port with `args`, and its address once it listens.
 fn serve(p: &Project, args: &[&str]) -> (std::process::Child, String) {
-    let mut all = vec!["serve", "--listen", "127.0.0.1:0"];
-    all.extend_from_slice(args);
-    let mut child = p
-        .cmd(&all)
-        .env(SECRET.0, SECRET.1)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn serve");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let first = rx.recv_timeout(LIMIT).expect("serve says where it listens");
-    let addr = first
-        .strip_prefix("listening on http://")
-        .unwrap_or_else(|| panic!("unexpected first line: {first}"))
-        .to_string();
+    let (child, addr, _) = spawn_serve(p, args, SECRET, 0);
     (child, addr)
 }
 
@@ -973,19 +948,7 @@ mod claude {
 
     /// The pinned CLI (tools/test installs it; a test in this module is skipped where it is not).
     fn claude() -> std::path::PathBuf {
-        let dir = std::env::var_os("ORCHESTRATE_AGENT_BIN_DIR")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| {
-                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .join("tools/agents/node_modules/.bin")
-            });
-        let bin = dir.join("claude");
-        assert!(
-            bin.exists(),
-            "{} is missing: run the tests with tools/test, which installs the pinned CLIs",
-            bin.display()
-        );
-        bin
+        pinned_cli("claude")
     }
 
     /// Run the pinned Claude Code CLI on `prompt` with `orchestrate mcp` for `p` registered through
@@ -1230,19 +1193,7 @@ mod codex {
     use common::model_server::{Api, ModelServer};
 
     fn codex() -> std::path::PathBuf {
-        let dir = std::env::var_os("ORCHESTRATE_AGENT_BIN_DIR")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| {
-                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .join("tools/agents/node_modules/.bin")
-            });
-        let bin = dir.join("codex");
-        assert!(
-            bin.exists(),
-            "{} is missing: run the tests with tools/test, which installs the pinned CLIs",
-            bin.display()
-        );
-        bin
+        pinned_cli("codex")
     }
 
     /// Every MCP tool result the Responses requests carried (read as JSON from the text after

@@ -30,35 +30,7 @@ impl Drop for Server {
 
 /// Start `serve` with `args` and read the address it bound from its first line.
 fn serve(p: &Project, args: &[&str], extra_lines: usize) -> Server {
-    let mut all = vec!["serve", "--listen", "127.0.0.1:0"];
-    all.extend_from_slice(args);
-    let mut child = p
-        .cmd(&all)
-        .env(SECRET.0, SECRET.1)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn serve");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let first = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("serve prints where it listens");
-    let addr = first
-        .strip_prefix("listening on http://")
-        .unwrap_or_else(|| panic!("unexpected first line: {first}"))
-        .to_string();
-    let lines = (0..extra_lines)
-        .map(|_| rx.recv_timeout(Duration::from_secs(10)).expect("a line"))
-        .collect();
+    let (child, addr, lines) = spawn_serve(p, args, SECRET, extra_lines);
     Server { child, addr, lines }
 }
 

@@ -423,6 +423,70 @@ fn test_in_module(module: &str) -> bool {
         .is_some_and(|(modules, _)| modules.split("::").any(|m| m == module))
 }
 
+/// A pinned agent CLI (`claude`, `codex`, `gemini`) as tools/test installs it, or from
+/// `ORCHESTRATE_AGENT_BIN_DIR`; a missing one fails the test saying how to get it.
+pub fn pinned_cli(name: &str) -> PathBuf {
+    let dir = std::env::var_os("ORCHESTRATE_AGENT_BIN_DIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/agents/node_modules/.bin")
+        });
+    let bin = dir.join(name);
+    assert!(
+        bin.is_file(),
+        "{name} is missing: {} does not exist. Install the pinned CLIs with \
+         `npm ci --prefix tools/agents`, or run the tests with tools/test, which installs them and \
+         skips the {name} tests when it cannot (and fails under CI).",
+        bin.display()
+    );
+    bin
+}
+
+/// `orchestrate serve` for `p` on a free loopback port with `args` (and `env` set): the process,
+/// the address it printed first, and the `extra_lines` it printed after that (a generated token).
+pub fn spawn_serve(
+    p: &Project,
+    args: &[&str],
+    env: (&str, &str),
+    extra_lines: usize,
+) -> (Child, String, Vec<String>) {
+    let mut all = vec!["serve", "--listen", "127.0.0.1:0"];
+    all.extend_from_slice(args);
+    let mut child = p
+        .cmd(&all)
+        .env(env.0, env.1)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn serve");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let first = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("serve prints where it listens");
+    let addr = first
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("unexpected first line: {first}"))
+        .to_string();
+    let lines = (0..extra_lines)
+        .map(|_| rx.recv_timeout(Duration::from_secs(10)).expect("a line"))
+        .collect();
+    (child, addr, lines)
+}
+
 /// Fail the running test unless `tools/test` can select it by its name as one that needs `part`:
 /// it sits in the test binary `binary` (when given) or in a module named `module`.
 #[track_caller]

@@ -613,6 +613,31 @@ fn follow_up_text(shared: &Shared, api: Api, id: Option<&str>) -> String {
         .unwrap_or_else(|| DEFAULT_TEXT.to_string())
 }
 
+/// A scripted single tool call (`Reply::CallTool`): no text, the call of the offered tool whose
+/// name ends with `tool`, its follow-up to be answered `then`.
+fn one_call(
+    shared: &Shared,
+    api: Api,
+    tools: &[Tool],
+    tool: &str,
+    args: Value,
+    then: &str,
+    id_prefix: &str,
+) -> (String, Option<ToolCall>) {
+    let id = format!("{id_prefix}{:06}", shared.next_id());
+    remember_call(shared, api, &id, then);
+    let name = offered_name(tools, tool);
+    (
+        String::new(),
+        Some(ToolCall {
+            id,
+            name,
+            args,
+            custom_input: None,
+        }),
+    )
+}
+
 /// The first call of a `CallTools` chain (or its closing text when it has no calls).
 fn start_chain(
     shared: &Shared,
@@ -1050,20 +1075,15 @@ fn anthropic(shared: &Shared, body: &Value) -> Outcome {
                 ));
             }
             Reply::Hang => return Outcome::Hang,
-            Reply::CallTool { tool, args, then } => {
-                let id = format!("toolu_orch{:06}", shared.next_id());
-                remember_call(shared, Api::Anthropic, &id, &then);
-                let name = offered_name(&tools, &tool);
-                (
-                    String::new(),
-                    Some(ToolCall {
-                        id,
-                        name,
-                        args,
-                        custom_input: None,
-                    }),
-                )
-            }
+            Reply::CallTool { tool, args, then } => one_call(
+                shared,
+                Api::Anthropic,
+                &tools,
+                &tool,
+                args,
+                &then,
+                "toolu_orch",
+            ),
             Reply::CallTools { calls, then } => {
                 start_chain(shared, Api::Anthropic, &tools, calls, then, "toolu_orch")
             }
@@ -1284,20 +1304,15 @@ fn responses(shared: &Shared, body: &Value) -> Outcome {
             Reply::ServerError => return Outcome::Respond(openai_server_error()),
             Reply::AuthError => return Outcome::Respond(openai_auth_error()),
             Reply::Hang => return Outcome::Hang,
-            Reply::CallTool { tool, args, then } => {
-                let id = format!("call_orch{:06}", shared.next_id());
-                remember_call(shared, Api::Responses, &id, &then);
-                let name = offered_name(&tools, &tool);
-                (
-                    String::new(),
-                    Some(ToolCall {
-                        id,
-                        name,
-                        args,
-                        custom_input: None,
-                    }),
-                )
-            }
+            Reply::CallTool { tool, args, then } => one_call(
+                shared,
+                Api::Responses,
+                &tools,
+                &tool,
+                args,
+                &then,
+                "call_orch",
+            ),
             Reply::CallTools { calls, then } => {
                 start_chain(shared, Api::Responses, &tools, calls, then, "call_orch")
             }
