@@ -19,7 +19,9 @@ use crate::error::ConfigError;
 use crate::layout::Layout;
 use crate::redact::Redactor;
 
+pub mod cluster;
 pub mod notify;
+pub use cluster::ClusterConfig;
 pub use notify::{NotifyChannel, NotifyOn};
 
 /// The documented default configuration (also what `orchestrate init` writes).
@@ -38,6 +40,8 @@ pub struct Config {
     pub workspace: WorkspaceConfig,
     /// Notification channels (see [`notify`]).
     pub notify: Vec<NotifyChannel>,
+    /// Several hosts sharing one queue in PostgreSQL (see [`cluster`]).
+    pub cluster: ClusterConfig,
     /// What validation noticed that is not wrong but worth saying (a permission flag in an agent's
     /// `args` that a config key says too). `validate --check-config` prints them and `start` logs them
     /// once; nothing else reads them.
@@ -904,6 +908,7 @@ impl Config {
             return Err(("workspace.branch_prefix".into(), why.into()));
         }
         self.workspace.check()?;
+        self.cluster.check(self.database.url.as_deref())?;
         let o = &self.orchestrator;
         if o.max_concurrent == 0 {
             return Err((

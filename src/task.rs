@@ -80,6 +80,12 @@ pub struct TaskFile {
     /// candidate's name, an agent or a number.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub candidate: Option<String>,
+    /// Cluster mode: the one host that may run it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Cluster mode: labels a host must all have (`cluster.labels`) to run it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requires: Vec<String>,
 }
 
 /// How many candidates a task fans out to.
@@ -404,6 +410,24 @@ pub fn parse_task(text: &str, stem: &str, source_name: &str) -> Result<Task, Tas
                 "a task cannot depend on itself",
             ));
         }
+    }
+    for l in &file.requires {
+        if !valid_name(l) {
+            return Err(TaskError::at_key(
+                text,
+                "requires",
+                format!("`{}` is not a valid label", l.escape_debug()),
+            ));
+        }
+    }
+    if let Some(h) = &file.host
+        && (h.trim().is_empty() || h.len() > 255 || h.chars().any(char::is_whitespace))
+    {
+        return Err(TaskError::at_key(
+            text,
+            "host",
+            format!("`{}` is not a host name", h.escape_debug()),
+        ));
     }
     if let Some(a) = &file.agent
         && !valid_name(a)
