@@ -440,6 +440,25 @@ pub fn disk_use(dir: &Path, budget: &mut WalkBudget) -> DiskUse {
     out
 }
 
+/// The last `max` bytes of the file at `path` (from a line start when one is near), as text.
+pub fn read_tail(path: &Path, max: u64) -> std::io::Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    let from = len.saturating_sub(max);
+    f.seek(SeekFrom::Start(from))?;
+    let mut buf = Vec::with_capacity((len - from) as usize);
+    f.take(max).read_to_end(&mut buf)?;
+    let mut text = String::from_utf8_lossy(&buf).into_owned();
+    if from > 0
+        && let Some(nl) = text.find('\n')
+        && nl < 4096
+    {
+        text.drain(..=nl);
+    }
+    Ok(text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1094,6 +1094,81 @@ pub fn remove_orphan(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The commit `HEAD` names in the repository at `root`; `None` before the first commit.
+pub fn head_commit(root: &Path) -> Option<String> {
+    Git::new(root, &["rev-parse", "--verify", "-q", "HEAD^{commit}"])
+        .line()
+        .ok()
+        .filter(|c| !c.is_empty())
+}
+
+/// Make `commit` present at `root`: there already, or fetched from the `origin` remote. The error
+/// says which it was not (no such remote, or the remote does not have it).
+pub fn fetch_commit(root: &Path, commit: &str) -> Result<()> {
+    if has_commit(root, commit) {
+        return Ok(());
+    }
+    let remote = Git::new(root, &["remote", "get-url", "origin"]).line().ok();
+    let Some(url) = remote.filter(|u| !u.is_empty()) else {
+        bail!(
+            "commit {commit} is not in this repository, and it has no `origin` remote to fetch it from"
+        );
+    };
+    Git::new(root, &["fetch", "-q", "--no-tags", "origin"])
+        .arg(commit)
+        .run()
+        .with_context(|| {
+            format!("commit {commit} is not in this repository nor fetchable from origin ({url})")
+        })?;
+    if !has_commit(root, commit) {
+        bail!(
+            "commit {commit} is not in this repository, and fetching it from origin ({url}) did not bring it"
+        );
+    }
+    Ok(())
+}
+
+/// A commit of `patch` (as [`diff`] writes it) on top of `base`, made in git's object store alone
+/// (a private index; no tree or branch is touched). Fails when the patch does not apply to `base`.
+pub fn commit_patch(root: &Path, base: &str, patch: &str, message: &str) -> Result<String> {
+    let dir = common_dir(root)?;
+    // Several outcomes land at once: each its own index.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let index = dir.join(format!(
+        "orchestrate-patch-{}-{n}.index",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&index);
+    let made = (|| -> Result<String> {
+        Git::new(root, &["read-tree", base]).index(&index).run()?;
+        if !patch.trim().is_empty() {
+            Git::new(
+                root,
+                &["apply", "--cached", "--binary", "--whitespace=nowarn", "-"],
+            )
+            .index(&index)
+            .input(patch.as_bytes().to_vec())
+            .run()?;
+        }
+        let tree = Git::new(root, &["write-tree"]).index(&index).line()?;
+        Git::new(root, &["commit-tree", &tree, "-p", base, "-m", message])
+            .author()
+            .line()
+    })();
+    let _ = std::fs::remove_file(&index);
+    made
+}
+
+/// Point branch `name` at `commit` (made or moved).
+pub fn set_branch(root: &Path, name: &str, commit: &str) -> Result<()> {
+    Git::new(root, &["update-ref"])
+        .arg(format!("refs/heads/{name}"))
+        .arg(commit)
+        .run()?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -122,6 +122,9 @@ pub struct Attempt {
     /// The task's `check`, when it ran after the agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check: Option<CheckRecord>,
+    /// Cluster mode: the host that ran the attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 /// How an attempt's `check` command went.
@@ -160,6 +163,7 @@ impl Attempt {
             output_tokens: None,
             cached_tokens: None,
             session_id: None,
+            host: None,
             retry_at: None,
             log_file: None,
             check: None,

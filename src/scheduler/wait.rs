@@ -52,6 +52,9 @@ pub enum WaitReason {
     /// no claim starts. The floor only, not the free figure, so the note stays put while space
     /// moves.
     LowDisk { min_mb: u64 },
+    /// Cluster mode: published to the shared queue, where any host that fits claims it; its
+    /// outcome comes back here.
+    InCluster,
 }
 
 impl WaitReason {
@@ -80,6 +83,9 @@ impl fmt::Display for WaitReason {
                     Some(w) => write!(f, " (after: {w})"),
                     None => Ok(()),
                 }
+            }
+            WaitReason::InCluster => {
+                f.write_str("in the cluster queue: the first host that can run it claims it")
             }
             WaitReason::Workdir { path, holder } => {
                 write!(f, "waiting for workdir {path}, held by task {holder}")

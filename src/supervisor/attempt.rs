@@ -60,6 +60,10 @@ pub(super) struct ClaimJob {
     pub(super) row: mirror::TaskRow,
     pub(super) because: String,
     pub(super) claimed: mpsc::UnboundedSender<(String, u64)>,
+    /// A cluster lease's attempt: claimed in the queue already (nothing moves in this host's
+    /// spool), run in a worktree made from this base commit, its results gathered into
+    /// [`Report::cluster`] and removed from this host's `context/`.
+    pub(super) leased_base: Option<String>,
 }
 
 /// Claim `src` as `claim.task_id`, then check that the file is the one that was parsed (`hash`): a
@@ -118,19 +122,22 @@ fn begin(
     claim: &Claim,
     stop: &watch::Receiver<Option<Stop>>,
 ) -> Begun {
-    let claimed = claim_task(&job.spool, &job.src, claim, job.hash, Some(stop));
-    if !matches!(claimed, Claimed::Ours) {
-        return Begun::NotClaimed(claimed);
+    let leased = job.leased_base.is_some();
+    if !leased {
+        let claimed = claim_task(&job.spool, &job.src, claim, job.hash, Some(stop));
+        if !matches!(claimed, Claimed::Ours) {
+            return Begun::NotClaimed(claimed);
+        }
+        // The mirror follows the durable claim, never runs ahead of it.
+        job.writer.send(Op::Upsert {
+            attempts: {
+                let mut a = claim.history.clone();
+                a.push(mirror::running_attempt(claim));
+                a
+            },
+            row: job.row,
+        });
     }
-    // The mirror follows the durable claim, never runs ahead of it.
-    job.writer.send(Op::Upsert {
-        attempts: {
-            let mut a = claim.history.clone();
-            a.push(mirror::running_attempt(claim));
-            a
-        },
-        row: job.row,
-    });
     let _ = job.claimed.send((task.id.clone(), job.start));
     console::info(&format!(
         "started    {} on {} (attempt {}; {})",
@@ -146,8 +153,9 @@ fn begin(
             &claim.agent,
             claim.attempt,
             workdir.path(),
-            resumable_session(claim).is_some(),
+            !leased && resumable_session(claim).is_some(),
             &ctx.pool,
+            job.leased_base.as_deref(),
         )?;
         Ok(Box::new(Prepared {
             workdir: Arc::new(workdir),
@@ -288,6 +296,7 @@ pub(super) async fn run_attempt(
     claim: Claim,
     stop: watch::Receiver<Option<Stop>>,
 ) -> Report {
+    let leased = job.leased_base.is_some();
     // One trip to a blocking thread for the claim and its fsyncs, the prompt file and opening the
     // workdir; the snapshot then runs on a thread of its own (below).
     let begun = {
@@ -697,6 +706,8 @@ pub(super) async fn run_attempt(
             files_modified.push(rel);
         }
     }
+    // A leased attempt's change, as the patch its origin applies (never redacted: it must apply).
+    let leased_patch: Option<String>;
     // Off the runtime's worker threads, in one trip: the writes wait for the disk.
     let (text_file, diff_file, files_file, files_modified) = {
         let (layout, redactor, task, agent) = (
@@ -708,6 +719,7 @@ pub(super) async fn run_attempt(
         let (attempt_n, duration) = (claim.attempt, exit.duration);
         let text = std::mem::take(&mut parsed.text);
         let diff_text = diff.text;
+        leased_patch = leased.then(|| diff_text.clone());
         tokio::task::spawn_blocking(move || {
             let header = context::OutputHeader {
                 task: &task,
@@ -755,7 +767,57 @@ pub(super) async fn run_attempt(
     }
     report.stopped = exit.stopped.or(check_stopped);
     report.attempt = attempt;
+    if let Some(patch) = leased_patch {
+        let (layout, id, n) = (ctx.layout.clone(), task.id.clone(), claim.attempt);
+        let files = [
+            report.text_file.take(),
+            report.diff_file.take(),
+            report.files_file.take(),
+        ];
+        let gathered = tokio::task::spawn_blocking(move || gather_leased(&layout, &id, n, files))
+            .await
+            .unwrap_or_default();
+        report.cluster = Some(super::events::LeasedResult {
+            output: gathered.0,
+            log_tail: gathered.1,
+            patch,
+        });
+    }
     report
+}
+
+/// How much of an attempt's log goes back to the origin.
+const LOG_TAIL_BYTES: u64 = 64 * 1024;
+
+/// A leased attempt's output and the end of its log, read, then its files removed from this
+/// host's `context/`: the task is the origin's, and only the origin's tree keeps what it did.
+fn gather_leased(
+    layout: &Layout,
+    id: &str,
+    attempt: u32,
+    files: [Option<PathBuf>; 3],
+) -> (String, String) {
+    let output = files[0]
+        .as_ref()
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .unwrap_or_default();
+    let log = layout.log_path(id, attempt);
+    let tail = crate::fsutil::read_tail(&log, LOG_TAIL_BYTES).unwrap_or_default();
+    for p in files.iter().flatten() {
+        let _ = std::fs::remove_file(p);
+    }
+    for p in [
+        log,
+        layout.prompt_path(id, attempt),
+        layout.check_log_path(id, attempt),
+    ] {
+        let _ = std::fs::remove_file(&p);
+        if let Some(dir) = p.parent() {
+            // The task's own folders go once empty; others' are never touched (not empty).
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+    (output, tail)
 }
 
 /// The attempt's outcome once its check (if one ran) is taken into account: a check that did not

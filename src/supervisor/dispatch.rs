@@ -458,6 +458,12 @@ impl Dispatch {
         unavailable
     }
 
+    /// Which agents cannot start now, and why (for a cluster claim).
+    pub(super) fn unavailable_now(&mut self, env: &Env) -> HashMap<String, Unavailable> {
+        let cfg = env.cfg.clone();
+        self.availability(env, &cfg, OffsetDateTime::now_utc())
+    }
+
     /// Begin a scheduling pass. A full pass looks at every pending task (wait notes, back-off
     /// wake-ups); otherwise the pass ends once every slot is taken, so a long queue costs nothing
     /// while agents are busy. `None`: every slot is taken and no full pass is due.
@@ -578,6 +584,10 @@ impl Pass {
             let Some(p) = queue.get(id).filter(|p| p.seq == entry.1) else {
                 continue;
             };
+            // Published to the cluster: whichever host claims it runs it, this one included.
+            if view.cluster && super::cluster::goes_to_cluster(&p.task) {
+                continue;
+            }
             if self.full
                 && let Some(t) = p.not_before.filter(|t| *t > self.now)
             {
@@ -834,7 +844,7 @@ impl Supervisor {
         let claim = claim_record(&self.env.me, &p, agent, because);
         // A retry asks again: the answer may differ once an agent has failed it.
         self.dispatch.forget(id);
-        self.runs.launch(&self.env, p, claim, because);
+        self.runs.launch(&self.env, p, claim, because, None);
         self.state_dirty = true;
     }
 

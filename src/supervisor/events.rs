@@ -20,6 +20,8 @@ use crate::watch::Hint;
 /// Something happened. The `select!` in `Supervisor::run` only turns its sources into these;
 /// `Supervisor::handle` decides what each one means.
 pub(super) enum Event {
+    /// What the cluster queue said (cluster mode).
+    Cluster(super::cluster::link::News),
     /// The watcher saw a file arrive whole in `pending/`: renamed in.
     Arrived(PathBuf),
     /// The watcher saw a writer close a file in `pending/`: it is read once no process holds it
@@ -168,6 +170,17 @@ pub(super) struct Report {
     /// The environment kept the agent from starting (a full or read-only `context/`): not the
     /// task's fault, so no attempt is counted and the task waits.
     pub(super) environment: Option<String>,
+    /// A cluster lease's attempt: what goes back to the task's origin.
+    pub(super) cluster: Option<LeasedResult>,
+}
+
+/// What a leased attempt gathered for its origin (its files are gone from this host's tree).
+#[derive(Default)]
+pub(super) struct LeasedResult {
+    pub(super) output: String,
+    pub(super) log_tail: String,
+    /// The change against the task's base commit, as `git apply` takes it.
+    pub(super) patch: String,
 }
 
 impl Report {
@@ -186,6 +199,7 @@ impl Report {
             retry_after: None,
             unclaimed: None,
             environment: None,
+            cluster: None,
         }
     }
 }

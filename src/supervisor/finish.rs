@@ -381,6 +381,16 @@ impl Supervisor {
         }
         let mut attempts = run.claim.history.clone();
         attempts.push(r.attempt.clone());
+        if self
+            .cluster
+            .as_ref()
+            .is_some_and(|c| c.leases.contains_key(&r.id))
+        {
+            if let Some(a) = attempts.last_mut() {
+                a.host = Some(self.cluster.as_ref().expect("checked").link.host.clone());
+            }
+            return self.on_leased_report(&run, r, verdict, attempts);
+        }
         let outcome = r.attempt.outcome;
         let agent = &run.claim.agent;
         let history = |not_before, reason| History {
@@ -558,6 +568,7 @@ impl Supervisor {
             return;
         };
         let id = result.task_id.clone();
+        self.delivered(&id);
         let id = &id;
         if let Err(e) = outcome {
             // The claim stays, and so does the outcome: never run the agent again for it.

@@ -701,6 +701,25 @@ impl Intake {
         self.cycles_dirty = true;
     }
 
+    /// Move pending task `id`'s file to `quarantine/` with `reason` (its id clashes with another
+    /// host's task in the cluster queue).
+    pub(super) fn quarantine_pending(
+        &mut self,
+        view: &View,
+        id: &str,
+        reason: &str,
+    ) -> Vec<Action> {
+        let mut out = vec![];
+        if let Some(path) = self.queue.get(id).map(|p| p.path.clone()) {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| format!("{id}.yaml"));
+            self.quarantine(view, &path, &name, reason, &mut out);
+        }
+        out
+    }
+
     fn quarantine(
         &mut self,
         view: &View,

@@ -53,6 +53,7 @@
 
 mod attempt;
 mod check;
+mod cluster;
 mod dispatch;
 mod events;
 mod fan_out;
@@ -143,6 +144,8 @@ struct View<'a> {
     commits: &'a Commits,
     ledger: &'a Ledger,
     shutting_down: bool,
+    /// Cluster mode: tasks are published to the shared queue, never started from `pending/`.
+    cluster: bool,
 }
 
 impl View<'_> {
@@ -162,6 +165,7 @@ struct Inbox {
     claimed: mpsc::UnboundedReceiver<(String, u64)>,
     routed: mpsc::UnboundedReceiver<(String, Routed)>,
     login_checked: mpsc::UnboundedReceiver<(String, LoginChecked)>,
+    cluster: Option<mpsc::UnboundedReceiver<cluster::link::News>>,
 }
 
 pub struct Supervisor {
@@ -171,6 +175,8 @@ pub struct Supervisor {
     runs: Runs,
     commits: Commits,
     ledger: Ledger,
+    /// Cluster mode: the shared queue in PostgreSQL decides who runs what.
+    cluster: Option<cluster::Cluster>,
     inbox: Option<Inbox>,
     /// The configuration file, looked at every second for a change to apply.
     config_file: Option<reload::ConfigFile>,
@@ -215,6 +221,30 @@ impl Supervisor {
         let (dispatch, helpers) = Dispatch::new(Cooldowns::load(&layout), Logins::load(&layout));
         let (runs, claimed) = Runs::new();
         let pool = Arc::new(workspace::Pool::new(&layout, &me.id));
+        let mut cluster = None;
+        if cfg.cluster.enabled {
+            let url = cfg
+                .database
+                .url
+                .clone()
+                .expect("checked with the configuration");
+            let link = cluster::link::Link::start(cluster::link::Start {
+                url,
+                schema: cfg.database.schema.clone(),
+                host: cfg.cluster.host.clone().unwrap_or_else(|| me.host.clone()),
+                instance: me.id.clone(),
+                labels: cfg.cluster.labels.clone(),
+                lease: Duration::from_secs(cfg.cluster.lease_seconds),
+                aging: Duration::from_secs_f64(cfg.task_queue.aging_minutes * 60.0),
+                poll: Duration::from_millis(cfg.cluster.poll_ms),
+            })?;
+            cluster = Some(cluster::Cluster::new(
+                link,
+                cfg.cluster.labels.clone(),
+                Duration::from_millis(cfg.cluster.poll_ms),
+            ));
+        }
+        let cluster_news = cluster.as_mut().and_then(|c| c.link.news.take());
         Ok(Supervisor {
             env: Env {
                 cfg: Arc::new(cfg),
@@ -230,10 +260,12 @@ impl Supervisor {
             runs,
             commits: Commits::default(),
             ledger: Ledger::default(),
+            cluster,
             inbox: Some(Inbox {
                 claimed,
                 routed: helpers.routed,
                 login_checked: helpers.login_checked,
+                cluster: cluster_news,
             }),
             config_file: opts.config_file.clone().map(reload::ConfigFile::new),
             state_dirty: true,
@@ -294,6 +326,7 @@ impl Supervisor {
             mut claimed,
             mut routed,
             mut login_checked,
+            cluster: mut cluster_news,
         } = self.inbox.take().expect("run is called once");
         loop {
             if self.opts.once && self.nothing_left() {
@@ -316,6 +349,12 @@ impl Supervisor {
                     burst(done, || self.commits.try_join_next(), Event::Committed)
                 }
                 Some((id, routed)) = routed.recv() => vec![Event::Routed { id, routed }],
+                Some(news) = async {
+                    match cluster_news.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => vec![Event::Cluster(news)],
                 Some((agent, checked)) = login_checked.recv() => {
                     vec![Event::LoginChecked { agent, checked }]
                 }
@@ -350,8 +389,11 @@ impl Supervisor {
             }
             if !self.shutting_down {
                 self.dispatch_phase();
+                self.cluster_phase();
+                self.retry_outcomes();
             }
         }
+        self.leave_cluster();
         self.write_state_files();
         let env = &self.env;
         // Nothing runs now: no idle worktree outlives the supervisor.
@@ -482,6 +524,7 @@ impl Supervisor {
                 self.apply(cancels);
             }
             Event::StopRequested => self.on_stop_signal(),
+            Event::Cluster(news) => self.on_cluster(news),
         }
     }
 
@@ -549,6 +592,7 @@ impl Supervisor {
             commits,
             ledger,
             shutting_down,
+            cluster,
             ..
         } = self;
         let view = View {
@@ -557,6 +601,7 @@ impl Supervisor {
             commits,
             ledger,
             shutting_down: *shutting_down,
+            cluster: cluster.is_some(),
         };
         (intake, dispatch, view)
     }

@@ -105,7 +105,14 @@ impl Runs {
 
     /// Start an attempt of `p` under `claim`: its own task claims the file (the rename, the claim
     /// record and their fsyncs run there, beside other claims and commits), then runs the agent.
-    pub(super) fn launch(&mut self, env: &Env, p: Pending, claim: Claim, because: &str) {
+    pub(super) fn launch(
+        &mut self,
+        env: &Env,
+        p: Pending,
+        claim: Claim,
+        because: &str,
+        leased_base: Option<String>,
+    ) {
         let id = p.task.id.clone();
         let (stop_tx, stop_rx) = watch::channel(None);
         *self.per_agent.entry(claim.agent.clone()).or_default() += 1;
@@ -125,6 +132,7 @@ impl Runs {
             row: mirror::running_row(&env.spool, &p.task, &claim),
             because: because.to_string(),
             claimed: self.claimed_tx.clone(),
+            leased_base,
         };
         let exclusive =
             super::workspace::exclusive_workdir(&env.cfg, &env.layout, &p.task, &claim.agent);

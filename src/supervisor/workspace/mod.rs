@@ -15,7 +15,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 pub(crate) use pool::Pool;
 
@@ -90,6 +90,9 @@ pub(super) struct Worktree {
     _busy: Arc<Busy>,
     /// The attempt continues in the worktree an earlier attempt's session left.
     pub(super) resumed: bool,
+    /// A cluster lease's attempt: its change goes back to the task's origin as a patch, and
+    /// nothing lands in this host's tree.
+    leased: bool,
 }
 
 /// Make the worktree for attempt `attempt` of `task` on `agent` when its isolation asks for one;
@@ -105,21 +108,29 @@ pub(super) fn prepare(
     workdir: &Path,
     resumes: bool,
     pool: &Arc<Pool>,
+    leased_base: Option<&str>,
 ) -> Result<Option<Worktree>> {
     let isolation = task
         .file
         .isolation
         .or_else(|| cfg.agents.get(agent).and_then(|a| a.isolation))
         .unwrap_or(cfg.workspace.isolation);
-    if isolation == Isolation::None {
+    // A task from the cluster always runs in a worktree made from its origin's commit: this
+    // host's own tree is never the agent's to change.
+    if isolation == Isolation::None && leased_base.is_none() {
         return Ok(None);
     }
     let Some(root) = git::toplevel(workdir)? else {
-        if isolation == Isolation::Auto {
+        if isolation == Isolation::Auto && leased_base.is_none() {
             return Ok(None);
         }
         bail!(
-            "isolation `worktree`: the workdir {} is not inside a git work tree",
+            "isolation `worktree`{}: the workdir {} is not inside a git work tree",
+            if leased_base.is_some() {
+                " (every task runs in one in cluster mode)"
+            } else {
+                ""
+            },
             workdir.display()
         );
     };
@@ -152,6 +163,7 @@ pub(super) fn prepare(
             pool: pooled.clone(),
             _busy: busy.clone(),
             resumed,
+            leased: leased_base.is_some(),
         }))
     };
     if resumes && let Some(base) = resumable(&root, &path, &branch) {
@@ -159,11 +171,26 @@ pub(super) fn prepare(
         return made(base, true);
     }
     let message = format!("orchestrate: base of task {id}, attempt {attempt}");
+    let leased = match leased_base {
+        Some(base) => {
+            git::fetch_commit(&root, base).with_context(|| {
+                format!(
+                    "the base commit of task {id} is not available on this host ({})",
+                    root.display()
+                )
+            })?;
+            Some(base.to_string())
+        }
+        None => None,
+    };
     // A file removed while `git add` walks the tree (a build running beside us) fails the walk;
     // the next walk sees the tree as it is then.
     let mut tries = 0;
     let t0 = std::time::Instant::now();
     let base = loop {
+        if let Some(b) = &leased {
+            break b.clone();
+        }
         tries += 1;
         match git::snapshot(&root, &excludes, &message) {
             Ok(c) => break c,
@@ -176,7 +203,11 @@ pub(super) fn prepare(
             Err(e) => return Err(e),
         }
     };
-    let base = with_dependencies(layout, task, &root, base)?;
+    let base = if leased.is_some() {
+        base
+    } else {
+        with_dependencies(layout, task, &root, base)?
+    };
     if path.exists() {
         // Left by an earlier attempt that is not resumed, or by one that never ended (a crash):
         // start clean.
@@ -187,6 +218,10 @@ pub(super) fn prepare(
         .as_ref()
         .is_some_and(|p| p.take(&root, &path, &branch, &base));
     if !reused {
+        // Two `git worktree add` at once on one repository can read each other's half-made
+        // metadata (`failed to read .git/worktrees/X/commondir`): one at a time per process.
+        static ADDING: Mutex<()> = Mutex::new(());
+        let _one = ADDING.lock().unwrap_or_else(|p| p.into_inner());
         git::add_worktree(&root, &path, &branch, &base)?;
     }
     console::debug(&format!(
@@ -430,6 +465,7 @@ impl Worktree {
         if let Some(head) = result.head.clone()
             && completed
             && !files.is_empty()
+            && !self.leased
         {
             let how = match self.merge {
                 MergeMode::Apply => Merge::Apply,
