@@ -1,5 +1,5 @@
 //! `orchestrate status`: counts, what runs, what waits and why, who supervises, how the
-//! PostgreSQL mirror is doing, the task worktrees on disk and the branches whose changes wait to be
+//! PostgreSQL mirror is doing, the cluster's hosts (cluster mode), the task worktrees on disk and the branches whose changes wait to be
 //! merged or discarded. With `--database-url` it answers from PostgreSQL alone (no folder needed).
 //!
 //! It only reads, through the mirror's read API and the folder, and stays quick on any tree: the
@@ -13,7 +13,10 @@ use crate::project::status::Status;
 
 pub fn run(cli: &Cli, project: &Project) -> Result<i32> {
     let reader = project.reader(cli.database_url.as_deref())?;
-    render(cli, &crate::project::status::status(project, &reader)?)
+    render(
+        cli,
+        &crate::project::status::status(project, &reader, cli.database_url.as_deref())?,
+    )
 }
 
 /// How many characters of a reason fit after the id column: all of them when the output is not a
@@ -175,14 +178,19 @@ fn render(cli: &Cli, st: &Status) -> Result<i32> {
             l.hint
         )?;
     }
+    render_hosts(&mut out, st)?;
     if !st.running.is_empty() {
         outln!(out, "\nrunning:")?;
         for r in &st.running {
             outln!(
                 out,
-                "  {:<20} {:<10} attempt {}, running {} (since {}), log {}{}",
+                "  {:<20} {:<10} {}attempt {}, running {} (since {}), log {}{}",
                 r.id,
                 r.agent.as_deref().unwrap_or("-"),
+                r.host
+                    .as_deref()
+                    .map(|h| format!("on {h}, "))
+                    .unwrap_or_default(),
                 r.attempt,
                 r.elapsed_seconds
                     .map(crate::fsutil::duration_text)
@@ -227,6 +235,44 @@ fn render(cli: &Cli, st: &Status) -> Result<i32> {
     render_workspaces(&mut out, st)?;
     out.flush()?;
     Ok(0)
+}
+
+/// The cluster's hosts: alive or gone, the leases each holds, its last heartbeat, its labels and
+/// what it runs.
+fn render_hosts(out: &mut super::Out, st: &Status) -> Result<()> {
+    use crate::fsutil::duration_text;
+    if let Some(e) = &st.cluster_error {
+        outln!(out, "hosts: {}", short(e, 200))?;
+    }
+    let Some(hosts) = &st.hosts else {
+        return Ok(());
+    };
+    if hosts.is_empty() {
+        outln!(out, "hosts: none has joined the cluster yet")?;
+        return Ok(());
+    }
+    outln!(out, "\nhosts:")?;
+    for h in hosts {
+        let labels = if h.labels.is_empty() {
+            String::new()
+        } else {
+            format!(", labels {}", h.labels.join(","))
+        };
+        let runs = if h.running.is_empty() {
+            String::new()
+        } else {
+            format!(", runs {}", h.running.join(" "))
+        };
+        outln!(
+            out,
+            "  {:<20} {:<5} {}, last heartbeat {} ago{labels}{runs}",
+            h.name,
+            if h.alive { "alive" } else { "gone" },
+            crate::project::cluster::leases_text(h.leases),
+            duration_text(h.heartbeat_age_seconds)
+        )?;
+    }
+    Ok(())
 }
 
 /// The worktrees on disk and the branches waiting for `merge` or `discard`.

@@ -1,6 +1,9 @@
 //! `orchestrate tasks [--status S] [--limit N]`.
 //!
-//! It only reads, through the mirror's read API.
+//! It only reads, through the mirror's read API. When there is a cluster queue with tasks in it
+//! (cluster mode on here, or `--database-url` naming a schema with the cluster tables), each task
+//! of that queue also shows its HOST (`host` in `--json`): the host that holds or last held its claim, or,
+//! while no host has claimed it, the host that published it.
 
 use anyhow::{Result, bail};
 
@@ -29,8 +32,33 @@ pub fn run(
     if let Some(n) = limit {
         rows.drain(..rows.len().saturating_sub(n));
     }
+    // The cluster is optional here: a listing must not fail because the queue cannot be read, and
+    // an empty queue adds nothing to it.
+    let cluster = match project.cluster(cli.database_url.as_deref()) {
+        Some(Ok(view)) if !view.queue.is_empty() => Some(view),
+        Some(Ok(_)) => None,
+        Some(Err(e)) => {
+            super::note(&format!("warning: {e:#}"));
+            None
+        }
+        None => None,
+    };
+    let hosts: std::collections::HashMap<&str, &str> = cluster
+        .iter()
+        .flat_map(|c| &c.queue)
+        .map(|q| (q.id.as_str(), q.host.as_str()))
+        .collect();
+    let host_of = |id: &str| -> Option<&str> { hosts.get(id).copied() };
     if cli.json {
-        super::print_json(&rows)?;
+        let mut listed = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let mut v = serde_json::to_value(r)?;
+            if let (Some(h), Some(obj)) = (host_of(&r.id), v.as_object_mut()) {
+                obj.insert("host".into(), h.into());
+            }
+            listed.push(v);
+        }
+        super::print_json(&listed)?;
         return Ok(0);
     }
     let mut out = super::Out::new();
@@ -43,12 +71,21 @@ pub fn run(
         out.flush()?;
         return Ok(0);
     }
+    // The HOST column only when there is a cluster: one host's listing stays as it was.
+    let host_col = |h: &str| {
+        if cluster.is_some() {
+            format!("{h:<12} ")
+        } else {
+            String::new()
+        }
+    };
     outln!(
         out,
-        "{:<20} {:<10} {:<10} {:>3} {:<24} DESCRIPTION",
+        "{:<20} {:<10} {:<10} {}{:>3} {:<24} DESCRIPTION",
         "ID",
         "STATE",
         "AGENT",
+        host_col("HOST"),
         "TRY",
         "UPDATED"
     )?;
@@ -64,10 +101,11 @@ pub fn run(
         };
         outln!(
             out,
-            "{:<20} {:<10} {:<10} {:>3} {:<24} {}",
+            "{:<20} {:<10} {:<10} {}{:>3} {:<24} {}",
             r.id,
             r.state,
             r.agent.as_deref().unwrap_or("-"),
+            host_col(host_of(&r.id).unwrap_or("-")),
             r.payload.attempts,
             r.updated_at,
             desc

@@ -15,7 +15,7 @@ pub fn run(cli: &Cli, project: &Project, follow: bool) -> Result<i32> {
         return Ok(0);
     }
     let reader = project.reader(db)?;
-    let snapshot = crate::tui::model::Snapshot::load(project, &reader)?;
+    let snapshot = crate::tui::model::Snapshot::load(project, &reader, db)?;
     drop(reader);
     let mut out = super::Out::new();
     for line in snapshot.plain_lines() {

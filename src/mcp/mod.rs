@@ -729,7 +729,7 @@ impl Server {
         Parameters(raw): Parameters<JsonObject>,
     ) -> Result<Json<Answer>, String> {
         let _: NoArgs = args(raw)?;
-        self.call(|p| crate::project::status::status(p, &p.reader(None)?))
+        self.call(|p| crate::project::status::status(p, &p.reader(None)?, None))
             .await
     }
 }

@@ -10,7 +10,9 @@
 //!   reconciles on every (re)connect;
 //! - [`read`]: read-only sessions and the queries behind [`Reader`](super::read::Reader);
 //! - [`queue`]: the cluster queue (cluster mode), where PostgreSQL is not a mirror but the
-//!   coordinator of which host runs which task: leases, fences and results, in tables of its own.
+//!   coordinator of which host runs which task: leases, fences and results, in tables of its own;
+//! - [`cluster_read`]: read-only views of that queue (hosts, leases, who runs what) for `status`,
+//!   `tasks`, `watch` and `serve`.
 //!
 //! Every wait for the server is bounded here, whatever the network does: a connection that stays
 //! open but carries nothing (a proxy or NAT that kept the socket and lost the peer) ends each wait
@@ -29,6 +31,7 @@ use tokio_postgres::{AsyncMessage, Client};
 
 use super::Op;
 
+pub mod cluster_read;
 pub mod queue;
 pub mod read;
 pub mod writer;

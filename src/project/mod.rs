@@ -5,6 +5,7 @@
 //!
 //! It never prints to stdout (a mirror write that fails is a warning on stderr): the CLI and the HTTP server render what these functions return.
 
+pub mod cluster;
 pub mod land;
 pub mod status;
 

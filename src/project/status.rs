@@ -1,6 +1,6 @@
 //! The project's status (`orchestrate status`, `GET /api/v1/status`): counts, what runs, what waits
-//! and why, who supervises, how the PostgreSQL mirror is doing, the task worktrees on disk and the
-//! branches whose changes wait to be merged or discarded.
+//! and why, who supervises, how the PostgreSQL mirror is doing, the cluster's hosts (cluster mode),
+//! the task worktrees on disk and the branches whose changes wait to be merged or discarded.
 //!
 //! It only reads, through the mirror's read API and the folder, and stays quick on any tree: the
 //! kept branches come from the mirror (not from result files), and worktrees are measured within
@@ -45,6 +45,11 @@ pub struct Status {
     /// Notifications given up on (the last week's) or still being retried after a failure (only
     /// known locally: the outbox is in the SQLite mirror).
     pub notifications: Vec<crate::mirror::outbox::Trouble>,
+    /// The hosts of the cluster, when there is one to read (cluster mode on here, or
+    /// `--database-url` naming a schema with the cluster tables); `None` otherwise.
+    pub hosts: Option<Vec<super::cluster::Host>>,
+    /// Why the cluster could not be read (the rest of the status stands).
+    pub cluster_error: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -112,6 +117,8 @@ pub struct Running {
     pub log: String,
     /// Why its end is not on disk yet (`cannot finish: No space left on device; trying again`).
     pub note: Option<String>,
+    /// In cluster mode, the host whose lease it runs under (absent when no host holds one now).
+    pub host: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -155,6 +162,7 @@ fn running_of(rows: Vec<TaskRow>, layout: &crate::layout::Layout) -> Vec<Running
                 attempt: r.payload.attempts,
                 elapsed_seconds,
                 note: r.note,
+                host: None,
             }
         })
         .collect()
@@ -173,8 +181,9 @@ fn waiting_of(rows: Vec<TaskRow>) -> Vec<Waiting> {
         .collect()
 }
 
-/// The state of the whole project as `reader` and, when it is local, the folder tell it.
-pub fn status(project: &Project, reader: &Reader) -> Result<Status> {
+/// The state of the whole project as `reader` and, when it is local, the folder tell it; with the
+/// cluster's hosts when there is a cluster to read (`database_url`: see [`Project::cluster`]).
+pub fn status(project: &Project, reader: &Reader, database_url: Option<&str>) -> Result<Status> {
     let mut st = Status {
         source: reader.kind(),
         counts: counts_of(reader.counts()?),
@@ -191,7 +200,19 @@ pub fn status(project: &Project, reader: &Reader) -> Result<Status> {
         kept_branches: kept_of(reader.kept_branches()?),
         budgets: project.budgets(reader)?,
         notifications: vec![],
+        hosts: None,
+        cluster_error: None,
     };
+    match project.cluster(database_url) {
+        None => {}
+        Some(Ok(view)) => {
+            for r in &mut st.running {
+                r.host = view.task(&r.id).and_then(|q| q.owner.clone());
+            }
+            st.hosts = Some(view.hosts);
+        }
+        Some(Err(e)) => st.cluster_error = Some(format!("{e:#}")),
+    }
     if reader.is_local() {
         add_local(&mut st, project);
     } else {

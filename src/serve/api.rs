@@ -34,6 +34,7 @@ pub fn router(state: Arc<State>, mcp: Option<Router>) -> Router {
         .route("/api/v1/tasks/{id}/cancel", post(cancel))
         .route("/api/v1/tasks/{id}/retry", post(retry))
         .route("/api/v1/agents", get(agents))
+        .route("/api/v1/hosts", get(hosts))
         .route("/api/v1/events", get(events))
         .route("/metrics", get(metrics))
         .fallback(|| async { error_response(StatusCode::NOT_FOUND, "no such endpoint") })
@@ -115,7 +116,7 @@ async fn dashboard() -> Response {
 
 async fn status(Extract(state): Extract<Arc<State>>) -> Answer {
     read_json(state, |s, reader| {
-        crate::project::status::status(&s.project, reader)
+        crate::project::status::status(&s.project, reader, s.database_url.as_deref())
     })
     .await
 }
@@ -314,6 +315,17 @@ fn follow_log(
 
 async fn agents(Extract(state): Extract<Arc<State>>) -> Answer {
     read_json(state, |s, reader| s.project.agents(reader)).await
+}
+
+/// The cluster's hosts (`[]` when there is no cluster to read); a queue that cannot be read is a 500.
+async fn hosts(Extract(state): Extract<Arc<State>>) -> Answer {
+    let s = state.clone();
+    let hosts = blocking(move || match s.project.cluster(s.database_url.as_deref()) {
+        None => Ok(vec![]),
+        Some(view) => Ok(view?.hosts),
+    })
+    .await?;
+    Ok(json(&state, &hosts, StatusCode::OK)?)
 }
 
 async fn add(Extract(state): Extract<Arc<State>>, body: axum::body::Bytes) -> Answer {

@@ -332,6 +332,29 @@ pub fn render(state: &State, reader: &Reader) -> Result<String> {
         supervisors.set(reader.supervisors()?.len() as i64);
     }
 
+    // The cluster's gauges only when there is a cluster to read, and left out of a scrape that
+    // cannot read it: a missing series says so, where a zero would claim every host gone.
+    if let Some(Ok(view)) = project.cluster(state.database_url.as_deref()) {
+        let alive = Gauge::<i64>::default();
+        reg.register(
+            "cluster_hosts_alive",
+            "Hosts of the cluster that have not left and beat within one lease",
+            alive.clone(),
+        );
+        alive.set(view.hosts.iter().filter(|h| h.alive).count() as i64);
+        let leases = Family::<Labels, Gauge>::default();
+        reg.register(
+            "cluster_leases",
+            "Leases each host of the cluster holds that have not run out",
+            leases.clone(),
+        );
+        for h in &view.hosts {
+            leases
+                .get_or_create(&labels(&[("host", &h.name)]))
+                .set(i64::from(h.leases));
+        }
+    }
+
     let mut text = String::new();
     encode(&mut text, &reg)?;
     Ok(state.redactor.redact_owned(text))

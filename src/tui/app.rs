@@ -201,13 +201,14 @@ impl App {
     }
 
     pub fn render(&self, f: &mut Frame) {
+        let s = &self.snapshot;
         let [header, body, footer] = Layout::vertical([
-            Constraint::Length(2),
+            // A third header line for the cluster's hosts, when there is a cluster.
+            Constraint::Length(2 + u16::from(s.hosts.is_some())),
             Constraint::Fill(1),
             Constraint::Length(1),
         ])
         .areas(f.area());
-        let s = &self.snapshot;
         let title = format!("orchestrate watch · {} · event {}", s.source, s.seq);
         f.render_widget(
             Paragraph::new(vec![
@@ -216,6 +217,7 @@ impl App {
                     Style::new().add_modifier(Modifier::BOLD),
                 ),
                 Line::raw(s.agents_line()),
+                Line::raw(s.hosts.clone().unwrap_or_default()),
             ]),
             header,
         );
@@ -390,6 +392,7 @@ mod tests {
                 cooldown: Some("rate_limited until 2026-11-30T17:00:00Z".into()),
             }],
             seq: 9,
+            hosts: None,
         }
     }
 

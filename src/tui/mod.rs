@@ -47,7 +47,7 @@ impl Drop for Restore {
 /// retry: there is no folder to write them into).
 pub fn run(project: &Project, database_url: Option<&str>) -> Result<()> {
     let mut reader = Some(project.reader(database_url)?);
-    let first = Snapshot::load(project, reader.as_ref().expect("just opened"))?;
+    let first = Snapshot::load(project, reader.as_ref().expect("just opened"), database_url)?;
     let mut app = App::new(first, database_url.is_some());
     // Before the terminal changes: a failure half-way through setting it up restores it too.
     let _restore = Restore;
@@ -132,7 +132,7 @@ fn load(project: &Project, database_url: Option<&str>, reader: &mut Option<Reade
         }
     }
     let Some(r) = reader.as_ref() else { return };
-    match Snapshot::load(project, r) {
+    match Snapshot::load(project, r, database_url) {
         Ok(s) => {
             if app
                 .message

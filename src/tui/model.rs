@@ -26,6 +26,9 @@ pub struct Snapshot {
     pub agents: Vec<AgentLine>,
     /// The last event's sequence number: when it moves, something changed.
     pub seq: i64,
+    /// The cluster's hosts on one line (`hosts: h1 alive (1 lease), …`), or why they cannot be
+    /// read; `None` without a cluster or before any host joined it.
+    pub hosts: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -52,7 +55,12 @@ pub struct AgentLine {
 }
 
 impl Snapshot {
-    pub fn load(project: &Project, reader: &Reader) -> Result<Snapshot> {
+    /// `database_url`: where the cluster is read, as for [`Project::cluster`].
+    pub fn load(
+        project: &Project,
+        reader: &Reader,
+        database_url: Option<&str>,
+    ) -> Result<Snapshot> {
         let mut counts: BTreeMap<String, usize> =
             STATE_ORDER.iter().map(|s| (s.to_string(), 0)).collect();
         counts.extend(reader.counts()?);
@@ -81,12 +89,19 @@ impl Snapshot {
                     .map(|c| format!("{} until {}", c.outcome, c.until)),
             })
             .collect();
+        let hosts = match project.cluster(database_url) {
+            None => None,
+            Some(Ok(view)) if view.hosts.is_empty() => None,
+            Some(Ok(view)) => Some(view.hosts_line()),
+            Some(Err(e)) => Some(format!("hosts: {e:#}")),
+        };
         Ok(Snapshot {
             source: reader.kind(),
             counts,
             tasks,
             agents,
             seq,
+            hosts,
         })
     }
 
@@ -132,6 +147,7 @@ impl Snapshot {
             ),
             self.agents_line(),
         ];
+        out.extend(self.hosts.clone());
         if self.tasks.is_empty() {
             out.push("no tasks".into());
             return out;
