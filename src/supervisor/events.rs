@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio::task::{Id, JoinError};
 
+use crate::mirror::postgres::queue::{Held, Lease, Outcome};
 use crate::process::StopKind;
 use crate::record::{Attempt, History, TaskResult};
 use crate::router::Routed;
@@ -21,7 +22,7 @@ use crate::watch::Hint;
 /// `Supervisor::handle` decides what each one means.
 pub(super) enum Event {
     /// What the cluster queue said (cluster mode).
-    Cluster(super::cluster::link::News),
+    Cluster(News),
     /// The watcher saw a file arrive whole in `pending/`: renamed in.
     Arrived(PathBuf),
     /// The watcher saw a writer close a file in `pending/`: it is read once no process holds it
@@ -242,4 +243,34 @@ impl Deferred {
             Deferred::Unclaim { id, .. } => id,
         }
     }
+}
+
+/// A lease with the attempts its task made before it (read from the earlier results), so the
+/// prompt and the verdict see them as after a retry on one host.
+pub(in crate::supervisor) struct Leased {
+    pub(in crate::supervisor) lease: Lease,
+    pub(in crate::supervisor) earlier: Vec<Attempt>,
+}
+
+/// What the queue said, for the loop.
+pub(in crate::supervisor) enum News {
+    Published {
+        id: String,
+        /// Why it was refused: another task has the id (the file goes to quarantine).
+        clash: Option<String>,
+    },
+    Claimed(Vec<Leased>),
+    /// A claim went wrong (the database out of reach): try again at the next poll.
+    ClaimFailed,
+    /// An attempt's finish was stored; `Fenced`: as a stale attempt, not the outcome.
+    Finished {
+        id: String,
+        held: Held,
+    },
+    /// These leases are no longer this host's: stop their agents, never land their work.
+    Lost(Vec<(String, i64)>),
+    /// Outcomes of tasks this host published, to materialise.
+    Outcomes(Vec<(Outcome, Vec<Attempt>)>),
+    /// Something may be claimable now.
+    Wake,
 }

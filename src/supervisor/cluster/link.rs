@@ -14,10 +14,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use crate::console;
-use crate::mirror::postgres::queue::{
-    Capacity, Finished, Held, Lease, Outcome, Publish, Queue, Settings,
-};
+use crate::mirror::postgres::queue::{Capacity, Finished, Held, Publish, Queue, Settings};
 use crate::record::{Attempt, TaskResult};
+pub(in crate::supervisor) use crate::supervisor::events::{Leased, News};
 
 /// What the loop asks of the queue.
 pub(in crate::supervisor) enum Ask {
@@ -36,36 +35,6 @@ pub(in crate::supervisor) enum Ask {
     Delivered(String),
     /// The supervisor stops: leave the cluster.
     Leave,
-}
-
-/// A lease with the attempts its task made before it (read from the earlier results), so the
-/// prompt and the verdict see them as after a retry on one host.
-pub(in crate::supervisor) struct Claimed {
-    pub(in crate::supervisor) lease: Lease,
-    pub(in crate::supervisor) earlier: Vec<Attempt>,
-}
-
-/// What the queue said, for the loop.
-pub(in crate::supervisor) enum News {
-    Published {
-        id: String,
-        /// Why it was refused: another task has the id (the file goes to quarantine).
-        clash: Option<String>,
-    },
-    Claimed(Vec<Claimed>),
-    /// A claim went wrong (the database out of reach): try again at the next poll.
-    ClaimFailed,
-    /// An attempt's finish was stored; `Fenced`: as a stale attempt, not the outcome.
-    Finished {
-        id: String,
-        held: Held,
-    },
-    /// These leases are no longer this host's: stop their agents, never land their work.
-    Lost(Vec<(String, i64)>),
-    /// Outcomes of tasks this host published, to materialise.
-    Outcomes(Vec<(Outcome, Vec<Attempt>)>),
-    /// Something may be claimable now.
-    Wake,
 }
 
 pub(in crate::supervisor) struct Link {
@@ -229,7 +198,7 @@ async fn run(
                                 } else {
                                     vec![]
                                 };
-                                out.push(Claimed { lease, earlier });
+                                out.push(Leased { lease, earlier });
                             }
                             let _ = news.send(News::Claimed(out));
                         }

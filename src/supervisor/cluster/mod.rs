@@ -252,8 +252,8 @@ impl Supervisor {
 
     /// Run a claimed lease here: its agent chosen as for a local task, or the lease given back when
     /// none can start now.
-    fn start_lease(&mut self, claimed: link::Claimed) {
-        let link::Claimed { lease, earlier } = claimed;
+    fn start_lease(&mut self, claimed: link::Leased) {
+        let link::Leased { lease, earlier } = claimed;
         let c = self.cluster.as_mut().expect("cluster mode");
         let stem = lease.id.clone();
         let task = match crate::task::parse_task(&lease.payload, &stem, &lease.id) {
