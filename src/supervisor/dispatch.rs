@@ -655,7 +655,12 @@ impl Pass {
 }
 
 /// Tell the mirror why `id` waits, when that changed; returns the new note then.
-fn note(env: &Env, queue: &mut Scheduler, id: &str, reason: WaitReason) -> Option<String> {
+pub(super) fn note(
+    env: &Env,
+    queue: &mut Scheduler,
+    id: &str,
+    reason: WaitReason,
+) -> Option<String> {
     let note = queue.set_note(id, reason)?.to_string();
     env.writer.send(Op::Note {
         id: id.to_string(),

@@ -254,6 +254,8 @@ pub(in crate::supervisor) struct Leased {
 
 /// What the queue said, for the loop.
 pub(in crate::supervisor) enum News {
+    /// The database did not answer: published again at a later pass.
+    PublishFailed(String),
     Published {
         id: String,
         /// Why it was refused: another task has the id (the file goes to quarantine).

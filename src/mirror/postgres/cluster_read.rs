@@ -54,16 +54,8 @@ pub struct QueueRow {
     pub lease_left: Option<Duration>,
 }
 
-/// The hosts, as `queue::Queue::hosts` reads them: alive means not left and beaten within one
-/// lease (the lease is the caller's setting, not stored per host).
-const HOSTS: &str = "
-SELECT h.name, h.instance, h.labels,
-    to_char(h.started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
-    extract(epoch FROM now() - h.heartbeat_at)::float8,
-    h.alive AND h.heartbeat_at >= now() - $1::float8 * interval '1 second',
-    (SELECT count(*) FROM cluster_queue q
-     WHERE q.state = 'running' AND q.owner = h.name AND q.lease_until >= now())
-FROM cluster_hosts h ORDER BY h.name";
+/// The hosts, read as `queue::Queue::hosts` reads them (one statement for both).
+use super::queue::HOSTS;
 
 const QUEUE: &str = "
 SELECT id, origin, state, outcome,

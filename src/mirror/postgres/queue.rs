@@ -426,7 +426,8 @@ const DELIVERED: &str = "
 UPDATE cluster_queue SET delivered_at = now()
 WHERE id = $1 AND origin = $2 AND state = 'done' AND delivered_at IS NULL";
 
-const HOSTS: &str = "
+/// The hosts: alive means not left and beaten within one lease (`$1`, the caller's setting).
+pub(super) const HOSTS: &str = "
 SELECT h.name, h.instance, h.labels,
     to_char(h.started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
     extract(epoch FROM now() - h.heartbeat_at)::float8,

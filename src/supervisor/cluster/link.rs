@@ -33,8 +33,8 @@ pub(in crate::supervisor) enum Ask {
     },
     /// The origin materialised this outcome: the queue stops offering it.
     Delivered(String),
-    /// The supervisor stops: leave the cluster.
-    Leave,
+    /// The supervisor stops: leave the cluster, then say so on the channel.
+    Leave(std::sync::mpsc::Sender<()>),
 }
 
 pub(in crate::supervisor) struct Link {
@@ -167,8 +167,9 @@ async fn run(
             ask = rx.recv() => {
                 let Some(ask) = ask else { break };
                 match ask {
-                    Ask::Leave => {
+                    Ask::Leave(done) => {
                         let _ = q.leave_host().await;
+                        let _ = done.send(());
                         break;
                     }
                     Ask::Publish(p) => {
@@ -180,8 +181,7 @@ async fn run(
                                 Some(c) => Some(c.to_string()),
                                 None => {
                                     console::warn(&format!("cluster: cannot publish {}: {e:#}", p.id));
-                                    // Asked again at the loop's next pass.
-                                    let _ = news.send(News::Published { id: p.id.clone(), clash: Some(String::new()) });
+                                    let _ = news.send(News::PublishFailed(p.id.clone()));
                                     continue;
                                 }
                             },

@@ -131,14 +131,12 @@ impl Supervisor {
             max_attempts: env.max_retries_of(&p.task) + 1,
             base_commit: Some(base),
         };
-        let note = scheduler::WaitReason::InCluster;
-        if let Some(n) = self.intake.queue.set_note(id, note) {
-            let n = n.to_string();
-            self.env.writer.send(crate::mirror::Op::Note {
-                id: id.to_string(),
-                note: Some(n),
-            });
-        }
+        let _ = super::dispatch::note(
+            &self.env,
+            &mut self.intake.queue,
+            id,
+            scheduler::WaitReason::InCluster,
+        );
         let c = self.cluster.as_mut().expect("cluster mode");
         c.published.insert(id.to_string());
         c.link.ask(Ask::Publish(Box::new(publish)));
@@ -188,11 +186,7 @@ impl Supervisor {
             News::Published { id, clash: None } => {
                 console::debug(&format!("published  {id} to the cluster"));
             }
-            News::Published {
-                id,
-                clash: Some(why),
-            } if why.is_empty() => {
-                // The database did not answer: published again at a later pass.
+            News::PublishFailed(id) => {
                 c.published.remove(&id);
             }
             News::Published {
@@ -329,6 +323,18 @@ impl Supervisor {
             backoff_seconds: None,
             reason: None,
         };
+        let Some(base) = lease.base_commit.clone() else {
+            // Every origin publishes its base; a row without one is not ours to guess.
+            let c = self.cluster.as_mut().expect("cluster mode");
+            c.leases.remove(&lease.id);
+            let done = failed_finish(&lease.id, "the task was published without a base commit");
+            c.link.ask(Ask::Finish {
+                id: lease.id,
+                fence: lease.fence,
+                done: Box::new(done),
+            });
+            return;
+        };
         let p = Pending {
             path: self.env.layout.state_dir.join("cluster").join(&lease.id),
             hash: 0,
@@ -342,13 +348,7 @@ impl Supervisor {
         };
         let mut claim = super::dispatch::claim_record(&self.env.me, &p, &agent, &because);
         claim.attempt = lease.attempt.max(claim.attempt);
-        self.runs.launch(
-            &self.env,
-            p,
-            claim,
-            &because,
-            lease.base_commit.clone().or(Some(String::new())),
-        );
+        self.runs.launch(&self.env, p, claim, &because, Some(base));
     }
 
     /// A leased attempt reported: tell the queue how it ended (the verdict as on one host), or give
@@ -446,9 +446,11 @@ impl Supervisor {
     /// Before the loop ends: leave the cluster (leases not finished run out).
     pub(super) fn leave_cluster(&mut self) {
         if let Some(c) = &self.cluster {
-            c.link.ask(Ask::Leave);
-            // The link sends what it holds, then leaves; bounded.
-            std::thread::sleep(Duration::from_millis(200));
+            // Releases and finishes asked before are sent first (one channel, in order); the
+            // wait is bounded by the queue's own bound on each answer.
+            let (tx, rx) = std::sync::mpsc::channel();
+            c.link.ask(Ask::Leave(tx));
+            let _ = rx.recv_timeout(Duration::from_secs(15));
         }
     }
 }
