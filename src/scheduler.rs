@@ -207,10 +207,6 @@ impl Scheduler {
         self.pending.contains_key(id)
     }
 
-    /// Every pending task's id, in no order.
-    pub fn ids(&self) -> impl Iterator<Item = &str> {
-        self.pending.keys().map(String::as_str)
-    }
 
     pub fn len(&self) -> usize {
         self.pending.len()

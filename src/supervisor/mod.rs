@@ -543,6 +543,9 @@ impl Supervisor {
     fn carry_out(&mut self, action: Action) -> Vec<Action> {
         match action {
             Action::Queued { id, not_before } => {
+                if let Some(c) = self.cluster.as_mut() {
+                    c.fresh.push(id.clone());
+                }
                 // Its earlier attempts count against the budgets, once (a mirror rebuilt at start
                 // has no rows for `pending/` yet).
                 if let Some(p) = self.intake.queue.get(&id) {

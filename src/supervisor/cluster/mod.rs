@@ -40,6 +40,9 @@ pub(super) struct Cluster {
     labels: Vec<String>,
     /// Published (or being published): never started here from `pending/`.
     published: HashSet<String>,
+    /// Tasks that entered `pending/` since the last turn (`Action::Queued`): the ones to publish,
+    /// so a turn never walks the whole queue.
+    pub(super) fresh: Vec<String>,
     pub(super) leases: HashMap<String, Running>,
     /// A claim is asked and not answered.
     claiming: bool,
@@ -60,6 +63,7 @@ impl Cluster {
             link,
             labels,
             published: HashSet::new(),
+            fresh: vec![],
             leases: HashMap::new(),
             claiming: false,
             next_claim: Instant::now(),
@@ -83,18 +87,12 @@ impl Supervisor {
             return;
         }
         let fresh: Vec<String> = {
-            let c = self.cluster.as_ref().expect("checked");
-            self.intake
-                .queue
-                .ids()
-                .filter(|id| !c.published.contains(*id))
-                .filter(|id| {
-                    self.intake
-                        .queue
-                        .get(id)
-                        .is_some_and(|p| goes_to_cluster(&p.task))
-                })
-                .map(str::to_string)
+            let c = self.cluster.as_mut().expect("checked");
+            let queue = &self.intake.queue;
+            std::mem::take(&mut c.fresh)
+                .into_iter()
+                .filter(|id| !c.published.contains(id))
+                .filter(|id| queue.get(id).is_some_and(|p| goes_to_cluster(&p.task)))
                 .collect()
         };
         for id in fresh {
@@ -188,6 +186,7 @@ impl Supervisor {
             }
             News::PublishFailed(id) => {
                 c.published.remove(&id);
+                c.fresh.push(id);
             }
             News::Published {
                 id,
