@@ -207,7 +207,6 @@ impl Scheduler {
         self.pending.contains_key(id)
     }
 
-
     pub fn len(&self) -> usize {
         self.pending.len()
     }
