@@ -845,4 +845,109 @@ mod postgres {
         assert_eq!(a.finish("x", 1, End::Completed), Held::Fenced);
         assert_eq!(b.finish("x", 2, End::Completed), Held::Ok);
     }
+
+    /// `cluster.max_concurrent`: three hosts claim at once, again and again, with a limit of 2 live
+    /// leases across the cluster; never more than 2 are held, and a finished or expired lease frees
+    /// its slot.
+    #[test]
+    fn a_cluster_wide_limit_holds_while_hosts_claim_at_once() {
+        let s = PgSchema::new("cluster_max_running");
+        let lease = Duration::from_secs(30);
+        let settings = Settings {
+            lease,
+            max_running: Some(2),
+            ..Settings::default()
+        };
+        let mut hosts: Vec<Host> = ["a", "b", "c"]
+            .iter()
+            .map(|n| Host::with(&s.url(), &s, n, &format!("{n}-1"), settings.clone()))
+            .collect();
+        for i in 0..30 {
+            hosts[i % 3].publish(task(&format!("m{i:02}")));
+        }
+        let live =
+            "SELECT count(*) FROM cluster_queue WHERE state = 'running' AND lease_until >= now()";
+        let mut finished = 0;
+        for round in 0..15 {
+            // All three claim at the same moment, each asking for up to 5.
+            let barrier = Arc::new(Barrier::new(3));
+            let got: Vec<Vec<orchestrate::mirror::postgres::queue::Lease>> =
+                std::thread::scope(|sc| {
+                    let handles: Vec<_> = hosts
+                        .iter_mut()
+                        .map(|h| {
+                            let b = barrier.clone();
+                            sc.spawn(move || {
+                                b.wait();
+                                h.claim(&any(5))
+                            })
+                        })
+                        .collect();
+                    handles
+                        .into_iter()
+                        .map(|j| j.join().expect("claimer"))
+                        .collect()
+                });
+            let held = s.count(live);
+            let claimed = got.iter().map(Vec::len).sum::<usize>();
+            // Each round starts with every slot free and tasks enough for all: exactly two.
+            assert_eq!(
+                (claimed, held),
+                (2, 2),
+                "round {round}: {claimed} claimed, {held} live leases, with a limit of 2"
+            );
+            // Finish what each got: the slots are free for the next round.
+            for (h, leases) in hosts.iter_mut().zip(&got) {
+                for l in leases {
+                    assert_eq!(h.finish(&l.id, l.fence, End::Completed), Held::Ok);
+                    finished += 1;
+                }
+            }
+        }
+        assert_eq!(finished, 30, "every task ran, two at a time at most");
+        // An expired lease frees its slot: a host that claims two and dies leaves room after its
+        // lease has run out.
+        for i in 0..3 {
+            hosts[0].publish(task(&format!("x{i}")));
+        }
+        let short = Settings {
+            lease: Duration::from_secs(1),
+            max_running: Some(2),
+            ..Settings::default()
+        };
+        let mut dying = Host::with(&s.url(), &s, "dying", "dying-1", short);
+        assert_eq!(dying.claim(&any(5)).len(), 2, "two slots, two leases");
+        assert!(hosts[1].claim(&any(5)).is_empty(), "no slot left");
+        std::thread::sleep(Duration::from_millis(1500));
+        let after = hosts[1].claim(&any(5));
+        assert_eq!(
+            after.len(),
+            2,
+            "the dead host's slots are free again: {:?}",
+            ids(&after)
+        );
+    }
+
+    /// A runner that gave its lease up (no renewal answered in time) reports the attempt as
+    /// abandoned: stored as stale whatever it says, and the task goes back to pending while the
+    /// fence still holds (the attempt counted); after a newer claim it is just a stale row.
+    #[test]
+    fn an_abandoned_attempt_is_stale_and_puts_the_task_back() {
+        let s = PgSchema::new("cluster_abandoned");
+        let mut a = Host::new(&s, "a");
+        let mut b = Host::new(&s, "b");
+        a.publish(task("gone"));
+        let l = a.claim(&any(1)).pop().expect("claimed");
+        assert_eq!(a.finish("gone", l.fence, End::Abandoned), Held::Fenced);
+        assert_eq!(row(&s, "gone"), text(&["pending", "", "", "1", "1"]));
+        assert_eq!(
+            s.count("SELECT count(*) FROM cluster_results WHERE task_id = 'gone' AND stale"),
+            1
+        );
+        // Claimed again (attempt 2); a late abandon of an older fence changes nothing.
+        let l2 = b.claim(&any(1)).pop().expect("claimed again");
+        assert_eq!((l2.fence, l2.attempt), (2, 2));
+        assert_eq!(b.finish("gone", l2.fence, End::Completed), Held::Ok);
+        assert_eq!(row(&s, "gone"), text(&["done", "completed", "b", "2", "2"]));
+    }
 }

@@ -8,7 +8,7 @@ mod postgres {
     use std::path::PathBuf;
     use std::time::{Duration, Instant};
 
-    use crate::common::{PgSchema, Project, Supervisor, git, test_config, wait_for};
+    use crate::common::{PgSchema, Project, Proxy, Supervisor, git, test_config, wait_for};
 
     /// The repository every host checked out: one commit, in a bare `origin` they fetch from.
     struct Cluster {
@@ -48,9 +48,14 @@ mod postgres {
 
         /// A host: a checkout of the repository with the cluster configured.
         fn host(&self, name: &str, labels: &[&str], lease: u64) -> Project {
+            self.host_on(&self.schema.url(), name, labels, lease)
+        }
+
+        /// A host that reaches the database at `url` (through a proxy, say).
+        fn host_on(&self, url: &str, name: &str, labels: &[&str], lease: u64) -> Project {
             let extra = format!(
                 "database:\n  url: \"{}\"\n  schema: {}\ncluster:\n  enabled: true\n  host: {name}\n  labels: [{}]\n  lease_seconds: {lease}\n  poll_ms: 200\n",
-                self.schema.url(),
+                url,
                 self.schema.name,
                 labels.join(", ")
             );
@@ -308,5 +313,185 @@ mod postgres {
     #[test]
     fn a_paused_host_is_fenced_off_and_its_agent_stopped() {
         reclaim_case(false);
+    }
+
+    /// A host cut off from PostgreSQL by a proxy that goes silent (no error reaches either side):
+    /// it gives its lease up and stops its agent before the lease runs out, another host takes the
+    /// task over, and once the proxy passes traffic again the cut-off host's attempt is stored as
+    /// stale; the task ran once at a time and landed once.
+    #[test]
+    fn a_host_cut_off_from_the_database_stops_its_agent_and_the_task_runs_once_elsewhere() {
+        let c = Cluster::new("cluster_partition");
+        let proxy = Proxy::start();
+        let origin = c.host("origin", &[], 3);
+        let cut = c.host_on(&c.schema.url_on(&proxy.url()), "cut", &["worker"], 3);
+        let w = c.host("w", &["worker"], 3);
+        let mut o = origin.start();
+        let mut s_cut = cut.start();
+        // Long enough to be running when the proxy goes silent (10 s); only workers may run it.
+        origin.drop_task(
+            "slow.yaml",
+            &format!(
+                "description: \"@fake lock={} ticks=40:0.25 write=out/slow.txt:slow\"\nrequires: [worker]\n",
+                c.lock("slow")
+            ),
+        );
+        wait_for(
+            "the host behind the proxy leased the task",
+            Duration::from_secs(30),
+            || log_of(&s_cut).contains("leased     slow "),
+        );
+        // The other worker joins only now, so the cut-off host is the one running the task.
+        let mut s_w = w.start();
+        wait_for("the other worker joined", Duration::from_secs(30), || {
+            log_of(&s_w).contains("joined as host w")
+        });
+        let t_cut = Instant::now();
+        proxy.blackhole();
+        wait_for(
+            "the cut-off host gave its lease up",
+            Duration::from_secs(30),
+            || log_of(&s_cut).contains("the lease on slow is no longer this host's"),
+        );
+        let gave_up = t_cut.elapsed();
+        wait_for(
+            "the other worker took the task over",
+            Duration::from_secs(30),
+            || log_of(&s_w).contains("leased     slow "),
+        );
+        let taken = t_cut.elapsed();
+        eprintln!(
+            "cut off: gave the lease up {:.2} s and the task was taken over {:.2} s after the proxy went silent (lease 3 s)",
+            gave_up.as_secs_f64(),
+            taken.as_secs_f64()
+        );
+        assert!(
+            log_of(&s_w).contains("leased     slow from host origin (fence 2, attempt 2"),
+            "{}",
+            log_of(&s_w)
+        );
+        wait_for(
+            "the task completed on its origin",
+            Duration::from_secs(60),
+            || origin.tasks_in("completed").contains(&"slow".to_string()),
+        );
+        assert_eq!(origin.read("out/slow.txt").trim(), "slow");
+        assert!(
+            c.overlaps().is_empty(),
+            "the task ran on two hosts at once: {:?}",
+            c.overlaps()
+        );
+        proxy.restore();
+        wait_for(
+            "the cut-off host's attempt is stored as stale",
+            Duration::from_secs(60),
+            || {
+                c.schema.count(
+                    "SELECT count(*) FROM cluster_results WHERE task_id = 'slow' AND stale AND host = 'cut'",
+                ) == 1
+            },
+        );
+        assert_eq!(
+            c.schema
+                .count("SELECT count(*) FROM cluster_results WHERE task_id = 'slow' AND NOT stale"),
+            1,
+            "one outcome"
+        );
+        // The cut-off host is back in the cluster: it beats again.
+        wait_for(
+            "the cut-off host beats again",
+            Duration::from_secs(30),
+            || {
+                c.schema.count(
+                "SELECT count(*) FROM cluster_hosts WHERE name = 'cut' AND heartbeat_at > now() - interval '2 seconds'",
+            ) == 1
+            },
+        );
+        let r = origin.result("completed", "slow");
+        let attempts = r["attempts"].as_array().expect("attempts");
+        assert_eq!(attempts.last().expect("one")["host"], "w", "{r}");
+        for s in [&mut s_cut, &mut s_w, &mut o] {
+            assert!(s.stop().success(), "{}", log_of(s));
+        }
+    }
+
+    /// The origin killed right after it landed an outcome (commit point `cluster.after_land`),
+    /// before the result file was written: started again, it is offered the outcome once more,
+    /// lands nothing new, and the task is completed once and delivered.
+    #[test]
+    fn an_origin_killed_after_landing_an_outcome_settles_it_once_after_the_restart() {
+        for merge in ["apply", "commit"] {
+            let c = Cluster::new(&format!("cluster_crash_{merge}"));
+            let origin = c.host("origin", &[], 3);
+            let w = c.host("w", &["worker"], 3);
+            let mut s_w = w.start();
+            origin.drop_task(
+                "crash.yaml",
+                &format!(
+                    "description: \"@fake write=out/crash.txt:crash\"\nrequires: [worker]\nmerge: {merge}\n"
+                ),
+            );
+            let commits = || -> u32 {
+                git(origin.root(), &["rev-list", "--count", "HEAD"])
+                    .trim()
+                    .parse()
+                    .expect("a count")
+            };
+            let before = commits();
+            let crashed = origin.run_until_crash("cluster.after_land:1");
+            assert_eq!(
+                origin.read("out/crash.txt").trim(),
+                "crash",
+                "{merge}: landed before the crash\n{crashed}"
+            );
+            assert!(
+                origin.tasks_in("completed").is_empty(),
+                "{merge}: {crashed}"
+            );
+            // The name is the crashed process's until its last heartbeat is a lease old.
+            wait_for(
+                "the crashed origin's name to be free",
+                Duration::from_secs(30),
+                || {
+                    c.schema.count(
+                        "SELECT count(*) FROM cluster_hosts WHERE name = 'origin' AND heartbeat_at < now() - interval '3 seconds'",
+                    ) == 1
+                },
+            );
+            let mut o = origin.start();
+            wait_for(
+                "the outcome settled on the restarted origin",
+                Duration::from_secs(60),
+                || {
+                    c.schema.count(
+                        "SELECT count(*) FROM cluster_queue WHERE id = 'crash' AND delivered_at IS NOT NULL",
+                    ) == 1
+                },
+            );
+            let logs = log_of(&o);
+            assert_eq!(
+                origin.tasks_in("completed"),
+                vec!["crash"],
+                "{merge}\n{crashed}\n{logs}"
+            );
+            assert!(origin.tasks_in("failed").is_empty(), "{merge}\n{logs}");
+            assert!(origin.tasks_in("quarantine").is_empty(), "{merge}\n{logs}");
+            let r = origin.result("completed", "crash");
+            assert_eq!(r["status"], "completed", "{merge}: {r}");
+            assert_eq!(origin.read("out/crash.txt").trim(), "crash", "{merge}");
+            assert_eq!(
+                commits() - before,
+                u32::from(merge == "commit"),
+                "{merge}: commits added\n{logs}"
+            );
+            assert_eq!(
+                c.schema
+                    .count("SELECT count(*) FROM cluster_results WHERE task_id = 'crash'"),
+                1,
+                "{merge}: the task ran once"
+            );
+            assert!(o.stop().success(), "{}", log_of(&o));
+            assert!(s_w.stop().success(), "{}", log_of(&s_w));
+        }
     }
 }

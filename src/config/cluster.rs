@@ -20,6 +20,10 @@ pub struct ClusterConfig {
     pub lease_seconds: u64,
     /// How often this host asks the queue for work when no wake-up came (milliseconds).
     pub poll_ms: u64,
+    /// How many tasks may run at once across all hosts (each host's own
+    /// `orchestrator.max_concurrent` holds too); unset: no limit beyond the hosts' own. Every
+    /// host should set the same value: each claim honours the claimer's.
+    pub max_concurrent: Option<u32>,
 }
 
 impl Default for ClusterConfig {
@@ -30,6 +34,7 @@ impl Default for ClusterConfig {
             labels: vec![],
             lease_seconds: 30,
             poll_ms: 1000,
+            max_concurrent: None,
         }
     }
 }
@@ -75,6 +80,12 @@ impl ClusterConfig {
         }
         if self.poll_ms == 0 {
             return Err(("cluster.poll_ms".into(), "must be at least 1".into()));
+        }
+        if self.max_concurrent == Some(0) {
+            return Err((
+                "cluster.max_concurrent".into(),
+                "must be at least 1 (leave it out for no cluster-wide limit)".into(),
+            ));
         }
         Ok(())
     }

@@ -252,6 +252,16 @@ pub(in crate::supervisor) struct Leased {
     pub(in crate::supervisor) earlier: Vec<Attempt>,
 }
 
+/// Why a lease is no longer this host's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(in crate::supervisor) enum LostWhy {
+    /// The queue refused the renewal: another host holds the task now, or it ended.
+    Fenced,
+    /// No renewal was answered before the lease would run out (the database out of reach, or this
+    /// host paused): given up before another host may take the task, so it never runs twice.
+    Unrenewed,
+}
+
 /// What the queue said, for the loop.
 pub(in crate::supervisor) enum News {
     /// The database did not answer: published again at a later pass.
@@ -270,7 +280,10 @@ pub(in crate::supervisor) enum News {
         held: Held,
     },
     /// These leases are no longer this host's: stop their agents, never land their work.
-    Lost(Vec<(String, i64)>),
+    Lost {
+        leases: Vec<(String, i64)>,
+        why: LostWhy,
+    },
     /// Outcomes of tasks this host published, to materialise.
     Outcomes(Vec<(Outcome, Vec<Attempt>)>),
     /// Something may be claimable now.

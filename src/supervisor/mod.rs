@@ -237,6 +237,7 @@ impl Supervisor {
                 lease: Duration::from_secs(cfg.cluster.lease_seconds),
                 aging: Duration::from_secs_f64(cfg.task_queue.aging_minutes * 60.0),
                 poll: Duration::from_millis(cfg.cluster.poll_ms),
+                max_running: cfg.cluster.max_concurrent,
             })?;
             cluster = Some(cluster::Cluster::new(
                 link,

@@ -45,6 +45,10 @@ pub struct Settings {
     /// One level of priority more per `aging` waited since publishing, so low priorities are never
     /// starved (as `task_queue.aging_minutes` on one host); zero turns aging off.
     pub aging: Duration,
+    /// How many tasks may hold a live lease at once across the cluster (`cluster.max_concurrent`);
+    /// `None`: no such limit. Claims then take turns under an advisory lock, so two hosts cannot
+    /// both see one slot free.
+    pub max_running: Option<u32>,
 }
 
 impl Default for Settings {
@@ -52,6 +56,7 @@ impl Default for Settings {
         Settings {
             lease: Duration::from_secs(30),
             aging: Duration::ZERO,
+            max_running: None,
         }
     }
 }
@@ -125,6 +130,10 @@ pub enum End {
     Retry {
         after: Duration,
     },
+    /// The runner gave its lease up (no renewal was answered in time) and stopped the attempt: the
+    /// result is kept as a stale attempt whatever it says, and the task goes back to pending unless
+    /// another host took it meanwhile (the attempt counts, as after a crash).
+    Abandoned,
 }
 
 impl End {
@@ -133,6 +142,7 @@ impl End {
             End::Completed => "completed",
             End::Failed => "failed",
             End::Retry { .. } => "retry",
+            End::Abandoned => "failed",
         }
     }
 }
@@ -229,6 +239,16 @@ pub struct Clash {
     pub id: String,
     pub origin: String,
     pub state: String,
+    /// Its origin took delivery of its outcome: the id is spent.
+    pub delivered: bool,
+}
+
+impl Clash {
+    /// The row is this very task, published before by `host` and not yet settled in its tree (a
+    /// restart, or a crash before an outcome was taken, publishes it again): no clash at all.
+    pub fn is_own_unsettled(&self, host: &str) -> bool {
+        self.origin == host && !self.delivered
+    }
 }
 
 /// Another live process holds this host name.
@@ -317,7 +337,8 @@ VALUES($1, $2, 'pending', $3, $4, $5, $6, $7, $8, $9, $10, 0, 0, now())
 ON CONFLICT (id) DO NOTHING
 RETURNING id";
 
-const CLASH: &str = "SELECT origin, state FROM cluster_queue WHERE id = $1";
+const CLASH: &str =
+    "SELECT origin, state, delivered_at IS NOT NULL FROM cluster_queue WHERE id = $1";
 
 /// One statement: pick what this host may run, best first, skipping rows another claim holds, and
 /// take them. A running row whose lease ran out is taken like a pending one (the fence and the
@@ -348,6 +369,15 @@ SET state = 'running', owner = $1, lease_until = now() + $6::float8 * interval '
 FROM picked WHERE q.id = picked.id
 RETURNING q.id, q.fence, q.attempts, q.origin, q.priority, q.base_commit, q.payload, picked.prev_owner,
     extract(epoch FROM q.created_at)::float8";
+
+/// Claims take turns under this transaction lock while a cluster-wide limit is set (beside the
+/// mirror's migration lock, one number up).
+const CLAIM_LOCK: i64 = MIGRATE_LOCK + 1;
+
+/// Tasks holding a live lease, anywhere in the cluster (a lease run out is a dead host's, and is
+/// the next claim's to take).
+const RUNNING: &str =
+    "SELECT count(*) FROM cluster_queue WHERE state = 'running' AND lease_until >= now()";
 
 const RENEW: &str = "
 UPDATE cluster_queue SET lease_until = now() + $4::float8 * interval '1 second'
@@ -449,6 +479,7 @@ pub const STATEMENTS: &[&str] = &[
     PUBLISH,
     CLASH,
     CLAIM,
+    RUNNING,
     RENEW,
     RENEW_ALL,
     RELEASE,
@@ -773,21 +804,23 @@ impl Queue {
             return Ok(());
         }
         let there = self.query("publishing a task", CLASH, &[&task.id]).await?;
-        let (origin, state) = there
+        let (origin, state, delivered) = there
             .first()
-            .map(|r| (r.get(0), r.get(1)))
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
             .unwrap_or_default();
         Err(Clash {
             id: task.id.clone(),
             origin,
             state,
+            delivered,
         }
         .into())
     }
 
     /// Claim up to `cap.limit` tasks this host may run, best first (effective priority, then the
     /// oldest): pending ones, and running ones whose lease ran out. Each comes with a fresh lease
-    /// of [`Settings::lease`] and a fence one higher than the task's last.
+    /// of [`Settings::lease`] and a fence one higher than the task's last. With
+    /// [`Settings::max_running`], no more than the slots the cluster has left.
     pub async fn claim(&mut self, cap: &Capacity) -> Result<Vec<Lease>> {
         if cap.limit == 0 || cap.agents.is_empty() {
             return Ok(Vec::new());
@@ -795,13 +828,50 @@ impl Queue {
         let host = self.host.clone();
         let limit = i64::from(cap.limit);
         let (aging, lease) = (secs(self.settings.aging), secs(self.settings.lease));
-        let rows = self
-            .query(
-                "claiming tasks",
-                CLAIM,
-                &[&host, &cap.labels, &cap.agents, &limit, &aging, &lease],
-            )
-            .await?;
+        let rows = match self.settings.max_running {
+            None => {
+                self.query(
+                    "claiming tasks",
+                    CLAIM,
+                    &[&host, &cap.labels, &cap.agents, &limit, &aging, &lease],
+                )
+                .await?
+            }
+            Some(max) => {
+                let r = async {
+                    const WHAT: &str = "claiming tasks";
+                    let s = self.session().await?;
+                    let a = s.answers.clone();
+                    let a = Some(&*a);
+                    let tx = answer(a, ANSWER_WITHIN, WHAT, s.client.transaction()).await?;
+                    answer(
+                        a,
+                        ANSWER_WITHIN,
+                        "waiting for the claim lock",
+                        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CLAIM_LOCK]),
+                    )
+                    .await?;
+                    let running: i64 = super::rows(&tx, a, WHAT, RUNNING, &[]).await?[0].get(0);
+                    let free = (i64::from(max) - running).min(limit);
+                    let rows = if free > 0 {
+                        super::rows(
+                            &tx,
+                            a,
+                            WHAT,
+                            CLAIM,
+                            &[&host, &cap.labels, &cap.agents, &free, &aging, &lease],
+                        )
+                        .await?
+                    } else {
+                        vec![]
+                    };
+                    answer(a, ANSWER_WITHIN, WHAT, tx.commit()).await?;
+                    Ok(rows)
+                }
+                .await;
+                self.after(r)?
+            }
+        };
         let mut out: Vec<(Lease, f64)> = rows
             .iter()
             .map(|r| {
@@ -890,7 +960,8 @@ impl Queue {
 
     /// Record how an attempt ended. With a current fence and a lease that has not run out, it is
     /// the task's outcome (a retry puts the task back to pending); otherwise it is kept as a stale
-    /// result and [`Held::Fenced`] says the work must not land. Calling it again for the same fence
+    /// result and [`Held::Fenced`] says the work must not land. [`End::Abandoned`] is always kept
+    /// as stale, and puts the task back while its fence still holds. Calling it again for the same fence
     /// (an answer lost on the way) answers as the first call did and writes nothing.
     pub async fn finish(&mut self, id: &str, fence: i64, done: &Finished) -> Result<Held> {
         const WHAT: &str = "finishing an attempt";
@@ -915,6 +986,7 @@ impl Queue {
                 End::Completed => ("done", Some("completed"), 0.0),
                 End::Failed => ("done", Some("failed"), 0.0),
                 End::Retry { after } => ("pending", None, secs(after)),
+                End::Abandoned => ("pending", None, 0.0),
             };
             let moved = answer(
                 a,
@@ -923,11 +995,11 @@ impl Queue {
                 tx.execute(FINISH, &[&id, &fence, &host, &next, &outcome, &after]),
             )
             .await?;
-            let stale = moved == 0;
-            if !stale {
+            let stale = moved == 0 || done.end == End::Abandoned;
+            if moved > 0 {
                 // In the transaction: the wake-up is delivered when the outcome is visible.
                 let why = match done.end {
-                    End::Retry { .. } => "pending".to_string(),
+                    End::Retry { .. } | End::Abandoned => "pending".to_string(),
                     _ => format!("done {}", task[0].get::<_, String>(1)),
                 };
                 answer(a, ANSWER_WITHIN, WHAT, tx.execute(WAKE, &[&channel, &why])).await?;

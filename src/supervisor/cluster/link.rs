@@ -4,11 +4,14 @@
 //! reclaiming expired leases, and offering the origin's outcomes.
 //!
 //! It decides nothing about tasks: it tells the loop what the queue said ([`News`]), and the loop
-//! decides. It must never touch the tree. A lease it can no longer renew (refused, or the database
-//! out of reach for longer than the lease) is reported lost at once, so the loop stops that agent:
-//! a host that cannot prove it holds a task stops working on it.
+//! decides. It must never touch the tree. A lease it can no longer renew is reported lost at
+//! once, so the loop stops that agent: a host that cannot prove it holds a task stops working on
+//! it. Refused renewals are reported as they come back; a lease whose renewals go unanswered is
+//! given up by a watchdog of its own (the loop of this thread may be waiting on a silent
+//! database), before the database's clock lets another host take the task.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
@@ -16,7 +19,7 @@ use tokio::sync::mpsc;
 use crate::console;
 use crate::mirror::postgres::queue::{Capacity, Finished, Held, Publish, Queue, Settings};
 use crate::record::{Attempt, TaskResult};
-pub(in crate::supervisor) use crate::supervisor::events::{Leased, News};
+pub(in crate::supervisor) use crate::supervisor::events::{Leased, LostWhy, News};
 
 /// What the loop asks of the queue.
 pub(in crate::supervisor) enum Ask {
@@ -52,6 +55,7 @@ pub(in crate::supervisor) struct Start {
     pub(in crate::supervisor) lease: Duration,
     pub(in crate::supervisor) aging: Duration,
     pub(in crate::supervisor) poll: Duration,
+    pub(in crate::supervisor) max_running: Option<u32>,
 }
 
 /// How long `start` waits for the queue to answer before the supervisor refuses to start.
@@ -115,6 +119,76 @@ fn earlier_attempts(rows: &[crate::mirror::postgres::queue::ResultRow]) -> Vec<A
     out
 }
 
+/// The leases this host holds: each one's fence, and when the last renewal the queue accepted was
+/// sent. The database set the lease's end from its own clock when the statement ran, which was
+/// no earlier than the send, so `sent + lease` by our clock is never later than the end the
+/// database judges by: giving up before it means no other host can have the task yet.
+type Leases = Arc<Mutex<HashMap<String, (i64, Instant)>>>;
+
+/// How long after the last accepted renewal was sent a lease is given up: a sixth of the lease
+/// (at most 5 s) before it would run out, so the agent is stopped before another host may claim
+/// the task, with two renewals tried on the way (they come every third of the lease).
+fn give_up_after(lease: Duration) -> Duration {
+    lease - (lease / 6).min(Duration::from_secs(5))
+}
+
+/// Give up every lease whose renewals went unanswered for [`give_up_after`]: report them lost.
+/// Runs beside [`run`] on the same thread's runtime, so a statement the database never answers
+/// (a partition, a silent proxy) cannot keep an agent running past its lease.
+async fn watchdog(
+    leases: Leases,
+    give_up: Duration,
+    beat: Duration,
+    news: mpsc::UnboundedSender<News>,
+) {
+    loop {
+        let now = Instant::now();
+        // A lease claimed or renewed meanwhile ends no earlier than `now + give_up`, which is
+        // later than `now + beat`: waking each beat at the latest sees it in time.
+        let next = table(&leases)
+            .values()
+            .map(|(_, sent)| *sent + give_up)
+            .min()
+            .map_or(now + beat, |d| d.min(now + beat));
+        tokio::time::sleep_until(next.into()).await;
+        let now = Instant::now();
+        let lost: Vec<(String, i64)> = {
+            let mut held = table(&leases);
+            let gone: Vec<(String, i64)> = held
+                .iter()
+                .filter(|(_, (_, sent))| now >= *sent + give_up)
+                .map(|(id, (fence, _))| (id.clone(), *fence))
+                .collect();
+            for (id, _) in &gone {
+                held.remove(id);
+            }
+            gone
+        };
+        if !lost.is_empty() {
+            for (id, _) in &lost {
+                console::warn(&format!(
+                    "cluster: no renewal of the lease on {id} was answered within {:.1} s: giving it up",
+                    give_up.as_secs_f64()
+                ));
+            }
+            let gone = News::Lost {
+                leases: lost,
+                why: LostWhy::Unrenewed,
+            };
+            if news.send(gone).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// The lease table, even if a holder panicked (no invariant spans a lock).
+fn table(leases: &Leases) -> std::sync::MutexGuard<'_, HashMap<String, (i64, Instant)>> {
+    leases
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A finish the database did not take yet: tried again on every tick until it is stored.
 struct Unsent {
     id: String,
@@ -131,6 +205,7 @@ async fn run(
     let settings = Settings {
         lease: s.lease,
         aging: s.aging,
+        max_running: s.max_running,
     };
     let mut q = match Queue::connect(&s.url, &s.schema, &s.host, &s.instance, settings).await {
         Ok(q) => q,
@@ -150,13 +225,17 @@ async fn run(
         s.host,
         s.lease.as_secs()
     ));
-    // The leases this host holds, and when each was last renewed (by our clock: only to give up
-    // on a lease we could not renew for a whole lease, never to judge one).
-    let mut leases: HashMap<String, (i64, Instant)> = HashMap::new();
+    let leases: Leases = Arc::default();
     let mut unsent: Vec<Unsent> = vec![];
     // Outcomes handed to the loop and not yet acknowledged: not offered twice.
     let mut offered: HashSet<String> = HashSet::new();
     let beat = s.lease / 3;
+    let guard = tokio::spawn(watchdog(
+        leases.clone(),
+        give_up_after(s.lease),
+        beat,
+        news.clone(),
+    ));
     let mut heartbeat = tokio::time::interval(beat.max(Duration::from_millis(500)));
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut poll = tokio::time::interval(s.poll);
@@ -176,8 +255,9 @@ async fn run(
                         let clash = match q.publish(&p).await {
                             Ok(()) => None,
                             Err(e) => match e.downcast_ref::<crate::mirror::postgres::queue::Clash>() {
-                                // Ours already (a restart publishes its pending tasks again).
-                                Some(c) if c.origin == s.host && c.state != "done" => None,
+                                // Ours already (a restart publishes its pending tasks again; a
+                                // crash before an outcome was taken puts it back in pending/).
+                                Some(c) if c.is_own_unsettled(&s.host) => None,
                                 Some(c) => Some(c.to_string()),
                                 None => {
                                     console::warn(&format!("cluster: cannot publish {}: {e:#}", p.id));
@@ -188,32 +268,42 @@ async fn run(
                         };
                         let _ = news.send(News::Published { id: p.id.clone(), clash });
                     }
-                    Ask::Claim(cap) => match q.claim(&cap).await {
-                        Ok(got) => {
-                            let mut out = Vec::with_capacity(got.len());
-                            for lease in got {
-                                leases.insert(lease.id.clone(), (lease.fence, Instant::now()));
-                                let earlier = if lease.attempt > 1 {
-                                    q.results(&lease.id).await.map(|r| earlier_attempts(&r)).unwrap_or_default()
-                                } else {
-                                    vec![]
-                                };
-                                out.push(Leased { lease, earlier });
+                    Ask::Claim(cap) => {
+                        // Before the statement: the lease's end is reckoned from no later than
+                        // the database's.
+                        let sent = Instant::now();
+                        match q.claim(&cap).await {
+                            Ok(got) => {
+                                let mut out = Vec::with_capacity(got.len());
+                                for lease in got {
+                                    table(&leases).insert(lease.id.clone(), (lease.fence, sent));
+                                    let earlier = if lease.attempt > 1 {
+                                        q.results(&lease.id).await.map(|r| earlier_attempts(&r)).unwrap_or_default()
+                                    } else {
+                                        vec![]
+                                    };
+                                    out.push(Leased { lease, earlier });
+                                }
+                                // One given up while its history was read (a silent database) is
+                                // not started: its lease runs out and another claim takes it.
+                                let held = table(&leases);
+                                out.retain(|l| held.get(&l.lease.id).is_some_and(|(f, _)| *f == l.lease.fence));
+                                drop(held);
+                                let _ = news.send(News::Claimed(out));
                             }
-                            let _ = news.send(News::Claimed(out));
+                            Err(e) => {
+                                console::debug(&format!("cluster: claim failed: {e:#}"));
+                                let _ = news.send(News::ClaimFailed);
+                            }
                         }
-                        Err(e) => {
-                            console::debug(&format!("cluster: claim failed: {e:#}"));
-                            let _ = news.send(News::ClaimFailed);
-                        }
-                    },
+                    }
                     Ask::Finish { id, fence, done } => {
-                        leases.remove(&id);
+                        table(&leases).remove(&id);
                         unsent.push(Unsent { id, fence, done });
                         send_finishes(&mut q, &mut unsent, &news).await;
                     }
                     Ask::Release { id, fence } => {
-                        leases.remove(&id);
+                        table(&leases).remove(&id);
                         let _ = q.release(&id, fence).await;
                     }
                     Ask::Delivered(id) => {
@@ -227,7 +317,7 @@ async fn run(
                 if let Err(e) = q.heartbeat_host().await {
                     console::debug(&format!("cluster: heartbeat failed: {e:#}"));
                 }
-                renew(&mut q, &mut leases, s.lease, &news).await;
+                renew(&mut q, &leases, &news).await;
                 send_finishes(&mut q, &mut unsent, &news).await;
             }
             _ = poll.tick() => {
@@ -264,48 +354,49 @@ async fn run(
             wakeups = q.listen().await.ok();
         }
     }
+    guard.abort();
 }
 
-/// Renew every lease held; report the ones refused, and the ones not renewed for a whole lease
-/// (the database out of reach: another host may hold them by now).
-async fn renew(
-    q: &mut Queue,
-    leases: &mut HashMap<String, (i64, Instant)>,
-    lease: Duration,
-    news: &mpsc::UnboundedSender<News>,
-) {
-    if leases.is_empty() {
+/// Renew every lease held, and report the ones the queue refused (another host holds them now, or
+/// they ended). One that goes unanswered is the watchdog's to give up in time.
+async fn renew(q: &mut Queue, leases: &Leases, news: &mpsc::UnboundedSender<News>) {
+    let held: Vec<(String, i64)> = table(leases)
+        .iter()
+        .map(|(id, (f, _))| (id.clone(), *f))
+        .collect();
+    if held.is_empty() {
         return;
     }
-    let held: Vec<(String, i64)> = leases.iter().map(|(id, (f, _))| (id.clone(), *f)).collect();
-    let mut lost = vec![];
-    match q.renew_all(&held).await {
-        Ok(answers) => {
-            for ((id, fence), h) in held.into_iter().zip(answers) {
-                match h {
-                    Held::Ok => {
-                        if let Some(l) = leases.get_mut(&id) {
-                            l.1 = Instant::now();
-                        }
-                    }
-                    Held::Fenced => lost.push((id, fence)),
-                }
-            }
-        }
+    let sent = Instant::now();
+    let answers = match q.renew_all(&held).await {
+        Ok(a) => a,
         Err(e) => {
             console::warn(&format!("cluster: cannot renew leases: {e:#}"));
-            for (id, fence) in held {
-                if leases.get(&id).is_some_and(|(_, at)| at.elapsed() >= lease) {
-                    lost.push((id, fence));
-                }
+            return;
+        }
+    };
+    let mut lost = vec![];
+    let mut table = table(leases);
+    for ((id, fence), h) in held.into_iter().zip(answers) {
+        // Only the claim asked about: one finished, released or given up meanwhile is not ours
+        // to touch.
+        let Some(entry) = table.get_mut(&id).filter(|(f, _)| *f == fence) else {
+            continue;
+        };
+        match h {
+            Held::Ok => entry.1 = sent,
+            Held::Fenced => {
+                table.remove(&id);
+                lost.push((id, fence));
             }
         }
     }
+    drop(table);
     if !lost.is_empty() {
-        for (id, _) in &lost {
-            leases.remove(id);
-        }
-        let _ = news.send(News::Lost(lost));
+        let _ = news.send(News::Lost {
+            leases: lost,
+            why: LostWhy::Fenced,
+        });
     }
 }
 

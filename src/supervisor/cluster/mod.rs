@@ -207,15 +207,20 @@ impl Supervisor {
             }
             News::ClaimFailed => c.claiming = false,
             News::Wake => c.next_claim = Instant::now(),
-            News::Lost(lost) => {
-                for (id, fence) in lost {
+            News::Lost { leases, why } => {
+                for (id, fence) in leases {
                     let Some(r) = c.leases.get_mut(&id).filter(|r| r.fence == fence) else {
                         continue;
                     };
                     r.lost = true;
-                    let why = format!(
-                        "stopped: the lease on {id} is no longer this host's (another host took the task over)"
-                    );
+                    let why = match why {
+                        link::LostWhy::Fenced => format!(
+                            "stopped: the lease on {id} is no longer this host's (another host took the task over)"
+                        ),
+                        link::LostWhy::Unrenewed => format!(
+                            "stopped: the lease on {id} is no longer this host's (no renewal was answered in time: the database is out of reach, or this host was paused); another host may take the task over"
+                        ),
+                    };
                     console::warn(&why);
                     let _ = self.runs.cancel_because(&id, &why);
                 }
@@ -373,7 +378,8 @@ impl Supervisor {
             vec![]
         };
         let end = match &verdict {
-            _ if lease.lost => End::Failed,
+            // Stale whatever it says; back to the queue if no one else took it meanwhile.
+            _ if lease.lost => End::Abandoned,
             Verdict::Interrupted | Verdict::CoolDown | Verdict::NeedsLogin => {
                 if matches!(verdict, Verdict::CoolDown) {
                     let agent = &run.claim.agent;
@@ -416,7 +422,7 @@ impl Supervisor {
             error.unwrap_or_default(),
         );
         result.status = status;
-        if status == Terminal::Completed {
+        if status == Terminal::Completed && !lease.lost {
             result.error = None;
         }
         result.agent = Some(run.claim.agent.clone());
