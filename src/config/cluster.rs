@@ -90,3 +90,34 @@ impl ClusterConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::ClusterConfig;
+
+    fn on(yaml: &str) -> ClusterConfig {
+        let mut c: ClusterConfig =
+            serde_saphyr::from_str_with_options(yaml, crate::yaml::options()).expect("parses");
+        c.enabled = true;
+        c
+    }
+
+    #[test]
+    fn each_bad_value_is_named_by_its_key() {
+        let url = Some("postgres://u@h/d");
+        let cases = [
+            ("host: \"two words\"", "cluster.host"),
+            ("labels: [gpu, \"no/slash\"]", "cluster.labels[1]"),
+            ("lease_seconds: 2", "cluster.lease_seconds"),
+            ("poll_ms: 0", "cluster.poll_ms"),
+            ("max_concurrent: 0", "cluster.max_concurrent"),
+        ];
+        for (yaml, key) in cases {
+            let (k, why) = on(yaml).check(url).expect_err(yaml);
+            assert_eq!(k, key, "{yaml}: {why}");
+        }
+        let (k, _) = on("{}").check(None).expect_err("no database");
+        assert_eq!(k, "cluster.enabled");
+        assert!(on("max_concurrent: 4\nlabels: [gpu]").check(url).is_ok());
+    }
+}

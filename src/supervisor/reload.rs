@@ -63,6 +63,8 @@ const RESTART_ONLY: &[&str] = &[
     "orchestrator.state_dir",
     "orchestrator.rescan_seconds",
     "database",
+    // The cluster link is joined once, at start, with these settings.
+    "cluster",
 ];
 
 impl ConfigFile {
@@ -137,6 +139,7 @@ pub(super) fn plan(running: &Config, mut new: Config) -> Reload {
         new.orchestrator.state_dir = running.orchestrator.state_dir.clone();
         new.orchestrator.rescan_seconds = running.orchestrator.rescan_seconds;
         new.database = running.database.clone();
+        new.cluster = running.cluster.clone();
     }
     let texts = |v: Vec<Change>| {
         let mut t: Vec<String> = v.into_iter().map(|(_, text)| text).collect();
@@ -246,6 +249,24 @@ mod tests {
         assert_eq!(r.cfg.orchestrator.rescan_seconds, 30);
         assert!(r.cfg.database.url.is_none());
         assert_eq!(r.cfg.orchestrator.max_concurrent, 3);
+    }
+
+    #[test]
+    fn the_cluster_settings_keep_their_running_values() {
+        let running = cfg(BASE);
+        let new = cfg(&format!(
+            "{BASE}cluster: {{max_concurrent: 5, lease_seconds: 60}}\n"
+        ));
+        let r = plan(&running, new);
+        assert_eq!(
+            r.on_restart,
+            vec![
+                "cluster.lease_seconds 30 → 60",
+                "cluster.max_concurrent (none) → 5"
+            ]
+        );
+        assert_eq!(r.cfg.cluster.lease_seconds, 30);
+        assert_eq!(r.cfg.cluster.max_concurrent, None);
     }
 
     #[test]
