@@ -761,6 +761,22 @@ mod postgres {
         assert!(!hosts[0].alive, "a left");
         a2.run(async |q| q.register_host(&[]).await)
             .expect("the name is free once its holder left");
+        // A new process that knows the holder is dead (its own predecessor on this tree) takes
+        // the name at once; naming any other instance does not.
+        let mut a3 = Host::instance(&url, &s, "a", "a-3", Duration::from_secs(30));
+        let e = a3
+            .run(async |q| q.register_host_replacing(&[], Some("a-1")).await)
+            .expect_err("a-1 does not hold the name: a-2, alive, does");
+        assert!(e.downcast_ref::<NameInUse>().is_some(), "{e}");
+        a3.run(async |q| q.register_host_replacing(&[], Some("a-2")).await)
+            .expect("the holder named as dead gives the name up at once");
+        let e = a2
+            .run(async |q| q.heartbeat_host().await)
+            .expect_err("a-2 lost the name to a-3");
+        assert!(
+            e.to_string().contains("another supervisor took the name"),
+            "{e}"
+        );
         let e = a
             .run(async |q| q.heartbeat_host().await)
             .expect_err("the old instance lost the name");

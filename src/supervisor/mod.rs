@@ -223,6 +223,18 @@ impl Supervisor {
         let pool = Arc::new(workspace::Pool::new(&layout, &me.id));
         let mut cluster = None;
         if cfg.cluster.enabled {
+            // The instance of this tree that joined the cluster last: when its lock here is free
+            // it is dead (a crash), and the host name is ours at once rather than after a lease.
+            // Another tree's or a live process's name is never taken.
+            let last = layout.state_dir.join("cluster-instance");
+            let replaces = std::fs::read_to_string(&last)
+                .ok()
+                .map(|s| s.trim().to_string())
+                .filter(|id| {
+                    !id.is_empty()
+                        && *id != me.id
+                        && !crate::instance::instance_lock_held(&layout.instance_lock(id))
+                });
             let url = cfg
                 .database
                 .url
@@ -233,12 +245,17 @@ impl Supervisor {
                 schema: cfg.database.schema.clone(),
                 host: cfg.cluster.host.clone().unwrap_or_else(|| me.host.clone()),
                 instance: me.id.clone(),
+                replaces,
                 labels: cfg.cluster.labels.clone(),
                 lease: Duration::from_secs(cfg.cluster.lease_seconds),
                 aging: Duration::from_secs_f64(cfg.task_queue.aging_minutes * 60.0),
                 poll: Duration::from_millis(cfg.cluster.poll_ms),
                 max_running: cfg.cluster.max_concurrent,
             })?;
+            // Torn by a crash, it names no instance and the next start waits out the lease.
+            if let Err(e) = fsutil::atomic_write(&last, me.id.as_bytes()) {
+                console::warn(&format!("cannot write {}: {e}", last.display()));
+            }
             cluster = Some(cluster::Cluster::new(
                 link,
                 cfg.cluster.labels.clone(),

@@ -320,6 +320,7 @@ VALUES($1, $2, $3, now(), now(), true)
 ON CONFLICT (name) DO UPDATE SET instance = excluded.instance, labels = excluded.labels,
     started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at, alive = true
 WHERE h.instance = excluded.instance OR NOT h.alive OR h.heartbeat_at < now() - $4::float8 * interval '1 second'
+    OR h.instance = $5
 RETURNING name";
 
 const HOLDER: &str = "
@@ -725,13 +726,23 @@ impl Queue {
     /// instance holds the name and has beaten within one lease; an instance that left or went
     /// quiet gives the name up.
     pub async fn register_host(&mut self, labels: &[String]) -> Result<()> {
+        self.register_host_replacing(labels, None).await
+    }
+
+    /// [`Queue::register_host`], taking the name at once from `dead`, an instance the caller knows
+    /// is gone (this host's previous process, whose lock is free), instead of after a lease.
+    pub async fn register_host_replacing(
+        &mut self,
+        labels: &[String],
+        dead: Option<&str>,
+    ) -> Result<()> {
         let (host, instance) = (self.host.clone(), self.instance.clone());
         let lease = secs(self.settings.lease);
         let took = self
             .query(
                 "registering the host",
                 REGISTER,
-                &[&host, &instance, &labels, &lease],
+                &[&host, &instance, &labels, &lease, &dead],
             )
             .await?;
         if !took.is_empty() {

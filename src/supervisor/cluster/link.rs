@@ -51,6 +51,8 @@ pub(in crate::supervisor) struct Start {
     pub(in crate::supervisor) schema: String,
     pub(in crate::supervisor) host: String,
     pub(in crate::supervisor) instance: String,
+    /// This host's previous instance, known dead: its name is taken over at once.
+    pub(in crate::supervisor) replaces: Option<String>,
     pub(in crate::supervisor) labels: Vec<String>,
     pub(in crate::supervisor) lease: Duration,
     pub(in crate::supervisor) aging: Duration,
@@ -214,7 +216,10 @@ async fn run(
             return;
         }
     };
-    if let Err(e) = q.register_host(&s.labels).await {
+    if let Err(e) = q
+        .register_host_replacing(&s.labels, s.replaces.as_deref())
+        .await
+    {
         let _ = ready.send(Err(format!("{e:#}")));
         return;
     }

@@ -95,21 +95,33 @@ impl Supervisor {
                 .filter(|id| queue.get(id).is_some_and(|p| goes_to_cluster(&p.task)))
                 .collect()
         };
+        // One look at git per workdir and turn, not per task: a burst of files publishes on one
+        // answer (each look is two `git` processes on the loop's thread).
+        let mut heads: HashMap<std::path::PathBuf, Option<String>> = HashMap::new();
         for id in fresh {
-            self.publish(&id);
+            self.publish(&id, &mut heads);
         }
         self.claim_more();
     }
 
-    fn publish(&mut self, id: &str) {
+    fn publish(&mut self, id: &str, heads: &mut HashMap<std::path::PathBuf, Option<String>>) {
         let Some(p) = self.intake.queue.get(id) else {
             return;
         };
         let env = &self.env;
         let base = crate::context::task_workdir(&env.layout, &env.cfg, &p.task)
             .ok()
-            .and_then(|wd| crate::git::toplevel(&wd).ok().flatten())
-            .and_then(|root| crate::git::head_commit(&root));
+            .and_then(|wd| {
+                heads
+                    .entry(wd)
+                    .or_insert_with_key(|wd| {
+                        crate::git::toplevel(wd)
+                            .ok()
+                            .flatten()
+                            .and_then(|root| crate::git::head_commit(&root))
+                    })
+                    .clone()
+            });
         let Some(base) = base else {
             let reason = "cluster mode runs every task in a git worktree made from its origin's \
                           commit: the task's workdir is not in a git repository with a commit";
