@@ -442,17 +442,19 @@ pub fn choose_agent(
         .find(|(_, r)| rule_matches(r, task))
     {
         chain.push((rule.agent.clone(), format!("routing.rules[{i}] matched")));
-    } else if cfg.routing.router.is_some() {
-        match routed {
-            None => return Decision::Route,
-            Some(Routed {
+    } else if let Some(r) = routed {
+        // The router's answer: this host's router, or (cluster mode) the origin's, which came with
+        // the task whether or not this host has a router of its own.
+        match r {
+            Routed {
                 agent: Some(a),
                 because,
-            }) => chain.push((a.clone(), because.clone())),
-            Some(Routed {
-                agent: None,
-                because,
-            }) => {
+            } if cfg.agents.contains_key(a) => chain.push((a.clone(), because.clone())),
+            Routed { agent, because } => {
+                let because = match agent {
+                    Some(a) => format!("{because}; `{a}` is not configured here"),
+                    None => because.clone(),
+                };
                 for f in &cfg.routing.fallback {
                     if !chain.iter().any(|(a, _)| a == f) {
                         chain.push((f.clone(), because.clone()));
@@ -460,6 +462,8 @@ pub fn choose_agent(
                 }
             }
         }
+    } else if cfg.routing.router.is_some() {
+        return Decision::Route;
     }
     // A fan-out candidate named after its agent is that agent's entry: it never runs elsewhere.
     let pinned = task.file.candidate.is_some() && task.file.agent.is_some();

@@ -716,6 +716,47 @@ mod postgres {
         );
     }
 
+    /// The queue counts attempts, whatever the runner counted: a retry or an abandoned attempt on
+    /// the last attempt the task has fails it, saying why, instead of leaving it pending where no
+    /// claim can take it. (A runner's history misses attempts whose host died without a word.)
+    #[test]
+    fn a_retry_or_an_abandon_on_the_last_attempt_fails_the_task_saying_why() {
+        let s = PgSchema::new("cluster_spent");
+        let mut a = Host::new(&s, "a");
+        for id in ["r", "g"] {
+            let mut t = task(id);
+            t.max_attempts = 1;
+            a.publish(t);
+        }
+        let got = a.claim(&any(2));
+        assert_eq!(ids(&got), ["r", "g"]);
+        let after = Duration::ZERO;
+        assert_eq!(a.finish("r", 1, End::Retry { after }), Held::Ok);
+        assert_eq!(row(&s, "r"), text(&["done", "failed", "a", "1", "1"]));
+        assert_eq!(a.finish("g", 1, End::Abandoned), Held::Fenced);
+        assert_eq!(row(&s, "g"), text(&["done", "failed", "a", "1", "1"]));
+        assert_eq!(
+            s.query("SELECT id, reason FROM cluster_queue ORDER BY id"),
+            [
+                text(&[
+                    "g",
+                    "attempt 1 on host a was the last (1 allowed): the host gave its lease up (no renewal was answered in time)"
+                ]),
+                text(&[
+                    "r",
+                    "attempt 1 on host a was the last (1 allowed): it failed and was to be retried"
+                ]),
+            ]
+        );
+        // Both are offered to the origin: r with the result that decided it, g with the reason.
+        let offered = a.run(async |q| q.outcomes(10).await).expect("outcomes");
+        let seen: Vec<(&str, bool)> = offered
+            .iter()
+            .map(|o| (o.id.as_str(), o.result.is_some()))
+            .collect();
+        assert_eq!(seen, [("r", true), ("g", false)]);
+    }
+
     /// Host names are unique while their holder lives; `hosts` shows who is alive and holds what.
     #[test]
     fn host_names_are_unique_while_alive_and_hosts_show_their_leases() {

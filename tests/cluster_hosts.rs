@@ -53,13 +53,22 @@ mod postgres {
 
         /// A host that reaches the database at `url` (through a proxy, say).
         fn host_on(&self, url: &str, name: &str, labels: &[&str], lease: u64) -> Project {
-            let extra = format!(
+            self.host_with(&test_config(&self.cluster_keys(url, name, labels, lease)))
+        }
+
+        /// The `database` and `cluster` keys of a host.
+        fn cluster_keys(&self, url: &str, name: &str, labels: &[&str], lease: u64) -> String {
+            format!(
                 "database:\n  url: \"{}\"\n  schema: {}\ncluster:\n  enabled: true\n  host: {name}\n  labels: [{}]\n  lease_seconds: {lease}\n  poll_ms: 200\n",
                 url,
                 self.schema.name,
                 labels.join(", ")
-            );
-            let p = Project::with_config(&test_config(&extra));
+            )
+        }
+
+        /// A host with this whole configuration.
+        fn host_with(&self, config: &str) -> Project {
+            let p = Project::with_config(config);
             git(p.root(), &["init", "-q", "-b", "main"]);
             git(
                 p.root(),
@@ -490,6 +499,88 @@ mod postgres {
             );
             assert!(o.stop().success(), "{}", log_of(&o));
             assert!(s_w.stop().success(), "{}", log_of(&s_w));
+        }
+    }
+
+    /// The origin's router chooses the agent, and its answer travels with the task: the runner
+    /// (which has no router) runs the chosen agent, and the record says why. The router is asked
+    /// once, on the origin.
+    #[test]
+    fn the_origin_s_router_chooses_the_agent_a_runner_starts() {
+        use crate::common::model_server::{Api, ModelServer, Reply};
+        let server = ModelServer::start();
+        server.script(
+            Api::Chat,
+            vec![Reply::Text(
+                r#"{"category": "planning", "agent": "planner", "confidence": 0.93}"#.into(),
+            )],
+        );
+        let c = Cluster::new("cluster_router");
+        let bin = env!("CARGO_BIN_EXE_orchestrate");
+        let fake = |name: &str| {
+            format!(
+                "  {name}:\n    kind: command\n    command: {bin}\n    args: [fake-agent, \"print=ran-by-{name}\"]\n"
+            )
+        };
+        let common = "orchestrator:\n  max_concurrent: 4\n  settle_ms: 100\n  kill_grace_seconds: 1\ntask_queue:\n  max_retries: 0\nsecurity:\n  env_allow: [PATH, HOME]\n";
+        // On the origin `planner` is a model the router may pick; on the runner the agent of that
+        // name is a command: each host defines its agents.
+        let model = |name: &str| {
+            format!(
+                "  {name}:\n    kind: openai\n    base_url: {}/v1\n    model: local-model\n",
+                server.url()
+            )
+        };
+        let origin = c.host_with(&format!(
+            "{common}agents:\n{}{}{}routing:\n  fallback: [writer]\n  router: {{agent: router, timeout_seconds: 10}}\n{}",
+            model("router"),
+            fake("writer"),
+            model("planner"),
+            c.cluster_keys(&c.schema.url(), "origin", &[], 30)
+        ));
+        let w = c.host_with(&format!(
+            "{common}agents:\n{}{}routing:\n  fallback: [writer]\n{}",
+            fake("writer"),
+            fake("planner"),
+            c.cluster_keys(&c.schema.url(), "w", &["worker"], 30)
+        ));
+        let mut o = origin.start();
+        let mut s_w = w.start();
+        origin.drop_task(
+            "route.yaml",
+            "description: Plan the next release\nrequires: [worker]\n",
+        );
+        wait_for(
+            "the task completed on its origin",
+            Duration::from_secs(60),
+            || origin.tasks_in("completed").contains(&"route".to_string()),
+        );
+        let r = origin.result("completed", "route");
+        assert_eq!(r["agent"], "planner", "{r}\n{}", log_of(&o));
+        let because = r["chosen_because"].as_str().unwrap_or_default();
+        assert!(
+            because.contains("ran on host w")
+                && because.contains("router router: category planning, confidence 0.93"),
+            "{because}"
+        );
+        assert!(
+            origin
+                .read("context/agent_outputs/route_output.md")
+                .contains("ran-by-planner"),
+            "{r}"
+        );
+        assert_eq!(
+            server.conversations(Api::Chat),
+            1,
+            "the router was asked once"
+        );
+        assert!(
+            log_of(&s_w).contains("leased     route "),
+            "{}",
+            log_of(&s_w)
+        );
+        for s in [&mut s_w, &mut o] {
+            assert!(s.stop().success(), "{}", log_of(s));
         }
     }
 }

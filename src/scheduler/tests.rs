@@ -368,3 +368,37 @@ fn a_candidate_stays_on_its_agent() {
         Decision::Fail(e) if e.contains("candidate dropped (fan_out_skip_cooling)")
     ));
 }
+
+/// A router's answer that came with the task (cluster mode: the origin's router) is followed on
+/// a host without a router; an agent it named that this host does not have sends the task down
+/// the fallback chain, saying so, instead of failing or panicking.
+#[test]
+fn a_routed_answer_from_elsewhere_is_followed_or_falls_back_saying_why() {
+    let cfg = cfg();
+    assert!(cfg.routing.router.is_none());
+    let (per, unavailable) = (HashMap::new(), HashMap::new());
+    let cap = Capacity {
+        running_total: 0,
+        running_per_agent: &per,
+        unavailable: &unavailable,
+    };
+    let t = parse_task("description: x\n", "t", "t").expect("task");
+    let routed = |agent: &str| crate::router::Routed {
+        agent: Some(agent.to_string()),
+        because: "router r (on host o): category docs".into(),
+    };
+    match choose_agent(&cfg, &t, &cap, None, Some(&routed("b"))) {
+        Decision::Run { agent, because } => {
+            assert_eq!(agent, "b");
+            assert_eq!(because, "router r (on host o): category docs");
+        }
+        other => panic!("{other:?}"),
+    }
+    match choose_agent(&cfg, &t, &cap, None, Some(&routed("zz"))) {
+        Decision::Run { agent, because } => {
+            assert_eq!(agent, "a", "the fallback chain");
+            assert!(because.ends_with("`zz` is not configured here"), "{because}");
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -505,8 +505,14 @@ impl Dispatch {
         })
     }
 
+    /// The router's answer about `id`: `Some(None)` while it is being asked, `None` when it was
+    /// not asked (or the task changed since).
+    pub(super) fn route_of(&self, id: &str) -> Option<Option<&Routed>> {
+        self.routes.get(id).map(Option::as_ref)
+    }
+
     /// Ask the router about a task, once; it waits with a note until the answer comes.
-    fn ask_router(&mut self, env: &Env, queue: &mut Scheduler, id: &str) {
+    pub(super) fn ask_router(&mut self, env: &Env, queue: &mut Scheduler, id: &str) {
         if self.routes.contains_key(id) || !queue.contains(id) {
             return;
         }

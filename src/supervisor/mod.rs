@@ -527,6 +527,12 @@ impl Supervisor {
                 self.apply(next);
             }
             Event::Routed { id, routed } => {
+                // A task the cluster waits to publish until its origin's router answered.
+                if let Some(c) = self.cluster.as_mut()
+                    && c.routing.remove(&id)
+                {
+                    c.fresh.push(id.clone());
+                }
                 self.dispatch.on_routed(&self.intake.queue, id, routed);
             }
             Event::LoginChecked { agent, checked } => {

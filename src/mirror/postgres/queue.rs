@@ -81,6 +81,10 @@ pub struct Publish {
     pub max_attempts: u32,
     /// The commit the task's change is to be made on and its patch taken against.
     pub base_commit: Option<String>,
+    /// The agent the origin's router chose (a preference: a runner without it uses its fallback
+    /// chain), and why.
+    pub routed_agent: Option<String>,
+    pub routed_because: Option<String>,
 }
 
 /// What a host may run, for [`Queue::claim`].
@@ -108,6 +112,9 @@ pub struct Lease {
     pub payload: String,
     /// The host whose lease on it ran out, when this claim took the task from it.
     pub reclaimed_from: Option<String>,
+    /// What the origin's router chose ([`Publish::routed_agent`]).
+    pub routed_agent: Option<String>,
+    pub routed_because: Option<String>,
 }
 
 /// Whether a fenced write went through.
@@ -312,7 +319,9 @@ CREATE TABLE IF NOT EXISTS cluster_results(
     patch text NOT NULL,
     log_tail text NOT NULL,
     at timestamptz NOT NULL,
-    PRIMARY KEY(task_id, fence));";
+    PRIMARY KEY(task_id, fence));
+ALTER TABLE cluster_queue ADD COLUMN IF NOT EXISTS routed_agent text;
+ALTER TABLE cluster_queue ADD COLUMN IF NOT EXISTS routed_because text;";
 
 const REGISTER: &str = "
 INSERT INTO cluster_hosts AS h(name, instance, labels, started_at, heartbeat_at, alive)
@@ -333,8 +342,8 @@ const LEAVE: &str = "UPDATE cluster_hosts SET alive = false WHERE name = $1 AND 
 
 const PUBLISH: &str = "
 INSERT INTO cluster_queue(id, origin, state, priority, requires, pinned_host, agent, dependencies,
-    max_attempts, payload, base_commit, fence, attempts, created_at)
-VALUES($1, $2, 'pending', $3, $4, $5, $6, $7, $8, $9, $10, 0, 0, now())
+    max_attempts, payload, base_commit, routed_agent, routed_because, fence, attempts, created_at)
+VALUES($1, $2, 'pending', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 0, 0, now())
 ON CONFLICT (id) DO NOTHING
 RETURNING id";
 
@@ -369,7 +378,7 @@ SET state = 'running', owner = $1, lease_until = now() + $6::float8 * interval '
     fence = q.fence + 1, attempts = q.attempts + 1, claimed_at = now(), not_before = NULL
 FROM picked WHERE q.id = picked.id
 RETURNING q.id, q.fence, q.attempts, q.origin, q.priority, q.base_commit, q.payload, picked.prev_owner,
-    extract(epoch FROM q.created_at)::float8";
+    extract(epoch FROM q.created_at)::float8, q.routed_agent, q.routed_because";
 
 /// Claims take turns under this transaction lock while a cluster-wide limit is set (beside the
 /// mirror's migration lock, one number up).
@@ -403,14 +412,25 @@ const LOCK_TASK: &str = "SELECT fence, origin FROM cluster_queue WHERE id = $1 F
 
 const SAME_FINISH: &str = "SELECT stale FROM cluster_results WHERE task_id = $1 AND fence = $2";
 
-/// The outcome, only while the fence is current and its lease has not run out. `$5` is the next
-/// state: `done` for an end, `pending` for a retry (after `$6` seconds).
+/// The outcome, only while the fence is current and its lease has not run out. `$4` is the next
+/// state: `done` for an end, `pending` for a retry (after `$6` seconds). The queue counts the
+/// attempts (a claim is one, whatever became of it): a task sent back to `pending` with none left
+/// fails here, saying why, rather than waiting for a claim that can never come. The state it took
+/// comes back.
 const FINISH: &str = "
 UPDATE cluster_queue
-SET state = $4, outcome = $5, lease_until = NULL, finished_at = now(),
-    owner = CASE WHEN $4 = 'pending' THEN NULL ELSE owner END,
-    not_before = CASE WHEN $4 = 'pending' THEN now() + $6::float8 * interval '1 second' END
-WHERE id = $1 AND fence = $2 AND owner = $3 AND state = 'running' AND lease_until >= now()";
+SET state = CASE WHEN $4 = 'pending' AND attempts >= max_attempts THEN 'done' ELSE $4 END,
+    outcome = CASE WHEN $4 = 'pending' AND attempts >= max_attempts THEN 'failed' ELSE $5 END,
+    reason = CASE WHEN $4 = 'pending' AND attempts >= max_attempts
+        THEN 'attempt ' || attempts || ' on host ' || owner || ' was the last (' || max_attempts
+            || ' allowed): ' || $7
+        ELSE reason END,
+    lease_until = NULL, finished_at = now(),
+    owner = CASE WHEN $4 = 'pending' AND attempts < max_attempts THEN NULL ELSE owner END,
+    not_before = CASE WHEN $4 = 'pending' AND attempts < max_attempts
+        THEN now() + $6::float8 * interval '1 second' END
+WHERE id = $1 AND fence = $2 AND owner = $3 AND state = 'running' AND lease_until >= now()
+RETURNING state";
 
 const RESULT: &str = "
 INSERT INTO cluster_results(task_id, fence, host, outcome, stale, record, output, patch, log_tail, at)
@@ -807,6 +827,8 @@ impl Queue {
                     &max_attempts,
                     &task.payload,
                     &task.base_commit,
+                    &task.routed_agent,
+                    &task.routed_because,
                 ],
             )
             .await?;
@@ -896,6 +918,8 @@ impl Queue {
                         base_commit: r.get(5),
                         payload: r.get(6),
                         reclaimed_from: r.get(7),
+                        routed_agent: r.get(9),
+                        routed_because: r.get(10),
                     },
                     r.get(8),
                 )
@@ -993,25 +1017,38 @@ impl Queue {
                 answer(a, ANSWER_WITHIN, WHAT, tx.rollback()).await?;
                 return Ok(if stale { Held::Fenced } else { Held::Ok });
             }
-            let (next, outcome, after) = match done.end {
-                End::Completed => ("done", Some("completed"), 0.0),
-                End::Failed => ("done", Some("failed"), 0.0),
-                End::Retry { after } => ("pending", None, secs(after)),
-                End::Abandoned => ("pending", None, 0.0),
+            let (next, outcome, after, why_spent) = match done.end {
+                End::Completed => ("done", Some("completed"), 0.0, ""),
+                End::Failed => ("done", Some("failed"), 0.0, ""),
+                End::Retry { after } => (
+                    "pending",
+                    None,
+                    secs(after),
+                    "it failed and was to be retried",
+                ),
+                End::Abandoned => (
+                    "pending",
+                    None,
+                    0.0,
+                    "the host gave its lease up (no renewal was answered in time)",
+                ),
             };
-            let moved = answer(
+            let moved = super::rows(
+                &tx,
                 a,
-                ANSWER_WITHIN,
                 WHAT,
-                tx.execute(FINISH, &[&id, &fence, &host, &next, &outcome, &after]),
+                FINISH,
+                &[&id, &fence, &host, &next, &outcome, &after, &why_spent],
             )
             .await?;
-            let stale = moved == 0 || done.end == End::Abandoned;
-            if moved > 0 {
+            let stale = moved.is_empty() || done.end == End::Abandoned;
+            if let Some(row) = moved.first() {
                 // In the transaction: the wake-up is delivered when the outcome is visible.
-                let why = match done.end {
-                    End::Retry { .. } | End::Abandoned => "pending".to_string(),
-                    _ => format!("done {}", task[0].get::<_, String>(1)),
+                let state: String = row.get(0);
+                let why = if state == "pending" {
+                    "pending".to_string()
+                } else {
+                    format!("done {}", task[0].get::<_, String>(1))
                 };
                 answer(a, ANSWER_WITHIN, WHAT, tx.execute(WAKE, &[&channel, &why])).await?;
             }

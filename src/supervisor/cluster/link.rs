@@ -105,17 +105,27 @@ impl Link {
     }
 }
 
-/// The attempts a task's earlier claims reported (outcome rows and retries, not stale ones), in
-/// claim order.
+/// The attempts a task's earlier claims reported, in claim order: retries as they were, and stale
+/// ones (fenced off, or given up) as `lost`, since they decided nothing and count as failures the
+/// way an attempt cut short by a crash does. An attempt whose host died without a word has no row.
 fn earlier_attempts(rows: &[crate::mirror::postgres::queue::ResultRow]) -> Vec<Attempt> {
-    let mut rows: Vec<_> = rows.iter().filter(|r| !r.stale).collect();
+    let mut rows: Vec<_> = rows.iter().collect();
     rows.sort_by_key(|r| r.fence);
     let mut out: Vec<Attempt> = vec![];
     for r in rows {
         if let Ok(res) = crate::record::from_yaml::<TaskResult>(&r.record)
             && let Some(last) = res.attempts.last()
         {
-            out.push(last.clone());
+            let mut a = last.clone();
+            if r.stale {
+                a.outcome = crate::record::Outcome::Lost;
+                a.error = Some(format!(
+                    "stale: host {}'s lease had ended; this attempt decided nothing ({})",
+                    r.host,
+                    last.error.as_deref().unwrap_or(last.outcome.as_str())
+                ));
+            }
+            out.push(a);
         }
     }
     out

@@ -50,6 +50,8 @@ pub(super) struct Cluster {
     poll: Duration,
     /// Outcomes being materialised (their commit under way).
     materialising: HashSet<String>,
+    /// Tasks waiting for this origin's router before they are published.
+    pub(super) routing: HashSet<String>,
     /// Outcomes that came before their task file was read.
     pending_outcomes: Vec<(
         crate::mirror::postgres::queue::Outcome,
@@ -69,6 +71,7 @@ impl Cluster {
             next_claim: Instant::now(),
             poll,
             materialising: HashSet::new(),
+            routing: HashSet::new(),
             pending_outcomes: vec![],
         }
     }
@@ -104,7 +107,44 @@ impl Supervisor {
         self.claim_more();
     }
 
+    /// The origin's router answer for `id`, when its configuration sends the task to the router:
+    /// `Err` while it is being asked (the task is published when the answer comes, see the loop's
+    /// `Event::Routed`), or could not be asked yet (tried again at the next turn).
+    fn routed_for_cluster(&mut self, id: &str) -> Result<Option<crate::router::Routed>, ()> {
+        let Some(p) = self.intake.queue.get(id) else {
+            return Ok(None);
+        };
+        let (none, idle) = (HashMap::new(), HashMap::new());
+        let cap = LocalCapacity {
+            running_total: 0,
+            running_per_agent: &idle,
+            unavailable: &none,
+        };
+        let decision = scheduler::choose_agent(&self.env.cfg, &p.task, &cap, None, None);
+        if !matches!(decision, Decision::Route) {
+            return Ok(None);
+        }
+        match self.dispatch.route_of(id) {
+            Some(Some(r)) => return Ok(Some(r.clone())),
+            Some(None) => return Err(()),
+            None => {}
+        }
+        self.dispatch
+            .ask_router(&self.env, &mut self.intake.queue, id);
+        let c = self.cluster.as_mut().expect("cluster mode");
+        if self.dispatch.route_of(id).is_some() {
+            c.routing.insert(id.to_string());
+        } else {
+            // The router is busy with others: again at the next turn.
+            c.fresh.push(id.to_string());
+        }
+        Err(())
+    }
+
     fn publish(&mut self, id: &str, heads: &mut HashMap<std::path::PathBuf, Option<String>>) {
+        let Ok(routed) = self.routed_for_cluster(id) else {
+            return;
+        };
         let Some(p) = self.intake.queue.get(id) else {
             return;
         };
@@ -140,6 +180,8 @@ impl Supervisor {
             dependencies: p.task.file.dependencies.clone(),
             max_attempts: env.max_retries_of(&p.task) + 1,
             base_commit: Some(base),
+            routed_agent: routed.as_ref().and_then(|r| r.agent.clone()),
+            routed_because: routed.map(|r| r.because),
         };
         let _ = super::dispatch::note(
             &self.env,
@@ -288,9 +330,13 @@ impl Supervisor {
             running_per_agent: self.runs.per_agent(),
             unavailable: &unavailable,
         };
+        // The origin's router chose (or was not asked); this host's router is never asked.
         let routed = crate::router::Routed {
-            agent: None,
-            because: "routing.fallback (the router is not asked for cluster tasks)".into(),
+            agent: lease.routed_agent.clone(),
+            because: lease
+                .routed_because
+                .clone()
+                .unwrap_or_else(|| "routing.fallback (the origin did not ask a router)".into()),
         };
         let decision = scheduler::choose_agent(&self.env.cfg, &task, &cap, None, Some(&routed));
         let c = self.cluster.as_mut().expect("cluster mode");
