@@ -269,7 +269,10 @@ mod postgres {
             without_age(&hosts),
             "the status carries the same hosts"
         );
-        assert!(status["hosts"][0]["heartbeat_age_seconds"].is_u64(), "{status}");
+        assert!(
+            status["hosts"][0]["heartbeat_age_seconds"].is_u64(),
+            "{status}"
+        );
 
         let (code, metrics) = get(&addr, "/metrics", &[bearer]);
         assert_eq!(code, 200, "{metrics}");

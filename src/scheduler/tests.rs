@@ -397,7 +397,10 @@ fn a_routed_answer_from_elsewhere_is_followed_or_falls_back_saying_why() {
     match choose_agent(&cfg, &t, &cap, None, Some(&routed("zz"))) {
         Decision::Run { agent, because } => {
             assert_eq!(agent, "a", "the fallback chain");
-            assert!(because.ends_with("`zz` is not configured here"), "{because}");
+            assert!(
+                because.ends_with("`zz` is not configured here"),
+                "{because}"
+            );
         }
         other => panic!("{other:?}"),
     }
