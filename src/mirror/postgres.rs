@@ -40,9 +40,11 @@ pub use writer::{Health, PgWriter};
 
 /// Bump when the schema changes; migrations below bring older schemas forward.
 const SCHEMA_VERSION: i32 = 1;
-/// Arbitrary constants naming our advisory locks (migrations, event sequencing).
+/// Arbitrary constants naming our advisory locks (migrations, event sequencing, the cluster's
+/// claims under a cluster-wide limit). Advisory locks are database-wide: each needs its own number.
 const MIGRATE_LOCK: i64 = 0x6f72_6368_0001;
 const EVENTS_LOCK: i64 = 0x6f72_6368_0002;
+const CLAIM_LOCK: i64 = 0x6f72_6368_0003;
 
 /// How long any one answer from the server may take: connecting (TCP, TLS, authentication), each
 /// statement, each row of a long read. A server that says nothing for this long is given up on: the

@@ -214,6 +214,19 @@ impl Runs {
         Some(newly)
     }
 
+    /// Stop `id`'s agent at once (SIGKILL, no grace) because `reason`: its work can never count
+    /// (a cluster lease this host no longer holds), and another host may start it soon. `None`:
+    /// it is not running.
+    pub(super) fn kill_because(&mut self, id: &str, reason: &str) -> Option<()> {
+        let r = self.running.get_mut(id)?;
+        if !r.cancelling {
+            r.cancelling = true;
+            r.cancel_reason = Some(reason.to_string());
+        }
+        let _ = r.stop.send(Some(Stop::KillNow));
+        Some(())
+    }
+
     /// A graceful stop: every agent not being cancelled gets SIGTERM, then SIGKILL after the grace
     /// period; their tasks go back to `pending/`.
     pub(super) fn shut_down(&self) {

@@ -32,7 +32,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use super::{
-    ANSWER_WITHIN, LOCK_WITHIN, MIGRATE_LOCK, Notifications, Session, answer, connect,
+    ANSWER_WITHIN, CLAIM_LOCK, LOCK_WITHIN, MIGRATE_LOCK, Notifications, Session, answer, connect,
     is_no_answer, open,
 };
 
@@ -353,13 +353,15 @@ const CLASH: &str =
 /// One statement: pick what this host may run, best first, skipping rows another claim holds, and
 /// take them. A running row whose lease ran out is taken like a pending one (the fence and the
 /// attempt count grow either way); one whose attempts are spent is left to [`Queue::reclaim`].
+/// Its clock is the statement's start, not the transaction's: under a cluster-wide limit the claim
+/// first waits for a lock in its transaction, and a lease must not be dated before that wait.
 const CLAIM: &str = "
 WITH picked AS (
     SELECT q.id, CASE WHEN q.state = 'running' THEN q.owner END AS prev_owner
     FROM cluster_queue q
-    WHERE (q.state = 'pending' OR (q.state = 'running' AND q.lease_until < now()))
+    WHERE (q.state = 'pending' OR (q.state = 'running' AND q.lease_until < statement_timestamp()))
       AND q.attempts < q.max_attempts
-      AND (q.not_before IS NULL OR q.not_before <= now())
+      AND (q.not_before IS NULL OR q.not_before <= statement_timestamp())
       AND (q.pinned_host IS NULL OR q.pinned_host = $1)
       AND q.requires <@ $2::text[]
       AND (q.agent IS NULL OR q.agent = ANY($3::text[]))
@@ -369,25 +371,21 @@ WITH picked AS (
               SELECT 1 FROM cluster_queue x
               WHERE x.id = d.id AND x.state = 'done' AND x.outcome = 'completed'))
     ORDER BY q.priority + CASE WHEN $5::float8 > 0
-            THEN floor(extract(epoch FROM now() - q.created_at) / $5::float8)::bigint ELSE 0 END DESC,
+            THEN floor(extract(epoch FROM statement_timestamp() - q.created_at) / $5::float8)::bigint
+            ELSE 0 END DESC,
         q.created_at, q.id
     LIMIT $4
     FOR UPDATE OF q SKIP LOCKED)
 UPDATE cluster_queue q
-SET state = 'running', owner = $1, lease_until = now() + $6::float8 * interval '1 second',
-    fence = q.fence + 1, attempts = q.attempts + 1, claimed_at = now(), not_before = NULL
+SET state = 'running', owner = $1, lease_until = statement_timestamp() + $6::float8 * interval '1 second',
+    fence = q.fence + 1, attempts = q.attempts + 1, claimed_at = statement_timestamp(), not_before = NULL
 FROM picked WHERE q.id = picked.id
 RETURNING q.id, q.fence, q.attempts, q.origin, q.priority, q.base_commit, q.payload, picked.prev_owner,
     extract(epoch FROM q.created_at)::float8, q.routed_agent, q.routed_because";
 
-/// Claims take turns under this transaction lock while a cluster-wide limit is set (beside the
-/// mirror's migration lock, one number up).
-const CLAIM_LOCK: i64 = MIGRATE_LOCK + 1;
-
 /// Tasks holding a live lease, anywhere in the cluster (a lease run out is a dead host's, and is
 /// the next claim's to take).
-const RUNNING: &str =
-    "SELECT count(*) FROM cluster_queue WHERE state = 'running' AND lease_until >= now()";
+const RUNNING: &str = "SELECT count(*) FROM cluster_queue WHERE state = 'running' AND lease_until >= statement_timestamp()";
 
 const RENEW: &str = "
 UPDATE cluster_queue SET lease_until = now() + $4::float8 * interval '1 second'

@@ -194,6 +194,14 @@ async fn watchdog(
     }
 }
 
+/// Forget a lease this host held, if the table still has that claim of it (not a newer one).
+fn forget(leases: &Leases, id: &str, fence: i64) {
+    let mut held = table(leases);
+    if held.get(id).is_some_and(|(f, _)| *f == fence) {
+        held.remove(id);
+    }
+}
+
 /// The lease table, even if a holder panicked (no invariant spans a lock).
 fn table(leases: &Leases) -> std::sync::MutexGuard<'_, HashMap<String, (i64, Instant)>> {
     leases
@@ -299,12 +307,22 @@ async fn run(
                                     };
                                     out.push(Leased { lease, earlier });
                                 }
-                                // One given up while its history was read (a silent database) is
-                                // not started: its lease runs out and another claim takes it.
-                                let held = table(&leases);
-                                out.retain(|l| held.get(&l.lease.id).is_some_and(|(f, _)| *f == l.lease.fence));
-                                drop(held);
-                                let _ = news.send(News::Claimed(out));
+                                // One given up, or past the point of giving up, while histories were
+                                // read (a silent database) is not started: it is given back, or runs
+                                // out and another claim takes it.
+                                let give_up = give_up_after(s.lease);
+                                let (mut keep, mut drop_) = (vec![], vec![]);
+                                for l in out {
+                                    let live = table(&leases).get(&l.lease.id).is_some_and(|(f, at)| {
+                                        *f == l.lease.fence && at.elapsed() < give_up
+                                    });
+                                    if live { keep.push(l) } else { drop_.push(l) }
+                                }
+                                for l in drop_ {
+                                    forget(&leases, &l.lease.id, l.lease.fence);
+                                    let _ = q.release(&l.lease.id, l.lease.fence).await;
+                                }
+                                let _ = news.send(News::Claimed(keep));
                             }
                             Err(e) => {
                                 console::debug(&format!("cluster: claim failed: {e:#}"));
@@ -313,12 +331,12 @@ async fn run(
                         }
                     }
                     Ask::Finish { id, fence, done } => {
-                        table(&leases).remove(&id);
+                        forget(&leases, &id, fence);
                         unsent.push(Unsent { id, fence, done });
                         send_finishes(&mut q, &mut unsent, &news).await;
                     }
                     Ask::Release { id, fence } => {
-                        table(&leases).remove(&id);
+                        forget(&leases, &id, fence);
                         let _ = q.release(&id, fence).await;
                     }
                     Ask::Delivered(id) => {

@@ -125,6 +125,13 @@ impl Job {
                 format!("the result host {} sent cannot be read: {e}", row.host),
             ),
         };
+        // The queue's own word on the end (a retry asked for on the last attempt it allowed).
+        if let Some(why) = &o.reason {
+            result.error = Some(match result.error.take() {
+                Some(e) => format!("{e}; {why}"),
+                None => why.clone(),
+            });
+        }
         result.task_id = id.clone();
         result.version = self.claim.version + 1;
         result.description = self.task.file.description.clone();

@@ -47,6 +47,9 @@ pub(super) struct Cluster {
     /// A claim is asked and not answered.
     claiming: bool,
     next_claim: Instant,
+    /// No claim before this, whatever wakes the loop: a lease just given back unstarted is not
+    /// claimed again at once (its release wakes every host, this one too).
+    held_off_until: Instant,
     poll: Duration,
     /// Outcomes being materialised (their commit under way).
     materialising: HashSet<String>,
@@ -69,11 +72,23 @@ impl Cluster {
             leases: HashMap::new(),
             claiming: false,
             next_claim: Instant::now(),
+            held_off_until: Instant::now(),
             poll,
             materialising: HashSet::new(),
             routing: HashSet::new(),
             pending_outcomes: vec![],
         }
+    }
+}
+
+impl Cluster {
+    /// Release a lease that cannot start here now, and hold claims off for a poll.
+    fn give_back(&mut self, id: &str, fence: i64) {
+        self.link.ask(Ask::Release {
+            id: id.to_string(),
+            fence,
+        });
+        self.held_off_until = Instant::now() + self.poll;
     }
 }
 
@@ -204,7 +219,8 @@ impl Supervisor {
         let Some(c) = self.cluster.as_mut() else {
             return;
         };
-        if c.claiming || free == 0 || Instant::now() < c.next_claim {
+        let now = Instant::now();
+        if c.claiming || free == 0 || now < c.next_claim || now < c.held_off_until {
             return;
         }
         let unavailable = self.dispatch.unavailable_now(&self.env);
@@ -272,11 +288,13 @@ impl Supervisor {
                             "stopped: the lease on {id} is no longer this host's (another host took the task over)"
                         ),
                         link::LostWhy::Unrenewed => format!(
-                            "stopped: the lease on {id} is no longer this host's (no renewal was answered in time: the database is out of reach, or this host was paused); another host may take the task over"
+                            "stopped: the lease on {id} is no longer this host's (no renewal was answered in time: the database is out of reach, or this process was stopped); another host may take the task over"
                         ),
                     };
                     console::warn(&why);
-                    let _ = self.runs.cancel_because(&id, &why);
+                    // Killed, not asked to stop: its work cannot land, and another host may
+                    // start the task before a grace period would end.
+                    let _ = self.runs.kill_because(&id, &why);
                 }
             }
             News::Finished { id, held } => match held {
@@ -307,6 +325,11 @@ impl Supervisor {
     fn start_lease(&mut self, claimed: link::Leased) {
         let link::Leased { lease, earlier } = claimed;
         let c = self.cluster.as_mut().expect("cluster mode");
+        if self.runs.contains(&lease.id) {
+            // An earlier lease's attempt on it is still stopping here: never two at once.
+            c.give_back(&lease.id, lease.fence);
+            return;
+        }
         let stem = lease.id.clone();
         let task = match crate::task::parse_task(&lease.payload, &stem, &lease.id) {
             Ok(t) => t,
@@ -351,10 +374,7 @@ impl Supervisor {
                 return;
             }
             _ => {
-                c.link.ask(Ask::Release {
-                    id: lease.id,
-                    fence: lease.fence,
-                });
+                c.give_back(&lease.id, lease.fence);
                 return;
             }
         };
