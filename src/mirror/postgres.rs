@@ -97,6 +97,24 @@ impl Answers {
 }
 
 /// Wait at most `limit` for one answer from the server; `answers` (when given) knows meanwhile.
+/// Take the advisory lock `lock` until transaction `tx` ends, waiting at most `limit` for it.
+pub(super) async fn xact_lock(
+    tx: &tokio_postgres::Transaction<'_>,
+    answers: Option<&Answers>,
+    limit: Duration,
+    what: &'static str,
+    lock: i64,
+) -> Result<()> {
+    answer(
+        answers,
+        limit,
+        what,
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock]),
+    )
+    .await?;
+    Ok(())
+}
+
 pub async fn answer<T, E>(
     answers: Option<&Answers>,
     limit: Duration,
@@ -375,11 +393,12 @@ pub async fn migrate(session: &mut Session) -> Result<()> {
     let a = session.answers.clone();
     let a = Some(&*a);
     let tx = answer(a, ANSWER_WITHIN, "migrating", session.client.transaction()).await?;
-    answer(
+    xact_lock(
+        &tx,
         a,
         LOCK_WITHIN,
         "waiting for the migration lock",
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK]),
+        MIGRATE_LOCK,
     )
     .await?;
     let ddl = tx.batch_execute(
@@ -488,11 +507,12 @@ pub async fn apply(session: &mut Session, host: &str, channel: &str, ops: &[Op])
     let a = session.answers.clone();
     let a = Some(&*a);
     let tx = answer(a, ANSWER_WITHIN, WHAT, session.client.transaction()).await?;
-    answer(
+    xact_lock(
+        &tx,
         a,
         LOCK_WITHIN,
         "waiting for the events lock",
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&EVENTS_LOCK]),
+        EVENTS_LOCK,
     )
     .await?;
     let upsert = answer(a, ANSWER_WITHIN, WHAT, tx.prepare(UPSERT)).await?;

@@ -33,7 +33,7 @@ use anyhow::{Context, Result};
 
 use super::{
     ANSWER_WITHIN, CLAIM_LOCK, LOCK_WITHIN, MIGRATE_LOCK, Notifications, Session, answer, connect,
-    is_no_answer, open,
+    is_no_answer, open, xact_lock,
 };
 
 /// Settings of one host's queue handle. The configuration has no `cluster:` section yet; the caller
@@ -562,11 +562,12 @@ async fn migrate(session: &mut Session) -> Result<()> {
         session.client.transaction(),
     )
     .await?;
-    answer(
+    xact_lock(
+        &tx,
         a,
         LOCK_WITHIN,
         "waiting for the migration lock",
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK]),
+        MIGRATE_LOCK,
     )
     .await?;
     answer(
@@ -875,11 +876,14 @@ impl Queue {
                     let a = s.answers.clone();
                     let a = Some(&*a);
                     let tx = answer(a, ANSWER_WITHIN, WHAT, s.client.transaction()).await?;
-                    answer(
+                    // A claim waits no longer than any answer: a host that cannot claim now
+                    // polls again, and its renewals must not wait behind it.
+                    xact_lock(
+                        &tx,
                         a,
                         ANSWER_WITHIN,
                         "waiting for the claim lock",
-                        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CLAIM_LOCK]),
+                        CLAIM_LOCK,
                     )
                     .await?;
                     let running: i64 = super::rows(&tx, a, WHAT, RUNNING, &[]).await?[0].get(0);
