@@ -9,7 +9,7 @@ mod postgres {
     use std::sync::{Arc, Barrier, Mutex};
     use std::time::Duration;
 
-    use crate::common::{PgSchema, Proxy, pg_url, wait_for};
+    use crate::common::{PgHold, PgSchema, Proxy, pg_exec, pg_rows_public, pg_url, wait_for};
     use orchestrate::mirror::postgres::queue::{
         Capacity, Clash, End, Finished, Held, NameInUse, Publish, Queue, STATEMENTS, Settings,
     };
@@ -1000,5 +1000,84 @@ mod postgres {
         assert_eq!((l2.fence, l2.attempt), (2, 2));
         assert_eq!(b.finish("gone", l2.fence, End::Completed), Held::Ok);
         assert_eq!(row(&s, "gone"), text(&["done", "completed", "b", "2", "2"]));
+    }
+
+    /// A host joins (every start migrates) while the hosts already running hold the queue's
+    /// tables in open transactions: tables already current are only read, so the start neither
+    /// waits for those transactions nor queues a lock ahead of the statements that follow them.
+    #[test]
+    fn a_host_joins_while_the_others_hold_the_queue_s_tables() {
+        let s = PgSchema::new("cluster_join_busy");
+        let mut a = Host::new(&s, "a");
+        a.publish(task("t"));
+        let n = &s.name;
+        let _hold = PgHold::new(&format!(
+            "LOCK TABLE {n}.cluster_hosts, {n}.cluster_queue, {n}.cluster_results IN ROW EXCLUSIVE MODE"
+        ));
+        let mut b = Host::new(&s, "b");
+        assert_eq!(b.claim(&any(1)).len(), 1, "the joined host claims");
+    }
+
+    /// Migrations take turns per schema: an upgrade that waits for a busy table in one project's
+    /// schema holds up no other project sharing the database, and gives up after a bounded wait,
+    /// saying why.
+    #[test]
+    fn an_upgrade_waiting_in_one_schema_holds_up_no_other_schema() {
+        let busy = PgSchema::new("cluster_upgrade_busy");
+        drop(Host::new(&busy, "a"));
+        // The tables of an older orchestrate, and a transaction that keeps one of them busy.
+        pg_exec(&format!(
+            "ALTER TABLE {}.cluster_queue DROP COLUMN routed_because",
+            busy.name
+        ));
+        let hold = PgHold::new(&format!(
+            "LOCK TABLE {}.cluster_queue IN ROW EXCLUSIVE MODE",
+            busy.name
+        ));
+        let url = busy.url();
+        let name = busy.name.clone();
+        let upgrading = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(Queue::connect(&url, &name, "a", "a-2", Settings::default()))
+                .map(drop)
+        });
+        let waiting = format!(
+            "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE NOT l.granted AND n.nspname = '{}' AND c.relname = 'cluster_queue'",
+            busy.name
+        );
+        wait_for(
+            "the upgrade waits for the busy table",
+            Duration::from_secs(30),
+            || pg_rows_public(&waiting).as_deref() == Some("1"),
+        );
+        // Another project in the same database starts meanwhile: its migration does not wait.
+        let other = PgSchema::new("cluster_upgrade_other");
+        let mut b = Host::new(&other, "b");
+        b.publish(task("t"));
+        assert!(
+            !upgrading.is_finished(),
+            "the other schema's start waited for this one's upgrade"
+        );
+        let e = upgrading
+            .join()
+            .expect("the upgrading thread")
+            .expect_err("the busy table is not upgraded");
+        assert!(format!("{e:#}").contains("lock timeout"), "{e:#}");
+        drop(hold);
+        drop(Host::new(&busy, "a"));
+        assert_eq!(
+            busy.count(
+                "SELECT count(*) FROM information_schema.columns
+                 WHERE table_schema = current_schema() AND table_name = 'cluster_queue'
+                   AND column_name = 'routed_because'"
+            ),
+            1,
+            "upgraded once the table is free"
+        );
     }
 }

@@ -476,3 +476,61 @@ fn both_mirrors_answer_every_read_the_same() {
     assert_eq!(since[0].input_tokens, Some(200));
     assert_eq!(since[0].finished_at, "2025-03-04T05:06:02.500Z");
 }
+
+/// Connect and migrate as the writer does on every (re)connect.
+fn connect_and_migrate(s: &PgSchema) -> anyhow::Result<()> {
+    use orchestrate::mirror::postgres;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(async {
+            let mut c = postgres::connect(&s.url(), &s.name).await?;
+            postgres::migrate(&mut c).await
+        })
+}
+
+/// A writer that (re)connects to tables already current takes no lock: it does not wait for the
+/// transactions of the supervisors already writing, and puts none of their statements behind a
+/// lock of its own. (`ADD COLUMN IF NOT EXISTS` and `CREATE INDEX IF NOT EXISTS` lock their
+/// table even when there is nothing to do.)
+#[test]
+fn a_reconnect_to_current_tables_waits_for_no_writer_s_transaction() {
+    let s = PgSchema::new("migrate_current");
+    connect_and_migrate(&s).expect("the first migration");
+    let n = &s.name;
+    let _hold = PgHold::new(&format!(
+        "LOCK TABLE {n}.tasks, {n}.attempts, {n}.task_events, {n}.supervisors IN ROW EXCLUSIVE MODE"
+    ));
+    connect_and_migrate(&s).expect("a reconnect while another writer's transaction is open");
+}
+
+/// Tables from an older orchestrate are upgraded under a bounded wait for their lock: a writer
+/// busy on them makes the upgrade give up saying why (and try again on its next connect), rather
+/// than stall that writer behind the upgrade's exclusive lock; once free, it is upgraded.
+#[test]
+fn an_upgrade_waits_a_bounded_time_for_a_busy_table_then_applies() {
+    let s = PgSchema::new("migrate_upgrade");
+    connect_and_migrate(&s).expect("the first migration");
+    pg_exec(&format!(
+        "ALTER TABLE {}.attempts DROP COLUMN check_result",
+        s.name
+    ));
+    let column = || {
+        s.count(
+            "SELECT count(*) FROM information_schema.columns
+             WHERE table_schema = current_schema() AND table_name = 'attempts' AND column_name = 'check_result'",
+        )
+    };
+    assert_eq!(column(), 0);
+    {
+        let _hold = PgHold::new(&format!(
+            "LOCK TABLE {}.attempts IN ROW EXCLUSIVE MODE",
+            s.name
+        ));
+        let e = connect_and_migrate(&s).expect_err("the table is busy");
+        assert!(format!("{e:#}").contains("lock timeout"), "{e:#}");
+    }
+    connect_and_migrate(&s).expect("the upgrade once the table is free");
+    assert_eq!(column(), 1);
+}

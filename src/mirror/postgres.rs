@@ -41,7 +41,9 @@ pub use writer::{Health, PgWriter};
 /// Bump when the schema changes; migrations below bring older schemas forward.
 const SCHEMA_VERSION: i32 = 1;
 /// Arbitrary constants naming our advisory locks (migrations, event sequencing, the cluster's
-/// claims under a cluster-wide limit). Advisory locks are database-wide: each needs its own number.
+/// claims under a cluster-wide limit). Advisory locks are database-wide, so each needs its own
+/// number, and [`xact_lock`] mixes in the session's schema: what they order happens within one
+/// schema, and another project's schema in the same database must never wait for it.
 const MIGRATE_LOCK: i64 = 0x6f72_6368_0001;
 const EVENTS_LOCK: i64 = 0x6f72_6368_0002;
 const CLAIM_LOCK: i64 = 0x6f72_6368_0003;
@@ -96,8 +98,10 @@ impl Answers {
     }
 }
 
-/// Wait at most `limit` for one answer from the server; `answers` (when given) knows meanwhile.
-/// Take the advisory lock `lock` until transaction `tx` ends, waiting at most `limit` for it.
+/// Take the advisory lock `lock` of this session's schema until transaction `tx` ends, waiting at
+/// most `limit` for it. The key is `lock` hashed with `current_schema()` (the session's
+/// `search_path` is its schema alone), so supervisors of one project take turns and other projects
+/// sharing the database are not held up by them.
 pub(super) async fn xact_lock(
     tx: &tokio_postgres::Transaction<'_>,
     answers: Option<&Answers>,
@@ -109,12 +113,89 @@ pub(super) async fn xact_lock(
         answers,
         limit,
         what,
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock]),
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended(current_schema(), $1))",
+            &[&lock],
+        ),
     )
     .await?;
     Ok(())
 }
 
+/// How long a migration that has work to do waits for a table lock before it gives up. While it
+/// waits for `ALTER TABLE`'s exclusive lock, every later statement on that table queues behind it:
+/// the running supervisors' writes and claims stall, so the wait is kept short.
+const DDL_LOCK_WAIT: &str = "SET LOCAL lock_timeout = '5s'";
+
+/// What a migration's DDL makes: the relations (tables and indexes) it creates and the columns it
+/// adds, read from its statements, or `None` when a statement is not one of the three forms it
+/// knows (`CREATE TABLE IF NOT EXISTS`, `CREATE INDEX IF NOT EXISTS`, `ALTER TABLE … ADD COLUMN IF
+/// NOT EXISTS`): then the schema is never taken to be current and the DDL always runs.
+#[derive(Debug, Default, PartialEq)]
+pub(super) struct Made {
+    relations: Vec<String>,
+    columns: Vec<(String, String)>,
+}
+
+pub(super) fn made_by(ddl: &str) -> Option<Made> {
+    let mut made = Made::default();
+    for stmt in ddl.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+        let w: Vec<&str> = stmt.split_whitespace().collect();
+        let name = |t: &str| t.split('(').next().unwrap_or(t).to_string();
+        match w.as_slice() {
+            ["CREATE", "TABLE" | "INDEX", "IF", "NOT", "EXISTS", n, ..] => {
+                made.relations.push(name(n));
+            }
+            [
+                "ALTER",
+                "TABLE",
+                t,
+                "ADD",
+                "COLUMN",
+                "IF",
+                "NOT",
+                "EXISTS",
+                c,
+                ..,
+            ] => {
+                made.columns.push((name(t), name(c)));
+            }
+            _ => return None,
+        }
+    }
+    Some(made)
+}
+
+/// Whether everything `ddl` makes is already in this session's schema. Asked before any lock is
+/// taken: `CREATE INDEX IF NOT EXISTS` and `ALTER TABLE … ADD COLUMN IF NOT EXISTS` lock their table
+/// even when there is nothing to do, and a start or a reconnect must not wait for (or hold up) the
+/// transactions of the supervisors already running.
+pub(super) async fn schema_has(
+    client: &impl tokio_postgres::GenericClient,
+    answers: Option<&Answers>,
+    what: &'static str,
+    ddl: &str,
+) -> Result<bool> {
+    let Some(made) = made_by(ddl) else {
+        return Ok(false);
+    };
+    let (tables, columns): (Vec<String>, Vec<String>) = made.columns.iter().cloned().unzip();
+    let found: i64 = one(
+        client,
+        answers,
+        what,
+        "SELECT (SELECT count(*) FROM unnest($1::text[]) r WHERE to_regclass(r) IS NOT NULL)
+              + (SELECT count(*) FROM unnest($2::text[], $3::text[]) AS w(rel, col)
+                 WHERE EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = to_regclass(w.rel)
+                               AND a.attname = w.col AND a.attnum > 0 AND NOT a.attisdropped))",
+        &[&made.relations, &tables, &columns],
+    )
+    .await?
+    .get(0);
+    Ok(found == (made.relations.len() + made.columns.len()) as i64)
+}
+
+/// Wait at most `limit` for one answer from the server; `answers` (when given) knows meanwhile.
 pub async fn answer<T, E>(
     answers: Option<&Answers>,
     limit: Duration,
@@ -387,11 +468,72 @@ async fn open(
     Ok((client, notes, driver.abort_handle()))
 }
 
+/// The mirror's tables, in their newest form; each statement is one [`made_by`] knows.
+const MIRROR_DDL: &str = "
+CREATE TABLE IF NOT EXISTS orchestrate_schema(version integer NOT NULL);
+CREATE TABLE IF NOT EXISTS tasks(
+    id text PRIMARY KEY,
+    version bigint NOT NULL,
+    state text NOT NULL,
+    agent text,
+    payload jsonb NOT NULL,
+    updated_at timestamptz NOT NULL,
+    note text);
+CREATE INDEX IF NOT EXISTS tasks_state ON tasks(state);
+CREATE TABLE IF NOT EXISTS attempts(
+    task_id text NOT NULL,
+    n integer NOT NULL,
+    agent text NOT NULL,
+    started_at timestamptz NOT NULL,
+    finished_at timestamptz,
+    outcome text NOT NULL,
+    exit_code integer,
+    cost_usd double precision,
+    input_tokens bigint,
+    output_tokens bigint,
+    session_id text,
+    PRIMARY KEY(task_id, n));
+ALTER TABLE attempts ADD COLUMN IF NOT EXISTS check_result jsonb;
+CREATE TABLE IF NOT EXISTS task_events(
+    seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    host text NOT NULL,
+    task_id text NOT NULL,
+    version bigint NOT NULL,
+    state text NOT NULL,
+    at timestamptz NOT NULL,
+    UNIQUE(task_id, version));
+CREATE TABLE IF NOT EXISTS supervisors(
+    host text NOT NULL,
+    instance text PRIMARY KEY,
+    pid integer NOT NULL,
+    started_at timestamptz NOT NULL,
+    heartbeat_at timestamptz NOT NULL);";
+
 /// Create or upgrade the tables. Safe when several supervisors start at once: the DDL runs under an
-/// advisory transaction lock, so one migrates and the others find the work done.
+/// advisory transaction lock, so one migrates and the others find the work done. A schema that
+/// has everything already is only read: no lock is taken and nothing waits.
 pub async fn migrate(session: &mut Session) -> Result<()> {
     let a = session.answers.clone();
     let a = Some(&*a);
+    if schema_has(&session.client, a, "migrating", MIRROR_DDL).await? {
+        let current: Option<i32> = one(
+            &session.client,
+            a,
+            "migrating",
+            "SELECT max(version) FROM orchestrate_schema",
+            &[],
+        )
+        .await?
+        .get(0);
+        match current {
+            Some(v) if v > SCHEMA_VERSION => anyhow::bail!(
+                "the database schema is version {v}, newer than this orchestrate understands ({SCHEMA_VERSION})"
+            ),
+            Some(_) => return Ok(()),
+            // Tables without a version row: the full path below writes it.
+            None => {}
+        }
+    }
     let tx = answer(a, ANSWER_WITHIN, "migrating", session.client.transaction()).await?;
     xact_lock(
         &tx,
@@ -401,47 +543,14 @@ pub async fn migrate(session: &mut Session) -> Result<()> {
         MIGRATE_LOCK,
     )
     .await?;
-    let ddl = tx.batch_execute(
-        "CREATE TABLE IF NOT EXISTS orchestrate_schema(version integer NOT NULL);
-         CREATE TABLE IF NOT EXISTS tasks(
-             id text PRIMARY KEY,
-             version bigint NOT NULL,
-             state text NOT NULL,
-             agent text,
-             payload jsonb NOT NULL,
-             updated_at timestamptz NOT NULL,
-             note text);
-         CREATE INDEX IF NOT EXISTS tasks_state ON tasks(state);
-         CREATE TABLE IF NOT EXISTS attempts(
-             task_id text NOT NULL,
-             n integer NOT NULL,
-             agent text NOT NULL,
-             started_at timestamptz NOT NULL,
-             finished_at timestamptz,
-             outcome text NOT NULL,
-             exit_code integer,
-             cost_usd double precision,
-             input_tokens bigint,
-             output_tokens bigint,
-             session_id text,
-             PRIMARY KEY(task_id, n));
-         ALTER TABLE attempts ADD COLUMN IF NOT EXISTS check_result jsonb;
-         CREATE TABLE IF NOT EXISTS task_events(
-             seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-             host text NOT NULL,
-             task_id text NOT NULL,
-             version bigint NOT NULL,
-             state text NOT NULL,
-             at timestamptz NOT NULL,
-             UNIQUE(task_id, version));
-         CREATE TABLE IF NOT EXISTS supervisors(
-             host text NOT NULL,
-             instance text PRIMARY KEY,
-             pid integer NOT NULL,
-             started_at timestamptz NOT NULL,
-             heartbeat_at timestamptz NOT NULL);",
-    );
-    answer(a, ANSWER_WITHIN, "migrating", ddl).await?;
+    answer(
+        a,
+        ANSWER_WITHIN,
+        "migrating",
+        tx.batch_execute(DDL_LOCK_WAIT),
+    )
+    .await?;
+    answer(a, ANSWER_WITHIN, "migrating", tx.batch_execute(MIRROR_DDL)).await?;
     let current: Option<i32> = one(
         &tx,
         a,
@@ -658,6 +767,35 @@ mod tests {
             .enable_all()
             .build()
             .expect("runtime")
+    }
+
+    /// Every statement of both migrations is one `made_by` reads, so a schema that has it all is
+    /// recognised as current; a statement of another form makes it never so (the DDL always runs).
+    #[test]
+    fn the_migrations_list_what_they_make() {
+        let mirror = made_by(MIRROR_DDL).expect("every mirror statement is known");
+        assert_eq!(
+            mirror.relations,
+            [
+                "orchestrate_schema",
+                "tasks",
+                "tasks_state",
+                "attempts",
+                "task_events",
+                "supervisors"
+            ]
+        );
+        assert_eq!(
+            mirror.columns,
+            [("attempts".to_string(), "check_result".to_string())]
+        );
+        let queue = made_by(queue::DDL).expect("every queue statement is known");
+        assert_eq!(queue.relations.len(), 6, "{queue:?}");
+        assert_eq!(queue.columns.len(), 2, "{queue:?}");
+        assert_eq!(
+            made_by("CREATE TABLE IF NOT EXISTS a(x int); DROP TABLE b"),
+            None
+        );
     }
 
     #[test]

@@ -237,13 +237,27 @@ impl Project {
             .stderr(f)
             .spawn()
             .expect("spawn supervisor");
-        let s = Supervisor {
+        let mut s = Supervisor {
             child: Some(child),
             log,
         };
-        wait_for("supervisor to register", Duration::from_secs(15), || {
-            s.output().contains("watching")
-        });
+        // Bounded, and a supervisor that refused to start or is slow to says so with its log.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !s.output().contains("watching") {
+            if let Ok(Some(status)) = s.child.as_mut().expect("running").try_wait() {
+                panic!(
+                    "the supervisor exited ({status}) before it was watching\n{}",
+                    s.output()
+                );
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "timed out after 15s waiting for the supervisor to watch\n{}",
+                    s.output()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         s
     }
 
@@ -703,6 +717,51 @@ fn pg_rows(setup: &str, sql: &str) -> Vec<Vec<Option<String>>> {
             })
             .collect()
     })
+}
+
+/// A transaction held open on a connection of its own until dropped, as a running supervisor's
+/// would be: `sql` runs in it first (a `LOCK TABLE`, say), and its locks stay taken meanwhile.
+pub struct PgHold {
+    done: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PgHold {
+    pub fn new(sql: &str) -> PgHold {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let sql = sql.to_string();
+        let thread = std::thread::spawn(move || {
+            pg_client(async |c| {
+                c.batch_execute(&format!("BEGIN; {sql}"))
+                    .await
+                    .unwrap_or_else(|e| panic!("{sql}: {e}"));
+                let _ = ready_tx.send(());
+                // Bounded: a test that forgets to drop the hold still ends it.
+                let _ = tokio::task::spawn_blocking(move || {
+                    done_rx.recv_timeout(Duration::from_secs(120))
+                })
+                .await;
+                let _ = c.batch_execute("COMMIT").await;
+            })
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the held transaction took its locks");
+        PgHold {
+            done: Some(done_tx),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for PgHold {
+    fn drop(&mut self) {
+        drop(self.done.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// The first column of the first row of a query outside any test schema.

@@ -32,8 +32,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use super::{
-    ANSWER_WITHIN, CLAIM_LOCK, LOCK_WITHIN, MIGRATE_LOCK, Notifications, Session, answer, connect,
-    is_no_answer, open, xact_lock,
+    ANSWER_WITHIN, CLAIM_LOCK, DDL_LOCK_WAIT, LOCK_WITHIN, MIGRATE_LOCK, Notifications, Session,
+    answer, connect, is_no_answer, open, schema_has, xact_lock,
 };
 
 /// Settings of one host's queue handle. The configuration has no `cluster:` section yet; the caller
@@ -270,7 +270,7 @@ pub struct NameInUse {
     pub age: Duration,
 }
 
-const DDL: &str = "
+pub(super) const DDL: &str = "
 CREATE TABLE IF NOT EXISTS cluster_hosts(
     name text PRIMARY KEY,
     instance text NOT NULL,
@@ -555,6 +555,10 @@ impl Drop for Wakeups {
 async fn migrate(session: &mut Session) -> Result<()> {
     let a = session.answers.clone();
     let a = Some(&*a);
+    // Every start comes here: with the tables current it reads and locks nothing.
+    if schema_has(&session.client, a, "migrating the cluster tables", DDL).await? {
+        return Ok(());
+    }
     let tx = answer(
         a,
         ANSWER_WITHIN,
@@ -568,6 +572,13 @@ async fn migrate(session: &mut Session) -> Result<()> {
         LOCK_WITHIN,
         "waiting for the migration lock",
         MIGRATE_LOCK,
+    )
+    .await?;
+    answer(
+        a,
+        ANSWER_WITHIN,
+        "migrating the cluster tables",
+        tx.batch_execute(DDL_LOCK_WAIT),
     )
     .await?;
     answer(
