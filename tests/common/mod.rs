@@ -241,8 +241,10 @@ impl Project {
             child: Some(child),
             log,
         };
-        // Bounded, and a supervisor that refused to start or is slow to says so with its log.
-        let deadline = Instant::now() + Duration::from_secs(15);
+        // Bounded, and a supervisor that refused to start or is slow to says so with its log. The
+        // bound is above the longest wait of a start itself (20 s for a cluster's queue to answer).
+        let limit = Duration::from_secs(30);
+        let deadline = Instant::now() + limit;
         while !s.output().contains("watching") {
             if let Ok(Some(status)) = s.child.as_mut().expect("running").try_wait() {
                 panic!(
@@ -252,7 +254,7 @@ impl Project {
             }
             if Instant::now() >= deadline {
                 panic!(
-                    "timed out after 15s waiting for the supervisor to watch\n{}",
+                    "timed out after {limit:?} waiting for the supervisor to watch\n{}",
                     s.output()
                 );
             }
