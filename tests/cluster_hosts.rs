@@ -424,6 +424,46 @@ mod postgres {
         }
     }
 
+    /// The queue keeps the count of attempts its origin allowed: a runner whose own `max_retries`
+    /// is larger asks for a retry the queue cannot grant. The task fails there and then (no claim
+    /// could take it again), and the origin's record says why beside the agent's own error.
+    #[test]
+    fn a_retry_past_the_origin_s_last_attempt_fails_the_task_and_the_record_says_why() {
+        let c = Cluster::new("cluster_last_attempt");
+        let config = |name: &str, labels: &[&str], retries: &str| {
+            test_config(&c.cluster_keys(&c.schema.url(), name, labels, 3))
+                .replace("max_retries: 1", &format!("max_retries: {retries}"))
+        };
+        let origin = c.host_with(&config("origin", &[], "0"));
+        let w = c.host_with(&config("w", &["worker"], "3"));
+        let mut o = origin.start();
+        let mut s_w = w.start();
+        origin.drop_task(
+            "doomed.yaml",
+            "description: \"@fake print=trying exit=3\"\nrequires: [worker]\n",
+        );
+        wait_for(
+            "the task failed on its origin",
+            Duration::from_secs(60),
+            || origin.tasks_in("failed") == ["doomed"],
+        );
+        let r = origin.result("failed", "doomed");
+        let error = r["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("attempt 1 on host w was the last (1 allowed)"),
+            "{r}\n{}",
+            log_of(&s_w)
+        );
+        assert_eq!(
+            c.schema
+                .count("SELECT count(*) FROM cluster_results WHERE task_id = 'doomed'"),
+            1,
+            "it ran once"
+        );
+        assert!(o.stop().success(), "{}", log_of(&o));
+        assert!(s_w.stop().success(), "{}", log_of(&s_w));
+    }
+
     /// The origin killed right after it landed an outcome (commit point `cluster.after_land`),
     /// before the result file was written: started again at once, it takes its host name back, is
     /// offered the outcome once more, lands nothing new, and the task is completed once and
