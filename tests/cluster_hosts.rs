@@ -424,44 +424,143 @@ mod postgres {
         }
     }
 
-    /// The queue keeps the count of attempts its origin allowed: a runner whose own `max_retries`
-    /// is larger asks for a retry the queue cannot grant. The task fails there and then (no claim
-    /// could take it again), and the origin's record says why beside the agent's own error.
+    /// How many attempts a task has is its origin's word, not the runner's: a runner whose own
+    /// `max_retries` is 1 retries a task from an origin that allows 2 retries until it has had
+    /// 3 attempts, and fails one from an origin that allows none after its first.
     #[test]
-    fn a_retry_past_the_origin_s_last_attempt_fails_the_task_and_the_record_says_why() {
-        let c = Cluster::new("cluster_last_attempt");
+    fn a_task_gets_the_attempts_its_origin_allows_on_any_runner() {
+        let c = Cluster::new("cluster_attempts");
         let config = |name: &str, labels: &[&str], retries: &str| {
             test_config(&c.cluster_keys(&c.schema.url(), name, labels, 3))
                 .replace("max_retries: 1", &format!("max_retries: {retries}"))
         };
-        let origin = c.host_with(&config("origin", &[], "0"));
-        let w = c.host_with(&config("w", &["worker"], "3"));
+        let none = c.host_with(&config("none", &[], "0"));
+        let two = c.host_with(&config("two", &[], "2"));
+        let w = c.host("w", &["worker"], 3);
+        let mut sups = vec![none.start(), two.start(), w.start()];
+        for (p, id) in [(&none, "once"), (&two, "thrice")] {
+            p.drop_task(
+                &format!("{id}.yaml"),
+                "description: \"@fake print=trying exit=3\"\nrequires: [worker]\n",
+            );
+        }
+        wait_for(
+            "both failed on their origins",
+            Duration::from_secs(60),
+            || none.tasks_in("failed") == ["once"] && two.tasks_in("failed") == ["thrice"],
+        );
+        let ran = |id: &str| {
+            c.schema.count(&format!(
+                "SELECT count(*) FROM cluster_results WHERE task_id = '{id}'"
+            ))
+        };
+        assert_eq!(ran("once"), 1, "{}", log_of(&sups[2]));
+        assert_eq!(ran("thrice"), 3, "{}", log_of(&sups[2]));
+        for (p, id, n) in [(&none, "once", 1), (&two, "thrice", 3)] {
+            let r = p.result("failed", id);
+            assert_eq!(r["attempts"].as_array().map(Vec::len), Some(n), "{r}");
+            assert!(
+                !r["error"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("was the last"),
+                "the runner judged as the origin would: {r}"
+            );
+        }
+        for s in &mut sups {
+            assert!(s.stop().success(), "{}", log_of(s));
+        }
+    }
+
+    /// A runner of an earlier version, which judged retries by its own default, asks for a retry
+    /// on the last attempt the origin allowed: the queue fails the task there and then (no claim
+    /// could take it again), and the origin's record gives the queue's reason after the runner's
+    /// error. The runner is this test, on the queue's own API.
+    #[test]
+    fn a_retry_the_queue_cannot_grant_fails_the_task_and_the_origin_s_record_says_why() {
+        use orchestrate::mirror::postgres::queue::{
+            Capacity, End, Finished, Held, Queue, Settings,
+        };
+        let c = Cluster::new("cluster_last_attempt");
+        let origin = c.host_with(
+            &test_config(&c.cluster_keys(&c.schema.url(), "origin", &[], 3))
+                .replace("max_retries: 1", "max_retries: 0"),
+        );
         let mut o = origin.start();
-        let mut s_w = w.start();
         origin.drop_task(
             "doomed.yaml",
-            "description: \"@fake print=trying exit=3\"\nrequires: [worker]\n",
+            "description: \"@fake print=never\"\nrequires: [old]\n",
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let mut q = rt
+            .block_on(Queue::connect(
+                &c.schema.url(),
+                &c.schema.name,
+                "old",
+                "old-1",
+                Settings::default(),
+            ))
+            .expect("the old runner connects");
+        rt.block_on(q.register_host(&["old".to_string()]))
+            .expect("the old runner joins");
+        let cap = Capacity {
+            labels: vec!["old".into()],
+            agents: vec!["fake".into()],
+            limit: 1,
+        };
+        let mut lease = None;
+        wait_for(
+            "the old runner leased the task",
+            Duration::from_secs(30),
+            || {
+                lease = rt
+                    .block_on(q.claim(&cap))
+                    .expect("claim")
+                    .into_iter()
+                    .next();
+                lease.is_some()
+            },
+        );
+        let lease = lease.expect("leased");
+        assert_eq!((lease.attempt, lease.max_attempts), (1, 1));
+        let record = orchestrate::record::TaskResult::failed(
+            "doomed",
+            1,
+            "",
+            vec![],
+            "the agent exited with 3".into(),
+        );
+        let done = Finished {
+            end: End::Retry {
+                after: Duration::from_millis(200),
+            },
+            record: orchestrate::record::to_yaml(&record, &orchestrate::redact::Redactor::none()),
+            output: String::new(),
+            patch: String::new(),
+            log_tail: String::new(),
+        };
+        assert_eq!(
+            rt.block_on(q.finish("doomed", lease.fence, &done))
+                .expect("finish"),
+            Held::Ok
         );
         wait_for(
             "the task failed on its origin",
-            Duration::from_secs(60),
+            Duration::from_secs(30),
             || origin.tasks_in("failed") == ["doomed"],
         );
         let r = origin.result("failed", "doomed");
         let error = r["error"].as_str().unwrap_or_default();
         assert!(
-            error.contains("attempt 1 on host w was the last (1 allowed)"),
+            error.starts_with("the agent exited with 3; ")
+                && error.contains("attempt 1 on host old was the last (1 allowed)"),
             "{r}\n{}",
-            log_of(&s_w)
-        );
-        assert_eq!(
-            c.schema
-                .count("SELECT count(*) FROM cluster_results WHERE task_id = 'doomed'"),
-            1,
-            "it ran once"
+            log_of(&o)
         );
         assert!(o.stop().success(), "{}", log_of(&o));
-        assert!(s_w.stop().success(), "{}", log_of(&s_w));
     }
 
     /// The origin killed right after it landed an outcome (commit point `cluster.after_land`),

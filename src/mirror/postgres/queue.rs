@@ -106,6 +106,8 @@ pub struct Lease {
     pub fence: i64,
     /// This claim's attempt number (1 for the first).
     pub attempt: u32,
+    /// How many attempts the task has: the origin's word, which the runner's verdicts follow.
+    pub max_attempts: u32,
     pub origin: String,
     pub priority: i64,
     pub base_commit: Option<String>,
@@ -381,7 +383,7 @@ SET state = 'running', owner = $1, lease_until = statement_timestamp() + $6::flo
     fence = q.fence + 1, attempts = q.attempts + 1, claimed_at = statement_timestamp(), not_before = NULL
 FROM picked WHERE q.id = picked.id
 RETURNING q.id, q.fence, q.attempts, q.origin, q.priority, q.base_commit, q.payload, picked.prev_owner,
-    extract(epoch FROM q.created_at)::float8, q.routed_agent, q.routed_because";
+    extract(epoch FROM q.created_at)::float8, q.routed_agent, q.routed_because, q.max_attempts";
 
 /// Tasks holding a live lease, anywhere in the cluster (a lease run out is a dead host's, and is
 /// the next claim's to take).
@@ -926,6 +928,7 @@ impl Queue {
                         id: r.get(0),
                         fence: r.get(1),
                         attempt: count(r.get(2)),
+                        max_attempts: count(r.get(11)),
                         origin: r.get(3),
                         priority: r.get(4),
                         base_commit: r.get(5),

@@ -331,7 +331,7 @@ impl Supervisor {
             return;
         }
         let stem = lease.id.clone();
-        let task = match crate::task::parse_task(&lease.payload, &stem, &lease.id) {
+        let mut task = match crate::task::parse_task(&lease.payload, &stem, &lease.id) {
             Ok(t) => t,
             Err(e) => {
                 // The origin validated it: a newer version's key, say. Failed, with why.
@@ -347,6 +347,12 @@ impl Supervisor {
                 return;
             }
         };
+        // How many attempts the task has is its origin's word (its `max_retries`, or the origin's
+        // default), which the queue keeps: this host's default would retry a task the queue then
+        // fails, or fail one the origin would have retried.
+        if lease.max_attempts > 0 {
+            task.file.max_retries = Some(lease.max_attempts - 1);
+        }
         let unavailable = self.dispatch.unavailable_now(&self.env);
         let cap = LocalCapacity {
             running_total: self.runs.len(),
