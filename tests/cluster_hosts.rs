@@ -563,6 +563,114 @@ mod postgres {
         assert!(o.stop().success(), "{}", log_of(&o));
     }
 
+    /// The base is the origin's commit, and a runner must have it: one the origin never pushed is
+    /// refused on the runner, saying so, and the task fails on its origin with that reason; once
+    /// pushed, the runner fetches it from its `origin` remote and the task lands.
+    #[test]
+    fn a_base_the_runner_cannot_fetch_is_refused_saying_so_and_a_pushed_one_is_fetched() {
+        let c = Cluster::new("cluster_base");
+        let origin = c.host("origin", &[], 3);
+        let w = c.host("w", &["worker"], 3);
+        std::fs::write(origin.path("local.txt"), "not pushed\n").expect("write");
+        git(origin.root(), &["add", "local.txt"]);
+        git(origin.root(), &["commit", "-qm", "local only"]);
+        let local = git(origin.root(), &["rev-parse", "HEAD"])
+            .trim()
+            .to_string();
+        let mut o = origin.start();
+        let mut s_w = w.start();
+        origin.drop_task(
+            "early.yaml",
+            &format!(
+                "{}requires: [worker]\nmax_retries: 0\n",
+                task(&c, "early", "")
+            ),
+        );
+        wait_for(
+            "the task failed on its origin",
+            Duration::from_secs(60),
+            || origin.tasks_in("failed") == ["early"],
+        );
+        let r = origin.result("failed", "early");
+        let error = r["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("the base commit of task early is not available on this host"),
+            "{r}\n{}",
+            log_of(&s_w)
+        );
+        assert!(!origin.path("out/early.txt").exists());
+
+        git(origin.root(), &["push", "-q", "origin", "main"]);
+        origin.drop_task(
+            "later.yaml",
+            &format!("{}requires: [worker]\n", task(&c, "later", "")),
+        );
+        wait_for(
+            "the task completed on its origin",
+            Duration::from_secs(60),
+            || origin.tasks_in("completed") == ["later"],
+        );
+        assert_eq!(origin.read("out/later.txt").trim(), "later");
+        let r = origin.result("completed", "later");
+        assert_eq!(r["workspace"]["base"], local.as_str(), "{r}");
+        // Fetched by the runner: the commit is in its repository now.
+        git(
+            w.root(),
+            &["cat-file", "-e", &format!("{local}^{{commit}}")],
+        );
+        assert!(o.stop().success(), "{}", log_of(&o));
+        assert!(s_w.stop().success(), "{}", log_of(&s_w));
+    }
+
+    /// The origin's tree moved on while a runner worked: a change that conflicts with it does not
+    /// land. It is kept on the task's branch in the origin's repository and the record names the
+    /// conflicting files, as on one host.
+    #[test]
+    fn a_change_that_conflicts_with_the_origin_s_tree_is_kept_on_a_branch_and_named() {
+        let c = Cluster::new("cluster_conflict");
+        let origin = c.host("origin", &[], 3);
+        let w = c.host("w", &["worker"], 3);
+        let mut o = origin.start();
+        let mut s_w = w.start();
+        origin.drop_task(
+            "clash.yaml",
+            "description: \"@fake ticks=10:0.2 write=README:theirs\"\nrequires: [worker]\nmerge: apply\n",
+        );
+        wait_for(
+            "the runner leased the task",
+            Duration::from_secs(30),
+            || log_of(&s_w).contains("leased     clash "),
+        );
+        std::fs::write(origin.path("README"), "ours\n").expect("write");
+        git(origin.root(), &["commit", "-qam", "ours"]);
+        wait_for(
+            "the task ended on its origin",
+            Duration::from_secs(60),
+            || !origin.tasks_in("completed").is_empty() || !origin.tasks_in("failed").is_empty(),
+        );
+        let state = if origin.tasks_in("completed").is_empty() {
+            "failed"
+        } else {
+            "completed"
+        };
+        let r = origin.result(state, "clash");
+        let ws = &r["workspace"];
+        assert_eq!(ws["merge"], "conflict", "{r}\n{}", log_of(&o));
+        assert_eq!(ws["conflicts"], serde_json::json!(["README"]), "{r}");
+        let branch = ws["branch"].as_str().expect("the branch is kept");
+        assert_eq!(
+            git(origin.root(), &["show", &format!("{branch}:README")]).trim(),
+            "theirs"
+        );
+        assert_eq!(
+            origin.read("README").trim(),
+            "ours",
+            "the origin's tree is as it was"
+        );
+        assert!(o.stop().success(), "{}", log_of(&o));
+        assert!(s_w.stop().success(), "{}", log_of(&s_w));
+    }
+
     /// The origin killed right after it landed an outcome (commit point `cluster.after_land`),
     /// before the result file was written: started again at once, it takes its host name back, is
     /// offered the outcome once more, lands nothing new, and the task is completed once and
