@@ -534,3 +534,32 @@ fn an_upgrade_waits_a_bounded_time_for_a_busy_table_then_applies() {
     connect_and_migrate(&s).expect("the upgrade once the table is free");
     assert_eq!(column(), 1);
 }
+
+/// `orchestrate_schema` says which build wrote the schema: an older one's is brought forward, and a
+/// newer one's is refused, naming both versions, before anything is written.
+#[test]
+fn an_older_schema_version_is_upgraded_and_a_newer_one_refused() {
+    let s = PgSchema::new("migrate_version");
+    connect_and_migrate(&s).expect("the first migration");
+    let version = || s.count("SELECT max(version) FROM orchestrate_schema");
+    let current = version();
+    assert!(current >= 2, "per-schema lock keys are version 2");
+    pg_exec(&format!(
+        "UPDATE {}.orchestrate_schema SET version = 1",
+        s.name
+    ));
+    connect_and_migrate(&s).expect("an older version is upgraded");
+    assert_eq!(version(), current);
+    pg_exec(&format!(
+        "UPDATE {}.orchestrate_schema SET version = 99",
+        s.name
+    ));
+    let e = connect_and_migrate(&s).expect_err("a newer version is refused");
+    assert!(
+        format!("{e:#}").contains(&format!(
+            "the database schema is version 99, newer than this orchestrate understands ({current})"
+        )),
+        "{e:#}"
+    );
+    assert_eq!(version(), 99, "left as it was");
+}

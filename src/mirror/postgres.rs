@@ -38,8 +38,10 @@ pub mod writer;
 
 pub use writer::{Health, PgWriter};
 
-/// Bump when the schema changes; migrations below bring older schemas forward.
-const SCHEMA_VERSION: i32 = 1;
+/// Bump when the schema changes; migrations below bring older schemas forward. Version 2: the
+/// advisory locks' keys became per schema, so a version-1 supervisor would no longer take turns with
+/// this one; it refuses a version-2 schema at its next connect instead of writing out of order.
+const SCHEMA_VERSION: i32 = 2;
 /// Arbitrary constants naming our advisory locks (migrations, event sequencing, the cluster's
 /// claims under a cluster-wide limit). Advisory locks are database-wide, so each needs its own
 /// number, and [`xact_lock`] mixes in the session's schema: what they order happens within one
@@ -184,10 +186,12 @@ pub(super) async fn schema_has(
         client,
         answers,
         what,
-        "SELECT (SELECT count(*) FROM unnest($1::text[]) r WHERE to_regclass(r) IS NOT NULL)
+        "SELECT (SELECT count(*) FROM unnest($1::text[]) r
+                 WHERE to_regclass(format('%I.%I', current_schema(), r)) IS NOT NULL)
               + (SELECT count(*) FROM unnest($2::text[], $3::text[]) AS w(rel, col)
-                 WHERE EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = to_regclass(w.rel)
-                               AND a.attname = w.col AND a.attnum > 0 AND NOT a.attisdropped))",
+                 WHERE EXISTS (SELECT 1 FROM pg_attribute a
+                               WHERE a.attrelid = to_regclass(format('%I.%I', current_schema(), w.rel))
+                                 AND a.attname = w.col AND a.attnum > 0 AND NOT a.attisdropped))",
         &[&made.relations, &tables, &columns],
     )
     .await?
@@ -509,30 +513,40 @@ CREATE TABLE IF NOT EXISTS supervisors(
     started_at timestamptz NOT NULL,
     heartbeat_at timestamptz NOT NULL);";
 
+/// The schema's version, when the tables are there: an error if it is newer than this build.
+async fn schema_version(
+    client: &impl tokio_postgres::GenericClient,
+    answers: Option<&Answers>,
+) -> Result<Option<i32>> {
+    let v: Option<i32> = one(
+        client,
+        answers,
+        "migrating",
+        "SELECT max(version) FROM orchestrate_schema",
+        &[],
+    )
+    .await?
+    .get(0);
+    if let Some(v) = v
+        && v > SCHEMA_VERSION
+    {
+        anyhow::bail!(
+            "the database schema is version {v}, newer than this orchestrate understands ({SCHEMA_VERSION})"
+        );
+    }
+    Ok(v)
+}
+
 /// Create or upgrade the tables. Safe when several supervisors start at once: the DDL runs under an
 /// advisory transaction lock, so one migrates and the others find the work done. A schema that
 /// has everything already is only read: no lock is taken and nothing waits.
 pub async fn migrate(session: &mut Session) -> Result<()> {
     let a = session.answers.clone();
     let a = Some(&*a);
-    if schema_has(&session.client, a, "migrating", MIRROR_DDL).await? {
-        let current: Option<i32> = one(
-            &session.client,
-            a,
-            "migrating",
-            "SELECT max(version) FROM orchestrate_schema",
-            &[],
-        )
-        .await?
-        .get(0);
-        match current {
-            Some(v) if v > SCHEMA_VERSION => anyhow::bail!(
-                "the database schema is version {v}, newer than this orchestrate understands ({SCHEMA_VERSION})"
-            ),
-            Some(_) => return Ok(()),
-            // Tables without a version row: the full path below writes it.
-            None => {}
-        }
+    if schema_has(&session.client, a, "migrating", MIRROR_DDL).await?
+        && schema_version(&session.client, a).await? == Some(SCHEMA_VERSION)
+    {
+        return Ok(());
     }
     let tx = answer(a, ANSWER_WITHIN, "migrating", session.client.transaction()).await?;
     xact_lock(
@@ -543,43 +557,48 @@ pub async fn migrate(session: &mut Session) -> Result<()> {
         MIGRATE_LOCK,
     )
     .await?;
-    answer(
-        a,
-        ANSWER_WITHIN,
-        "migrating",
-        tx.batch_execute(DDL_LOCK_WAIT),
-    )
-    .await?;
-    answer(a, ANSWER_WITHIN, "migrating", tx.batch_execute(MIRROR_DDL)).await?;
-    let current: Option<i32> = one(
-        &tx,
-        a,
-        "migrating",
-        "SELECT max(version) FROM orchestrate_schema",
-        &[],
-    )
-    .await?
-    .get(0);
-    match current {
-        None => {
-            answer(
-                a,
-                ANSWER_WITHIN,
-                "migrating",
-                tx.execute(
-                    "INSERT INTO orchestrate_schema(version) VALUES($1)",
-                    &[&SCHEMA_VERSION],
-                ),
-            )
-            .await?;
+    // Another supervisor may have migrated while this one waited for the lock: then the DDL, which
+    // locks tables even with nothing to do, is not run at all.
+    let current = schema_has(&tx, a, "migrating", MIRROR_DDL).await?
+        && schema_version(&tx, a).await? == Some(SCHEMA_VERSION);
+    if !current {
+        answer(
+            a,
+            ANSWER_WITHIN,
+            "migrating",
+            tx.batch_execute(DDL_LOCK_WAIT),
+        )
+        .await?;
+        // Several table locks may be waited for, each up to `DDL_LOCK_WAIT`.
+        answer(a, LOCK_WITHIN, "migrating", tx.batch_execute(MIRROR_DDL)).await?;
+        match schema_version(&tx, a).await? {
+            None => {
+                answer(
+                    a,
+                    ANSWER_WITHIN,
+                    "migrating",
+                    tx.execute(
+                        "INSERT INTO orchestrate_schema(version) VALUES($1)",
+                        &[&SCHEMA_VERSION],
+                    ),
+                )
+                .await?;
+            }
+            // 1 → 2 changed no table (the lock keys); later steps go here, one at a time.
+            Some(v) if v < SCHEMA_VERSION => {
+                answer(
+                    a,
+                    ANSWER_WITHIN,
+                    "migrating",
+                    tx.execute(
+                        "UPDATE orchestrate_schema SET version = $1",
+                        &[&SCHEMA_VERSION],
+                    ),
+                )
+                .await?;
+            }
+            Some(_) => {}
         }
-        Some(v) if v > SCHEMA_VERSION => {
-            anyhow::bail!(
-                "the database schema is version {v}, newer than this orchestrate understands ({SCHEMA_VERSION})"
-            );
-        }
-        // Future migrations from older versions go here, one step at a time.
-        Some(_) => {}
     }
     answer(a, ANSWER_WITHIN, "migrating", tx.commit()).await?;
     Ok(())

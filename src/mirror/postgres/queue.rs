@@ -305,6 +305,8 @@ CREATE TABLE IF NOT EXISTS cluster_queue(
     delivered_at timestamptz,
     CHECK (state <> 'running' OR (owner IS NOT NULL AND lease_until IS NOT NULL)),
     CHECK ((state = 'done') = (outcome IS NOT NULL)));
+ALTER TABLE cluster_queue ADD COLUMN IF NOT EXISTS routed_agent text;
+ALTER TABLE cluster_queue ADD COLUMN IF NOT EXISTS routed_because text;
 CREATE INDEX IF NOT EXISTS cluster_queue_open ON cluster_queue(priority DESC, created_at)
     WHERE state <> 'done';
 CREATE INDEX IF NOT EXISTS cluster_queue_undelivered ON cluster_queue(origin, finished_at)
@@ -321,9 +323,7 @@ CREATE TABLE IF NOT EXISTS cluster_results(
     patch text NOT NULL,
     log_tail text NOT NULL,
     at timestamptz NOT NULL,
-    PRIMARY KEY(task_id, fence));
-ALTER TABLE cluster_queue ADD COLUMN IF NOT EXISTS routed_agent text;
-ALTER TABLE cluster_queue ADD COLUMN IF NOT EXISTS routed_because text;";
+    PRIMARY KEY(task_id, fence));";
 
 const REGISTER: &str = "
 INSERT INTO cluster_hosts AS h(name, instance, labels, started_at, heartbeat_at, alive)
@@ -551,23 +551,18 @@ impl Drop for Wakeups {
     }
 }
 
-/// Create the cluster tables if missing, under the migration lock the mirror's tables use (so
-/// hosts starting together do not race on the DDL). New tables only, so no version step yet: a
-/// change to them will be one more step of the mirror's `SCHEMA_VERSION`.
+/// Create the cluster tables and columns that are missing, under the migration lock the mirror's
+/// tables use (so hosts starting together do not race on the DDL). Each change is additive and
+/// idempotent (`IF NOT EXISTS`), so the DDL itself is the newest form and no version is kept.
 async fn migrate(session: &mut Session) -> Result<()> {
+    const WHAT: &str = "migrating the cluster tables";
     let a = session.answers.clone();
     let a = Some(&*a);
     // Every start comes here: with the tables current it reads and locks nothing.
-    if schema_has(&session.client, a, "migrating the cluster tables", DDL).await? {
+    if schema_has(&session.client, a, WHAT, DDL).await? {
         return Ok(());
     }
-    let tx = answer(
-        a,
-        ANSWER_WITHIN,
-        "migrating the cluster tables",
-        session.client.transaction(),
-    )
-    .await?;
+    let tx = answer(a, ANSWER_WITHIN, WHAT, session.client.transaction()).await?;
     xact_lock(
         &tx,
         a,
@@ -576,27 +571,14 @@ async fn migrate(session: &mut Session) -> Result<()> {
         MIGRATE_LOCK,
     )
     .await?;
-    answer(
-        a,
-        ANSWER_WITHIN,
-        "migrating the cluster tables",
-        tx.batch_execute(DDL_LOCK_WAIT),
-    )
-    .await?;
-    answer(
-        a,
-        ANSWER_WITHIN,
-        "migrating the cluster tables",
-        tx.batch_execute(DDL),
-    )
-    .await?;
-    answer(
-        a,
-        ANSWER_WITHIN,
-        "migrating the cluster tables",
-        tx.commit(),
-    )
-    .await?;
+    // Hosts that start together: the first migrates, the others find it done once they have the
+    // lock, and run no DDL (which would lock the tables the first one is already using).
+    if !schema_has(&tx, a, WHAT, DDL).await? {
+        answer(a, ANSWER_WITHIN, WHAT, tx.batch_execute(DDL_LOCK_WAIT)).await?;
+        // Several table locks may be waited for, each up to `DDL_LOCK_WAIT`.
+        answer(a, LOCK_WITHIN, WHAT, tx.batch_execute(DDL)).await?;
+    }
+    answer(a, ANSWER_WITHIN, WHAT, tx.commit()).await?;
     Ok(())
 }
 
