@@ -292,6 +292,59 @@ mod postgres {
         );
     }
 
+    /// A claim that follows a lost one says whose it was and when it ran (the runner records it
+    /// as a `lost` attempt), whether the claim took the expired lease itself or `reclaim` had put
+    /// the task back first; a claim after a retry, which its host reported, names no one.
+    #[test]
+    fn a_claim_after_a_lost_one_names_its_host_and_span() {
+        let s = PgSchema::new("cluster_lost_claim");
+        let mut a = Host::on(&s.url(), &s, "a", Duration::from_secs(1));
+        let mut b = Host::new(&s, "b");
+        a.publish(task("x"));
+        assert_eq!(ids(&a.claim(&any(1))), ["x"]);
+        wait_for(
+            "a's lease ran out and was reclaimed",
+            Duration::from_secs(30),
+            || {
+                !b.run(async |q| q.reclaim().await)
+                    .expect("reclaim")
+                    .is_empty()
+            },
+        );
+        assert_eq!(row(&s, "x"), text(&["pending", "", "a", "1", "1"]));
+        let l = b.claim(&any(1)).pop().expect("b claims x");
+        assert_eq!((l.attempt, l.reclaimed_from.as_deref()), (2, Some("a")));
+        let (started, until) = l.reclaimed_span.clone().expect("the lost claim's span");
+        assert!(started < until, "{started} < {until}");
+        assert_eq!(
+            b.finish(
+                "x",
+                l.fence,
+                End::Retry {
+                    after: Duration::ZERO
+                }
+            ),
+            Held::Ok
+        );
+        let mut again = Vec::new();
+        wait_for(
+            "x is claimed again after the retry",
+            Duration::from_secs(30),
+            || {
+                again = a.claim(&any(1));
+                !again.is_empty()
+            },
+        );
+        assert_eq!(
+            (
+                again[0].attempt,
+                again[0].reclaimed_from.as_deref(),
+                again[0].reclaimed_span.is_none()
+            ),
+            (3, None, true)
+        );
+    }
+
     /// No statement takes a time from the host, and leases are set and judged by the database's
     /// `now()`: a lease the database says is live cannot be taken, whatever time a host thinks it
     /// is, and one the database says ran out is gone, however long the holder thinks it has left.

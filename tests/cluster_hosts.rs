@@ -301,7 +301,26 @@ mod postgres {
             1,
             "one outcome"
         );
-        assert!(r["attempts"].as_array().is_some(), "{r}");
+        // The first claim's host never reported before the task was taken from it: its attempt
+        // is `lost`, with its host, as a crashed supervisor's is on one host.
+        let names = ["b", "w"];
+        let attempts = r["attempts"].as_array().expect("attempts");
+        assert_eq!(attempts.len(), 2, "{r}");
+        assert_eq!(
+            (
+                &attempts[0]["n"],
+                &attempts[0]["outcome"],
+                &attempts[0]["host"]
+            ),
+            (
+                &serde_json::json!(1),
+                &serde_json::json!("lost"),
+                &serde_json::json!(names[first])
+            ),
+            "{r}"
+        );
+        assert_eq!(attempts[1]["host"], names[other], "{r}");
+        assert_eq!(attempts[1]["outcome"], "completed", "{r}");
         if kill {
             sups.remove(first).sigkill();
         }

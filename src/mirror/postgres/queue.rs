@@ -112,8 +112,11 @@ pub struct Lease {
     pub priority: i64,
     pub base_commit: Option<String>,
     pub payload: String,
-    /// The host whose lease on it ran out, when this claim took the task from it.
+    /// The host whose lease on it ran out just before this claim: taken over here, or put back
+    /// to `pending` by [`Queue::reclaim`] first.
     pub reclaimed_from: Option<String>,
+    /// When that host's claim was made and when its lease ran out (RFC 3339, the database's clock).
+    pub reclaimed_span: Option<(String, String)>,
     /// What the origin's router chose ([`Publish::routed_agent`]).
     pub routed_agent: Option<String>,
     pub routed_because: Option<String>,
@@ -359,7 +362,9 @@ const CLASH: &str =
 /// first waits for a lock in its transaction, and a lease must not be dated before that wait.
 const CLAIM: &str = "
 WITH picked AS (
-    SELECT q.id, CASE WHEN q.state = 'running' THEN q.owner END AS prev_owner
+    SELECT q.id, q.owner AS prev_owner,
+        CASE WHEN q.owner IS NOT NULL THEN extract(epoch FROM q.claimed_at)::float8 END AS prev_claimed,
+        extract(epoch FROM q.lease_until)::float8 AS prev_until
     FROM cluster_queue q
     WHERE (q.state = 'pending' OR (q.state = 'running' AND q.lease_until < statement_timestamp()))
       AND q.attempts < q.max_attempts
@@ -383,7 +388,8 @@ SET state = 'running', owner = $1, lease_until = statement_timestamp() + $6::flo
     fence = q.fence + 1, attempts = q.attempts + 1, claimed_at = statement_timestamp(), not_before = NULL
 FROM picked WHERE q.id = picked.id
 RETURNING q.id, q.fence, q.attempts, q.origin, q.priority, q.base_commit, q.payload, picked.prev_owner,
-    extract(epoch FROM q.created_at)::float8, q.routed_agent, q.routed_because, q.max_attempts";
+    extract(epoch FROM q.created_at)::float8, q.routed_agent, q.routed_because, q.max_attempts,
+    picked.prev_claimed, picked.prev_until";
 
 /// Tasks holding a live lease, anywhere in the cluster (a lease run out is a dead host's, and is
 /// the next claim's to take).
@@ -441,7 +447,8 @@ SELECT id, owner, fence, attempts, max_attempts, extract(epoch FROM now() - leas
 FROM cluster_queue WHERE state = 'running' AND lease_until < now() ORDER BY lease_until, id";
 
 /// Expired leases, decided: back to pending, or failed (with the reason on the row) when the
-/// attempts are spent.
+/// attempts are spent. A task back in `pending` keeps the lost claim's owner and lease end (a
+/// retry or a release clears them), so the next claim can say whose attempt it takes over.
 const RECLAIM: &str = "
 WITH gone AS (
     SELECT id, owner, attempts >= max_attempts AS spent FROM cluster_queue
@@ -450,8 +457,7 @@ WITH gone AS (
 UPDATE cluster_queue q
 SET state = CASE WHEN gone.spent THEN 'done' ELSE 'pending' END,
     outcome = CASE WHEN gone.spent THEN 'failed' END,
-    owner = CASE WHEN gone.spent THEN q.owner END,
-    lease_until = NULL,
+    lease_until = CASE WHEN gone.spent THEN NULL ELSE q.lease_until END,
     finished_at = CASE WHEN gone.spent THEN now() END,
     reason = CASE WHEN gone.spent THEN 'the lease of attempt ' || q.attempts || ' ran out on host '
         || gone.owner || ' and no attempts are left' END
@@ -580,6 +586,14 @@ async fn migrate(session: &mut Session) -> Result<()> {
     }
     answer(a, ANSWER_WITHIN, WHAT, tx.commit()).await?;
     Ok(())
+}
+
+/// Seconds since the epoch (the database's clock) as the records write times.
+fn epoch_text(secs: f64) -> String {
+    let nanos = (secs * 1e9) as i128;
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .map(crate::fsutil::fmt_time)
+        .unwrap_or_else(|_| secs.to_string())
 }
 
 fn secs(d: Duration) -> f64 {
@@ -916,6 +930,10 @@ impl Queue {
                         base_commit: r.get(5),
                         payload: r.get(6),
                         reclaimed_from: r.get(7),
+                        reclaimed_span: r
+                            .get::<_, Option<f64>>(12)
+                            .zip(r.get::<_, Option<f64>>(13))
+                            .map(|(from, until)| (epoch_text(from), epoch_text(until))),
                         routed_agent: r.get(9),
                         routed_because: r.get(10),
                     },

@@ -131,6 +131,31 @@ fn earlier_attempts(rows: &[crate::mirror::postgres::queue::ResultRow]) -> Vec<A
     out
 }
 
+/// The claim this one took the task from, when its host never reported (it died, or is cut off
+/// still): an attempt `lost`, as a crashed supervisor's is on one host. Without it the history
+/// would be short of an attempt the queue counted, and a retry could be asked for that the queue
+/// cannot grant. Only the claim just before is known this way; its host and times come with the
+/// lease.
+fn unreported_claim(
+    lease: &crate::mirror::postgres::queue::Lease,
+    earlier: &[Attempt],
+) -> Option<Attempt> {
+    let host = lease.reclaimed_from.as_ref()?;
+    let n = lease.attempt.checked_sub(1).filter(|n| *n > 0)?;
+    if earlier.iter().any(|a| a.n == n) {
+        return None;
+    }
+    let (started, until) = lease.reclaimed_span.clone()?;
+    Some(Attempt {
+        finished_at: Some(until),
+        error: Some(format!(
+            "host {host} stopped answering while this attempt ran; its lease ran out before it said how the attempt ended"
+        )),
+        host: Some(host.clone()),
+        ..Attempt::new(n, "unknown", &started, crate::record::Outcome::Lost)
+    })
+}
+
 /// The leases this host holds: each one's fence, and when the last renewal the queue accepted was
 /// sent. The database set the lease's end from its own clock when the statement ran, which was
 /// no earlier than the send, so `sent + lease` by our clock is never later than the end the
@@ -301,7 +326,10 @@ async fn run(
                                 for lease in got {
                                     table(&leases).insert(lease.id.clone(), (lease.fence, sent));
                                     let earlier = if lease.attempt > 1 {
-                                        q.results(&lease.id).await.map(|r| earlier_attempts(&r)).unwrap_or_default()
+                                        let mut e = q.results(&lease.id).await.map(|r| earlier_attempts(&r)).unwrap_or_default();
+                                        e.extend(unreported_claim(&lease, &e));
+                                        e.sort_by_key(|a| a.n);
+                                        e
                                     } else {
                                         vec![]
                                     };
