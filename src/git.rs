@@ -448,8 +448,8 @@ fn snapshot_locked(root: &Path, excludes: &[PathBuf], message: &str) -> Result<S
 /// Indexes that snapshots start from, one per repository (by the path of the user's index): a
 /// copy of the user's index, kept and brought up to date by each snapshot, so `add` hashes only
 /// the files changed since the last snapshot or since git last looked (from `HEAD` alone it
-/// would hash every file of the tree; a copy made anew would hash again every file whose stat data
-/// the user's index holds as racily clean). Skip-worktree bits of a sparse checkout come along.
+/// would hash every file of the tree). The copy keeps the user's index's time, so entries racily
+/// clean there are compared by content here too. Skip-worktree bits of a sparse checkout come along.
 /// Seeded again whenever the user's index changes (a commit, a `git add`, a new sparse pattern).
 static SEEDS: Mutex<Option<std::collections::HashMap<PathBuf, Seed>>> = Mutex::new(None);
 
@@ -498,6 +498,15 @@ fn seeded_index(root: &Path) -> Result<Option<PathBuf>> {
     // The user's index is replaced by a rename whenever git writes it: the copy is one whole
     // version.
     std::fs::copy(&user, &file).with_context(|| format!("cannot copy {}", user.display()))?;
+    // Dated as the user's index: git judges an entry "racily clean" (and compares contents, not
+    // stat data) by the index file's time, in whole seconds. A copy dated now would make git trust
+    // the stat data of a file edited in the second the user's index was written, same size, and
+    // the snapshot would hold the old contents.
+    std::fs::File::options()
+        .write(true)
+        .open(&file)
+        .and_then(|f| f.set_modified(from.0))
+        .with_context(|| format!("cannot date {}", file.display()))?;
     seeds.insert(
         user,
         Seed {
@@ -1218,6 +1227,36 @@ mod tests {
         assert!(sh(r, &["status", "--porcelain"]).contains("?? new.txt"));
         let author = sh(r, &["log", "-1", "--format=%an <%ae>", &c]);
         assert_eq!(author.trim(), "orchestrate <orchestrate@localhost>");
+    }
+
+    /// An edit made within the second the user's index was written (git compares times in whole
+    /// seconds) can leave the file's stat data as the index recorded it: the entry is "racily
+    /// clean", and git compares contents, so must a snapshot. Its copy of the index keeps the
+    /// user's index's time; a copy dated a second later would make git trust the stat data and
+    /// miss the edit (seen in CI). Made deterministic here: the file's and the index's times are
+    /// put ten seconds back, and ctime is not trusted.
+    #[test]
+    fn a_racily_clean_edit_is_in_the_snapshot() {
+        let d = repo();
+        let r = d.path();
+        sh(r, &["config", "core.trustctime", "false"]);
+        let set = |p: &Path, t: std::time::SystemTime| {
+            std::fs::File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
+        };
+        let a = r.join("a.txt");
+        let then = std::time::SystemTime::now() - Duration::from_secs(10);
+        set(&a, then);
+        sh(r, &["update-index", "--refresh"]);
+        std::fs::write(&a, "one\nTWO\n").unwrap();
+        set(&a, then);
+        set(&r.join(".git/index"), then);
+        let c = snapshot(r, &[], "snap").unwrap();
+        assert_eq!(sh(r, &["show", &format!("{c}:a.txt")]), "one\nTWO\n");
     }
 
     #[test]

@@ -175,6 +175,10 @@ impl Attempt {
 /// pick): no agent runs, so a supervisor that dies meanwhile costs the task no retry.
 pub const NO_AGENT: &str = "-";
 
+/// The agent of a cluster attempt whose host died before it said which agent it ran: `?` is no
+/// agent's name (names are letters, digits, `.`, `_` and `-`), so no agent's totals count it.
+pub const UNKNOWN_AGENT: &str = "?";
+
 /// `assigned/X.claim.yaml`: who runs the task, since when, and everything earlier attempts left.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claim {

@@ -44,7 +44,8 @@ pub struct QueueRow {
     /// The host running it now: set only while it runs and its lease has not run out.
     pub owner: Option<String>,
     /// The host that claimed it last, whatever became of the claim: for a finished task the host
-    /// that ran it, for a running one whose lease ran out the host that lost it.
+    /// that ran it, for a running one whose lease ran out, or a pending one put back by a reclaim,
+    /// the host that lost it. A retry or a release clears it.
     pub last_owner: Option<String>,
     /// The current claim's fencing token (0 before the first claim).
     pub fence: i64,

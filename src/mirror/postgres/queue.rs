@@ -588,12 +588,16 @@ async fn migrate(session: &mut Session) -> Result<()> {
     Ok(())
 }
 
-/// Seconds since the epoch (the database's clock) as the records write times.
-fn epoch_text(secs: f64) -> String {
+/// Seconds since the epoch (the database's clock) as the records write times; `None` for one no
+/// record could hold (the mirrors cast these to timestamps).
+fn epoch_text(secs: f64) -> Option<String> {
+    if !secs.is_finite() {
+        return None;
+    }
     let nanos = (secs * 1e9) as i128;
     time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
         .map(crate::fsutil::fmt_time)
-        .unwrap_or_else(|_| secs.to_string())
 }
 
 fn secs(d: Duration) -> f64 {
@@ -932,8 +936,8 @@ impl Queue {
                         reclaimed_from: r.get(7),
                         reclaimed_span: r
                             .get::<_, Option<f64>>(12)
-                            .zip(r.get::<_, Option<f64>>(13))
-                            .map(|(from, until)| (epoch_text(from), epoch_text(until))),
+                            .and_then(epoch_text)
+                            .zip(r.get::<_, Option<f64>>(13).and_then(epoch_text)),
                         routed_agent: r.get(9),
                         routed_because: r.get(10),
                     },

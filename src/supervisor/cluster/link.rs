@@ -107,15 +107,24 @@ impl Link {
 
 /// The attempts a task's earlier claims reported, in claim order: retries as they were, and stale
 /// ones (fenced off, or given up) as `lost`, since they decided nothing and count as failures the
-/// way an attempt cut short by a crash does. An attempt whose host died without a word has no row.
+/// way an attempt cut short by a crash does. Each row's own attempt is what that claim reported;
+/// the attempts its record carried from before fill in the numbers no row has (a claim whose host
+/// died without a word, which the runner after it recorded as `lost`), so they are not forgotten
+/// at the next retry.
 fn earlier_attempts(rows: &[crate::mirror::postgres::queue::ResultRow]) -> Vec<Attempt> {
     let mut rows: Vec<_> = rows.iter().collect();
     rows.sort_by_key(|r| r.fence);
-    let mut out: Vec<Attempt> = vec![];
-    for r in rows {
-        if let Ok(res) = crate::record::from_yaml::<TaskResult>(&r.record)
-            && let Some(last) = res.attempts.last()
-        {
+    let records: Vec<_> = rows
+        .iter()
+        .filter_map(|r| {
+            crate::record::from_yaml::<TaskResult>(&r.record)
+                .ok()
+                .map(|res| (*r, res))
+        })
+        .collect();
+    let mut by_n: std::collections::BTreeMap<u32, Attempt> = Default::default();
+    for (r, res) in &records {
+        if let Some(last) = res.attempts.last() {
             let mut a = last.clone();
             if r.stale {
                 a.outcome = crate::record::Outcome::Lost;
@@ -125,10 +134,15 @@ fn earlier_attempts(rows: &[crate::mirror::postgres::queue::ResultRow]) -> Vec<A
                     last.error.as_deref().unwrap_or(last.outcome.as_str())
                 ));
             }
-            out.push(a);
+            by_n.insert(a.n, a);
         }
     }
-    out
+    for (_, res) in &records {
+        for a in res.attempts.iter().rev().skip(1) {
+            by_n.entry(a.n).or_insert_with(|| a.clone());
+        }
+    }
+    by_n.into_values().collect()
 }
 
 /// The claim this one took the task from, when its host never reported (it died, or is cut off
@@ -152,7 +166,12 @@ fn unreported_claim(
             "host {host} stopped answering while this attempt ran; its lease ran out before it said how the attempt ended"
         )),
         host: Some(host.clone()),
-        ..Attempt::new(n, "unknown", &started, crate::record::Outcome::Lost)
+        ..Attempt::new(
+            n,
+            crate::record::UNKNOWN_AGENT,
+            &started,
+            crate::record::Outcome::Lost,
+        )
     })
 }
 
@@ -509,5 +528,78 @@ async fn offer_outcomes(
     }
     if !out.is_empty() {
         let _ = news.send(News::Outcomes(out));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mirror::postgres::queue::ResultRow;
+    use crate::record::Outcome;
+
+    fn row(fence: i64, host: &str, stale: bool, attempts: Vec<Attempt>) -> ResultRow {
+        let r = TaskResult::failed("t", 1, "", attempts, "x".into());
+        ResultRow {
+            task_id: "t".into(),
+            fence,
+            host: host.into(),
+            end: if stale { "failed" } else { "retry" }.into(),
+            stale,
+            record: crate::record::to_yaml(&r, &crate::redact::Redactor::none()),
+            output: String::new(),
+            patch: String::new(),
+            log_tail: String::new(),
+        }
+    }
+
+    fn attempt(n: u32, agent: &str, outcome: Outcome, host: &str) -> Attempt {
+        Attempt {
+            host: Some(host.into()),
+            ..Attempt::new(n, agent, "2026-01-01T00:00:00.000Z", outcome)
+        }
+    }
+
+    fn summary(v: &[Attempt]) -> Vec<(u32, String, Outcome)> {
+        v.iter()
+            .map(|a| (a.n, a.host.clone().unwrap_or_default(), a.outcome))
+            .collect()
+    }
+
+    /// A lost claim a runner recorded (its host died without a row) stays in the history of every
+    /// later claim, not only the next one; a row of its own, when one comes, says more and wins.
+    #[test]
+    fn a_lost_claim_recorded_by_one_runner_stays_in_the_history_after_it() {
+        let lost = attempt(1, crate::record::UNKNOWN_AGENT, Outcome::Lost, "a");
+        let b = attempt(2, "fake", Outcome::AgentError, "b");
+        let c = attempt(3, "fake", Outcome::AgentError, "c");
+        let rows = [
+            row(2, "b", false, vec![lost.clone(), b.clone()]),
+            row(3, "c", false, vec![lost.clone(), b.clone(), c.clone()]),
+        ];
+        assert_eq!(
+            summary(&earlier_attempts(&rows)),
+            [
+                (1, "a".into(), Outcome::Lost),
+                (2, "b".into(), Outcome::AgentError),
+                (3, "c".into(), Outcome::AgentError)
+            ]
+        );
+        // The dead host's own late row: its attempt, marked stale, replaces the stand-in.
+        let late = attempt(1, "fake", Outcome::Completed, "a");
+        let mut with_late = rows.to_vec();
+        with_late.push(row(1, "a", true, vec![late]));
+        let got = earlier_attempts(&with_late);
+        assert_eq!(got[0].agent, "fake");
+        assert_eq!(got[0].outcome, Outcome::Lost);
+        assert!(
+            got[0]
+                .error
+                .as_deref()
+                .unwrap_or_default()
+                .starts_with("stale: host a's"),
+            "{:?}",
+            got[0].error
+        );
+        assert_eq!(got.len(), 3);
     }
 }
