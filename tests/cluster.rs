@@ -242,7 +242,7 @@ mod postgres {
                 l.id.as_str(),
                 l.fence,
                 l.attempt,
-                l.reclaimed_from.as_deref()
+                l.reclaimed_from.as_ref().map(|c| c.host.as_str())
             ),
             ("x", 2, 2, Some("a"))
         );
@@ -313,8 +313,9 @@ mod postgres {
         );
         assert_eq!(row(&s, "x"), text(&["pending", "", "a", "1", "1"]));
         let l = b.claim(&any(1)).pop().expect("b claims x");
-        assert_eq!((l.attempt, l.reclaimed_from.as_deref()), (2, Some("a")));
-        let (started, until) = l.reclaimed_span.clone().expect("the lost claim's span");
+        let lost = l.reclaimed_from.clone().expect("the lost claim");
+        assert_eq!((l.attempt, lost.host.as_str()), (2, "a"));
+        let (started, until) = (lost.claimed_at, lost.lease_ended);
         assert!(started < until, "{started} < {until}");
         assert_eq!(
             b.finish(
@@ -335,14 +336,7 @@ mod postgres {
                 !again.is_empty()
             },
         );
-        assert_eq!(
-            (
-                again[0].attempt,
-                again[0].reclaimed_from.as_deref(),
-                again[0].reclaimed_span.is_none()
-            ),
-            (3, None, true)
-        );
+        assert_eq!((again[0].attempt, &again[0].reclaimed_from), (3, &None));
     }
 
     /// No statement takes a time from the host, and leases are set and judged by the database's
@@ -899,7 +893,10 @@ mod postgres {
             !taken.is_empty()
         });
         assert_eq!(
-            (taken[0].fence, taken[0].reclaimed_from.as_deref()),
+            (
+                taken[0].fence,
+                taken[0].reclaimed_from.as_ref().map(|c| c.host.as_str())
+            ),
             (2, Some("a"))
         );
 

@@ -421,16 +421,10 @@ fn both_mirrors_answer_every_read_the_same() {
     let db = dir.path().join("state.db");
     let mut sqlite_ops = ops.clone();
     sqlite::apply(&mut sqlite::open(&db).expect("open"), "h1", &mut sqlite_ops).expect("apply");
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(async {
-            let mut c = postgres::connect(&s.url(), &s.name).await?;
-            postgres::migrate(&mut c).await?;
-            postgres::apply(&mut c, "h1", &postgres::channel(&s.name), &ops).await
-        })
-        .expect("postgres write");
+    migrated(&s, async |c| {
+        postgres::apply(c, "h1", &postgres::channel(&s.name), &ops).await
+    })
+    .expect("postgres write");
 
     let conn = sqlite::open_read(&db).expect("open").expect("a database");
     let lite = Source::Sqlite(conn).reader().expect("sqlite reader");
@@ -477,8 +471,12 @@ fn both_mirrors_answer_every_read_the_same() {
     assert_eq!(since[0].finished_at, "2025-03-04T05:06:02.500Z");
 }
 
-/// Connect and migrate as the writer does on every (re)connect.
-fn connect_and_migrate(s: &PgSchema) -> anyhow::Result<()> {
+/// A writer's session on the test's schema, connected and migrated as on every (re)connect, for
+/// `then`.
+fn migrated<T>(
+    s: &PgSchema,
+    then: impl AsyncFnOnce(&mut orchestrate::mirror::postgres::Session) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
     use orchestrate::mirror::postgres;
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -486,8 +484,14 @@ fn connect_and_migrate(s: &PgSchema) -> anyhow::Result<()> {
         .expect("runtime")
         .block_on(async {
             let mut c = postgres::connect(&s.url(), &s.name).await?;
-            postgres::migrate(&mut c).await
+            postgres::migrate(&mut c).await?;
+            then(&mut c).await
         })
+}
+
+/// Connect and migrate as the writer does on every (re)connect.
+fn connect_and_migrate(s: &PgSchema) -> anyhow::Result<()> {
+    migrated(s, async |_| Ok(()))
 }
 
 /// A writer that (re)connects to tables already current takes no lock: it does not wait for the

@@ -112,14 +112,21 @@ pub struct Lease {
     pub priority: i64,
     pub base_commit: Option<String>,
     pub payload: String,
-    /// The host whose lease on it ran out just before this claim: taken over here, or put back
-    /// to `pending` by [`Queue::reclaim`] first.
-    pub reclaimed_from: Option<String>,
-    /// When that host's claim was made and when its lease ran out (RFC 3339, the database's clock).
-    pub reclaimed_span: Option<(String, String)>,
+    /// The claim just before this one, when its lease ran out: taken over here, or put back to
+    /// `pending` by [`Queue::reclaim`] first.
+    pub reclaimed_from: Option<LostClaim>,
     /// What the origin's router chose ([`Publish::routed_agent`]).
     pub routed_agent: Option<String>,
     pub routed_because: Option<String>,
+}
+
+/// A claim whose lease ran out, as the claim after it learns of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LostClaim {
+    pub host: String,
+    /// When it was claimed and when its lease ran out (RFC 3339, the database's clock).
+    pub claimed_at: String,
+    pub lease_ended: String,
 }
 
 /// Whether a fenced write went through.
@@ -933,11 +940,14 @@ impl Queue {
                         priority: r.get(4),
                         base_commit: r.get(5),
                         payload: r.get(6),
-                        reclaimed_from: r.get(7),
-                        reclaimed_span: r
-                            .get::<_, Option<f64>>(12)
-                            .and_then(epoch_text)
-                            .zip(r.get::<_, Option<f64>>(13).and_then(epoch_text)),
+                        // Every claim sets the owner, its time and its lease end together.
+                        reclaimed_from: r.get::<_, Option<String>>(7).and_then(|host| {
+                            Some(LostClaim {
+                                host,
+                                claimed_at: epoch_text(r.get::<_, Option<f64>>(12)?)?,
+                                lease_ended: epoch_text(r.get::<_, Option<f64>>(13)?)?,
+                            })
+                        }),
                         routed_agent: r.get(9),
                         routed_because: r.get(10),
                     },

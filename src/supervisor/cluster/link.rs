@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use crate::console;
-use crate::mirror::postgres::queue::{Capacity, Finished, Held, Publish, Queue, Settings};
+use crate::mirror::postgres::queue::{
+    Capacity, Finished, Held, LostClaim, Publish, Queue, Settings,
+};
 use crate::record::{Attempt, TaskResult};
 pub(in crate::supervisor) use crate::supervisor::events::{Leased, LostWhy, News};
 
@@ -110,8 +112,12 @@ impl Link {
 /// way an attempt cut short by a crash does. Each row's own attempt is what that claim reported;
 /// the attempts its record carried from before fill in the numbers no row has (a claim whose host
 /// died without a word, which the runner after it recorded as `lost`), so they are not forgotten
-/// at the next retry.
-fn earlier_attempts(rows: &[crate::mirror::postgres::queue::ResultRow]) -> Vec<Attempt> {
+/// at the next retry. `lost` is the claim just before a new lease (numbered `lost.0`), when its
+/// lease ran out: it is recorded so unless a row says more.
+fn earlier_attempts(
+    rows: &[crate::mirror::postgres::queue::ResultRow],
+    lost: Option<(u32, &LostClaim)>,
+) -> Vec<Attempt> {
     let mut rows: Vec<_> = rows.iter().collect();
     rows.sort_by_key(|r| r.fence);
     let records: Vec<_> = rows
@@ -142,37 +148,26 @@ fn earlier_attempts(rows: &[crate::mirror::postgres::queue::ResultRow]) -> Vec<A
             by_n.entry(a.n).or_insert_with(|| a.clone());
         }
     }
-    by_n.into_values().collect()
-}
-
-/// The claim this one took the task from, when its host never reported (it died, or is cut off
-/// still): an attempt `lost`, as a crashed supervisor's is on one host. Without it the history
-/// would be short of an attempt the queue counted, and a retry could be asked for that the queue
-/// cannot grant. Only the claim just before is known this way; its host and times come with the
-/// lease.
-fn unreported_claim(
-    lease: &crate::mirror::postgres::queue::Lease,
-    earlier: &[Attempt],
-) -> Option<Attempt> {
-    let host = lease.reclaimed_from.as_ref()?;
-    let n = lease.attempt.checked_sub(1).filter(|n| *n > 0)?;
-    if earlier.iter().any(|a| a.n == n) {
-        return None;
+    if let Some((n, l)) = lost.filter(|(n, _)| *n > 0) {
+        // Its host never reported (it died, or is cut off still): `lost`, as a crashed
+        // supervisor's attempt is on one host. Without it the history would be short of an
+        // attempt the queue counted, and a retry could be asked for that the queue cannot grant.
+        by_n.entry(n).or_insert_with(|| Attempt {
+            finished_at: Some(l.lease_ended.clone()),
+            error: Some(format!(
+                "host {} stopped answering while this attempt ran; its lease ran out before it said how the attempt ended",
+                l.host
+            )),
+            host: Some(l.host.clone()),
+            ..Attempt::new(
+                n,
+                crate::record::UNKNOWN_AGENT,
+                &l.claimed_at,
+                crate::record::Outcome::Lost,
+            )
+        });
     }
-    let (started, until) = lease.reclaimed_span.clone()?;
-    Some(Attempt {
-        finished_at: Some(until),
-        error: Some(format!(
-            "host {host} stopped answering while this attempt ran; its lease ran out before it said how the attempt ended"
-        )),
-        host: Some(host.clone()),
-        ..Attempt::new(
-            n,
-            crate::record::UNKNOWN_AGENT,
-            &started,
-            crate::record::Outcome::Lost,
-        )
-    })
+    by_n.into_values().collect()
 }
 
 /// The leases this host holds: each one's fence, and when the last renewal the queue accepted was
@@ -345,10 +340,8 @@ async fn run(
                                 for lease in got {
                                     table(&leases).insert(lease.id.clone(), (lease.fence, sent));
                                     let earlier = if lease.attempt > 1 {
-                                        let mut e = q.results(&lease.id).await.map(|r| earlier_attempts(&r)).unwrap_or_default();
-                                        e.extend(unreported_claim(&lease, &e));
-                                        e.sort_by_key(|a| a.n);
-                                        e
+                                        let lost = lease.reclaimed_from.as_ref().map(|l| (lease.attempt - 1, l));
+                                        q.results(&lease.id).await.map(|r| earlier_attempts(&r, lost)).unwrap_or_default()
                                     } else {
                                         vec![]
                                     };
@@ -521,7 +514,7 @@ async fn offer_outcomes(
             let earlier = q
                 .results(&o.id)
                 .await
-                .map(|r| earlier_attempts(&r))
+                .map(|r| earlier_attempts(&r, None))
                 .unwrap_or_default();
             out.push((o, earlier));
         }
@@ -577,7 +570,7 @@ mod tests {
             row(3, "c", false, vec![lost.clone(), b.clone(), c.clone()]),
         ];
         assert_eq!(
-            summary(&earlier_attempts(&rows)),
+            summary(&earlier_attempts(&rows, None)),
             [
                 (1, "a".into(), Outcome::Lost),
                 (2, "b".into(), Outcome::AgentError),
@@ -588,7 +581,7 @@ mod tests {
         let late = attempt(1, "fake", Outcome::Completed, "a");
         let mut with_late = rows.to_vec();
         with_late.push(row(1, "a", true, vec![late]));
-        let got = earlier_attempts(&with_late);
+        let got = earlier_attempts(&with_late, None);
         assert_eq!(got[0].agent, "fake");
         assert_eq!(got[0].outcome, Outcome::Lost);
         assert!(
@@ -601,5 +594,21 @@ mod tests {
             got[0].error
         );
         assert_eq!(got.len(), 3);
+        // The claim a new lease took over, with no row: a stand-in from what the lease says of it;
+        // with a row, the row.
+        let gone = LostClaim {
+            host: "a".into(),
+            claimed_at: "2026-01-01T00:00:00.000Z".into(),
+            lease_ended: "2026-01-01T00:00:30.000Z".into(),
+        };
+        let got = earlier_attempts(&[], Some((1, &gone)));
+        assert_eq!(summary(&got), [(1, "a".into(), Outcome::Lost)]);
+        assert_eq!(got[0].agent, crate::record::UNKNOWN_AGENT);
+        assert_eq!(
+            got[0].finished_at.as_deref(),
+            Some("2026-01-01T00:00:30.000Z")
+        );
+        let got = earlier_attempts(&with_late, Some((1, &gone)));
+        assert_eq!(got[0].agent, "fake");
     }
 }

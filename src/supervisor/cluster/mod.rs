@@ -393,7 +393,7 @@ impl Supervisor {
             lease
                 .reclaimed_from
                 .as_ref()
-                .map(|h| format!(", reclaimed from {h}"))
+                .map(|l| format!(", reclaimed from {}", l.host))
                 .unwrap_or_default()
         ));
         c.leases.insert(
